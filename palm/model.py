@@ -1,0 +1,373 @@
+"""PaLM (Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways", §2) on
+megatron-core's tensor-parallel layers.
+
+Reads top to bottom: config, RoPE, norm, multi-query attention, SwiGLU MLP, the parallel block,
+the model (one pipeline stage of it, or all of it). Activations inside the trunk are megatron's
+``[s, b, h]`` (sequence first); the public entry points take and return ``[b, s, ...]``.
+
+Which weights are column-/row-parallel or replicated, and how layers are split into pipeline
+stages, is decided in :mod:`palm.parallel` (the parallel plan); this file only asks for layers.
+The same code runs TP x PP x DP on CPU (gloo) and GPU (NCCL), and in a single process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.transformer.module import MegatronModule
+
+from palm import parallel
+from palm.config import check
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The PaLM architecture (``params.yaml`` section ``model``). Defaults: a ~6 M-param model."""
+
+    vocab_size: int = 8192  # tokenizer vocabulary; the embedding is padded up to a multiple of 128
+    d_model: int = 256  # residual width d
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads (there is one shared key/value head: multi-query attention)
+    head_dim: int = 64  # width of each query head and of the single key/value head
+    ffn_mult: float = 4.0  # SwiGLU hidden width = ffn_mult * d_model (PaLM: 4)
+    seq_len: int = 256  # training context length (RoPE tables and KV cache hold this many)
+    rope_base: float = 10000.0  # RoPE frequency base (Su et al. 2021)
+    init_std: float = 0.02  # normal init std of projection weights (embeddings: N(0, 1), PaLM §2)
+    z_loss_weight: float = 1e-4  # weight of the auxiliary loss log(Z)^2 (PaLM §5); 0 disables it
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "seq_len"):
+            check(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
+        check(self.ffn_mult > 0, "ffn_mult", f"must be positive, got {self.ffn_mult}")
+        check(self.ffn_dim == self.ffn_mult * self.d_model, "ffn_mult",
+              f"ffn_mult * d_model must be an integer, got {self.ffn_mult} * {self.d_model}")
+        check(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
+        check(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base}")
+        check(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+        check(self.z_loss_weight >= 0, "z_loss_weight", f"must be >= 0, got {self.z_loss_weight}")
+        check(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.ffn_mult * self.d_model)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: vocab rounded up to 128 so any TP size up to 128 splits it evenly."""
+        return -(-self.vocab_size // 128) * 128
+
+    def num_params(self) -> int:
+        """Parameters of the whole model (the tied embedding counted once)."""
+        d, f, hd = self.d_model, self.ffn_dim, self.head_dim
+        block = d + d * self.n_heads * hd + d * 2 * hd + self.n_heads * hd * d + 3 * d * f
+        return self.padded_vocab_size * d + self.n_layers * block + d
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 per weight use plus causal attention (PaLM appendix B)."""
+        s = seq_len or self.seq_len
+        d, f, hd, h = self.d_model, self.ffn_dim, self.head_dim, self.n_heads
+        matmul_weights = self.n_layers * (d * h * hd + d * 2 * hd + h * hd * d + 3 * d * f)
+        matmul_weights += self.padded_vocab_size * d  # output logits (tied embedding)
+        attention = self.n_layers * 2 * h * hd * s  # QK^T and AV, halved by the causal mask x 2
+        return 6.0 * matmul_weights + 6.0 * attention
+
+    def check_parallel(self, tensor_parallel: int, pipeline_parallel: int,
+                       virtual_stages: int = 1, section: str = "pretrain") -> None:
+        """Refuse a TP/PP layout this model cannot be split into; errors name both fields."""
+        tp, pp = tensor_parallel, pipeline_parallel
+        check(self.n_heads % tp == 0, f"{section}.tensor_parallel",
+              f"model.n_heads={self.n_heads} is not divisible by tensor_parallel={tp}")
+        check(self.ffn_dim % tp == 0, f"{section}.tensor_parallel",
+              f"model ffn width {self.ffn_dim} (ffn_mult*d_model) is not divisible by tensor_parallel={tp}")
+        check(self.padded_vocab_size % tp == 0, f"{section}.tensor_parallel",
+              f"padded vocab {self.padded_vocab_size} is not divisible by tensor_parallel={tp}")
+        check(self.n_layers % (pp * virtual_stages) == 0, f"{section}.pipeline_parallel",
+              f"model.n_layers={self.n_layers} is not divisible by pipeline_parallel={pp}"
+              + (f" x virtual_stages={virtual_stages}" if virtual_stages > 1 else ""))
+
+
+# --- RoPE (Su et al. 2021, "RoFormer"; PaLM §2 "RoPE embeddings") --------------------------------
+
+class RotaryEmbedding(torch.nn.Module):
+    """cos/sin tables for positions ``[0, seq_len)``; applied to queries and the shared key."""
+
+    def __init__(self, head_dim: int, seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # [s, hd/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [s, hd]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x: ``[b, heads, s, hd]`` at positions ``start .. start+s``."""
+        s = x.shape[-2]
+        cos = self.cos[start:start + s].to(x.dtype)  # [s, hd]
+        sin = self.sin[start:start + s].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# --- Norm: LayerNorm without bias (PaLM §2 "No biases") ------------------------------------------
+
+class LayerNorm(torch.nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        return F.layer_norm(x, x.shape[-1:], self.weight, None, self.eps)
+
+
+# --- Multi-query attention (Shazeer 2019; PaLM §2): sharded query heads, one shared K/V head -----
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: ``[b, 1, max_len, hd]`` each."""
+
+    def __init__(self, n_layers: Iterable[int], batch: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch, 1, max_len, head_dim)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in n_layers}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in n_layers}
+        self.length = 0  # positions already filled
+
+
+class ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the permuted K/V gradient would
+    otherwise reach megatron's in-place gloo all-reduce non-contiguous (silently wrong sums)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: Any):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q = parallel.column_linear(mcfg, cfg.d_model, cfg.n_heads * cfg.head_dim)
+        self.kv = parallel.replicated_linear(mcfg, cfg.d_model, 2 * cfg.head_dim)
+        self.out = parallel.row_linear(mcfg, cfg.n_heads * cfg.head_dim, cfg.d_model)
+
+    def forward(self, h: torch.Tensor, rope: RotaryEmbedding, layer: int,
+                cache: KVCache | None = None) -> torch.Tensor:
+        s, b, _ = h.shape  # h: [s, b, d], already normed
+        q, _ = self.q(h)  # [s, b, heads_local * hd] (column-parallel: this rank's heads)
+        # the single K/V head is whole on every rank; backward all-reduces its gradient over TP
+        kv = ContiguousGrad.apply(copy_to_tensor_model_parallel_region(self.kv(h)))  # [s, b, 2 * hd]
+        q = q.view(s, b, -1, self.head_dim).permute(1, 2, 0, 3)  # [b, heads_local, s, hd]
+        k, v = kv.view(s, b, 1, 2 * self.head_dim).permute(1, 2, 0, 3).chunk(2, dim=-1)  # [b, 1, s, hd]
+        start = cache.length if cache is not None else 0
+        q, k = rope(q, start), rope(k, start)
+        if cache is not None:
+            cache.k[layer][:, :, start:start + s] = k
+            cache.v[layer][:, :, start:start + s] = v
+            k, v = cache.k[layer][:, :, :start + s], cache.v[layer][:, :, :start + s]
+        if start == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # new queries at positions start.. see every cached key up to themselves
+            mask = torch.ones(s, start + s, dtype=torch.bool, device=q.device).tril(start)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        o = o.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, heads_local * hd]
+        out, _ = self.out(o)  # [s, b, d] (row-parallel: all-reduced over TP)
+        return out
+
+
+# --- SwiGLU MLP (Shazeer 2020; PaLM §2) ----------------------------------------------------------
+
+class SwiGLU(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: Any):
+        super().__init__()
+        self.gate = parallel.column_linear(mcfg, cfg.d_model, cfg.ffn_dim)
+        self.up = parallel.column_linear(mcfg, cfg.d_model, cfg.ffn_dim)
+        self.down = parallel.row_linear(mcfg, cfg.ffn_dim, cfg.d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        gate, _ = self.gate(h)  # [s, b, ffn_local]
+        up, _ = self.up(h)
+        out, _ = self.down(F.silu(gate) * up)
+        return out
+
+
+# --- The parallel block (PaLM §2 "Parallel Layers"): x + attn(ln(x)) + mlp(ln(x)) --------------
+
+class ParallelBlock(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: Any, layer: int):
+        super().__init__()
+        self.layer = layer  # global index, used for the KV cache
+        self.norm = LayerNorm(cfg.d_model, cfg.norm_eps, mcfg.params_dtype)
+        self.attn = Attention(cfg, mcfg)
+        self.mlp = SwiGLU(cfg, mcfg)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None = None):
+        h = self.norm(x)  # [s, b, d]
+        return x + self.attn(h, rope, self.layer, cache) + self.mlp(h)
+
+
+# --- The model (or one pipeline stage of it) -----------------------------------------------------
+
+class PaLM(MegatronModule):
+    """PaLM, or the part of it one pipeline stage holds.
+
+    ``layers`` are the global indices of this stage's blocks (``None``: all). The first stage
+    (``pre_process``) holds the token embedding; the last (``post_process``) the final norm and the
+    output projection, which is the same embedding matrix (tied): a separate copy marked
+    ``.shared`` when the two ends live on different pipeline stages (:func:`parallel.tie_output`).
+    """
+
+    def __init__(self, cfg: ModelConfig, mcfg: Any = None, *, pre_process: bool = True,
+                 post_process: bool = True, layers: Iterable[int] | None = None, seed: int = 0):
+        mcfg = mcfg if mcfg is not None else parallel.megatron_config(cfg)
+        super().__init__(config=mcfg)
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = True
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.input_tensor: torch.Tensor | None = None
+        layers = list(range(cfg.n_layers)) if layers is None else list(layers)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+        # Every weight is drawn from its own seed, so any TP/PP split starts from the same full model.
+        if pre_process:
+            torch.manual_seed(parallel.init_seed(seed, "embedding"))
+            self.embedding = parallel.vocab_embedding(mcfg, cfg.padded_vocab_size, cfg.d_model)
+        self.layers = torch.nn.ModuleDict()
+        for i in layers:
+            torch.manual_seed(parallel.init_seed(seed, f"layer{i}"))
+            self.layers[str(i)] = ParallelBlock(cfg, mcfg, i)
+        if post_process:
+            self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, mcfg.params_dtype)
+            if not pre_process:
+                torch.manual_seed(parallel.init_seed(seed, "embedding"))
+                self.output_embedding = parallel.tie_output(mcfg, cfg.padded_vocab_size, cfg.d_model)
+
+    # megatron's schedules and finalize_model_grads call these two
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def shared_embedding_or_output_weight(self) -> torch.nn.Parameter:
+        return self.embedding.weight if self.pre_process else self.output_embedding.weight
+
+    def trunk(self, tokens: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        """Embedding (first stage) and this stage's blocks: ``[b, s]`` tokens -> ``[s, b, d]``."""
+        if self.pre_process:
+            x = self.embedding(tokens.t().contiguous())  # [s, b, d]
+        else:
+            x = self.input_tensor  # [s, b, d] received from the previous stage
+        for block in self.layers.values():
+            x = block(x, self.rope, cache)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and tied output projection: ``[s, b, d]`` -> ``[s, b, vocab_local]``."""
+        h = copy_to_tensor_model_parallel_region(self.final_norm(x))
+        return F.linear(h, self.shared_embedding_or_output_weight()) * (self.cfg.d_model ** -0.5)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy (+ z-loss): ``[s, b, V_local]``, ``[b, s]`` -> ``[b, s]`` fp32."""
+        logits = logits.float()
+        ce = vocab_parallel_cross_entropy(logits, labels.t().contiguous())  # [s, b]
+        if self.cfg.z_loss_weight > 0:
+            ce = ce + self.cfg.z_loss_weight * vocab_parallel_logsumexp(logits).square()
+        return ce.t()
+
+    def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """First stage takes ``tokens [b, s]``; later stages read :meth:`set_input_tensor`.
+
+        Returns, on the last stage, the per-token loss ``[b, s]`` if ``labels`` are given, else the
+        logits ``[b, s, vocab_local]`` (this rank's vocabulary shard); on other stages ``[s, b, d]``.
+        """
+        x = self.trunk(tokens, cache)
+        if not self.post_process:
+            return x
+        logits = self.logits(x)
+        if labels is not None:
+            return self.loss(logits, labels)
+        return logits.transpose(0, 1)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[b, s, d]`` (full width on every TP rank), for scalar heads."""
+        assert self.pre_process and self.post_process, "hidden_states needs the whole model"
+        return self.final_norm(self.trunk(tokens)).transpose(0, 1)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        w = self.layers[next(iter(self.layers))].attn.kv.weight
+        return KVCache([int(i) for i in self.layers], batch, max_len or self.cfg.seq_len,
+                       self.cfg.head_dim, w.dtype, w.device)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ``prompt [b, s]`` by ``max_new_tokens`` (greedy when temperature is 0).
+
+        With ``use_cache`` each new token costs one position (KV cache); without it the whole
+        sequence is recomputed each step (the reference the cached path is tested against). Under
+        TP every rank must call this with the same arguments; all return the same tokens.
+        """
+        assert self.pre_process and self.post_process, "generate needs the whole model (PP=1)"
+        total = prompt.shape[1] + max_new_tokens
+        check(total <= self.cfg.seq_len, "max_new_tokens",
+              f"prompt + new tokens = {total} exceeds model.seq_len={self.cfg.seq_len}")
+        cache = self.new_cache(prompt.shape[0], total) if use_cache else None
+        tokens, step_input = prompt, prompt
+        for _ in range(max_new_tokens):
+            logits = self.logits(self.trunk(step_input, cache))[-1]  # [b, V_local], last position
+            if cache is not None:
+                cache.length += step_input.shape[1]
+            logits = gather_vocab(logits.float())[:, : self.cfg.vocab_size]  # [b, V]
+            nxt = sample(logits, temperature, top_k, generator)  # [b, 1]
+            tokens = torch.cat([tokens, nxt], dim=1)
+            step_input = nxt if cache is not None else tokens
+        return tokens
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """log Z over the full vocabulary from this rank's shard: ``[..., V_local]`` -> ``[...]``."""
+    local_max = logits.detach().amax(dim=-1)
+    group = parallel_state.get_tensor_model_parallel_group()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    sum_exp = (logits - local_max.unsqueeze(-1)).exp().sum(dim=-1)
+    sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)  # sum over vocabulary shards
+    return sum_exp.log() + local_max
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """All vocabulary shards of ``[..., V_local]`` logits on every TP rank (inference only)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    torch.distributed.all_gather(parts, logits.contiguous(),
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next token from ``[b, V]`` logits: argmax at temperature 0, else top-k sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)

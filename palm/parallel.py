@@ -1,0 +1,215 @@
+"""The parallel plan: the one place that says how PaLM is split over TP x PP x DP processes.
+
+Tensor parallel (Megatron-LM, Shoeybi et al. 2019), per block:
+
+=====================  =====================  ==============================================
+weight                 kind                   why
+=====================  =====================  ==============================================
+embedding [V, d]       vocab-parallel rows    ``VocabParallelEmbedding``; the output layer is
+                                              the same matrix, so logits are vocab-sharded
+                                              and the loss is ``vocab_parallel_cross_entropy``
+attn.q   [h*hd, d]     column-parallel        each rank owns ``h / tp`` query heads
+attn.kv  [2*hd, d]     replicated             the single multi-query K/V head; its output
+                                              goes through ``copy_to_tensor_model_parallel_
+                                              region`` so its gradient is summed over TP
+attn.out [d, h*hd]     row-parallel           all-reduce of the heads' contributions
+mlp.gate, mlp.up       column-parallel        SwiGLU halves, split the same way
+mlp.down               row-parallel           all-reduce
+norm weights           replicated             inputs are full on every rank, so are grads
+=====================  =====================  ==============================================
+
+Pipeline parallel: ``n_layers`` blocks are cut into ``pp * virtual_stages`` equal chunks; chunk
+``c`` of pipeline rank ``r`` holds blocks ``[(c*pp + r) * n, (c*pp + r + 1) * n)`` (megatron's
+interleaved order). The first chunk holds the embedding, the last the final norm and the output
+projection; when those are on different ranks the last one keeps a copy of the embedding marked
+``.shared`` (so the gradient norm counts it once) whose gradient ``finalize_model_grads``
+all-reduces with the original over the embedding group; both start from the same seed.
+
+Order of wrapping: process groups (:func:`init_distributed`), then each chunk is built
+(:func:`build_chunks`, weights initialised on CPU from the full matrix and split, so every layout
+starts from the same model), then wrapped in megatron ``DistributedDataParallel``
+(:func:`wrap_ddp`, DP gradient all-reduce), then handed to ``get_megatron_optimizer``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import os
+import socket
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from megatron.core.transformer import TransformerConfig
+
+from palm.errors import UserError
+from palm.megatron_compat import cpu_compat
+
+
+# --- process groups ------------------------------------------------------------------------------
+
+def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, data_parallel: int = 1,
+                     virtual_stages: int = 1, timeout_s: int = 600) -> None:
+    """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron's TP/PP/DP groups.
+
+    Under ``torchrun`` the world comes from its environment; without it this is a one-process
+    world. The world size must be ``tp * pp * dp``.
+    """
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.distributed.init_process_group(
+                backend, timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            torch.distributed.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                timeout=datetime.timedelta(seconds=timeout_s))
+    world = torch.distributed.get_world_size()
+    want = tensor_parallel * pipeline_parallel * data_parallel
+    if world != want:
+        raise UserError(
+            f"world size {world} != tensor_parallel x pipeline_parallel x data_parallel = "
+            f"{tensor_parallel} x {pipeline_parallel} x {data_parallel} = {want}")
+    with cpu_compat():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1 else None)
+
+
+def teardown() -> None:
+    """Destroy megatron's groups and the default process group (safe to call twice)."""
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def megatron_config(cfg: Any, *, tensor_parallel: int | None = None,
+                    pipeline_parallel: int | None = None, virtual_stages: int = 1,
+                    dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """megatron's ``TransformerConfig`` for ``cfg`` (a ``ModelConfig``) at this TP/PP layout.
+
+    ``dtype`` is the parameter dtype; bf16 params train with fp32 main weights in the optimizer.
+    """
+    tp = tensor_parallel or (parallel_state.get_tensor_model_parallel_world_size()
+                             if parallel_state.model_parallel_is_initialized() else 1)
+    pp = pipeline_parallel or (parallel_state.get_pipeline_model_parallel_world_size()
+                               if parallel_state.model_parallel_is_initialized() else 1)
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2.0 * cfg.n_layers)
+    return TransformerConfig(
+        num_layers=cfg.n_layers, hidden_size=cfg.d_model, num_attention_heads=cfg.n_heads,
+        kv_channels=cfg.head_dim, num_query_groups=1, ffn_hidden_size=cfg.ffn_dim,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1 else None,
+        use_cpu_initialization=True, perform_initialization=True,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        gradient_accumulation_fusion=False, sequence_parallel=False,
+        batch_p2p_comm=False,  # True gives wrong gradients with interleaved 1F1B (DESIGN §3)
+        init_method=lambda w: torch.nn.init.normal_(w, 0.0, std),
+        output_layer_init_method=lambda w: torch.nn.init.normal_(w, 0.0, out_std),
+    )
+
+
+# --- the tensor-parallel layers (see the table above) --------------------------------------------
+
+def column_linear(mcfg: TransformerConfig, d_in: int, d_out: int) -> ColumnParallelLinear:
+    return ColumnParallelLinear(d_in, d_out, config=mcfg, init_method=mcfg.init_method,
+                                bias=False, gather_output=False)
+
+
+def row_linear(mcfg: TransformerConfig, d_in: int, d_out: int) -> RowParallelLinear:
+    return RowParallelLinear(d_in, d_out, config=mcfg, init_method=mcfg.output_layer_init_method,
+                             bias=False, input_is_parallel=True, skip_bias_add=True)
+
+
+class ReplicatedLinear(torch.nn.Module):
+    """A bias-free linear kept whole on every TP rank (same init everywhere: same seed)."""
+
+    def __init__(self, mcfg: TransformerConfig, d_in: int, d_out: int):
+        super().__init__()
+        master = torch.empty(d_out, d_in, dtype=torch.float32)
+        mcfg.init_method(master)
+        self.weight = torch.nn.Parameter(master.to(mcfg.params_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def replicated_linear(mcfg: TransformerConfig, d_in: int, d_out: int) -> ReplicatedLinear:
+    return ReplicatedLinear(mcfg, d_in, d_out)
+
+
+def vocab_embedding(mcfg: TransformerConfig, vocab: int, d: int) -> VocabParallelEmbedding:
+    """Token embedding, N(0, 1) as in PaLM §2 (no norm is applied to the embeddings)."""
+    return VocabParallelEmbedding(vocab, d, init_method=lambda w: torch.nn.init.normal_(w, 0.0, 1.0),
+                                  config=mcfg)
+
+
+def tie_output(mcfg: TransformerConfig, vocab: int, d: int) -> VocabParallelEmbedding:
+    """The last pipeline stage's copy of the embedding (same seed, so the same values).
+
+    ``shared``: the gradient norm counts it once; ``finalize_model_grads`` all-reduces its gradient
+    with the first stage's over the embedding group, so the two stay equal.
+    """
+    copy = vocab_embedding(mcfg, vocab, d)
+    copy.weight.shared = True
+    copy.weight.shared_embedding = True
+    return copy
+
+
+def init_seed(seed: int, name: str) -> int:
+    """A seed per weight group, so a weight's initial value never depends on the layout."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:7], "little")
+
+
+# --- pipeline stages ----------------------------------------------------------------------------
+
+def chunk_layers(n_layers: int, pp: int, pp_rank: int, virtual_stages: int = 1) -> list[list[int]]:
+    """Global block indices of each model chunk on pipeline rank ``pp_rank``."""
+    per = n_layers // (pp * virtual_stages)
+    return [list(range((c * pp + pp_rank) * per, (c * pp + pp_rank + 1) * per))
+            for c in range(virtual_stages)]
+
+
+def build_chunks(cfg: Any, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Any]:
+    """This rank's model chunks (one per virtual stage), from megatron's current groups."""
+    from palm.model import PaLM
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    mcfg = megatron_config(cfg, virtual_stages=vpp, dtype=dtype)
+    chunks = []
+    for c, layers in enumerate(chunk_layers(cfg.n_layers, pp, rank, vpp)):
+        chunks.append(PaLM(cfg, mcfg, layers=layers, seed=seed,
+                           pre_process=(c == 0 and rank == 0),
+                           post_process=(c == vpp - 1 and rank == pp - 1)))
+    return chunks
+
+
+def wrap_ddp(chunks: list[Any], *, bucket_size: int | None = None) -> list[DistributedDataParallel]:
+    """megatron DDP around each chunk: gradients accumulate in fp32 buffers, all-reduced over DP."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False,
+        bucket_size=bucket_size)
+    with cpu_compat():
+        return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                        disable_bucketing=i > 0)
+                for i, chunk in enumerate(chunks)]
