@@ -1,0 +1,1 @@
+"""Data stages: crawling, corpus building, tokenization, chat data."""
