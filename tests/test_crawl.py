@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from palm.data import crawl as crawl_mod
-from palm.data.crawl import CrawlConfig, Page, crawl, is_public_address, normalize_url
+from palm.data.crawl import CrawlConfig, Page, crawl, extract_links, is_public_address, normalize_url
 from palm.errors import ConfigError, UserError
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,7 +65,7 @@ class Site:
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
@@ -285,6 +285,23 @@ def test_oversize_and_non_html_are_skipped_without_reading_the_body(site):
         assert sent[key]["bytes"] < 50_000_000, key  # the client hung up long before 200 MB
 
 
+def test_content_length_over_limit_is_refused_before_the_body(site):
+    def slow_body(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", "10000")
+        handler.end_headers()
+        handler.wfile.flush()
+        time.sleep(3)  # a client that waits for the body takes 3 s longer
+        handler.wfile.write(b"z" * 10000)
+
+    site.routes["/"] = slow_body
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="is 10000 bytes, over max_bytes=4000"):
+        run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, max_bytes=4000, respect_robots=False, **FAST))
+    assert time.monotonic() - t0 < 2
+
+
 # 5. one page per normalized URL
 def test_page_linking_to_itself_yields_one_page():
     s = Site()
@@ -296,6 +313,12 @@ def test_page_linking_to_itself_yields_one_page():
         assert s.log.count("/") == 1
     finally:
         s.close()
+
+
+def test_extract_links():
+    html = (b'<html><head><base href="/docs/"></head><body><a href="x.html#s">x</a> <a href="x.html">again</a>'
+            b'<a href="mailto:a@b.c">m</a><a name="n">no href</a><A HREF="https://Other.ORG:443/y">y</A></body></html>')
+    assert extract_links(html, "http://h/index.html") == ["http://h/docs/x.html", "https://other.org/y"]
 
 
 def test_normalize_url():
@@ -363,7 +386,8 @@ def test_per_host_concurrency_and_delay(site):
     site.page("/", *[f"/s{i}" for i in range(6)])
     for i in range(6):
         site.routes[f"/s{i}"] = slow
-    run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, concurrency=2, respect_robots=False, **FAST))
+    more_hosts = LOCAL + ("a.example", "b.example", "c.example")  # more hosts, more workers: still 2 per host
+    run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=more_hosts, concurrency=2, respect_robots=False, **FAST))
     assert site.max_in_flight == 2
     site.requests.clear()
     run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, concurrency=4, delay_s=0.1, max_depth=0,
