@@ -450,7 +450,8 @@ class _Crawler:
 def crawl(cfg: CrawlConfig, on_page: Callable[[Page], None], *,
           url_filter: Callable[[str], bool] | None = None, progress: bool = True) -> CrawlStats:
     """Crawl from ``cfg.seed_urls``, calling ``on_page`` for each accepted page; the stats say
-    what was fetched and what was skipped why. Raises UserError when not a single page came back."""
+    what was fetched and what was skipped why. Raises UserError when not a single page came back.
+    Runs its own event loop (asyncio.run): call it from synchronous code, not from a coroutine."""
     if not cfg.seed_urls:
         raise UserError("crawl has no seed URLs; set scrape.seed_urls")
     timeout = httpx.Timeout(cfg.timeout_s)
