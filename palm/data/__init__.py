@@ -1,0 +1,1 @@
+"""Data stages: scrape (crawl, extract, filter, dedup), tokenize, chat data."""

@@ -1,0 +1,78 @@
+"""Serve the Python standard library's documentation over HTTP, safely enough to crawl.
+
+This file is run as a separate, isolated interpreter (``python -I -S pydoc_server.py``): no
+working directory, no user site and no site-packages on ``sys.path``, so pydoc can only find the
+standard library. It must import nothing but the standard library.
+
+Serving a pydoc page imports its module and runs its top-level code, so three layers keep the
+crawl to harmless standard-library pages (DESIGN §2):
+- ``sys.path`` holds only the standard library (the interpreter flags above);
+- ``robots.txt`` disallows the excluded modules, which a polite crawler honours;
+- the handler itself refuses any page whose module is not an allowed standard-library one.
+
+Protocol: prints ``URL <base-url>`` on one line to stdout, then serves until stdin closes or the
+process is terminated. Output that imported modules print goes to stderr, never to the pipe.
+"""
+
+import os
+import sys
+
+import pydoc
+
+# Top-level modules never served: they open windows or browsers, print, or start test suites.
+EXCLUDED_TOP = frozenset({
+    "test", "__main__", "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo",
+    "__hello__", "__phello__", "pydoc", "ensurepip", "lib2to3",
+})
+# Any dotted component with one of these names excludes the module (``*.tests``, ``idle_test``…).
+EXCLUDED_PART = frozenset({"test", "tests", "idle_test", "__main__"})
+
+
+def allowed_module(name):
+    """True for a dotted name inside an allowed standard-library module."""
+    parts = name.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return False
+    top = parts[0]
+    return (top in sys.stdlib_module_names and top not in EXCLUDED_TOP
+            and not any(p in EXCLUDED_PART for p in parts))
+
+
+def robots_txt():
+    lines = ["User-agent: *", "Disallow: /search", "Disallow: /getfile", "Disallow: /get?"]
+    lines += [f"Disallow: /{name}." for name in sorted(EXCLUDED_TOP)]
+    lines += [f"Disallow: /{name}.html" for name in sorted(EXCLUDED_TOP)]
+    return "\n".join(lines) + "\n"
+
+
+def make_handler(pydoc_handler):
+    def handler(url, content_type="text/html"):
+        path = url.lstrip("/")
+        if path == "robots.txt":
+            return robots_txt()
+        if content_type == "text/css" or path in ("", "index.html"):
+            return pydoc_handler(url, content_type)
+        if path.endswith(".html") and allowed_module(path[: -len(".html")]):
+            return pydoc_handler(url, content_type)
+        return ("<!DOCTYPE html><html><head><title>Refused</title></head><body>"
+                "<p>Not served: only allowed standard-library module pages are.</p></body></html>")
+    return handler
+
+
+def main():
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        raise SystemExit("pydoc_server.py must run with -I -S (isolated, no site-packages)")
+    thread = pydoc._start_server(make_handler(pydoc._url_handler), "127.0.0.1", 0)
+    if thread.error:
+        raise SystemExit(f"pydoc server failed to start: {thread.error}")
+    out = sys.stdout
+    print(f"URL {thread.url}", file=out, flush=True)
+    sys.stdout = sys.stderr  # modules imported while serving must not write into our pipe
+    try:
+        sys.stdin.read()  # returns when the parent closes stdin (or exits)
+    finally:
+        thread.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""MLflow tracking for stage executions: one run per execution, never at the cost of outputs.
+
+Policy (tested): MLflow trouble never loses a stage's work. If the tracking server cannot be
+reached or a call fails, the tracker prints one warning line, turns itself off, and the stage
+goes on and writes its outputs. The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default:
+``sqlite:///mlflow.db`` at the project root). When a Prefect flow drives the pipeline it passes
+``PALM_MLFLOW_PARENT_RUN_ID`` so stage runs nest under the pipeline run. Workers started by a
+stage (torchrun ranks) attach to the stage's run through ``PALM_MLFLOW_RUN_ID``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+EXPERIMENT = "palm-rlhf"
+PARENT_ENV = "PALM_MLFLOW_PARENT_RUN_ID"
+RUN_ENV = "PALM_MLFLOW_RUN_ID"
+
+for _key, _value in {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    # An unreachable server should fail in seconds, not after minutes of retries.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+
+
+def git_commit(root: Path) -> str:
+    """``<sha>`` of HEAD, with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists become their string form."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """A guarded MLflow run. Every method is a no-op once the tracker is off."""
+
+    def __init__(self, root: Path, stage: str, enabled: bool = True):
+        self.root = Path(root)
+        self.stage = stage
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._mlflow: Any = None
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - any MLflow failure must not stop the stage
+            self.enabled = False
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"warning: MLflow {what} failed at {tracking_uri(self.root)} ({type(err).__name__}: {msg}); "
+                  f"the stage goes on and keeps its outputs, but this run is not tracked", file=sys.stderr)
+            return None
+
+    def start(self, params: dict[str, Any], tags: dict[str, str]) -> None:
+        def go() -> None:
+            import mlflow
+
+            self._mlflow = mlflow
+            mlflow.set_tracking_uri(tracking_uri(self.root))
+            existing = os.environ.get(RUN_ENV)
+            if existing:
+                mlflow.start_run(run_id=existing)
+            else:
+                mlflow.set_experiment(EXPERIMENT)
+                run_tags = {"palm.stage": self.stage, **tags}
+                parent = os.environ.get(PARENT_ENV)
+                if parent:
+                    run_tags["mlflow.parentRunId"] = parent
+                mlflow.start_run(run_name=self.stage, tags=run_tags)
+                flat = {k: str(v) for k, v in flatten(params).items()}
+                items = list(flat.items())
+                for i in range(0, len(items), 100):
+                    mlflow.log_params(dict(items[i : i + 100]))
+            self.run_id = mlflow.active_run().info.run_id
+
+        self._guard("start_run", go)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._guard("log_metrics", lambda: self._mlflow.log_metrics(numeric, step=step))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._guard("set_tags", lambda: self._mlflow.set_tags(tags))
+
+    def log_input(self, path: Path, name: str, digest: str, context: str) -> None:
+        """Record a data input (a file or folder) with its DVC md5 as the dataset digest."""
+
+        def go() -> None:
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            source = resolve_dataset_source(str(Path(path).resolve()))
+            dataset = MetaDataset(source=source, name=name, digest=digest[:36])
+            self._mlflow.log_input(dataset, context=context, tags={"dvc.md5": digest})
+
+        self._guard("log_input", go)
+
+    def log_artifact(self, path: Path) -> None:
+        self._guard("log_artifact", lambda: self._mlflow.log_artifact(str(path)))
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._mlflow is not None and self.enabled and not os.environ.get(RUN_ENV):
+            self._guard("end_run", lambda: self._mlflow.end_run(status=status))

@@ -1,0 +1,1 @@
+"""Prefect flows over the DVC stages (one task per stage, the same DVC cache as `dvc repro`)."""

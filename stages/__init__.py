@@ -1,0 +1,1 @@
+"""One thin command line per DVC stage: parse, load config, call ``palm``, write atomically, log."""

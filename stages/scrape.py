@@ -1,0 +1,31 @@
+"""DVC stage `scrape`: collect, clean, filter and deduplicate documents into a Parquet corpus."""
+
+from __future__ import annotations
+
+import sys
+
+from palm.data.scrape import ScrapeConfig, scrape
+from palm.io import atomic_dir
+from palm.stage import StageContext, run_stage
+
+
+def add_args(p):
+    p.add_argument("--raw", required=True, help="output folder for the raw WARC shards")
+    p.add_argument("--out", required=True, help="output folder for the corpus (Parquet + stats.json)")
+
+
+def body(cfg: ScrapeConfig, ctx: StageContext) -> dict:
+    with atomic_dir(ctx.path("out")) as corpus, atomic_dir(ctx.path("raw")) as raw:
+        stats = scrape(cfg, raw, corpus, progress=sys.stderr.isatty())
+    metrics = {k: stats[k] for k in ("fetched", "documents", "words", "dropped_total")}
+    metrics.update({f"dropped_{k}": v for k, v in stats["dropped"].items()})
+    metrics.update({f"crawl_{k}": v for k, v in stats["collect"].items() if isinstance(v, (int, float))})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("scrape", ScrapeConfig, body, add_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Shared test fixtures. Tests run real things: HTTP servers on 127.0.0.1, pydoc, DVC, MLflow on
+SQLite, Prefect's test server, megatron-core on gloo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: runs whole DVC stages / the Prefect flow (slow)")
+    config.addinivalue_line("markers", "dist: launches torchrun process groups")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (../shared/data beside the checkout)")
+    return SHARED_DATA
+
+
+def run_stage_cli(stage: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
+    """Run ``python -m stages.<stage>`` in ``cwd`` (a project copy) and return the result."""
+    full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def make_project(dst: Path, git: bool = True) -> Path:
+    """A copy of the project's tracked files (no data, no venv) in ``dst``, as a git + DVC repo,
+    with ``.venv`` linked so the DVC stage commands find the interpreter."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith(("tests/", "benchmarks/")):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / rel)
+    venv = Path(sys.prefix)
+    (dst / ".venv").symlink_to(venv)
+    if git:
+        run = lambda *a: subprocess.run(a, cwd=dst, check=True, capture_output=True)  # noqa: E731
+        run("git", "init", "-q")
+        run("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+        run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
+    return dst

@@ -1,0 +1,461 @@
+"""palm.data.crawl against real HTTP servers on 127.0.0.1 (no network beyond loopback)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from palm.data import crawl as crawl_mod
+from palm.data.crawl import CrawlConfig, Page, crawl, extract_links, is_public_address, normalize_url
+from palm.errors import ConfigError, UserError
+
+pytestmark = pytest.mark.timeout(120)
+
+LOCAL = ("127.0.0.1",)
+FAST = dict(timeout_s=5.0, backoff_s=0.01, retries=2)
+
+
+class Site:
+    """A test web server: ``route`` a path to a body or a handler function; ``log`` lists the
+    request paths in arrival order, ``requests`` holds (path, headers, monotonic time)."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.routes: dict[str, object] = {}
+        self.requests: list[tuple[str, dict[str, str], float]] = []
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                with site.lock:
+                    site.requests.append((self.path, dict(self.headers), time.monotonic()))
+                    site.in_flight += 1
+                    site.max_in_flight = max(site.max_in_flight, site.in_flight)
+                try:
+                    route = site.routes.get(self.path)
+                    if route is None:
+                        self.reply(404, b"not found", "text/plain")
+                    elif callable(route):
+                        route(self)
+                    else:
+                        status, body, ctype, headers = route
+                        self.reply(status, body, ctype, headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                finally:
+                    with site.lock:
+                        site.in_flight -= 1
+
+            def reply(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/", host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def page(self, path: str, *links: str, status: int = 200, ctype: str = "text/html",
+             headers: dict | None = None) -> None:
+        body = "<html><body>" + "".join(f'<a href="{link}">{link}</a>' for link in links) + "</body></html>"
+        self.routes[path] = (status, body.encode(), ctype, headers)
+
+    @property
+    def log(self) -> list[str]:
+        return [path for path, _, _ in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def site():
+    s = Site()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def other_site():
+    s = Site()
+    yield s
+    s.close()
+
+
+def run(cfg: CrawlConfig, **kwargs) -> tuple[list[Page], dict]:
+    pages: list[Page] = []
+    stats = crawl(cfg, pages.append, progress=False, **kwargs)
+    assert stats.fetched == len(pages)
+    return pages, stats.as_dict()
+
+
+def paths(pages: list[Page]) -> list[str]:
+    return sorted(p.url.split(":", 2)[2].split("/", 1)[1] for p in pages)
+
+
+def test_fetches_pages_with_metadata_on_main_thread(site):
+    site.page("/", "/a", "b.txt")
+    site.page("/a", ctype="text/html; charset=iso-8859-1")
+    site.routes["/b.txt"] = (200, b"plain words", "text/plain", None)
+    threads = []
+    pages: list[Page] = []
+
+    def on_page(page: Page) -> None:
+        threads.append(threading.current_thread())
+        pages.append(page)
+
+    stats = crawl(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, **FAST), on_page, progress=False)
+    assert stats.fetched == 3 and paths(pages) == ["", "a", "b.txt"]
+    assert all(t is threading.main_thread() for t in threads)
+    by_url = {p.url: p for p in pages}
+    a = by_url[site.url("/a")]
+    assert (a.status, a.content_type, a.depth) == (200, "text/html; charset=iso-8859-1", 1)
+    assert by_url[site.url("/b.txt")].body == b"plain words"
+    assert datetime.fromisoformat(a.fetched_at).utcoffset().total_seconds() == 0
+    agents = {headers.get("User-Agent") for _, headers, _ in site.requests}
+    assert agents == {CrawlConfig().user_agent}
+
+
+# 1. robots.txt
+def test_robots_disallow_is_honoured(site):
+    site.routes["/robots.txt"] = (200, b"User-agent: otherbot\nDisallow: /ok\n\n"
+                                  b"User-agent: *\nDisallow: /private\n", "text/plain", None)
+    site.page("/", "/private/a", "/private", "/ok")
+    site.page("/private/a")
+    site.page("/private")
+    site.page("/ok")
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, **FAST))
+    assert paths(pages) == ["", "ok"]
+    assert stats["skipped"] == {"robots": 2}
+    assert "/private/a" not in site.log and "/private" not in site.log
+    assert site.log.count("/robots.txt") == 1
+
+
+def test_robots_ignored_when_respect_robots_is_false(site):
+    site.routes["/robots.txt"] = (200, b"User-agent: *\nDisallow: /\n", "text/plain", None)
+    site.page("/")
+    pages, _ = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, respect_robots=False, **FAST))
+    assert len(pages) == 1 and "/robots.txt" not in site.log
+
+
+def test_robots_group_for_our_agent_wins(site):
+    site.routes["/robots.txt"] = (200, b"User-agent: *\nDisallow: /\n\n"
+                                  b"User-agent: palm-rlhf-crawler\nDisallow: /secret\n", "text/plain", None)
+    site.page("/", "/secret", "/ok")
+    site.page("/ok")
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, **FAST))
+    assert paths(pages) == ["", "ok"] and "/secret" not in site.log
+
+
+def test_robots_5xx_disallows_the_host(site):
+    site.page("/robots.txt", status=503)
+    site.page("/")
+    with pytest.raises(UserError, match="robots.txt answered HTTP 503"):
+        run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, **FAST))
+    assert site.log == ["/robots.txt"] * 3  # 1 try + 2 retries, and the page itself never asked for
+
+
+# 2. retries
+def test_429_then_200_is_retried_and_persistent_503_is_an_http_error(site):
+    calls = {"n": 0}
+
+    def flaky(handler) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            handler.reply(429, b"slow down", "text/plain", {"Retry-After": "0"})
+        else:
+            handler.reply(200, b"<html>ok</html>", "text/html")
+
+    site.page("/", "/flaky", "/down")
+    site.routes["/flaky"] = flaky
+    site.page("/down", status=503)
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, **FAST))
+    assert paths(pages) == ["", "flaky"]
+    assert site.log.count("/flaky") == 2
+    assert site.log.count("/down") == 3
+    assert stats["skipped"] == {"http_error": 1}
+
+
+def test_retry_after_is_honoured(site):
+    calls = {"n": 0}
+
+    def limited(handler) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            handler.reply(429, b"", "text/plain", {"Retry-After": "1"})
+        else:
+            handler.reply(200, b"<html>ok</html>", "text/html")
+
+    site.routes["/"] = limited
+    cfg = CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, respect_robots=False, retries=1, backoff_s=0.0)
+    pages, _ = run(cfg)
+    times = [t for path, _, t in site.requests]
+    assert len(pages) == 1 and len(times) == 2 and times[1] - times[0] >= 0.9
+
+
+# 3. SSRF guard
+def test_redirects_to_private_addresses_are_refused(site):
+    site.page("/", "/r1", "/r2", "/r3", "/r4")
+    for path, target in [("/r1", f"http://127.0.0.2:{site.port}/x"), ("/r2", f"http://localhost:{site.port}/x"),
+                         ("/r3", "http://10.0.0.1/x"), ("/r4", "http://[::ffff:127.0.0.1]/x")]:
+        site.routes[path] = (302, b"", "text/plain", {"Location": target})
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, same_host=False, **FAST))
+    assert paths(pages) == [""]
+    assert stats["skipped"] == {"ssrf": 4}
+    assert "/x" not in site.log
+
+
+def test_seed_at_loopback_not_allow_listed_is_refused(site):
+    site.page("/")
+    with pytest.raises(UserError, match=r"^crawl fetched no page: seed http://127\.0\.0\.1:\d+/ is refused.*"
+                                        r"not in allow_hosts; check scrape\.seed_urls$"):
+        run(CrawlConfig(seed_urls=(site.url(),), **FAST))
+    assert site.log == []
+
+
+def test_requests_go_to_the_checked_address(site, monkeypatch):
+    """The guard pins the connection to the address it checked (no second DNS lookup)."""
+    async def resolve(host: str, port: int) -> list[str]:
+        return {"pinned.example": ["127.0.0.1"], "rebind.example": ["93.184.216.34", "127.0.0.1"]}[host]
+
+    monkeypatch.setattr(crawl_mod, "_resolve", resolve)
+    site.page("/")
+    with monkeypatch.context() as m:  # let 127.0.0.1 pass as public: pinned.example exists only here
+        m.setattr(crawl_mod, "is_public_address", lambda addr: True)
+        pages, _ = run(CrawlConfig(seed_urls=(f"http://pinned.example:{site.port}/",), **FAST))
+    assert [p.url for p in pages] == [f"http://pinned.example:{site.port}/"]
+    assert {h["Host"] for _, h, _ in site.requests} == {f"pinned.example:{site.port}"}
+    site.requests.clear()
+    with pytest.raises(UserError, match="rebind.example resolves to non-public address 127.0.0.1"):
+        run(CrawlConfig(seed_urls=(f"http://rebind.example:{site.port}/",), **FAST))
+    assert site.requests == []
+
+
+# 4. size and type limits
+def _endless(ctype: str, sent: dict, done: threading.Event, total: int = 200_000_000, length: bool = False):
+    def handler(h) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", ctype)
+        if length:
+            h.send_header("Content-Length", str(total))
+        h.end_headers()
+        chunk = b"x" * 65536
+        try:
+            while sent["bytes"] < total:
+                h.wfile.write(chunk)
+                sent["bytes"] += len(chunk)
+        finally:
+            done.set()
+    return handler
+
+
+def test_oversize_and_non_html_are_skipped_without_reading_the_body(site):
+    sent = {k: {"bytes": 0} for k in ("stream", "png", "bin")}
+    done = {k: threading.Event() for k in sent}
+    site.page("/", "/big-cl", "/big-stream", "/img.png", "/blob", "/small")
+    site.routes["/big-cl"] = (200, b"y" * 5000, "text/html", None)
+    site.routes["/big-stream"] = _endless("text/html", sent["stream"], done["stream"])
+    site.routes["/img.png"] = _endless("image/png", sent["png"], done["png"], length=True)
+    site.routes["/blob"] = _endless("application/octet-stream", sent["bin"], done["bin"])
+    site.page("/small")
+    t0 = time.monotonic()
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, max_bytes=4000, **FAST))
+    assert time.monotonic() - t0 < 10
+    assert paths(pages) == ["", "small"]
+    assert stats["skipped"] == {"oversize": 2, "content_type": 2}
+    for key in sent:
+        assert done[key].wait(10), key
+        assert sent[key]["bytes"] < 50_000_000, key  # the client hung up long before 200 MB
+
+
+def test_content_length_over_limit_is_refused_before_the_body(site):
+    def slow_body(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", "10000")
+        handler.end_headers()
+        handler.wfile.flush()
+        time.sleep(3)  # a client that waits for the body takes 3 s longer
+        handler.wfile.write(b"z" * 10000)
+
+    site.routes["/"] = slow_body
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="is 10000 bytes, over max_bytes=4000"):
+        run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, max_bytes=4000, respect_robots=False, **FAST))
+    assert time.monotonic() - t0 < 2
+
+
+# 5. one page per normalized URL
+def test_page_linking_to_itself_yields_one_page():
+    s = Site()
+    try:
+        host = "localhost"
+        s.page("/", "/", "#top", "/#frag", f"HTTP://LocalHost:{s.port}/", f"http://localhost:{s.port}/#x", "")
+        pages, _ = run(CrawlConfig(seed_urls=(s.url("/", host),), allow_hosts=(host,), **FAST))
+        assert [p.url for p in pages] == [f"http://localhost:{s.port}/"]
+        assert s.log.count("/") == 1
+    finally:
+        s.close()
+
+
+def test_extract_links():
+    html = (b'<html><head><base href="/docs/"></head><body><a href="x.html#s">x</a> <a href="x.html">again</a>'
+            b'<a href="mailto:a@b.c">m</a><a name="n">no href</a><A HREF="https://Other.ORG:443/y">y</A></body></html>')
+    assert extract_links(html, "http://h/index.html") == ["http://h/docs/x.html", "https://other.org/y"]
+
+
+def test_normalize_url():
+    assert normalize_url("HTTP://Example.COM:80/a?b=1#c") == "http://example.com/a?b=1"
+    assert normalize_url("https://EXAMPLE.com:443") == "https://example.com/"
+    assert normalize_url("https://example.com:8443/x") == "https://example.com:8443/x"
+    assert normalize_url("../c#d", "http://h/a/b/") == "http://h/a/c"
+    assert normalize_url("http://[::1]:8080/") == "http://[::1]:8080/"
+    for bad in ("mailto:a@b.c", "javascript:void(0)", "ftp://h/x", "http://", "http://h:99999/"):
+        assert normalize_url(bad) is None, bad
+
+
+# 6. limits and scope
+def test_max_depth(site):
+    for i in range(5):
+        site.page(f"/{i}", f"/{i + 1}")
+    pages, _ = run(CrawlConfig(seed_urls=(site.url("/0"),), allow_hosts=LOCAL, max_depth=2, **FAST))
+    assert paths(pages) == ["0", "1", "2"] and "/3" not in site.log
+    assert sorted(p.depth for p in pages) == [0, 1, 2]
+
+
+def test_max_pages(site):
+    site.page("/", *[f"/p{i}" for i in range(10)])
+    for i in range(10):
+        site.page(f"/p{i}")
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, max_pages=3, concurrency=1, **FAST))
+    assert len(pages) == 3 and stats["fetched"] == 3
+    assert len([p for p in site.log if p.startswith("/p")]) <= 3
+
+
+def test_breadth_first_order(site):
+    site.page("/", "/a", "/b")
+    site.page("/a", "/a/deep")
+    site.page("/b")
+    site.page("/a/deep")
+    pages, _ = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, concurrency=1, **FAST))
+    assert [p.url.rsplit(str(site.port), 1)[1] for p in pages] == ["/", "/a", "/b", "/a/deep"]
+
+
+def test_url_filter(site):
+    site.page("/", "/keep", "/skip-me")
+    site.page("/keep")
+    site.page("/skip-me")
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, **FAST),
+                       url_filter=lambda url: "skip" not in url)
+    assert paths(pages) == ["", "keep"] and "/skip-me" not in site.log
+    assert stats["skipped"] == {"filtered": 1}
+
+
+def test_same_host_scope(site, other_site):
+    site.page("/", other_site.url("/", "localhost"))
+    other_site.page("/")
+    allow = ("127.0.0.1", "localhost")
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=("127.0.0.1",), **FAST))
+    assert len(pages) == 1 and stats["skipped"] == {"out_of_scope": 1} and other_site.log == []
+    pages, _ = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=allow, same_host=False, **FAST))
+    assert len(pages) == 2 and "/" in other_site.log
+
+
+def test_per_host_concurrency_and_delay(site):
+    def slow(handler) -> None:
+        time.sleep(0.15)
+        handler.reply(200, b"<html></html>", "text/html")
+
+    site.page("/", *[f"/s{i}" for i in range(6)])
+    for i in range(6):
+        site.routes[f"/s{i}"] = slow
+    more_hosts = LOCAL + ("a.example", "b.example", "c.example")  # more hosts, more workers: still 2 per host
+    run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=more_hosts, concurrency=2, respect_robots=False, **FAST))
+    assert site.max_in_flight == 2
+    site.requests.clear()
+    run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, concurrency=4, delay_s=0.1, max_depth=0,
+                    **FAST))
+    starts = [t for _, _, t in site.requests]
+    assert len(starts) == 2 and starts[1] - starts[0] >= 0.09  # robots.txt, then the page
+
+
+def test_redirects_followed_and_loops_skipped(site):
+    site.page("/", "/old", "/loop1", "/many0")
+    site.routes["/old"] = (301, b"", "text/plain", {"Location": "/new"})
+    site.page("/new")
+    site.routes["/loop1"] = (302, b"", "text/plain", {"Location": "/loop2"})
+    site.routes["/loop2"] = (302, b"", "text/plain", {"Location": "/loop1"})
+    for i in range(10):
+        site.routes[f"/many{i}"] = (302, b"", "text/plain", {"Location": f"/many{i + 1}"})
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=LOCAL, max_redirects=3, **FAST))
+    assert paths(pages) == ["", "new"]
+    assert stats["skipped"] == {"redirect_loop": 2}
+    assert "/many4" not in site.log
+
+
+# 7. SSRF classifier
+@pytest.mark.parametrize("addr, public", [
+    ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("127.0.0.1", False),
+    ("127.0.0.2", False), ("169.254.169.254", False), ("::1", False), ("fe80::1", False),
+    ("fe80::1%eth0", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("0.0.0.0", False),
+    ("::", False), ("224.0.0.1", False), ("ff02::1", False), ("240.0.0.1", False), ("100.64.0.1", False),
+    ("fc00::1", False), ("93.184.216.34", True), ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("::ffff:93.184.216.34", True),
+])
+def test_ssrf_classifier(addr, public):
+    assert is_public_address(addr) is public
+
+
+# 8. unresolvable seed
+def test_unresolvable_seed_is_a_clear_user_error():
+    with pytest.raises(UserError) as err:
+        crawl(CrawlConfig(seed_urls=("https://nonexistent.invalid/",), **FAST), lambda p: None, progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("crawl fetched no page: seed https://nonexistent.invalid/ did not resolve")
+    assert msg.endswith("check scrape.seed_urls")
+
+
+def test_no_seeds_is_a_user_error():
+    with pytest.raises(UserError, match="no seed URLs"):
+        crawl(CrawlConfig(), lambda p: None, progress=False)
+
+
+# 9. config validation
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(max_pages=-1), "max_pages"), (dict(max_pages=0), "max_pages"), (dict(max_depth=-1), "max_depth"),
+    (dict(seed_urls=("ftp://example.com/",)), "seed_urls"), (dict(seed_urls=("example.com",)), "seed_urls"),
+    (dict(max_bytes=0), "max_bytes"), (dict(concurrency=0), "concurrency"), (dict(delay_s=-1.0), "delay_s"),
+    (dict(timeout_s=0.0), "timeout_s"), (dict(retries=-1), "retries"), (dict(max_redirects=-1), "max_redirects"),
+])
+def test_config_validation(kwargs, key):
+    with pytest.raises(ConfigError) as err:
+        CrawlConfig(**kwargs)
+    assert err.value.key == key
+
+
+def test_config_from_params_names_the_section():
+    from palm.config import from_dict
+
+    cfg = from_dict(CrawlConfig, {"seed_urls": ["https://docs.python.org/3/"], "max_pages": 5}, "scrape")
+    assert cfg.seed_urls == ("https://docs.python.org/3/",) and cfg.max_pages == 5
+    with pytest.raises(ConfigError) as err:
+        from_dict(CrawlConfig, {"max_pages": -1}, "scrape")
+    assert err.value.key == "scrape.max_pages"

@@ -1,0 +1,48 @@
+"""The embedded default source: an isolated stdlib pydoc server that never imports strangers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from palm.data.pydoc_server import allowed_module
+from palm.data.scrape import pydoc_server, pydoc_url_filter
+
+
+def test_allowed_modules():
+    assert allowed_module("json") and allowed_module("xml.etree.ElementTree") and allowed_module("os.path")
+    for name in ("test", "test.support", "ctypes.test", "unittest.test", "idlelib", "tkinter.ttk", "turtle",
+                 "antigravity", "this", "lib2to3.tests", "venv.__main__", "numpy", "stray_mod", "../etc"):
+        assert not allowed_module(name), name
+
+
+def test_stray_module_never_imported(tmp_path, monkeypatch):
+    """A module in the working directory (or on PYTHONPATH) is neither served nor imported."""
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "stray_mod.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (tmp_path / "json_extra.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pydoc_server() as base:
+        ok = pydoc_url_filter(base)
+        with httpx.Client(timeout=30) as client:
+            index = client.get(base).text
+            assert "stray_mod" not in index and "json_extra" not in index
+            assert "site-packages" not in index
+            for page in ("stray_mod.html", "json_extra.html", "test.html", "antigravity.html"):
+                r = client.get(base + page)
+                assert "Not served" in r.text or "No Python documentation" in r.text
+                assert not ok(base + page)
+            assert "JSONEncoder" in client.get(base + "json.html").text
+            robots = client.get(base + "robots.txt").text
+            assert "Disallow: /antigravity.html" in robots and "Disallow: /test." in robots
+    assert not marker.exists()
+
+
+def test_server_refuses_to_run_unisolated():
+    script = Path(__file__).resolve().parent.parent / "palm" / "data" / "pydoc_server.py"
+    proc = subprocess.run([sys.executable, str(script)], input="", capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "-I -S" in proc.stderr
