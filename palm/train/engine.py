@@ -88,13 +88,14 @@ class Engine:
 
     def _run(self, microbatches: Sequence[Batch], forward_only: bool) -> torch.Tensor:
         """The schedule over ``microbatches``; returns their mean loss, the same on every rank."""
-        check(len(microbatches) == self.num_microbatches, "num_microbatches",
-              f"got {len(microbatches)} micro-batches, expected {self.num_microbatches}")
+        if not forward_only:
+            check(len(microbatches) == self.num_microbatches, "num_microbatches",
+                  f"got {len(microbatches)} micro-batches, expected {self.num_microbatches}")
         iters: Any = [iter(microbatches) for _ in self.model]
         with cpu_compat():
             losses = get_forward_backward_func()(
                 forward_step_func=_forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
-                model=self.model, num_microbatches=self.num_microbatches, seq_length=self.seq_len,
+                model=self.model, num_microbatches=len(microbatches), seq_length=self.seq_len,
                 micro_batch_size=self.micro_batch_size, forward_only=forward_only)
         loss = torch.zeros((), dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):

@@ -1,0 +1,195 @@
+"""Checkpoints: megatron ``dist_checkpointing`` for training state, safetensors for export.
+
+A training checkpoint is ``<root>/step_<NNNNNNN>/``: megatron's sharded files (model and
+optimizer, keyed by global parameter name, so they load at any TP/PP layout) plus common state
+(scheduler, step, RNG), with ``palm.json`` beside them (model config, tokenizer sha256, step).
+It is written to a temporary folder and renamed when complete; ``<root>/latest`` names the
+newest. The export is ``model.safetensors`` (full, unsharded weights) + ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+from palm.errors import UserError
+from palm.megatron_compat import cpu_compat
+
+META = "palm.json"
+_TP_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """Sharded state of this rank's chunks, keyed by global parameter name.
+
+    TP layers shard along their partition dim; everything else is replicated. The last stage's
+    copy of the tied embedding is stored under the embedding's key as a replica (never written,
+    loaded from the embedding), as megatron's GPTModel does.
+    """
+    metadata = ensure_metadata_has_dp_cp_group(None)
+    out: dict[str, Any] = {}
+    for chunk in chunks:
+        for name, module in chunk.named_modules():
+            if not any(True for _ in module.parameters(recurse=False)):
+                continue
+            prefix = f"{name}." if name else ""
+            if isinstance(module, _TP_LAYERS):
+                out.update(module.sharded_state_dict(prefix=prefix, metadata=metadata))
+            else:
+                own = {k: v for k, v in module.state_dict(keep_vars=True).items() if "." not in k}
+                out.update(make_sharded_tensors_for_checkpoint(
+                    own, prefix, {}, (), dp_cp_group=metadata["dp_cp_group"],
+                    tp_group=parallel_state.get_tensor_model_parallel_group()))
+    if "output_embedding.weight" in out:
+        out["output_embedding.weight"] = make_tp_sharded_tensor_for_checkpoint(
+            tensor=out["output_embedding.weight"].data, key="embedding.weight",
+            replica_id=(1, 0, parallel_state.get_data_parallel_rank()), allow_shape_mismatch=True)
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any]) -> Path:
+    """Write this step's checkpoint of ``engine`` (all ranks call it); returns its folder."""
+    root = Path(root)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".step_{step:07d}.tmp"
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    model_sd = model_sharded_state_dict(engine.chunks)
+    state = {"model": model_sd, "optimizer": engine.optimizer.sharded_state_dict(model_sd),
+             "scheduler": engine.scheduler.state_dict(), "step": step, "rng": _rng_state()}
+    with cpu_compat():
+        dist_checkpointing.save(state, str(tmp))
+    torch.distributed.barrier()
+    if rank0:
+        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, root / "latest")
+    torch.distributed.barrier()
+    return final
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None (a corrupt pointer is an error)."""
+    pointer = Path(root) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    check_checkpoint(path)
+    return path
+
+
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """``palm.json`` of a checkpoint folder, after checking the folder looks complete."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: checkpoint folder not found")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: corrupt checkpoint ({META} unreadable: {type(err).__name__}); "
+                        "delete it or point to another checkpoint")
+    if not (path / "metadata.json").is_file() or not any(path.glob("*.distcp")):
+        raise UserError(f"{path}: corrupt checkpoint (megatron metadata.json or .distcp shards "
+                        "missing); delete it or point to another checkpoint")
+    return meta
+
+
+def _load(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    try:
+        with cpu_compat():
+            return dist_checkpointing.load(state, str(path))
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to read it means the folder is bad
+        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise UserError(f"{path}: corrupt or incompatible checkpoint ({type(err).__name__}: {msg})")
+
+
+def load(engine: Any, path: Path) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG of ``engine`` from ``path`` (any layout)."""
+    meta = check_checkpoint(path)
+    model_sd = model_sharded_state_dict(engine.chunks)
+    state = _load({"model": model_sd,
+                   "optimizer": engine.optimizer.sharded_state_dict(model_sd, is_loading=True)}, path)
+    _load_chunks(engine.chunks, state["model"])
+    engine.optimizer.load_state_dict(state["optimizer"])
+    engine.scheduler.load_state_dict(state["scheduler"])
+    engine.step = int(state["step"])
+    _set_rng_state(state["rng"])
+    return meta
+
+
+def load_model(chunks: list[torch.nn.Module], path: Path) -> dict[str, Any]:
+    """Load only the weights of a checkpoint into ``chunks`` (any TP/PP layout)."""
+    meta = check_checkpoint(path)
+    state = _load({"model": model_sharded_state_dict(chunks)}, path)
+    _load_chunks(chunks, state["model"])
+    return meta
+
+
+def _load_chunks(chunks: list[torch.nn.Module], loaded: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                p.copy_(loaded[name])
+
+
+# --- export: plain safetensors + config.json ----------------------------------------------------
+
+def export_safetensors(model: torch.nn.Module, out_dir: Path, config: dict[str, Any]) -> None:
+    """Write a whole (TP=1, PP=1) model as ``model.safetensors`` + ``config.json``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().float().contiguous() for n, p in model.named_parameters()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_safetensors(model: torch.nn.Module, path: Path) -> None:
+    """Load exported full weights into a model or one chunk of it at the current TP layout."""
+    from safetensors.torch import load_file
+
+    full = load_file(str(path))
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = "embedding.weight" if name == "output_embedding.weight" else name
+            if key not in full:
+                raise UserError(f"{path}: weight {key!r} missing; not a palm export of this model")
+            t = full[key]
+            if tp > 1 and getattr(p, "tensor_model_parallel", False):
+                t = t.chunk(tp, dim=p.partition_dim)[rank]
+            if t.shape != p.shape:
+                raise UserError(f"{path}: weight {key!r} has shape {tuple(t.shape)}, the model "
+                                f"expects {tuple(p.shape)} (different config.json?)")
+            p.copy_(t)
