@@ -108,14 +108,30 @@ def launch(model: ModelConfig, cfg: PretrainConfig, *, tokens: Path, tokenizer_s
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", f"--nproc-per-node={cfg.world_size}",
            "-m", "palm.train.pretrain", str(spec_path)]
-    proc = subprocess.run(cmd, env=full_env, stdout=None, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0 or not result.is_file():
-        errors = [line.split("UserError: ", 1)[1] for line in proc.stderr.splitlines() if "UserError: " in line]
-        if errors:
-            raise UserError(errors[-1])
-        sys.stderr.write(proc.stderr[-5000:])
-        raise RuntimeError(f"training processes failed (torchrun exit {proc.returncode})")
+    for stale in (*run_dir.glob("pgid.*"), *run_dir.glob("error.*")):
+        stale.unlink()
+    try:
+        code = subprocess.run(cmd, env=full_env).returncode
+    finally:
+        _kill_leftovers(run_dir)
+    errors = sorted(run_dir.glob("error.*"))
+    if errors:
+        raise UserError(errors[0].read_text().strip())
+    if code != 0 or not result.is_file():
+        raise RuntimeError(f"training processes failed (torchrun exit {code}); see the log above")
     return json.loads(result.read_text())
+
+
+def _kill_leftovers(run_dir: Path) -> None:
+    """SIGKILL what is left of each worker's process group (torchrun starts every worker in its
+    own session). A worker that died hard leaves behind the multiprocessing manager that
+    ``dist_checkpointing.save`` spawned; it would live on, holding the stage's stderr."""
+    for path in run_dir.glob("pgid.*"):
+        try:
+            os.killpg(int(path.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, ValueError):
+            pass
+        path.unlink(missing_ok=True)
 
 
 def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +152,36 @@ def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any]) -> dict[str, 
     finally:
         parallel.teardown()
     return config
+
+
+def evaluate_checkpoint(checkpoint: Path, tokens: Path, cfg: PretrainConfig, *, run_dir: Path) -> float:
+    """Validation loss of ``checkpoint`` here, in one process at TP=1, PP=1 (any saved layout),
+    on the validation batches a one-DP-rank run of ``cfg`` uses."""
+    import torch
+
+    from palm import parallel
+    from palm.train import checkpoint as ckpt
+    from palm.train import data
+    from palm.train.engine import Engine
+
+    meta_ckpt = ckpt.check_checkpoint(checkpoint)
+    model_cfg = from_dict(ModelConfig, meta_ckpt["run"]["model"], "model")
+    meta = data.check_shards(tokens, meta_ckpt["run"]["tokenizer_sha256"])
+    parallel.init_distributed()
+    try:
+        _, valid_ds = data.build_datasets(
+            tokens, meta, seq_len=model_cfg.seq_len, train_samples=cfg.train_steps * cfg.global_batch,
+            valid_samples=cfg.eval_batches * cfg.micro_batch_size, seed=cfg.seed,
+            cache_dir=run_dir / "dataset_cache")
+        valid = data.Batches(valid_ds, micro_batch_size=cfg.micro_batch_size,
+                             num_microbatches=cfg.eval_batches, dp_rank=0, dp_size=1).step(0)
+        engine = Engine(model_cfg, cfg.optim, train_steps=cfg.train_steps,
+                        micro_batch_size=cfg.micro_batch_size, num_microbatches=cfg.eval_batches,
+                        dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, seed=cfg.seed)
+        ckpt.load_model(engine.chunks, checkpoint)
+        return engine.eval_loss(valid)
+    finally:
+        parallel.teardown()
 
 
 # --- the worker side: one training process ------------------------------------------------------
@@ -162,6 +208,7 @@ def train(spec: dict[str, Any]) -> None:
                               cfg.virtual_stages)
     rank0 = torch.distributed.get_rank() == 0
     tokens_dir, run_dir = Path(spec["tokens"]), Path(spec["run_dir"])
+    (run_dir / f"pgid.{torch.distributed.get_rank()}").write_text(str(os.getpgid(0)))
     meta = data.check_shards(tokens_dir, spec["tokenizer_sha256"])
     if meta["vocab_size"] > model_cfg.vocab_size:
         raise UserError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -276,8 +323,8 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     try:
         train(spec)
-    except UserError as err:
-        print(f"UserError: {err}", file=sys.stderr, flush=True)
+    except UserError as err:  # the stage re-raises it as its one-line error
+        (Path(spec["run_dir"]) / f"error.{os.environ.get('RANK', '0')}").write_text(str(err))
         return 2
     return 0
 

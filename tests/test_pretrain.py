@@ -1,0 +1,135 @@
+"""Acceptance 2 and 6 at the library level: exact resume after SIGKILL, TP=2 -> TP=1 checkpoint
+loading, and one-line errors for bad input. Token shards are tiny ones made here with megatron's
+IndexedDatasetBuilder (tests/dist/shards.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+
+from shards import SHA, make_shards  # noqa: E402
+
+from palm.config import ConfigError  # noqa: E402
+from palm.errors import UserError  # noqa: E402
+from palm.model import ModelConfig  # noqa: E402
+from palm.train import checkpoint as ckpt  # noqa: E402
+from palm.train import data  # noqa: E402
+from palm.train.engine import OptimConfig  # noqa: E402
+from palm.train.pretrain import KILL_ENV, PretrainConfig, evaluate_checkpoint, export, launch  # noqa: E402
+
+MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16, seq_len=32)
+CFG = PretrainConfig(train_steps=12, micro_batch_size=4, num_microbatches=2, dtype="fp32",
+                     log_interval=4, eval_interval=4, eval_batches=2, checkpoint_interval=4,
+                     optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2))
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards") / "tokens")
+
+
+def run(tmp: Path, tokens: Path, cfg: PretrainConfig = CFG, env: dict | None = None) -> dict:
+    return launch(MODEL, cfg, tokens=tokens, tokenizer_sha256=SHA, checkpoints=tmp / "ckpt",
+                  reports=tmp / "reports", run_dir=tmp / "run", peak_flops=1e11, env=env)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.dist
+def test_sigkill_after_checkpoint_then_restart_equals_uninterrupted(tmp_path, tokens):
+    straight = run(tmp_path / "a", tokens)
+    export(Path(straight["checkpoint"]), tmp_path / "a" / "model", {})
+    with pytest.raises(RuntimeError):  # every rank SIGKILLs itself right after checkpoint 8
+        run(tmp_path / "b", tokens, env={KILL_ENV: "8"})
+    assert (tmp_path / "b" / "ckpt" / "latest").read_text().strip() == "step_0000008"
+    resumed = run(tmp_path / "b", tokens)
+    export(Path(resumed["checkpoint"]), tmp_path / "b" / "model", {})
+    assert resumed["resumed_from_step"] == 8 and resumed["steps"] == 12
+    assert abs(resumed["final_train_loss"] - straight["final_train_loss"]) <= 1e-6
+    assert abs(resumed["val_loss"] - straight["val_loss"]) <= 1e-6
+    wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    # the curve reads as one run: rows 4, 8, 12 exactly once
+    rows = (tmp_path / "b" / "reports" / "curve.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "4", "8", "12"]
+
+
+@pytest.mark.dist
+def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(tmp_path, tokens):
+    cfg = dataclasses.replace(CFG, tensor_parallel=2, train_steps=4)
+    result = run(tmp_path, tokens, cfg)
+    # the same validation batches, evaluated here in one process at TP=1 from the TP=2 checkpoint
+    val = evaluate_checkpoint(Path(result["checkpoint"]), tokens, cfg, run_dir=tmp_path / "eval")
+    assert abs(val - result["val_loss"]) <= 1e-5 * abs(result["val_loss"])
+    config = export(Path(result["checkpoint"]), tmp_path / "model", {})
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model"] == config["model"]
+    assert weights(tmp_path / "model")["layers.0.attn.q.weight"].shape == (32, 32)
+
+
+# --- bad input: one clear line each ---------------------------------------------------------------
+
+def test_tp_not_dividing_heads_names_the_fields():
+    with pytest.raises(ConfigError, match=r"pretrain.tensor_parallel: model.n_heads=2 is not divisible by tensor_parallel=4"):
+        MODEL.check_parallel(4, 1)
+
+
+def test_pp_not_dividing_layers_names_the_fields():
+    with pytest.raises(ConfigError, match=r"pretrain.pipeline_parallel: model.n_layers=2 is not divisible by pipeline_parallel=4"):
+        MODEL.check_parallel(1, 4)
+
+
+def test_world_size_must_be_tp_pp_dp():
+    from palm import parallel
+
+    try:
+        with pytest.raises(UserError, match=r"world size 1 != tensor_parallel x pipeline_parallel x data_parallel = 2 x 1 x 1 = 2"):
+            parallel.init_distributed(2, 1, 1)
+    finally:
+        parallel.teardown()
+
+
+def test_missing_shards(tmp_path):
+    with pytest.raises(UserError, match="no meta.json; run the tokenize stage"):
+        data.check_shards(tmp_path)
+    make_shards(tmp_path / "t", docs=10)
+    (tmp_path / "t" / "valid.idx").unlink()
+    with pytest.raises(UserError, match=r"valid.idx: token shard missing or empty"):
+        data.check_shards(tmp_path / "t")
+
+
+def test_shards_of_another_tokenizer_are_refused(tokens):
+    with pytest.raises(UserError, match=r"made by tokenizer sha256 ababababab.*but the tokenizer given has cdcdcd.*re-tokenize"):
+        data.check_shards(tokens, "cd" * 32)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tokens):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "palm.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt checkpoint"):
+        ckpt.check_checkpoint(tmp_path / "c")
+    (tmp_path / "c" / "palm.json").write_text("{}")
+    with pytest.raises(UserError, match="corrupt checkpoint .megatron metadata.json"):
+        ckpt.check_checkpoint(tmp_path / "c")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "latest").write_text("step_0000004\n")
+    with pytest.raises(UserError, match="checkpoint folder not found"):
+        ckpt.latest(tmp_path / "ck")
+
+
+def test_config_values_are_checked():
+    with pytest.raises(ConfigError, match="dtype: must be fp32 or bf16"):
+        PretrainConfig(dtype="fp16")
+    with pytest.raises(ConfigError, match="head_dim: must be even"):
+        ModelConfig(head_dim=15)
