@@ -89,10 +89,31 @@ def run_decode(out: Path, tp: int) -> None:
     ps.destroy_model_parallel()
 
 
+def run_bf16_checkpoint(out: Path, tp: int, pp: int) -> None:
+    """bf16 params with fp32 main weights, then a checkpoint save and load (compat coverage)."""
+    from palm.train import checkpoint
+
+    parallel.init_distributed(tp, pp, torch.distributed.get_world_size() // (tp * pp))
+    eng = Engine(CFG, OPTIM, train_steps=STEPS, micro_batch_size=MBS, num_microbatches=MICRO,
+                 dtype=torch.bfloat16, seed=7)
+    batches = random_batches(CFG, steps=2, num_microbatches=MICRO, micro_batch_size=MBS, seed=3)
+    losses = [eng.train_step(step)["loss"] for step in batches]
+    path = checkpoint.save(eng, out / "ckpt", step=2, meta={})
+    checkpoint.load(eng, path)
+    if torch.distributed.get_rank() == 0:
+        (out / "bf16.json").write_text(json.dumps(losses))
+    ps.destroy_model_parallel()
+
+
 def main(argv: list[str]) -> None:
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
     for layout in argv[1:]:
+        if layout.startswith("bf16"):
+            _, tp, pp = layout.split(",")
+            run_bf16_checkpoint(out, int(tp), int(pp))
+            torch.distributed.barrier()
+            continue
         if layout.startswith("decode"):
             run_decode(out, int(layout.split(",")[1]))
             torch.distributed.barrier()
@@ -100,6 +121,9 @@ def main(argv: list[str]) -> None:
         tp, pp, dp, vpp = (int(x) for x in layout.split(","))
         run_layout(out, tp, pp, dp, vpp)
         torch.distributed.barrier()
+    from palm.megatron_compat import CALL_SITES
+
+    (out / f"sites.rank{torch.distributed.get_rank()}.json").write_text(json.dumps(sorted(CALL_SITES)))
     parallel.teardown()
 
 
