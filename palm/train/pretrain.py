@@ -102,7 +102,9 @@ def launch(model: ModelConfig, cfg: PretrainConfig, *, tokens: Path, tokenizer_s
     result = run_dir / "result.json"
     result.unlink(missing_ok=True)
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.world_size)
-    full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
+    quiet = ",".join(f"ignore:{m}:UserWarning" for m in (
+        "Transformer Engine and Apex", "Apex is not installed", "full scope is deprecated"))
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": quiet, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     torchrun = Path(sys.executable).with_name("torchrun")

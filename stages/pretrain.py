@@ -1,0 +1,66 @@
+"""DVC stage `pretrain`: train PaLM on the token shards with TP x PP x DP torchrun processes.
+
+Resumes from ``--checkpoints`` (a persistent DVC output) when it holds a checkpoint of the same
+run, so a killed run restarted by ``dvc repro`` continues; ends by exporting the final weights as
+safetensors + config.json (+ the tokenizer) into ``--out``, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from palm.config import load_section, to_dict
+from palm.errors import UserError
+from palm.io import atomic_dir
+from palm.model import ModelConfig
+from palm.stage import StageContext, run_stage
+from palm.tracking import RUN_ENV
+from palm.train.pretrain import PretrainConfig, export, launch, validate
+
+
+def add_args(p):
+    p.add_argument("--tokens", required=True, help="token shards: {train,valid}.{bin,idx} + meta.json")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (tokenizer.json + meta.json)")
+    p.add_argument("--checkpoints", required=True, help="training checkpoints (kept across runs for resume)")
+    p.add_argument("--out", required=True, help="exported model: model.safetensors + config.json")
+
+
+def tokenizer_sha256(folder: Path) -> str:
+    try:
+        return json.loads((folder / "meta.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{folder}/meta.json: tokenizer metadata missing or unreadable; run the tokenizer stage")
+
+
+def body(cfg: PretrainConfig, ctx: StageContext) -> dict:
+    import torch
+
+    from palm.train.metrics import matmul_peak_flops
+
+    model = load_section(ModelConfig, ctx.args.params, "model")
+    validate(model, cfg)
+    ctx.tracker.set_tags({f"model.{k}": str(v) for k, v in to_dict(model).items()})
+    sha = tokenizer_sha256(ctx.path("tokenizer"))
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    peak = matmul_peak_flops(dtype)
+    checkpoints = ctx.path("checkpoints")
+    env = {RUN_ENV: ctx.tracker.run_id} if ctx.tracker.enabled and ctx.tracker.run_id else {}
+    result = launch(model, cfg, tokens=ctx.path("tokens"), tokenizer_sha256=sha,
+                    checkpoints=checkpoints, reports=ctx.reports, run_dir=checkpoints / "run",
+                    peak_flops=peak, env=env)
+    with atomic_dir(ctx.path("out")) as out:
+        export(Path(result["checkpoint"]), out, {"metrics": {k: result[k] for k in ("val_loss", "unigram_loss")}})
+        shutil.copy2(ctx.path("tokenizer") / "tokenizer.json", out / "tokenizer.json")
+    ctx.tracker.log_artifact(ctx.reports / "curve.csv")
+    return {k: v for k, v in result.items() if k != "checkpoint"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("pretrain", PretrainConfig, body, add_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
