@@ -18,6 +18,7 @@ from palm.io import atomic_dir
 from palm.model import ModelConfig
 from palm.stage import StageContext, run_stage
 from palm.tracking import RUN_ENV
+from palm.train.data import check_shards
 from palm.train.pretrain import PretrainConfig, export, launch, validate
 
 
@@ -44,6 +45,7 @@ def body(cfg: PretrainConfig, ctx: StageContext) -> dict:
     validate(model, cfg)
     ctx.tracker.set_tags({f"model.{k}": str(v) for k, v in to_dict(model).items()})
     sha = tokenizer_sha256(ctx.path("tokenizer"))
+    check_shards(ctx.path("tokens"), sha)  # fail here, before starting processes
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     peak = matmul_peak_flops(dtype)
     checkpoints = ctx.path("checkpoints")

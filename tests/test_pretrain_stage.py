@@ -1,0 +1,122 @@
+"""The `pretrain` DVC stage end to end on tiny shards: a run SIGKILLed after a checkpoint and
+restarted by `dvc repro` ends exactly like an uninterrupted one (acceptance 2), and bad input is
+one line on stderr with exit code 2 (acceptance 6)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+
+from conftest import make_project, run_stage_cli  # noqa: E402
+from shards import make_shards  # noqa: E402
+
+from palm.train.pretrain import KILL_ENV  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.dist, pytest.mark.timeout(600)]
+
+TINY = {
+    "model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16, "seq_len": 32},
+    "pretrain": {"train_steps": 12, "micro_batch_size": 4, "num_microbatches": 2, "dtype": "fp32",
+                 "log_interval": 4, "eval_interval": 4, "eval_batches": 2, "checkpoint_interval": 4,
+                 "optim": {"lr": 0.01, "min_lr": 0.001, "warmup_steps": 2}},
+}
+ARGS = ["--tokens", "data/tokens", "--tokenizer", "artifacts/tokenizer",
+        "--checkpoints", "checkpoints/pretrain", "--out", "models/pretrain"]
+
+
+def project(tmp: Path, **overrides) -> Path:
+    root = make_project(tmp)
+    tok = root / "artifacts" / "tokenizer"
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text('{"a tokenizer": "for tests"}')
+    sha = hashlib.sha256((tok / "tokenizer.json").read_bytes()).hexdigest()
+    (tok / "meta.json").write_text(json.dumps({"sha256": sha, "vocab_size": 64, "eod_id": 0}))
+    make_shards(root / "data" / "tokens", sha=sha)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section] = {**params[section], **values, **overrides.get(section, {})}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def repro(root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
+    return subprocess.run([str(root / ".venv" / "bin" / "dvc"), "repro", "-s", "pretrain"], cwd=root,
+                          env=full, capture_output=True, text=True, timeout=500)
+
+
+def weights(root: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(root / "models" / "pretrain" / "model.safetensors"))
+
+
+def test_killed_run_restarted_by_dvc_repro_ends_like_an_uninterrupted_one(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    straight = project(tmp_path / "a")
+    assert repro(straight, env).returncode == 0
+    killed = project(tmp_path / "b")
+    first = repro(killed, {**env, KILL_ENV: "8"})  # every rank SIGKILLs itself after checkpoint 8
+    assert first.returncode != 0
+    assert not (killed / "models" / "pretrain").exists()
+    second = repro(killed, env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    a = json.loads((straight / "reports" / "pretrain" / "metrics.json").read_text())
+    b = json.loads((killed / "reports" / "pretrain" / "metrics.json").read_text())
+    assert b["resumed_from_step"] == 8 and a["resumed_from_step"] == 0
+    assert abs(a["final_train_loss"] - b["final_train_loss"]) <= 1e-6
+    assert abs(a["val_loss"] - b["val_loss"]) <= 1e-6
+    wa, wb = weights(straight), weights(killed)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    for key in ("val_loss", "unigram_loss", "tokens_per_s", "mfu"):
+        assert isinstance(a[key], float)
+    curve = (straight / "reports" / "pretrain" / "curve.csv").read_text().splitlines()
+    assert curve[0].startswith("step,loss,") and len(curve) == 4
+    config = json.loads((straight / "models" / "pretrain" / "config.json").read_text())
+    assert config["model"]["d_model"] == 32 and len(config["tokenizer_sha256"]) == 64
+
+
+def one_line_error(root: Path, **env) -> str:
+    res = run_stage_cli("pretrain", ARGS + ["--no-mlflow"], cwd=root, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: pretrain: ")]
+    assert len(errors) == 1, res.stderr[-2000:]
+    return errors[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    root = project(tmp_path / "p", pretrain={"tensor_parallel": 3})
+    assert "pretrain.tensor_parallel: model.n_heads=2 is not divisible by tensor_parallel=3" in one_line_error(root)
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["pretrain"]["tensor_parallel"] = 1
+    params["pretrain"]["pipeline_parallel"] = 4
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "model.n_layers=2 is not divisible by pipeline_parallel=4" in one_line_error(root)
+
+    params["pretrain"]["pipeline_parallel"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    meta = root / "artifacts" / "tokenizer" / "meta.json"
+    good = meta.read_text()
+    meta.write_text(json.dumps({**json.loads(good), "sha256": "0" * 64}))
+    assert "were made by tokenizer sha256" in one_line_error(root)
+    meta.write_text(good)
+
+    (root / "data" / "tokens" / "train.bin").unlink()
+    assert "train.bin: token shard missing or empty" in one_line_error(root)
+    make_shards(root / "data" / "tokens", sha=json.loads(good)["sha256"])
+
+    ckpt = root / "checkpoints" / "pretrain"
+    (ckpt / "step_0000004").mkdir(parents=True)
+    (ckpt / "step_0000004" / "palm.json").write_text("{}")
+    (ckpt / "latest").write_text("step_0000004\n")
+    assert "corrupt checkpoint" in one_line_error(root)
