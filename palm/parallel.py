@@ -51,7 +51,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer import TransformerConfig
 
 from palm.errors import UserError
-from palm.megatron_compat import cpu_compat
+from palm.megatron_compat import cpu_compat, device
 
 
 # --- process groups ------------------------------------------------------------------------------
@@ -198,9 +198,9 @@ def build_chunks(cfg: Any, *, dtype: torch.dtype = torch.float32, seed: int = 0)
     mcfg = megatron_config(cfg, virtual_stages=vpp, dtype=dtype)
     chunks = []
     for c, layers in enumerate(chunk_layers(cfg.n_layers, pp, rank, vpp)):
-        chunks.append(PaLM(cfg, mcfg, layers=layers, seed=seed,
-                           pre_process=(c == 0 and rank == 0),
-                           post_process=(c == vpp - 1 and rank == pp - 1)))
+        chunk = PaLM(cfg, mcfg, layers=layers, seed=seed, pre_process=(c == 0 and rank == 0),
+                     post_process=(c == vpp - 1 and rank == pp - 1))
+        chunks.append(chunk.to(device()))  # initialised on CPU (layout-independent), then moved
     return chunks
 
 

@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from palm import parallel
 from palm.config import check
-from palm.megatron_compat import cpu_compat
+from palm.megatron_compat import cpu_compat, device
 from palm.model import ModelConfig
 
 
@@ -97,7 +97,7 @@ class Engine:
                 forward_step_func=_forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
                 model=self.model, num_microbatches=len(microbatches), seq_length=self.seq_len,
                 micro_batch_size=self.micro_batch_size, forward_only=forward_only)
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64, device=device())  # NCCL reduces device tensors
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             loss += sum(float(x["loss"]) for x in losses) / len(losses)
         return _mean_over_dp(_sum_over_pp(loss))
@@ -141,7 +141,7 @@ class Engine:
 
 
 def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
-    tokens, mask = next(data_iterator)
+    tokens, mask = (t.to(device(), non_blocking=True) for t in next(data_iterator))
     per_token = model(tokens[:, :-1], labels=tokens[:, 1:])  # [b, s] on the last stage
 
     def loss_func(output: torch.Tensor):
