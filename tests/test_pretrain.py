@@ -76,6 +76,21 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(tmp_path, tokens):
     config = export(Path(result["checkpoint"]), tmp_path / "model", {})
     assert json.loads((tmp_path / "model" / "config.json").read_text())["model"] == config["model"]
     assert weights(tmp_path / "model")["layers.0.attn.q.weight"].shape == (32, 32)
+    # the export loads back into the same function as the checkpoint (one process, TP=1)
+    from palm import parallel
+    from palm.model import PaLM
+
+    parallel.init_distributed()
+    try:
+        exported, _ = ckpt.load_exported(tmp_path / "model")
+        direct = PaLM(MODEL)
+        ckpt.load_model([direct], Path(result["checkpoint"]))
+        tokens = torch.randint(0, MODEL.vocab_size, (2, 16))
+        with torch.no_grad():
+            assert torch.equal(exported(tokens), direct(tokens))
+            assert exported.hidden_states(tokens).shape == (2, 16, 32)
+    finally:
+        parallel.teardown()
 
 
 # --- bad input: one clear line each ---------------------------------------------------------------

@@ -193,3 +193,22 @@ def load_safetensors(model: torch.nn.Module, path: Path) -> None:
                 raise UserError(f"{path}: weight {key!r} has shape {tuple(t.shape)}, the model "
                                 f"expects {tuple(p.shape)} (different config.json?)")
             p.copy_(t)
+
+
+def load_exported(model_dir: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The whole model of an export (``model.safetensors`` + ``config.json``) at the current TP
+    layout, and its config. Process groups must exist (``palm.parallel.init_distributed()``)."""
+    from palm import parallel
+    from palm.config import from_dict
+    from palm.megatron_compat import device
+    from palm.model import ModelConfig, PaLM
+
+    model_dir = Path(model_dir)
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        cfg = from_dict(ModelConfig, config["model"], "model")
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{model_dir}: not a palm export (config.json: {type(err).__name__}: {err})")
+    model = PaLM(cfg, parallel.megatron_config(cfg, dtype=dtype))
+    load_safetensors(model, model_dir / "model.safetensors")
+    return model.to(device()), config
