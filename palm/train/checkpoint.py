@@ -68,8 +68,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any]) -> Path:
-    """Write this step's checkpoint of ``engine`` (all ranks call it); returns its folder."""
+def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write this step's checkpoint of ``engine`` (all ranks call it); returns its folder.
+    Only the ``keep`` newest checkpoints are kept."""
     root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f".step_{step:07d}.tmp"
@@ -91,6 +92,8 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any]) -> Path:
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, root / "latest")
+        for old in sorted(root.glob("step_*"))[:-keep]:  # names sort by step (zero-padded)
+            shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
     return final
 

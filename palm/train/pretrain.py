@@ -303,7 +303,9 @@ def _resume(engine: Any, root: Path, identity: dict[str, Any], rank0: bool) -> i
         if rank0:
             print(f"pretrain: {path} belongs to a different run (config changed); starting fresh",
                   file=sys.stderr)
-            shutil.rmtree(root, ignore_errors=True)
+            for old in (*root.glob("step_*"), *root.glob(".step_*")):
+                shutil.rmtree(old, ignore_errors=True)
+            (root / "latest").unlink(missing_ok=True)
         torch.distributed.barrier()
         return 0
     ckpt.load(engine, path)
