@@ -1,6 +1,7 @@
 # The two commands a new user needs (see README): `make run` and `make test`.
 # Both call `make setup` first, which creates .venv with the exact pins of requirements.lock.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,7 +16,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 \
+	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	$(PY) -m pip check
 	@touch $@
 

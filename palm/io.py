@@ -14,9 +14,11 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``path``; on success it replaces ``path``."""
+    """Yield an empty temporary directory beside ``path``; on success it replaces ``path``.
+    Temporaries that a killed earlier run left beside ``path`` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp

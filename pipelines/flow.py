@@ -12,6 +12,8 @@ and the stage runs nest under it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -29,27 +31,33 @@ def stages_in_order(root: Path = ROOT) -> list[str]:
     """Stage names of ``dvc.yaml`` in DAG order (as ``dvc dag`` would list them)."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        order = []
-        import networkx as nx
+    import networkx as nx
 
-        for node in reversed(list(nx.topological_sort(graph))):
-            order.append(node.addressing)
+    with Repo(str(root)) as repo:
+        # DVC's graph points from a stage to the stages it depends on.
+        order = [node.name for node in reversed(list(nx.topological_sort(repo.index.graph)))]
     declared = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     return [s for s in order if s in declared]
 
 
 @task
 def reproduce(stage: str, root: str) -> bool:
-    """Reproduce one DVC stage; True when it ran, False when DVC found it up to date."""
-    from dvc.repo import Repo
-
+    """Reproduce one DVC stage (``dvc repro --single-item``, in its own process, in the project
+    root); True when it ran, False when DVC found it up to date. Its output goes to the task log."""
     logger = get_run_logger()
-    with Repo(root) as repo:
-        ran = repo.reproduce(targets=[stage], single_item=True)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        logger.info("%s", line.rstrip())
+    if proc.wait() != 0:
+        errors = [l for l in lines if l.startswith(("error:", "ERROR"))]
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {errors[-1] if errors else lines[-1:]}")
+    ran = any(l.startswith(f"Running stage '{stage}'") for l in lines)
     logger.info("stage %s: %s", stage, "ran" if ran else "up to date (DVC cache)")
-    return bool(ran)
+    return ran
 
 
 @flow(name="palm-rlhf")

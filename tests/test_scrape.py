@@ -96,15 +96,18 @@ def test_hf_offline_is_one_line(tmp_path):
     assert_one_line_error(proc, "scrape.hf_dataset", "offline")
 
 
+LONG = " ".join(f"Fact {i}: the fox number {i} lives in den {i * 7 % 13} and hunts at hour {i % 24}." for i in range(40))
+
+
 class Site(BaseHTTPRequestHandler):
     pages = {
-        "/": f"<html><head><title>Home</title></head><body><article><p>{PROSE * 4}</p>"
+        "/": f"<html><head><title>Home</title></head><body><article><p>{LONG}</p>"
              "<a href='/'>self</a> <a href='/#top'>again</a> <a href='/copy'>copy</a> <a href='/near'>near</a>"
              "</article></body></html>",
-        "/copy": f"<html><head><title>Home</title></head><body><article><p>{PROSE * 4}</p>"
+        "/copy": f"<html><head><title>Home</title></head><body><article><p>{LONG}</p>"
                  "<a href='/'>self</a> <a href='/#top'>again</a> <a href='/copy'>copy</a> <a href='/near'>near</a>"
                  "</article></body></html>",
-        "/near": f"<html><head><title>Near</title></head><body><article><p>{PROSE * 4} Also badgers.</p>"
+        "/near": f"<html><head><title>Near</title></head><body><article><p>{LONG} Also badgers.</p>"
                  "</article></body></html>",
     }
 
@@ -132,7 +135,34 @@ def test_crawl_self_links_and_duplicates_yield_one_document(tmp_path):
         server.shutdown()
     assert proc.returncode == 0, proc.stderr
     rows = corpus_rows(tmp_path)
-    assert len(rows) == 1 and rows[0]["url"] == base
+    assert len(rows) == 1 and rows[0]["url"] == base  # the earliest-crawled copy survives
     stats = json.loads((tmp_path / "corpus" / "stats.json").read_text())
     assert stats["fetched"] == 3
     assert stats["dropped"] == {"exact_duplicate": 1, "near_duplicate": 1}
+
+
+def test_hf_source_streams_a_local_dataset(tmp_path, shared_data):
+    """The `hf` source goes through `datasets.load_dataset(..., streaming=True)`; offline it
+    accepts a local dataset folder (here OpenAssistant messages as JSON lines)."""
+    import json as _json
+
+    src = tmp_path / "ds"
+    src.mkdir()
+    texts = []
+    with open(shared_data / "oasst" / "en_100_tree.jsonl") as f:
+        for line in f:
+            root = _json.loads(line)["prompt"]
+            stack = [root]
+            while stack:
+                m = stack.pop()
+                if len(m["text"].split()) >= 60:
+                    texts.append(m["text"])
+                stack.extend(m.get("replies", []))
+    (src / "train.jsonl").write_text("".join(_json.dumps({"content": t}) + "\n" for t in texts[:40]))
+    write_params(tmp_path, source="hf", hf_dataset=str(src), hf_text_field="content", hf_max_docs=30)
+    proc = run_stage_cli("scrape", ["--raw", "raw", "--out", "corpus", "--no-mlflow"], cwd=tmp_path,
+                         env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    stats = _json.loads((tmp_path / "corpus" / "stats.json").read_text())
+    assert stats["fetched"] == 30 and 0 < stats["documents"] <= 30
+    assert all(r["url"].startswith("hf://") for r in corpus_rows(tmp_path))

@@ -14,10 +14,14 @@ Protocol: prints ``URL <base-url>`` on one line to stdout, then serves until std
 process is terminated. Output that imported modules print goes to stderr, never to the pipe.
 """
 
-import os
 import sys
 
-import pydoc
+# Checked before anything else is imported: run without -I, this file's folder would be on
+# sys.path and its neighbours (e.g. palm/data/tokenize.py) would shadow standard modules.
+if __name__ == "__main__" and not (sys.flags.isolated and sys.flags.no_site):
+    raise SystemExit("pydoc_server.py must run with -I -S (isolated, no site-packages)")
+
+import pydoc  # noqa: E402
 
 # Top-level modules never served: they open windows or browsers, print, or start test suites.
 EXCLUDED_TOP = frozenset({
@@ -60,8 +64,6 @@ def make_handler(pydoc_handler):
 
 
 def main():
-    if sys.path and sys.path[0] in ("", os.getcwd()):
-        raise SystemExit("pydoc_server.py must run with -I -S (isolated, no site-packages)")
     thread = pydoc._start_server(make_handler(pydoc._url_handler), "127.0.0.1", 0)
     if thread.error:
         raise SystemExit(f"pydoc server failed to start: {thread.error}")

@@ -40,7 +40,7 @@ from palm.data.pydoc_server import allowed_module
 from palm.data.warc import RawRecord, WarcShardWriter, now_iso, read_warc, shard_name
 from palm.errors import UserError
 
-_PART_SCHEMA = CORPUS_SCHEMA.append(pa.field("minhash", pa.list_(pa.uint64())))
+_PART_SCHEMA = CORPUS_SCHEMA.append(pa.field("minhash", pa.list_(pa.uint64()))).append(pa.field("seq", pa.int64()))
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 _HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 _WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz")
@@ -248,7 +248,7 @@ def _clean_record(rec: RawRecord, cfg: ScrapeConfig) -> tuple[dict | None, str |
     title = normalize(rec.title or title or "") or (text.split("\n", 1)[0][:200])
     row = {"url": rec.url, "title": title, "text": text, "sha1": hashlib.sha1(text.encode("utf-8")).hexdigest(),
            "fetched_at": rec.fetched_at, "source": cfg.source,
-           "minhash": signature(text, cfg.dedup).tolist()}
+           "minhash": signature(text, cfg.dedup).tolist(), "seq": rec.seq}
     return row, None
 
 
@@ -293,11 +293,17 @@ def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, progress: bool
             _, d = fut.result()
             drops.update(d)
 
-    keys = []
+    # Dedup in collection order (crawl order: shallower pages first), so the earliest copy stays.
+    keys, seqs = [], []
     for p in part_paths:
-        t = pq.read_table(p, columns=["sha1", "minhash"])
+        t = pq.read_table(p, columns=["sha1", "minhash", "seq"])
         keys.extend(zip(t.column("sha1").to_pylist(), t.column("minhash").to_numpy(zero_copy_only=False)))
-    reasons, _, _ = duplicates(keys, cfg.dedup)
+        seqs.extend(t.column("seq").to_pylist())
+    order = sorted(range(len(keys)), key=lambda i: (seqs[i], i))
+    sorted_reasons, _, _ = duplicates([keys[i] for i in order], cfg.dedup)
+    reasons: list[str | None] = [None] * len(keys)
+    for i, r in zip(order, sorted_reasons):
+        reasons[i] = r
     drops.update(r for r in reasons if r)
 
     kept = words = 0
@@ -306,7 +312,7 @@ def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, progress: bool
         table = pq.read_table(p)
         mask = pa.array([reasons[offset + j] is None for j in range(table.num_rows)], type=pa.bool_())
         offset += table.num_rows
-        table = table.filter(mask).drop_columns(["minhash"])
+        table = table.filter(mask).drop_columns(["minhash", "seq"])
         if table.num_rows:
             pq.write_table(table, corpus_dir / f"part-{i:05d}.parquet")
             kept += table.num_rows

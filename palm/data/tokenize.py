@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class TokenizeConfig:
 
     valid_fraction: float = 0.05  # share of documents held out for validation
     seed: int = 1234  # seeds the train/valid split
-    batch_size: int = 128  # documents per encode batch
+    batch_size: int = 256  # documents per encode batch
     threads: int = 0  # encoding threads; 0 = all cores
 
     def __post_init__(self) -> None:
@@ -88,15 +89,30 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: 
     tokens = {"train": 0, "valid": 0}
     started = time.perf_counter()
     bar = tqdm(total=len(sha1s), desc="tokenize", unit="doc", disable=not progress)
-    for batch in read_corpus(corpus_dir, ["text", "sha1"], batch_size=cfg.batch_size):
-        texts = batch.column("text").to_pylist()
-        for sha1, enc in zip(batch.column("sha1").to_pylist(), tok.encode_batch(texts, add_special_tokens=False)):
+
+    def append(batch_sha1s, encodings):
+        for sha1, enc in zip(batch_sha1s, encodings):
             name = "valid" if sha1 in valid else "train"
             ids = np.asarray(enc.ids + [eod], dtype=dtype)
             builders[name].add_document(torch.from_numpy(ids), [len(ids)])
             docs[name] += 1
             tokens[name] += len(ids)
-        bar.update(len(texts))
+        bar.update(len(batch_sha1s))
+
+    def encode(batch):  # runs on a helper thread: encode_batch releases the GIL
+        return batch.column("sha1").to_pylist(), tok.encode_batch(batch.column("text").to_pylist(),
+                                                                  add_special_tokens=False)
+
+    # Encode batch i+1 on all cores while the main thread appends batch i to the shards.
+    with ThreadPoolExecutor(1) as ahead:
+        pending = None
+        for batch in read_corpus(corpus_dir, ["text", "sha1"], batch_size=cfg.batch_size):
+            nxt = ahead.submit(encode, batch)
+            if pending is not None:
+                append(*pending.result())
+            pending = nxt
+        if pending is not None:
+            append(*pending.result())
     bar.close()
     for name, builder in builders.items():
         builder.finalize(str(out_dir / f"{name}.idx"))

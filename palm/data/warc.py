@@ -24,6 +24,10 @@ class RawRecord:
     body: bytes
     fetched_at: str  # ISO-8601 UTC
     title: str = ""
+    seq: int = -1  # order in which the source produced it (dedup keeps the earliest copy)
+
+
+SEQ_HEADER = "Palm-Seq"  # a WARC extension header: the record's position in the collection order
 
 
 def now_iso() -> str:
@@ -47,14 +51,16 @@ class WarcShardWriter:
     def write(self, rec: RawRecord) -> None:
         i = int(hashlib.sha1(rec.url.encode()).hexdigest(), 16) % len(self.writers)
         writer = self.writers[i]
-        warc_headers = {"WARC-Date": rec.fetched_at}
+        warc_headers = {"WARC-Date": rec.fetched_at, SEQ_HEADER: str(self.count)}
         if rec.title:
             warc_headers["WARC-Title"] = rec.title  # local sources carry a title of their own
-        http_headers = StatusAndHeaders("200 OK", [("Content-Type", rec.content_type)], protocol="HTTP/1.1")
-        record = writer.create_warc_record(
-            rec.url, "response", payload=io.BytesIO(rec.body), http_headers=http_headers,
-            warc_headers_dict=warc_headers,
-        )
+        if rec.url.startswith(("http://", "https://")):  # a fetched page: an HTTP response record
+            http_headers = StatusAndHeaders("200 OK", [("Content-Type", rec.content_type)], protocol="HTTP/1.1")
+            record = writer.create_warc_record(rec.url, "response", payload=io.BytesIO(rec.body),
+                                               http_headers=http_headers, warc_headers_dict=warc_headers)
+        else:  # a local file, a dataset row: a resource record carrying its own content type
+            record = writer.create_warc_record(rec.url, "resource", payload=io.BytesIO(rec.body),
+                                               warc_content_type=rec.content_type, warc_headers_dict=warc_headers)
         writer.write_record(record)
         self.count += 1
 
@@ -84,4 +90,5 @@ def read_warc(path: Path) -> Iterator[RawRecord]:
             else:
                 ctype = record.rec_headers.get_header("Content-Type") or ""
             title = record.rec_headers.get_header("WARC-Title") or ""
-            yield RawRecord(url, ctype, record.content_stream().read(), fetched, title)
+            seq = int(record.rec_headers.get_header(SEQ_HEADER) or -1)
+            yield RawRecord(url, ctype, record.content_stream().read(), fetched, title, seq)
