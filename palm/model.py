@@ -319,11 +319,12 @@ class PaLM(MegatronModule):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy (+ z-loss): ``[b, s, V_local]``, ``[b, s]`` -> ``[b, s]`` fp32."""
-        logits = logits.float()
-        ce = vocab_parallel_cross_entropy(logits, labels)  # [b, s]
-        if self.cfg.z_loss_weight > 0:
-            ce = ce + self.cfg.z_loss_weight * vocab_parallel_logsumexp(logits).square()
-        return ce
+        logits32 = logits.float()
+        if self.cfg.z_loss_weight <= 0:
+            return vocab_parallel_cross_entropy(logits32, labels)  # [b, s]
+        z = vocab_parallel_logsumexp(logits32).square()
+        # megatron's cross entropy works in place on its input, which logsumexp's backward needs
+        return vocab_parallel_cross_entropy(logits32.clone(), labels) + self.cfg.z_loss_weight * z
 
     def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -388,14 +389,19 @@ class PaLM(MegatronModule):
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """log Z over the full vocabulary from this rank's shard: ``[..., V_local]`` -> ``[...]``."""
-    local_max = logits.detach().amax(dim=-1)
-    group = parallel_state.get_tensor_model_parallel_group()
+    """log Z over the full vocabulary from this rank's shard: ``[..., V_local]`` -> ``[...]``.
+
+    Each rank reduces its shard with the fused ``torch.logsumexp``; the per-token results (small)
+    are combined across TP ranks, with the gradient flowing back through each shard's own softmax.
+    """
+    lse = torch.logsumexp(logits, dim=-1)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=group)
-    sum_exp = (logits - local_max.unsqueeze(-1)).exp().sum(dim=-1)
-    sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)  # sum over vocabulary shards
-    return sum_exp.log() + local_max
+        top = lse.detach().clone()
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_tensor_model_parallel_group())
+        # megatron all-reduces in place; exp's backward needs its own output untouched: clone
+        lse = reduce_from_tensor_model_parallel_region((lse - top).exp().clone()).log() + top
+    return lse
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
