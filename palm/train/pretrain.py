@@ -78,7 +78,19 @@ class PretrainConfig:
         return {"model": to_dict(model), "optim": to_dict(self.optim), "seed": self.seed,
                 "train_steps": self.train_steps, "global_batch": self.global_batch,
                 "micro_batch_size": self.micro_batch_size, "dtype": self.dtype,
-                "tokenizer_sha256": tokenizer_sha256}
+                "tokenizer_sha256": tokenizer_sha256, "code": code_version()}
+
+
+def code_version() -> str:
+    """sha256 of the sources that define the computation; a changed model or engine starts fresh
+    rather than resuming a checkpoint made by other code."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in ("model.py", "parallel.py", "train/engine.py", "train/data.py"):
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def validate(model: ModelConfig, cfg: PretrainConfig) -> None:
