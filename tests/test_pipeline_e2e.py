@@ -15,12 +15,21 @@ import yaml
 from conftest import make_project
 
 pytestmark = pytest.mark.e2e
-STAGES = ["scrape", "tokenizer", "tokenize"]
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain"]
+# pretrain runs for real but small, so the e2e stays quick (its defaults take ~2 minutes)
+TINY_PRETRAIN = {"model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "head_dim": 32, "seq_len": 64},
+                 "pretrain": {"train_steps": 10, "log_interval": 5, "eval_interval": 10,
+                              "checkpoint_interval": 10, "eval_batches": 1}}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("project"))
+    root = make_project(tmp_path_factory.mktemp("project"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in TINY_PRETRAIN.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -123,4 +132,4 @@ def test_repro_noop_then_param_change_reruns_downstream_only(project, flow_runs)
     out = dvc(project, "repro")
     assert out.returncode == 0, out.stderr
     ran = [s for s in STAGES if f"Running stage '{s}'" in out.stdout]
-    assert ran == ["tokenizer", "tokenize"], out.stdout
+    assert ran == ["tokenizer", "tokenize", "pretrain"], out.stdout
