@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
