@@ -51,8 +51,12 @@ lock:
 	/tmp/palm-lock-venv/bin/pip install -q -r requirements.in
 	/tmp/palm-lock-venv/bin/pip freeze | sed 's/^torch==.*/torch==2.13.0/' > requirements.lock
 
+## Benchmarks (need `make run` outputs for the tokenize one): each prints `ratio <x>` last.
 bench: setup
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt -c requirements.lock 2>&1 \
+	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	$(PY) benchmarks/tokenize_throughput.py
+	$(PY) benchmarks/train_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)
