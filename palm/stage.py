@@ -32,6 +32,7 @@ class StageContext:
     tracker: Tracker
     root: Path
     reports: Path  # reports/<stage>/
+    sections: dict[str, Any]  # other params sections the stage reads (e.g. "model"), loaded strictly
 
     def path(self, name: str) -> Path:
         """A path argument, resolved against the project root."""
@@ -79,8 +80,10 @@ def run_stage(
     body: Callable[[C, StageContext], dict[str, Any]],
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
+    sections: dict[str, type] | None = None,
 ) -> int:
-    """Run one stage; returns the process exit code."""
+    """Run one stage; returns the process exit code. ``sections`` names further params sections
+    the stage reads (``{"model": ModelConfig}``): loaded as strictly, logged as params too."""
     parser = argparse.ArgumentParser(prog=f"stages/{stage}.py", description=f"DVC stage {stage!r}")
     parser.add_argument("--params", default="params.yaml", help="params file (section %(default)s:" + stage + ")")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log this execution to MLflow")
@@ -91,18 +94,19 @@ def run_stage(
     tracker = Tracker(root, stage, enabled=not args.no_mlflow)
     try:
         cfg = load_section(config_cls, args.params, stage)
+        others = {name: load_section(cls, args.params, name) for name, cls in (sections or {}).items()}
         deps, outs = dvc_paths(root, stage)
         tags = {"git_commit": git_commit(root)}
         dep_md5 = {d: dvc_md5(root / d) for d in deps}
         tags.update({f"dvc.dep.{d}.md5": m for d, m in dep_md5.items() if m})
-        tracker.start(to_dict(cfg), tags)
+        tracker.start({**to_dict(cfg), **{name: to_dict(c) for name, c in others.items()}}, tags)
         for d, m in dep_md5.items():
             if m and Path(d).parts[0] in ("data", "artifacts", "models"):
                 tracker.log_input(root / d, name=d, digest=m, context="input")
         reports = root / "reports" / stage
         reports.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        metrics = body(cfg, StageContext(args, tracker, root, reports))
+        metrics = body(cfg, StageContext(args, tracker, root, reports, others))
         metrics = {**metrics, "stage_seconds": round(time.time() - started, 3)}
         write_json(reports / "metrics.json", metrics)
         tracker.log_metrics(metrics)

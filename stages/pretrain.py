@@ -12,7 +12,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from palm.config import load_section, to_dict
 from palm.errors import UserError
 from palm.io import atomic_dir
 from palm.model import ModelConfig
@@ -41,9 +40,8 @@ def body(cfg: PretrainConfig, ctx: StageContext) -> dict:
 
     from palm.train.metrics import matmul_peak_flops
 
-    model = load_section(ModelConfig, ctx.args.params, "model")
+    model = ctx.sections["model"]
     validate(model, cfg)
-    ctx.tracker.set_tags({f"model.{k}": str(v) for k, v in to_dict(model).items()})
     sha = tokenizer_sha256(ctx.path("tokenizer"))
     check_shards(ctx.path("tokens"), sha)  # fail here, before starting processes
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
@@ -61,7 +59,7 @@ def body(cfg: PretrainConfig, ctx: StageContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("pretrain", PretrainConfig, body, add_args, argv)
+    return run_stage("pretrain", PretrainConfig, body, add_args, argv, sections={"model": ModelConfig})
 
 
 if __name__ == "__main__":
