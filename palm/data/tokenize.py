@@ -142,10 +142,13 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: 
 
 
 def read_meta(tokens_dir: Path) -> dict:
-    """``meta.json`` of a token-shard folder (clear error when missing)."""
+    """``meta.json`` of a token-shard folder (one clear line when missing or unreadable)."""
     import json
 
     path = Path(tokens_dir) / META
     if not path.is_file():
-        raise UserError(f"{path}: token shards have no meta.json; rerun the tokenize stage (dvc repro tokenize)")
-    return json.loads(path.read_text())
+        raise UserError(f"{path}: token shards have no meta.json; run the tokenize stage (dvc repro tokenize)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path}: unreadable ({err}); rerun the tokenize stage (dvc repro tokenize)") from None

@@ -11,13 +11,13 @@ shards made by another tokenizer; :func:`build_datasets` builds shuffled fixed-l
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from palm.data.tokenize import META, read_meta
 from palm.errors import UserError
 
 SPLITS = ("train", "valid")
@@ -36,16 +36,10 @@ class TokenizerInfo:
 def check_shards(tokens_dir: Path, tokenizer_sha256: str | None = None) -> dict[str, Any]:
     """``meta.json`` of the shards, after checking they exist and match the tokenizer."""
     tokens_dir = Path(tokens_dir)
-    meta_path = tokens_dir / "meta.json"
-    if not meta_path.is_file():
-        raise UserError(f"{meta_path}: token shards have no meta.json; run the tokenize stage "
-                        "(dvc repro tokenize)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        for key in ("tokenizer_sha256", "vocab_size", "eod_id"):
-            meta[key]
-    except (ValueError, KeyError) as err:
-        raise UserError(f"{meta_path}: unreadable or missing {err}; rerun the tokenize stage")
+    meta = read_meta(tokens_dir)
+    missing = [k for k in ("tokenizer_sha256", "vocab_size", "eod_id") if k not in meta]
+    if missing:
+        raise UserError(f"{tokens_dir / META}: missing {', '.join(missing)}; rerun the tokenize stage")
     for split in SPLITS:
         for ext in ("bin", "idx"):
             path = tokens_dir / f"{split}.{ext}"
