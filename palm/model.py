@@ -7,7 +7,10 @@ the model (one pipeline stage of it, or all of it). Activations are batch-first 
 megatron's ``[s, b, h]``.
 
 Which weights are column-/row-parallel or replicated, and how layers are split into pipeline
-stages, is decided in :mod:`palm.parallel` (the parallel plan); this file only asks for layers.
+stages, is decided in :mod:`palm.parallel` (the parallel plan, and the collectives over the
+vocabulary shards); this file only asks for layers. The model returns per-token quantities
+(logits, or the label's negative log-likelihood and log Z); objectives (losses, masks, z-loss)
+live with the training stages in :mod:`palm.train`.
 The same code runs TP x PP x DP on CPU (gloo) and GPU (NCCL), and in a single process.
 """
 
@@ -19,13 +22,8 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.enums import ModelType
-from megatron.core.tensor_parallel import (
-    copy_to_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
-)
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
 from palm import parallel
@@ -45,7 +43,6 @@ class ModelConfig:
     seq_len: int = 256  # training context length (RoPE tables and KV cache hold this many)
     rope_base: float = 10000.0  # RoPE frequency base (Su et al. 2021)
     init_std: float = 0.02  # normal init std of projection weights (embeddings: N(0, 1), PaLM §2)
-    z_loss_weight: float = 1e-4  # weight of the auxiliary loss log(Z)^2 (PaLM §5); 0 disables it
     norm_eps: float = 1e-5  # LayerNorm epsilon
 
     def __post_init__(self) -> None:
@@ -57,7 +54,6 @@ class ModelConfig:
         check(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
         check(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base}")
         check(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
-        check(self.z_loss_weight >= 0, "z_loss_weight", f"must be >= 0, got {self.z_loss_weight}")
         check(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
 
     @property
@@ -316,39 +312,38 @@ class PaLM(MegatronModule):
         h = copy_to_tensor_model_parallel_region(h)
         return F.linear(h, self.shared_embedding_or_output_weight())
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross entropy (+ z-loss): ``[b, s, V_local]``, ``[b, s]`` -> ``[b, s]`` fp32."""
-        logits32 = logits.float()
-        if self.cfg.z_loss_weight <= 0:
-            return vocab_parallel_cross_entropy(logits32, labels)  # [b, s]
-        z = vocab_parallel_logsumexp(logits32).square()
-        # megatron's cross entropy works in place on its input, which logsumexp's backward needs
-        return vocab_parallel_cross_entropy(logits32.clone(), labels) + self.cfg.z_loss_weight * z
-
-    def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """First stage takes ``tokens [b, s]``; later stages read :meth:`set_input_tensor`.
-
-        Returns, on the last stage, the per-token loss ``[b, s]`` if ``labels`` are given, else the
-        logits ``[b, s, vocab_local]`` (this rank's vocabulary shard); on other stages ``[s, b, d]``.
-        """
-        x = self.trunk(tokens, cache)
-        if not self.post_process:
-            return x.transpose(0, 1).contiguous()  # [s, b, d] for megatron's p2p
-        if labels is not None:
-            return self.logits_loss(x, labels)
-        return self.logits(x)
-
-    def logits_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token loss from hidden states, ``[b, s, d]`` -> ``[b, s]``.
+    def token_nll(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``-log p(label)`` and ``log Z`` (fp32) from hidden states: ``[b, s, d]``,
+        ``[b, s]`` -> ``([b, s], [b, s])``. ``log p = logit[label] - log Z`` over the full
+        vocabulary (TP: across the shards), so both come from one softmax pass.
 
         On CPU the logits are made and consumed ~512 tokens at a time: a ``[512, vocab]`` tile
         stays in cache between the GEMM, the fp32 cast and the softmax (measured: the whole bf16
         training step 10 % faster at vocab 8192; fp32 unchanged within noise).
         """
         per = x.shape[0] if x.is_cuda else max(1, LOSS_CHUNK_TOKENS // x.shape[1])
-        return torch.cat([self.loss(self.logits(xc), lc)
-                          for xc, lc in zip(x.split(per), labels.split(per))])
+        nll, logz = [], []
+        for xc, lc in zip(x.split(per), labels.split(per)):
+            logits = self.logits(xc).float()  # [b', s, V_local]
+            lz = parallel.vocab_logsumexp(logits)
+            nll.append(lz - parallel.vocab_pick(logits, lc))
+            logz.append(lz)
+        return torch.cat(nll), torch.cat(logz)
+
+    def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> Any:
+        """First stage takes ``tokens [b, s]``; later stages read :meth:`set_input_tensor`.
+
+        Returns, on the last stage, ``(nll, logz)`` (each ``[b, s]`` fp32, see :meth:`token_nll`)
+        if ``labels`` are given, else the logits ``[b, s, vocab_local]`` (this rank's vocabulary
+        shard); on other stages the activations ``[s, b, d]`` for the next stage.
+        """
+        x = self.trunk(tokens, cache)
+        if not self.post_process:
+            return x.transpose(0, 1).contiguous()  # [s, b, d] for megatron's p2p
+        if labels is not None:
+            return self.token_nll(x, labels)
+        return self.logits(x)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states ``[b, s, d]`` (full width on every TP rank), for scalar heads."""
@@ -380,38 +375,11 @@ class PaLM(MegatronModule):
             logits = self.logits(self.trunk(step_input, cache))[:, -1]  # [b, V_local], last position
             if cache is not None:
                 cache.length += step_input.shape[1]
-            logits = gather_vocab(logits.float())[:, : self.cfg.vocab_size]  # [b, V]
+            logits = parallel.gather_vocab(logits.float())[:, : self.cfg.vocab_size]  # [b, V]
             nxt = sample(logits, temperature, top_k, generator)  # [b, 1]
             tokens = torch.cat([tokens, nxt], dim=1)
             step_input = nxt if cache is not None else tokens
         return tokens
-
-
-def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """log Z over the full vocabulary from this rank's shard: ``[..., V_local]`` -> ``[...]``.
-
-    Each rank reduces its shard with the fused ``torch.logsumexp``; the per-token results (small)
-    are combined across TP ranks, with the gradient flowing back through each shard's own softmax.
-    """
-    lse = torch.logsumexp(logits, dim=-1)
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        top = lse.detach().clone()
-        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX,
-                                     group=parallel_state.get_tensor_model_parallel_group())
-        # megatron all-reduces in place; exp's backward needs its own output untouched: clone
-        lse = reduce_from_tensor_model_parallel_region((lse - top).exp().clone()).log() + top
-    return lse
-
-
-def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    """All vocabulary shards of ``[..., V_local]`` logits on every TP rank (inference only)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(tp)]
-    torch.distributed.all_gather(parts, logits.contiguous(),
-                                 group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None,

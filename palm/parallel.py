@@ -25,10 +25,9 @@ projection; when those are on different ranks the last one keeps a copy of the e
 ``.shared`` (so the gradient norm counts it once) whose gradient ``finalize_model_grads``
 all-reduces with the original over the embedding group; both start from the same seed.
 
-Order of wrapping: process groups (:func:`init_distributed`), then each chunk is built
-(:func:`build_chunks`, weights initialised on CPU from the full matrix and split, so every layout
-starts from the same model), then wrapped in megatron ``DistributedDataParallel``
-(:func:`wrap_ddp`, DP gradient all-reduce), then handed to ``get_megatron_optimizer``.
+This module is the plan and the collectives the model needs; it imports nothing of the model.
+Building this rank's chunks from the plan (:func:`chunk_layers`) and wrapping them in megatron
+``DistributedDataParallel`` is the training engine's job (:mod:`palm.train.engine`).
 """
 
 from __future__ import annotations
@@ -42,16 +41,16 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    reduce_from_tensor_model_parallel_region,
 )
 from megatron.core.transformer import TransformerConfig
 
 from palm.errors import UserError
-from palm.megatron_compat import cpu_compat, device
+from palm.megatron_compat import cpu_compat
 
 
 # --- process groups ------------------------------------------------------------------------------
@@ -121,7 +120,10 @@ def megatron_config(cfg: Any, *, tensor_parallel: int | None = None,
         use_cpu_initialization=True, perform_initialization=True,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         gradient_accumulation_fusion=False, sequence_parallel=False,
-        batch_p2p_comm=False,  # True gives wrong gradients with interleaved 1F1B (DESIGN §3)
+        batch_p2p_comm=False,  # True gives wrong gradients with interleaved 1F1B (docs/megatron-cpu.md)
+        # objectives return (loss summed over their tokens, token count): megatron divides the
+        # gradients by the token count of the whole global batch (all micro-batches, all DP ranks)
+        calculate_per_token_loss=True,
         init_method=lambda w: torch.nn.init.normal_(w, 0.0, std),
         output_layer_init_method=lambda w: torch.nn.init.normal_(w, 0.0, out_std),
     )
@@ -188,28 +190,44 @@ def chunk_layers(n_layers: int, pp: int, pp_rank: int, virtual_stages: int = 1) 
             for c in range(virtual_stages)]
 
 
-def build_chunks(cfg: Any, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> list[Any]:
-    """This rank's model chunks (one per virtual stage), from megatron's current groups."""
-    from palm.model import PaLM
+# --- tensor-parallel collectives over the vocabulary shards --------------------------------------
 
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    rank = parallel_state.get_pipeline_model_parallel_rank()
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
-    mcfg = megatron_config(cfg, virtual_stages=vpp, dtype=dtype)
-    chunks = []
-    for c, layers in enumerate(chunk_layers(cfg.n_layers, pp, rank, vpp)):
-        chunk = PaLM(cfg, mcfg, layers=layers, seed=seed, pre_process=(c == 0 and rank == 0),
-                     post_process=(c == vpp - 1 and rank == pp - 1))
-        chunks.append(chunk.to(device()))  # initialised on CPU (layout-independent), then moved
-    return chunks
+def vocab_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """log Z over the full vocabulary from this rank's shard: ``[..., V_local]`` -> ``[...]``.
+
+    Each rank reduces its shard with the fused ``torch.logsumexp``; the per-token results (small)
+    are combined across TP ranks, with the gradient flowing back through each shard's own softmax.
+    """
+    lse = torch.logsumexp(logits, dim=-1)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        top = lse.detach().clone()
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_tensor_model_parallel_group())
+        # megatron all-reduces in place; exp's backward needs its own output untouched: clone
+        lse = reduce_from_tensor_model_parallel_region((lse - top).exp().clone()).log() + top
+    return lse
 
 
-def wrap_ddp(chunks: list[Any], *, bucket_size: int | None = None) -> list[DistributedDataParallel]:
-    """megatron DDP around each chunk: gradients accumulate in fp32 buffers, all-reduced over DP."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False,
-        bucket_size=bucket_size)
-    with cpu_compat():
-        return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
-                                        disable_bucketing=i > 0)
-                for i, chunk in enumerate(chunks)]
+def vocab_pick(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``logits[..., ids]`` over the full vocabulary from this rank's shard: ``[..., V_local]``,
+    ``[...]`` -> ``[...]``. The rank that owns an id contributes its logit, the others zero."""
+    v_local = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * v_local
+    local = ids - start
+    mine = (local >= 0) & (local < v_local)
+    picked = logits.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+    picked = picked * mine  # a multiply, not masked_fill: the gradient reaches only the owner
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        picked = reduce_from_tensor_model_parallel_region(picked.clone())  # in place: clone
+    return picked
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """All vocabulary shards of ``[..., V_local]`` logits on every TP rank (inference only)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    torch.distributed.all_gather(parts, logits.contiguous(),
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)

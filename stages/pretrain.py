@@ -36,21 +36,23 @@ def tokenizer_sha256(folder: Path) -> str:
 
 
 def body(cfg: PretrainConfig, ctx: StageContext) -> dict:
-    import torch
-
-    from palm.train.metrics import matmul_peak_flops
+    from palm.megatron_compat import device
+    from palm.train.metrics import dtype_name, matmul_peak_flops, resolve_dtype
 
     model = ctx.sections["model"]
     validate(model, cfg)
     sha = tokenizer_sha256(ctx.path("tokenizer"))
     check_shards(ctx.path("tokens"), sha)  # fail here, before starting processes
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    peak = matmul_peak_flops(dtype)
+    dtype = resolve_dtype(cfg.dtype, device())
+    peak = matmul_peak_flops(dtype, device=device())
+    print(f"pretrain: dtype {dtype_name(dtype)} (pretrain.dtype: {cfg.dtype}); measured {dtype_name(dtype)} "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s", file=sys.stderr)
+    ctx.tracker.set_tags({"dtype": dtype_name(dtype)})
     checkpoints = ctx.path("checkpoints")
     env = {RUN_ENV: ctx.tracker.run_id} if ctx.tracker.enabled and ctx.tracker.run_id else {}
     result = launch(model, cfg, tokens=ctx.path("tokens"), tokenizer_sha256=sha,
                     checkpoints=checkpoints, reports=ctx.reports, run_dir=checkpoints / "run",
-                    peak_flops=peak, env=env)
+                    peak_flops=peak, dtype=dtype_name(dtype), env=env)
     with atomic_dir(ctx.path("out")) as out:
         export(Path(result["checkpoint"]), out, {"metrics": {k: result[k] for k in ("val_loss", "unigram_loss")}})
         shutil.copy2(ctx.path("tokenizer") / "tokenizer.json", out / "tokenizer.json")

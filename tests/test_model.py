@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from palm import parallel
 from palm.model import ModelConfig, PaLM
 
-CFG = ModelConfig(vocab_size=200, d_model=32, n_layers=2, n_heads=2, head_dim=16, seq_len=16, z_loss_weight=1e-2)
+CFG = ModelConfig(vocab_size=200, d_model=32, n_layers=2, n_heads=2, head_dim=16, seq_len=16)
+Z_LOSS = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -20,20 +21,37 @@ def groups():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loss_is_cross_entropy_plus_z_loss(groups, dtype):
-    model = PaLM(CFG)
-    logits = torch.randn(3, 5, CFG.padded_vocab_size, dtype=dtype) * 4
+def test_nll_and_log_z_are_cross_entropy_and_logsumexp(groups, dtype):
+    """The model's per-token NLL / log Z (one softmax pass over the vocabulary shards) against
+    F.cross_entropy and torch.logsumexp of its own logits, values and gradients; and the
+    pretraining objective's loss against cross entropy + z-loss, summed over the masked tokens."""
+    from palm.train.pretrain import lm_forward_step
+
+    model = PaLM(CFG, parallel.megatron_config(CFG, dtype=dtype))
+    tokens = torch.randint(0, CFG.vocab_size, (3, 5))
     labels = torch.randint(0, CFG.vocab_size, (3, 5))
-    a = logits.clone().requires_grad_()
-    b = logits.clone().float().requires_grad_()
-    got = model.loss(a, labels)  # megatron's vocab-parallel cross entropy works in place: a stays intact
-    want = F.cross_entropy(b.flatten(0, 1), labels.flatten(), reduction="none").view(3, 5) \
-        + CFG.z_loss_weight * torch.logsumexp(b, dim=-1).square()
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(a.detach(), logits)
-    got.sum().backward()
-    want.sum().backward()
-    assert torch.allclose(a.grad.float(), b.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3 if dtype == torch.bfloat16 else 1e-6)
+    mask = (torch.rand(3, 5) < 0.6).float()
+    x = model.trunk(tokens).detach()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    nll, logz = model.token_nll(a, labels)
+    logits = model.logits(b).float()
+    want_nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(3, 5)
+    want_logz = torch.logsumexp(logits, dim=-1)
+    assert nll.dtype == logz.dtype == torch.float32
+    assert torch.allclose(nll, want_nll, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(logz, want_logz, rtol=1e-5, atol=1e-5)
+    ((nll + Z_LOSS * logz.square()) * mask).sum().backward()
+    ((want_nll + Z_LOSS * want_logz.square()) * mask).sum().backward()
+    tol = dict(rtol=1e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a.grad.float(), b.grad.float(), **tol)
+
+    output, loss_func = lm_forward_step(Z_LOSS)({"tokens": tokens, "labels": labels, "loss_mask": mask}, model)
+    loss, count, metrics = loss_func(output)
+    full = model(tokens).float()
+    ce = F.cross_entropy(full.flatten(0, 1), labels.flatten(), reduction="none").view(3, 5)
+    want = ((ce + Z_LOSS * torch.logsumexp(full, -1).square()) * mask).sum()
+    assert count == mask.sum() and torch.allclose(loss, want, rtol=1e-4)
+    assert torch.allclose(metrics["nll"].float(), torch.stack([(ce * mask).sum(), mask.sum()]), rtol=1e-4)
 
 
 def test_parameter_count_and_tied_output(groups):

@@ -2,7 +2,9 @@
 
 Three launches in all: the one-process reference, a 2-process torchrun that runs TP=2, PP=2
 (1F1B), PP=2 with 2 virtual stages (interleaved 1F1B), DP=2 and TP=2 decoding one after another,
-and a 4-process TP=2 x PP=2 run. All start from the same initial weights (seeded per weight) and
+and a 4-process TP=2 x PP=2 run. The masked layouts give every micro-batch (and so every DP rank)
+a different number of valid tokens: they must still match one plain backward of the per-token
+mean over all valid tokens (per-micro-batch averaging would not). All start from the same initial weights (seeded per weight) and
 see the same micro-batches (DP=2: half each, so one process with twice the micro-batches of a DP
 rank is the reference). Tolerances are fp32 reduction-order noise, stated per assertion.
 """
@@ -34,8 +36,9 @@ def launch(out: Path, nproc: int, *layouts: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parity")
-    launch(out, 1, "1,1,1,1", "decode,1")
-    launch(out, 2, "2,1,1,1", "1,2,1,1", "1,2,1,2", "1,1,2,1", "decode,2")
+    launch(out, 1, "1,1,1,1", "1,1,1,1,mask", "naive", "decode,1", "fwd,1,1")
+    launch(out, 2, "2,1,1,1", "1,2,1,1", "1,2,1,2", "1,1,2,1", "decode,2",
+           "2,1,1,1,mask", "1,2,1,1,mask", "1,1,2,1,mask", "fwd,2,1", "fwd,1,2")
     launch(out, 4, "2,2,1,1")
     return out
 
@@ -62,8 +65,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def compare(out: Path, layout: str, *, loss_tol: float, grad_tol: float | None, weight_tol: float):
-    ref, got = load(out, "1,1,1,1"), load(out, layout)
+def compare(out: Path, layout: str, *, loss_tol: float, grad_tol: float | None, weight_tol: float,
+            ref_layout: str = "1,1,1,1"):
+    ref, got = load(out, ref_layout), load(out, layout)
     assert set(got["weights"]) == set(ref["weights"])
     for a, b in zip(got["losses"], ref["losses"]):
         assert abs(a - b) <= loss_tol * abs(b), (layout, got["losses"], ref["losses"])
@@ -97,6 +101,26 @@ def test_tp2_pp2_equals_single_process(runs):
 
 def test_dp2_equals_one_process_with_twice_the_microbatches(runs):
     compare(runs, "1,1,2,1", loss_tol=1e-5, grad_tol=1e-5, weight_tol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["1,1,1,1,mask", "2,1,1,1,mask", "1,2,1,1,mask", "1,1,2,1,mask"])
+def test_masks_that_differ_per_micro_batch_and_dp_rank_give_the_per_token_mean(runs, layout):
+    naive, got = torch.load(runs / "naive.pt"), load(runs, layout)
+    # first step: loss and gradients of the plain per-token mean over all valid tokens
+    assert abs(got["losses"][0] - naive["loss"]) <= 1e-5 * abs(naive["loss"]), (got["losses"][0], naive["loss"])
+    worst = max(naive["grads"], key=lambda k: rel(got["grads"][k], naive["grads"][k]))
+    assert rel(got["grads"][worst], naive["grads"][worst]) <= 1e-5, (layout, worst)
+    if layout != "1,1,1,1,mask":  # and 3 optimizer steps like the one-process engine
+        compare(runs, layout, loss_tol=1e-5, grad_tol=1e-5, weight_tol=1e-4, ref_layout="1,1,1,1,mask")
+
+
+@pytest.mark.parametrize("layout", ["2,1", "1,2"])
+def test_engine_forward_logprobs_equal_a_single_process_forward(runs, layout):
+    ref = torch.load(runs / "fwd.1,1.rank0.pt")  # [micro * b, s]
+    assert ref.shape == (8, 32) and (ref < 0).all()
+    for rank in (0, 1):  # PP=2: the first stage receives the last stage's tensors
+        got = torch.load(runs / f"fwd.{layout}.rank{rank}.pt")
+        assert (got - ref).abs().max().item() < 1e-5, (layout, rank)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

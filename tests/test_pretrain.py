@@ -40,6 +40,15 @@ def run(tmp: Path, tokens: Path, cfg: PretrainConfig = CFG, env: dict | None = N
                   reports=tmp / "reports", run_dir=tmp / "run", peak_flops=1e11, env=env)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tokens) -> tuple[Path, dict]:
+    """An uninterrupted run of CFG (and its export), the reference of the resume tests."""
+    tmp = tmp_path_factory.mktemp("straight")
+    result = run(tmp, tokens)
+    export(Path(result["checkpoint"]), tmp / "model", {})
+    return tmp, result
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -47,9 +56,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.dist
-def test_sigkill_after_checkpoint_then_restart_equals_uninterrupted(tmp_path, tokens):
-    straight = run(tmp_path / "a", tokens)
-    export(Path(straight["checkpoint"]), tmp_path / "a" / "model", {})
+def test_sigkill_after_checkpoint_then_restart_equals_uninterrupted(tmp_path, tokens, straight):
+    straight_dir, straight = straight
     with pytest.raises(RuntimeError):  # every rank SIGKILLs itself right after checkpoint 8
         run(tmp_path / "b", tokens, env={KILL_ENV: "8"})
     assert (tmp_path / "b" / "ckpt" / "latest").read_text().strip() == "step_0000008"
@@ -58,12 +66,38 @@ def test_sigkill_after_checkpoint_then_restart_equals_uninterrupted(tmp_path, to
     assert resumed["resumed_from_step"] == 8 and resumed["steps"] == 12
     assert abs(resumed["final_train_loss"] - straight["final_train_loss"]) <= 1e-6
     assert abs(resumed["val_loss"] - straight["val_loss"]) <= 1e-6
-    wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    wa, wb = weights(straight_dir / "model"), weights(tmp_path / "b" / "model")
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
     # the curve reads as one run: rows 4, 8, 12 exactly once
     rows = (tmp_path / "b" / "reports" / "curve.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["step", "4", "8", "12"]
+
+
+@pytest.mark.dist
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tokens, straight):
+    _, straight = straight
+    with pytest.raises(RuntimeError):
+        run(tmp_path / "b", tokens, env={KILL_ENV: "8"})
+    newest = tmp_path / "b" / "ckpt" / "step_0000008"
+    for shard in newest.glob("*.distcp"):  # a torn write: the shards cut short
+        shard.write_bytes(shard.read_bytes()[:100])
+    resumed = run(tmp_path / "b", tokens)
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 12
+    assert abs(resumed["final_train_loss"] - straight["final_train_loss"]) <= 1e-6
+    assert abs(resumed["val_loss"] - straight["val_loss"]) <= 1e-6
+
+
+@pytest.mark.dist
+def test_new_shards_from_the_same_tokenizer_retrain_instead_of_resuming(tmp_path, tokens):
+    first = run(tmp_path, tokens, dataclasses.replace(CFG, train_steps=4))
+    assert first["resumed_from_step"] == 0
+    again = run(tmp_path, tokens, dataclasses.replace(CFG, train_steps=4))
+    assert again["resumed_from_step"] == 4  # same shards: the finished run is resumed, not redone
+    other = make_shards(tmp_path / "other" / "tokens", seed=1)  # same tokenizer sha256, other data
+    fresh = run(tmp_path, other, dataclasses.replace(CFG, train_steps=4))
+    assert fresh["resumed_from_step"] == 0 and fresh["steps"] == 4
+    assert fresh["val_loss"] != first["val_loss"]
 
 
 @pytest.mark.dist
@@ -144,7 +178,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tokens):
 
 
 def test_config_values_are_checked():
-    with pytest.raises(ConfigError, match="dtype: must be fp32 or bf16"):
+    with pytest.raises(ConfigError, match="dtype: must be auto, fp32 or bf16"):
         PretrainConfig(dtype="fp16")
     with pytest.raises(ConfigError, match="head_dim: must be even"):
         ModelConfig(head_dim=15)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,48 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     (ckpt / "step_0000004" / "palm.json").write_text("{}")
     (ckpt / "latest").write_text("step_0000004\n")
     assert "corrupt checkpoint" in one_line_error(root)
+
+
+def test_forced_rerun_of_a_finished_run_leaves_the_same_reports(tmp_path):
+    """DVC deletes curve.csv and metrics.json before `dvc repro -f`; the rerun resumes the finished
+    checkpoint and rebuilds both from it. Only what describes the execution itself may differ:
+    stage_seconds (its wall time) and resumed_from_step (it did resume)."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    root = project(tmp_path / "a")
+    assert repro(root, env).returncode == 0
+    reports = root / "reports" / "pretrain"
+    curve, metrics = (reports / "curve.csv").read_text(), json.loads((reports / "metrics.json").read_text())
+    forced = subprocess.run([str(root / ".venv" / "bin" / "dvc"), "repro", "-f", "-s", "pretrain"], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root), **env}, capture_output=True,
+                            text=True, timeout=500)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "resumed from" in forced.stderr
+    assert (reports / "curve.csv").read_text() == curve
+    again = json.loads((reports / "metrics.json").read_text())
+    assert again.pop("resumed_from_step") == 12 and metrics.pop("resumed_from_step") == 0
+    again.pop("stage_seconds"), metrics.pop("stage_seconds")
+    assert again == metrics
+
+
+def test_sigkill_of_the_stage_process_leaves_no_training_process(tmp_path):
+    from palm.train.launch import marked_pids
+
+    root = project(tmp_path / "p", pretrain={"train_steps": 100000, "checkpoint_interval": 1000})
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *ARGS, "--no-mlflow"], cwd=root,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = str((root / "checkpoints" / "pretrain" / "run").resolve())
+    curve = root / "reports" / "pretrain" / "curve.csv"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (curve.is_file() and len(curve.read_text().splitlines()) > 1):
+            time.sleep(0.5)  # until the workers are training (a curve row is written)
+        workers = marked_pids(marker)
+        assert len(workers) >= 2, "torchrun and its worker should be running"  # torchrun + 1 worker
+    finally:
+        stage.kill()
+        stage.wait()
+    deadline = time.time() + 20
+    while marked_pids(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert marked_pids(marker) == []

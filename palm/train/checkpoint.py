@@ -3,8 +3,11 @@
 A training checkpoint is ``<root>/step_<NNNNNNN>/``: megatron's sharded files (model and
 optimizer, keyed by global parameter name, so they load at any TP/PP layout) plus common state
 (scheduler, step, RNG), with ``palm.json`` beside them (model config, tokenizer sha256, step).
-It is written to a temporary folder and renamed when complete; ``<root>/latest`` names the
-newest. The export is ``model.safetensors`` (full, unsharded weights) + ``config.json``.
+Extra small files (the loop keeps ``curve.csv`` there, so any resume can rebuild the reports) sit
+beside them. It is written to a temporary folder, every file flushed to disk (fsync), then renamed;
+``<root>/latest`` names the newest. Resuming walks :func:`candidates` newest first, so an
+unreadable newest checkpoint falls back to the previous one. The export is ``model.safetensors``
+(full, unsharded weights) + ``config.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
@@ -68,9 +72,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any], keep: int = 2) -> Path:
-    """Write this step's checkpoint of ``engine`` (all ranks call it); returns its folder.
-    Only the ``keep`` newest checkpoints are kept."""
+def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
+         files: dict[str, str] | None = None, keep: int = 2) -> Path:
+    """Write this step's checkpoint of ``engine`` (all ranks call it; rank 0 writes ``meta`` and
+    ``files``, name -> text); returns its folder. Only the ``keep`` newest checkpoints are kept."""
     root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f".step_{step:07d}.tmp"
@@ -86,16 +91,50 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any], keep: int 
         dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
     if rank0:
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        _fsync_tree(tmp)  # complete on disk before it is named complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         latest_tmp = root / ".latest.tmp"
-        latest_tmp.write_text(final.name + "\n")
+        with latest_tmp.open("w") as f:
+            f.write(final.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(latest_tmp, root / "latest")
+        _fsync_dir(root)
         for old in sorted(root.glob("step_*"))[:-keep]:  # names sort by step (zero-padded)
             shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb+") as f:
+                os.fsync(f.fileno())
+    for d in sorted({p.parent for p in path.rglob("*")} | {path}):
+        _fsync_dir(d)
+
+
+def candidates(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root``, the one ``latest`` names first, then the others newest
+    first (what a resume tries, in order)."""
+    root = Path(root)
+    pointer = root / "latest"
+    first = [root / pointer.read_text().strip()] if pointer.is_file() else []
+    rest = sorted((p for p in root.glob("step_*") if p not in first), reverse=True)
+    return first + rest
 
 
 def latest(root: Path) -> Path | None:
@@ -130,7 +169,8 @@ def _load(state: dict[str, Any], path: Path) -> dict[str, Any]:
             return dist_checkpointing.load(state, str(path))
     except UserError:
         raise
-    except Exception as err:  # noqa: BLE001 - any failure to read it means the folder is bad
+    # torch's CheckpointException (e.g. a torn shard) derives from BaseException, not Exception
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - a failure to read it means the folder is bad
         msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UserError(f"{path}: corrupt or incompatible checkpoint ({type(err).__name__}: {msg})")
 

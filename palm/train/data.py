@@ -89,14 +89,14 @@ class Batches:
     def global_batch(self) -> int:
         return self.dp_size * self.m * self.b
 
-    def step(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """``{"tokens", "labels", "loss_mask"}`` micro-batches, each ``[b, s]``."""
         start = step * self.global_batch + self.dp_rank * self.m * self.b
         out = []
         for j in range(self.m):
             samples = [self.dataset[(start + j * self.b + i) % len(self.dataset)] for i in range(self.b)]
-            tokens = torch.stack([torch.cat([s["tokens"], s["labels"][-1:]]) for s in samples])
-            mask = torch.stack([s["loss_mask"] for s in samples]).float()
-            out.append((tokens, mask))  # [b, s+1], [b, s]
+            out.append({key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels")}
+                       | {"loss_mask": torch.stack([s["loss_mask"] for s in samples]).float()})
         return out
 
 

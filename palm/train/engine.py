@@ -1,23 +1,38 @@
-"""The training engine: megatron-core's schedules, DDP, optimizer and LR schedule around PaLM.
+"""The training engine: megatron-core's schedules, DDP, optimizer and LR schedule around any model
+and any objective.
 
-One :class:`Engine` per process. It builds this rank's model chunks (:mod:`palm.parallel`),
-wraps them in megatron ``DistributedDataParallel``, makes an AdamW ``get_megatron_optimizer``
-(fp32 main weights when the params are bf16) with gradient clipping, an
-``OptimizerParamScheduler`` (linear warmup, cosine decay), and runs one optimizer step over
-``num_microbatches`` micro-batches with ``get_forward_backward_func()`` — no pipelining, 1F1B, or
-interleaved 1F1B when there are virtual stages — and ``finalize_model_grads`` (DP all-reduce,
-tied-embedding all-reduce between the first and last stage). Every megatron call runs inside
-:func:`palm.megatron_compat.cpu_compat`, so the same code trains on CPU.
+One :class:`Engine` per process. It builds this rank's model chunks from a chunk factory (PaLM by
+default; a reward or value model is another factory) with the layer split of the parallel plan
+(:func:`palm.parallel.chunk_layers`), wraps them in megatron ``DistributedDataParallel``, makes an
+AdamW ``get_megatron_optimizer`` (fp32 main weights when the params are bf16) with gradient
+clipping, an ``OptimizerParamScheduler`` (linear warmup, cosine decay), and runs one optimizer step
+over ``num_microbatches`` micro-batches with ``get_forward_backward_func()`` — no pipelining,
+1F1B, or interleaved 1F1B when there are virtual stages — and ``finalize_model_grads`` (DP
+all-reduce, tied-embedding all-reduce between the first and last stage). Every megatron call runs
+inside :func:`palm.megatron_compat.cpu_compat`, so the same code trains on CPU.
+
+The objective is megatron's own seam (``pretrain_gpt.py``'s ``forward_step``): a
+:data:`ForwardStep` ``(batch, model) -> (output, loss_func)`` where ``loss_func(output)`` returns
+``(loss_sum, num_tokens, metrics)``. ``loss_sum`` is summed over the micro-batch's valid tokens
+(or pairs, or any unit); megatron's per-token normalisation (``calculate_per_token_loss``) then
+divides the gradients by the number of units of the whole global batch, so every valid token
+weighs the same across micro-batches and data-parallel ranks however the masks differ. Each
+metric is a ``[sum, count]`` pair; the engine adds ``loss`` itself and reports ``sum / count``
+over all micro-batches and DP ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -25,12 +40,24 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from palm import parallel
 from palm.config import check
 from palm.megatron_compat import cpu_compat, device
-from palm.model import ModelConfig
+from palm.model import ModelConfig, PaLM
+
+Batch = dict[str, torch.Tensor]  # one micro-batch: named tensors, first dim the batch
+LossFunc = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+ForwardStep = Callable[[Batch, torch.nn.Module], tuple[Any, LossFunc]]
+OutputFunc = Callable[[Any], dict[str, torch.Tensor]]  # last stage's output -> per-token tensors
+
+
+class ChunkFactory(Protocol):
+    """Builds one pipeline chunk of a model (``palm.model.PaLM`` has this signature)."""
+
+    def __call__(self, cfg: ModelConfig, mcfg: Any, *, pre_process: bool, post_process: bool,
+                 layers: list[int], seed: int) -> torch.nn.Module: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay (the optimizer part of ``pretrain``)."""
+    """AdamW with linear warmup and cosine decay (the optimizer part of a training section)."""
 
     lr: float = 3e-3  # peak learning rate, reached after warmup_steps
     min_lr: float = 3e-4  # the cosine decays to this at the last step
@@ -51,21 +78,59 @@ class OptimConfig:
         check(self.clip_grad >= 0, "clip_grad", f"must be >= 0, got {self.clip_grad}")
 
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s+1] int64, loss mask [b, s] float
+# --- this rank's model chunks --------------------------------------------------------------------
 
+def build_chunks(cfg: ModelConfig, chunk: ChunkFactory = PaLM, *, dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual stage), from megatron's current groups."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    mcfg = parallel.megatron_config(cfg, virtual_stages=vpp, dtype=dtype)
+    chunks = []
+    for c, layers in enumerate(parallel.chunk_layers(cfg.n_layers, pp, rank, vpp)):
+        module = chunk(cfg, mcfg, layers=layers, seed=seed, pre_process=(c == 0 and rank == 0),
+                       post_process=(c == vpp - 1 and rank == pp - 1))
+        chunks.append(module.to(device()))  # initialised on CPU (layout-independent), then moved
+    return chunks
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], *, bucket_size: int | None = None) -> list[DistributedDataParallel]:
+    """megatron DDP around each chunk: gradients accumulate in fp32 buffers, all-reduced over DP."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False,
+        bucket_size=bucket_size)
+    with cpu_compat():
+        return [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c,
+                                        disable_bucketing=i > 0)
+                for i, c in enumerate(chunks)]
+
+
+# --- the engine ----------------------------------------------------------------------------------
 
 class Engine:
-    """Model chunks, optimizer and schedule of this rank; process groups must already exist."""
+    """Model chunks, optimizer and schedule of this rank; process groups must already exist.
 
-    def __init__(self, cfg: ModelConfig, optim: OptimConfig, *, train_steps: int,
-                 micro_batch_size: int, num_microbatches: int, seq_len: int | None = None,
+    ``optim=None`` makes a frozen engine (no DDP, no optimizer): forward passes only, e.g. the
+    reference and reward models of PPO.
+    """
+
+    def __init__(self, cfg: ModelConfig, optim: OptimConfig | None, *, forward_step: ForwardStep | None = None,
+                 chunk: ChunkFactory = PaLM, train_steps: int = 1, micro_batch_size: int,
+                 num_microbatches: int = 1, seq_len: int | None = None,
                  dtype: torch.dtype = torch.float32, seed: int = 0):
-        self.cfg, self.optim = cfg, optim
+        self.cfg, self.optim, self.forward_step = cfg, optim, forward_step
         self.micro_batch_size, self.num_microbatches = micro_batch_size, num_microbatches
         self.seq_len = seq_len or cfg.seq_len
-        self.chunks = parallel.build_chunks(cfg, dtype=dtype, seed=seed)
-        self.model = parallel.wrap_ddp(self.chunks)
+        self.chunks = build_chunks(cfg, chunk, dtype=dtype, seed=seed)
         self.config = self.chunks[0].config
+        self.step = 0  # optimizer steps taken
+        if optim is None:
+            self.model: list[torch.nn.Module] = self.chunks
+            for c in self.chunks:
+                c.requires_grad_(False).eval()
+            return
+        self.model = wrap_ddp(self.chunks)
         self.config.finalize_model_grads_func = finalize_model_grads
         no_sync = [m.no_sync for m in self.model]
         self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -82,51 +147,91 @@ class Engine:
             lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(train_steps, optim.warmup_steps + 1),
             lr_decay_style="cosine", start_wd=optim.weight_decay, end_wd=optim.weight_decay,
             wd_incr_steps=max(train_steps, 1), wd_incr_style="constant")
-        self.step = 0  # optimizer steps taken
 
-    # -- one step ---------------------------------------------------------------------------------
+    # -- the schedule -----------------------------------------------------------------------------
 
-    def _run(self, microbatches: Sequence[Batch], forward_only: bool) -> torch.Tensor:
-        """The schedule over ``microbatches``; returns their mean loss, the same on every rank."""
-        if not forward_only:
-            check(len(microbatches) == self.num_microbatches, "num_microbatches",
-                  f"got {len(microbatches)} micro-batches, expected {self.num_microbatches}")
+    def _schedule(self, step: ForwardStep, microbatches: Sequence[Batch], forward_only: bool) -> list[dict]:
+        """Run megatron's schedule; returns the last stage's metric dicts (empty elsewhere)."""
+
+        def megatron_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+            batch = {k: v.to(device(), non_blocking=True) for k, v in next(data_iterator).items()}
+            output, loss_func = step(batch, model)
+
+            def with_loss(out: Any):
+                loss_sum, num_tokens, metrics = loss_func(out)
+                num_tokens = num_tokens.to(torch.int)  # megatron accumulates an int32 count
+                # the schedule may scale the returned loss in place: report a copy
+                report = {"loss": torch.stack([loss_sum.detach().clone().double(), num_tokens.double()]),
+                          **metrics}
+                return loss_sum, num_tokens, report
+
+            return output, with_loss
+
         iters: Any = [iter(microbatches) for _ in self.model]
         with cpu_compat():
-            losses = get_forward_backward_func()(
-                forward_step_func=_forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
+            return get_forward_backward_func()(
+                forward_step_func=megatron_step, data_iterator=iters if len(iters) > 1 else iters[0],
                 model=self.model, num_microbatches=len(microbatches), seq_length=self.seq_len,
                 micro_batch_size=self.micro_batch_size, forward_only=forward_only)
-        loss = torch.zeros((), dtype=torch.float64, device=device())  # NCCL reduces device tensors
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            loss += sum(float(x["loss"]) for x in losses) / len(losses)
-        return _mean_over_dp(_sum_over_pp(loss))
 
     def train_step(self, microbatches: Sequence[Batch]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches (gradient accumulation)."""
+        assert self.optim is not None and self.forward_step is not None, "a frozen engine does not train"
+        check(len(microbatches) == self.num_microbatches, "num_microbatches",
+              f"got {len(microbatches)} micro-batches, expected {self.num_microbatches}")
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._run(microbatches, forward_only=False)
+        metrics = _reduce(self._schedule(self.forward_step, microbatches, forward_only=False))
         lr = self.optimizer.param_groups[0]["lr"]
         with cpu_compat():
             ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
-        return {"loss": float(loss), "lr": float(lr),
+        return {**metrics, "lr": float(lr),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "skipped": float(not ok)}
 
     @torch.no_grad()
-    def eval_loss(self, microbatches: Sequence[Batch]) -> float:
-        """Mean loss over ``microbatches`` without a backward pass."""
+    def evaluate(self, microbatches: Sequence[Batch], step: ForwardStep | None = None) -> dict[str, float]:
+        """The objective's metrics (``loss`` included) over ``microbatches``, without backward."""
+        was_training = [m.training for m in self.model]
         for m in self.model:
             m.eval()
-        loss = self._run(microbatches, forward_only=True)
+        try:
+            return _reduce(self._schedule(step or self.forward_step, microbatches, forward_only=True))
+        finally:
+            for m, t in zip(self.model, was_training):
+                m.train(t)
+
+    @torch.no_grad()
+    def forward(self, microbatches: Sequence[Batch], step: Callable[[Batch, torch.nn.Module], tuple[Any, OutputFunc]]
+                ) -> list[dict[str, torch.Tensor]]:
+        """Per-micro-batch tensors from the last pipeline stage, on every rank of this rank's
+        pipeline: ``step(batch, model) -> (output, fn)`` with ``fn(output)`` a dict of tensors
+        (e.g. per-token log-probs, values, rewards)."""
+        def as_loss(batch: Batch, model: torch.nn.Module):
+            output, fn = step(batch, model)
+            zero = torch.zeros((), device=device())
+            return output, lambda out: (zero, zero.to(torch.int), {"out": fn(out)})
+
+        was_training = [m.training for m in self.model]
         for m in self.model:
-            m.train()
-        return float(loss)
+            m.eval()
+        try:
+            store = self._schedule(as_loss, microbatches, forward_only=True)
+        finally:
+            for m, t in zip(self.model, was_training):
+                m.train(t)
+        outs = [{k: v.detach() for k, v in d["out"].items()} for d in store]
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            box = [outs if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None]
+            torch.distributed.broadcast_object_list(
+                box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group())
+            outs = [{k: v.to(device()) for k, v in d.items()} for d in box[0]]
+        return outs
 
     # -- inspection (tests, export) ----------------------------------------------------------------
 
@@ -140,42 +245,48 @@ class Engine:
                     yield name, p
 
 
-def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
-    tokens, mask = (t.to(device(), non_blocking=True) for t in next(data_iterator))
-    per_token = model(tokens[:, :-1], labels=tokens[:, 1:])  # [b, s] on the last stage
-
-    def loss_func(output: torch.Tensor):
-        loss = (output * mask).sum() / mask.sum().clamp(min=1)
-        # the schedule divides the returned loss in place: log a copy (DESIGN §3)
-        return loss, {"loss": loss.detach().clone()}
-
-    return per_token, loss_func
-
-
-def _sum_over_pp(x: torch.Tensor) -> torch.Tensor:
+def _reduce(store: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """``sum / count`` of each ``[sum, count]`` metric over micro-batches and DP ranks, the same
+    on every rank (the last pipeline stage computes it, the others receive it)."""
+    keys = sorted(store[0]) if store else []
+    totals = torch.stack([sum(d[k].double() for d in store) for k in keys]) if keys else None
+    if totals is not None and parallel_state.get_data_parallel_world_size() > 1:
+        totals = totals.to(device())
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    result = {k: float(t[0] / t[1]) if t[1] > 0 else float("nan")
+              for k, t in zip(keys, totals.cpu())} if keys else {}
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(x, group=parallel_state.get_pipeline_model_parallel_group())
-    return x
+        box = [result if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None]
+        torch.distributed.broadcast_object_list(
+            box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group())
+        result = box[0]
+    return result
 
 
-def _mean_over_dp(x: torch.Tensor) -> torch.Tensor:
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp > 1:
-        torch.distributed.all_reduce(x, group=parallel_state.get_data_parallel_group())
-        x /= dp
-    return x
+def metric(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+    """A ``[sum, count]`` metric for a loss function's metrics dict."""
+    count = count if isinstance(count, torch.Tensor) else torch.tensor(float(count), device=total.device)
+    return torch.stack([total.detach().double(), count.detach().double()])
 
 
 def random_batches(cfg: ModelConfig, *, steps: int, num_microbatches: int, micro_batch_size: int,
-                   seed: int, seq_len: int | None = None) -> list[list[Batch]]:
-    """Deterministic synthetic micro-batches ``[step][micro]`` (tests and benchmarks)."""
+                   seed: int, seq_len: int | None = None, mask_keep: float | None = None) -> list[list[Batch]]:
+    """Deterministic synthetic micro-batches ``[step][micro]`` (tests and benchmarks). With
+    ``mask_keep`` the loss masks are random, keeping about that fraction of each row, and differ
+    between micro-batches."""
     g = torch.Generator().manual_seed(seed)
     s = seq_len or cfg.seq_len
     out = []
     for _ in range(steps):
         step = []
-        for _ in range(num_microbatches):
+        for j in range(num_microbatches):
             tokens = torch.randint(0, cfg.vocab_size, (micro_batch_size, s + 1), generator=g)
-            step.append((tokens, torch.ones(micro_batch_size, s)))
+            if mask_keep is None:
+                mask = torch.ones(micro_batch_size, s)
+            else:  # a different keep rate per micro-batch, so token counts differ
+                keep = mask_keep * (0.5 + j / max(1, num_microbatches - 1)) if num_microbatches > 1 else mask_keep
+                mask = (torch.rand(micro_batch_size, s, generator=g) < min(keep, 1.0)).float()
+            step.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
         out.append(step)
     return out

@@ -1,67 +1,123 @@
-"""Throughput, MFU and the loss curve file.
+"""Throughput, MFU, the training dtype, and the loss curve file.
 
 MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s, where
 model FLOPs per token are 6 x (weights used per token) + attention (``ModelConfig.
 flops_per_token``) and the peak is *measured* here: the best of a few large matmuls in the
-training dtype with all threads, since CPUs rarely reach a datasheet number.
+training dtype with all threads, since CPUs rarely reach a datasheet number. The measurement is
+bounded in time (about a second), whatever the machine.
+
+``dtype: auto`` picks bf16 only where the hardware runs it natively: CUDA with bf16 support, or a
+CPU on which a short probe shows bf16 matmul at least as fast as fp32. CPUs without AVX512_BF16 /
+AMX (AVX2 only: e.g. AMD EPYC Zen 2/3, most hosted CI runners, many laptops) run torch's bf16
+matmul on a slow path, measured at about 60x slower than fp32 (1.3 vs 80 GFLOP/s per thread);
+there ``auto`` means fp32.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
-CURVE_COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _matmul_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.is_cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    a @ b
+    if a.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
-                      threads: int | None = None, device: str | torch.device = "cpu") -> float:
-    """FLOP/s of the best of ``repeats`` ``n x n x n`` matmuls (2 n^3 FLOPs each)."""
+                      threads: int | None = None, device: str | torch.device = "cpu",
+                      budget_s: float = 1.0) -> float:
+    """FLOP/s of the best of up to ``repeats`` ``n x n x n`` matmuls (2 n^3 FLOPs each).
+
+    Bounded: the size starts small and doubles up to ``n`` only while one matmul takes under a
+    tenth of ``budget_s``; repeats stop once ``budget_s`` is spent (so a slow bf16 path costs about
+    ``budget_s``, not minutes)."""
     saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        a @ b  # warm up
-        best = float("inf")
+        size, spent = 256, 0.0
+        while True:
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            took = _matmul_seconds(a, b)  # also the warm-up of this size
+            spent += took
+            if size >= n or took > budget_s / 10 or spent > budget_s / 2:
+                break
+            size *= 2
+        best = took
         for _ in range(repeats):
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            a @ b
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return 2.0 * n**3 / best
+            if spent > budget_s:
+                break
+            took = _matmul_seconds(a, b)
+            spent += took
+            best = min(best, took)
+        return 2.0 * size**3 / best
     finally:
         torch.set_num_threads(saved)
 
 
-class Curve:
-    """``curve.csv``: one row per log interval (rank 0 writes it). A resumed run keeps the rows up
-    to its checkpoint's step and appends after them, so the file reads as one run."""
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The training dtype for ``name`` (``auto``, ``bf16`` or ``fp32``) on this machine."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if bf16_is_fast() else torch.float32
 
-    def __init__(self, path: Path, resume_step: int = 0):
+
+def bf16_is_fast(n: int = 256, repeats: int = 3) -> bool:
+    """Whether bf16 matmul is at least as fast as fp32 on this CPU. A bounded probe: on the slow
+    path a 256^3 bf16 matmul takes ~25 ms, so the whole probe stays around 0.1 s."""
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # kernel selection / JIT, untimed
+        return min(_matmul_seconds(a, b) for _ in range(repeats))
+
+    return best(torch.bfloat16) <= best(torch.float32)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+class Curve:
+    """``curve.csv``: one row per log interval (rank 0 writes it). A resumed run starts from the
+    rows its checkpoint kept, so the file reads as one run, also when DVC deleted it."""
+
+    def __init__(self, path: Path, columns: Iterable[str], rows: Iterable[dict[str, Any]] = ()):
         self.path = Path(path)
+        self.columns = tuple(columns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if resume_step > 0 and self.path.is_file():
-            with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
         with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
     def append(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CURVE_COLUMNS).writerow(
-                {k: _fmt(row.get(k)) for k in CURVE_COLUMNS})
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
+                {k: _fmt(row.get(k)) for k in self.columns})
+
+    def text(self) -> str:
+        return self.path.read_text()
+
+
+def read_curve(text: str) -> list[dict[str, str]]:
+    """Rows of a ``curve.csv`` text (as strings, the way the file holds them)."""
+    return list(csv.DictReader(io.StringIO(text)))
 
 
 def _fmt(v: Any) -> Any:

@@ -4,7 +4,10 @@ Each layout trains the same tiny PaLM from the same initial weights on the same 
 saves, per rank, its losses, its parameters after training and its gradients of the first step
 (full tensors: TP shards are gathered; each pipeline stage saves the blocks it holds).
 Usage: ``torchrun --standalone --nproc-per-node N parity_worker.py OUT LAYOUT [LAYOUT ...]`` where
-LAYOUT is ``tp,pp,dp,vpp`` or ``decode,tp`` (KV-cache and hidden-state checks).
+LAYOUT is ``tp,pp,dp,vpp`` (``tp,pp,dp,vpp,mask``: random loss masks that differ between
+micro-batches and DP ranks), ``decode,tp`` (KV-cache and hidden-state checks), ``fwd,tp,pp``
+(``Engine.forward``'s per-token log-probs) or ``naive`` (the masked reference computed directly:
+one process, one backward of the per-token mean over all valid tokens).
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from palm import parallel  # noqa: E402
 from palm.model import ModelConfig  # noqa: E402
 from palm.train.engine import Engine, OptimConfig, random_batches  # noqa: E402
+from palm.train.pretrain import lm_forward_step  # noqa: E402
 
 CFG = ModelConfig(vocab_size=250, d_model=64, n_layers=4, n_heads=4, head_dim=16, seq_len=32)
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, clip_grad=1.0)
 STEPS, MICRO, MBS = 3, 4, 2  # optimizer steps, micro-batches per step (all DP ranks), batch size
+Z_LOSS = 1e-4
+MASK_KEEP = 0.5  # masked layouts: micro-batch j keeps about 0.25 .. 0.75 of its tokens
 
 
 def full(p: torch.Tensor, like: torch.nn.Parameter) -> torch.Tensor:
@@ -38,31 +44,73 @@ def full(p: torch.Tensor, like: torch.nn.Parameter) -> torch.Tensor:
     return torch.cat(parts, dim=like.partition_dim).float()
 
 
-def run_layout(out: Path, tp: int, pp: int, dp: int, vpp: int, steps: int = STEPS) -> None:
+def batches_for(masked: bool, steps: int = STEPS):
+    return random_batches(CFG, steps=steps, num_microbatches=MICRO, micro_batch_size=MBS, seed=3,
+                          mask_keep=MASK_KEEP if masked else None)
+
+
+def run_layout(out: Path, tp: int, pp: int, dp: int, vpp: int, masked: bool = False) -> None:
     parallel.init_distributed(tp, pp, dp, vpp)
     micro = MICRO // dp
-    eng = Engine(CFG, OPTIM, train_steps=STEPS, micro_batch_size=MBS, num_microbatches=micro, seed=7)
-    batches = random_batches(CFG, steps=steps, num_microbatches=MICRO, micro_batch_size=MBS, seed=3)
+    eng = Engine(CFG, OPTIM, forward_step=lm_forward_step(Z_LOSS), train_steps=STEPS,
+                 micro_batch_size=MBS, num_microbatches=micro, seed=7)
     r = ps.get_data_parallel_rank()
     losses, grads = [], {}
-    for i, step in enumerate(batches):
+    for i, step in enumerate(batches_for(masked)):
         losses.append(eng.train_step(step[r * micro:(r + 1) * micro])["loss"])
         if i == 0:
             grads = {n: full(p.main_grad, p) for n, p in eng.named_parameters()}
     weights = {n: full(p, p) for n, p in eng.named_parameters()}
+    save_layout(out, f"{tp},{pp},{dp},{vpp}" + (",mask" if masked else ""), losses, grads, weights)
+    ps.destroy_model_parallel()
+
+
+def save_layout(out: Path, name: str, losses, grads, weights) -> None:
     rank = torch.distributed.get_rank()
-    name = f"{tp},{pp},{dp},{vpp}"
-    if ps.get_tensor_model_parallel_rank() == 0 and r == 0:
-        torch.save({"losses": losses, "grads": grads, "weights": weights},
-                   out / f"{name}.rank{rank}.pt")
+    if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save({"losses": losses, "grads": grads, "weights": weights}, out / f"{name}.rank{rank}.pt")
     if rank == 0:
         (out / f"{name}.done").write_text(json.dumps(losses))
+
+
+def run_naive(out: Path) -> None:
+    """The masked reference without the engine: the first step's loss and gradients of the
+    per-token mean over every valid token of all micro-batches, in one plain backward."""
+    from palm.model import PaLM
+
+    parallel.init_distributed()
+    model = PaLM(CFG, seed=7)
+    step = batches_for(True)[0]
+    total = torch.zeros(())
+    count = sum(b["loss_mask"].sum() for b in step)
+    for b in step:
+        nll, logz = model(b["tokens"], labels=b["labels"])
+        total = total + ((nll + Z_LOSS * logz.square()) * b["loss_mask"]).sum()
+    loss = total / count
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    torch.save({"loss": loss.item(), "grads": grads}, out / "naive.pt")
+    ps.destroy_model_parallel()
+
+
+def run_forward(out: Path, tp: int, pp: int) -> None:
+    """``Engine.forward``: per-token log-probs of the labels from the last stage, on every rank."""
+    parallel.init_distributed(tp, pp, torch.distributed.get_world_size() // (tp * pp))
+    eng = Engine(CFG, None, micro_batch_size=MBS, num_microbatches=MICRO, seed=7)
+
+    def logprobs(batch, model):
+        return model(batch["tokens"], labels=batch["labels"]), lambda out: {"logprobs": -out[0]}
+
+    got = eng.forward(batches_for(False)[0], logprobs)
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 or torch.distributed.get_rank() == 0:
+        torch.save(torch.cat([d["logprobs"] for d in got]), out / f"fwd.{tp},{pp}.rank{torch.distributed.get_rank()}.pt")
     ps.destroy_model_parallel()
 
 
 def run_decode(out: Path, tp: int) -> None:
     """KV-cached decoding against full recomputation, and hidden states, at TP=``tp``."""
-    from palm.model import PaLM, gather_vocab
+    from palm.model import PaLM
+    from palm.parallel import gather_vocab
 
     parallel.init_distributed(tp, 1, torch.distributed.get_world_size() // tp)
     model = PaLM(CFG, seed=7).eval()
@@ -94,9 +142,9 @@ def run_bf16_checkpoint(out: Path, tp: int, pp: int) -> None:
     from palm.train import checkpoint
 
     parallel.init_distributed(tp, pp, torch.distributed.get_world_size() // (tp * pp))
-    eng = Engine(CFG, OPTIM, train_steps=STEPS, micro_batch_size=MBS, num_microbatches=MICRO,
-                 dtype=torch.bfloat16, seed=7)
-    batches = random_batches(CFG, steps=2, num_microbatches=MICRO, micro_batch_size=MBS, seed=3)
+    eng = Engine(CFG, OPTIM, forward_step=lm_forward_step(Z_LOSS), train_steps=STEPS,
+                 micro_batch_size=MBS, num_microbatches=MICRO, dtype=torch.bfloat16, seed=7)
+    batches = batches_for(False, steps=2)
     losses = [eng.train_step(step)["loss"] for step in batches]
     path = checkpoint.save(eng, out / "ckpt", step=2, meta={})
     checkpoint.load(eng, path)
@@ -118,8 +166,16 @@ def main(argv: list[str]) -> None:
             run_decode(out, int(layout.split(",")[1]))
             torch.distributed.barrier()
             continue
-        tp, pp, dp, vpp = (int(x) for x in layout.split(","))
-        run_layout(out, tp, pp, dp, vpp)
+        if layout.startswith("fwd"):
+            _, tp, pp = layout.split(",")
+            run_forward(out, int(tp), int(pp))
+            torch.distributed.barrier()
+            continue
+        if layout == "naive":
+            run_naive(out)
+            continue
+        tp, pp, dp, vpp, *mask = layout.split(",")
+        run_layout(out, int(tp), int(pp), int(dp), int(vpp), masked=bool(mask))
         torch.distributed.barrier()
     from palm.megatron_compat import CALL_SITES
 

@@ -1,0 +1,287 @@
+"""The training loop every training stage shares: train, evaluate, log, checkpoint, resume, export.
+
+An objective module (``pretrain.py``; later ``sft.py``, ``reward.py``) builds a :class:`Job` in
+each worker process — its model, config, forward step, data and run identity — and hands it to
+:func:`train`. The loop never imports an objective.
+
+Resume that tells the truth:
+
+* A checkpoint is resumed only when its run identity (the job's ``identity``: model, optimizer,
+  seed, steps, global batch, dtype, the content hash of the data, the code version; not the
+  TP/PP/DP layout, not the intervals) equals this run's; otherwise the old checkpoints are
+  removed and training starts fresh.
+* Whatever the reports need is kept with the checkpoint (``curve.csv`` beside it; timing and the
+  last validation metrics in its ``palm.json``), because DVC deletes a stage's non-persistent
+  outputs before it reruns it (``dvc repro -f``). A resumed run, finished or not, rebuilds the
+  same ``curve.csv`` and result as an uninterrupted one.
+* An unreadable newest checkpoint falls back to the one before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from palm.config import check, from_dict, to_dict
+from palm.errors import UserError
+from palm.model import ModelConfig, PaLM
+from palm.train.engine import Batch, ChunkFactory, Engine, ForwardStep, OptimConfig
+
+KILL_ENV = "PALM_TEST_SIGKILL_AFTER_CHECKPOINT"  # fault injection for the resume tests
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What every training section of params.yaml has (``pretrain``; later ``sft``, ``reward``)."""
+
+    tensor_parallel: int = 1  # TP degree: query heads, SwiGLU and vocabulary split this many ways
+    pipeline_parallel: int = 1  # PP degree: blocks split into this many stages (1F1B schedule)
+    data_parallel: int = 1  # DP degree: replicas, each with its own micro-batches
+    virtual_stages: int = 1  # >1: interleaved 1F1B with this many model chunks per PP rank
+    train_steps: int = 300  # optimizer steps
+    micro_batch_size: int = 8  # sequences per micro-batch
+    num_microbatches: int = 1  # micro-batches per optimizer step per DP rank (grad accumulation)
+    # parameter dtype: auto (bf16 where the hardware runs it natively, else fp32; see
+    # palm/train/metrics.py), bf16 (megatron mixed precision: fp32 main weights), or fp32
+    dtype: str = "auto"
+    log_interval: int = 10  # steps per curve.csv row / MLflow point
+    eval_interval: int = 100  # steps between validations (and at the end)
+    eval_batches: int = 4  # micro-batches per DP rank in one validation
+    checkpoint_interval: int = 100  # steps between checkpoints (and at the end)
+    seed: int = 1234  # initial weights and data order
+    threads: int = 0  # torch threads per process; 0 = cores / processes
+    optim: OptimConfig = OptimConfig()
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages",
+                     "train_steps", "micro_batch_size", "num_microbatches", "log_interval",
+                     "eval_interval", "eval_batches", "checkpoint_interval"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.dtype in ("auto", "fp32", "bf16"), "dtype",
+              f"must be auto, fp32 or bf16, got {self.dtype!r}")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        check(self.virtual_stages == 1 or self.pipeline_parallel > 1, "virtual_stages",
+              "virtual stages need pipeline_parallel > 1")
+        for name in ("num_microbatches", "eval_batches"):
+            check(self.virtual_stages == 1 or getattr(self, name) % self.pipeline_parallel == 0, name,
+                  "interleaved 1F1B needs it divisible by pipeline_parallel")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
+
+    @property
+    def global_batch(self) -> int:
+        return self.data_parallel * self.num_microbatches * self.micro_batch_size
+
+    def identity(self, dtype: str) -> dict[str, Any]:
+        """The part of a run's identity this section decides: not the layout, not the intervals."""
+        return {"optim": to_dict(self.optim), "seed": self.seed, "train_steps": self.train_steps,
+                "global_batch": self.global_batch, "micro_batch_size": self.micro_batch_size,
+                "dtype": dtype}
+
+
+def code_version(*files: str) -> str:
+    """sha256 of the sources (paths under ``palm/``) that define a computation; a changed model,
+    engine or objective starts fresh rather than resuming a checkpoint made by other code."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in ("model.py", "parallel.py", "train/engine.py", *files):
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Job:
+    """What an objective hands the loop in each worker process."""
+
+    stage: str  # the stage name (progress bar, messages, MLflow)
+    model: ModelConfig
+    cfg: TrainConfig
+    dtype: torch.dtype  # the resolved parameter dtype
+    forward_step: ForwardStep
+    train_batches: Callable[[int], list[Batch]]  # step -> this DP rank's micro-batches
+    valid_batches: list[Batch]  # this DP rank's validation micro-batches
+    identity: dict[str, Any]  # what must match for a checkpoint to be resumed
+    tokens_per_step: int  # tokens one optimizer step processes (all DP ranks), for tokens/s and MFU
+    chunk: ChunkFactory = PaLM
+    init_weights: Callable[[Engine], None] | None = None  # e.g. load the parent stage's export
+    curve_metrics: tuple[str, ...] = ("loss",)  # train metrics in curve.csv (val_<m> beside them)
+    perplexity: bool = True  # report val_perplexity = exp(val_loss) (language-model objectives)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # more result fields
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    checkpoints: Path  # persistent: checkpoints of this stage (resume)
+    reports: Path  # reports/<stage>/ (curve.csv)
+    run_dir: Path  # scratch of the launch (spec, result, dataset index cache)
+    peak_flops: float  # measured matmul peak for MFU
+
+
+def train(job: Job, paths: RunPaths) -> dict[str, Any]:
+    """Train ``job`` to ``cfg.train_steps`` (resuming when possible); returns the result (and rank
+    0 writes it to ``run_dir/result.json``)."""
+    from tqdm import tqdm
+
+    from palm.train import checkpoint as ckpt
+    from palm.train.metrics import Curve, dtype_name
+
+    cfg = job.cfg
+    rank0 = torch.distributed.get_rank() == 0
+    engine = Engine(job.model, cfg.optim, forward_step=job.forward_step, chunk=job.chunk,
+                    train_steps=cfg.train_steps, micro_batch_size=cfg.micro_batch_size,
+                    num_microbatches=cfg.num_microbatches, dtype=job.dtype, seed=cfg.seed)
+    if job.init_weights is not None:
+        job.init_weights(engine)
+    resumed, state, rows = _resume(engine, paths.checkpoints, job.identity, job.stage, rank0)
+    # the result's MFU uses the peak measured when the run started, so a resumed run reports the same
+    peak = state.setdefault("peak_flops", paths.peak_flops)
+    columns = ("step", *job.curve_metrics, *(f"val_{m}" for m in job.curve_metrics),
+               "lr", "grad_norm", "tokens_per_s", "mfu")
+    curve = Curve(paths.reports / "curve.csv", columns, rows) if rank0 else None
+    tracker = _tracker(job.stage) if rank0 else None
+    if tracker is not None:  # the restored rows belong to this run's record too
+        for row in rows:
+            tracker.log_metrics({k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)},
+                                step=int(row["step"]))
+    flops_per_token = job.model.flops_per_token()
+    bar = tqdm(total=cfg.train_steps, initial=engine.step, desc=job.stage, unit="step",
+               disable=not rank0 or None, dynamic_ncols=True)
+    window: list[dict[str, float]] = []
+    t_window = 0.0
+    while engine.step < cfg.train_steps:
+        t0 = time.perf_counter()
+        stats = engine.train_step(job.train_batches(engine.step))
+        took = time.perf_counter() - t0  # time inside train_step only
+        t_window += took
+        state["train_seconds"] += took
+        state["steps_timed"] += 1
+        window.append(stats)
+        if not math.isfinite(stats["loss"]):
+            raise UserError(f"loss became {stats['loss']} at step {engine.step}; lower {job.stage}.optim.lr")
+        step = engine.step
+        evaluated = step % cfg.eval_interval == 0 or step == cfg.train_steps
+        if evaluated:
+            state["val"] = engine.evaluate(job.valid_batches)
+        if step % cfg.log_interval == 0 or step == cfg.train_steps:
+            tps = len(window) * job.tokens_per_step / max(t_window, 1e-9)
+            row = {"step": step, "lr": window[-1]["lr"], "grad_norm": window[-1]["grad_norm"],
+                   "tokens_per_s": tps, "mfu": tps * flops_per_token / paths.peak_flops,
+                   **{m: sum(w[m] for w in window) / len(window) for m in job.curve_metrics}}
+            if evaluated:
+                row.update({f"val_{m}": state["val"][m] for m in job.curve_metrics})
+            state["last"] = {m: row[m] for m in job.curve_metrics}
+            if rank0:
+                curve.append(row)
+                tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
+            window, t_window = [], 0.0
+        bar.update(1)
+        if step % cfg.checkpoint_interval == 0 or step == cfg.train_steps:
+            ckpt.save(engine, paths.checkpoints, step=step, meta={"run": job.identity, "loop": state},
+                      files={"curve.csv": curve.text()} if rank0 else None)
+            if os.environ.get(KILL_ENV) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    if state["val"] is None:  # a checkpoint from before this loop kept its metrics: re-evaluate
+        state["val"] = engine.evaluate(job.valid_batches)
+    tps = (state["steps_timed"] * job.tokens_per_step / state["train_seconds"]
+           if state["steps_timed"] else float("nan"))
+    val = state["val"]
+    result = {"final_train_loss": (state["last"] or {}).get("loss", float("nan")),
+              "val_loss": val["loss"], **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+              "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+              "peak_flops": peak, "flops_per_token": flops_per_token,
+              "params": job.model.num_params(), "steps": engine.step, "resumed_from_step": resumed,
+              "tokens_seen": engine.step * job.tokens_per_step, "dtype": dtype_name(job.dtype),
+              "checkpoint": str(ckpt.latest(paths.checkpoints)), **job.extra}
+    if job.perplexity:
+        result["val_perplexity"] = math.exp(min(val["loss"], 50.0))
+    if rank0:
+        (paths.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str,
+            rank0: bool) -> tuple[int, dict[str, Any], list[dict[str, str]]]:
+    """Load the newest readable checkpoint of this run: ``(step, loop state, curve rows)``.
+    Checkpoints of another run are removed; with none usable, a fresh state."""
+    from palm.train import checkpoint as ckpt
+    from palm.train.metrics import read_curve
+
+    fresh: dict[str, Any] = {"train_seconds": 0.0, "steps_timed": 0, "val": None, "last": None}
+    found = ckpt.candidates(root)
+    if not found:
+        return 0, fresh, []
+    first_error: UserError | None = None
+    for path in found:
+        try:
+            meta = ckpt.check_checkpoint(path)
+        except UserError as err:
+            first_error = first_error or err
+            continue
+        if meta.get("run") != identity:
+            torch.distributed.barrier()
+            if rank0:
+                print(f"{stage}: {path} belongs to a different run (config, data or code changed); "
+                      "starting fresh", file=sys.stderr)
+                for old in (*root.glob("step_*"), *root.glob(".step_*")):
+                    shutil.rmtree(old, ignore_errors=True)
+                (root / "latest").unlink(missing_ok=True)
+            torch.distributed.barrier()
+            return 0, fresh, []
+        try:
+            ckpt.load(engine, path)
+        except UserError as err:
+            first_error = first_error or err
+            continue
+        if first_error is not None and rank0:
+            print(f"{stage}: {first_error}; fell back to {path}", file=sys.stderr)
+        if rank0:
+            print(f"{stage}: resumed from {path} (step {engine.step})", file=sys.stderr)
+        curve = path / "curve.csv"
+        rows = read_curve(curve.read_text()) if curve.is_file() else []
+        return engine.step, {**fresh, **meta.get("loop", {})}, rows
+    raise first_error
+
+
+def _tracker(stage: str) -> Any:
+    """Rank 0's handle on the stage's MLflow run (``PALM_MLFLOW_RUN_ID``), or a no-op."""
+    from palm.tracking import RUN_ENV, Tracker
+
+    tracker = Tracker(Path("."), stage, enabled=bool(os.environ.get(RUN_ENV)))
+    tracker.start({}, {})
+    return tracker
+
+
+def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any], chunk: ChunkFactory = PaLM) -> dict[str, Any]:
+    """Load ``checkpoint`` at TP=1, PP=1 in this process and write safetensors + config.json."""
+    from palm import parallel
+    from palm.train import checkpoint as ckpt
+
+    meta = ckpt.check_checkpoint(checkpoint)
+    model_cfg = from_dict(ModelConfig, meta["run"]["model"], "model")
+    parallel.init_distributed()
+    try:
+        model = chunk(model_cfg, parallel.megatron_config(model_cfg), pre_process=True,
+                      post_process=True, layers=list(range(model_cfg.n_layers)), seed=0)
+        ckpt.load_model([model], checkpoint)
+        config = {"model": to_dict(model_cfg), "tokenizer_sha256": meta["run"]["tokenizer_sha256"],
+                  "step": meta["step"], "format": "palm-rlhf/1", **extra}
+        ckpt.export_safetensors(model, out_dir, config)
+    finally:
+        parallel.teardown()
+    return config
