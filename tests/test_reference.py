@@ -24,6 +24,7 @@ import math
 import pytest
 import torch
 
+from conftest import redraw_weights
 from palm import parallel
 from palm.model import ModelConfig, PaLM
 
@@ -154,28 +155,12 @@ def groups():
 
 @pytest.fixture(scope="module")
 def models(groups):
-    """Our model with weights redrawn so every part matters, and those weights as float64.
-
-    PaLM's own init (N(0,1) embedding, 0.02 projections, unit norm gains) makes the blocks a small
-    correction to the embedding: greedy decoding then just repeats the last token and a norm gain
-    read wrongly (e.g. as gain - 1) is invisible. Here projections are N(0, 4/fan_in), so
-    attention and MLP move the residual more than the embedding does (with 1/fan_in greedy
-    decoding still repeated the last token), and norm gains vary around 1.
-    """
+    """Our model with weights redrawn so every part matters (see ``redraw_weights``), and those
+    weights as float64 for the reference."""
     model = PaLM(CFG).eval()
-    params = dict(model.named_parameters())
     # a parameter the reference does not know about (a bias, a new norm) must fail the test
-    assert set(params) == EXPECTED_NAMES
-    g = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, p in params.items():
-            if name.endswith("norm.weight"):
-                new = 1.0 + 0.3 * torch.randn(p.shape, generator=g)
-            elif name == "embedding.weight":
-                new = torch.randn(p.shape, generator=g)
-            else:  # [out, in]
-                new = 2.0 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
-            p.copy_(new)
+    assert set(dict(model.named_parameters())) == EXPECTED_NAMES
+    redraw_weights(model)
     weights = {n: p.detach().double().clone() for n, p in model.named_parameters()}
     return model, weights
 
