@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from palm import parallel  # noqa: E402
 from palm.model import ModelConfig  # noqa: E402
 from palm.train.engine import Engine, OptimConfig, random_batches  # noqa: E402
 from palm.train.metrics import matmul_peak_flops  # noqa: E402
+from palm_rlhf_ref import port_weights, reference_palm  # noqa: E402
 
 CFG = ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, ffn_mult=4.0,
                   seq_len=256, z_loss_weight=0.0)
@@ -54,35 +56,12 @@ class Ours:
 
 class Reference:
     def __init__(self, flash: bool = False, autocast: bool = False, port_from: Engine | None = None):
-        from palm_rlhf_pytorch import PaLM
-
-        self.model = PaLM(num_tokens=CFG.vocab_size, dim=CFG.d_model, depth=CFG.n_layers,
-                          dim_head=CFG.head_dim, heads=CFG.n_heads, ff_mult=int(CFG.ffn_mult),
-                          flash_attn=flash, cross_entropy_ignore_index=-100)
-        if port_from is not None:
-            self._port(port_from)
+        self.model = reference_palm(CFG, flash=flash)
+        if port_from is not None:  # same function as ours: our weights, plain RoPE, 1/sqrt(d) logits
+            port_weights(self.model, dict(port_from.named_parameters()), CFG)
         self.autocast = autocast
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=OPTIM.lr, betas=(OPTIM.beta1, OPTIM.beta2),
                                      eps=OPTIM.eps, weight_decay=0.0)
-
-    def _port(self, engine: Engine) -> None:
-        """Same function as ours: our weights, plain RoPE (no xPos), logits scaled by 1/sqrt(d)."""
-        ours = dict(engine.named_parameters())
-        m = self.model
-        with torch.no_grad():
-            m.token_emb.weight.copy_(ours["embedding.weight"][: CFG.vocab_size])
-            for i, res in enumerate(m.layers):
-                blk, p = res.fn, f"layers.{i}."
-                blk.rotary_emb.use_xpos = False
-                blk.norm.gamma.copy_(ours[p + "norm.weight"] - 1)
-                blk.fused_attn_ff_proj.weight.copy_(torch.cat(
-                    [ours[p + "attn.q.weight"], ours[p + "attn.kv.weight"],
-                     ours[p + "mlp.up.weight"], ours[p + "mlp.gate.weight"]]))
-                blk.attn_out.weight.copy_(ours[p + "attn.out.weight"])
-                blk.ff_out[2].weight.copy_(ours[p + "mlp.down.weight"])
-            m.norm.gamma.copy_(ours["final_norm.weight"] - 1)
-        emb, scale = m.token_emb, CFG.d_model ** -0.5
-        m.to_logits = _ScaledTiedLogits(emb, scale)
 
     def step(self, tokens: torch.Tensor) -> float:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
@@ -92,15 +71,6 @@ class Reference:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss)
-
-
-class _ScaledTiedLogits(torch.nn.Module):
-    def __init__(self, emb: torch.nn.Embedding, scale: float):
-        super().__init__()
-        self.emb, self.scale = emb, scale
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.emb.weight) * self.scale
 
 
 # --- measurement ----------------------------------------------------------------------------------

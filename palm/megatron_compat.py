@@ -1,10 +1,10 @@
 """Run megatron-core's CUDA-only lines on CPU: one small context, entered only around megatron calls.
 
-megatron-core 0.16.1 assumes CUDA in a handful of places that matter to us (DESIGN.md §3): the
-pipeline schedules and p2p communication allocate tensors with ``device="cuda"`` or
-``torch.cuda.current_device()``, megatron DDP and the optimizer create small ``device="cuda"``
-buffers, ``dist_checkpointing.save`` does the same, and gradient clipping / the fp16-param
-optimizer assert ``Tensor.type() == "torch.cuda.FloatTensor"``.
+megatron-core 0.16.1 assumes CUDA in a handful of places that matter to us (docs/megatron-cpu.md
+has the full account): the pipeline schedules and p2p communication allocate tensors with
+``device="cuda"`` or ``torch.cuda.current_device()``, megatron DDP and the optimizer create small
+``device="cuda"`` buffers, ``dist_checkpointing.save`` does the same, and gradient clipping / the
+fp16-param optimizer assert ``Tensor.type() == "torch.cuda.FloatTensor"``.
 
 :func:`cpu_compat` bridges exactly those lines when CUDA is absent:
 

@@ -57,3 +57,29 @@ def make_project(dst: Path, git: bool = True) -> Path:
         run("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
         run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
     return dst
+
+
+def redraw_weights(model, seed: int = 1234) -> None:
+    """Overwrite a whole single-process PaLM's weights so that every part of it matters.
+
+    PaLM's own init (N(0,1) embedding, 0.02 projections, unit norm gains) makes the blocks a small
+    correction to the embedding: greedy decoding then just repeats the last token, and a norm gain
+    read wrongly (e.g. as gain - 1) is invisible. Here projections ``[out, in]`` are
+    N(0, 4/fan_in), so attention and MLP move the residual more than the embedding does (with
+    1/fan_in greedy decoding still repeated the last token), and norm gains vary around 1.
+    Used by the reference tests (test_reference.py, test_palm_rlhf_pytorch.py).
+    """
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                new = 1.0 + 0.3 * torch.randn(p.shape, generator=g)
+            elif name == "embedding.weight":
+                new = torch.randn(p.shape, generator=g)
+            else:
+                new = 2.0 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
+            p.copy_(new.to(p.dtype))

@@ -5,7 +5,7 @@ working directory, no user site and no site-packages on ``sys.path``, so pydoc c
 standard library. It must import nothing but the standard library.
 
 Serving a pydoc page imports its module and runs its top-level code, so three layers keep the
-crawl to harmless standard-library pages (DESIGN §2):
+crawl to harmless standard-library pages (README, "The embedded default data"):
 - ``sys.path`` holds only the standard library (the interpreter flags above);
 - ``robots.txt`` disallows the excluded modules, which a polite crawler honours;
 - the handler itself refuses any page whose module is not an allowed standard-library one.
