@@ -24,6 +24,7 @@ from palm import parallel  # noqa: E402
 from palm.model import ModelConfig, PaLM  # noqa: E402
 from palm.train.engine import Engine, OptimConfig, random_batches  # noqa: E402
 from palm.train.metrics import matmul_peak_flops  # noqa: E402
+from palm.train.pretrain import lm_forward_step  # noqa: E402
 
 TINY = ModelConfig(vocab_size=250, d_model=64, n_layers=4, n_heads=4, head_dim=16, seq_len=32)
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, clip_grad=1.0)
@@ -31,7 +32,8 @@ BIG = ModelConfig(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, head_
 
 
 def train_tiny() -> dict:
-    eng = Engine(TINY, OPTIM, train_steps=3, micro_batch_size=2, num_microbatches=4, seed=7)
+    eng = Engine(TINY, OPTIM, forward_step=lm_forward_step(1e-4), train_steps=3, micro_batch_size=2,
+                 num_microbatches=4, seed=7)
     losses, grads = [], {}
     for i, step in enumerate(random_batches(TINY, steps=3, num_microbatches=4, micro_batch_size=2, seed=3)):
         losses.append(eng.train_step(step)["loss"])
@@ -82,8 +84,8 @@ def throughput(micro_batch: int = 2, steps: int = 6) -> None:
     parallel.init_distributed()
     print(f"RESULT config: {BIG.num_params() / 1e9:.2f}B params, seq {BIG.seq_len}, micro-batch {micro_batch}, "
           f"GPU {torch.cuda.get_device_name()}")
-    eng = Engine(BIG, OPTIM, train_steps=100, micro_batch_size=micro_batch, num_microbatches=1,
-                 dtype=torch.bfloat16, seed=0)
+    eng = Engine(BIG, OPTIM, forward_step=lm_forward_step(1e-4), train_steps=100,
+                 micro_batch_size=micro_batch, num_microbatches=1, dtype=torch.bfloat16, seed=0)
     batches = random_batches(BIG, steps=steps + 2, num_microbatches=1, micro_batch_size=micro_batch, seed=0)
     for b in batches[:2]:
         eng.train_step(b)  # warm-up

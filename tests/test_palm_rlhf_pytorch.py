@@ -29,7 +29,7 @@ from palm_rlhf_ref import port_weights, reference_palm  # noqa: E402
 # Several heads and layers, n_heads * head_dim != d_model, and a vocabulary that is padded
 # (300 -> 384 rows), so the mapping has to slice our embedding.
 CFG = ModelConfig(vocab_size=300, d_model=48, n_layers=3, n_heads=3, head_dim=8, ffn_mult=3.0,
-                  seq_len=32, z_loss_weight=0.0)
+                  seq_len=32)
 ATOL = 1e-5  # absolute, fp32 against fp32; observed: 4.4e-6 on logits up to ~4
 
 

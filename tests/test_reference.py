@@ -30,20 +30,14 @@ from palm.model import ModelConfig, PaLM
 
 
 def our_nll_and_logz(model: PaLM, tokens: torch.Tensor, labels: torch.Tensor):
-    """Our per-token NLL and log Z, ``[b, s]`` each: the one place that knows the loss API.
-
-    Today ``model(tokens, labels=...)`` returns NLL + z_loss_weight * logZ^2 (the plain NLL here,
-    as CFG has ``z_loss_weight=0``). When it returns ``(nll, logz)`` (issue 6 §1) the body becomes
-    ``return model(tokens, labels=labels)``.
-    """
-    from palm.model import vocab_parallel_logsumexp
-    return model(tokens, labels=labels), vocab_parallel_logsumexp(model(tokens).float())
+    """Our per-token NLL and log Z, ``[b, s]`` each: the one place that knows the loss API."""
+    return model(tokens, labels=labels)
 
 
 # Small but with every dimension distinct, so a transposed or misassigned weight cannot line up by
 # accident: n_heads * head_dim (24) != d_model (48) != ffn (120), vocab 300 padded to 384.
 CFG = ModelConfig(vocab_size=300, d_model=48, n_layers=3, n_heads=3, head_dim=8, ffn_mult=2.5,
-                  seq_len=24, z_loss_weight=0.0)
+                  seq_len=24)
 ATOL = 1e-5  # fp32 model vs the float64 reference (absolute); observed: 4e-6 on logits up to ~4
 
 
