@@ -114,6 +114,7 @@ def file_records(path: Path, counts: Counter) -> Iterator[Any]:
         elif name.endswith(".json"):
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, list):
+                counts["read"] += 1
                 counts["not_a_list"] += 1
                 return
             yield from data
