@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import itertools
 import json
 from collections import Counter
 from pathlib import Path
