@@ -429,3 +429,13 @@ def test_dedup_and_max_examples(tmp_path, tok_dir):
     m = build_chat_data("prefs", ChatDataConfig(path="p.jsonl", max_examples=2), corpus=tmp_path, tokenizer=tok_dir,
                         seq_len=64, out=out, root=tmp_path)
     assert m["kept"] == 2
+
+
+def test_unreadable_files_are_counted(tmp_path):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 broken")
+    (tmp_path / "bad.json").write_text("[{oops")
+    write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "Q?", "chosen": "A.", "rejected": "B."}])
+    pairs, counts = read(tmp_path, "prefs")
+    assert pairs == [Pair((Turn("user", "Q?"),), "A.", "B.")]
+    assert counts == {"read": 4, "malformed_json": 3}

@@ -2,21 +2,21 @@
 
 A source is a file or a folder of files (``.jsonl``, ``.jsonl.gz``, ``.json`` holding a list,
 ``.parquet``), or ``hf:<name>`` (a Hugging Face dataset, needs network). Each file's format is
-given, or detected from its first records (``auto``):
+given, or detected from its first records (``auto``); each gives conversations (SFT) and, where
+it holds preferences, pairs:
 
-=============  ==========================================================  ===========  =========
-format         record                                                      conversations pairs
-=============  ==========================================================  ===========  =========
-``oasst``      an oasst1 message tree: ``{"prompt": {role, text, replies}}``  best-ranked path  ranked siblings
-``hh``         Anthropic hh-rlhf: ``chosen``/``rejected`` transcripts        the chosen one   chosen > rejected
-``pairs``      ``prompt``/``chosen``/``rejected`` strings                    prompt + chosen  chosen > rejected
-``chat``       ``messages: [{role, content}]``                              the messages     —
-``instruction`` dolly ``instruction/context/response`` or alpaca            one exchange     —
-               ``instruction/input/output``
-=============  ==========================================================  ===========  =========
+- ``oasst``: oasst1 message trees ``{"prompt": {role, text, rank, replies}}``; the best-ranked
+  path of each tree; every two differently ranked sibling replies (lower rank chosen).
+- ``hh``: Anthropic hh-rlhf ``chosen``/``rejected`` transcripts; the chosen one; its last reply
+  over the rejected one, the shared conversation before them as the prompt.
+- ``pairs``: ``prompt``/``chosen``/``rejected`` strings; prompt + chosen; chosen over rejected.
+- ``chat``: ``messages: [{role, content}]``; the messages.
+- ``instruction``: dolly ``instruction``/``context``/``response`` or alpaca
+  ``instruction``/``input``/``output``; one exchange.
 
-Nothing here raises on bad data: a record that cannot be used is skipped and counted under a
-reason (see :data:`DROP_REASONS`) in the ``counts`` Counter the caller passes.
+Bad data never raises: a record that cannot be used is skipped and counted under a reason (see
+:data:`DROP_REASONS`) in the ``counts`` Counter the caller passes. Only a missing path, a folder
+without data files or an unreachable ``hf:`` dataset is a :class:`UserError`.
 """
 
 from __future__ import annotations
@@ -129,8 +129,7 @@ def file_records(path: Path, counts: Counter) -> Iterator[Any]:
                     except ValueError:
                         counts["read"] += 1
                         counts["malformed_json"] += 1
-    except (OSError, ValueError, EOFError) as err:  # unreadable file: not JSON, bad gzip, bad Parquet
-        del err
+    except (OSError, ValueError, EOFError):  # an unreadable file: not JSON, bad gzip, bad Parquet
         counts["read"] += 1
         counts["malformed_json"] += 1
 
