@@ -32,7 +32,8 @@ PAGES = {  # pydoc pages as the scrape stage extracts them: a "Functions" sectio
             "loads(s, *, cls=None) Deserialize ``s`` (a ``str`` instance) to a Python object. "
             "Also see dump(obj, fp) Which writes to a file.\n"
             "Data\n__all__ = ['dump', 'dumps', 'load', 'loads']",
-    "textwrap": "textwrap index Module Reference\nText wrapping and filling.\nClasses\nclass TextWrapper(builtins.object)\n"
+    "textwrap": "textwrap index Module Reference\nText wrapping and filling.\n"
+                "Classes\nclass TextWrapper(builtins.object)\n"
                 "Functions\n"
                 "dedent(text) Remove any common leading whitespace from every line in `text`. "
                 "fill(text, width=70, **kwargs) Fill a single paragraph of text, returning a new string. "
@@ -85,8 +86,9 @@ def test_template_renders_exact_ids(tok):
     assert ids == ([system, *enc("Be brief."), end, user, *enc("What does it do?"), end,
                     assistant, *enc("It works well."), end, user, *enc("How are you?"), end,
                     assistant, *enc("I am fine, thank you."), end])
-    assert render_text(CONV) == (f"{SYSTEM}Be brief.{END_TURN}{USER}What does it do?{END_TURN}{ASSISTANT}It works "
-                                 f"well.{END_TURN}{USER}How are you?{END_TURN}{ASSISTANT}I am fine, thank you.{END_TURN}")
+    assert render_text(CONV) == (f"{SYSTEM}Be brief.{END_TURN}{USER}What does it do?{END_TURN}"
+                                 f"{ASSISTANT}It works well.{END_TURN}{USER}How are you?{END_TURN}"
+                                 f"{ASSISTANT}I am fine, thank you.{END_TURN}")
     assert tok.encode(render_text(CONV), add_special_tokens=False).ids == ids  # the text is the same sequence
     assert t.render_prompt(CONV[:2]) == t.render(CONV[:2])[0] + [assistant]
     assert t.render_prompt(CONV[:2]) + t.render_reply("It works well.") == t.render(CONV[:3])[0]
@@ -247,8 +249,9 @@ def msg(role, text, rank=None, *replies, **flags):
 
 def test_oasst_small_trees(tmp_path):
     path = write_jsonl(tmp_path / "t.trees.jsonl", [
-        tree(msg("assistant", "Second.", 1), msg("assistant", "Best.", 0, msg("prompter", "More?", None,
-             msg("assistant", "Yes.", None))), msg("assistant", "Third.", 2), msg("assistant", "Gone.", 0, deleted=True),
+        tree(msg("assistant", "Second.", 1),
+             msg("assistant", "Best.", 0, msg("prompter", "More?", None, msg("assistant", "Yes.", None))),
+             msg("assistant", "Third.", 2), msg("assistant", "Gone.", 0, deleted=True),
              msg("assistant", "Bot.", 3, synthetic=True), msg("assistant", "Bad.", 4, review_result=False)),
         tree(),  # an empty tree
         tree(msg("assistant", "Only.", None), msg("assistant", "Unranked.", None)),
@@ -285,8 +288,8 @@ def slow_oasst_walk(trees: list[dict]) -> tuple[list[tuple], list[tuple]]:
         path = [("user" if m["role"] == "prompter" else "assistant", m["text"].strip())]
         children = kids(m)
         if children:
-            ranked = sorted(enumerate(children), key=lambda ic: (ic[1].get("rank") is None, ic[1].get("rank") or 0, ic[0]))
-            path += best_path(ranked[0][1])
+            order = lambda ic: (ic[1].get("rank") is None, ic[1].get("rank") or 0, ic[0])  # noqa: E731
+            path += best_path(sorted(enumerate(children), key=order)[0][1])
         return path
 
     def pairs_below(m, above):
@@ -328,7 +331,8 @@ def test_oasst_file_counts_match_a_slow_walk(shared_data):
     assert [tuple((t.role, t.text) for t in c) for c in convs] == naive_convs
     assert counts == {"read": 100, "synthetic": 5}
     pairs, counts = read(path, "prefs")
-    assert sorted(((tuple((t.role, t.text) for t in p.prompt), p.chosen, p.rejected) for p in pairs)) == sorted(naive_pairs)
+    flat = [(tuple((t.role, t.text) for t in p.prompt), p.chosen, p.rejected) for p in pairs]
+    assert sorted(flat) == sorted(naive_pairs)
     assert counts == {"read": 100, "synthetic": 5}
     assert len(set(pairs)) == len(pairs)  # each unordered pair once
     assert sum(len(c) for c in convs) == 2 * sum(1 for c in convs for t in c if t.role == "assistant")
@@ -368,7 +372,8 @@ def test_default_data_from_the_corpus(tmp_path):
     assert len(convs) == counts["read"] == 8  # 4 json + 3 textwrap + 1 math ("floor" after "sqrt": text)
     assert any("`json.dumps`" in n for n in names) and any("`math.sqrt`" in n for n in names)
     by_q = {c[0].text: c[1].text for c in convs}
-    assert next(a for q, a in by_q.items() if "`json.dumps`" in q).startswith("`json.dumps(obj, *, indent=None)`: Serialize")
+    dumps = next(a for q, a in by_q.items() if "`json.dumps`" in q)
+    assert dumps.startswith("`json.dumps(obj, *, indent=None)`: Serialize")
     pairs = list(default_pairs(corpus, 1, Counter()))
     assert len(pairs) == 16
     for p in pairs:
@@ -408,7 +413,8 @@ def test_default_stage_outputs_split_and_loaders(tmp_path, tok_dir, tok):
         assert row["chosen_ids"] == t.render_reply(row["chosen"]) and row["prompt"].endswith(ASSISTANT)
     # never the same prompt in train and valid; the same question lands in the same split in both stages
     for tables in (sft, prefs):
-        assert not set(tables["train"].column("group_id").to_pylist()) & set(tables["valid"].column("group_id").to_pylist())
+        train, valid = (set(tables[s].column("group_id").to_pylist()) for s in ("train", "valid"))
+        assert train and valid and not train & valid
     assert set(sft["valid"].column("group_id").to_pylist()) == set(prefs["valid"].column("group_id").to_pylist())
     with pytest.raises(UserError, match="made with tokenizer sha256 .*rerun the sft_data stage"):
         load_sft(outs["sft"], "train", "0" * 64)

@@ -60,7 +60,7 @@ def test_dvc_repro_default_then_nothing_to_rerun(tmp_path):
         m = metrics(root, name)
         assert m["read"] == 8 and m["kept"] == kept == m["train"] + m["valid"]
         assert {f"dropped_{r}" for r in DROP_REASONS} <= set(m)
-    assert load_sft(root / "data" / "sft", "train", sha).num_rows + load_sft(root / "data" / "sft", "valid", sha).num_rows == 8
+    assert sum(load_sft(root / "data" / "sft", s, sha).num_rows for s in ("train", "valid")) == 8
     assert load_prefs(root / "data" / "prefs", "valid", sha).num_rows > 0
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert lock["sft_data"]["params"]["params.yaml"]["model.seq_len"] == 128
@@ -97,7 +97,8 @@ def test_unusable_input_is_one_line_and_exit_2(tmp_path):
     root = project(tmp_path / "p", sft_data={"path": "junk.jsonl"}, prefs={"path": "hf:nobody/nothing"})
     (root / "junk.jsonl").write_text('{"broken\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
     line = one_line_error(stage(root, "sft_data"), "sft_data")
-    assert "junk.jsonl: no usable conversations (2 records read; dropped malformed_json: 1, no_assistant_turn: 1)" in line
+    assert ("junk.jsonl: no usable conversations (2 records read; dropped malformed_json: 1, "
+            "no_assistant_turn: 1)") in line
     assert "check sft_data.path and sft_data.format" in line
     line = one_line_error(stage(root, "prefs", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), "prefs")
     assert "hf:nobody/nothing: cannot load the Hugging Face dataset" in line and "network" in line

@@ -102,7 +102,8 @@ class ChatTemplate:
         return self.encode([text])[0] + [self.end_id]
 
 
-def fit_conversation(ids: list[int], mask: list[int], reply_start: int, seq_len: int) -> tuple[list[int], list[int], bool]:
+def fit_conversation(ids: list[int], mask: list[int], reply_start: int,
+                     seq_len: int) -> tuple[list[int], list[int], bool]:
     """Cut the prompt (``ids[:reply_start]``) from the left so the sequence fits ``seq_len``;
     :class:`Skip` ``too_long`` when the reply alone does not."""
     if len(ids) - reply_start > seq_len:
@@ -209,8 +210,9 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
     if not rows:
         reasons = ", ".join(f"{r}: {counts[r]}" for r in DROP_REASONS if counts[r]) or "none found"
         where = "the default corpus" if cfg.path == "default" else cfg.path
-        raise UserError(f"{where}: no usable {'conversations' if kind == 'sft' else 'preference pairs'} "
-                        f"({counts['read']} records read; dropped {reasons}); check {section}.path and {section}.format")
+        what = "conversations" if kind == "sft" else "preference pairs"
+        raise UserError(f"{where}: no usable {what} ({counts['read']} records read; dropped {reasons}); "
+                        f"check {section}.path and {section}.format")
 
     valid = choose_valid(sorted({r["group_id"] for r in rows}),
                          TokenizeConfig(valid_fraction=cfg.valid_fraction, seed=cfg.seed))

@@ -229,7 +229,8 @@ def hh_turns(transcript: Any) -> list[Turn]:
     if not isinstance(transcript, str):
         raise Skip("missing_field")
     parts = _HH_TURN.split(transcript)
-    turns = [Turn("user" if who == "Human" else "assistant", text.strip()) for who, text in zip(parts[1::2], parts[2::2])]
+    turns = [Turn("user" if who == "Human" else "assistant", text.strip())
+             for who, text in zip(parts[1::2], parts[2::2])]
     if not any(t.role == "assistant" for t in turns):
         raise Skip("no_assistant_turn")
     if any(not t.text for t in turns):
@@ -321,7 +322,7 @@ def oasst_pairs(record: dict, counts: Counter) -> Iterator[Pair]:
     while stack:
         node, above = stack.pop()
         here = above + (Turn(node.role, node.text),)
-        ranked = [c for c in node.children if c.role == "assistant" and c.rank is not None] if node.role == "user" else []
+        ranked = [c for c in node.children if node.role == "user" and c.role == "assistant" and c.rank is not None]
         for a, b in itertools.combinations(ranked, 2):
             if a.rank == b.rank:
                 continue
