@@ -445,3 +445,22 @@ def test_unreadable_files_are_counted(tmp_path):
     pairs, counts = read(tmp_path, "prefs")
     assert pairs == [Pair((Turn("user", "Q?"),), "A.", "B.")]
     assert counts == {"read": 4, "malformed_json": 3}
+
+
+def test_config_is_strict():
+    from conftest import ROOT
+
+    from palm.config import from_dict, load_section
+    from palm.errors import ConfigError
+
+    for section in ("sft_data", "prefs"):
+        cfg = load_section(ChatDataConfig, ROOT / "params.yaml", section)
+        assert (cfg.path, cfg.format) == ("default", "auto")
+    for values, key, words in (({"format": "dolly"}, "prefs.format", "one of 'auto'"),
+                               ({"pth": "x"}, "prefs.pth", "did you mean 'path'"),
+                               ({"path": ""}, "prefs.path", "must be 'default'"),
+                               ({"valid_fraction": 1.0}, "prefs.valid_fraction", "between 0 and 1"),
+                               ({"max_examples": -1}, "prefs.max_examples", ">= 0")):
+        with pytest.raises(ConfigError, match=words) as err:
+            from_dict(ChatDataConfig, values, "prefs")
+        assert err.value.key == key
