@@ -1,6 +1,6 @@
 """The data half of the pipeline end to end, on the embedded default (pydoc), for real:
 the Prefect flow (one task per DVC stage) on a temporary Prefect server, DVC caching, MLflow
-runs on SQLite, and the token shards read back through megatron-core."""
+runs on SQLite, the token shards read back through megatron-core, and the chat data."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import yaml
 from conftest import make_project
 
 pytestmark = pytest.mark.e2e
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain"]
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs"]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,26 @@ def test_default_pretrain_beats_unigram(project, flow_runs):
     assert (project / "models" / "pretrain" / "model.safetensors").is_file()
     curve = (project / "reports" / "pretrain" / "curve.csv").read_text().splitlines()
     assert curve[0].split(",")[:2] == ["step", "loss"] and len(curve) > 2
+
+
+def test_default_chat_data(project, flow_runs):
+    import json
+
+    from palm.data.chat import load_prefs, load_sft
+    from palm.tokenizer import sha256_file
+
+    sha = sha256_file(project / "artifacts" / "tokenizer" / "tokenizer.json")
+    seq_len = yaml.safe_load((project / "params.yaml").read_text())["model"]["seq_len"]
+    longest = {"sft_data": lambda r: len(r["input_ids"]),
+               "prefs": lambda r: len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))}
+    for stage, folder, load in (("sft_data", "sft", load_sft), ("prefs", "prefs", load_prefs)):
+        m = json.loads((project / "reports" / stage / "metrics.json").read_text())
+        print(f"default {stage}: read {m['read']}, kept {m['kept']} ({m['train']} train, {m['valid']} valid)")
+        assert m["kept"] >= 500 and m["valid"] > 0 and m["dropped_too_long"] == 0
+        for split in ("train", "valid"):
+            rows = load(project / "data" / folder, split, sha).to_pylist()
+            assert len(rows) == m[split]
+            assert max(map(longest[stage], rows)) <= seq_len
 
 
 def test_repro_noop_then_param_change_reruns_downstream_only(project, flow_runs):

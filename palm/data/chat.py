@@ -1,0 +1,278 @@
+"""Chat data: the project's one chat template, the ``sft_data`` and ``prefs`` stages, and the
+loaders that SFT, the reward model and PPO read their data with.
+
+The template, from the tokenizer's special tokens (``palm/tokenizer.py``)::
+
+    <|system|>{text}<|end|><|user|>{text}<|end|><|assistant|>{text}<|end|><|user|>…
+
+Each turn is its role token, its text (byte-level BPE; a special token's spelling inside the text
+is encoded as plain text, so data cannot forge a turn) and ``<|end|>``. The SFT loss mask is 1 on
+every assistant turn's text and its ``<|end|>`` (so the model learns to stop), 0 on everything
+else, role tokens included. A generation prompt is the conversation followed by ``<|assistant|>``.
+
+Stage outputs (``data/sft/``, ``data/prefs/``): ``{train,valid}.parquet`` and ``meta.json`` with
+the tokenizer's sha256; the loaders refuse data made with another tokenizer. Every sequence fits
+the model: ``len(input_ids) <= seq_len`` and ``len(prompt_ids) + len(reply_ids) <= seq_len``.
+Too long: the prompt is cut from the left and the reply kept; dropped only when the reply (with
+its ``<|assistant|>`` header) alone does not fit. The train/valid split is by the first user turn
+(a prompt is never in both) with the seeded hash of ``palm/data/tokenize.py``; the same seed puts
+a question in the same split in both stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from palm.config import check
+from palm.data.chat_readers import DROP_REASONS, Conversation, Pair, Skip, Turn, read_examples
+from palm.errors import UserError
+from palm.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, special_ids
+
+META = "meta.json"
+SPLITS = ("train", "valid")
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+SFT_SCHEMA = pa.schema([
+    ("conversation_id", pa.string()),  # sha1 of the rendered conversation text
+    ("group_id", pa.string()),  # sha1 of the first user turn: the unit of the train/valid split
+    ("input_ids", pa.list_(pa.int32())),
+    ("loss_mask", pa.list_(pa.int8())),  # 1 on assistant text and its <|end|>
+    ("text", pa.string()),  # the rendered conversation (before any truncation)
+    ("truncated", pa.bool_()),  # the prompt was cut from the left to fit seq_len
+])
+PREFS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),  # sha1 of the rendered prompt text
+    ("group_id", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),  # ends with <|assistant|>
+    ("chosen_ids", pa.list_(pa.int32())),  # reply text + <|end|>
+    ("rejected_ids", pa.list_(pa.int32())),
+    ("prompt", pa.string()),  # the rendered prompt (before any truncation)
+    ("chosen", pa.string()),  # reply texts, without the template
+    ("rejected", pa.string()),
+    ("truncated", pa.bool_()),
+])
+
+
+# ----------------------------------------------------------------------------- the template
+
+def render_text(conv: Conversation, generation_prompt: bool = False) -> str:
+    """The conversation as template text (``<|user|>…<|end|><|assistant|>…<|end|>``)."""
+    text = "".join(f"{ROLE_TOKENS[t.role]}{t.text}{END_TURN}" for t in conv)
+    return text + ASSISTANT if generation_prompt else text
+
+
+class ChatTemplate:
+    """Token ids of conversations, prompts and replies in the project's chat template."""
+
+    def __init__(self, tok: Any):
+        from tokenizers import Tokenizer
+
+        ids = special_ids(tok)
+        self.role_ids = {"system": ids["system_id"], "user": ids["user_id"], "assistant": ids["assistant_id"]}
+        self.end_id = ids["end_turn_id"]
+        self._tok = Tokenizer.from_str(tok.to_str())  # a copy: the caller's tokenizer is left as it is
+        self._tok.encode_special_tokens = True  # "<|end|>" typed in a text is plain text
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def render(self, conv: Conversation) -> tuple[list[int], list[int]]:
+        """``(input_ids, loss_mask)`` of a conversation."""
+        ids: list[int] = []
+        mask: list[int] = []
+        for turn, body in zip(conv, self.encode([t.text for t in conv])):
+            learn = int(turn.role == "assistant")
+            ids += [self.role_ids[turn.role], *body, self.end_id]
+            mask += [0] + [learn] * (len(body) + 1)
+        return ids, mask
+
+    def render_prompt(self, conv: Conversation) -> list[int]:
+        """A prompt for the next assistant reply: the conversation, then ``<|assistant|>``."""
+        return self.render(conv)[0] + [self.role_ids["assistant"]]
+
+    def render_reply(self, text: str) -> list[int]:
+        """An assistant reply as it follows a prompt: its text, then ``<|end|>``."""
+        return self.encode([text])[0] + [self.end_id]
+
+
+def fit_conversation(ids: list[int], mask: list[int], reply_start: int,
+                     seq_len: int) -> tuple[list[int], list[int], bool]:
+    """Cut the prompt (``ids[:reply_start]``) from the left so the sequence fits ``seq_len``;
+    :class:`Skip` ``too_long`` when the reply alone does not."""
+    if len(ids) - reply_start > seq_len:
+        raise Skip("too_long")
+    if len(ids) <= seq_len:
+        return ids, mask, False
+    return ids[-seq_len:], mask[-seq_len:], True
+
+
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], seq_len: int) -> tuple[list[int], bool]:
+    """The prompt, cut from the left (keeping at least its ``<|assistant|>``) so that it fits
+    with the longer reply."""
+    room = seq_len - max(len(chosen), len(rejected))
+    if room < 1:
+        raise Skip("too_long")
+    return (prompt[-room:], True) if len(prompt) > room else (prompt, False)
+
+
+# ----------------------------------------------------------------------------- the stages
+
+@dataclass(frozen=True)
+class ChatDataConfig:
+    """The ``sft_data`` and ``prefs`` sections."""
+
+    # "default": derived from the corpus (automatic labels); else a file or folder of .jsonl,
+    # .jsonl.gz, .json or .parquet (relative to the project root), or "hf:<dataset name>"
+    path: str = "default"
+    format: Literal["auto", "oasst", "hh", "pairs", "chat", "instruction"] = "auto"  # auto: detected per file
+    hf_split: str = "train"  # with hf:<name>: the split to read
+    valid_fraction: float = 0.05  # share of prompts held out
+    seed: int = 1234  # seeds the split (and the default data's choices)
+    max_examples: int = 0  # keep at most this many examples (0 = all)
+
+    def __post_init__(self) -> None:
+        check(bool(self.path.strip()), "path", "must be 'default', a file or folder, or hf:<name>")
+        check(self.path != "hf:", "path", "hf: needs a dataset name, e.g. hf:Anthropic/hh-rlhf")
+        check(0.0 < self.valid_fraction < 1.0, "valid_fraction", "must be between 0 and 1 (exclusive)")
+        check(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _group(conv: Conversation) -> str:
+    return _sha1(next(t.text for t in conv if t.role == "user"))
+
+
+def _examples(kind: str, cfg: ChatDataConfig, corpus: Path, root: Path, counts: Counter, progress: bool):
+    if cfg.path == "default":
+        from palm.data.chat_default import default_conversations, default_pairs
+
+        return (default_conversations if kind == "sft" else default_pairs)(corpus, cfg.seed, counts)
+    return read_examples(cfg.path, cfg.format, kind, counts, root=root, hf_split=cfg.hf_split, progress=progress)
+
+
+def _sft_row(t: ChatTemplate, conv: Conversation, seq_len: int) -> dict:
+    ids, mask = t.render(conv)
+    reply_start = len(ids) - len(t.render(conv[-1:])[0])
+    ids, mask, cut = fit_conversation(ids, mask, reply_start, seq_len)
+    text = render_text(conv)
+    return {"conversation_id": _sha1(text), "group_id": _group(conv), "input_ids": ids, "loss_mask": mask,
+            "text": text, "truncated": cut}
+
+
+def _pair_row(t: ChatTemplate, pair: Pair, seq_len: int) -> dict:
+    chosen, rejected = t.render_reply(pair.chosen), t.render_reply(pair.rejected)
+    prompt, cut = fit_pair(t.render_prompt(pair.prompt), chosen, rejected, seq_len)
+    text = render_text(pair.prompt, generation_prompt=True)
+    return {"prompt_id": _sha1(text), "group_id": _group(pair.prompt), "prompt_ids": prompt,
+            "chosen_ids": chosen, "rejected_ids": rejected, "prompt": text, "chosen": pair.chosen,
+            "rejected": pair.rejected, "truncated": cut}
+
+
+def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpus: Path, tokenizer: Path,
+                    seq_len: int, out: Path, root: Path = Path("."), progress: bool = False) -> dict:
+    """Read, clean, dedup, tokenize, fit and split the examples of ``cfg`` into ``out`` (a fresh
+    folder): ``{train,valid}.parquet`` + ``meta.json``. Returns the metrics: ``read``, ``kept``,
+    one count per drop reason, the split sizes and tokens."""
+    from palm.data.tokenize import TokenizeConfig, choose_valid
+    from palm.io import write_json
+    from palm.tokenizer import load_tokenizer, sha256_file
+
+    section = "sft_data" if kind == "sft" else "prefs"
+    tok_path = Path(tokenizer) / "tokenizer.json"
+    template = ChatTemplate(load_tokenizer(tok_path))
+    counts: Counter = Counter()
+    seen: set = set()
+    rows: list[dict] = []
+    to_row = _sft_row if kind == "sft" else _pair_row
+    for example in _examples(kind, cfg, Path(corpus), Path(root), counts, progress):
+        if example in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(example)
+        try:
+            rows.append(to_row(template, example, seq_len))
+        except Skip as skip:
+            counts[skip.reason] += 1
+            continue
+        if cfg.max_examples and len(rows) >= cfg.max_examples:
+            break
+    dropped = {f"dropped_{r}": counts[r] for r in DROP_REASONS}
+    if not rows:
+        reasons = ", ".join(f"{r}: {counts[r]}" for r in DROP_REASONS if counts[r]) or "none found"
+        where = "the default corpus" if cfg.path == "default" else cfg.path
+        what = "conversations" if kind == "sft" else "preference pairs"
+        raise UserError(f"{where}: no usable {what} ({counts['read']} records read; dropped {reasons}); "
+                        f"check {section}.path and {section}.format")
+
+    valid = choose_valid(sorted({r["group_id"] for r in rows}),
+                         TokenizeConfig(valid_fraction=cfg.valid_fraction, seed=cfg.seed))
+    schema = SFT_SCHEMA if kind == "sft" else PREFS_SCHEMA
+    id_cols = ("input_ids",) if kind == "sft" else ("prompt_ids", "chosen_ids", "rejected_ids")
+    sizes, tokens = {}, {}
+    for split in SPLITS:
+        part = [r for r in rows if (r["group_id"] in valid) == (split == "valid")]
+        pq.write_table(pa.Table.from_pylist(part, schema=schema), Path(out) / f"{split}.parquet")
+        sizes[split] = len(part)
+        tokens[split] = sum(len(r[c]) for r in part for c in id_cols)
+    meta = {"kind": kind, "tokenizer_sha256": sha256_file(tok_path), "seq_len": seq_len, "counts": sizes,
+            "tokens": tokens, "source": cfg.path, "format": cfg.format, "seed": cfg.seed,
+            "valid_fraction": cfg.valid_fraction, "template": render_text(
+                (Turn("system", "{system}"), Turn("user", "{user}"), Turn("assistant", "{assistant}")))}
+    write_json(Path(out) / META, meta)
+    return {"read": counts["read"], "kept": len(rows), **dropped, "train": sizes["train"], "valid": sizes["valid"],
+            "train_tokens": tokens["train"], "valid_tokens": tokens["valid"],
+            "truncated": sum(r["truncated"] for r in rows)}
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def read_chat_meta(folder: Path, stage: str) -> dict:
+    """``meta.json`` of a chat-data folder (one clear line when missing or unreadable)."""
+    path = Path(folder) / META
+    try:
+        meta = json.loads(path.read_text())
+        meta["tokenizer_sha256"]
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: missing or unreadable; run the {stage} stage (dvc repro {stage})") from None
+
+
+def _load(folder: Path, split: str, tokenizer_sha256: str, stage: str, kind: str, schema: pa.Schema) -> pa.Table:
+    folder = Path(folder)
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    meta = read_chat_meta(folder, stage)
+    if meta.get("kind") != kind:
+        raise UserError(f"{folder}: holds {meta.get('kind')!r} data, not {kind!r}; run the {stage} stage")
+    if meta["tokenizer_sha256"] != tokenizer_sha256:
+        raise UserError(f"{folder}: made with tokenizer sha256 {meta['tokenizer_sha256'][:12]}… but the tokenizer "
+                        f"given has {tokenizer_sha256[:12]}…; rerun the {stage} stage (dvc repro {stage})")
+    path = folder / f"{split}.parquet"
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"{path}: unreadable ({err}); rerun the {stage} stage (dvc repro {stage})") from None
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise UserError(f"{path}: missing columns {', '.join(missing)}; rerun the {stage} stage (dvc repro {stage})")
+    return table
+
+
+def load_sft(folder: Path, split: str, tokenizer_sha256: str) -> pa.Table:
+    """The ``sft_data`` stage's ``split`` (columns of :data:`SFT_SCHEMA`), refusing another tokenizer."""
+    return _load(folder, split, tokenizer_sha256, "sft_data", "sft", SFT_SCHEMA)
+
+
+def load_prefs(folder: Path, split: str, tokenizer_sha256: str) -> pa.Table:
+    """The ``prefs`` stage's ``split`` (columns of :data:`PREFS_SCHEMA`), refusing another tokenizer."""
+    return _load(folder, split, tokenizer_sha256, "prefs", "prefs", PREFS_SCHEMA)
