@@ -117,7 +117,9 @@ class Job:
     identity: dict[str, Any]  # what must match for a checkpoint to be resumed
     tokens_per_step: int  # tokens one optimizer step processes (all DP ranks), for tokens/s and MFU
     chunk: ChunkFactory = PaLM
-    init_weights: Callable[[Engine], None] | None = None  # e.g. load the parent stage's export
+    # called before resuming: e.g. load the parent stage's export and measure it (the returned
+    # metrics join the result, e.g. base_val_loss); a resumed checkpoint then overwrites the weights
+    init_weights: Callable[[Engine], dict[str, Any] | None] | None = None
     curve_metrics: tuple[str, ...] = ("loss",)  # train metrics in curve.csv (val_<m> beside them)
     perplexity: bool = True  # report val_perplexity = exp(val_loss) (language-model objectives)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # more result fields
@@ -144,8 +146,9 @@ def train(job: Job, paths: RunPaths) -> dict[str, Any]:
     engine = Engine(job.model, cfg.optim, forward_step=job.forward_step, chunk=job.chunk,
                     train_steps=cfg.train_steps, micro_batch_size=cfg.micro_batch_size,
                     num_microbatches=cfg.num_microbatches, dtype=job.dtype, seed=cfg.seed)
+    extra = dict(job.extra)
     if job.init_weights is not None:
-        job.init_weights(engine)
+        extra.update(job.init_weights(engine) or {})
     resumed, state, rows = _resume(engine, paths.checkpoints, job.identity, job.stage, rank0)
     # the result's MFU uses the peak measured when the run started, so a resumed run reports the same
     peak = state.setdefault("peak_flops", paths.peak_flops)
@@ -207,7 +210,7 @@ def train(job: Job, paths: RunPaths) -> dict[str, Any]:
               "peak_flops": peak, "flops_per_token": flops_per_token,
               "params": job.model.num_params(), "steps": engine.step, "resumed_from_step": resumed,
               "tokens_seen": engine.step * job.tokens_per_step, "dtype": dtype_name(job.dtype),
-              "checkpoint": str(ckpt.latest(paths.checkpoints)), **job.extra}
+              "checkpoint": str(ckpt.latest(paths.checkpoints)), **extra}
     if job.perplexity:
         result["val_perplexity"] = math.exp(min(val["loss"], 50.0))
     if rank0:
