@@ -123,8 +123,7 @@ def pydoc_url_filter(base: str):
 
 def _collect_pydoc(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> dict[str, int]:
     with pydoc_server() as base:
-        host = urlsplit(base).hostname or "127.0.0.1"
-        crawl_cfg = _crawl_config(cfg, seed_urls=(base,), allow_hosts=tuple(cfg.allow_hosts) + (host,))
+        crawl_cfg = _crawl_config(cfg, seed_urls=(base,), allow_hosts=tuple(cfg.allow_hosts) + (urlsplit(base).netloc,))
         is_index = lambda url: urlsplit(url).path.lstrip("/") in ("", "index.html")  # noqa: E731
 
         def keep(page: Page) -> None:
