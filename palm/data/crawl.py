@@ -82,7 +82,7 @@ class CrawlConfig:
     max_pages: int = 1000
     # Link distance from a seed to follow (a seed is depth 0; 0 fetches the seeds only).
     max_depth: int = 3
-    # Largest body accepted per page, in bytes (after content decoding).
+    # Largest body accepted per page (decoded) or per record of a WARC/WET file, in bytes.
     max_bytes: int = 2_000_000
     # Requests in flight at once to one host.
     concurrency: int = 4
