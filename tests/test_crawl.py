@@ -607,3 +607,83 @@ def test_port_policy_and_ipv6_forms_embedding_private_ipv4(site, other_site):
     pages, _ = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=("127.0.0.1",), allow_ports=(site.port,),
                                max_depth=0, **FAST))
     assert len(pages) == 1
+
+
+def test_frontier_is_capped(site):
+    site.page("/", *[f"/p{i}" for i in range(100)])
+    for i in range(100):
+        site.page(f"/p{i}")
+    cfg = CrawlConfig(seed_urls=(site.url(),), allow_hosts=site.allow, max_pages=2, **FAST)
+    pages, stats = run(cfg)
+    cap = crawl_mod.FRONTIER_PER_PAGE * 2
+    assert len(pages) == 2 and stats["skipped"]["frontier_full"] == 100 - (cap - 1)  # the seed is one
+
+
+# Runs the crawl in its own process, so its peak RSS is the crawl's alone (not pytest's or the server's).
+PROBE = """
+import json, sys, time
+from palm.config import from_dict
+from palm.data.crawl import CrawlConfig, crawl
+
+def status_kb(key):  # VmRSS: resident now; VmHWM: its peak (per process image: not inherited via fork)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+cfg = from_dict(CrawlConfig, json.loads(sys.argv[1]))
+base = status_kb("VmRSS")
+t0 = time.monotonic()
+urls = []
+stats = crawl(cfg, lambda page: urls.append(page.url), progress=False)
+print(json.dumps({"urls": urls, "stats": stats.as_dict(), "seconds": time.monotonic() - t0, "base_kb": base,
+                  "peak_kb": status_kb("VmHWM")}))
+"""
+
+
+def test_hostile_mix_finishes_keeps_every_good_page_in_bounded_memory(site):
+    """Good pages mixed with every hostile kind of issue 10. Measures (and prints) the crawl's
+    peak memory and time; asserts only that it finished and stayed under the README's bound."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    bomb = _gzip(bytes(100_000_000))
+    good = [f"/good/{i}" for i in range(8)] + ["/good/gz", "/good/markup", "/good/text.txt"]
+    hostile = ["/bomb-gz", "/bomb-deflate", "/stacked", "/brotli", "/endless", "/drip-body", "/drip-head",
+               "/heavy", "/bad-base", "/r-private", "/r-6to4", f"http://127.0.0.1:{site.port + 1}/port"]
+    site.page("/", *good, *hostile)
+    for path in good[:8]:
+        site.page(path, "/")
+    site.routes["/good/gz"] = (200, _gzip(b"<html><p>compressed, and fine</p></html>"), "text/html",
+                               {"Content-Encoding": "gzip"})
+    site.routes["/good/markup"] = (200, b"<html><![bogus[ x ]]><p>odd but fine</p>", "text/html", None)
+    site.routes["/good/text.txt"] = (200, b"plain text", "text/plain", None)
+    site.routes["/bomb-gz"] = (200, bomb, "text/html", {"Content-Encoding": "gzip"})
+    site.routes["/bomb-deflate"] = (200, zlib.compress(bytes(100_000_000), 9), "text/html", {"Content-Encoding": "deflate"})
+    site.routes["/stacked"] = (200, _gzip(bomb), "text/html", {"Content-Encoding": "gzip, gzip"})
+    site.routes["/brotli"] = (200, b"\x0b\x02\x80hello\x03", "text/html", {"Content-Encoding": "br"})
+    sent, done = {"bytes": 0}, threading.Event()
+    site.routes["/endless"] = _endless("text/html", sent, done)
+    site.routes["/drip-body"] = _drip(headers_first=True)
+    site.routes["/drip-head"] = _drip(headers_first=False)
+    site.routes["/heavy"] = (200, b"<html>" + b"".join(b"<a href=/h%d>" % i for i in range(120_000)), "text/html", None)
+    site.routes["/bad-base"] = (200, b'<base href="http://[::1"><a href="x">x</a>', "text/html", None)
+    site.routes["/r-private"] = (302, b"", "text/plain", {"Location": "http://127.0.0.2/x"})
+    site.routes["/r-6to4"] = (302, b"", "text/plain", {"Location": "http://[2002:7f00:1::1]/x"})
+    max_bytes, concurrency = 2_000_000, 4
+    cfg = dict(seed_urls=[site.url()], allow_hosts=list(site.allow), same_host=False, max_bytes=max_bytes,
+               concurrency=concurrency, request_deadline_s=2.0, parse_timeout_s=0.3, **FAST)
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cfg)], capture_output=True, text=True,
+                          timeout=90, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    growth_mb = (out["peak_kb"] - out["base_kb"]) / 1024
+    print(f"hostile mix: {out['seconds']:.1f} s, crawler peak RSS {out['peak_kb'] / 1024:.0f} MB "
+          f"({out['base_kb'] / 1024:.0f} MB before the crawl, +{growth_mb:.0f} MB during it)")
+    assert sorted(out["urls"]) == sorted(site.url(p) for p in ["/", *good])
+    skipped = {k: n for k, n in out["stats"]["skipped"].items() if n}
+    assert skipped == {"oversize": 3, "encoding": 2, "deadline": 2, "parse_timeout": 1, "parse_error": 1,
+                       "ssrf": 2, "port": 1}
+    # README bound: pages in flight (concurrency x hosts) x max_bytes, a few copies each, plus a
+    # fixed overhead; without bounded decoding a single bomb chunk inflated to ~64 MB.
+    assert growth_mb < 3 * max_bytes * concurrency / 2**20 + 64
