@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import ssl
 import threading
 import zlib
 import time
@@ -23,9 +24,10 @@ FAST = dict(timeout_s=5.0, backoff_s=0.01, retries=2)
 class Site:
     """A test web server: ``route`` a path to a body or a handler function; ``log`` lists the
     request paths in arrival order, ``requests`` holds (path, headers, monotonic time) and
-    ``peers`` (Host header, client port). ``keepalive`` serves HTTP/1.1 persistent connections."""
+    ``peers`` (Host header, client port). ``keepalive`` serves HTTP/1.1 persistent connections,
+    ``tls`` (a server context) HTTPS."""
 
-    def __init__(self, host: str = "127.0.0.1", keepalive: bool = False):
+    def __init__(self, host: str = "127.0.0.1", keepalive: bool = False, tls: ssl.SSLContext | None = None):
         self.routes: dict[str, object] = {}
         self.requests: list[tuple[str, dict[str, str], float]] = []
         self.peers: list[tuple[str, int]] = []
@@ -70,6 +72,8 @@ class Site:
                 pass
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
@@ -687,3 +691,65 @@ def test_hostile_mix_finishes_keeps_every_good_page_in_bounded_memory(site):
     # README bound: pages in flight (concurrency x hosts) x max_bytes, a few copies each, plus a
     # fixed overhead; without bounded decoding a single bomb chunk inflated to ~64 MB.
     assert growth_mb < 3 * max_bytes * concurrency / 2**20 + 64
+
+
+def _tls_files(folder, name: str) -> tuple[str, str, str]:
+    """(CA cert, server cert, server key) paths: a throwaway CA and a certificate for ``name`` only."""
+    from datetime import timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(timezone.utc)
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool):  # noqa: ANN001
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(hours=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    paths = [str(folder / f) for f in ("ca.pem", "server.pem", "server.key")]
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(cert("test CA", ca_key, "test CA", ca_key, True).public_bytes(pem))
+    (folder / "server.pem").write_bytes(cert(name, key, "test CA", ca_key, False).public_bytes(pem))
+    (folder / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    return paths[0], paths[1], paths[2]
+
+
+def test_tls_certificate_is_checked_for_every_host_name(tmp_path, monkeypatch):
+    """One HTTPS server on one address with a certificate for a.example only. Before, a request
+    for b.example went to the IP and reused a.example's verified connection, unchecked."""
+    ca, cert, key = _tls_files(tmp_path, "a.example")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    s = Site(keepalive=True, tls=server_ctx)
+    try:
+        async def resolve(host: str, port: int) -> list[str]:
+            return {"a.example": ["127.0.0.1"], "b.example": ["127.0.0.1"]}[host]
+
+        monkeypatch.setattr(crawl_mod, "_resolve", resolve)
+        monkeypatch.setattr(crawl_mod, "is_public_address", lambda addr: True)
+        # The crawler trusts the test CA instead of certifi's roots (and nothing else changes).
+        monkeypatch.setattr(crawl_mod.httpx, "create_ssl_context", lambda **kw: ssl.create_default_context(cafile=ca))
+        a, b = (f"https://{h}.example:{s.port}" for h in "ab")
+        s.page("/", f"{a}/a1", f"{b}/b1")
+        s.page("/a1")
+        s.page("/b1")
+        pages, stats = run(CrawlConfig(seed_urls=(f"{a}/",), allow_ports=(s.port,), same_host=False,
+                                       respect_robots=False, concurrency=1, retries=0, timeout_s=5.0))
+        assert sorted(p.url for p in pages) == [f"{a}/", f"{a}/a1"]
+        assert stats["skipped"] == {"network_error": 1}
+        assert {h for h, _ in s.peers} == {f"a.example:{s.port}"}  # b.example never got a request
+        with pytest.raises(UserError, match=r"seed https://b\.example:\d+/ could not be fetched .*Hostname mismatch"):
+            run(CrawlConfig(seed_urls=(f"{b}/",), allow_ports=(s.port,), respect_robots=False, retries=0))
+    finally:
+        s.close()
