@@ -31,8 +31,10 @@ import asyncio
 import contextlib
 import email.utils
 import ipaddress
-import multiprocessing as mp
+import json
+import select
 import socket
+import subprocess
 import sys
 import time
 import zlib
@@ -40,16 +42,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from pathlib import Path
 from typing import Callable
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 from urllib.robotparser import RobotFileParser
 
 import httpcore
 import httpx
-from lxml import etree
 from tqdm import tqdm
 
 from palm.config import check
+from palm.data.links import FRAME, extract_links, normalize_url  # noqa: F401 - extract_links re-exported
 from palm.errors import UserError
 
 ACCEPTED_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
@@ -58,6 +61,7 @@ MAX_RETRY_AFTER_S = 30.0
 MAX_ROBOTS_BYTES = 500_000
 STANDARD_PORTS = (80, 443)
 PARSERS = 2  # link-extraction processes (each parses one page at a time)
+LINKS_SCRIPT = str(Path(__file__).with_name("links.py"))
 FRONTIER_PER_PAGE = 20  # URLs kept in the frontier per page that may be fetched; more are dropped
 # Every reason a URL is not fetched (CrawlStats.skipped), always reported, zeros included.
 SKIP_REASONS = (
@@ -162,24 +166,6 @@ class _Skip(Exception):
         self.reason = reason
 
 
-def normalize_url(url: str, base: str | None = None) -> str | None:
-    """``url`` (resolved against ``base``) without fragment, scheme/host lowercased, default port
-    dropped, empty path as "/"; None unless it is an http(s) URL with a host."""
-    try:
-        parts = urlsplit(urljoin(base, url.strip()) if base else url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme, host = parts.scheme.lower(), (parts.hostname or "")
-    if scheme not in ("http", "https") or not host:
-        return None
-    if ":" in host:
-        host = f"[{host}]"
-    if port is not None and port != {"http": 80, "https": 443}[scheme]:
-        host = f"{host}:{port}"
-    return urlunsplit((scheme, host, parts.path or "/", parts.query, ""))
-
-
 def _host_port(entry: str) -> tuple[str, int | None] | None:
     """("host", port or None) of an allow_hosts entry ("host", "host:port", "[v6]:port"), or None."""
     try:
@@ -233,80 +219,61 @@ async def _resolve(host: str, port: int) -> list[str]:
     return [info[4][0] for info in infos]
 
 
-def extract_links(body: bytes, page_url: str) -> list[str]:
-    """Normalized http(s) links of an HTML page, in document order, without duplicates. lxml
-    (libxml2) recovers from any markup in linear time; a ``<base href>`` that is not a URL raises
-    ValueError, as nothing on the page can then be resolved."""
-    root = etree.fromstring(body, etree.HTMLParser(recover=True, no_network=True)) if body.strip() else None
-    if root is None:  # nothing but whitespace or comments
-        return []
-    base = next((b for b in root.xpath("//base/@href")), None)
-    base = urljoin(page_url, str(base).strip()) if base else page_url
-    links = (normalize_url(str(href), base) for href in root.xpath("//a/@href"))
-    return list(dict.fromkeys(u for u in links if u))
-
-
-def _serve_links(conn) -> None:  # noqa: ANN001 - a multiprocessing Connection
-    """A parser process: answer each (body, url) with ("ok", links) or ("error", why), until EOF."""
-    while True:
-        try:
-            body, url = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send(("ok", extract_links(body, url)))
-        except Exception as err:  # noqa: BLE001 - any failure drops this page, never the crawl
-            conn.send(("error", f"{type(err).__name__}: {err}"))
-
-
 class _Parsers:
-    """``PARSERS`` link-extraction processes. A page's parse runs in one of them, off the event
-    loop; one that is over ``budget`` seconds (or dies) is killed and replaced, so a hostile page
-    costs at most one budget of one process and is dropped."""
+    """``PARSERS`` link-extraction processes (:mod:`palm.data.links`, run isolated). A page's
+    parse runs in one of them, off the event loop; one that is over ``budget`` seconds (or dies)
+    is killed and replaced, so a hostile page costs at most one budget of one process and is
+    dropped."""
 
     def __init__(self, budget: float):
         self.budget = budget
-        self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload([__name__])  # a new parser starts in milliseconds
-        self.procs: set = set()  # every live parser process, busy or idle
+        self.procs: set[subprocess.Popen] = set()  # every live parser process, busy or idle
         self.closed = False
-        self.idle: asyncio.Queue = asyncio.Queue()
+        self.idle: asyncio.Queue[subprocess.Popen] = asyncio.Queue()
         for _ in range(PARSERS):
             self.idle.put_nowait(self._start())
 
-    def _start(self) -> tuple:
-        conn, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_serve_links, args=(child,), daemon=True)
-        proc.start()
-        child.close()
+    def _start(self) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-I", LINKS_SCRIPT], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.procs.add(proc)
-        return proc, conn
+        if proc.stdout.readline() != b"ready\n":  # imported and waiting, so budgets time parsing only
+            self._kill(proc)
+            raise UserError(f"the crawler's link parser did not start; run `{sys.executable} -I {LINKS_SCRIPT}` "
+                            f"to see why")
+        return proc
 
-    def _ask(self, worker: tuple, body: bytes, url: str) -> tuple[tuple, tuple[str, object]]:
-        """Runs in a thread: (the worker to put back, its answer), killing it when over budget."""
-        proc, conn = worker
+    def _ask(self, proc: subprocess.Popen, body: bytes, url: str) -> tuple[subprocess.Popen, str, object]:
+        """Runs in a thread: (the process to put back, "ok" | "error" | "timeout", links or why)."""
         try:
-            conn.send((body, url))
-            if conn.poll(self.budget):
-                return worker, conn.recv()
-            answer = ("timeout", f"link extraction took over parse_timeout_s={self.budget}")
-        except (EOFError, OSError) as err:
-            answer = ("error", f"the parser process died ({type(err).__name__})")
-        self._kill(proc)
-        conn.close()
-        return (worker if self.closed else self._start()), answer
+            url_bytes = url.encode("utf-8")
+            proc.stdin.write(FRAME.pack(len(url_bytes), len(body)) + url_bytes + body)
+            proc.stdin.flush()
+            if select.select([proc.stdout], [], [], self.budget)[0]:
+                reply = json.loads(proc.stdout.readline() or b'{"error": "the parser process died"}')
+                if "links" in reply:
+                    return proc, "ok", reply["links"]
+                status, why = "error", reply["error"]
+            else:
+                status, why = "timeout", f"link extraction took over parse_timeout_s={self.budget} s"
+        except (OSError, ValueError) as err:
+            status, why = "error", f"the parser process failed ({type(err).__name__}: {err})"
+        self._kill(proc)  # a process that failed once is not trusted with the next page
+        return (proc if self.closed else self._start()), status, why
 
-    def _kill(self, proc) -> None:  # noqa: ANN001 - a multiprocessing Process
+    def _kill(self, proc: subprocess.Popen) -> None:
         proc.kill()
-        proc.join()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
         self.procs.discard(proc)
 
     async def links(self, body: bytes, url: str) -> list[str]:
-        worker = await self.idle.get()
+        proc = await self.idle.get()
         try:
-            worker, (status, value) = await asyncio.to_thread(self._ask, worker, body, url)
+            proc, status, value = await asyncio.to_thread(self._ask, proc, body, url)
         finally:
-            self.idle.put_nowait(worker)
+            self.idle.put_nowait(proc)
         if status == "ok":
             return value
         raise _Skip("parse_timeout" if status == "timeout" else "parse_error",
