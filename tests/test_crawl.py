@@ -516,13 +516,13 @@ def test_decoded_bytes_are_limited_and_odd_encodings_refused(site):
 
 def test_link_extraction_is_robust_and_failures_drop_only_their_page(site):
     # html.parser raised on this marked section (the crawl exited); lxml recovers and reads on.
-    site.routes["/"] = (200, b'<html><![bogus[ x ]]><a href="/next">n</a><a href="/bad-base">b</a>',
-                        "text/html", None)
+    site.routes["/"] = (200, b'<html><![bogus[ x ]]><a href="/next">n</a><a href="/bad-base">b</a>'
+                             b'<a href="/control&#1;char">c</a>', "text/html", None)
     site.page("/next")
     site.routes["/bad-base"] = (200, b'<base href="http://[::1"><a href="x">x</a>', "text/html", None)
     pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=site.allow, **FAST))
     assert paths(pages) == ["", "next"]
-    assert stats["skipped"] == {"parse_error": 1}
+    assert stats["skipped"] == {"parse_error": 1, "bad_url": 1}  # httpx refused that URL: the crawl aborted
 
 
 def test_a_page_over_the_parse_budget_is_dropped_and_the_parser_replaced(site):

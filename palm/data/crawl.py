@@ -65,7 +65,7 @@ LINKS_SCRIPT = str(Path(__file__).with_name("links.py"))
 FRONTIER_PER_PAGE = 20  # URLs kept in the frontier per page that may be fetched; more are dropped
 # Every reason a URL is not fetched (CrawlStats.skipped), always reported, zeros included.
 SKIP_REASONS = (
-    "robots", "robots_unavailable", "ssrf", "port", "content_type", "encoding", "oversize", "deadline",
+    "robots", "robots_unavailable", "bad_url", "ssrf", "port", "content_type", "encoding", "oversize", "deadline",
     "http_error", "network_error", "redirect_loop", "out_of_scope", "filtered", "duplicate",
     "frontier_full", "parse_error", "parse_timeout",
 )
@@ -145,7 +145,8 @@ class Page:
 @dataclass
 class CrawlStats:
     fetched: int = 0  # pages handed to on_page
-    # URLs not fetched (or pages dropped), by reason (SKIP_REASONS): robots, ssrf, port (not 80,
+    # URLs not fetched (or pages dropped), by reason (SKIP_REASONS): robots, bad_url (one the
+    # HTTP client refuses, e.g. with control characters), ssrf, port (not 80,
     # 443 or allow-listed), content_type, encoding (stacked, unknown or corrupt Content-Encoding),
     # oversize (over max_bytes, decoded), deadline (over request_deadline_s), http_error,
     # network_error, redirect_loop, out_of_scope, filtered, duplicate (a redirect to an
@@ -524,7 +525,10 @@ class _Crawler:
         to (the name itself for an allow-listed host); raises _Skip."""
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-        name = httpx.URL(url).raw_host.decode("ascii")  # the host as the connection pool sees it
+        try:
+            name = httpx.URL(url).raw_host.decode("ascii")  # the host as the connection pool sees it
+        except httpx.InvalidURL as err:  # stricter than urlsplit: a link like "/a&#1;b" got here
+            raise _Skip("bad_url", f"is not a URL the HTTP client accepts ({err})") from None
         if port not in self.ports and (host, port) not in self.allow_at:
             raise _Skip("port", f"is refused: port {port} is not 80, 443 or in allow_ports")
         if host in self.allow or (host, port) in self.allow_at:
