@@ -106,3 +106,14 @@ def test_scrape_reports_warc_skips_in_stats_and_metrics(tmp_path):
     assert stats["collect"]["oversize_record"] == 1 and stats["collect"]["malformed_record"] == 1
     metrics = json.loads((tmp_path / "reports" / "scrape" / "metrics.json").read_text())
     assert metrics["crawl_oversize_record"] == 1 and metrics["crawl_malformed_record"] == 1
+
+
+def test_gzip_record_with_an_endless_header_line_is_skipped_in_bounded_memory(tmp_path):
+    """50 MB of header line inflated from ~50 kB: warcio's readline would hold it all."""
+    line = gzip.compress(b"WARC/1.0\r\nWARC-Type: resource\r\nX-Long: " + b"a" * 50_000_000 + b"\r\n\r\n")
+    path = tmp_path / "long-header.warc.gz"
+    path.write_bytes(_record(GOOD[0], PROSE.encode(), True) + line + _record(GOOD[1], PROSE.encode(), True))
+    records, skipped, peak = read(path, 1_000_000)
+    assert [r.url for r in records] == GOOD
+    assert skipped == {"malformed_record": 1}
+    assert peak < 40_000_000, peak  # MAX_HEADER_BYTES of headers plus the decoding steps

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from warcio.archiveiterator import ArchiveIterator
+from warcio.bufferedreaders import DecompressingBufferedReader
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
@@ -82,13 +83,42 @@ WARC_SKIPS = ("oversize_record", "malformed_record")
 _GZIP_MAGIC, _WARC_MAGIC = b"\x1f\x8b\x08", b"WARC/"
 # Compressed bytes warcio reads per step: at most ~4 MB once inflated (deflate's 1032:1 maximum).
 READ_BLOCK = 4096
+MAX_HEADER_BYTES = 1 << 20  # WARC plus HTTP headers of one record; more is malformed
+
+
+class _HeaderBoundedReader(DecompressingBufferedReader):
+    """warcio's reader, refusing a header block over MAX_HEADER_BYTES: warcio reads headers by
+    readline (content by read) without a limit, and one compressed line can inflate to GBs."""
+
+    header_bytes = 0
+
+    def readline(self, length: int | None = None) -> bytes:
+        room = MAX_HEADER_BYTES + 1 - self.header_bytes
+        line = super().readline(room if length is None else min(length, room))
+        self.header_bytes += len(line)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise ValueError(f"record headers over {MAX_HEADER_BYTES} bytes")
+        return line
+
+    def read(self, length: int | None = None) -> bytes:
+        self.header_bytes = 0  # content (or skipping it) follows the headers
+        return super().read(length)
+
+
+class _Records(ArchiveIterator):
+    """ArchiveIterator over ``f`` in READ_BLOCK steps, with bounded header lines."""
+
+    def __init__(self, f) -> None:  # noqa: ANN001
+        super().__init__(f, block_size=READ_BLOCK)
+        self.reader = _HeaderBoundedReader(self.fh, block_size=READ_BLOCK)  # read lazily: not used yet
 
 
 def read_warc(path: Path, max_bytes: int | None = None, skipped: Counter | None = None) -> Iterator[RawRecord]:
     """Records of a WARC/WET file (gzip or not): responses, resources and WET conversions.
 
     A stranger's file is read defensively: a record whose content is over ``max_bytes`` is skipped
-    without being held in memory (warcio decodes in bounded blocks), and a record that cannot be
+    without being held in memory (warcio decodes in bounded blocks, headers are bounded by
+    MAX_HEADER_BYTES), and a record that cannot be
     parsed is skipped by resuming at the next record start (gzip member or ``WARC/`` line) after
     it. Both are counted in ``skipped`` (``malformed_record`` once per stretch skipped); the
     iteration never raises for a bad record."""
@@ -98,7 +128,7 @@ def read_warc(path: Path, max_bytes: int | None = None, skipped: Counter | None 
         start: int | None = 0
         while start is not None:
             f.seek(start)
-            records = ArchiveIterator(f, block_size=READ_BLOCK)
+            records = _Records(f)
             try:
                 for record in records:
                     if record.format != "warc":  # warcio reads junk as a (lenient) ARC record
