@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 
+from palm.errors import UserError
 from palm.tracking import PARENT_ENV, Tracker, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,29 @@ def stages_in_order(root: Path = ROOT) -> list[str]:
         order = [node.name for node in reversed(list(nx.topological_sort(repo.index.graph)))]
     declared = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     return [s for s in order if s in declared]
+
+
+def plan(root: str, stages: list[str] | None = None) -> tuple[Path, list[str]]:
+    """The flow's parameters checked against the DAG: ``root`` must be a DVC project folder
+    whose pipeline DVC can read, and ``stages`` (None or [] for all) names of its stages; returns
+    the folder and the stages to run, in DAG order. Raises UserError otherwise: both go to
+    ``dvc repro`` as its working folder and arguments, so nothing unchecked may reach it."""
+    folder = Path(root).expanduser().resolve() if isinstance(root, str) and root.strip() else None
+    if folder is None or not (folder / "dvc.yaml").is_file():
+        raise UserError(f"pipeline root: {root!r} is not a project folder (no dvc.yaml there)")
+    try:
+        order = stages_in_order(folder)
+    except Exception as err:  # noqa: BLE001 - any DVC failure: one line naming the parameter
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"pipeline root: DVC cannot read the pipeline in {folder} ({first})") from None
+    if stages is None or (isinstance(stages, (list, tuple)) and not stages):
+        return folder, order
+    if not isinstance(stages, (list, tuple)) or not all(isinstance(s, str) for s in stages):
+        raise UserError(f"pipeline stages: expected a list of stage names, got {stages!r}")
+    unknown = [s for s in stages if s not in order]
+    if unknown:
+        raise UserError(f"pipeline stages: unknown stage {unknown[0]!r}; the DAG has {', '.join(order)}")
+    return folder, [s for s in order if s in stages]
 
 
 @task
@@ -63,9 +87,10 @@ def reproduce(stage: str, root: str) -> bool:
 @flow(name="palm-rlhf")
 def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict[str, bool]:
     """Run the pipeline's stages (all, or the ``stages`` given) in DAG order."""
-    names = stages or stages_in_order(Path(root))
-    tracker = Tracker(Path(root), "pipeline")
-    tracker.start({"stages": ",".join(names)}, {"git_commit": git_commit(Path(root))})
+    folder, names = plan(root, stages)
+    root = str(folder)
+    tracker = Tracker(folder, "pipeline")
+    tracker.start({"stages": ",".join(names)}, {"git_commit": git_commit(folder)})
     previous = os.environ.get(PARENT_ENV)
     if tracker.run_id:
         os.environ[PARENT_ENV] = tracker.run_id  # stage runs (DVC subprocesses) nest under this one
@@ -88,4 +113,7 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict[str
 
 
 if __name__ == "__main__":
-    print(pipeline())
+    try:
+        print(pipeline())
+    except UserError as err:
+        sys.exit(f"error: pipeline: {err}")

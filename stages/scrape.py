@@ -20,6 +20,8 @@ def body(cfg: ScrapeConfig, ctx: StageContext) -> dict:
     metrics = {k: stats[k] for k in ("fetched", "documents", "words", "dropped_total")}
     metrics.update({f"dropped_{k}": v for k, v in stats["dropped"].items()})
     metrics.update({f"crawl_{k}": v for k, v in stats["collect"].items() if isinstance(v, (int, float))})
+    # The crawler's skip reasons (every one, zeros included), so each appears in metrics.json.
+    metrics.update({f"crawl_skipped_{k}": v for k, v in stats["collect"].get("skipped", {}).items()})
     return metrics
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydoc
+
 import httpx
 
 from palm.data.pydoc_server import allowed_module
@@ -46,3 +48,27 @@ def test_server_refuses_to_run_unisolated():
     script = Path(__file__).resolve().parent.parent / "palm" / "data" / "pydoc_server.py"
     proc = subprocess.run([sys.executable, str(script)], input="", capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "-I -S" in proc.stderr
+
+
+def test_only_pydocs_own_stylesheet_is_served(tmp_path):
+    """pydoc joins a .css path to its folder as given: an absolute or ../ path read any file."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    secret = tmp_path / "secret.css"
+    secret.write_text("body { color: SECRET-CONTENT }\n")
+    with pydoc_server() as base:
+        parts = urlsplit(base)
+        index = httpx.get(base, timeout=30).text
+        assert 'href="pydoc_data/_pydoc.css"' in index
+        own = httpx.get(base + "pydoc_data/_pydoc.css", timeout=30)
+        assert own.status_code == 200 and "{" in own.text and "SECRET" not in own.text
+        depth = "../" * len(Path(pydoc.__file__).parts)  # enough ../ to climb from pydoc's folder to /
+        bodies = {}
+        for path in (f"/{secret}", f"//{secret}", f"/{depth}{str(secret).lstrip('/')}", "/pydoc_data/../../x.css"):
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            conn.request("GET", path)  # sent as is: no client-side normalization of ../
+            bodies[path] = conn.getresponse().read().decode()
+            conn.close()
+    assert not [path for path, body in bodies.items() if "SECRET-CONTENT" in body]
+    assert all("not served" in body for body in bodies.values()), bodies

@@ -129,7 +129,8 @@ def test_crawl_self_links_and_duplicates_yield_one_document(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}/"
-        write_params(tmp_path, source="crawl", seed_urls=[base], allow_hosts=["127.0.0.1"], filters={"min_words": 20})
+        write_params(tmp_path, source="crawl", seed_urls=[base], allow_hosts=[f"127.0.0.1:{server.server_address[1]}"],
+                     filters={"min_words": 20})
         proc = scrape(tmp_path)
     finally:
         server.shutdown()
@@ -139,6 +140,8 @@ def test_crawl_self_links_and_duplicates_yield_one_document(tmp_path):
     stats = json.loads((tmp_path / "corpus" / "stats.json").read_text())
     assert stats["fetched"] == 3
     assert stats["dropped"] == {"exact_duplicate": 1, "near_duplicate": 1}
+    metrics = json.loads((tmp_path / "reports" / "scrape" / "metrics.json").read_text())
+    assert metrics["crawl_skipped_parse_timeout"] == 0 and metrics["crawl_skipped_encoding"] == 0
 
 
 def test_hf_source_streams_a_local_dataset(tmp_path, shared_data):

@@ -30,6 +30,8 @@ EXCLUDED_TOP = frozenset({
 })
 # Any dotted component with one of these names excludes the module (``*.tests``, ``idle_test``…).
 EXCLUDED_PART = frozenset({"test", "tests", "idle_test", "__main__"})
+# The stylesheet pydoc's pages link to (relative to pydoc's folder); no other .css is served.
+STYLESHEET = "pydoc_data/_pydoc.css"
 
 
 def allowed_module(name):
@@ -54,7 +56,11 @@ def make_handler(pydoc_handler):
         path = url.lstrip("/")
         if path == "robots.txt":
             return robots_txt()
-        if content_type == "text/css" or path in ("", "index.html"):
+        if content_type == "text/css":
+            # pydoc opens any path ending in .css (joined as given, so absolute or ../ paths
+            # escape): only its own stylesheet, the one its pages link to, is served.
+            return pydoc_handler(url, content_type) if path == STYLESHEET else "/* not served */\n"
+        if path in ("", "index.html"):
             return pydoc_handler(url, content_type)
         if path.endswith(".html") and allowed_module(path[: -len(".html")]):
             return pydoc_handler(url, content_type)

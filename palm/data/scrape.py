@@ -37,7 +37,7 @@ from palm.data.clean import FilterConfig, decode, extract_html, normalize, quali
 from palm.data.crawl import CrawlConfig, Page, crawl
 from palm.data.dedup import DedupConfig, duplicates, signature
 from palm.data.pydoc_server import allowed_module
-from palm.data.warc import RawRecord, WarcShardWriter, now_iso, read_warc, shard_name
+from palm.data.warc import WARC_SKIPS, RawRecord, WarcShardWriter, now_iso, read_warc, shard_name
 from palm.errors import UserError
 
 _PART_SCHEMA = CORPUS_SCHEMA.append(pa.field("minhash", pa.list_(pa.uint64()))).append(pa.field("seq", pa.int64()))
@@ -123,8 +123,7 @@ def pydoc_url_filter(base: str):
 
 def _collect_pydoc(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> dict[str, int]:
     with pydoc_server() as base:
-        host = urlsplit(base).hostname or "127.0.0.1"
-        crawl_cfg = _crawl_config(cfg, seed_urls=(base,), allow_hosts=tuple(cfg.allow_hosts) + (host,))
+        crawl_cfg = _crawl_config(cfg, seed_urls=(base,), allow_hosts=tuple(cfg.allow_hosts) + (urlsplit(base).netloc,))
         is_index = lambda url: urlsplit(url).path.lstrip("/") in ("", "index.html")  # noqa: E731
 
         def keep(page: Page) -> None:
@@ -151,7 +150,7 @@ def _collect_files(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> d
     if not folder.is_dir():
         raise UserError(f"scrape.files_path: folder {folder} not found (or not a folder); "
                         f"point it at a folder of .txt/.md/.html/.jsonl/.parquet/.warc files")
-    stats: Counter[str] = Counter()
+    stats: Counter[str] = Counter(dict.fromkeys(WARC_SKIPS, 0))  # reported even when none happened
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     for path in tqdm(files, desc="read files", unit="file", disable=not progress):
         name = path.name.lower()
@@ -163,9 +162,9 @@ def _collect_files(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> d
             out.write(RawRecord(url, "text/html", path.read_bytes(), fetched))
         elif name.endswith(_WARC_SUFFIXES):
             try:
-                for rec in read_warc(path):
+                for rec in read_warc(path, cfg.max_bytes, stats):
                     out.write(rec)
-            except Exception as err:  # noqa: BLE001 - a broken archive is skipped and counted
+            except OSError as err:  # bad records are skipped and counted inside; this is the file
                 print(f"warning: scrape: skipped unreadable WARC {path}: {err}", file=sys.stderr)
                 stats["unreadable_file"] += 1
                 continue
@@ -255,7 +254,7 @@ def _clean_record(rec: RawRecord, cfg: ScrapeConfig) -> tuple[dict | None, str |
 def process_shard(warc_path: Path, part_path: Path, cfg: ScrapeConfig) -> tuple[int, dict[str, int]]:
     """Clean one raw shard into one Parquet part; returns ``(records read, drops by reason)``."""
     rows, drops, n = [], Counter(), 0
-    for rec in read_warc(warc_path):
+    for rec in read_warc(warc_path, skipped=drops):  # our own shards: records already bounded
         n += 1
         row, reason = _clean_record(rec, cfg)
         if row is None:
