@@ -257,8 +257,10 @@ class Attention(torch.nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         b, s, _ = h.shape  # h: [b, s, d], already normed
         q, _ = self.q(h)  # [b, s, heads_local * hd] (column-parallel: this rank's heads)
-        # the single K/V head is whole on every rank; backward all-reduces its gradient over TP
-        kv = ContiguousGrad.apply(copy_to_tensor_model_parallel_region(self.kv(h)))  # [b, s, 2*hd]
+        kv = self.kv(h)  # [b, s, 2*hd]
+        if torch.is_grad_enabled():  # (both are identities forward: skipped when decoding)
+            # the single K/V head is whole on every rank; backward all-reduces its gradient over TP
+            kv = ContiguousGrad.apply(copy_to_tensor_model_parallel_region(kv))
         k, v = kv.chunk(2, dim=-1)  # [b, s, hd] each
         start = cache.length if cache is not None else 0
         q = rope(q.view(b, s, -1, self.head_dim), start, cache)  # [b, s, heads_local, hd]
@@ -370,7 +372,8 @@ class PaLM(MegatronModule):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and tied output projection: ``[b, s, d]`` -> ``[b, s, vocab_local]``."""
         h = self.final_norm(x) * (self.cfg.d_model ** -0.5)  # PaLM §2; scaling d, not vocab, columns
-        h = copy_to_tensor_model_parallel_region(h)
+        if torch.is_grad_enabled():  # backward sums the vocabulary shards' gradients over TP
+            h = copy_to_tensor_model_parallel_region(h)
         return F.linear(h, self.shared_embedding_or_output_weight())
 
     def token_nll(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,3 +198,17 @@ def test_a_pipeline_stage_is_refused(model):
     stage = PaLM(CFG, post_process=False, layers=[0]).eval()
     with pytest.raises(UserError, match="generation needs the whole model.*pipeline_parallel=1"):
         generate(stage, [[1, 2, 3]], 2)
+
+
+def test_the_cache_gives_each_row_rope_position_zero_at_its_first_real_token(model):
+    """RoPE is relative, so a shifted row would give the same tokens up to rounding: checked on
+    the cache's own tables instead."""
+    pad = torch.tensor([0, 3, 1])
+    cache = model.new_cache(3, 10, pad)
+    for r, p in enumerate(pad.tolist()):
+        assert torch.equal(cache.cos[r, p:, 0], model.rope.cos[:10 - p])
+        assert torch.equal(cache.sin[r, p:, 0], model.rope.sin[:10 - p])
+        assert (cache.key_bias[r, 0, :p] == float("-inf")).all() and (cache.key_bias[r, 0, p:] == 0).all()
+    assert model.new_cache(3, 10, torch.zeros(3, dtype=torch.long)).key_bias is None  # plain causal
+    with pytest.raises(ConfigError, match="^model.seq_len: a KV cache of 33 positions exceeds"):
+        model.new_cache(1, CFG.seq_len + 1)
