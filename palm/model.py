@@ -226,7 +226,9 @@ def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                                            is_causal=mask is None and start == 0 and s > 1,
                                            enable_gqa=True)  # [b, h, s, hd]
         return o.transpose(1, 2).reshape(b, s, h * hd)
-    if bias is None:
+    if bias is None and s == 1:  # one query at the end sees every key: a zero, broadcast
+        bias = q.new_zeros(1, 1, 1).expand(b, h, t)
+    elif bias is None:
         bias = _causal_bias(s, t, start, h, q.dtype, q.device).expand(b, -1, -1)
     scores = torch.baddbmm(bias, q.reshape(b, s * h, hd), k.transpose(1, 2), alpha=hd ** -0.5)
     return torch.bmm(scores.softmax(dim=-1), v).view(b, s, h * hd)  # [b, s*h, t] @ [b, t, hd]
