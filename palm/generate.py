@@ -36,9 +36,10 @@ from palm.model import PaLM
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How each next token is drawn (the keyword arguments of :func:`generate`)."""
+    """How each next token is drawn (the keyword arguments of :func:`generate`, same defaults:
+    greedy unless a temperature is given)."""
 
-    temperature: float = 1.0  # 0: greedy (argmax); else logits / temperature
+    temperature: float = 0.0  # 0: greedy (argmax); else logits / temperature
     top_k: int | None = None  # keep the k most likely tokens (ties with the k-th kept); None: all
     top_p: float | None = None  # keep the smallest top set whose probability reaches top_p; None: all
 
