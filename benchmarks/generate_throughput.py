@@ -15,7 +15,7 @@ position), so its cost per token grows with the length and its run dominates thi
 (about a minute on 2 cores). Ours is timed as the median of ``--reps`` runs, theirs once per case
 unless ``--ref-reps`` says otherwise; ``--ref-new-tokens`` measures theirs over fewer tokens
 (cheaper per token for them, as sequences stay shorter) and the output says so. Also printed:
-ours on 16 prompts of different lengths (left-padded), which theirs cannot batch.
+ours on 16 prompts of lengths 1..16 (left-padded), which theirs cannot batch.
 
 The last line is ``ratio <batched ours / batched theirs>``.
 """
@@ -82,7 +82,7 @@ def main() -> None:
     ref.eval()
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, CFG.vocab_size, (BATCH, PROMPT), generator=g)
-    ragged = [torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in range(4, 4 + BATCH)]
+    ragged = [torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in range(1, 1 + BATCH)]  # fits: max PROMPT
 
     print(f"config: d={CFG.d_model} layers={CFG.n_layers} heads={CFG.n_heads}x{CFG.head_dim} "
           f"vocab={CFG.vocab_size} params={CFG.num_params() / 1e6:.2f}M prompt={PROMPT} new={new} "
@@ -107,7 +107,7 @@ def main() -> None:
               f"   palm-rlhf-pytorch {ref_tps:7.1f} tok/s ({', '.join(f'{t:.1f}' for t, _ in ref_runs)} s)"
               f"   {results[name]:6.1f}x   greedy tokens identical: {same:.1%}   {load()}")
     t, _ = ours(model, ragged, new)
-    print(f"ours, {BATCH} prompts of lengths 4..{3 + BATCH} (left-padded, no reference): "
+    print(f"ours, {BATCH} prompts of lengths 1..{BATCH} (left-padded, no reference): "
           f"{BATCH * new / t:.1f} tok/s")
     parallel.teardown()
     print(f"ratio {results[f'batched {BATCH}']:.3f}")
