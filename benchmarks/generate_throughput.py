@@ -12,8 +12,8 @@ greedy tokens are compared as a check that the work is the same.
 
 Theirs has no KV cache: each new token recomputes the whole sequence (and the logits of every
 position), so its cost per token grows with the length and its run dominates this benchmark
-(about a minute on 2 cores). Ours is timed as the median of ``--reps`` runs, theirs once per case
-unless ``--ref-reps`` says otherwise; ``--ref-new-tokens`` measures theirs over fewer tokens
+(2-5 minutes measured on 2 shared cores). Ours is timed as the median of ``--reps`` runs,
+theirs once per case unless ``--ref-reps`` says otherwise; ``--ref-new-tokens`` measures theirs over fewer tokens
 (cheaper per token for them, as sequences stay shorter) and the output says so. Also printed:
 ours on 16 prompts of lengths 1..16 (left-padded), which theirs cannot batch.
 
