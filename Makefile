@@ -57,6 +57,7 @@ bench: setup
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	$(PY) benchmarks/tokenize_throughput.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/generate_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

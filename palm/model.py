@@ -1,16 +1,16 @@
 """PaLM (Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways", §2) on
 megatron-core's tensor-parallel layers.
 
-Reads top to bottom: config, RoPE, norm, multi-query attention, SwiGLU MLP, the parallel block,
-the model (one pipeline stage of it, or all of it). Activations are batch-first ``[b, s, h]``
-(so multi-query attention needs no transposes); only between pipeline stages do they travel as
-megatron's ``[s, b, h]``.
+Reads top to bottom: config, RoPE, norm, multi-query attention (and the KV cache decoding fills),
+SwiGLU MLP, the parallel block, the model (one pipeline stage of it, or all of it). Activations
+are batch-first ``[b, s, h]`` (so multi-query attention needs no transposes); only between
+pipeline stages do they travel as megatron's ``[s, b, h]``.
 
 Which weights are column-/row-parallel or replicated, and how layers are split into pipeline
 stages, is decided in :mod:`palm.parallel` (the parallel plan, and the collectives over the
 vocabulary shards); this file only asks for layers. The model returns per-token quantities
 (logits, or the label's negative log-likelihood and log Z); objectives (losses, masks, z-loss)
-live with the training stages in :mod:`palm.train`.
+live with the training stages in :mod:`palm.train`, sampling loops in :mod:`palm.generate`.
 The same code runs TP x PP x DP on CPU (gloo) and GPU (NCCL), and in a single process.
 """
 
@@ -109,15 +109,23 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x: ``[b, s, heads, hd]`` at positions ``start .. start+s``."""
+    def forward(self, x: torch.Tensor, start: int = 0, cache: "KVCache | None" = None) -> torch.Tensor:
+        """x: ``[b, s, heads, hd]`` at positions ``start .. start+s`` (with a left-padded ``cache``:
+        each row's own positions, made once per batch by the cache)."""
         s = x.shape[1]
-        key = (start, s, x.dtype, x.device)
-        if key not in self._tables:  # [s, 1, hd] in the activation dtype, made once per shape
-            self._tables[key] = tuple(t[start:start + s, None].to(x.dtype) for t in (self.cos, self.sin))
-        cos, sin = self._tables[key]
+        if cache is not None and cache.cos is not None:
+            cos, sin = cache.cos[:, start:start + s], cache.sin[:, start:start + s]  # [b, s, 1, hd]
+        else:
+            key = (start, s, x.dtype, x.device)
+            if key not in self._tables:  # [s, 1, hd] in the activation dtype, made once per shape
+                self._tables[key] = tuple(t[start:start + s, None].to(x.dtype) for t in (self.cos, self.sin))
+            cos, sin = self._tables[key]
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at per-row ``positions [b, t]`` -> ``[b, t, 1, hd]`` each."""
+        return tuple(t[positions.to(t.device)][:, :, None].to(dtype) for t in (self.cos, self.sin))
 
 
 # --- Norm: LayerNorm without bias (PaLM §2 "No biases") ------------------------------------------
@@ -135,14 +143,55 @@ class LayerNorm(torch.nn.Module):
 # --- Multi-query attention (Shazeer 2019; PaLM §2): sharded query heads, one shared K/V head -----
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: ``[b, max_len, hd]`` each."""
+    """Decoding state of one batch, allocated once: keys and values of every layer
+    ``[b, max_len, hd]`` and, for a batch of left-padded prompts, where each row starts.
 
-    def __init__(self, n_layers: Iterable[int], batch: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+    ``pad [b]``: left-padding tokens of each row. A row's first real token is its RoPE position 0
+    (so a padded row computes exactly what the prompt alone would), and its padding is never
+    attended: the per-row cos/sin tables and the key mask are made here, once per batch, so a
+    decoding step only slices them. ``pad=None`` (or all zero): every row starts at position 0
+    and attention is plain causal.
+    ``length``: positions already filled; the model advances it after each forward pass.
+    """
+
+    def __init__(self, layers: Iterable[int], batch: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, rope: RotaryEmbedding | None = None,
+                 pad: torch.Tensor | None = None):
         shape = (batch, max_len, head_dim)
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in n_layers}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in n_layers}
-        self.length = 0  # positions already filled
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.length = 0
+        self.cos = self.sin = self.key_bias = None
+        self._bias: dict[tuple, torch.Tensor] = {}
+        if pad is not None and bool((pad > 0).any()):
+            pad = pad.to(device)
+            pos = torch.arange(max_len, device=device) - pad[:, None]  # [b, max_len]
+            self.cos, self.sin = rope.at(pos.clamp(min=0), dtype)  # padding sits at position 0: unseen
+            self.real = pos >= 0  # [b, max_len]: not left padding
+            # additive key mask [b, 1, max_len]; a decoding step's query is real and sees all
+            # real keys before it, so this slice is its whole mask
+            self.key_bias = torch.zeros(batch, 1, max_len, dtype=dtype, device=device).masked_fill(
+                ~self.real[:, None], float("-inf"))
+
+    def bias(self, start: int, s: int, heads: int) -> torch.Tensor | None:
+        """The additive attention mask of ``s`` queries at ``start`` over keys ``[0, start+s)``
+        of a left-padded batch (``None`` when no row is padded), broadcastable to
+        ``[b, s * heads, t]``, rows ordered (position, head) as in :func:`mqa_attention`."""
+        if self.key_bias is None:
+            return None
+        t = start + s
+        if s == 1:
+            return self.key_bias[:, :, :t]  # a view: nothing is built per decoding step
+        key = (start, s, heads)
+        if key not in self._bias:  # a prompt pass: made by the first layer, reused by the others
+            q_pos = torch.arange(start, t, device=self.real.device)[:, None]  # [s, 1]
+            k_pos = torch.arange(t, device=self.real.device)  # [t]
+            # a padding query sees only itself (never a fully masked row: softmax would give NaN
+            # there and the NaN would reach the real rows through that position's keys)
+            allowed = (k_pos <= q_pos) & (self.real[:, None, :t] | (k_pos == q_pos))  # [b, s, t]
+            bias = torch.zeros(allowed.shape, dtype=self.key_bias.dtype, device=allowed.device)
+            self._bias = {key: bias.masked_fill(~allowed, float("-inf")).repeat_interleave(heads, dim=1)}
+        return self._bias[key]
 
 
 @functools.lru_cache(maxsize=16)
@@ -155,8 +204,11 @@ def _causal_bias(rows: int, cols: int, start: int, heads: int, dtype: torch.dtyp
     return bias.repeat_interleave(heads, dim=0)
 
 
-def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal multi-query attention: ``q [b, s, h, hd]``, ``k, v [b, t, hd]`` -> ``[b, s, h*hd]``.
+    ``bias``: the whole additive mask of a left-padded batch (:meth:`KVCache.bias`), or ``None``
+    for plain causal attention.
 
     On GPU: fused SDPA. On CPU the single K/V head lets every query row of every head share one
     GEMM, ``[b, s*h, hd] @ [b, hd, t]``, with the causal mask added in the same ``baddbmm`` and no
@@ -166,11 +218,18 @@ def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int)
     b, s, h, hd = q.shape
     t = k.shape[1]
     if q.is_cuda:
-        mask = None if start == 0 else torch.ones(s, t, dtype=torch.bool, device=q.device).tril(start)
+        if bias is not None:  # [b, s*h or 1, t] -> [b, h, s, t]
+            mask = bias.view(b, -1, 1 if bias.shape[1] == 1 else h, t).transpose(1, 2)
+        else:  # one query at the end sees every key: no mask
+            mask = None if start == 0 or s == 1 else torch.ones(s, t, dtype=torch.bool, device=q.device).tril(start)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, None], v[:, None], attn_mask=mask,
-                                           is_causal=start == 0, enable_gqa=True)  # [b, h, s, hd]
+                                           is_causal=mask is None and start == 0 and s > 1,
+                                           enable_gqa=True)  # [b, h, s, hd]
         return o.transpose(1, 2).reshape(b, s, h * hd)
-    bias = _causal_bias(s, t, start, h, q.dtype, q.device).expand(b, -1, -1)
+    if bias is None and s == 1:  # one query at the end sees every key: a zero, broadcast
+        bias = q.new_zeros(1, 1, 1).expand(b, h, t)
+    elif bias is None:
+        bias = _causal_bias(s, t, start, h, q.dtype, q.device).expand(b, -1, -1)
     scores = torch.baddbmm(bias, q.reshape(b, s * h, hd), k.transpose(1, 2), alpha=hd ** -0.5)
     return torch.bmm(scores.softmax(dim=-1), v).view(b, s, h * hd)  # [b, s*h, t] @ [b, t, hd]
 
@@ -200,17 +259,21 @@ class Attention(torch.nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         b, s, _ = h.shape  # h: [b, s, d], already normed
         q, _ = self.q(h)  # [b, s, heads_local * hd] (column-parallel: this rank's heads)
-        # the single K/V head is whole on every rank; backward all-reduces its gradient over TP
-        kv = ContiguousGrad.apply(copy_to_tensor_model_parallel_region(self.kv(h)))  # [b, s, 2*hd]
+        kv = self.kv(h)  # [b, s, 2*hd]
+        if torch.is_grad_enabled():  # (both are identities forward: skipped when decoding)
+            # the single K/V head is whole on every rank; backward all-reduces its gradient over TP
+            kv = ContiguousGrad.apply(copy_to_tensor_model_parallel_region(kv))
         k, v = kv.chunk(2, dim=-1)  # [b, s, hd] each
         start = cache.length if cache is not None else 0
-        q = rope(q.view(b, s, -1, self.head_dim), start)  # [b, s, heads_local, hd]
-        k = rope(k.unsqueeze(2), start).squeeze(2)
+        q = rope(q.view(b, s, -1, self.head_dim), start, cache)  # [b, s, heads_local, hd]
+        k = rope(k.unsqueeze(2), start, cache).squeeze(2)
+        bias = None
         if cache is not None:
             cache.k[layer][:, start:start + s] = k
             cache.v[layer][:, start:start + s] = v
             k, v = cache.k[layer][:, :start + s], cache.v[layer][:, :start + s]
-        o = mqa_attention(q, k, v, start)  # [b, s, heads_local * hd]
+            bias = cache.bias(start, s, q.shape[2])
+        o = mqa_attention(q, k, v, start, bias)  # [b, s, heads_local * hd]
         out, _ = self.out(o)  # [b, s, d] (row-parallel: all-reduced over TP)
         return out
 
@@ -304,12 +367,15 @@ class PaLM(MegatronModule):
             x = self.input_tensor.transpose(0, 1)  # [s, b, d] from the previous stage -> [b, s, d]
         for block in self.layers.values():
             x = block(x, self.rope, cache)
+        if cache is not None:
+            cache.length += x.shape[1]  # after all blocks: every layer wrote the same positions
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and tied output projection: ``[b, s, d]`` -> ``[b, s, vocab_local]``."""
         h = self.final_norm(x) * (self.cfg.d_model ** -0.5)  # PaLM §2; scaling d, not vocab, columns
-        h = copy_to_tensor_model_parallel_region(h)
+        if torch.is_grad_enabled():  # backward sums the vocabulary shards' gradients over TP
+            h = copy_to_tensor_model_parallel_region(h)
         return F.linear(h, self.shared_embedding_or_output_weight())
 
     def token_nll(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,45 +416,14 @@ class PaLM(MegatronModule):
         assert self.pre_process and self.post_process, "hidden_states needs the whole model"
         return self.final_norm(self.trunk(tokens))
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int | None = None,
+                  pad: torch.Tensor | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` rows of up to ``max_len`` positions (default:
+        ``seq_len``); ``pad [b]``: left-padding tokens per row. Sampling loops live in
+        :mod:`palm.generate`."""
+        max_len = max_len or self.cfg.seq_len
+        check(max_len <= self.cfg.seq_len, "model.seq_len",
+              f"a KV cache of {max_len} positions exceeds model.seq_len={self.cfg.seq_len}")
         w = self.layers[next(iter(self.layers))].attn.kv.weight
-        return KVCache([int(i) for i in self.layers], batch, max_len or self.cfg.seq_len,
-                       self.cfg.head_dim, w.dtype, w.device)
-
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue ``prompt [b, s]`` by ``max_new_tokens`` (greedy when temperature is 0).
-
-        With ``use_cache`` each new token costs one position (KV cache); without it the whole
-        sequence is recomputed each step (the reference the cached path is tested against). Under
-        TP every rank must call this with the same arguments; all return the same tokens.
-        """
-        assert self.pre_process and self.post_process, "generate needs the whole model (PP=1)"
-        total = prompt.shape[1] + max_new_tokens
-        check(total <= self.cfg.seq_len, "max_new_tokens",
-              f"prompt + new tokens = {total} exceeds model.seq_len={self.cfg.seq_len}")
-        cache = self.new_cache(prompt.shape[0], total) if use_cache else None
-        tokens, step_input = prompt, prompt
-        for _ in range(max_new_tokens):
-            logits = self.logits(self.trunk(step_input, cache))[:, -1]  # [b, V_local], last position
-            if cache is not None:
-                cache.length += step_input.shape[1]
-            logits = parallel.gather_vocab(logits.float())[:, : self.cfg.vocab_size]  # [b, V]
-            nxt = sample(logits, temperature, top_k, generator)  # [b, 1]
-            tokens = torch.cat([tokens, nxt], dim=1)
-            step_input = nxt if cache is not None else tokens
-        return tokens
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """Next token from ``[b, V]`` logits: argmax at temperature 0, else top-k sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+        return KVCache([int(i) for i in self.layers], batch, max_len, self.cfg.head_dim, w.dtype,
+                       w.device, self.rope, pad)

@@ -70,3 +70,17 @@ def test_attention_is_causal(groups):
     y[0, 8:] = (y[0, 8:] + 1) % CFG.vocab_size  # change only the future
     with torch.no_grad():
         assert torch.allclose(model(x)[0, :8], model(y)[0, :8], atol=1e-6)
+
+
+def test_without_autograd_the_linears_skip_megatrons_wrappers_with_the_same_result(groups):
+    """Decoding runs under no_grad, where the TP linears are plain matmuls of their shards
+    (megatron's autograd wrapper costs more than a one-token matmul): same logits either way."""
+    model = PaLM(CFG)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 9))
+    with torch.no_grad():
+        fast = model(tokens)
+        out, bias = model.layers["0"].mlp.down(torch.randn(2, 9, CFG.ffn_dim))
+    assert bias is None and out.shape == (2, 9, CFG.d_model)
+    slow = model(tokens)
+    assert slow.requires_grad and not fast.requires_grad
+    assert torch.allclose(fast, slow.detach(), rtol=1e-6, atol=1e-6)

@@ -128,8 +128,19 @@ def test_kv_cached_decoding_equals_full_recompute(runs, tp):
     d = torch.load(runs / f"decode.tp{tp}.pt")
     # incremental logits (prompt, then one token at a time) match one full forward pass
     assert (d["incremental"] - d["full"]).abs().max().item() < 1e-4
-    assert torch.equal(d["cached"], d["uncached"])  # greedy generation: same tokens
+    # greedy generation of prompts of lengths 6 and 3 (left-padded): same tokens cached and not
+    assert torch.equal(d["cached"], d["uncached"])
     assert d["cached"].shape == (2, 16)
+    # the sampled tokens' raw log-probs equal a full forward pass over each final sequence
+    assert d["sampled_raw"].shape == (2, 10)
+    assert (d["sampled_raw"] - d["full_raw"]).abs().max().item() < 1e-4
+    # top-k 20 / top-p 0.9 renormalise: each token is likelier under the sampling distribution
+    assert (d["sampled_logp"] >= d["sampled_raw"] - 1e-6).all()
+    ranks = [torch.load(f) for f in sorted(runs.glob(f"decode.tp{tp}.tokens.rank*.pt"))]
+    assert len(ranks) == tp
+    for other in ranks[1:]:  # every TP rank returns the same tokens
+        assert torch.equal(other["cached"], ranks[0]["cached"])
+        assert torch.equal(other["sampled"], ranks[0]["sampled"])
 
 
 def test_tp2_decoding_and_hidden_states_match_tp1(runs):

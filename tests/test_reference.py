@@ -26,6 +26,7 @@ import torch
 
 from conftest import redraw_weights
 from palm import parallel
+from palm.generate import generate
 from palm.model import ModelConfig, PaLM
 
 
@@ -183,15 +184,21 @@ def test_logits_and_loss_equal_the_naive_reference(models):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_greedy_generation_equals_the_naive_reference(models, use_cache):
-    """The KV-cache decode (and the uncached one) continue a prompt exactly as the naive model,
-    which recomputes everything from scratch each step: an independent check of the cache path
-    (positions of the cached keys, RoPE offsets, the causal mask at an offset)."""
+    """The KV-cache decode (and the uncached one) of a left-padded batch of prompts of different
+    lengths continue each prompt exactly as the naive model does that prompt alone, recomputing
+    everything from scratch each step: an independent check of the cache path (positions of the
+    cached keys, RoPE offsets, the causal mask at an offset) and of the padding (per-row RoPE
+    positions, padded keys never attended)."""
     model, w = models
-    prompt = torch.randint(0, CFG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in (5, 2, 4)]
     new = 7
-    want, min_gap = naive_greedy(prompt, new, w, CFG)
-    assert min_gap > 1e-3, f"near tie in the reference (gap {min_gap:.2g}): choose another seed"
-    # premise: the continuation is not just the last token repeated (then attention hardly matters)
-    assert any(len(set(row[5:].tolist())) > 2 for row in want), want
-    got = model.generate(prompt, new, use_cache=use_cache)
-    assert torch.equal(got, want), f"ours {got.tolist()}\nnaive {want.tolist()}"
+    got = generate(model, prompts, new, use_cache=use_cache)
+    assert got.tokens.shape == (3, 5 + new) and got.response_mask.all()
+    for r, p in enumerate(prompts):
+        want, min_gap = naive_greedy(p[None], new, w, CFG)
+        assert min_gap > 1e-3, f"near tie in the reference (gap {min_gap:.2g}): choose another seed"
+        # premise: the continuation is not just the last token repeated (then attention hardly matters)
+        assert len(set(want[0, len(p):].tolist())) > 2, want
+        assert torch.equal(got.tokens[r, got.pad[r]:], want[0]), \
+            f"row {r}: ours {got.tokens[r].tolist()}\nnaive {want[0].tolist()}"

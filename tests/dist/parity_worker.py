@@ -108,7 +108,10 @@ def run_forward(out: Path, tp: int, pp: int) -> None:
 
 
 def run_decode(out: Path, tp: int) -> None:
-    """KV-cached decoding against full recomputation, and hidden states, at TP=``tp``."""
+    """KV-cached decoding against full recomputation, generation of a left-padded batch (greedy
+    cached and uncached, and sampled with its log-probs against one full forward pass per row),
+    and hidden states, at TP=``tp``."""
+    from palm.generate import generate
     from palm.model import PaLM
     from palm.parallel import gather_vocab
 
@@ -120,19 +123,29 @@ def run_decode(out: Path, tp: int) -> None:
         full_logits = gather_vocab(model(seq))  # [b, s, V]
         cache = model.new_cache(2)
         steps = [model(seq[:, :12], cache=cache)]  # a prompt of 12, then one token at a time
-        cache.length = 12
         for i in range(12, 20):
             steps.append(model(seq[:, i:i + 1], cache=cache))
-            cache.length += 1
         inc_logits = gather_vocab(torch.cat(steps, dim=1))
         hidden = model.hidden_states(seq)
-    cached = model.generate(seq[:, :6], 10, use_cache=True)
-    uncached = model.generate(seq[:, :6], 10, use_cache=False)
+    prompts = [seq[0, :6], seq[1, :3]]  # different lengths: row 1 is left-padded by 3
+    cached = generate(model, prompts, 10)
+    uncached = generate(model, prompts, 10, use_cache=False)
     gs = torch.Generator().manual_seed(9)
-    sampled = model.generate(seq[:, :6], 10, temperature=1.0, top_k=20, generator=gs)
-    if torch.distributed.get_rank() == 0:
+    sampled = generate(model, prompts, 10, temperature=1.0, top_k=20, top_p=0.9, generator=gs)
+    full_raw = []  # the raw log-probs of the sampled tokens from one forward pass per row, unpadded
+    with torch.no_grad():
+        for r in range(2):
+            row = sampled.tokens[r, sampled.pad[r]:]
+            lp = gather_vocab(model(row[None]))[0, :, :CFG.vocab_size].float().log_softmax(-1)
+            start = sampled.prompt_len - int(sampled.pad[r])  # the first response token's index in row
+            full_raw.append(lp[start - 1:-1].gather(-1, row[start:, None]).squeeze(-1))
+    rank = torch.distributed.get_rank()
+    torch.save({"cached": cached.tokens, "sampled": sampled.tokens}, out / f"decode.tp{tp}.tokens.rank{rank}.pt")
+    if rank == 0:
         torch.save({"full": full_logits, "incremental": inc_logits, "hidden": hidden,
-                    "cached": cached, "uncached": uncached, "sampled": sampled},
+                    "cached": cached.tokens, "uncached": uncached.tokens, "sampled": sampled.tokens,
+                    "sampled_raw": sampled.raw_logprobs, "sampled_logp": sampled.logprobs,
+                    "full_raw": torch.stack(full_raw)},
                    out / f"decode.tp{tp}.pt")
     ps.destroy_model_parallel()
 

@@ -1,0 +1,187 @@
+"""Batched, KV-cached generation from PaLM: the rollouts of PPO, the replies of ``palm chat`` and
+the samples of ``evaluate``.
+
+A batch of prompts of different lengths is left-padded to one width ``P``; each row's first real
+token is its RoPE position 0 and padding is never attended (both held by the model's
+:class:`~palm.model.KVCache`, made once per batch), so a row continues exactly as its prompt
+alone would. The cache holds ``P + max_new_tokens`` positions, allocated once; each step feeds one
+token per row. Rows stop independently at a stop token (end of turn): from then on they emit
+``pad_id``, masked out of the response, and the loop ends when every row has stopped.
+
+Sampling (:func:`sampling_logprobs`): temperature, then top-k, then top-p (nucleus) on the
+full-vocabulary logits; temperature 0 is greedy. Under tensor parallelism every rank gathers the
+vocabulary shards and draws from the same generator state, so all ranks return the same tokens
+(call :func:`generate` on every TP rank with the same arguments and equally seeded generators).
+Pipeline parallelism is refused: decoding one token at a time needs the whole model per process.
+
+Log-probabilities come back twice, for PPO: under the distribution the token was actually drawn
+from (after temperature and truncation; 0 for greedy, which is a point mass), and under the raw
+model (temperature 1, no truncation), the behaviour policy's log-prob that PPO's importance ratio
+and KL need, with no extra forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from palm import parallel
+from palm.config import check
+from palm.errors import ConfigError, UserError
+from palm.model import PaLM
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is drawn (the keyword arguments of :func:`generate`, same defaults:
+    greedy unless a temperature is given)."""
+
+    temperature: float = 0.0  # 0: greedy (argmax); else logits / temperature
+    top_k: int | None = None  # keep the k most likely tokens (ties with the k-th kept); None: all
+    top_p: float | None = None  # keep the smallest top set whose probability reaches top_p; None: all
+
+    def __post_init__(self) -> None:
+        check(self.temperature >= 0, "temperature", f"must be >= 0 (0: greedy), got {self.temperature}")
+        check(self.top_k is None or self.top_k >= 1, "top_k", f"must be >= 1 or null, got {self.top_k}")
+        check(self.top_p is None or 0 < self.top_p <= 1, "top_p",
+              f"must be in (0, 1] or null, got {self.top_p}")
+
+
+@dataclasses.dataclass
+class Generation:
+    """What :func:`generate` returns (all on the model's device). ``n <= max_new_tokens`` is the
+    number of steps run: fewer when every row stopped early."""
+
+    tokens: torch.Tensor  # [b, P + n] int64: left-padded prompts, then the responses
+    pad: torch.Tensor  # [b] int64: left padding of each row; its prompt is tokens[r, pad[r]:P]
+    prompt_len: int  # P, the padded prompt width: responses start at column P
+    response_mask: torch.Tensor  # [b, n] bool: generated tokens, each row's stop token included
+    logprobs: torch.Tensor  # [b, n] fp32: log-prob under the sampling distribution used (0: masked)
+    raw_logprobs: torch.Tensor  # [b, n] fp32: log-prob under the model at temperature 1 (0: masked)
+    stopped: torch.Tensor  # [b] bool: the row ended with a stop token (else it ran out of tokens)
+
+    @property
+    def response(self) -> torch.Tensor:
+        """``[b, n]``: the generated tokens (``pad_id`` after a row's stop token)."""
+        return self.tokens[:, self.prompt_len:]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[b, P + n]`` bool: real tokens (neither left padding nor padding after a stop)."""
+        cols = torch.arange(self.prompt_len, device=self.tokens.device)
+        return torch.cat([cols >= self.pad[:, None], self.response_mask], dim=1)
+
+
+def sampling_logprobs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Log-probabilities ``[b, V]`` of the distribution tokens are drawn from, ``-inf`` outside
+    the kept set: ``logits / temperature``, then top-k, then top-p over what top-k kept
+    (renormalised). Needs ``temperature > 0``."""
+    z = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < z.shape[-1]:
+        kth = z.topk(cfg.top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1:
+        ranked, order = z.sort(dim=-1, descending=True)
+        p = ranked.softmax(dim=-1)
+        # drop a token once the tokens ranked above it already hold top_p; the first is always kept
+        ranked = ranked.masked_fill(p.cumsum(dim=-1) - p >= cfg.top_p, float("-inf"))
+        z = torch.empty_like(z).scatter_(-1, order, ranked)
+    return z.log_softmax(dim=-1)
+
+
+def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[b, V]`` fp32 logits -> (token, its sampling log-prob, its raw log-prob), each ``[b]``."""
+    if cfg.temperature == 0:
+        token = logits.argmax(dim=-1)
+        logp = torch.zeros(token.shape, dtype=logits.dtype, device=logits.device)  # a point mass
+    else:
+        lp = sampling_logprobs(logits, cfg)
+        token = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
+        logp = lp.gather(-1, token[:, None]).squeeze(-1)
+    raw = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token, logp, raw
+
+
+def _check_whole_model(model: PaLM) -> None:
+    pp = (parallel_state.get_pipeline_model_parallel_world_size()
+          if parallel_state.model_parallel_is_initialized() else 1)
+    if pp > 1 or not (model.pre_process and model.post_process):
+        raise UserError(f"generation needs the whole model in every process: use pipeline_parallel=1 "
+                        f"(got {pp}); tensor and data parallelism are fine")
+
+
+def left_pad(prompts: Iterable[Sequence[int] | torch.Tensor], pad_id: int, width: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, width]`` int64 with each prompt at the right end, and the left padding ``[b]``."""
+    rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):  # once per batch, not per token
+        out[i, width - len(r):] = r
+    pad = torch.tensor([width - len(r) for r in rows], dtype=torch.long)
+    return out.to(device), pad.to(device)
+
+
+@torch.no_grad()
+def generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop_ids: Iterable[int] = (), pad_id: int = 0,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
+    """Continue each prompt (a list of token ids, or a row of a ``[b, s]`` tensor) by up to
+    ``max_new_tokens``; see the module docstring. ``temperature=0`` is greedy; ``generator``
+    (on the model's device) makes sampling reproducible. A row stops after emitting any of
+    ``stop_ids``. ``use_cache=False`` recomputes the whole sequence at every step (a fresh cache
+    filled in one pass, so the same masking code): the reference the cached path is tested against.
+    """
+    cfg = SamplingConfig(temperature, top_k, top_p)
+    _check_whole_model(model)
+    prompts = list(prompts)
+    lengths = [len(p) for p in prompts]
+    check(len(prompts) > 0, "prompts", "no prompts to generate from")
+    if 0 in lengths:
+        raise ConfigError("prompts", f"prompt {lengths.index(0)} is empty (give at least one token)")
+    check(max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    width, seq_len = max(lengths), model.cfg.seq_len
+    total = width + max_new_tokens
+    check(total <= seq_len, "max_new_tokens",
+          f"longest prompt {width} + max_new_tokens {max_new_tokens} = {total} exceeds model.seq_len={seq_len}")
+    device = model.embedding.weight.device
+    prompt, pad = left_pad(prompts, pad_id, width, device)
+    vocab = model.cfg.vocab_size
+    check(bool((prompt >= 0).all() and (prompt < vocab).all()), "prompts",
+          f"token ids must be in [0, {vocab}) (the model's vocabulary)")
+
+    b = prompt.shape[0]
+    tokens = torch.cat([prompt, torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)], 1)
+    mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(b, max_new_tokens, device=device)
+    raw_logprobs = torch.zeros(b, max_new_tokens, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    cache = model.new_cache(b, total, pad) if use_cache else None
+    step_input, n = prompt, 0
+    for i in range(max_new_tokens):
+        if cache is None:  # the reference: everything so far, from scratch
+            step_input = tokens[:, :width + i]
+            step_cache = model.new_cache(b, width + i, pad)
+        else:
+            step_cache = cache
+        h = model.trunk(step_input, step_cache)[:, -1:]  # [b, 1, d]: only the last position's logits
+        logits = parallel.gather_vocab(model.logits(h)[:, 0].float())[:, :vocab]  # [b, V] on every rank
+        token, logp, raw = _next_token(logits, cfg, generator)
+        live = ~done
+        tokens[:, width + i] = token.masked_fill(done, pad_id)
+        mask[:, i] = live
+        logprobs[:, i] = logp.masked_fill(done, 0.0)
+        raw_logprobs[:, i] = raw.masked_fill(done, 0.0)
+        n = i + 1
+        if len(stop):
+            done |= live & torch.isin(token, stop)
+            if bool(done.all()):
+                break
+        step_input = tokens[:, width + i:width + i + 1]
+    return Generation(tokens=tokens[:, :width + n], pad=pad, prompt_len=width, response_mask=mask[:, :n],
+                      logprobs=logprobs[:, :n], raw_logprobs=raw_logprobs[:, :n], stopped=done)

@@ -1,0 +1,214 @@
+"""Generation (palm/generate.py) against slow, obvious versions, single process, fp32.
+
+TP=2 (all ranks return the same tokens, cached equals uncached on a padded batch) runs in
+tests/test_parallel_numerics.py through the parity worker's ``decode`` layout; the naive-model
+check of a padded batch is in tests/test_reference.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import redraw_weights
+from palm import parallel
+from palm.errors import ConfigError, UserError
+from palm.generate import SamplingConfig, generate, sampling_logprobs
+from palm.model import ModelConfig, PaLM
+
+CFG = ModelConfig(vocab_size=300, d_model=48, n_layers=3, n_heads=3, head_dim=8, ffn_mult=2.5,
+                  seq_len=32)
+LENGTHS = (7, 2, 5, 1)  # a batch of prompts of different lengths: rows 1-3 are left-padded
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    parallel.init_distributed()
+    m = PaLM(CFG, seed=3).eval()
+    redraw_weights(m, seed=1236)  # every part of the model matters: greedy decoding does not just repeat
+    yield m
+    parallel.teardown()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in LENGTHS]
+
+
+def full_pass_logits(model: PaLM, gen, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``r``'s final sequence without padding through one plain forward pass: the logits
+    that predicted each response token ``[n, V]`` and those tokens ``[n]``."""
+    row = gen.tokens[r, gen.pad[r]:]
+    start = gen.prompt_len - int(gen.pad[r])  # index of the first response token in ``row``
+    with torch.no_grad():
+        logits = model(row[None])[0, :, :CFG.vocab_size].float()
+    return logits[start - 1:-1], row[start:]
+
+
+def test_cached_equals_uncached_greedy_on_a_padded_batch(model, prompts):
+    cached = generate(model, prompts, NEW)
+    uncached = generate(model, prompts, NEW, use_cache=False)
+    assert cached.tokens.shape == (4, 7 + NEW) and cached.prompt_len == 7
+    assert cached.pad.tolist() == [0, 5, 2, 6]
+    # premise: continuations are not one token repeated (then attention would hardly matter)
+    assert all(len(set(r.tolist())) > 3 for r in cached.response)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    assert torch.allclose(cached.raw_logprobs, uncached.raw_logprobs, atol=1e-5)
+    assert cached.response_mask.all() and not cached.stopped.any()
+    assert (cached.logprobs == 0).all()  # greedy: the sampling distribution is a point mass
+    # prompts sit right-aligned, padding on the left
+    for r, p in enumerate(prompts):
+        assert torch.equal(cached.tokens[r, cached.pad[r]:7], p)
+        assert (cached.tokens[r, :cached.pad[r]] == 0).all()
+    assert cached.attention_mask.sum(1).tolist() == [n + NEW for n in LENGTHS]
+
+
+def test_each_row_of_a_padded_batch_equals_its_prompt_alone(model, prompts):
+    batch = generate(model, prompts, NEW)
+    for r, p in enumerate(prompts):
+        alone = generate(model, [p], NEW)
+        assert alone.pad.tolist() == [0]
+        assert torch.equal(batch.response[r], alone.response[0]), f"row {r}"
+        assert torch.allclose(batch.raw_logprobs[r], alone.raw_logprobs[0], atol=1e-5), f"row {r}"
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=40),
+                                      dict(temperature=1.3, top_k=60, top_p=0.8)])
+def test_logprobs_equal_a_full_forward_pass(model, prompts, sampling):
+    """Both returned log-probs of every sampled token against one plain forward pass over the
+    final sequences: the raw model's log-softmax, and the sampling distribution built from those
+    logits (temperature, top-k, top-p)."""
+    gen = generate(model, prompts, NEW, generator=torch.Generator().manual_seed(1), **sampling)
+    cfg = SamplingConfig(**sampling)
+    for r in range(len(prompts)):
+        logits, tokens = full_pass_logits(model, gen, r)
+        raw = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        used = sampling_logprobs(logits, cfg).gather(-1, tokens[:, None]).squeeze(-1)
+        assert torch.isfinite(used).all()  # every sampled token was in the kept set
+        assert (gen.raw_logprobs[r] - raw).abs().max() < 1e-4, r
+        assert (gen.logprobs[r] - used).abs().max() < 1e-4, r
+    if sampling == dict(temperature=1.0):  # sampling from the model itself: the same numbers
+        assert torch.allclose(gen.logprobs, gen.raw_logprobs, atol=1e-6)
+    else:
+        assert not torch.allclose(gen.logprobs, gen.raw_logprobs, atol=1e-3)
+
+
+def test_rows_stop_at_their_stop_token(model, prompts):
+    free = generate(model, prompts, NEW)
+    # stop ids: row 0's 3rd token and row 2's 6th; where each row first emits either decides
+    stop = {int(free.response[0, 2]), int(free.response[2, 5])}
+    first = []
+    for r in range(len(prompts)):
+        hits = [j for j, t in enumerate(free.response[r].tolist()) if t in stop]
+        first.append(hits[0] if hits else None)
+    assert len({f for f in first}) > 1, first  # premise: rows stop at different steps
+    pad_id = CFG.vocab_size - 1
+    got = generate(model, prompts, NEW, stop_ids=stop, pad_id=pad_id)
+    n = max(NEW - 1 if f is None else f for f in first) + 1
+    assert got.response.shape == (4, n)  # the loop ends once every row has stopped
+    for r, f in enumerate(first):
+        end = n if f is None else f + 1  # the stop token itself is part of the response
+        assert got.stopped[r].item() == (f is not None)
+        assert torch.equal(got.response[r, :end], free.response[r, :end])
+        assert got.response_mask[r, :end].all() and not got.response_mask[r, end:].any()
+        assert (got.response[r, end:] == pad_id).all()
+        assert (got.logprobs[r, end:] == 0).all() and (got.raw_logprobs[r, end:] == 0).all()
+        assert torch.allclose(got.raw_logprobs[r, :end], free.raw_logprobs[r, :end], atol=1e-5)
+
+
+def slow_sampling_probs(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """The sampling distribution one row and one token at a time, in float64."""
+    out = torch.zeros(logits.shape, dtype=torch.float64)
+    for r, row in enumerate(logits.double() / temperature):
+        order = sorted(range(len(row)), key=lambda i: -float(row[i]))
+        kept = order if top_k is None else [i for i in order if row[i] >= row[order[top_k - 1]]]
+        z = torch.stack([row[i] for i in kept])
+        p = torch.exp(z - z.max())
+        p = p / p.sum()
+        if top_p is not None:
+            mass, nucleus = 0.0, []
+            for i, pi in zip(kept, p.tolist()):
+                if mass >= top_p:
+                    break
+                nucleus.append(i)
+                mass += pi
+            kept = nucleus
+            z = torch.stack([row[i] for i in kept])
+            p = torch.exp(z - z.max())
+            p = p / p.sum()
+        for i, pi in zip(kept, p.tolist()):
+            out[r, i] = pi
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, None, None), (0.5, None, None), (1.0, 5, None), (0.8, 1, None), (1.0, None, 0.5),
+    (1.5, None, 0.9), (0.7, 10, 0.6), (1.0, 64, 1.0), (1.0, None, 1e-6)])
+def test_top_k_top_p_against_a_slow_reference(temperature, top_k, top_p):
+    logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(2)) * 3
+    got = sampling_logprobs(logits, SamplingConfig(temperature, top_k, top_p)).exp().double()
+    want = slow_sampling_probs(logits, temperature, top_k, top_p)
+    assert torch.equal(got > 0, want > 0)  # the same kept set
+    assert torch.allclose(got, want, atol=1e-6)
+    if (top_k is not None and top_k < 64) or (top_p is not None and top_p < 1):
+        assert (want == 0).any()  # premise: the truncation removed something
+
+
+def test_truncation_to_one_token_is_greedy(model, prompts):
+    greedy = generate(model, prompts, NEW)
+    g = torch.Generator().manual_seed(0)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        one = generate(model, prompts, NEW, temperature=1.0, generator=g, **kw)
+        assert torch.equal(one.tokens, greedy.tokens), kw
+        assert (one.logprobs == 0).all()  # a point mass
+        assert torch.allclose(one.raw_logprobs, greedy.raw_logprobs, atol=1e-5)
+
+
+def test_a_seeded_generator_gives_the_same_samples_twice(model, prompts):
+    def run(seed):
+        return generate(model, prompts, NEW, temperature=1.0, top_p=0.95,
+                        generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(5), run(5), run(6)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_bad_requests_give_one_clear_line(model, prompts):
+    with pytest.raises(ConfigError) as err:
+        generate(model, prompts, CFG.seq_len - 6)  # longest prompt 7 + 26 = 33 > 32
+    assert str(err.value) == ("max_new_tokens: longest prompt 7 + max_new_tokens 26 = 33 exceeds "
+                              "model.seq_len=32")
+    generate(model, prompts, CFG.seq_len - 7)  # exactly the context: fine
+    for kwargs, key in ((dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+                        (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")):
+        with pytest.raises(ConfigError, match=f"^{key}: "):
+            generate(model, prompts, 2, **kwargs)
+    for bad, key in (([], "prompts"), ([[1, 2], []], "prompts"), ([[1, CFG.vocab_size]], "prompts")):
+        with pytest.raises(ConfigError, match=f"^{key}: ") as err:
+            generate(model, bad, 2)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="^max_new_tokens: must be >= 1"):
+        generate(model, prompts, 0)
+
+
+def test_a_pipeline_stage_is_refused(model):
+    stage = PaLM(CFG, post_process=False, layers=[0]).eval()
+    with pytest.raises(UserError, match="generation needs the whole model.*pipeline_parallel=1"):
+        generate(stage, [[1, 2, 3]], 2)
+
+
+def test_the_cache_gives_each_row_rope_position_zero_at_its_first_real_token(model):
+    """RoPE is relative, so a shifted row would give the same tokens up to rounding: checked on
+    the cache's own tables instead."""
+    pad = torch.tensor([0, 3, 1])
+    cache = model.new_cache(3, 10, pad)
+    for r, p in enumerate(pad.tolist()):
+        assert torch.equal(cache.cos[r, p:, 0], model.rope.cos[:10 - p])
+        assert torch.equal(cache.sin[r, p:, 0], model.rope.sin[:10 - p])
+        assert (cache.key_bias[r, 0, :p] == float("-inf")).all() and (cache.key_bias[r, 0, p:] == 0).all()
+    assert model.new_cache(3, 10, torch.zeros(3, dtype=torch.long)).key_bias is None  # plain causal
+    with pytest.raises(ConfigError, match="^model.seq_len: a KV cache of 33 positions exceeds"):
+        model.new_cache(1, CFG.seq_len + 1)
