@@ -116,6 +116,7 @@ def test_oasst_trees_through_the_params(tmp_path, shared_data):
     # the tiny tokenizer spends many tokens per word, so at 512 the long ones are dropped and counted
     root = project(tmp_path / "p", seq_len=512, sft_data={"path": trees, "valid_fraction": 0.2},
                    prefs={"path": trees, "format": "oasst", "valid_fraction": 0.2})
+    set_params(root, sft={"eval_batches": 30}, reward={"eval_batches": 40})  # every held-out example
     assert ran(repro(root, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})) == CHAIN
     sd, pr = metrics(root, "sft_data"), metrics(root, "prefs")
     assert sd["kept"] + sd["dropped_too_long"] == 95 and pr["kept"] + pr["dropped_too_long"] == 732
@@ -125,7 +126,8 @@ def test_oasst_trees_through_the_params(tmp_path, shared_data):
           f"on {rm['valid_pairs']} held-out pairs")
     assert sft["train_conversations"] + sft["valid_conversations"] <= sd["kept"]
     assert math.isfinite(sft["val_loss"]) and math.isfinite(sft["base_val_loss"])
-    assert rm["train_pairs"] == pr["train"] and 0 < rm["valid_pairs"] <= pr["valid"]
+    assert sft["valid_conversations"] == sd["valid"] > 0
+    assert rm["train_pairs"] == pr["train"] and rm["valid_pairs"] == pr["valid"] > 0
     assert 0.0 <= rm["val_accuracy"] <= 1.0 and math.isfinite(rm["reward_std"])
 
 
