@@ -4,6 +4,7 @@ SIGKILL (torchrun, like pretraining)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from palm import parallel  # noqa: E402
 from palm.train.engine import Engine, OptimConfig  # noqa: E402
 from palm.train.finetune import EpochOrder, load_parent, pad, padded_length, valid_rows  # noqa: E402
 from palm.train.loop import KILL_ENV, export  # noqa: E402
-from palm.train.sft import SFTConfig, conversation_batch, launch, read_rows, sft_forward_step  # noqa: E402
+from palm.train.sft import SFTConfig, batch, conversation_batch, launch, read_rows, sft_forward_step  # noqa: E402
 
 CFG = SFTConfig(train_steps=6, micro_batch_size=2, num_microbatches=2, dtype="fp32", log_interval=3,
                 eval_interval=3, eval_batches=2, checkpoint_interval=3,
@@ -51,6 +52,12 @@ def test_sft_loss_is_the_mean_nll_over_exactly_the_assistant_tokens(inputs, sing
     engine = Engine(MODEL, None, forward_step=sft_forward_step(), micro_batch_size=3, seq_len=length)
     load_parent(engine, inputs["parent"])
     got = engine.evaluate(batches)["loss"]
+    # without pipeline stages each micro-batch pads only to its own longest row: the same loss
+    own = [batch(rows[:3], length, CFG), batch(rows[3:5] + [None], length, CFG)]
+    assert [b["tokens"].shape[1] for b in own] == [padded_length([len(r["input_ids"]) - 1 for r in part], length)
+                                                   for part in (rows[:3], rows[3:5])]
+    assert engine.evaluate(own)["loss"] == pytest.approx(got, rel=1e-6)
+    assert batch(rows[:3], length, dataclasses.replace(CFG, pipeline_parallel=2))["tokens"].shape[1] == length
 
     # naive: each conversation alone, unpadded; every position whose next token is an assistant
     # token (its text or <|end|>: loss_mask 1) adds -log p(next token), in float64

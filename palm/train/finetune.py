@@ -2,8 +2,11 @@
 the parent export, the tokenizer check between the chat data and that parent, and fixed-shape
 padded micro-batches in a seeded order.
 
-Fixed shape: every micro-batch is padded to ``model.seq_len``, because pipeline-parallel stages
-exchange activations through buffers megatron allocates for one shape. Padding goes on the right:
+Shapes: with pipeline parallelism every micro-batch of a run has one shape (the longest row of
+the data, rounded up), because the stages exchange activations through buffers megatron allocates
+for one shape; without it each micro-batch is padded only to its own longest row (rounded up to
+16, so only a few shapes occur), which on chat data of mostly short rows saves much of the
+compute. Padding goes on the right:
 attention is causal, so a real token never sees a pad after it, and the model has no padding
 mask that would hide pads placed before the real tokens. Positions that are padding carry mask 0,
 and whatever reads "the last token" of a row reads it at an explicit per-row index.
@@ -97,6 +100,11 @@ def padded_length(lengths: Iterable[int], seq_len: int, multiple: int = 16) -> i
     compute that padding every row to ``seq_len`` would waste."""
     longest = max(lengths, default=1)
     return min(seq_len, -(-longest // multiple) * multiple)
+
+
+def micro_length(lengths: Iterable[int], run_length: int, fixed: bool) -> int:
+    """The padded length of one micro-batch: the run's (pipeline parallel: ``fixed``) or its own."""
+    return run_length if fixed else padded_length(lengths, run_length)
 
 
 class EpochOrder:

@@ -33,7 +33,7 @@ from palm.config import check, from_dict, to_dict
 from palm.errors import UserError
 from palm.model import ModelConfig, PaLM
 from palm.train.engine import Batch, OptimConfig, metric
-from palm.train.finetune import EpochOrder, pad, padded_length, valid_rows
+from palm.train.finetune import EpochOrder, micro_length, pad, padded_length, valid_rows
 from palm.train.launch import launch as _launch
 from palm.train.loop import RunPaths, TrainConfig, code_version
 
@@ -162,14 +162,19 @@ class Pairs:
         picks = self.order.rows(step, micro_batch_size=self.cfg.pairs_per_micro_batch,
                                 num_microbatches=self.cfg.num_microbatches, dp_rank=self.dp_rank,
                                 dp_size=self.dp_size)
-        return [pair_batch([self.rows[i] for i in micro], self.seq_len) for micro in picks]
+        return [batch([self.rows[i] for i in micro], self.seq_len, self.cfg) for micro in picks]
+
+
+def batch(rows: list[dict | None], run_length: int, cfg: RewardConfig) -> Batch:
+    lengths = (len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows if r is not None)
+    return pair_batch(rows, micro_length(lengths, run_length, cfg.pipeline_parallel > 1))
 
 
 def validation(rows: list[dict], cfg: RewardConfig, seq_len: int, dp_rank: int, dp_size: int) -> list[Batch]:
     picks = valid_rows(len(rows), micro_batch_size=cfg.pairs_per_micro_batch, max_microbatches=cfg.eval_batches,
                        dp_rank=dp_rank, dp_size=dp_size,
                        multiple=cfg.pipeline_parallel if cfg.virtual_stages > 1 else 1)
-    return [pair_batch([rows[i] if i is not None else None for i in micro], seq_len) for micro in picks]
+    return [batch([rows[i] if i is not None else None for i in micro], seq_len, cfg) for micro in picks]
 
 
 COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -285,7 +290,11 @@ def worker(spec: dict[str, Any]) -> None:
         job = loop.Job(
             stage="reward", model=model, cfg=cfg, dtype=DTYPES[spec["dtype"]], chunk=RewardModel,
             forward_step=reward_forward_step(cfg.margin), train_batches=batches.step, valid_batches=valid_batches,
-            tokens_per_step=cfg.global_batch * length, seq_len=length,
+            # tokens/s and MFU count the pairs' tokens, not the padding
+            tokens_per_step=round(cfg.pairs_per_micro_batch * cfg.num_microbatches * cfg.data_parallel * sum(
+                2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in train_rows)
+                / len(train_rows)),
+            seq_len=length,
             identity=cfg.run_identity(model, spec["dtype"], sha, spec["data_sha256"], spec["parent_sha256"]),
             init_weights=init_weights, curve_metrics=("loss", "accuracy"), perplexity=False,
             extra={"train_pairs": len(train_rows), "valid_pairs": used, "padded_length": length})

@@ -22,7 +22,7 @@ from palm.config import from_dict, to_dict
 from palm.errors import UserError
 from palm.model import ModelConfig
 from palm.train.engine import Batch, OptimConfig
-from palm.train.finetune import EpochOrder, pad, padded_length, valid_rows
+from palm.train.finetune import EpochOrder, micro_length, pad, padded_length, valid_rows
 from palm.train.launch import launch as _launch
 from palm.train.loop import RunPaths, TrainConfig, code_version
 
@@ -100,14 +100,19 @@ class Conversations:
         picks = self.order.rows(step, micro_batch_size=self.cfg.micro_batch_size,
                                 num_microbatches=self.cfg.num_microbatches, dp_rank=self.dp_rank,
                                 dp_size=self.dp_size)
-        return [conversation_batch([self.rows[i] for i in micro], self.seq_len) for micro in picks]
+        return [batch([self.rows[i] for i in micro], self.seq_len, self.cfg) for micro in picks]
+
+
+def batch(rows: list[dict | None], run_length: int, cfg: SFTConfig) -> Batch:
+    lengths = (len(r["input_ids"]) - 1 for r in rows if r is not None)
+    return conversation_batch(rows, micro_length(lengths, run_length, cfg.pipeline_parallel > 1))
 
 
 def validation(rows: list[dict], cfg: SFTConfig, seq_len: int, dp_rank: int, dp_size: int) -> list[Batch]:
     picks = valid_rows(len(rows), micro_batch_size=cfg.micro_batch_size, max_microbatches=cfg.eval_batches,
                        dp_rank=dp_rank, dp_size=dp_size,
                        multiple=cfg.pipeline_parallel if cfg.virtual_stages > 1 else 1)
-    return [conversation_batch([rows[i] if i is not None else None for i in micro], seq_len) for micro in picks]
+    return [batch([rows[i] if i is not None else None for i in micro], seq_len, cfg) for micro in picks]
 
 
 def read_rows(data: Path, split: str, tokenizer_sha256: str) -> list[dict]:
@@ -161,7 +166,8 @@ def worker(spec: dict[str, Any]) -> None:
         if not train_rows or not valid:
             raise UserError(f"{data}: {len(train_rows)} training and {len(valid)} validation conversations; "
                             "SFT needs both (more data, or another sft_data.valid_fraction)")
-        # inputs are a conversation without its last token
+        # the run's longest input (a conversation without its last token): with PP every micro-batch's
+        # length, without it the most any micro-batch pads to
         length = padded_length((len(r["input_ids"]) - 1 for r in train_rows + valid), model.seq_len)
         batches = Conversations(train_rows, cfg, length, dp_rank, dp_size)
         valid_batches = validation(valid, cfg, length, dp_rank, dp_size)
@@ -174,7 +180,9 @@ def worker(spec: dict[str, Any]) -> None:
         job = loop.Job(
             stage="sft", model=model, cfg=cfg, dtype=DTYPES[spec["dtype"]], forward_step=sft_forward_step(),
             train_batches=batches.step, valid_batches=valid_batches,
-            tokens_per_step=cfg.global_batch * length, seq_len=length,
+            # tokens/s and MFU count the conversations' tokens, not the padding
+            tokens_per_step=round(cfg.global_batch * sum(len(r["input_ids"]) - 1 for r in train_rows) / len(train_rows)),
+            seq_len=length,
             identity=cfg.run_identity(model, spec["dtype"], sha, spec["data_sha256"], spec["parent_sha256"]),
             init_weights=init_weights,
             extra={"train_conversations": len(train_rows), "valid_conversations": used, "padded_length": length})
