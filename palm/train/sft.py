@@ -39,9 +39,9 @@ class SFTConfig(TrainConfig):
     learning rate than pretraining, so the replies are learnt without erasing the pretraining.
     """
 
-    train_steps: int = 150
+    train_steps: int = 100
     eval_interval: int = 50
-    eval_batches: int = 8
+    eval_batches: int = 11
     checkpoint_interval: int = 50
     optim: OptimConfig = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
 
