@@ -71,14 +71,14 @@ class RewardConfig(TrainConfig):
     held-out pairs in their stored order, at most ``eval_batches`` micro-batches per DP rank.
     """
 
-    train_steps: int = 200
-    micro_batch_size: int = 32
+    train_steps: int = 150
+    micro_batch_size: int = 16
     eval_interval: int = 50
-    eval_batches: int = 11
+    eval_batches: int = 22
     checkpoint_interval: int = 50
     margin: float = 0.0  # required reward gap: loss -log sigmoid(r_chosen - r_rejected - margin)
     stats_batch_size: int = 32  # sequences per forward when scoring the training set afterwards
-    optim: OptimConfig = OptimConfig(lr=5e-4, min_lr=5e-5, warmup_steps=20)
+    optim: OptimConfig = OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=10)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -39,7 +39,7 @@ class SFTConfig(TrainConfig):
     learning rate than pretraining, so the replies are learnt without erasing the pretraining.
     """
 
-    train_steps: int = 100
+    train_steps: int = 150
     eval_interval: int = 50
     eval_batches: int = 11
     checkpoint_interval: int = 50
