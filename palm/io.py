@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -63,6 +63,24 @@ def write_json(path: str | Path, data: Any) -> None:
     with atomic_file(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def files_sha256(folder: str | Path, names: Iterable[str] | None = None) -> str:
+    """Content hash of files in ``folder``: each relative name, then its bytes, in the order of
+    ``names`` (default: every file below ``folder``, sorted). A run's identity uses it for its data
+    and its parent model, so new content under the same path trains afresh instead of resuming."""
+    import hashlib
+
+    folder = Path(folder)
+    if names is None:
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        with (folder / name).open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def clean_stale_temps(parent: str | Path, name: str) -> None:

@@ -36,9 +36,9 @@ def launch(out: Path, nproc: int, *layouts: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parity")
-    launch(out, 1, "1,1,1,1", "1,1,1,1,mask", "naive", "decode,1", "fwd,1,1")
+    launch(out, 1, "1,1,1,1", "1,1,1,1,mask", "naive", "decode,1", "fwd,1,1", "reward,1,1")
     launch(out, 2, "2,1,1,1", "1,2,1,1", "1,2,1,2", "1,1,2,1", "decode,2",
-           "2,1,1,1,mask", "1,2,1,1,mask", "1,1,2,1,mask", "fwd,2,1", "fwd,1,2")
+           "2,1,1,1,mask", "1,2,1,1,mask", "1,1,2,1,mask", "fwd,2,1", "fwd,1,2", "reward,2,1", "reward,1,2")
     launch(out, 4, "2,2,1,1")
     return out
 
@@ -150,3 +150,14 @@ def test_tp2_decoding_and_hidden_states_match_tp1(runs):
     assert (one["full"] - two["full"]).abs().max().item() < 1e-4
     assert torch.equal(one["cached"], two["cached"])
     assert torch.equal(one["sampled"], two["sampled"])  # same generator seed on every rank
+
+
+@pytest.mark.parametrize("layout", ["2,1", "1,2"])
+def test_reward_model_at_tp2_and_pp2_equals_one_process(runs, layout):
+    """PaLM + scalar head with the pairwise loss: rewards (Engine.forward), losses, accuracy,
+    first-step gradients (the head's included) and weights after 3 steps."""
+    ref, got = load(runs, "reward.1,1"), load(runs, f"reward.{layout}")
+    assert "head.weight" in ref["grads"] and ref["grads"]["head.weight"].abs().sum() > 0
+    before = ref["weights"]["rewards_before"]
+    assert before.shape == (2 * 2 * 4,) and before.std() > 0  # MICRO x 2 MBS sequences, not all equal
+    compare(runs, f"reward.{layout}", loss_tol=1e-5, grad_tol=1e-5, weight_tol=1e-4, ref_layout="reward.1,1")

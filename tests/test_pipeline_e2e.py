@@ -1,6 +1,6 @@
-"""The data half of the pipeline end to end, on the embedded default (pydoc), for real:
-the Prefect flow (one task per DVC stage) on a temporary Prefect server, DVC caching, MLflow
-runs on SQLite, the token shards read back through megatron-core, and the chat data."""
+"""The pipeline end to end, on the embedded default (pydoc), for real: the Prefect flow (one task
+per DVC stage) on a temporary Prefect server, DVC caching, MLflow runs on SQLite, the token shards
+read back through megatron-core, the chat data, SFT and the reward model."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import yaml
 from conftest import make_project
 
 pytestmark = pytest.mark.e2e
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs"]
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward"]
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """The project with its default params: the whole DAG as `make run` runs it (about 3
-    minutes on 2 cores, most of it the default pretrain)."""
+    """The project with its default params: the whole DAG as `make run` runs it (most of the time
+    is the default pretrain, then the reward model and SFT)."""
     return make_project(tmp_path_factory.mktemp("project"))
 
 
@@ -105,7 +105,7 @@ def test_mlflow_runs_carry_params_metrics_commit_and_dvc_hashes(project, flow_ru
         assert run.data.params and run.data.metrics
         for kind in ("deps", "outs"):
             for entry in lock[stage][kind]:
-                if entry["path"].startswith(("data", "artifacts")):
+                if entry["path"].startswith(("data", "artifacts", "models")):
                     tag = f"dvc.{kind[:-1]}.{entry['path']}.md5"
                     assert run.data.tags.get(tag) == entry["md5"], (stage, tag)
     assert client.search_runs([exp.experiment_id], "tags.`palm.stage` = 'tokenize'")[0].data.metrics["tokens"] >= 1e6
@@ -141,6 +141,22 @@ def test_default_chat_data(project, flow_runs):
             rows = load(project / "data" / folder, split, sha).to_pylist()
             assert len(rows) == m[split]
             assert max(map(longest[stage], rows)) <= seq_len
+
+
+def test_default_sft_beats_its_parent_and_the_reward_model_ranks_held_out_pairs(project, flow_runs):
+    import json
+
+    sft = json.loads((project / "reports" / "sft" / "metrics.json").read_text())
+    reward = json.loads((project / "reports" / "reward" / "metrics.json").read_text())
+    print(f"default sft: val_loss {sft['val_loss']:.3f} vs pretrained {sft['base_val_loss']:.3f} "
+          f"({sft['stage_seconds']:.0f} s); reward: val_accuracy {reward['val_accuracy']:.3f}, "
+          f"val_margin {reward['val_margin']:.3f} ({reward['stage_seconds']:.0f} s)")
+    assert sft["val_loss"] < sft["base_val_loss"]
+    assert reward["val_accuracy"] > 0.75
+    config = json.loads((project / "models" / "reward" / "config.json").read_text())
+    assert config["kind"] == "reward" and config["reward"]["std"] > 0
+    for name in ("sft", "reward"):
+        assert (project / "models" / name / "tokenizer.json").is_file()
 
 
 def test_repro_noop_then_param_change_reruns_downstream_only(project, flow_runs):

@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -217,16 +217,21 @@ def export_safetensors(model: torch.nn.Module, out_dir: Path, config: dict[str, 
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def load_safetensors(model: torch.nn.Module, path: Path) -> None:
-    """Load exported full weights into a model or one chunk of it at the current TP layout."""
+def load_safetensors(model: torch.nn.Module, path: Path, new: Iterable[str] = ()) -> None:
+    """Load exported full weights into a model or one chunk of it at the current TP layout.
+    ``new`` names parameters the export need not hold (e.g. a reward head on a language model's
+    export): absent, they keep their initial values; any other absent weight is an error."""
     from safetensors.torch import load_file
 
     full = load_file(str(path))
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
+    new = set(new)
     with torch.no_grad():
         for name, p in model.named_parameters():
             key = "embedding.weight" if name == "output_embedding.weight" else name
+            if key not in full and key in new:
+                continue
             if key not in full:
                 raise UserError(f"{path}: weight {key!r} missing; not a palm export of this model")
             t = full[key]

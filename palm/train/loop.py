@@ -117,6 +117,9 @@ class Job:
     identity: dict[str, Any]  # what must match for a checkpoint to be resumed
     tokens_per_step: int  # tokens one optimizer step processes (all DP ranks), for tokens/s and MFU
     chunk: ChunkFactory = PaLM
+    # every micro-batch's padded length (default model.seq_len); fixed for a run, because pipeline
+    # stages exchange buffers of one shape, but chat data shorter than the context pads less
+    seq_len: int | None = None
     # called before resuming: e.g. load the parent stage's export and measure it (the returned
     # metrics join the result, e.g. base_val_loss); a resumed checkpoint then overwrites the weights
     init_weights: Callable[[Engine], dict[str, Any] | None] | None = None
@@ -145,7 +148,7 @@ def train(job: Job, paths: RunPaths) -> dict[str, Any]:
     rank0 = torch.distributed.get_rank() == 0
     engine = Engine(job.model, cfg.optim, forward_step=job.forward_step, chunk=job.chunk,
                     train_steps=cfg.train_steps, micro_batch_size=cfg.micro_batch_size,
-                    num_microbatches=cfg.num_microbatches, dtype=job.dtype, seed=cfg.seed)
+                    num_microbatches=cfg.num_microbatches, seq_len=job.seq_len, dtype=job.dtype, seed=cfg.seed)
     extra = dict(job.extra)
     if job.init_weights is not None:
         extra.update(job.init_weights(engine) or {})
@@ -160,7 +163,7 @@ def train(job: Job, paths: RunPaths) -> dict[str, Any]:
         for row in rows:
             tracker.log_metrics({k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)},
                                 step=int(row["step"]))
-    flops_per_token = job.model.flops_per_token()
+    flops_per_token = job.model.flops_per_token(job.seq_len)
     bar = tqdm(total=cfg.train_steps, initial=engine.step, desc=job.stage, unit="step",
                disable=not rank0 or None, dynamic_ncols=True)
     window: list[dict[str, float]] = []

@@ -11,7 +11,6 @@ next-token negative log-likelihood plus PaLM's auxiliary z-loss ``z_loss_weight 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +76,10 @@ def lm_forward_step(z_loss_weight: float):
 def shards_sha256(tokens: Path) -> str:
     """Content hash of the token shards (meta.json and every .bin/.idx): the data part of a run's
     identity, so new shards from the same tokenizer retrain instead of resuming."""
+    from palm.io import files_sha256
     from palm.train.data import SPLITS
 
-    h = hashlib.sha256()
-    for name in ["meta.json"] + [f"{s}.{e}" for s in SPLITS for e in ("idx", "bin")]:
-        h.update(name.encode())
-        with (Path(tokens) / name).open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    return files_sha256(tokens, ["meta.json"] + [f"{s}.{e}" for s in SPLITS for e in ("idx", "bin")])
 
 
 def launch(model: ModelConfig, cfg: PretrainConfig, *, tokens: Path, tokenizer_sha256: str,

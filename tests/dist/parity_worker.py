@@ -6,7 +6,8 @@ saves, per rank, its losses, its parameters after training and its gradients of 
 Usage: ``torchrun --standalone --nproc-per-node N parity_worker.py OUT LAYOUT [LAYOUT ...]`` where
 LAYOUT is ``tp,pp,dp,vpp`` (``tp,pp,dp,vpp,mask``: random loss masks that differ between
 micro-batches and DP ranks), ``decode,tp`` (KV-cache and hidden-state checks), ``fwd,tp,pp``
-(``Engine.forward``'s per-token log-probs) or ``naive`` (the masked reference computed directly:
+(``Engine.forward``'s per-token log-probs), ``reward,tp,pp`` (the reward model: PaLM + scalar
+head, pairwise loss on variable-length right-padded pairs) or ``naive`` (the masked reference computed directly:
 one process, one backward of the per-token mean over all valid tokens).
 """
 
@@ -107,6 +108,44 @@ def run_forward(out: Path, tp: int, pp: int) -> None:
     ps.destroy_model_parallel()
 
 
+def reward_batches(steps: int = STEPS):
+    """Pairs of random prompts and replies of different lengths, ``MBS`` pairs per micro-batch."""
+    from palm.train.reward import pair_batch
+
+    g = torch.Generator().manual_seed(4)
+    ids = lambda n: torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    length = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    return [[pair_batch([{"prompt_ids": ids(length(2, 12)), "chosen_ids": ids(length(1, 20)),
+                          "rejected_ids": ids(length(1, 20))} for _ in range(MBS)], CFG.seq_len)
+             for _ in range(MICRO)] for _ in range(steps)]
+
+
+def run_reward(out: Path, tp: int, pp: int) -> None:
+    """The reward model trained 3 steps; its per-sequence rewards on the first step's batches."""
+    from palm.train.reward import RewardModel, read_rewards, reward_forward_step
+
+    parallel.init_distributed(tp, pp, torch.distributed.get_world_size() // (tp * pp))
+    eng = Engine(CFG, OPTIM, forward_step=reward_forward_step(0.1), chunk=RewardModel, train_steps=STEPS,
+                 micro_batch_size=2 * MBS, num_microbatches=MICRO, seed=7)
+    batches = reward_batches()
+
+    def rewards(batch, model):
+        return model(batch["tokens"]), lambda values: {"reward": read_rewards(values, batch["last"])}
+
+    before = torch.cat([d["reward"] for d in eng.forward(batches[0], rewards)])
+    losses, grads = [], {}
+    for i, step in enumerate(batches):
+        stats = eng.train_step(step)
+        losses.append(stats["loss"])
+        if i == 0:
+            grads = {n: full(p.main_grad, p) for n, p in eng.named_parameters()}
+            accuracy = stats["accuracy"]
+    weights = {n: full(p, p) for n, p in eng.named_parameters()}
+    weights["rewards_before"] = before  # not a parameter: compared the same way
+    save_layout(out, f"reward.{tp},{pp}", losses + [accuracy], grads, weights)
+    ps.destroy_model_parallel()
+
+
 def run_decode(out: Path, tp: int) -> None:
     """KV-cached decoding against full recomputation, generation of a left-padded batch (greedy
     cached and uncached, and sampled with its log-probs against one full forward pass per row),
@@ -182,6 +221,11 @@ def main(argv: list[str]) -> None:
         if layout.startswith("fwd"):
             _, tp, pp = layout.split(",")
             run_forward(out, int(tp), int(pp))
+            torch.distributed.barrier()
+            continue
+        if layout.startswith("reward"):
+            _, tp, pp = layout.split(",")
+            run_reward(out, int(tp), int(pp))
             torch.distributed.barrier()
             continue
         if layout == "naive":

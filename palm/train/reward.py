@@ -1,0 +1,304 @@
+"""The reward model: PaLM with a scalar head, trained on preference pairs (the ``reward`` stage).
+
+:class:`RewardModel` is a chunk factory like :class:`palm.model.PaLM` (same constructor), so the
+training engine builds it at any TP/PP layout: every chunk is a PaLM chunk, and the last one adds
+a bias-free linear ``d -> 1`` on the final-normed hidden state, replicated on every TP rank (its
+input is whole on every rank; same seed, same gradients, so it needs no collective). On the last
+stage it returns one scalar per position ``[b, s]``; the reward of a sequence is the scalar at its
+last real token, read at an explicit per-row index (``last``), never at a padding position. The
+per-position scalars are also what PPO's critic (value model) needs.
+
+Objective (Bradley-Terry, as in InstructGPT / Ouyang et al. 2022): for a prompt with a chosen and
+a rejected reply, ``-log sigmoid(r_chosen - r_rejected - margin)``, averaged over the pairs of the
+global batch. Both sides of a pair sit in the same micro-batch (the first half of its rows are the
+chosen sides, the second half the rejected ones, pair ``i`` at rows ``i`` and ``P + i``), so the
+loss of a pair is complete in one forward. ``micro_batch_size`` counts sequences: two per pair.
+
+After training the stage scores every training sequence with the exported model
+(:func:`reward_stats`, ``Engine.forward``) and saves the mean and standard deviation in the
+export's ``config.json``, for PPO to normalise rewards with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from palm import parallel
+from palm.config import check, from_dict, to_dict
+from palm.errors import UserError
+from palm.model import ModelConfig, PaLM
+from palm.train.engine import Batch, OptimConfig, metric
+from palm.train.finetune import EpochOrder, micro_length, pad, padded_length, valid_rows
+from palm.train.launch import launch as _launch
+from palm.train.loop import RunPaths, TrainConfig, code_version
+
+ENTRY = "palm.train.reward:worker"
+CODE = ("train/finetune.py", "train/reward.py")  # with model, parallel and engine: the computation
+HEAD = "head.weight"  # the one parameter a language-model parent does not have
+
+
+class RewardModel(PaLM):
+    """PaLM (or one pipeline chunk of it) whose last chunk ends in a scalar head."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: Any = None, *, pre_process: bool = True,
+                 post_process: bool = True, layers: Iterable[int] | None = None, seed: int = 0):
+        super().__init__(cfg, mcfg, pre_process=pre_process, post_process=post_process, layers=layers, seed=seed)
+        if post_process:
+            torch.manual_seed(parallel.init_seed(seed, "reward_head"))
+            self.head = parallel.replicated_linear(self.config, cfg.d_model, 1)
+
+    def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: Any = None) -> torch.Tensor:
+        """Last stage: a scalar per position ``[b, s]`` (fp32); other stages: activations
+        ``[s, b, d]`` for the next stage (megatron's p2p protocol, as :class:`PaLM`)."""
+        assert labels is None, "a reward model has no labels"
+        x = self.trunk(tokens, cache)
+        if not self.post_process:
+            return x.transpose(0, 1).contiguous()
+        return self.head(self.final_norm(x)).squeeze(-1).float()
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig(TrainConfig):
+    """The ``reward`` section of params.yaml (the training fields are :class:`TrainConfig`'s).
+
+    ``micro_batch_size`` counts sequences, two per pair (so it must be even). Validation uses the
+    held-out pairs in their stored order, at most ``eval_batches`` micro-batches per DP rank.
+    """
+
+    train_steps: int = 150
+    micro_batch_size: int = 16
+    eval_interval: int = 50
+    eval_batches: int = 22
+    checkpoint_interval: int = 50
+    margin: float = 0.0  # required reward gap: loss -log sigmoid(r_chosen - r_rejected - margin)
+    stats_batch_size: int = 32  # sequences per forward when scoring the training set afterwards
+    optim: OptimConfig = OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=10)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.micro_batch_size % 2 == 0, "micro_batch_size",
+              f"counts sequences, two per pair: must be even, got {self.micro_batch_size}")
+        check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+        check(self.stats_batch_size >= 1, "stats_batch_size", f"must be >= 1, got {self.stats_batch_size}")
+
+    @property
+    def pairs_per_micro_batch(self) -> int:
+        return self.micro_batch_size // 2
+
+    def run_identity(self, model: ModelConfig, dtype: str, tokenizer_sha256: str, data_sha256: str,
+                     parent_sha256: str) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed: not the layout, not the intervals."""
+        return {"model": to_dict(model), **self.identity(dtype), "eval_batches": self.eval_batches,
+                "margin": self.margin, "tokenizer_sha256": tokenizer_sha256, "data_sha256": data_sha256,
+                "parent_sha256": parent_sha256, "code": code_version(*CODE)}
+
+
+def validate(model: ModelConfig, cfg: RewardConfig) -> None:
+    """Refuse layouts the model cannot be split into (errors name the fields)."""
+    model.check_parallel(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.virtual_stages, section="reward")
+
+
+# --- the objective -------------------------------------------------------------------------------
+
+def read_rewards(values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The reward of each row: ``values [b, s]`` at position ``last [b]``."""
+    return values.gather(1, last.long().unsqueeze(1)).squeeze(1)
+
+
+def pairwise(rewards: torch.Tensor, pair_mask: torch.Tensor, margin: float = 0.0):
+    """Bradley-Terry loss summed over the pairs of a micro-batch whose rows are ``[chosen_0 ..
+    chosen_{P-1}, rejected_0 .. rejected_{P-1}]``; returns ``(loss_sum, pairs, correct, gap_sum)``
+    with ``correct`` counting pairs where the chosen reply scores strictly higher."""
+    p = rewards.shape[0] // 2
+    gap = rewards[:p] - rewards[p:]
+    w = pair_mask.float()
+    loss = (-F.logsigmoid(gap - margin) * w).sum()
+    return loss, w.sum(), ((gap > 0).float() * w).sum(), (gap * w).sum()
+
+
+def reward_forward_step(margin: float = 0.0):
+    """Pairwise loss of a micro-batch ``{"tokens" [2P, s], "last" [2P], "pair_mask" [P]}``;
+    reports ``accuracy`` (share of pairs ranked right) and ``margin`` (mean r_chosen - r_rejected)."""
+
+    def step(batch: Batch, model: torch.nn.Module):
+        output = model(batch["tokens"])  # [2P, s] scalars on the last stage
+
+        def loss_func(values: torch.Tensor):
+            loss, pairs, correct, gap = pairwise(read_rewards(values, batch["last"]), batch["pair_mask"], margin)
+            return loss, pairs, {"accuracy": metric(correct, pairs), "margin": metric(gap, pairs)}
+
+        return output, loss_func
+
+    return step
+
+
+def pair_batch(rows: list[dict | None], seq_len: int, side: str = "right") -> Batch:
+    """One micro-batch of pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``; ``None`` = a
+    padding pair): chosen sides first, then rejected, each ``prompt + reply`` padded on ``side``
+    to ``seq_len``, with the index of its last real token."""
+    seqs = ([r["prompt_ids"] + r["chosen_ids"] if r is not None else [] for r in rows]
+            + [r["prompt_ids"] + r["rejected_ids"] if r is not None else [] for r in rows])
+    lengths = torch.tensor([len(s) for s in seqs])
+    last = (lengths - 1).clamp(min=0) if side == "right" else torch.full_like(lengths, seq_len - 1)
+    return {"tokens": pad(seqs, seq_len, side), "last": last,
+            "pair_mask": torch.tensor([float(r is not None) for r in rows])}
+
+
+class Pairs:
+    """This DP rank's training micro-batches of each step, from the training pairs."""
+
+    def __init__(self, rows: list[dict], cfg: RewardConfig, seq_len: int, dp_rank: int, dp_size: int):
+        self.rows, self.cfg, self.seq_len = rows, cfg, seq_len
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.order = EpochOrder(len(rows), cfg.seed)
+
+    def step(self, step: int) -> list[Batch]:
+        picks = self.order.rows(step, micro_batch_size=self.cfg.pairs_per_micro_batch,
+                                num_microbatches=self.cfg.num_microbatches, dp_rank=self.dp_rank,
+                                dp_size=self.dp_size)
+        return [batch([self.rows[i] for i in micro], self.seq_len, self.cfg) for micro in picks]
+
+
+def batch(rows: list[dict | None], run_length: int, cfg: RewardConfig) -> Batch:
+    lengths = (len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows if r is not None)
+    return pair_batch(rows, micro_length(lengths, run_length, cfg.pipeline_parallel > 1))
+
+
+def validation(rows: list[dict], cfg: RewardConfig, seq_len: int, dp_rank: int, dp_size: int) -> list[Batch]:
+    picks = valid_rows(len(rows), micro_batch_size=cfg.pairs_per_micro_batch, max_microbatches=cfg.eval_batches,
+                       dp_rank=dp_rank, dp_size=dp_size,
+                       multiple=cfg.pipeline_parallel if cfg.virtual_stages > 1 else 1)
+    return [batch([rows[i] if i is not None else None for i in micro], seq_len, cfg) for micro in picks]
+
+
+COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+
+
+def read_rows(data: Path, split: str, tokenizer_sha256: str) -> list[dict]:
+    from palm.data.chat import load_prefs
+
+    return load_prefs(data, split, tokenizer_sha256).select(COLUMNS).to_pylist()
+
+
+def pair_length(rows: list[dict], seq_len: int) -> int:
+    return padded_length((len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows),
+                         seq_len)
+
+
+# --- after training: the reward scale, for PPO ---------------------------------------------------
+
+@torch.no_grad()
+def reward_stats(model_dir: Path, rows: list[dict], *, batch_size: int = 32) -> dict[str, Any]:
+    """Score every distinct training sequence (prompt + chosen, prompt + rejected) with the export
+    in ``model_dir``, here in one process (``Engine.forward``): the rewards' mean and standard
+    deviation, and the training pairs' accuracy."""
+    from palm.train.checkpoint import load_safetensors
+    from palm.train.engine import Engine
+
+    config_cfg = _export_model(model_dir)
+    seqs = sorted({tuple(r["prompt_ids"] + r[side]) for r in rows for side in ("chosen_ids", "rejected_ids")},
+                  key=len)  # sorted by length: each forward pads only to its longest row
+    parallel.init_distributed()
+    try:
+        engine = Engine(config_cfg, None, chunk=RewardModel, micro_batch_size=batch_size)
+        for chunk in engine.chunks:
+            load_safetensors(chunk, Path(model_dir) / "model.safetensors")
+        batches = []
+        for i in range(0, len(seqs), batch_size):
+            part = seqs[i:i + batch_size]
+            batches.append({"tokens": pad(part, len(part[-1])), "last": torch.tensor([len(s) - 1 for s in part])})
+
+        def step(batch: Batch, model: torch.nn.Module):
+            return model(batch["tokens"]), lambda values: {"reward": read_rewards(values, batch["last"])}
+
+        rewards = torch.cat([d["reward"] for d in engine.forward(batches, step)]).double()
+    finally:
+        parallel.teardown()
+    score = dict(zip(seqs, rewards.tolist()))
+    correct = sum(score[tuple(r["prompt_ids"] + r["chosen_ids"])] > score[tuple(r["prompt_ids"] + r["rejected_ids"])]
+                  for r in rows)
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
+            "reward_sequences": len(seqs), "train_accuracy": correct / max(len(rows), 1)}
+
+
+def _export_model(model_dir: Path) -> ModelConfig:
+    import json
+
+    return from_dict(ModelConfig, json.loads((Path(model_dir) / "config.json").read_text())["model"], "model")
+
+
+# --- the stage side ------------------------------------------------------------------------------
+
+def launch(model: ModelConfig, cfg: RewardConfig, *, data: Path, parent: Path, tokenizer_sha256: str,
+           checkpoints: Path, reports: Path, run_dir: Path, peak_flops: float, dtype: str = "fp32",
+           env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train a reward model from ``parent`` (an export) on the pairs in ``data`` in
+    ``cfg.world_size`` processes; returns rank 0's result."""
+    from palm.io import files_sha256
+
+    validate(model, cfg)
+    spec = {"model": to_dict(model), "reward": to_dict(cfg), "dtype": dtype, "data": str(data),
+            "parent": str(parent), "tokenizer_sha256": tokenizer_sha256, "data_sha256": files_sha256(data),
+            "parent_sha256": files_sha256(parent, ["config.json", "model.safetensors"]),
+            "checkpoints": str(checkpoints), "reports": str(reports), "peak_flops": peak_flops}
+    return _launch(ENTRY, spec, world_size=cfg.world_size, run_dir=run_dir, threads=cfg.threads, env=env)
+
+
+# --- the worker side: one training process -------------------------------------------------------
+
+def worker(spec: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state as ps
+
+    from palm.train import loop
+    from palm.train.finetune import load_parent
+    from palm.train.metrics import DTYPES
+
+    model = from_dict(ModelConfig, spec["model"], "model")
+    cfg = from_dict(RewardConfig, spec["reward"], "reward")
+    validate(model, cfg)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    parallel.init_distributed(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.data_parallel,
+                              cfg.virtual_stages)
+    try:
+        data, parent, sha = Path(spec["data"]), Path(spec["parent"]), spec["tokenizer_sha256"]
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        train_rows, valid = read_rows(data, "train", sha), read_rows(data, "valid", sha)
+        if not train_rows or not valid:
+            raise UserError(f"{data}: {len(train_rows)} training and {len(valid)} validation pairs; the reward "
+                            "model needs both (more data, or another prefs.valid_fraction)")
+        length = pair_length(train_rows + valid, model.seq_len)
+        batches = Pairs(train_rows, cfg, length, dp_rank, dp_size)
+        valid_batches = validation(valid, cfg, length, dp_rank, dp_size)
+
+        def init_weights(engine) -> dict[str, Any]:
+            load_parent(engine, parent, new=[HEAD])  # the head starts from its seeded init
+            base = engine.evaluate(valid_batches)
+            return {"base_val_accuracy": base["accuracy"]}
+
+        used = min(len(valid), cfg.eval_batches * cfg.pairs_per_micro_batch * dp_size)
+        job = loop.Job(
+            stage="reward", model=model, cfg=cfg, dtype=DTYPES[spec["dtype"]], chunk=RewardModel,
+            forward_step=reward_forward_step(cfg.margin), train_batches=batches.step, valid_batches=valid_batches,
+            # tokens/s and MFU count the pairs' tokens, not the padding
+            tokens_per_step=round(cfg.pairs_per_micro_batch * cfg.num_microbatches * cfg.data_parallel * sum(
+                2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in train_rows)
+                / len(train_rows)),
+            seq_len=length,
+            identity=cfg.run_identity(model, spec["dtype"], sha, spec["data_sha256"], spec["parent_sha256"]),
+            init_weights=init_weights, curve_metrics=("loss", "accuracy"), perplexity=False,
+            extra={"train_pairs": len(train_rows), "valid_pairs": used, "padded_length": length})
+        loop.train(job, RunPaths(checkpoints=Path(spec["checkpoints"]), reports=Path(spec["reports"]),
+                                 run_dir=Path(spec["run_dir"]), peak_flops=spec["peak_flops"]))
+    finally:
+        parallel.teardown()

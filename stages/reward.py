@@ -1,0 +1,51 @@
+"""DVC stage `reward`: train the reward model (PaLM + a scalar head) on the preference pairs of
+``prefs``, starting from the SFT export, with TP x PP x DP torchrun processes.
+
+Ends by exporting the model (head included) into ``--out``, atomically, with the mean and
+standard deviation of its rewards over the training sequences in ``config.json`` (PPO normalises
+rewards with them) and ``"kind": "reward"``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from palm.io import atomic_dir
+from palm.stage import StageContext, run_stage
+from palm.train.reward import HEAD, RewardConfig, RewardModel, launch, read_rows, reward_stats, validate
+from stages.sft import add_args, prepare, start
+
+
+def body(cfg: RewardConfig, ctx: StageContext) -> dict:
+    from palm.train.loop import export
+
+    model, parent = prepare(ctx, "prefs", "sft")
+    validate(model, cfg)
+    dtype, peak, env = start("reward", cfg, ctx)
+    checkpoints = ctx.path("checkpoints")
+    result = launch(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
+                    tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
+                    run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype, env=env)
+    with atomic_dir(ctx.path("out")) as out:
+        config = export(Path(result["checkpoint"]), out, {
+            "kind": "reward", "parent": str(ctx.args.parent), "head": HEAD, "margin": cfg.margin,
+            "metrics": {k: result[k] for k in ("val_loss", "val_accuracy", "val_margin")}}, chunk=RewardModel)
+        shutil.copy2(ctx.path("parent") / "tokenizer.json", out / "tokenizer.json")
+        stats = reward_stats(out, read_rows(ctx.path("data"), "train", parent["tokenizer_sha256"]),
+                             batch_size=cfg.stats_batch_size)
+        config["reward"] = {"mean": stats["reward_mean"], "std": stats["reward_std"],
+                            "sequences": stats["reward_sequences"]}
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    ctx.tracker.log_artifact(ctx.reports / "curve.csv")
+    return {**{k: v for k, v in result.items() if k != "checkpoint"}, **stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("reward", RewardConfig, body, add_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

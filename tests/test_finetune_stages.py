@@ -1,0 +1,170 @@
+"""The `sft` and `reward` DVC stages on a tiny project (the pydoc-like test corpus, a tiny
+tokenizer, a tiny randomly initialised parent in models/pretrain): `dvc repro` of the chat stages
+then nothing to rerun, a `reward` param reruns `reward` only, MLflow runs carry the md5 of their
+data and parent; the OASST trees through the params; bad input is one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import make_project, run_stage_cli  # noqa: E402
+from finetune_data import MODEL, make_parent  # noqa: E402
+from test_chat import make_tokenizer, pydoc_corpus  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.dist, pytest.mark.timeout(1200)]
+
+TRAIN = {"train_steps": 4, "log_interval": 2, "eval_interval": 2, "checkpoint_interval": 2, "eval_batches": 2,
+         "dtype": "fp32", "optim": {"lr": 0.003, "min_lr": 0.0003, "warmup_steps": 1}}
+CHAIN = ["sft_data", "sft", "prefs", "reward"]
+
+
+def project(tmp: Path, seq_len: int = 128, **sections) -> Path:
+    root = make_project(tmp)
+    pydoc_corpus(root / "data" / "corpus")
+    make_tokenizer(root / "artifacts" / "tokenizer")
+    parent = MODEL if seq_len == MODEL.seq_len else type(MODEL)(**{**MODEL.__dict__, "seq_len": seq_len})
+    make_parent(root / "models" / "pretrain", root / "artifacts" / "tokenizer", parent)
+    set_params(root, model={"seq_len": seq_len}, sft={**TRAIN, "micro_batch_size": 2},
+               reward={**TRAIN, "micro_batch_size": 4}, **sections)
+    return root
+
+
+def set_params(root: Path, **sections) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name] = {**params[name], **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def repro(root: Path, env: dict) -> subprocess.CompletedProcess:
+    """The chat stages only (-s): the tiny project has no scrape/tokenize/pretrain runs."""
+    res = subprocess.run([str(root / ".venv" / "bin" / "dvc"), "repro", "-s", *CHAIN], cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root), **env}, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def ran(res: subprocess.CompletedProcess) -> list[str]:
+    return [s for s in CHAIN if f"Running stage '{s}'" in res.stdout]
+
+
+def metrics(root: Path, name: str) -> dict:
+    return json.loads((root / "reports" / name / "metrics.json").read_text())
+
+
+def test_dvc_repro_chain_then_nothing_then_a_reward_param_reruns_reward_only(tmp_path):
+    import mlflow
+    from safetensors.torch import load_file
+
+    root = project(tmp_path / "p")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    assert ran(repro(root, env)) == CHAIN
+
+    sft = metrics(root, "sft")
+    for key in ("val_loss", "base_val_loss", "val_perplexity", "final_train_loss", "tokens_per_s"):
+        assert isinstance(sft[key], float) and math.isfinite(sft[key]), key
+    assert sft["val_loss"] < sft["base_val_loss"]  # the random parent knows nothing of the replies
+    assert sft["steps"] == 4 and sft["valid_conversations"] > 0
+    assert (root / "reports" / "sft" / "curve.csv").read_text().startswith("step,loss,val_loss,")
+    config = json.loads((root / "models" / "sft" / "config.json").read_text())
+    assert config["kind"] == "sft" and config["model"]["d_model"] == MODEL.d_model
+    assert config["metrics"]["base_val_loss"] == sft["base_val_loss"]
+    assert (root / "models" / "sft" / "tokenizer.json").read_bytes() == \
+        (root / "artifacts" / "tokenizer" / "tokenizer.json").read_bytes()
+
+    rm = metrics(root, "reward")
+    assert 0.0 <= rm["val_accuracy"] <= 1.0 and math.isfinite(rm["val_margin"]) and rm["valid_pairs"] > 0
+    assert rm["reward_std"] > 0 and math.isfinite(rm["reward_mean"]) and "val_perplexity" not in rm
+    assert (root / "reports" / "reward" / "curve.csv").read_text().startswith(
+        "step,loss,accuracy,val_loss,val_accuracy,")
+    config = json.loads((root / "models" / "reward" / "config.json").read_text())
+    assert config["kind"] == "reward" and config["parent"] == "models/sft"
+    assert config["reward"]["mean"] == rm["reward_mean"] and config["reward"]["std"] == rm["reward_std"]
+    assert load_file(str(root / "models" / "reward" / "model.safetensors"))["head.weight"].shape == (1, MODEL.d_model)
+
+    # MLflow: each stage one finished run, tagged with the DVC md5 of its data and parent model
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("palm-rlhf").experiment_id])
+    for stage, data, parent in (("sft", "data/sft", "models/pretrain"), ("reward", "data/prefs", "models/sft")):
+        (run,) = [r for r in runs if r.data.tags.get("palm.stage") == stage]
+        assert run.info.status == "FINISHED" and run.data.params and "val_loss" in run.data.metrics
+        md5 = {d["path"]: d["md5"] for d in lock[stage]["deps"]}
+        for dep in (data, parent):
+            assert run.data.tags[f"dvc.dep.{dep}.md5"] == md5[dep], (stage, dep)
+
+    assert ran(repro(root, env)) == []  # nothing changed: nothing reruns
+    set_params(root, reward={"margin": 0.1})
+    assert ran(repro(root, env)) == ["reward"]
+    assert json.loads((root / "models" / "reward" / "config.json").read_text())["margin"] == 0.1
+
+
+def test_oasst_trees_through_the_params(tmp_path, shared_data):
+    trees = str(shared_data / "oasst" / "en_100_tree.jsonl")
+    # the 100 trees hold 95 conversations and 732 ranked pairs (tests/test_chat.py counts them);
+    # the tiny tokenizer spends many tokens per word, so at 512 the long ones are dropped and counted
+    root = project(tmp_path / "p", seq_len=512, sft_data={"path": trees, "valid_fraction": 0.2},
+                   prefs={"path": trees, "format": "oasst", "valid_fraction": 0.2})
+    set_params(root, sft={"eval_batches": 30}, reward={"eval_batches": 40})  # every held-out example
+    assert ran(repro(root, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})) == CHAIN
+    sd, pr = metrics(root, "sft_data"), metrics(root, "prefs")
+    assert sd["kept"] + sd["dropped_too_long"] == 95 and pr["kept"] + pr["dropped_too_long"] == 732
+    sft, rm = metrics(root, "sft"), metrics(root, "reward")
+    print(f"OASST (tiny model): {sd['kept']} conversations, sft val_loss {sft['val_loss']:.3f} vs base "
+          f"{sft['base_val_loss']:.3f}; {pr['kept']} pairs, reward val_accuracy {rm['val_accuracy']:.3f} "
+          f"on {rm['valid_pairs']} held-out pairs")
+    assert sft["train_conversations"] + sft["valid_conversations"] <= sd["kept"]
+    assert math.isfinite(sft["val_loss"]) and math.isfinite(sft["base_val_loss"])
+    assert sft["valid_conversations"] == sd["valid"] > 0
+    assert rm["train_pairs"] == pr["train"] and rm["valid_pairs"] == pr["valid"] > 0
+    assert 0.0 <= rm["val_accuracy"] <= 1.0 and math.isfinite(rm["reward_std"])
+
+
+def one_line_error(root: Path, stage: str, args: list[str]) -> str:
+    res = run_stage_cli(stage, args + ["--no-mlflow"], cwd=root)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith(f"error: {stage}: ")]
+    assert len(errors) == 1, res.stderr[-2000:]
+    return errors[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    root = project(tmp_path / "p")
+    for stage, out in (("sft_data", "data/sft"), ("prefs", "data/prefs")):
+        res = run_stage_cli(stage, ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--out", out,
+                                    "--no-mlflow"], cwd=root)
+        assert res.returncode == 0, res.stderr[-2000:]
+    sft = ["--data", "data/sft", "--checkpoints", "checkpoints/sft", "--out", "models/sft"]
+    reward = ["--data", "data/prefs", "--checkpoints", "checkpoints/reward", "--out", "models/reward"]
+
+    assert "models/sft: parent model not found" in one_line_error(root, "reward", reward + ["--parent", "models/sft"])
+    assert "run the sft stage first" in one_line_error(root, "reward", reward + ["--parent", "models/sft"])
+    assert "parent model not found" in one_line_error(root, "sft", sft + ["--parent", "models/none"])
+
+    config = root / "models" / "pretrain" / "config.json"
+    good = config.read_text()
+    config.write_text(json.dumps({**json.loads(good), "tokenizer_sha256": "0" * 64}))
+    line = one_line_error(root, "sft", sft + ["--parent", "models/pretrain"])
+    assert "data/sft was tokenized with tokenizer sha256" in line and "000000000000" in line
+    config.write_text("{not json")
+    assert "not a palm model export" in one_line_error(root, "sft", sft + ["--parent", "models/pretrain"])
+    config.write_text(good)
+
+    set_params(root, sft={"tensor_parallel": 3})
+    assert "sft.tensor_parallel: model.n_heads=2 is not divisible by tensor_parallel=3" in \
+        one_line_error(root, "sft", sft + ["--parent", "models/pretrain"])
+    set_params(root, sft={"tensor_parallel": 1}, reward={"micro_batch_size": 3})
+    assert "reward.micro_batch_size" in one_line_error(root, "reward", reward + ["--parent", "models/pretrain"])
+    assert not (root / "models" / "sft").exists() and not (root / "models" / "reward").exists()
