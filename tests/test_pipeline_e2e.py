@@ -116,8 +116,11 @@ def test_default_pretrain_beats_unigram(project, flow_runs):
 
     m = json.loads((project / "reports" / "pretrain" / "metrics.json").read_text())
     print(f"default pretrain: val_loss {m['val_loss']:.3f} vs unigram {m['unigram_loss']:.3f}, "
-          f"{m['tokens_per_s']:.0f} tokens/s, stage {m['stage_seconds']:.0f} s")
+          f"{m['tokens_per_s']:.0f} tokens/s in {m['dtype']}, stage {m['stage_seconds']:.0f} s")
     assert m["val_loss"] < m["unigram_loss"] - 1.0  # clearly below: > 1 nat better per token
+    # dtype: auto chose by probing: bf16 exactly where the CPU has native bf16 matmul
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert m["dtype"] == ("bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"), m["dtype"]
     assert (project / "models" / "pretrain" / "model.safetensors").is_file()
     curve = (project / "reports" / "pretrain" / "curve.csv").read_text().splitlines()
     assert curve[0].split(",")[:2] == ["step", "loss"] and len(curve) > 2
