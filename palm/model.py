@@ -309,7 +309,39 @@ class ParallelBlock(torch.nn.Module):
         return x + self.attn(h, rope, self.layer, cache) + self.mlp(h)
 
 
-LOSS_CHUNK_TOKENS = 512  # CPU: tokens per output-layer tile (see PaLM.logits_loss)
+LOSS_CHUNK_TOKENS = 512  # CPU: tokens per output-layer tile (see PaLM.token_nll)
+
+
+class TileNLL(torch.autograd.Function):
+    """``-log p(label)`` and ``log Z`` of a tile of tokens from its output-layer input: ``h [n, d]``
+    (normed, scaled), the (tied) output weight ``[V_local, d]``, ``labels [n]`` -> ``([n], [n])``
+    fp32, over the full vocabulary (TP: across the shards, :func:`parallel.vocab_logsumexp`).
+
+    Forward turns the tile's logits into softmax probabilities in place and keeps only those;
+    backward scales them in place into the logits' gradient, ``p * (g_nll + g_logz)`` minus
+    ``g_nll`` at each label, and does the two GEMMs. Autograd through logsumexp and gather would
+    make five more passes over the ``[n, V]`` tile (exp again, the broadcast multiply, a zero
+    tile, the scatter and the sum of the two) and keep the logits instead: measured with
+    ``benchmarks/train_throughput.py``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+        logits = F.linear(h, weight).float()  # [n, V_local]
+        logz = parallel.vocab_logsumexp(logits)
+        nll = logz - parallel.vocab_pick(logits, labels)
+        probs = logits.sub_(logz.unsqueeze(-1)).exp_()  # softmax over the full vocabulary, this shard
+        ctx.save_for_backward(h, weight, labels, probs)
+        return nll, logz
+
+    @staticmethod
+    def backward(ctx, g_nll: torch.Tensor, g_logz: torch.Tensor):
+        h, weight, labels, probs = ctx.saved_tensors
+        grad = probs.mul_((g_nll + g_logz).unsqueeze(-1))  # in place: a graph is backpropagated once
+        local, mine = parallel.vocab_local(labels, grad.shape[-1])
+        grad.scatter_add_(-1, local.unsqueeze(-1), (-g_nll * mine).unsqueeze(-1))
+        grad = grad.to(h.dtype)
+        return grad @ weight, grad.t() @ h, None
 
 
 # --- The model (or one pipeline stage of it) -----------------------------------------------------
@@ -371,28 +403,39 @@ class PaLM(MegatronModule):
             cache.length += x.shape[1]  # after all blocks: every layer wrote the same positions
         return x
 
+    def output_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the tied output projection multiplies: final norm, scaled (PaLM §2: scaling by
+        1/sqrt(d) rather than the vocabulary columns); under autograd TP backward sums the
+        vocabulary shards' gradients over the ranks."""
+        h = self.final_norm(x) * (self.cfg.d_model ** -0.5)
+        return copy_to_tensor_model_parallel_region(h) if torch.is_grad_enabled() else h
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and tied output projection: ``[b, s, d]`` -> ``[b, s, vocab_local]``."""
-        h = self.final_norm(x) * (self.cfg.d_model ** -0.5)  # PaLM §2; scaling d, not vocab, columns
-        if torch.is_grad_enabled():  # backward sums the vocabulary shards' gradients over TP
-            h = copy_to_tensor_model_parallel_region(h)
-        return F.linear(h, self.shared_embedding_or_output_weight())
+        return F.linear(self.output_input(x), self.shared_embedding_or_output_weight())
 
     def token_nll(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token ``-log p(label)`` and ``log Z`` (fp32) from hidden states: ``[b, s, d]``,
         ``[b, s]`` -> ``([b, s], [b, s])``. ``log p = logit[label] - log Z`` over the full
-        vocabulary (TP: across the shards), so both come from one softmax pass.
+        vocabulary (TP: across the shards), so both come from one softmax pass (:class:`TileNLL`).
 
         On CPU the logits are made and consumed ~512 tokens at a time: a ``[512, vocab]`` tile
         stays in cache between the GEMM, the fp32 cast and the softmax (measured: the whole bf16
         training step 10 % faster at vocab 8192; fp32 unchanged within noise).
         """
         per = x.shape[0] if x.is_cuda else max(1, LOSS_CHUNK_TOKENS // x.shape[1])
+        weight = self.shared_embedding_or_output_weight()
         nll, logz = [], []
         for xc, lc in zip(x.split(per), labels.split(per)):
-            logits = self.logits(xc).float()  # [b', s, V_local]
-            lz = parallel.vocab_logsumexp(logits)
-            nll.append(lz - parallel.vocab_pick(logits, lc))
+            b, s, d = xc.shape
+            if torch.is_grad_enabled():
+                n, lz = TileNLL.apply(self.output_input(xc).reshape(b * s, d), weight, lc.reshape(-1))
+                n, lz = n.view(b, s), lz.view(b, s)
+            else:  # no backward: no softmax tile to keep
+                logits = F.linear(self.output_input(xc), weight).float()  # [b', s, V_local]
+                lz = parallel.vocab_logsumexp(logits)
+                n = lz - parallel.vocab_pick(logits, lc)
+            nll.append(n)
             logz.append(lz)
         return torch.cat(nll), torch.cat(logz)
 

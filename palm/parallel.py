@@ -232,14 +232,19 @@ def vocab_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return lse
 
 
+def vocab_local(ids: torch.Tensor, v_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids as indices into this rank's vocabulary shard of ``v_local`` columns (clamped
+    into it) and whether this rank owns each id."""
+    local = ids - parallel_state.get_tensor_model_parallel_rank() * v_local
+    mine = (local >= 0) & (local < v_local)
+    return local.clamp(0, v_local - 1), mine
+
+
 def vocab_pick(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``logits[..., ids]`` over the full vocabulary from this rank's shard: ``[..., V_local]``,
     ``[...]`` -> ``[...]``. The rank that owns an id contributes its logit, the others zero."""
-    v_local = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * v_local
-    local = ids - start
-    mine = (local >= 0) & (local < v_local)
-    picked = logits.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+    local, mine = vocab_local(ids, logits.shape[-1])
+    picked = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1)
     picked = picked * mine  # a multiply, not masked_fill: the gradient reaches only the owner
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         picked = reduce_from_tensor_model_parallel_region(picked.clone())  # in place: clone

@@ -40,10 +40,13 @@ def test_nll_and_log_z_are_cross_entropy_and_logsumexp(groups, dtype):
     assert nll.dtype == logz.dtype == torch.float32
     assert torch.allclose(nll, want_nll, rtol=1e-5, atol=1e-5)
     assert torch.allclose(logz, want_logz, rtol=1e-5, atol=1e-5)
+    weight = model.shared_embedding_or_output_weight()  # the tied output weight gets its gradient too
     ((nll + Z_LOSS * logz.square()) * mask).sum().backward()
+    ours, weight.grad = weight.grad.clone(), None
     ((want_nll + Z_LOSS * want_logz.square()) * mask).sum().backward()
     tol = dict(rtol=1e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     assert torch.allclose(a.grad.float(), b.grad.float(), **tol)
+    assert torch.allclose(ours.float(), weight.grad.float(), **tol)
 
     output, loss_func = lm_forward_step(Z_LOSS)({"tokens": tokens, "labels": labels, "loss_mask": mask}, model)
     loss, count, metrics = loss_func(output)
