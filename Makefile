@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-fast flow mlflow-ui prefect-server lock bench clean-venv
+.PHONY: setup run test test-fast check-default flow mlflow-ui prefect-server lock bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -25,13 +25,17 @@ $(VENV)/.installed: requirements.lock
 run: setup
 	$(VENV)/bin/dvc repro
 
-## Run the test suite (what CI runs).
+## Run the test suite (what CI runs): every stage end to end, the training stages with few steps.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not default"
 
 ## Unit tests only (no end-to-end pipeline runs).
 test-fast: setup
-	$(PY) -m pytest -q tests -m "not e2e"
+	$(PY) -m pytest -q tests -m "not e2e and not default"
+
+## The acceptance run: the whole default pipeline in a fresh copy, then the numbers it must reach.
+check-default: setup
+	$(PY) -m pytest -q -s tests/test_default_pipeline.py -m default
 
 ## The same pipeline as a Prefect flow (one task per DVC stage, shared DVC cache).
 flow: setup
@@ -57,6 +61,7 @@ bench: setup
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	$(PY) benchmarks/tokenize_throughput.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/output_layer.py
 	$(PY) benchmarks/generate_throughput.py
 
 clean-venv:

@@ -321,8 +321,9 @@ class TileNLL(torch.autograd.Function):
     backward scales them in place into the logits' gradient, ``p * (g_nll + g_logz)`` minus
     ``g_nll`` at each label, and does the two GEMMs. Autograd through logsumexp and gather would
     make five more passes over the ``[n, V]`` tile (exp again, the broadcast multiply, a zero
-    tile, the scatter and the sum of the two) and keep the logits instead: measured with
-    ``benchmarks/train_throughput.py``.
+    tile, the scatter and the sum of the two) and keep the logits instead. Measured by
+    ``benchmarks/output_layer.py``: the default fp32 training step 1.09x faster (0.69 vs 0.76 s,
+    2-core AVX2 CPU), the same loss bit for bit.
     """
 
     @staticmethod
