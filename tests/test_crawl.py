@@ -319,6 +319,25 @@ def test_content_length_over_limit_is_refused_before_the_body(site):
     assert time.monotonic() - t0 < 2
 
 
+def test_a_body_that_stalls_past_the_read_timeout_drops_only_its_page(site):
+    def stall(handler) -> None:  # headers, part of the body, then silence longer than timeout_s
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", "10000")
+        handler.end_headers()
+        handler.wfile.write(b"<html>" + b"x" * 100)
+        handler.wfile.flush()
+        time.sleep(3)
+
+    site.page("/", "/stall", "/ok")
+    site.routes["/stall"] = stall
+    site.page("/ok")
+    pages, stats = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=site.allow, respect_robots=False,
+                                   **{**FAST, "timeout_s": 0.5}))
+    assert paths(pages) == ["", "ok"]
+    assert stats["skipped"] == {"network_error": 1}
+
+
 # 5. one page per normalized URL
 def test_page_linking_to_itself_yields_one_page():
     s = Site()

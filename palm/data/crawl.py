@@ -490,6 +490,8 @@ class _Crawler:
             try:
                 async with self._deadline(deadline):
                     return await self._judge(url, resp, page)
+            except httpx.TransportError as err:  # the body broke off: a read timeout, a reset, bad chunking
+                raise _Skip("network_error", f"broke off while sending its body ({type(err).__name__}: {err})") from None
             finally:
                 await resp.aclose()
 
