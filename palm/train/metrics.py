@@ -78,15 +78,45 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     return torch.bfloat16 if bf16_is_fast() else torch.float32
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux), or None where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):  # x86, ARM
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+X86_BF16 = {"avx512_bf16", "amx_bf16"}  # x86 instructions that run bf16 matmul natively
+
+
 def bf16_is_fast(n: int = 256, repeats: int = 3) -> bool:
     """Whether bf16 matmul is at least as fast as fp32 on this CPU. A bounded probe: on the slow
-    path a 256^3 bf16 matmul takes ~25 ms, so the whole probe stays around 0.1 s."""
-    def best(dtype: torch.dtype) -> float:
+    path a 256^3 bf16 matmul takes ~25 ms, so the whole probe stays around 0.1 s.
+
+    It times one thread (the kernels' speed, not how a loaded machine schedules threads: with two
+    threads a descheduled one stalls the other, and at load 20 the fp32 best of three was once
+    slower than bf16's on an AVX2-only CPU), fp32 best of more repeats (each is ~0.5 ms), and
+    on x86 it only says yes where the CPU has a native bf16 instruction set (``X86_BF16``).
+    """
+    flags = cpu_flags()
+    if flags is not None and "sse2" in flags and not flags & X86_BF16:
+        return False  # x86 without native bf16: the probe can only be fooled, never right
+
+    def best(dtype: torch.dtype, times: int) -> float:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a @ b  # kernel selection / JIT, untimed
-        return min(_matmul_seconds(a, b) for _ in range(repeats))
+        return min(_matmul_seconds(a, b) for _ in range(times))
 
-    return best(torch.bfloat16) <= best(torch.float32)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best(torch.bfloat16, repeats) <= best(torch.float32, 4 * repeats)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
