@@ -15,7 +15,7 @@ from pathlib import Path
 
 from palm.io import atomic_dir
 from palm.stage import StageContext, run_stage
-from palm.train.reward import HEAD, RewardConfig, RewardModel, launch, read_rows, reward_stats, validate
+from palm.train.reward import COLUMNS, HEAD, RewardConfig, RewardModel, launch, read_rows, reward_stats, validate
 from stages.sft import add_args, prepare, start
 
 
@@ -34,8 +34,10 @@ def body(cfg: RewardConfig, ctx: StageContext) -> dict:
             "kind": "reward", "parent": str(ctx.args.parent), "head": HEAD, "margin": cfg.margin,
             "metrics": {k: result[k] for k in ("val_loss", "val_accuracy", "val_margin")}}, chunk=RewardModel)
         shutil.copy2(ctx.path("parent") / "tokenizer.json", out / "tokenizer.json")
-        stats = reward_stats(out, read_rows(ctx.path("data"), "train", parent["tokenizer_sha256"]),
-                             batch_size=cfg.stats_batch_size)
+        sha = parent["tokenizer_sha256"]
+        stats = reward_stats(out, read_rows(ctx.path("data"), "train", sha), batch_size=cfg.stats_batch_size,
+                             valid=read_rows(ctx.path("data"), "valid", sha, [*COLUMNS, "kind"]),
+                             sample=cfg.stats_pairs, seed=cfg.seed)
         config["reward"] = {"mean": stats["reward_mean"], "std": stats["reward_std"],
                             "sequences": stats["reward_sequences"]}
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

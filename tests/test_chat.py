@@ -375,15 +375,24 @@ def test_default_data_from_the_corpus(tmp_path):
     dumps = next(a for q, a in by_q.items() if "`json.dumps`" in q)
     assert dumps.startswith("`json.dumps(obj, *, indent=None)`: Serialize")
     pairs = list(default_pairs(corpus, 1, Counter()))
-    assert len(pairs) == 16
+    assert len(pairs) == 24
     for p in pairs:
         assert p.chosen == by_q[p.prompt[0].text] and p.rejected != p.chosen
     assert list(default_pairs(corpus, 1, Counter())) == pairs  # deterministic
-    wrong_function = [p for p in pairs if p.rejected in by_q.values()]
-    damaged = [p for p in pairs if p.rejected not in by_q.values()]
-    assert len(wrong_function) == len(damaged) == 8
-    for p in damaged:
-        assert sorted(p.rejected.split()) == sorted(p.chosen.split())  # the same words, shuffled
+    kinds = Counter(p.kind for p in pairs)
+    assert kinds == {"other": 8, "shuffled": 8, "repeated": 8}
+    module = lambda reply: reply.split(".")[0]  # noqa: E731 - "`json.dumps(…)`: …" -> "`json"
+    for p in pairs:
+        kind = p.kind
+        if kind == "other":  # a reply of the corpus about a function of another module
+            assert p.rejected in by_q.values() and module(p.rejected) != module(p.chosen)
+        elif kind == "shuffled":  # the same words, shuffled
+            assert sorted(p.rejected.split()) == sorted(p.chosen.split())
+        else:  # the same heading, then a few opening words over and over
+            head, _, doc = p.rejected.partition(": ")
+            words, chosen_words = doc.split(), p.chosen.partition(": ")[2].split()
+            loop = next(n for n in (2, 3, 4) if words[n:2 * n] == words[:n])
+            assert words[:loop] == chosen_words[:loop] and all(w == words[i % loop] for i, w in enumerate(words))
 
 
 def test_default_stage_outputs_split_and_loaders(tmp_path, tok_dir, tok):
@@ -396,7 +405,7 @@ def test_default_stage_outputs_split_and_loaders(tmp_path, tok_dir, tok):
         out.mkdir()
         m = build_chat_data(kind, ChatDataConfig(valid_fraction=0.3, seed=5), corpus=corpus, tokenizer=tok_dir,
                             seq_len=128, out=out)
-        assert m["kept"] == (8 if kind == "sft" else 16) and m["valid"] > 0 and m["train"] > 0
+        assert m["kept"] == (8 if kind == "sft" else 24) and m["valid"] > 0 and m["train"] > 0
         meta = json.loads((out / "meta.json").read_text())
         assert meta["tokenizer_sha256"] == sha and meta["seq_len"] == 128
         assert meta["counts"] == {"train": m["train"], "valid": m["valid"]}

@@ -86,6 +86,11 @@ def test_dvc_repro_chain_then_nothing_then_a_reward_param_reruns_reward_only(tmp
     rm = metrics(root, "reward")
     assert 0.0 <= rm["val_accuracy"] <= 1.0 and math.isfinite(rm["val_margin"]) and rm["valid_pairs"] > 0
     assert rm["reward_std"] > 0 and math.isfinite(rm["reward_mean"]) and "val_perplexity" not in rm
+    # the default pairs carry their kind: held-out accuracy per kind, over all held-out pairs
+    kinds = {k[len("valid_pairs_"):] for k in rm if k.startswith("valid_pairs_")}
+    assert kinds and kinds <= {"other", "shuffled", "repeated"}
+    assert sum(rm[f"valid_pairs_{k}"] for k in kinds) == metrics(root, "prefs")["valid"]
+    assert all(0.0 <= rm[f"val_accuracy_{k}"] <= 1.0 for k in kinds)
     assert (root / "reports" / "reward" / "curve.csv").read_text().startswith(
         "step,loss,accuracy,val_loss,val_accuracy,")
     config = json.loads((root / "models" / "reward" / "config.json").read_text())

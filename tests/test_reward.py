@@ -138,11 +138,20 @@ def test_reward_stats_equal_a_loop_over_the_distinct_training_sequences(inputs, 
         model = model_with_weights(seed=8)
         export_safetensors(model, tmp_path, {"model": to_dict(MODEL)})
         rows = read_rows(inputs["prefs"], "train", inputs["sha"])
+        # held-out pairs with kinds (as the default data has): scored too, but not in the mean/std
+        valid = [{**r, "prompt_ids": r["prompt_ids"][:-1] + [7] + r["prompt_ids"][-1:], "kind": "ab"[i % 2]}
+                 for i, r in enumerate(rows)]
         distinct = {tuple(r["prompt_ids"] + r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")}
         slow = {s: alone(model, list(s)) for s in distinct}
+        slow_valid = [alone(model, r["prompt_ids"] + r["chosen_ids"]) > alone(model, r["prompt_ids"] + r["rejected_ids"])
+                      for r in valid]
     finally:
         parallel.teardown()
-    stats = reward_stats(tmp_path, rows, batch_size=3)  # batches of different lengths, a short last one
+    stats = reward_stats(tmp_path, rows, batch_size=3, valid=valid)  # batches of different lengths, a short last one
+    for kind in "ab":
+        of_kind = [ok for ok, r in zip(slow_valid, valid) if r["kind"] == kind]
+        assert stats[f"val_accuracy_{kind}"] == pytest.approx(sum(of_kind) / len(of_kind))
+        assert stats[f"valid_pairs_{kind}"] == len(of_kind)
     values = list(slow.values())
     mean = sum(values) / len(values)
     assert stats["reward_sequences"] == len(distinct) < 2 * len(rows)  # shared chosen replies count once

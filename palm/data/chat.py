@@ -57,6 +57,7 @@ PREFS_SCHEMA = pa.schema([
     ("chosen", pa.string()),  # reply texts, without the template
     ("rejected", pa.string()),
     ("truncated", pa.bool_()),
+    ("kind", pa.string()),  # the pair's kind where the source gives one ("" otherwise)
 ])
 
 
@@ -175,7 +176,7 @@ def _pair_row(t: ChatTemplate, pair: Pair, seq_len: int) -> dict:
     text = render_text(pair.prompt, generation_prompt=True)
     return {"prompt_id": _sha1(text), "group_id": _group(pair.prompt), "prompt_ids": prompt,
             "chosen_ids": chosen, "rejected_ids": rejected, "prompt": text, "chosen": pair.chosen,
-            "rejected": pair.rejected, "truncated": cut}
+            "rejected": pair.rejected, "truncated": cut, "kind": pair.kind}
 
 
 def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpus: Path, tokenizer: Path,

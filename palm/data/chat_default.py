@@ -6,8 +6,13 @@ These are automatic labels, not human preferences: for every function documented
 order), the user asks about ``module.name`` and
 
 - the SFT reply is the function's signature and the first sentences of its docstring;
-- two preference pairs rank that reply above (1) the reply about another function (of the same
-  module where there is one) and (2) a damaged copy (its docstring's words shuffled).
+- three preference pairs rank that reply above (1) the reply about a function of another module
+  (the same module where there is only one), (2) a damaged copy: its docstring's words shuffled,
+  and (3) a degenerate copy: its opening words repeated in a loop to the same length, the failure
+  a small language model falls into when sampling (and a policy must not be rewarded for).
+
+Each pair carries its kind (``other``, ``shuffled``, ``repeated``); the reward stage reports its
+held-out accuracy per kind.
 
 Deterministic: the corpus and the seed fix every choice.
 """
@@ -122,6 +127,17 @@ def _damaged(f: FunctionDoc, rng: random.Random) -> str:
     return f"`{f.module}.{sig}`: {' '.join(shuffled)}"
 
 
+def _repeated(f: FunctionDoc, rng: random.Random) -> str:
+    """The reply's first few words of docstring, looped to the reply's length."""
+    head, _, doc = answer(f).partition(": ")
+    words = doc.split()
+    loop = words[: rng.randint(2, 4)]
+    out: list[str] = []
+    while len(out) < len(words):
+        out += loop
+    return f"{head}: {' '.join(out[:max(len(words), 2 * len(loop))])}"
+
+
 def _docs(corpus_dir: Path, counts: Counter) -> list[FunctionDoc]:
     docs = list(function_docs(corpus_dir))
     counts["read"] += len(docs)
@@ -140,18 +156,18 @@ def default_conversations(corpus_dir: Path, seed: int, counts: Counter) -> Itera
 def default_pairs(corpus_dir: Path, seed: int, counts: Counter) -> Iterator[Pair]:
     docs = _docs(corpus_dir, counts)
     answers = [answer(f) for f in docs]
-    by_module: dict[str, list[int]] = {}
-    for i, f in enumerate(docs):
-        by_module.setdefault(f.module, []).append(i)
     for i, f in enumerate(docs):
         rng = random.Random(f"{seed}:pair:{f.qualname}")
         prompt = (Turn("user", _question(f, seed)),)
-        others = [j for j in by_module[f.module] if answers[j] != answers[i]]
-        while not others and len(set(answers)) > 1:  # a module with one function: any other one
-            j = rng.randrange(len(docs))
-            others = [j] if answers[j] != answers[i] else []
-        if others:
-            yield Pair(prompt, answers[i], answers[rng.choice(others)])
-        damaged = _damaged(f, rng)
-        if damaged != answers[i]:
-            yield Pair(prompt, answers[i], damaged)
+        other = None
+        if any(d.module != f.module for d in docs):  # another module's function
+            while other is None or docs[other].module == f.module or answers[other] == answers[i]:
+                other = rng.randrange(len(docs))
+        elif len(set(answers)) > 1:  # a corpus of one module: another function of it
+            while other is None or answers[other] == answers[i]:
+                other = rng.randrange(len(docs))
+        if other is not None:
+            yield Pair(prompt, answers[i], answers[other], "other")
+        for kind, damaged in (("shuffled", _damaged(f, rng)), ("repeated", _repeated(f, rng))):
+            if damaged != answers[i]:
+                yield Pair(prompt, answers[i], damaged, kind)

@@ -75,6 +75,7 @@ class Pair:
     prompt: Conversation
     chosen: str
     rejected: str
+    kind: str = ""  # what sets the two apart, where the source says (the default data's kinds)
 
 
 class Skip(Exception):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +74,11 @@ class RewardConfig(TrainConfig):
     train_steps: int = 150
     micro_batch_size: int = 16
     eval_interval: int = 50
-    eval_batches: int = 22
+    eval_batches: int = 34
     checkpoint_interval: int = 50
     margin: float = 0.0  # required reward gap: loss -log sigmoid(r_chosen - r_rejected - margin)
     stats_batch_size: int = 32  # sequences per forward when scoring the training set afterwards
+    stats_pairs: int = 1024  # training pairs scored for the reward mean/std (a seeded sample); 0 = all
     optim: OptimConfig = OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=10)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,7 @@ class RewardConfig(TrainConfig):
               f"counts sequences, two per pair: must be even, got {self.micro_batch_size}")
         check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
         check(self.stats_batch_size >= 1, "stats_batch_size", f"must be >= 1, got {self.stats_batch_size}")
+        check(self.stats_pairs >= 0, "stats_pairs", f"must be >= 0 (0: all), got {self.stats_pairs}")
 
     @property
     def pairs_per_micro_batch(self) -> int:
@@ -180,10 +182,10 @@ def validation(rows: list[dict], cfg: RewardConfig, seq_len: int, dp_rank: int, 
 COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 
 
-def read_rows(data: Path, split: str, tokenizer_sha256: str) -> list[dict]:
+def read_rows(data: Path, split: str, tokenizer_sha256: str, columns: Sequence[str] = COLUMNS) -> list[dict]:
     from palm.data.chat import load_prefs
 
-    return load_prefs(data, split, tokenizer_sha256).select(COLUMNS).to_pylist()
+    return load_prefs(data, split, tokenizer_sha256).select(list(columns)).to_pylist()
 
 
 def pair_length(rows: list[dict], seq_len: int) -> int:
@@ -194,16 +196,27 @@ def pair_length(rows: list[dict], seq_len: int) -> int:
 # --- after training: the reward scale, for PPO ---------------------------------------------------
 
 @torch.no_grad()
-def reward_stats(model_dir: Path, rows: list[dict], *, batch_size: int = 32) -> dict[str, Any]:
+def reward_stats(model_dir: Path, rows: list[dict], *, batch_size: int = 32,
+                 valid: Sequence[dict] = (), sample: int = 0, seed: int = 0) -> dict[str, Any]:
     """Score every distinct training sequence (prompt + chosen, prompt + rejected) with the export
     in ``model_dir``, here in one process (``Engine.forward``): the rewards' mean and standard
-    deviation, and the training pairs' accuracy."""
+    deviation, and the training pairs' accuracy. ``sample > 0``: only that many training pairs, a
+    seeded sample (a mean and std to normalise with need far fewer sequences than a training
+    set holds). Pairs of ``valid`` that carry a ``kind`` are scored too:
+    ``val_accuracy_<kind>`` per kind (e.g. the default data's three kinds)."""
+    import random
+
     from palm.train.checkpoint import load_safetensors
     from palm.train.engine import Engine
 
+    if 0 < sample < len(rows):
+        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), sample))]
     config_cfg = _export_model(model_dir)
-    seqs = sorted({tuple(r["prompt_ids"] + r[side]) for r in rows for side in ("chosen_ids", "rejected_ids")},
-                  key=len)  # sorted by length: each forward pads only to its longest row
+    sides = ("chosen_ids", "rejected_ids")
+    train_seqs = {tuple(r["prompt_ids"] + r[side]) for r in rows for side in sides}
+    kinded = [r for r in valid if r.get("kind")]
+    # sorted by length: each forward pads only to its longest row
+    seqs = sorted(train_seqs | {tuple(r["prompt_ids"] + r[side]) for r in kinded for side in sides}, key=len)
     parallel.init_distributed()
     try:
         engine = Engine(config_cfg, None, chunk=RewardModel, micro_batch_size=batch_size)
@@ -221,10 +234,18 @@ def reward_stats(model_dir: Path, rows: list[dict], *, batch_size: int = 32) -> 
     finally:
         parallel.teardown()
     score = dict(zip(seqs, rewards.tolist()))
-    correct = sum(score[tuple(r["prompt_ids"] + r["chosen_ids"])] > score[tuple(r["prompt_ids"] + r["rejected_ids"])]
-                  for r in rows)
-    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
-            "reward_sequences": len(seqs), "train_accuracy": correct / max(len(rows), 1)}
+
+    def right(r: dict) -> bool:
+        return score[tuple(r["prompt_ids"] + r["chosen_ids"])] > score[tuple(r["prompt_ids"] + r["rejected_ids"])]
+
+    train = torch.tensor([score[s] for s in sorted(train_seqs, key=len)], dtype=torch.float64)
+    out = {"reward_mean": train.mean().item(), "reward_std": train.std(correction=0).item(),
+           "reward_sequences": len(train_seqs), "reward_pairs": len(rows), "train_accuracy": sum(map(right, rows)) / max(len(rows), 1)}
+    for kind in sorted({r["kind"] for r in kinded}):
+        of_kind = [r for r in kinded if r["kind"] == kind]
+        out[f"val_accuracy_{kind}"] = sum(map(right, of_kind)) / len(of_kind)
+        out[f"valid_pairs_{kind}"] = len(of_kind)
+    return out
 
 
 def _export_model(model_dir: Path) -> ModelConfig:
