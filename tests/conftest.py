@@ -22,6 +22,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: runs whole DVC stages / the Prefect flow (slow)")
     config.addinivalue_line("markers", "dist: launches torchrun process groups")
+    config.addinivalue_line("markers", "default: the full default pipeline's acceptance run (make check-default)")
 
 
 @pytest.fixture
@@ -52,11 +53,17 @@ def make_project(dst: Path, git: bool = True) -> Path:
     venv = Path(sys.prefix)
     (dst / ".venv").symlink_to(venv)
     if git:
-        run = lambda *a: subprocess.run(a, cwd=dst, check=True, capture_output=True)  # noqa: E731
-        run("git", "init", "-q")
-        run("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
-        run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
+        commit(dst)
     return dst
+
+
+def commit(root: Path) -> None:
+    """Make ``root`` a git repository (if it is not one) and commit everything in it."""
+    run = lambda *a: subprocess.run(a, cwd=root, check=True, capture_output=True)  # noqa: E731
+    if not (root / ".git").exists():
+        run("git", "init", "-q")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
 
 
 def redraw_weights(model, seed: int = 1234) -> None:

@@ -1,6 +1,10 @@
 """The pipeline end to end, on the embedded default (pydoc), for real: the Prefect flow (one task
 per DVC stage) on a temporary Prefect server, DVC caching, MLflow runs on SQLite, the token shards
-read back through megatron-core, the chat data, SFT and the reward model."""
+read back through megatron-core, the chat data, SFT and the reward model.
+
+The data stages run with the default params; the training stages with fewer steps (:data:`SHORT`),
+so that `make test` stays within its time budget on 2 cores. What the full default reaches (the
+acceptance numbers) is checked by `tests/test_default_pipeline.py` (`make check-default`)."""
 
 from __future__ import annotations
 
@@ -12,17 +16,31 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_project
+from conftest import commit, make_project
 
 pytestmark = pytest.mark.e2e
 STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward"]
+# The training stages' overrides for this short run: fewer steps, one evaluation and checkpoint.
+SHORT = {
+    "pretrain": {"train_steps": 80, "eval_interval": 80, "checkpoint_interval": 40},
+    "sft": {"train_steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
+    "reward": {"train_steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
+}
+# What these few steps reach, with a margin (measured: see the README's test section)
+PRETRAIN_MARGIN = 0.5  # nats per token below the unigram loss
+REWARD_ACCURACY = 0.55  # held-out pairs; chance is 0.5 +- 0.04 on the default's 174
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """The project with its default params: the whole DAG as `make run` runs it (most of the time
-    is the default pretrain, then the reward model and SFT)."""
-    return make_project(tmp_path_factory.mktemp("project"))
+    """The project with its default params except the training stages' :data:`SHORT` steps."""
+    root = make_project(tmp_path_factory.mktemp("project"), git=False)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for stage, override in SHORT.items():
+        params[stage].update(override)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit(root)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +129,14 @@ def test_mlflow_runs_carry_params_metrics_commit_and_dvc_hashes(project, flow_ru
     assert client.search_runs([exp.experiment_id], "tags.`palm.stage` = 'tokenize'")[0].data.metrics["tokens"] >= 1e6
 
 
-def test_default_pretrain_beats_unigram(project, flow_runs):
+def test_short_pretrain_beats_unigram(project, flow_runs):
     import json
 
     m = json.loads((project / "reports" / "pretrain" / "metrics.json").read_text())
-    print(f"default pretrain: val_loss {m['val_loss']:.3f} vs unigram {m['unigram_loss']:.3f}, "
+    print(f"short pretrain ({m['steps']} steps): val_loss {m['val_loss']:.3f} vs unigram {m['unigram_loss']:.3f}, "
           f"{m['tokens_per_s']:.0f} tokens/s in {m['dtype']}, stage {m['stage_seconds']:.0f} s")
-    assert m["val_loss"] < m["unigram_loss"] - 1.0  # clearly below: > 1 nat better per token
+    assert m["steps"] == SHORT["pretrain"]["train_steps"]
+    assert m["val_loss"] < m["unigram_loss"] - PRETRAIN_MARGIN
     # dtype: auto chose by probing: bf16 exactly where the CPU has native bf16 matmul
     flags = set(Path("/proc/cpuinfo").read_text().split())
     assert m["dtype"] == ("bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"), m["dtype"]
@@ -146,19 +165,16 @@ def test_default_chat_data(project, flow_runs):
             assert max(map(longest[stage], rows)) <= seq_len
 
 
-def test_default_sft_beats_its_parent_and_the_reward_model_ranks_held_out_pairs(project, flow_runs):
+def test_short_sft_beats_its_parent_and_the_reward_model_ranks_held_out_pairs(project, flow_runs):
     import json
 
     sft = json.loads((project / "reports" / "sft" / "metrics.json").read_text())
     reward = json.loads((project / "reports" / "reward" / "metrics.json").read_text())
-    print(f"default sft: val_loss {sft['val_loss']:.3f} vs pretrained {sft['base_val_loss']:.3f} "
+    print(f"short sft: val_loss {sft['val_loss']:.3f} vs pretrained {sft['base_val_loss']:.3f} "
           f"({sft['stage_seconds']:.0f} s); reward: val_accuracy {reward['val_accuracy']:.3f}, "
           f"val_margin {reward['val_margin']:.3f} ({reward['stage_seconds']:.0f} s)")
     assert sft["val_loss"] < sft["base_val_loss"]
-    # Issue 7 asks for > 0.75; measured 0.69 today (damaged copies 93 %, another function's doc
-    # at chance), so this checks what holds: clearly above chance on the 174 held-out pairs
-    # (chance would give 0.5 +- 0.04). Raise it when the reward model learns the name match.
-    assert reward["val_accuracy"] > 0.6
+    assert reward["val_accuracy"] > REWARD_ACCURACY
     config = json.loads((project / "models" / "reward" / "config.json").read_text())
     assert config["kind"] == "reward" and config["reward"]["std"] > 0
     for name in ("sft", "reward"):
