@@ -4,6 +4,7 @@ read back through megatron-core, the chat data, SFT and the reward model."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ import yaml
 from conftest import make_project
 
 pytestmark = pytest.mark.e2e
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward"]
+# evaluate needs models/ppo: the lead puts "ppo" before it when the ppo stage is merged
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +184,12 @@ def test_repro_noop_then_param_change_reruns_downstream_only(project, flow_runs)
     assert ran == ["tokenizer", "tokenize"], out.stdout
     status = dvc(project, "status", "pretrain")
     assert "changed deps" in status.stdout and "data/tokens" in status.stdout, status.stdout  # next in line
+
+
+def test_evaluate_reports_ppo_against_sft(project, flow_runs):
+    metrics = json.loads((project / "reports" / "evaluate" / "metrics.json").read_text())
+    print(f"evaluate: win_rate {metrics['win_rate']:.3f}, reward sft {metrics['reward_sft']:.3f} -> ppo "
+          f"{metrics['reward_ppo']:.3f}, kl {metrics['kl']:.3f} ({metrics['stage_seconds']:.0f} s)")
+    assert {"win_rate", "reward_sft", "reward_ppo", "kl"} <= set(metrics)
+    page = (project / "reports" / "evaluate" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5  # rewards + pretrain, sft, reward, ppo curves
