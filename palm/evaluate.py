@@ -55,10 +55,10 @@ class EvaluateConfig:
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 1234  # batch j of both policies samples from a generator seeded seed + j
-    batch_size: int = 16  # sequences per forward pass / generation batch
+    batch_size: int = 32  # sequences per forward pass / generation batch
     pairs: int = 200  # held-out preference pairs for the reward accuracy (0 = all)
-    windows: int = 16  # windows of held-out text per language model for its perplexity
-    replies: int = 64  # held-out conversations for the reply perplexity (0 = all)
+    windows: int = 8  # windows of held-out text per language model for its perplexity
+    replies: int = 32  # held-out conversations for the reply perplexity (0 = all)
     samples: int = 12  # prompts shown in the report with both policies' replies
     threads: int = 0  # torch threads; 0 = all cores
 
@@ -157,14 +157,17 @@ def response_logprobs(model: Any, gen: Generation) -> torch.Tensor:
 @torch.no_grad()
 def scores(reward_model: Any, seqs: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
     """Raw reward of each sequence ``[len(seqs)]`` fp64: the scalar at its last token (right
-    padding, as the reward model was trained), in batches of ``batch_size`` in the given order."""
-    out = []
+    padding, as the reward model was trained). Scored ``batch_size`` at a time in order of length
+    (each batch pads only to its longest row), so equal inputs get bit-equal scores."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    out = torch.empty(len(seqs), dtype=torch.float64)
     device = reward_model.embedding.weight.device
-    for i in range(0, len(seqs), batch_size):
-        tokens, lengths = pad_right(seqs[i:i + batch_size])
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        tokens, lengths = pad_right([seqs[j] for j in rows])
         values = reward_model(tokens.to(device)).cpu()  # [b, s]
-        out.append(values.gather(1, (lengths - 1)[:, None]).squeeze(1).double())
-    return torch.cat(out)
+        out[rows] = values.gather(1, (lengths - 1)[:, None]).squeeze(1).double()
+    return out
 
 
 def win_rate(ours: torch.Tensor, theirs: torch.Tensor) -> float:

@@ -140,27 +140,34 @@ def test_held_out_prompts_end_before_the_last_reply():
     assert len(held_out_prompts(rows + rows, 0)) == 2  # the same prompt once
 
 
-def test_stage_writes_metrics_plots_and_report_and_logs_them(project, tmp_path, monkeypatch):
-    import mlflow
-    import yaml
+STAGE_ARGS = ["--pretrain", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--reward",
+              "models/reward", "--sft-data", "data/sft", "--prefs", "data/prefs", "--tokens", "data/tokens",
+              "--curves", "reports/pretrain/curve.csv", "reports/sft/curve.csv",
+              "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots"]
 
-    from stages.evaluate import main
+
+def stage_project(project: Path, tmp_path: Path, monkeypatch, **params) -> Path:
+    import yaml
 
     root = tmp_path / "p"
     shutil.copytree(project, root)
+    (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": {**to_dict(CFG), **params}}))
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_stage_writes_metrics_plots_and_report_and_logs_them(project, tmp_path, monkeypatch):
+    import mlflow
+
+    from stages.evaluate import main
+
+    root = stage_project(project, tmp_path, monkeypatch, prompts=0)
     (root / "reports" / "sft").mkdir(parents=True)
     (root / "reports" / "sft" / "curve.csv").write_text(
         "step,loss,val_loss,tokens_per_s\n2,5.1,,100\n4,4.0,4.5,110\n6,3.2,,\n")
-    params = {"evaluate": {**to_dict(CFG), "prompts": 0}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(root)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    args = ["--pretrain", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--reward",
-            "models/reward", "--sft-data", "data/sft", "--prefs", "data/prefs", "--tokens", "data/tokens",
-            "--curves", "reports/pretrain/curve.csv", "reports/sft/curve.csv",
-            "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots"]
-    assert main(args) == 0
+    assert main(STAGE_ARGS) == 0
     out = root / "reports" / "evaluate"
     metrics = json.loads((out / "metrics.json").read_text())
     assert KEYS <= set(metrics) and metrics["prompts"] == len(valid_prompts(root))  # 0: every one
@@ -217,3 +224,14 @@ def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path):
     with pytest.raises(UserError, match="data/sft: no held-out conversations"):
         evaluate(CFG, **paths(root))
     assert not (root / "reports").exists()
+
+
+def test_stage_bad_input_is_one_line_exit_2_and_no_output(project, tmp_path, monkeypatch, capsys):
+    from stages.evaluate import main
+
+    root = stage_project(project, tmp_path, monkeypatch)
+    shutil.rmtree(root / "models" / "ppo")
+    assert main(STAGE_ARGS + ["--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: evaluate: ") and "models/ppo: no such model folder" in err[0]
+    assert not [p for p in (root / "reports").rglob("*") if p.is_file()]
