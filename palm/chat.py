@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sy
                                   system=args.system, seed=args.seed, note=lambda s: print(s, file=stderr))
         except ConfigError as err:
             raise UserError(f"--{err.key.replace('_', '-')}: {err.message}") from None
-        print(f"palm chat: {export.path} ({export.kind}, {export.model.num_params() / 1e6:.1f} M parameters, "
+        print(f"palm chat: {export.path} ({export.kind}, {export.model.num_params() / 1e6:.3g} M parameters, "
               f"{export.model.seq_len}-token context); {COMMANDS}", file=stderr)
         repl(session, stdin, stdout, stderr, interactive)
     return 0
