@@ -1,5 +1,6 @@
 # The two commands a new user needs (see README): `make run` and `make test`.
-# Both call `make setup` first, which creates .venv with the exact pins of requirements.lock.
+# Both call `make setup` first, which creates .venv with the exact pins of requirements.lock and
+# installs the project itself into it (editable, no dependencies: the `palm` command).
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
@@ -14,10 +15,11 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock
+$(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 \
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	@touch $@
 

@@ -23,7 +23,7 @@ and KL need, with no extra forward pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -129,12 +129,16 @@ def left_pad(prompts: Iterable[Sequence[int] | torch.Tensor], pad_id: int, width
 def generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids: Iterable[int] = (), pad_id: int = 0,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Generation:
     """Continue each prompt (a list of token ids, or a row of a ``[b, s]`` tensor) by up to
     ``max_new_tokens``; see the module docstring. ``temperature=0`` is greedy; ``generator``
     (on the model's device) makes sampling reproducible. A row stops after emitting any of
     ``stop_ids``. ``use_cache=False`` recomputes the whole sequence at every step (a fresh cache
     filled in one pass, so the same masking code): the reference the cached path is tested against.
+    ``on_token(token, live)`` is called after every step with that step's tokens ``[b]`` and
+    which rows were still generating ``[b]`` bool (stopped rows hold ``pad_id``): streaming, as
+    ``palm chat`` prints a reply while it is made.
     """
     cfg = SamplingConfig(temperature, top_k, top_p)
     _check_whole_model(model)
@@ -178,6 +182,8 @@ def generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_n
         logprobs[:, i] = logp.masked_fill(done, 0.0)
         raw_logprobs[:, i] = raw.masked_fill(done, 0.0)
         n = i + 1
+        if on_token is not None:
+            on_token(tokens[:, width + i], live)
         if len(stop):
             done |= live & torch.isin(token, stop)
             if bool(done.all()):

@@ -143,6 +143,17 @@ def slow_sampling_probs(logits: torch.Tensor, temperature: float, top_k, top_p) 
     return out
 
 
+def test_on_token_streams_each_step_as_it_is_made(model, prompts):
+    free = generate(model, prompts, NEW)
+    stop = {int(free.response[1, 3])}
+    seen = []
+    got = generate(model, prompts, NEW, stop_ids=stop, pad_id=CFG.vocab_size - 1,
+                   on_token=lambda token, live: seen.append((token.clone(), live.clone())))
+    assert len(seen) == got.response.shape[1]  # one call per step run
+    assert torch.equal(torch.stack([t for t, _ in seen], 1), got.response)
+    assert torch.equal(torch.stack([l for _, l in seen], 1), got.response_mask)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [
     (1.0, None, None), (0.5, None, None), (1.0, 5, None), (0.8, 1, None), (1.0, None, 0.5),
     (1.5, None, 0.9), (0.7, 10, 0.6), (1.0, 64, 1.0), (1.0, None, 1e-6)])

@@ -8,6 +8,7 @@ acceptance numbers) is checked by `tests/test_default_pipeline.py` (`make check-
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 from conftest import commit, make_project
 
 pytestmark = pytest.mark.e2e
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward"]
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "evaluate"]
 # The training stages' overrides for this short run: fewer steps, one evaluation and checkpoint.
 SHORT = {
     "pretrain": {"train_steps": 80, "eval_interval": 80, "checkpoint_interval": 40},
@@ -198,3 +199,12 @@ def test_repro_noop_then_param_change_reruns_downstream_only(project, flow_runs)
     assert ran == ["tokenizer", "tokenize"], out.stdout
     status = dvc(project, "status", "pretrain")
     assert "changed deps" in status.stdout and "data/tokens" in status.stdout, status.stdout  # next in line
+
+
+def test_evaluate_reports_ppo_against_sft(project, flow_runs):
+    metrics = json.loads((project / "reports" / "evaluate" / "metrics.json").read_text())
+    print(f"evaluate: win_rate {metrics['win_rate']:.3f}, reward sft {metrics['reward_sft']:.3f} -> ppo "
+          f"{metrics['reward_ppo']:.3f}, kl {metrics['kl']:.3f} ({metrics['stage_seconds']:.0f} s)")
+    assert {"win_rate", "reward_sft", "reward_ppo", "kl"} <= set(metrics)
+    page = (project / "reports" / "evaluate" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5  # rewards + pretrain, sft, reward, ppo curves

@@ -1,0 +1,209 @@
+"""``palm chat MODEL``: talk to an exported model in the project's chat template.
+
+The reply is streamed: :func:`palm.generate.generate` calls back after every token and
+:class:`StreamDecoder` prints the text as soon as it is whole (a UTF-8 character split over
+byte-level tokens is held back until its last byte arrives). The conversation is kept across
+turns; when it no longer fits the context with room for ``--max-new-tokens``, the oldest
+exchanges are dropped (a ``--system`` turn is kept), and a single turn too long on its own is cut
+from the left, as the chat data stages cut prompts. ``/reset`` forgets the conversation,
+``/quit`` or end of input ends the session.
+
+Output: replies on stdout (one line each when piped); the banner and notes on stderr, so piping
+stdout gives the replies alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, TextIO
+
+from palm.data.chat_readers import Turn
+from palm.errors import ConfigError, UserError
+
+# torch, megatron and the model are imported where they are used, so that a bad folder or flag is
+# refused at once
+
+COMMANDS = "/reset forgets the conversation, /quit (or end of input) ends it"
+CHAT_KINDS = ("pretrain", "sft", "ppo")  # language models (a reward model scores, it does not talk)
+
+
+class StreamDecoder:
+    """Text of a growing list of token ids, handed out piece by piece (special tokens skipped)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def feed(self, token: int) -> str:
+        """The new text once ``token`` is appended ("" while a character is incomplete)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            return ""
+        new, self.sent = text[self.sent:], len(text)
+        return new
+
+    def finish(self) -> str:
+        """Whatever is still held back (a sequence that never completed)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new, self.sent = text[self.sent:], len(text)
+        return new
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+class ChatSession:
+    """A conversation with one model (whole, in this process): its history and sampling."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, sampling: Any = None, max_new_tokens: int = 128,
+                 system: str | None = None, seed: int = 0, note: Callable[[str], None] = lambda s: None):
+        """``sampling``: a :class:`palm.generate.SamplingConfig` (default: greedy)."""
+        import torch
+
+        from palm.data.chat import ChatTemplate
+        from palm.generate import SamplingConfig
+        from palm.tokenizer import special_ids
+
+        seq_len = model.cfg.seq_len
+        if not 1 <= max_new_tokens < seq_len:
+            raise ConfigError("max_new_tokens", f"must be between 1 and {seq_len - 1} (the model's context is "
+                                                f"{seq_len} tokens, the prompt needs some), got {max_new_tokens}")
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling or SamplingConfig()
+        self.max_new_tokens, self.note = max_new_tokens, note
+        self.template = ChatTemplate(tokenizer)
+        ids = special_ids(tokenizer)
+        self.stop_ids, self.pad_id = (ids["end_turn_id"], ids["eod_id"]), ids["pad_id"]
+        self.system = (Turn("system", system),) if system else ()
+        self.seed = seed
+        self.generator = torch.Generator(model.embedding.weight.device).manual_seed(seed)
+        self.history: list[Turn] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def prompt_ids(self, user: str) -> list[int]:
+        """The prompt for a reply to ``user``: system turn, history, ``user``, ``<|assistant|>``,
+        fitted into ``seq_len - max_new_tokens`` tokens (oldest exchanges dropped first, for good)."""
+        budget = self.model.cfg.seq_len - self.max_new_tokens
+        turn = Turn("user", user)
+        ids = self.template.render_prompt((*self.system, *self.history, turn))
+        dropped = 0
+        while len(ids) > budget and self.history:
+            self.history = self.history[2:]  # the oldest user turn and its reply
+            dropped += 1
+            ids = self.template.render_prompt((*self.system, *self.history, turn))
+        if dropped:
+            self.note(f"(the {dropped} oldest exchange{'s' if dropped > 1 else ''} no longer fit the "
+                      f"{self.model.cfg.seq_len}-token context and were dropped)")
+        if len(ids) > budget:
+            self.note(f"(this turn is {len(ids)} tokens; only its last {budget} fit and are kept)")
+            ids = ids[-budget:]
+        return ids
+
+    def reply(self, user: str, write: Callable[[str], None] = lambda s: None) -> str:
+        """Generate the reply to ``user``, handing ``write`` each piece of text as it is made;
+        the exchange joins the history once the reply is complete."""
+        from palm.generate import generate
+
+        prompt = self.prompt_ids(user)
+        decoder = StreamDecoder(self.tokenizer)
+        stop = set(self.stop_ids)
+
+        def on_token(token: Any, live: Any) -> None:  # [1] tensors
+            t = int(token[0])
+            if bool(live[0]) and t not in stop:
+                piece = decoder.feed(t)
+                if piece:
+                    write(piece)
+
+        s = self.sampling
+        generate(self.model, [prompt], self.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                 top_p=s.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=self.generator,
+                 on_token=on_token)
+        rest = decoder.finish()
+        if rest:
+            write(rest)
+        text = decoder.text
+        self.history += [Turn("user", user), Turn("assistant", text)]
+        return text
+
+
+def repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool) -> None:
+    """Read a turn per line until ``/quit`` or end of input; stream each reply to ``stdout``."""
+
+    def write(piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()
+
+    while True:
+        try:
+            line = input("you> ") if interactive else stdin.readline()
+        except EOFError:
+            line = ""
+        if not line:  # end of input
+            if interactive:
+                stdout.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            return
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=stderr)
+            continue
+        if text.startswith("/"):
+            print(f"(unknown command {text.split()[0]}: {COMMANDS})", file=stderr)
+            continue
+        if interactive:
+            write("palm> ")
+        try:
+            session.reply(text, write)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            write("\n")
+            print("(reply interrupted; it is not kept in the conversation)", file=stderr)
+            continue
+        write("\n")
+
+
+# --- the command line (palm/cli.py registers it) -------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="an exported model folder, e.g. models/ppo or models/sft")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s; 1: off)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--system", default=None, help="a system turn opening the conversation")
+
+
+def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+        stderr: TextIO = sys.stderr) -> int:
+    from palm.models import load_model, load_tokenizer, read_export, single_process
+
+    export = read_export(args.model, kinds=CHAT_KINDS)
+    tokenizer = load_tokenizer(export)
+    from palm.generate import SamplingConfig
+
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    except ConfigError as err:
+        raise UserError(f"--{err.key.replace('_', '-')}: {err.message}") from None
+    interactive = stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401 - line editing and history for input()
+    with single_process():
+        model = load_model(export)
+        try:
+            session = ChatSession(model, tokenizer, sampling=sampling, max_new_tokens=args.max_new_tokens,
+                                  system=args.system, seed=args.seed, note=lambda s: print(s, file=stderr))
+        except ConfigError as err:
+            raise UserError(f"--{err.key.replace('_', '-')}: {err.message}") from None
+        print(f"palm chat: {export.path} ({export.kind}, {export.model.num_params() / 1e6:.3g} M parameters, "
+              f"{export.model.seq_len}-token context); {COMMANDS}", file=stderr)
+        repl(session, stdin, stdout, stderr, interactive)
+    return 0

@@ -1,0 +1,54 @@
+"""The ``palm`` command (console script of the project, installed into ``.venv`` by
+``make setup``): one subcommand per user-facing tool.
+
+    palm chat models/ppo            # talk to an exported model (palm/chat.py)
+
+Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> exit code``. Errors
+a user can fix print as one line ``error: <command>: …`` and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+# megatron-core's notes about optional CUDA libraries and its own deprecations are for its
+# developers, not for someone chatting with a model
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "chat": ("palm.chat", "chat with an exported model (streamed replies, history, /reset, /quit)"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="palm", description="palm-rlhf: tools around the pipeline's models")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(module).add_arguments(cmd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from palm.errors import UserError
+
+    args = parser().parse_args(argv)
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except UserError as err:
+        print(f"error: {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `palm chat … | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

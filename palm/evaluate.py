@@ -1,0 +1,296 @@
+"""The ``evaluate`` stage's measurements: does the PPO policy beat the SFT policy it started from,
+at what cost, and how good are the models the pipeline made?
+
+On held-out prompts (the valid split of the SFT conversations, each cut before its last reply:
+prompts PPO never trained on), the SFT and the PPO policies each sample one reply per prompt with
+the same sampling settings and the same seeds (batch ``j`` draws from a generator seeded
+``seed + j`` for both), and the reward model scores every prompt + reply at its last token,
+normalised with the mean and std the reward stage saved. Reported:
+
+* ``reward_sft``, ``reward_ppo``: mean normalised reward; ``win_rate``: share of prompts where
+  PPO's reply scores higher than SFT's, ties counting half (a model against itself: 0.5);
+* ``kl``: KL(PPO || SFT) estimated on PPO's samples, the mean over replies of
+  ``sum_t log p_ppo(y_t) - log p_sft(y_t)`` over the reply's tokens (its end-of-turn included),
+  both from full forward passes at temperature 1. Unbiased when the samples are drawn at
+  temperature 1 without truncation (the default); otherwise it is the same sum on the tempered
+  samples;
+* ``length_sft``, ``length_ppo``: mean reply length in tokens; ``ended_sft``, ``ended_ppo``: share
+  of replies that ended with ``<|end|>`` within ``max_new_tokens`` (reward hacking often shows as
+  replies that grow and stop ending);
+* ``perplexity_<m>`` for every language model (pretrain, sft, ppo): on held-out text, ``windows``
+  evenly spaced windows of ``seq_len + 1`` tokens of the ``tokenize`` stage's valid shard;
+  ``reply_perplexity_<m>``: on the held-out SFT conversations' assistant replies (the SFT loss mask);
+* ``reward_accuracy``: share of held-out preference pairs the reward model ranks right (chosen
+  strictly above rejected), and ``reward_margin``, the mean normalised gap.
+
+Everything runs in this process (one-process torch.distributed, whole models), in bounded time:
+each count above is a field of :class:`EvaluateConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from palm.config import check
+from palm.errors import ConfigError, UserError
+from palm.generate import Generation, SamplingConfig, generate
+from palm.models import Export, load_model, load_tokenizer, read_export, same_tokenizer, single_process
+
+LM_MODELS = ("pretrain", "sft", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate`` section of params.yaml."""
+
+    prompts: int = 64  # held-out prompts both policies answer (the first of the valid split; 0 = all)
+    max_new_tokens: int = 64  # longest reply; longer prompts are cut from the left to leave it room
+    temperature: float = 1.0  # sampling of both policies (1, no top-k/top-p: the policies themselves)
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 1234  # batch j of both policies samples from a generator seeded seed + j
+    batch_size: int = 32  # sequences per forward pass / generation batch
+    pairs: int = 200  # held-out preference pairs for the reward accuracy (0 = all)
+    windows: int = 8  # windows of held-out text per language model for its perplexity
+    replies: int = 32  # held-out conversations for the reply perplexity (0 = all)
+    samples: int = 12  # prompts shown in the report with both policies' replies
+    threads: int = 0  # torch threads; 0 = all cores
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "windows"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("prompts", "pairs", "replies", "samples", "threads"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        self.sampling  # temperature, top_k and top_p checked by SamplingConfig
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What :func:`evaluate` returns: the metrics, and what the report shows besides them."""
+
+    metrics: dict[str, float | int]
+    rewards: dict[str, list[float]]  # normalised reward of each prompt's reply, per policy
+    samples: list[dict[str, Any]]  # prompt, reference, sft and ppo replies and rewards (text)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def held_out_prompts(rows: list[dict], limit: int) -> list[dict]:
+    """Prompts of SFT conversations (``input_ids``, ``loss_mask``): each sequence up to the start
+    of its last reply (ending with ``<|assistant|>``), and that reply; duplicates dropped."""
+    out, seen = [], set()
+    for row in rows:
+        ids, mask = list(row["input_ids"]), list(row["loss_mask"])
+        starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]
+        if not starts or tuple(ids[:starts[-1]]) in seen:
+            continue
+        seen.add(tuple(ids[:starts[-1]]))
+        out.append({"prompt_ids": ids[:starts[-1]], "reply_ids": ids[starts[-1]:]})
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def text_windows(tokens_dir: Path, meta: dict, seq_len: int, count: int) -> torch.Tensor:
+    """``[k, <= seq_len + 1]`` windows of the valid shard (its documents back to back, EOD
+    between), evenly spaced over it, ``k <= count``."""
+    data = np.memmap(Path(tokens_dir) / "valid.bin", dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
+    width = min(seq_len + 1, len(data))
+    starts = sorted({int(s) for s in np.linspace(0, len(data) - width, count)})
+    return torch.from_numpy(np.stack([np.asarray(data[s:s + width], dtype=np.int64) for s in starts]))
+
+
+def pad_right(rows: Sequence[Sequence[int]], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, longest]`` int64 and the length of each row ``[b]``."""
+    lengths = torch.tensor([len(r) for r in rows])
+    out = torch.full((len(rows), int(lengths.max())), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    return out, lengths
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def masked_nll(model: Any, rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]] | None,
+               batch_size: int) -> tuple[float, int]:
+    """Summed next-token NLL and the number of tokens counted: token ``t+1`` of a row counts
+    where its mask is 1 (no mask: every token after the first)."""
+    total, count = 0.0, 0
+    device = model.embedding.weight.device
+    for i in range(0, len(rows), batch_size):
+        tokens, lengths = pad_right(rows[i:i + batch_size])
+        if masks is None:
+            weight = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).float()
+        else:
+            weight, _ = pad_right(masks[i:i + batch_size])
+            weight = weight.float()
+        weight = weight[:, 1:]
+        nll, _ = model(tokens[:, :-1].to(device), labels=tokens[:, 1:].to(device))  # [b, s-1] fp32
+        total += float((nll.cpu() * weight).sum())
+        count += int(weight.sum())
+    return total, count
+
+
+@torch.no_grad()
+def response_logprobs(model: Any, gen: Generation) -> torch.Tensor:
+    """``[b, n]`` log-probabilities (temperature 1, the full vocabulary) of ``gen``'s response
+    tokens under ``model``, from one forward pass over the left-padded batch; 0 where masked."""
+    b, total = gen.tokens.shape
+    cache = model.new_cache(b, total, gen.pad)  # per-row positions and the padding mask
+    h = model.trunk(gen.tokens[:, :-1], cache)[:, gen.prompt_len - 1:]  # the states predicting responses
+    logits = model.logits(h).float()[..., :model.cfg.vocab_size]  # [b, n, V] (one process: whole vocab)
+    logp = logits.log_softmax(-1).gather(-1, gen.response[..., None]).squeeze(-1)
+    return logp.masked_fill(~gen.response_mask, 0.0)
+
+
+@torch.no_grad()
+def scores(reward_model: Any, seqs: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """Raw reward of each sequence ``[len(seqs)]`` fp64: the scalar at its last token (right
+    padding, as the reward model was trained). Scored ``batch_size`` at a time in order of length
+    (each batch pads only to its longest row), so equal inputs get bit-equal scores."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    out = torch.empty(len(seqs), dtype=torch.float64)
+    device = reward_model.embedding.weight.device
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        tokens, lengths = pad_right([seqs[j] for j in rows])
+        values = reward_model(tokens.to(device)).cpu()  # [b, s]
+        out[rows] = values.gather(1, (lengths - 1)[:, None]).squeeze(1).double()
+    return out
+
+
+def win_rate(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """Share of prompts where ``ours`` scores higher, ties counting half."""
+    return float(((ours > theirs).double() + 0.5 * (ours == theirs).double()).mean())
+
+
+def sample(model: Any, prompts: list[list[int]], cfg: EvaluateConfig, *, stop_ids: Sequence[int],
+           pad_id: int) -> list[Generation]:
+    """One reply per prompt, ``batch_size`` prompts per :func:`generate` call; batch ``j``
+    draws from a generator seeded ``cfg.seed + j``."""
+    device = model.embedding.weight.device
+    s = cfg.sampling
+    out = []
+    for j, i in enumerate(range(0, len(prompts), cfg.batch_size)):
+        gen = torch.Generator(device).manual_seed(cfg.seed + j)
+        out.append(generate(model, prompts[i:i + cfg.batch_size], cfg.max_new_tokens, temperature=s.temperature,
+                            top_k=s.top_k, top_p=s.top_p, stop_ids=stop_ids, pad_id=pad_id, generator=gen))
+    return out
+
+
+def replies(gens: list[Generation]) -> list[list[int]]:
+    """Each row's response tokens (its end-of-turn included, padding not)."""
+    return [row[m].tolist() for g in gens for row, m in zip(g.response, g.response_mask)]
+
+
+# --- the stage's computation ---------------------------------------------------------------------
+
+def read_models(paths: dict[str, Path]) -> dict[str, Export]:
+    """The four exports, checked: kinds, one tokenizer, a reward model whose context holds the
+    policies' sequences."""
+    kinds = {"pretrain": ("pretrain",), "sft": ("sft",), "ppo": ("ppo",), "reward": ("reward",)}
+    exports = {name: read_export(paths[name], kinds[name]) for name in ("sft", "ppo", "reward", "pretrain")}
+    same_tokenizer(exports.values())
+    rm, sft = exports["reward"].model, exports["sft"].model
+    if rm.seq_len < max(exports["sft"].model.seq_len, exports["ppo"].model.seq_len):
+        raise UserError(f"{exports['reward'].path}: the reward model's context ({rm.seq_len} tokens) is shorter "
+                        f"than the policies' ({sft.seq_len}); train them from one parent")
+    return exports
+
+
+def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, prefs: Path,
+             tokens: Path) -> Evaluation:
+    """Measure everything in the module docstring. ``models``: export folders by name
+    (``pretrain``, ``sft``, ``ppo``, ``reward``)."""
+    import os
+
+    from palm.data.chat import load_prefs, load_sft
+    from palm.tokenizer import special_ids
+    from palm.train.data import check_shards
+
+    exports = read_models(models)
+    sha = exports["sft"].tokenizer_sha256
+    seq_len = min(exports["sft"].model.seq_len, exports["ppo"].model.seq_len)
+    if cfg.max_new_tokens >= seq_len:
+        raise ConfigError("evaluate.max_new_tokens", f"{cfg.max_new_tokens} leaves no room for a prompt in the "
+                                                     f"policies' context of {seq_len} tokens (model.seq_len)")
+    valid = load_sft(sft_data, "valid", sha).select(["input_ids", "loss_mask"]).to_pylist()
+    prompts = held_out_prompts(valid, cfg.prompts)
+    if not prompts:
+        raise UserError(f"{sft_data}: no held-out conversations in its valid split to take prompts from; "
+                        "more data or a larger sft_data.valid_fraction (dvc repro sft_data)")
+    pairs = load_prefs(prefs, "valid", sha).select(["prompt_ids", "chosen_ids", "rejected_ids"]).to_pylist()
+    pairs = pairs[:cfg.pairs] if cfg.pairs else pairs
+    if not pairs:
+        raise UserError(f"{prefs}: no held-out preference pairs in its valid split; more data or a larger "
+                        "prefs.valid_fraction (dvc repro prefs)")
+    shard_meta = check_shards(tokens, sha)
+    tokenizer = load_tokenizer(exports["sft"])
+    ids = special_ids(tokenizer)
+    stop_ids, pad_id = (ids["end_turn_id"], ids["eod_id"]), ids["pad_id"]
+    room = seq_len - cfg.max_new_tokens
+    prompt_ids = [p["prompt_ids"][-room:] for p in prompts]  # cut from the left, as the data stages cut
+    conversations = valid[:cfg.replies] if cfg.replies else valid
+    stats = exports["reward"].config["reward"]
+    mean, std = float(stats["mean"]), float(stats["std"])
+
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    metrics: dict[str, float | int] = {"prompts": len(prompts), "pairs": len(pairs),
+                                       "truncated_prompts": sum(len(p["prompt_ids"]) > room for p in prompts)}
+    with single_process():
+        reward_model = load_model(exports["reward"])
+        gens, logp_ppo, rewards = {}, None, {}
+        for name in ("sft", "ppo"):
+            policy = load_model(exports[name])
+            gens[name] = sample(policy, prompt_ids, cfg, stop_ids=stop_ids, pad_id=pad_id)
+            if name == "ppo":
+                logp_ppo = [response_logprobs(policy, g) for g in gens[name]]
+            rewards[name] = (scores(reward_model, [p + r for p, r in zip(prompt_ids, replies(gens[name]))],
+                                    cfg.batch_size) - mean) / std
+            lengths = torch.cat([g.response_mask.sum(1) for g in gens[name]]).double()
+            metrics[f"reward_{name}"] = float(rewards[name].mean())
+            metrics[f"length_{name}"] = float(lengths.mean())
+            metrics[f"ended_{name}"] = float(torch.cat([g.stopped for g in gens[name]]).double().mean())
+            del policy
+        sft = load_model(exports["sft"])
+        kl = torch.cat([(lp - response_logprobs(sft, g)).sum(1) for lp, g in zip(logp_ppo, gens["ppo"])])
+        metrics["kl"] = float(kl.double().mean())
+        metrics["win_rate"] = win_rate(rewards["ppo"], rewards["sft"])
+        metrics["reward_gain"] = metrics["reward_ppo"] - metrics["reward_sft"]
+        del sft
+
+        chosen = scores(reward_model, [p["prompt_ids"] + p["chosen_ids"] for p in pairs], cfg.batch_size)
+        rejected = scores(reward_model, [p["prompt_ids"] + p["rejected_ids"] for p in pairs], cfg.batch_size)
+        metrics["reward_accuracy"] = float((chosen > rejected).double().mean())
+        metrics["reward_margin"] = float(((chosen - rejected) / std).mean())
+        del reward_model
+
+        for name in LM_MODELS:
+            model = load_model(exports[name])
+            windows = text_windows(tokens, shard_meta, model.cfg.seq_len, cfg.windows)
+            total, count = masked_nll(model, windows.tolist(), None, cfg.batch_size)
+            metrics[f"perplexity_{name}"] = math.exp(min(total / count, 50.0))
+            total, count = masked_nll(model, [c["input_ids"] for c in conversations],
+                                      [c["loss_mask"] for c in conversations], cfg.batch_size)
+            metrics[f"reply_perplexity_{name}"] = math.exp(min(total / max(count, 1), 50.0))
+            metrics["text_tokens"], metrics["reply_tokens"] = int(windows.shape[0] * (windows.shape[1] - 1)), count
+            del model
+
+    decode = lambda t, special=False: tokenizer.decode(t, skip_special_tokens=not special)  # noqa: E731
+    got = {name: replies(gens[name]) for name in gens}
+    samples = [{"prompt": decode(p["prompt_ids"], special=True), "reference": decode(p["reply_ids"]),
+                "sft": decode(got["sft"][i]), "ppo": decode(got["ppo"][i]),
+                "reward_sft": float(rewards["sft"][i]), "reward_ppo": float(rewards["ppo"][i])}
+               for i, p in enumerate(prompts[:cfg.samples])]
+    return Evaluation(metrics=metrics, rewards={k: v.tolist() for k, v in rewards.items()}, samples=samples)

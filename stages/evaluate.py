@@ -1,0 +1,64 @@
+"""DVC stage `evaluate`: the SFT and PPO policies on held-out prompts, scored by the reward
+model; perplexities of every language model; the reward model's held-out accuracy
+(palm/evaluate.py). Writes the metrics (reports/evaluate/metrics.json, by run_stage), PNG plots of
+every stage's training curve and of the reward distributions, and one self-contained HTML report;
+the report and plots are logged to the stage's MLflow run. Everything is computed before anything
+is written, so a failed run leaves no output behind."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from palm.evaluate import EvaluateConfig, evaluate
+from palm.io import atomic_dir, atomic_file
+from palm.stage import StageContext, run_stage
+
+MODELS = ("pretrain", "sft", "ppo", "reward")
+
+
+def add_args(p):
+    for name in MODELS:
+        p.add_argument(f"--{name}", required=True, help=f"the {name} stage's export")
+    p.add_argument("--sft-data", required=True, help="the sft_data stage's folder (held-out prompts and replies)")
+    p.add_argument("--prefs", required=True, help="the prefs stage's folder (held-out pairs)")
+    p.add_argument("--tokens", required=True, help="the tokenize stage's shards (held-out text)")
+    p.add_argument("--curves", nargs="*", default=[], help="training curves to plot: reports/<stage>/curve.csv")
+    p.add_argument("--report", required=True, help="the HTML report to write")
+    p.add_argument("--plots", required=True, help="the folder of PNG plots to write")
+
+
+def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
+    from palm import report
+
+    result = evaluate(cfg, models={name: ctx.path(name) for name in MODELS}, sft_data=ctx.path("sft_data"),
+                      prefs=ctx.path("prefs"), tokens=ctx.path("tokens"))
+    pngs = {"rewards": report.reward_plot(result.rewards)}
+    curves, missing = {}, []
+    for curve in map(Path, ctx.args.curves):
+        stage = curve.parent.name  # reports/<stage>/curve.csv
+        png = report.curve_plot(stage, ctx.root / curve) if (ctx.root / curve).is_file() else None
+        if png is None:
+            missing.append(stage)
+            continue
+        curves[stage] = pngs[f"curve_{stage}"] = png
+    if missing:
+        print(f"evaluate: no training curve for {', '.join(missing)}; the report goes without", file=sys.stderr)
+    page = report.html(result.metrics, result.samples, pngs["rewards"], curves, missing)
+    with atomic_dir(ctx.path("plots")) as out:
+        for name, png in pngs.items():
+            (out / f"{name}.png").write_bytes(png)
+    with atomic_file(ctx.path("report"), "w", encoding="utf-8") as f:
+        f.write(page)
+    ctx.tracker.log_artifact(ctx.path("report"))
+    for name in pngs:
+        ctx.tracker.log_artifact(ctx.path("plots") / f"{name}.png")
+    return result.metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("evaluate", EvaluateConfig, body, add_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

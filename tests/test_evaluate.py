@@ -1,0 +1,237 @@
+"""The `evaluate` stage (palm/evaluate.py, palm/report.py, stages/evaluate.py) on tiny exports:
+a policy against itself ties everywhere (win rate 0.5, KL 0); the reply log-probs equal
+generation's own; the stage writes its metrics, plots and one self-contained, escaped HTML report
+and logs them to MLflow; bad input is one line and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from finetune_data import MODEL, chat_data, make_parent  # noqa: E402
+from test_chat import TEXT  # noqa: E402
+
+from palm.config import to_dict  # noqa: E402
+from palm.errors import UserError  # noqa: E402
+from palm.evaluate import (EvaluateConfig, evaluate, held_out_prompts, response_logprobs,  # noqa: E402
+                           sample)
+from palm.models import load_model, read_export, single_process  # noqa: E402
+from palm.tokenizer import load_tokenizer, sha256_file  # noqa: E402
+
+CFG = EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3)
+KEYS = {"win_rate", "reward_sft", "reward_ppo", "kl", "reward_gain", "length_sft", "length_ppo", "ended_sft",
+        "ended_ppo", "reward_accuracy", "reward_margin", "prompts", "pairs",
+        *(f"{p}_{m}" for p in ("perplexity", "reply_perplexity") for m in ("pretrain", "sft", "ppo"))}
+
+
+def with_kind(folder: Path, kind: str, **extra) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "kind": kind, **extra}))
+    return folder
+
+
+def make_reward(out: Path, tokenizer: Path, seed: int = 5) -> Path:
+    from palm import parallel
+    from palm.train.checkpoint import export_safetensors
+    from palm.train.reward import RewardModel
+
+    with single_process():
+        net = RewardModel(MODEL, parallel.megatron_config(MODEL), seed=seed)
+        export_safetensors(net, out, {"model": to_dict(MODEL), "kind": "reward", "format": "palm-rlhf/1",
+                                      "tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"), "step": 0,
+                                      "reward": {"mean": 0.1, "std": 0.5}})
+    shutil.copy2(tokenizer / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+def make_tokens(out: Path, tokenizer: Path) -> Path:
+    """Token shards as the tokenize stage writes them, of the test corpus' text."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tok = load_tokenizer(tokenizer / "tokenizer.json")
+    eod = tok.token_to_id("<|endoftext|>")
+    out.mkdir(parents=True)
+    docs = [tok.encode(line).ids + [eod] for line in TEXT.splitlines() if line.strip()]
+    for split in ("train", "valid"):
+        builder = IndexedDatasetBuilder(str(out / f"{split}.bin"), dtype=np.uint16)
+        for ids in docs:
+            builder.add_document(torch.tensor(ids, dtype=torch.int64).to(torch.uint16), [len(ids)])
+        builder.finalize(str(out / f"{split}.idx"))
+    (out / "meta.json").write_text(json.dumps({"tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"),
+                                               "vocab_size": tok.get_vocab_size(), "eod_id": eod,
+                                               "dtype": "uint16"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """data/{sft,prefs,tokens}, models/{pretrain,sft,ppo,reward} (ppo: another random policy) and
+    models/same (a copy of sft as PPO: the stand-in a policy against itself)."""
+    root = tmp_path_factory.mktemp("eval")
+    data = chat_data(root / "data", valid_fraction=0.5)
+    tok = data["tokenizer"]
+    make_tokens(root / "data" / "tokens", tok)
+    models = root / "models"
+    make_parent(models / "pretrain", tok, seed=11)
+    with_kind(make_parent(models / "sft", tok, seed=12), "sft")
+    with_kind(make_parent(models / "ppo", tok, seed=13), "ppo")
+    with_kind(shutil.copytree(models / "sft", models / "same"), "ppo")
+    make_reward(models / "reward", tok)
+    return root
+
+
+def paths(root: Path, ppo: str = "ppo") -> dict:
+    models = {n: root / "models" / n for n in ("pretrain", "sft", "reward")} | {"ppo": root / "models" / ppo}
+    return {"models": models, "sft_data": root / "data" / "sft", "prefs": root / "data" / "prefs",
+            "tokens": root / "data" / "tokens"}
+
+
+def valid_prompts(root: Path) -> list[dict]:
+    from palm.data.chat import load_sft
+
+    sha = sha256_file(root / "models" / "sft" / "tokenizer.json")
+    return held_out_prompts(load_sft(root / "data" / "sft", "valid", sha).to_pylist(), 0)
+
+
+def test_a_policy_against_itself_ties_everywhere(project):
+    ev = evaluate(CFG, **paths(project, ppo="same"))
+    m = ev.metrics
+    assert KEYS <= set(m) and m["prompts"] == len(valid_prompts(project)) and 0 < m["pairs"] <= CFG.pairs
+    assert m["win_rate"] == 0.5 and m["kl"] == 0.0  # same seeds, same samples, same scores
+    assert ev.rewards["sft"] == ev.rewards["ppo"] and m["reward_sft"] == m["reward_ppo"]
+    assert m["length_sft"] == m["length_ppo"] <= CFG.max_new_tokens
+    assert m["perplexity_sft"] == m["perplexity_ppo"] and m["perplexity_sft"] != m["perplexity_pretrain"]
+    for key in KEYS:
+        assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
+    assert 1.0 < m["perplexity_pretrain"] and 1.0 < m["reply_perplexity_sft"]
+    assert 0.0 <= m["reward_accuracy"] <= 1.0 and 0.0 <= m["ended_sft"] <= 1.0
+    assert len(ev.samples) == min(3, m["prompts"]) and ev.samples[0]["prompt"].endswith("<|assistant|>")
+    assert ev.samples[0]["sft"] == ev.samples[0]["ppo"]
+
+
+def test_another_policy_and_the_reply_logprobs(project):
+    m = evaluate(CFG, **paths(project)).metrics
+    assert 0.0 <= m["win_rate"] <= 1.0 and m["kl"] > 0  # two random policies are far apart
+    ex = read_export(project / "models" / "ppo")
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    with single_process():
+        model = load_model(ex)
+        (gen,) = sample(model, prompts, CFG, stop_ids=(), pad_id=0)
+        logp = response_logprobs(model, gen)  # one forward pass over the padded batch
+    assert torch.allclose(logp, gen.raw_logprobs, atol=1e-5)  # what generation itself reported
+
+
+def test_held_out_prompts_end_before_the_last_reply():
+    rows = [{"input_ids": [3, 10, 11, 5, 4, 12, 5, 3, 13, 5, 4, 14, 15, 5],
+             "loss_mask": [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1]},
+            {"input_ids": [3, 10, 11, 5, 4, 20, 5], "loss_mask": [0, 0, 0, 0, 0, 1, 1]}]
+    (p,) = held_out_prompts(rows, 0)[:1]
+    assert p["prompt_ids"] == [3, 10, 11, 5, 4, 12, 5, 3, 13, 5, 4] and p["reply_ids"] == [14, 15, 5]
+    assert len(held_out_prompts(rows, 0)) == 2 and len(held_out_prompts(rows, 1)) == 1
+    assert len(held_out_prompts(rows + rows, 0)) == 2  # the same prompt once
+
+
+STAGE_ARGS = ["--pretrain", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--reward",
+              "models/reward", "--sft-data", "data/sft", "--prefs", "data/prefs", "--tokens", "data/tokens",
+              "--curves", "reports/pretrain/curve.csv", "reports/sft/curve.csv",
+              "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots"]
+
+
+def stage_project(project: Path, tmp_path: Path, monkeypatch, **params) -> Path:
+    import yaml
+
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": {**to_dict(CFG), **params}}))
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_stage_writes_metrics_plots_and_report_and_logs_them(project, tmp_path, monkeypatch):
+    import mlflow
+
+    from stages.evaluate import main
+
+    root = stage_project(project, tmp_path, monkeypatch, prompts=0)
+    (root / "reports" / "sft").mkdir(parents=True)
+    (root / "reports" / "sft" / "curve.csv").write_text(
+        "step,loss,val_loss,tokens_per_s\n2,5.1,,100\n4,4.0,4.5,110\n6,3.2,,\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(STAGE_ARGS) == 0
+    out = root / "reports" / "evaluate"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert KEYS <= set(metrics) and metrics["prompts"] == len(valid_prompts(root))  # 0: every one
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["curve_sft.png", "rewards.png"]
+    for png in (out / "plots").iterdir():
+        assert png.read_bytes().startswith(b"\x89PNG")
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "No curve for: pretrain" in page
+    assert "<|assistant|>" not in page and "&lt;|assistant|&gt;" in page  # prompts shown escaped
+    assert f"{100 * metrics['win_rate']:.1f}%" in page
+
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("palm-rlhf").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["win_rate"] == metrics["win_rate"]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "rewards.png", "curve_sft.png"} <= logged
+
+
+def test_report_escapes_what_models_and_data_say():
+    from palm.report import html, reward_plot
+
+    sample = {"prompt": "<|user|>hi<|end|><|assistant|>", "reference": "a & b", "sft": "<script>alert(1)</script>",
+              "ppo": '<img src=x onerror="alert(2)">', "reward_sft": 0.1, "reward_ppo": 0.2}
+    metrics = {"win_rate": 0.75, "reward_sft": 0.1, "reward_ppo": 0.2, "kl": 1.5, "prompts": 1}
+    page = html(metrics, [sample], reward_plot({"sft": [0.1], "ppo": [0.2]}), {}, ["ppo"])
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img src=x" not in page and "a &amp; b" in page and "75.0%" in page
+
+
+def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    with pytest.raises(UserError, match="models/nothing: no such model folder"):
+        evaluate(CFG, **paths(root, ppo="nothing"))
+    other = tmp_path / "tok2"
+    from test_chat import make_tokenizer
+
+    make_tokenizer(other, vocab=380)
+    with_kind(make_parent(root / "models" / "other", other, seed=14), "ppo")
+    with pytest.raises(UserError, match="trained with tokenizer sha256 .* must share one tokenizer"):
+        evaluate(CFG, **paths(root, ppo="other"))
+    with pytest.raises(UserError, match="a sft model, expected ppo"):
+        evaluate(CFG, **paths(root, ppo="sft"))
+    with pytest.raises(UserError, match="evaluate.max_new_tokens: 128 leaves no room for a prompt"):
+        evaluate(EvaluateConfig(max_new_tokens=MODEL.seq_len), **paths(root))
+    with pytest.raises(UserError, match=r"evaluate\.windows: must be >= 1"):
+        from palm.config import from_dict
+
+        from_dict(EvaluateConfig, {"windows": 0}, "evaluate")
+    import pyarrow.parquet as pq
+
+    valid = root / "data" / "sft" / "valid.parquet"
+    pq.write_table(pq.read_table(valid).slice(0, 0), valid)
+    with pytest.raises(UserError, match="data/sft: no held-out conversations"):
+        evaluate(CFG, **paths(root))
+    assert not (root / "reports").exists()
+
+
+def test_stage_bad_input_is_one_line_exit_2_and_no_output(project, tmp_path, monkeypatch, capsys):
+    from stages.evaluate import main
+
+    root = stage_project(project, tmp_path, monkeypatch)
+    shutil.rmtree(root / "models" / "ppo")
+    assert main(STAGE_ARGS + ["--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: evaluate: ") and "models/ppo: no such model folder" in err[0]
+    assert not [p for p in (root / "reports").rglob("*") if p.is_file()]
