@@ -27,9 +27,11 @@ SHORT = {
     "sft": {"train_steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
     "reward": {"train_steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
 }
-# What these few steps reach, with a margin (measured: see the README's test section)
-PRETRAIN_MARGIN = 0.5  # nats per token below the unigram loss
-REWARD_ACCURACY = 0.55  # held-out pairs; chance is 0.5 +- 0.04 on the default's 174
+# What these few steps reach, with a margin. Measured (fp32, 2 cores): pretrain 6.41 vs unigram
+# 6.68 nats per token after 80 steps; sft 6.54 vs its parent's 7.40; reward 0.70 of the 261
+# held-out pairs right (chance: 0.5 +- 0.03).
+PRETRAIN_MARGIN = 0.15  # nats per token below the unigram loss
+REWARD_ACCURACY = 0.6
 
 
 @pytest.fixture(scope="module")
