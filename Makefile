@@ -29,7 +29,7 @@ run: setup
 
 ## Run the test suite (what CI runs): every stage end to end, the training stages with few steps.
 test: setup
-	$(PY) -m pytest -q tests -m "not default"
+	$(PY) -m pytest -q tests -m "not default" --durations=15
 
 ## Unit tests only (no end-to-end pipeline runs).
 test-fast: setup
