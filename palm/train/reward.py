@@ -71,7 +71,7 @@ class RewardConfig(TrainConfig):
     held-out pairs in their stored order, at most ``eval_batches`` micro-batches per DP rank.
     """
 
-    train_steps: int = 150
+    train_steps: int = 250
     micro_batch_size: int = 16
     eval_interval: int = 50
     eval_batches: int = 34
