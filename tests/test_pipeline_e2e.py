@@ -15,7 +15,7 @@ import yaml
 from conftest import make_project
 
 pytestmark = pytest.mark.e2e
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward"]
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "ppo"]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 token in the response, handed to the library as its scorer) raises that reward within a fixed
 number of iterations, with the critic (GAE) and without (GRPO); the rollout's tensors line up
 with a naive per-row recomputation; and a run killed with SIGKILL resumes to exactly the
-uninterrupted run (torchrun, like the other training stages)."""
+uninterrupted run (torchrun, like the other training stages); at tensor_parallel=2 an iteration
+samples the same tokens and makes the same update as in one process."""
 
 from __future__ import annotations
 
@@ -42,13 +43,6 @@ def inputs(tmp_path_factory) -> dict:
     data["reward"] = make_reward(root / "reward", data["tokenizer"])
     data["end_id"] = special_ids(load_tokenizer(data["tokenizer"] / "tokenizer.json"))["end_turn_id"]
     return data
-
-
-@pytest.fixture
-def single():
-    parallel.init_distributed()
-    yield
-    parallel.teardown()
 
 
 def curve(path: Path) -> list[dict[str, str]]:
@@ -135,7 +129,7 @@ TIMING = ("generate_tokens_per_s", "rollout_s", "update_s")
 
 
 @pytest.mark.dist
-def test_ppo_resumes_exactly_after_sigkill(tmp_path, inputs):
+def test_ppo_resumes_exactly_after_sigkill_and_tp2_does_one_iteration_like_tp1(tmp_path, inputs):
     cfg = dataclasses.replace(TOY, train_steps=4, checkpoint_interval=2, kl=KLConfig(coef=0.05, target=0.5),
                               no_end_penalty=-0.5, sample_interval=2, samples_logged=2)
     straight = run(tmp_path / "a", inputs, cfg)
@@ -161,3 +155,12 @@ def test_ppo_resumes_exactly_after_sigkill(tmp_path, inputs):
     samples = (tmp_path / "b" / "reports" / "samples.jsonl").read_text()
     assert samples == (tmp_path / "a" / "reports" / "samples.jsonl").read_text()
     assert samples.count("\n") == 4 and '"step": 2' in samples and '"response": ' in samples
+
+    # tensor parallel: the same tokens sampled (one generator for both TP ranks), the same losses
+    # and the same update, to float tolerance
+    tp2 = run(tmp_path / "c", inputs, dataclasses.replace(cfg, tensor_parallel=2, train_steps=1))
+    (row,) = curve(tmp_path / "c" / "reports" / "curve.csv")
+    for key in ("reward", "kl", "response_length", "entropy", "policy_loss", "value_loss", "approx_kl", "grad_norm",
+                "explained_variance"):
+        assert float(row[key]) == pytest.approx(float(ca[0][key]), rel=1e-3, abs=1e-5), key
+    assert tp2["iterations"] == 1
