@@ -258,8 +258,11 @@ def reference_step(batch: Batch, model: torch.nn.Module):
     return logp, lambda out: {"logp": _picked(out, batch)}
 
 
-def value_step(batch: Batch, model: torch.nn.Module):
-    return model(batch["tokens"]), lambda values: {"value": _picked(values, batch)}
+def value_step(mean: float = 0.0, std: float = 1.0):
+    """The critic's values at the response tokens, on the normalised reward scale."""
+    def step(batch: Batch, model: torch.nn.Module):
+        return model(batch["tokens"]), lambda values: {"value": (_picked(values, batch) - mean) / std}
+    return step
 
 
 def actor_forward_step(cfg: PPOConfig):
@@ -286,13 +289,16 @@ def actor_forward_step(cfg: PPOConfig):
     return step
 
 
-def critic_forward_step(cfg: PPOConfig):
-    """Clipped value loss over the response tokens of a micro-batch."""
+def critic_forward_step(cfg: PPOConfig, mean: float = 0.0, std: float = 1.0):
+    """Clipped value loss over the response tokens of a micro-batch. The critic starts as the
+    reward model, so its head is read on the scale the scores are normalised to: ``(v - mean) /
+    std`` with the reward stage's mean and std (at the start, the value of a finished response is
+    its normalised score)."""
 
     def step(batch: Batch, model: torch.nn.Module):
         def loss_func(values: torch.Tensor):
-            loss, n = ppo.value_loss(_picked(values, batch), batch["old_values"], batch["returns"], batch["mask"],
-                                     cfg.value_clip)
+            v = (_picked(values, batch) - mean) / std
+            loss, n = ppo.value_loss(v, batch["old_values"], batch["returns"], batch["mask"], cfg.value_clip)
             return cfg.vf_coef * loss, n, {"value_loss": metric(loss, n)}
 
         return model(batch["tokens"]), loss_func
@@ -328,13 +334,15 @@ class Roles:
     critic: Engine | None  # None with advantage: grpo
     reference: Engine
     scorer: Scorer
+    value_norm: tuple[float, float] = (0.0, 1.0)  # the critic's head is read as (v - mean) / std
 
 
 def build_roles(cfg: PPOConfig, model: ModelConfig, *, policy: Path, critic_from: Path | None, scorer: Scorer,
-                critic_model: ModelConfig | None = None, dtype: torch.dtype = torch.float32) -> Roles:
+                critic_model: ModelConfig | None = None, value_norm: tuple[float, float] = (0.0, 1.0),
+                dtype: torch.dtype = torch.float32) -> Roles:
     """Actor and reference from the ``policy`` export, the critic (value head per position) from
-    ``critic_from`` (a reward export; an export without the head, e.g. the policy's, starts the
-    head fresh). Process groups must exist."""
+    ``critic_from`` (a reward export, whose mean and std are ``value_norm``; an export without the
+    head, e.g. the policy's, starts the head fresh). Process groups must exist."""
     from palm.train.finetune import load_parent
     from palm.train.reward import HEAD
 
@@ -347,10 +355,10 @@ def build_roles(cfg: PPOConfig, model: ModelConfig, *, policy: Path, critic_from
     load_parent(reference, policy)
     critic = None
     if cfg.advantage == "gae":
-        critic = Engine(critic_model or model, cfg.critic_optim, forward_step=critic_forward_step(cfg),
+        critic = Engine(critic_model or model, cfg.critic_optim, forward_step=critic_forward_step(cfg, *value_norm),
                         chunk=RewardModel, **common)
         load_parent(critic, critic_from or policy, new=[HEAD])
-    return Roles(actor=actor, critic=critic, reference=reference, scorer=scorer)
+    return Roles(actor=actor, critic=critic, reference=reference, scorer=scorer, value_norm=value_norm)
 
 
 # --- one iteration ---------------------------------------------------------------------------------
@@ -448,7 +456,8 @@ def iteration(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef
     kl = ppo.kl_estimate(old_logp, ref_logp, cfg.kl.estimator) * mask
     values = torch.zeros_like(mask)
     if cfg.advantage == "gae":
-        values = torch.cat([d["value"] for d in roles.critic.forward(micros, value_step)]).float().cpu() * mask
+        values = torch.cat([d["value"] for d in roles.critic.forward(micros, value_step(*roles.value_norm))])
+        values = values.float().cpu() * mask
         rewards = ppo.token_rewards(score, kl, kl_coef, mask)
         advantages, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         ev = dp_explained_variance(values, returns, mask)
@@ -639,7 +648,7 @@ def worker(spec: dict[str, Any]) -> None:
         stats = reward_config["reward"]
         scorer = reward_model_scorer(reward, stats["mean"], stats["std"], cfg.micro_batch_size)
         roles = build_roles(cfg, model, policy=policy, critic_from=reward_dir, critic_model=critic_model,
-                            scorer=scorer, dtype=dtype)
+                            scorer=scorer, value_norm=(stats["mean"], max(stats["std"], 1e-6)), dtype=dtype)
         identity = cfg.run_identity(model, critic_model, spec["dtype"], sha, spec["data_sha256"],
                                     spec["policy_sha256"], spec["reward_sha256"])
         train(cfg, roles, prompts, Paths(reports=Path(spec["reports"]), checkpoints=Path(spec["checkpoints"]),
