@@ -125,7 +125,7 @@ class PPOConfig(TrainConfig):
     no_end_penalty: float = -1.0  # added to the score of a response that never produced <|end|>
     advantage: Literal["gae", "grpo"] = "gae"  # gae: critic + GAE; grpo: group-relative scores, no critic
     whiten: bool = True  # whiten the advantages over the rollout (all DP ranks)
-    optim: OptimConfig = OptimConfig(lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0)
+    optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0)
     critic_optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0)
     sample_interval: int = 5  # iterations between logged sample responses (samples.jsonl, MLflow)
     samples_logged: int = 4  # responses logged each time (rank 0's first rows)
