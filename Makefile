@@ -58,6 +58,7 @@ bench: setup
 	$(PY) benchmarks/tokenize_throughput.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_throughput.py
+	$(PY) benchmarks/ppo_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)
