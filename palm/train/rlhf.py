@@ -82,7 +82,7 @@ Scorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tens
 class KLConfig:
     """The KL penalty to the reference (SFT) policy."""
 
-    coef: float = 0.05  # initial beta: reward -beta * KL per token (gae) or + beta * KL in the loss (grpo)
+    coef: float = 0.2  # initial beta: reward -beta * KL per token (gae) or + beta * KL in the loss (grpo)
     estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimator in the reward (Schulman 2020)
     target: float | None = None  # adaptive beta steering the per-sequence KL towards this; null: fixed
     horizon: int = 10000  # the adaptive controller's time scale, in sequences (Ziegler et al. 2019)
