@@ -56,8 +56,18 @@ def frequency_of(token: int):
     return score
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny model's matmuls are too small to share: with 2 threads on a loaded 2-core machine
+    the toy runs took 150-180 s instead of 8-20 s (threads waiting for each other)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_a_tiny_ppo_run_learns_a_toy_reward(inputs, single, tmp_path, advantage):
+def test_a_tiny_ppo_run_learns_a_toy_reward(inputs, single, one_thread, tmp_path, advantage):
     cfg = TOY if advantage == "gae" else dataclasses.replace(TOY, advantage="grpo", samples_per_prompt=4,
                                                              prompts_per_rollout=4)
     prompts = load_prompts(inputs["sft"], inputs["sha"], cfg, MODEL)
