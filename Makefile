@@ -65,6 +65,7 @@ bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/output_layer.py
 	$(PY) benchmarks/generate_throughput.py
+	$(PY) benchmarks/ppo_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -32,6 +32,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def single():
+    """A one-process world with megatron's groups (TP = PP = DP = 1), torn down afterwards."""
+    from palm import parallel
+
+    parallel.init_distributed()
+    yield
+    parallel.teardown()
+
+
 def run_stage_cli(stage: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run ``python -m stages.<stage>`` in ``cwd`` (a project copy) and return the result."""
     full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}

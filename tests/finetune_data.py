@@ -45,3 +45,23 @@ def make_parent(out: Path, tokenizer: Path, model: ModelConfig = MODEL, seed: in
         parallel.teardown()
     shutil.copy2(tokenizer / "tokenizer.json", out / "tokenizer.json")
     return out
+
+
+def make_reward(out: Path, tokenizer: Path, model: ModelConfig = MODEL, seed: int = 13, mean: float = 0.0,
+                std: float = 1.0) -> Path:
+    """A tiny reward-model export (PaLM + scalar head, randomly initialised) as the reward stage
+    writes it, with its reward mean and std in config.json."""
+    from palm import parallel
+    from palm.train.checkpoint import export_safetensors
+    from palm.train.reward import RewardModel
+
+    parallel.init_distributed()
+    try:
+        net = RewardModel(model, seed=seed)
+        export_safetensors(net, out, {"model": to_dict(model), "tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"),
+                                      "step": 0, "format": "palm-rlhf/1", "kind": "reward",
+                                      "reward": {"mean": mean, "std": std, "sequences": 0}})
+    finally:
+        parallel.teardown()
+    shutil.copy2(tokenizer / "tokenizer.json", out / "tokenizer.json")
+    return out

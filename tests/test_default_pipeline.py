@@ -24,7 +24,7 @@ from conftest import make_project
 from palm.train.metrics import X86_BF16, cpu_flags
 
 pytestmark = [pytest.mark.default, pytest.mark.timeout(3600)]
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward"]
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "ppo", "evaluate"]
 NATIVE_BF16 = bool((cpu_flags() or set()) & X86_BF16)
 
 
@@ -76,3 +76,15 @@ def test_default_sft_and_reward(project):
     print(f"sft_data -> sft -> prefs -> reward: {chain:.0f} s")
     if (os.cpu_count() or 1) >= 2:
         assert chain < 600  # issue 7: under 10 minutes after pretrain on 2 cores
+
+
+def test_default_ppo_beats_sft_by_the_reward_model(project):
+    m = metrics(project, "evaluate")
+    print(f"default evaluate: win_rate {m['win_rate']:.3f}, reward sft {m['reward_sft']:.3f} -> ppo "
+          f"{m['reward_ppo']:.3f}, kl {m['kl']:.3f}; ppo {metrics(project, 'ppo')['stage_seconds']:.0f} s, "
+          f"evaluate {m['stage_seconds']:.0f} s")
+    assert m["win_rate"] > 0.6
+    total = sum(metrics(project, s)["stage_seconds"] for s in STAGES)
+    print(f"the whole default DAG: {total:.0f} s")
+    if (os.cpu_count() or 1) >= 2:
+        assert total < 1200  # issue 8: make run under 20 minutes on 2 cores

@@ -33,13 +33,6 @@ def inputs(tmp_path_factory) -> dict:
     return data
 
 
-@pytest.fixture
-def single():
-    parallel.init_distributed()
-    yield
-    parallel.teardown()
-
-
 def model_with_weights(seed: int = 5) -> RewardModel:
     model = RewardModel(MODEL, seed=seed).eval()
     redraw_weights(model, seed)  # every part matters, the head included

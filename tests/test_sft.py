@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from finetune_data import MODEL, chat_data, make_parent  # noqa: E402
 
-from palm import parallel  # noqa: E402
 from palm.train.engine import Engine, OptimConfig  # noqa: E402
 from palm.train.finetune import EpochOrder, load_parent, pad, padded_length, valid_rows  # noqa: E402
 from palm.train.loop import KILL_ENV, export  # noqa: E402
@@ -33,13 +32,6 @@ def inputs(tmp_path_factory) -> dict:
     data = chat_data(root)
     data["parent"] = make_parent(root / "parent", data["tokenizer"])
     return data
-
-
-@pytest.fixture
-def single():
-    parallel.init_distributed()
-    yield
-    parallel.teardown()
 
 
 def test_sft_loss_is_the_mean_nll_over_exactly_the_assistant_tokens(inputs, single):

@@ -34,8 +34,9 @@ META = "palm.json"
 _TP_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 
 
-def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
-    """Sharded state of this rank's chunks, keyed by global parameter name.
+def model_sharded_state_dict(chunks: list[torch.nn.Module], prefix: str = "") -> dict[str, Any]:
+    """Sharded state of this rank's chunks, keyed by global parameter name (after ``prefix``, which
+    tells apart several models saved in one checkpoint, e.g. PPO's ``critic.``).
 
     TP layers shard along their partition dim; everything else is replicated. The last stage's
     copy of the tied embedding is stored under the embedding's key as a replica (never written,
@@ -47,19 +48,26 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
         for name, module in chunk.named_modules():
             if not any(True for _ in module.parameters(recurse=False)):
                 continue
-            prefix = f"{name}." if name else ""
+            full = f"{prefix}{name}." if name else prefix
             if isinstance(module, _TP_LAYERS):
-                out.update(module.sharded_state_dict(prefix=prefix, metadata=metadata))
+                out.update(module.sharded_state_dict(prefix=full, metadata=metadata))
             else:
                 own = {k: v for k, v in module.state_dict(keep_vars=True).items() if "." not in k}
                 out.update(make_sharded_tensors_for_checkpoint(
-                    own, prefix, {}, (), dp_cp_group=metadata["dp_cp_group"],
+                    own, full, {}, (), dp_cp_group=metadata["dp_cp_group"],
                     tp_group=parallel_state.get_tensor_model_parallel_group()))
-    if "output_embedding.weight" in out:
-        out["output_embedding.weight"] = make_tp_sharded_tensor_for_checkpoint(
-            tensor=out["output_embedding.weight"].data, key="embedding.weight",
+    if f"{prefix}output_embedding.weight" in out:
+        out[f"{prefix}output_embedding.weight"] = make_tp_sharded_tensor_for_checkpoint(
+            tensor=out[f"{prefix}output_embedding.weight"].data, key=f"{prefix}embedding.weight",
             replica_id=(1, 0, parallel_state.get_data_parallel_rank()), allow_shape_mismatch=True)
     return out
+
+
+def _training_state(engine: Any, prefix: str = "", loading: bool = False) -> dict[str, Any]:
+    """An engine's model and optimizer (sharded) and its scheduler, for one checkpoint."""
+    model_sd = model_sharded_state_dict(engine.chunks, prefix)
+    return {"model": model_sd, "optimizer": engine.optimizer.sharded_state_dict(model_sd, is_loading=loading),
+            "scheduler": engine.scheduler.state_dict()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -73,9 +81,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
-         files: dict[str, str] | None = None, keep: int = 2) -> Path:
+         files: dict[str, str] | None = None, keep: int = 2, others: dict[str, Any] | None = None) -> Path:
     """Write this step's checkpoint of ``engine`` (all ranks call it; rank 0 writes ``meta`` and
-    ``files``, name -> text); returns its folder. Only the ``keep`` newest checkpoints are kept."""
+    ``files``, name -> text); returns its folder. Only the ``keep`` newest checkpoints are kept.
+    ``others`` (name -> engine) go into the same checkpoint under ``name`` (their parameters keyed
+    ``<name>.…``), e.g. PPO's critic beside its actor; ``engine`` alone loads as usual (export)."""
     root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f".step_{step:07d}.tmp"
@@ -84,9 +94,9 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    model_sd = model_sharded_state_dict(engine.chunks)
-    state = {"model": model_sd, "optimizer": engine.optimizer.sharded_state_dict(model_sd),
-             "scheduler": engine.scheduler.state_dict(), "step": step, "rng": _rng_state()}
+    state = {**_training_state(engine), "step": step, "rng": _rng_state()}
+    for name, other in (others or {}).items():
+        state[name] = {**_training_state(other, f"{name}."), "step": other.step}
     with cpu_compat():
         dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
@@ -175,16 +185,20 @@ def _load(state: dict[str, Any], path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: corrupt or incompatible checkpoint ({type(err).__name__}: {msg})")
 
 
-def load(engine: Any, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG of ``engine`` from ``path`` (any layout)."""
+def load(engine: Any, path: Path, others: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG of ``engine`` (and of the ``others`` saved
+    with it, see :func:`save`) from ``path`` (any layout)."""
     meta = check_checkpoint(path)
-    model_sd = model_sharded_state_dict(engine.chunks)
-    state = _load({"model": model_sd,
-                   "optimizer": engine.optimizer.sharded_state_dict(model_sd, is_loading=True)}, path)
-    _load_chunks(engine.chunks, state["model"])
-    engine.optimizer.load_state_dict(state["optimizer"])
-    engine.scheduler.load_state_dict(state["scheduler"])
-    engine.step = int(state["step"])
+    request = _training_state(engine, loading=True)
+    for name, other in (others or {}).items():
+        request[name] = _training_state(other, f"{name}.", loading=True)
+    state = _load(request, path)
+    for name, e in (("", engine), *(others or {}).items()):
+        part = state[name] if name else state
+        _load_chunks(e.chunks, part["model"], f"{name}." if name else "")
+        e.optimizer.load_state_dict(part["optimizer"])
+        e.scheduler.load_state_dict(part["scheduler"])
+        e.step = int(part["step"])
     _set_rng_state(state["rng"])
     return meta
 
@@ -197,11 +211,11 @@ def load_model(chunks: list[torch.nn.Module], path: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_chunks(chunks: list[torch.nn.Module], loaded: dict[str, torch.Tensor]) -> None:
+def _load_chunks(chunks: list[torch.nn.Module], loaded: dict[str, torch.Tensor], prefix: str = "") -> None:
     with torch.no_grad():
         for chunk in chunks:
             for name, p in chunk.named_parameters():
-                p.copy_(loaded[name])
+                p.copy_(loaded[prefix + name])
 
 
 # --- export: plain safetensors + config.json ----------------------------------------------------

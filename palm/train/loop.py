@@ -152,13 +152,13 @@ def train(job: Job, paths: RunPaths) -> dict[str, Any]:
     extra = dict(job.extra)
     if job.init_weights is not None:
         extra.update(job.init_weights(engine) or {})
-    resumed, state, rows = _resume(engine, paths.checkpoints, job.identity, job.stage, rank0)
+    resumed, state, rows = resume(engine, paths.checkpoints, job.identity, job.stage, rank0)
     # the result's MFU uses the peak measured when the run started, so a resumed run reports the same
     peak = state.setdefault("peak_flops", paths.peak_flops)
     columns = ("step", *job.curve_metrics, *(f"val_{m}" for m in job.curve_metrics),
                "lr", "grad_norm", "tokens_per_s", "mfu")
     curve = Curve(paths.reports / "curve.csv", columns, rows) if rank0 else None
-    tracker = _tracker(job.stage) if rank0 else None
+    tracker = stage_tracker(job.stage) if rank0 else None
     if tracker is not None:  # the restored rows belong to this run's record too
         for row in rows:
             tracker.log_metrics({k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)},
@@ -221,10 +221,11 @@ def train(job: Job, paths: RunPaths) -> dict[str, Any]:
     return result
 
 
-def _resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str,
-            rank0: bool) -> tuple[int, dict[str, Any], list[dict[str, str]]]:
+def resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str, rank0: bool,
+           others: dict[str, Engine] | None = None) -> tuple[int, dict[str, Any], list[dict[str, str]]]:
     """Load the newest readable checkpoint of this run: ``(step, loop state, curve rows)``.
-    Checkpoints of another run are removed; with none usable, a fresh state."""
+    Checkpoints of another run are removed; with none usable, a fresh state. ``others``: engines
+    saved in the same checkpoint (``checkpoint.save``'s ``others``)."""
     from palm.train import checkpoint as ckpt
     from palm.train.metrics import read_curve
 
@@ -250,7 +251,7 @@ def _resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str,
             torch.distributed.barrier()
             return 0, fresh, []
         try:
-            ckpt.load(engine, path)
+            ckpt.load(engine, path, others)
         except UserError as err:
             first_error = first_error or err
             continue
@@ -264,7 +265,7 @@ def _resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str,
     raise first_error
 
 
-def _tracker(stage: str) -> Any:
+def stage_tracker(stage: str) -> Any:
     """Rank 0's handle on the stage's MLflow run (``PALM_MLFLOW_RUN_ID``), or a no-op."""
     from palm.tracking import RUN_ENV, Tracker
 

@@ -1,0 +1,133 @@
+"""PPO throughput: one PPO iteration of ``palm.train.rlhf`` (rollouts for 16 prompts x 64 new
+tokens, then the update) against ``palm-rlhf-pytorch``'s ``RLHFTrainer`` doing the same amount of
+work (the optional benchmark extra), one process, same run.
+
+Config: d=256, 4 layers, 4 heads of 64, vocab 8192, prompts of 16 random tokens, 64 new tokens
+sampled at temperature 1 (no stop token, so every response is 64 tokens on both sides), fp32.
+
+- ours: :func:`palm.train.rlhf.iteration` with 16 prompts, one PPO epoch over one mini-batch of
+  16 (one optimizer step of the actor and one of the critic). It does more than theirs: the
+  frozen reference model's forward (the KL penalty), GAE and whitening.
+- theirs: ``RLHFTrainer.train(num_episodes=1, max_timesteps=16, update_timesteps=16)``: 16
+  rollouts (one prompt at a time, as it samples; no KV cache) scored by their reward model, then
+  ``learn`` over one mini-batch of 16 with one epoch; full fine-tuning (LoRA off) so both sides
+  update every weight of the actor and the critic. No reference model (it has none).
+
+Both are timed once after a warm-up (theirs takes a minute or more on 2 cores). Without the
+extra installed, the reference is skipped with a message and only ours is reported. The last
+line is ``ratio <theirs seconds / ours seconds>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from palm import parallel  # noqa: E402
+from palm.config import to_dict  # noqa: E402
+from palm.model import ModelConfig, PaLM  # noqa: E402
+from palm.train.engine import Engine, OptimConfig  # noqa: E402
+from palm.train.rlhf import KLConfig, PPOConfig, build_roles, iteration, reward_model_scorer  # noqa: E402
+
+PROMPTS, PROMPT, NEW = 16, 16, 64
+CFG = ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, ffn_mult=4.0, seq_len=PROMPT + NEW)
+PPO = PPOConfig(train_steps=1, micro_batch_size=PROMPTS, prompts_per_rollout=PROMPTS, max_new_tokens=NEW,
+                ppo_epochs=1, dtype="fp32", kl=KLConfig(coef=0.05), kl_bound=10.0,
+                optim=OptimConfig(lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0),
+                critic_optim=OptimConfig(lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0))
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def ours(prompts: torch.Tensor) -> float:
+    from palm.train.checkpoint import export_safetensors
+    from palm.train.finetune import load_parent
+    from palm.train.reward import RewardModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        policy, reward = Path(tmp) / "policy", Path(tmp) / "reward"
+        for folder, net in ((policy, PaLM(CFG, seed=0)), (reward, RewardModel(CFG, seed=1))):
+            export_safetensors(net, folder, {"model": to_dict(CFG)})
+        scoring = Engine(CFG, None, chunk=RewardModel, micro_batch_size=PROMPTS)
+        load_parent(scoring, reward)
+        roles = build_roles(PPO, CFG, policy=policy, critic_from=reward,
+                            scorer=reward_model_scorer(scoring, 0.0, 1.0, PROMPTS))
+    rows = [p.tolist() for p in prompts]
+
+    def once(seed: int) -> tuple[float, dict]:
+        t = time.perf_counter()
+        stats, _ = iteration(roles, PPO, rows, kl_coef=0.05, end_id=-1,  # no stop token: 64 tokens each
+                             generator=torch.Generator().manual_seed(seed), shuffle_seed=lambda e: seed)
+        return time.perf_counter() - t, stats
+
+    once(0)  # warm-up
+    seconds, stats = once(1)
+    print(f"ours: {seconds:.2f} s (rollout {stats['rollout_s']:.2f} s at {stats['generate_tokens_per_s']:.0f} "
+          f"tok/s, update {stats['update_s']:.2f} s, {stats['updates']:.0f} optimizer step per role; "
+          f"mean response {stats['response_length']:.0f} tokens)   {load()}")
+    return seconds
+
+
+def theirs(prompts: torch.Tensor) -> float | None:
+    try:
+        from palm_rlhf_pytorch import PaLM as TheirPaLM
+        from palm_rlhf_pytorch import RewardModel, RLHFTrainer
+    except ImportError as err:
+        print(f"palm-rlhf-pytorch not installed ({err}); skipping the reference "
+              "(pip install -r requirements-bench.txt -c requirements.lock)")
+        return None
+    torch.manual_seed(0)
+    palm = TheirPaLM(num_tokens=CFG.vocab_size, dim=CFG.d_model, depth=CFG.n_layers, dim_head=CFG.head_dim,
+                     heads=CFG.n_heads, ff_mult=int(CFG.ffn_mult))
+    reward_model = RewardModel(palm, num_binned_output=5)
+    # token 0 is their padding value: keep it out of the prompts (ours are the same prompts)
+    trainer = RLHFTrainer(palm=palm, reward_model=reward_model, prompt_token_ids=prompts, actor_lora=False,
+                          critic_lora=False, minibatch_size=PROMPTS, epochs=1)
+
+    def once(steps: int) -> float:
+        t = time.perf_counter()
+        trainer.train(num_episodes=1, max_timesteps=steps, update_timesteps=steps, max_batch_size=PROMPTS,
+                      max_seq_len=PROMPT + NEW, eos_token=None)
+        return time.perf_counter() - t
+
+    once(2)  # warm-up
+    seconds = once(PROMPTS)
+    print(f"palm-rlhf-pytorch RLHFTrainer: {seconds:.2f} s ({PROMPTS} rollouts of {NEW} tokens one at a time, "
+          f"no KV cache, then one epoch of learn over one mini-batch of {PROMPTS})   {load()}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parallel.init_distributed()
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, CFG.vocab_size, (PROMPTS, PROMPT), generator=g)
+    print(f"config: d={CFG.d_model} layers={CFG.n_layers} heads={CFG.n_heads}x{CFG.head_dim} vocab={CFG.vocab_size} "
+          f"params={CFG.num_params() / 1e6:.2f}M; {PROMPTS} prompts of {PROMPT} tokens x {NEW} new tokens, "
+          f"temperature 1, fp32, threads={torch.get_num_threads()} torch={torch.__version__}; {load()}")
+    mine = ours(prompts)
+    parallel.teardown()
+    ref = theirs(prompts)
+    if ref is None:
+        print(f"ours alone: {mine:.2f} s per PPO iteration")
+        print("ratio nan")
+        return
+    print(f"ratio {ref / mine:.3f}")
+
+
+if __name__ == "__main__":
+    main()

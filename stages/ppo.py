@@ -1,0 +1,82 @@
+"""DVC stage `ppo`: RLHF of the SFT policy against the reward model with PPO (or GRPO), on the
+train split's prompts, with TP x DP torchrun processes (``palm.train.rlhf``).
+
+Checks before anything starts (one line each): the policy, the reward model and the prompts
+share one tokenizer, the reward export carries the reward stage's mean/std, the responses fit
+the context, and some prompt is left to start from. Resumes from ``--checkpoints``
+(persistent); ends by exporting the policy as ``models/sft`` is (safetensors + config.json with
+``"kind": "ppo"`` + tokenizer.json) into ``--out``, atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from palm.errors import UserError
+from palm.io import atomic_dir
+from palm.stage import StageContext, run_stage
+from palm.train.rlhf import PPOConfig, launch, load_prompts
+from stages.sft import start
+
+
+def add_args(p):
+    p.add_argument("--data", required=True, help="chat data whose train split holds the prompts (data/sft or data/prefs)")
+    p.add_argument("--policy", required=True, help="the policy to start from and the KL reference (models/sft)")
+    p.add_argument("--reward", required=True, help="the reward model, also the critic's start (models/reward)")
+    p.add_argument("--checkpoints", required=True, help="PPO checkpoints (kept across runs for resume)")
+    p.add_argument("--out", required=True, help="exported policy: model.safetensors + config.json + tokenizer.json")
+
+
+def prepare(cfg: PPOConfig, data: Path, policy: Path, reward: Path):
+    """The policy's architecture and config and the prompts, after every check (one-line errors)."""
+    from palm.data.chat import read_chat_meta
+    from palm.train.finetune import check_tokenizer, read_parent
+
+    model, config = read_parent(policy, "sft")
+    critic, reward_config = read_parent(reward, "reward")
+    if reward_config["tokenizer_sha256"] != config["tokenizer_sha256"]:
+        raise UserError(f"the reward model {reward} was trained with tokenizer sha256 "
+                        f"{reward_config['tokenizer_sha256'][:12]}… but the policy {policy} with "
+                        f"{config['tokenizer_sha256'][:12]}…; both must come from the same tokenizer "
+                        "(dvc repro reward)")
+    stats = reward_config.get("reward")
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std")):
+        raise UserError(f"{reward}/config.json has no reward mean/std: not a reward model export; "
+                        "run the reward stage (dvc repro reward)")
+    model.check_parallel(cfg.tensor_parallel, 1, section="ppo")
+    critic.check_parallel(cfg.tensor_parallel, 1, section="ppo")
+    meta = read_chat_meta(data, "sft_data")
+    check_tokenizer(data, meta, policy, config, "sft_data" if meta.get("kind") != "prefs" else "prefs")
+    prompts = load_prompts(data, config["tokenizer_sha256"], cfg, model)
+    return model, config, prompts
+
+
+def body(cfg: PPOConfig, ctx: StageContext) -> dict:
+    from palm.train.loop import export
+
+    policy, reward = ctx.path("policy"), ctx.path("reward")
+    model, config, _ = prepare(cfg, ctx.path("data"), policy, reward)
+    dtype, _, env = start("ppo", cfg, ctx)
+    checkpoints = ctx.path("checkpoints")
+    result = launch(model, cfg, data=ctx.path("data"), policy=policy, reward=reward,
+                    tokenizer_sha256=config["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
+                    run_dir=checkpoints / "run", dtype=dtype, env=env)
+    with atomic_dir(ctx.path("out")) as out:
+        export(Path(result["checkpoint"]), out, {
+            "kind": "ppo", "parent": str(ctx.args.policy), "reward_model": str(ctx.args.reward),
+            "advantage": cfg.advantage,
+            "metrics": {k: result[k] for k in ("reward", "initial_reward", "kl", "response_length")}})
+        shutil.copy2(policy / "tokenizer.json", out / "tokenizer.json")
+    for name in ("curve.csv", "samples.jsonl"):
+        ctx.tracker.log_artifact(ctx.reports / name)
+    return {k: v for k, v in result.items() if k != "checkpoint"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("ppo", PPOConfig, body, add_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
