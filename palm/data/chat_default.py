@@ -156,11 +156,12 @@ def default_conversations(corpus_dir: Path, seed: int, counts: Counter) -> Itera
 def default_pairs(corpus_dir: Path, seed: int, counts: Counter) -> Iterator[Pair]:
     docs = _docs(corpus_dir, counts)
     answers = [answer(f) for f in docs]
+    several_modules = len({f.module for f in docs}) > 1
     for i, f in enumerate(docs):
         rng = random.Random(f"{seed}:pair:{f.qualname}")
         prompt = (Turn("user", _question(f, seed)),)
         other = None
-        if any(d.module != f.module for d in docs):  # another module's function
+        if several_modules:  # another module's function
             while other is None or docs[other].module == f.module or answers[other] == answers[i]:
                 other = rng.randrange(len(docs))
         elif len(set(answers)) > 1:  # a corpus of one module: another function of it

@@ -238,9 +238,10 @@ def reward_stats(model_dir: Path, rows: list[dict], *, batch_size: int = 32,
     def right(r: dict) -> bool:
         return score[tuple(r["prompt_ids"] + r["chosen_ids"])] > score[tuple(r["prompt_ids"] + r["rejected_ids"])]
 
-    train = torch.tensor([score[s] for s in sorted(train_seqs, key=len)], dtype=torch.float64)
+    train = torch.tensor([score[s] for s in train_seqs], dtype=torch.float64)
     out = {"reward_mean": train.mean().item(), "reward_std": train.std(correction=0).item(),
-           "reward_sequences": len(train_seqs), "reward_pairs": len(rows), "train_accuracy": sum(map(right, rows)) / max(len(rows), 1)}
+           "reward_sequences": len(train_seqs), "reward_pairs": len(rows),
+           "train_accuracy": sum(map(right, rows)) / max(len(rows), 1)}
     for kind in sorted({r["kind"] for r in kinded}):
         of_kind = [r for r in kinded if r["kind"] == kind]
         out[f"val_accuracy_{kind}"] = sum(map(right, of_kind)) / len(of_kind)
