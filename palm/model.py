@@ -327,10 +327,15 @@ class TileNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-        logits = F.linear(h, weight).float()  # [n, V_local]
+    def values(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+        """``(logits, nll, logz)`` of a tile, fp32: ``h [..., d]`` -> ``[..., V_local]``, ``[...]``, ``[...]``."""
+        logits = F.linear(h, weight).float()
         logz = parallel.vocab_logsumexp(logits)
-        nll = logz - parallel.vocab_pick(logits, labels)
+        return logits, logz - parallel.vocab_pick(logits, labels), logz
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+        logits, nll, logz = TileNLL.values(h, weight, labels)  # [n, V_local], [n], [n]
         probs = logits.sub_(logz.unsqueeze(-1)).exp_()  # softmax over the full vocabulary, this shard
         ctx.save_for_backward(h, weight, labels, probs)
         return nll, logz
@@ -433,9 +438,7 @@ class PaLM(MegatronModule):
                 n, lz = TileNLL.apply(self.output_input(xc).reshape(b * s, d), weight, lc.reshape(-1))
                 n, lz = n.view(b, s), lz.view(b, s)
             else:  # no backward: no softmax tile to keep
-                logits = F.linear(self.output_input(xc), weight).float()  # [b', s, V_local]
-                lz = parallel.vocab_logsumexp(logits)
-                n = lz - parallel.vocab_pick(logits, lc)
+                _, n, lz = TileNLL.values(self.output_input(xc), weight, lc)
             nll.append(n)
             logz.append(lz)
         return torch.cat(nll), torch.cat(logz)
