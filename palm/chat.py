@@ -183,7 +183,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
         stderr: TextIO = sys.stderr) -> int:
-    from palm.models import load_model, load_tokenizer, read_export, single_process
+    from palm.models import load_model, load_tokenizer, read_export
+    from palm.parallel import process_groups
 
     export = read_export(args.model, kinds=CHAT_KINDS)
     tokenizer = load_tokenizer(export)
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sy
     interactive = stdin.isatty()
     if interactive:
         import readline  # noqa: F401 - line editing and history for input()
-    with single_process():
+    with process_groups():
         model = load_model(export)
         try:
             session = ChatSession(model, tokenizer, sampling=sampling, max_new_tokens=args.max_new_tokens,

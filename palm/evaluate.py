@@ -40,7 +40,8 @@ import torch
 from palm.config import check
 from palm.errors import ConfigError, UserError
 from palm.generate import Generation, SamplingConfig, generate
-from palm.models import Export, load_model, load_tokenizer, read_export, same_tokenizer, single_process
+from palm.models import Export, load_model, load_tokenizer, read_export, same_tokenizer
+from palm.parallel import process_groups
 
 LM_MODELS = ("pretrain", "sft", "ppo")
 
@@ -248,7 +249,7 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     metrics: dict[str, float | int] = {"prompts": len(prompts), "pairs": len(pairs),
                                        "truncated_prompts": sum(len(p["prompt_ids"]) > room for p in prompts)}
-    with single_process():
+    with process_groups():
         reward_model = load_model(exports["reward"])
         gens, logp_ppo, rewards = {}, None, {}
         for name in ("sft", "ppo"):

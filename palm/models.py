@@ -11,17 +11,16 @@ An export is a folder of three files, written by every training stage the same w
 :func:`read_export` checks a folder (present, complete, readable, its tokenizer the one the
 weights were trained with) and refuses anything else with one :class:`~palm.errors.UserError`
 line; :func:`load_model` builds the model (``PaLM``, or ``RewardModel`` for a reward export) in
-the process groups of :func:`single_process`. :func:`resolve` turns a model reference into a
+the process groups of :func:`palm.parallel.process_groups`. :func:`resolve` turns a model reference into a
 folder: today a path; registry URIs will be resolved there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from palm.config import from_dict
 from palm.errors import UserError
@@ -119,27 +118,9 @@ def load_tokenizer(export: Export):
     return load(export.tokenizer_path)
 
 
-@contextlib.contextmanager
-def single_process() -> Iterator[None]:
-    """One-process torch.distributed and megatron groups around loading and running models
-    (left alone when the caller already made them, e.g. a torchrun worker)."""
-    from megatron.core import parallel_state
-
-    from palm import parallel
-
-    if parallel_state.model_parallel_is_initialized():
-        yield
-        return
-    parallel.init_distributed()
-    try:
-        yield
-    finally:
-        parallel.teardown()
-
-
 def load_model(export: Export, dtype: "torch.dtype | None" = None) -> "PaLM":
     """The whole model of ``export`` in eval mode on this process's device (inside
-    :func:`single_process`): a ``PaLM``, or a ``RewardModel`` (scalar per position) for a reward
+    :func:`palm.parallel.process_groups`): a ``PaLM``, or a ``RewardModel`` (scalar per position) for a reward
     export."""
     import torch
     from safetensors import SafetensorError

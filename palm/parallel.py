@@ -32,12 +32,13 @@ Building this rank's chunks from the plan (:func:`chunk_layers`) and wrapping th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import math
 import os
 import socket
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from megatron.core import parallel_state
@@ -91,6 +92,31 @@ def teardown() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_groups(tensor_parallel: int = 1, pipeline_parallel: int = 1, data_parallel: int = 1,
+                   virtual_stages: int = 1, *, seed: int | None = None) -> Iterator[None]:
+    """The body runs with the process groups of :func:`init_distributed` up; they are torn down
+    after it, also when it raises. Groups that already exist (a caller made them: a torchrun
+    worker, a test) are used as they are and left up. ``seed``: Python's, NumPy's and torch's
+    global generators are seeded first (what every training worker starts with)."""
+    if seed is not None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    if parallel_state.model_parallel_is_initialized():
+        yield
+        return
+    init_distributed(tensor_parallel, pipeline_parallel, data_parallel, virtual_stages)
+    try:
+        yield
+    finally:
+        teardown()
 
 
 def _free_port() -> int:

@@ -9,17 +9,19 @@ each output. Errors a user can fix print as one line ``error: <stage>: …`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from palm.config import load_section, to_dict
 from palm.errors import UserError
-from palm.io import write_json
-from palm.tracking import Tracker, git_commit
+from palm.io import atomic_dir, write_json
+from palm.tracking import RUN_ENV, Tracker, git_commit
 
 C = TypeVar("C")
 
@@ -127,3 +129,38 @@ def run_stage(
         print(f"error: {stage}: unexpected {type(err).__name__}: {err} (a bug: please report it with the traceback above)",
               file=sys.stderr)
         return 1
+
+
+# --- the training stages (pretrain, sft, reward, ppo) ----------------------------------------------
+
+def training_start(stage: str, cfg: Any, ctx: StageContext) -> tuple[str, float, dict[str, str]]:
+    """The dtype ``cfg.dtype`` resolves to here (printed, and tagged on the MLflow run), the
+    measured matmul peak in that dtype (for MFU), and the environment of the training processes
+    (the MLflow run they log into)."""
+    from palm.megatron_compat import device
+    from palm.train.metrics import dtype_name, matmul_peak_flops, resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype, device())
+    peak = matmul_peak_flops(dtype, device=device())
+    print(f"{stage}: dtype {dtype_name(dtype)} ({stage}.dtype: {cfg.dtype}); measured {dtype_name(dtype)} "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s", file=sys.stderr)
+    ctx.tracker.set_tags({"dtype": dtype_name(dtype)})
+    env = {RUN_ENV: ctx.tracker.run_id} if ctx.tracker.enabled and ctx.tracker.run_id else {}
+    return dtype_name(dtype), peak, env
+
+
+@contextlib.contextmanager
+def exported(ctx: StageContext, result: dict[str, Any], tokenizer: Path, extra: dict[str, Any],
+             chunk: Any = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Export the final checkpoint of a training launch (``result["checkpoint"]``) into ``--out``
+    with ``extra`` in its ``config.json`` and a copy of ``tokenizer``; the body may add files and
+    rewrite the config (it gets the folder and the config). The folder appears only complete,
+    after the body: nothing half-written is left if anything fails. Then ``curve.csv`` goes to
+    the MLflow run."""
+    from palm.train.loop import export
+
+    with atomic_dir(ctx.path("out")) as out:
+        config = export(Path(result["checkpoint"]), out, extra, **({"chunk": chunk} if chunk else {}))
+        shutil.copy2(tokenizer, out / "tokenizer.json")
+        yield out, config
+    ctx.tracker.log_artifact(ctx.reports / "curve.csv")

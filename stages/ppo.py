@@ -10,15 +10,12 @@ the context, and some prompt is left to start from. Resumes from ``--checkpoints
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 from palm.errors import UserError
-from palm.io import atomic_dir
-from palm.stage import StageContext, run_stage
+from palm.stage import StageContext, exported, run_stage, training_start
 from palm.train.rlhf import PPOConfig, launch, load_prompts
-from stages.sft import start
 
 
 def add_args(p):
@@ -54,23 +51,19 @@ def prepare(cfg: PPOConfig, data: Path, policy: Path, reward: Path):
 
 
 def body(cfg: PPOConfig, ctx: StageContext) -> dict:
-    from palm.train.loop import export
-
     policy, reward = ctx.path("policy"), ctx.path("reward")
     model, config, _ = prepare(cfg, ctx.path("data"), policy, reward)
-    dtype, _, env = start("ppo", cfg, ctx)
+    dtype, _, env = training_start("ppo", cfg, ctx)
     checkpoints = ctx.path("checkpoints")
     result = launch(model, cfg, data=ctx.path("data"), policy=policy, reward=reward,
                     tokenizer_sha256=config["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
                     run_dir=checkpoints / "run", dtype=dtype, env=env)
-    with atomic_dir(ctx.path("out")) as out:
-        export(Path(result["checkpoint"]), out, {
+    with exported(ctx, result, policy / "tokenizer.json", {
             "kind": "ppo", "parent": str(ctx.args.policy), "reward_model": str(ctx.args.reward),
             "advantage": cfg.advantage,
-            "metrics": {k: result[k] for k in ("reward", "initial_reward", "kl", "response_length")}})
-        shutil.copy2(policy / "tokenizer.json", out / "tokenizer.json")
-    for name in ("curve.csv", "samples.jsonl"):
-        ctx.tracker.log_artifact(ctx.reports / name)
+            "metrics": {k: result[k] for k in ("reward", "initial_reward", "kl", "response_length")}}):
+        pass
+    ctx.tracker.log_artifact(ctx.reports / "samples.jsonl")
     return {k: v for k, v in result.items() if k != "checkpoint"}
 
 

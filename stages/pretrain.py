@@ -8,17 +8,14 @@ safetensors + config.json (+ the tokenizer) into ``--out``, atomically.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 from palm.errors import UserError
-from palm.io import atomic_dir
 from palm.model import ModelConfig
-from palm.stage import StageContext, run_stage
-from palm.tracking import RUN_ENV
+from palm.stage import StageContext, exported, run_stage, training_start
 from palm.train.data import check_shards
-from palm.train.pretrain import PretrainConfig, export, launch, validate
+from palm.train.pretrain import PretrainConfig, launch, validate
 
 
 def add_args(p):
@@ -36,27 +33,18 @@ def tokenizer_sha256(folder: Path) -> str:
 
 
 def body(cfg: PretrainConfig, ctx: StageContext) -> dict:
-    from palm.megatron_compat import device
-    from palm.train.metrics import dtype_name, matmul_peak_flops, resolve_dtype
-
     model = ctx.sections["model"]
     validate(model, cfg)
     sha = tokenizer_sha256(ctx.path("tokenizer"))
     check_shards(ctx.path("tokens"), sha)  # fail here, before starting processes
-    dtype = resolve_dtype(cfg.dtype, device())
-    peak = matmul_peak_flops(dtype, device=device())
-    print(f"pretrain: dtype {dtype_name(dtype)} (pretrain.dtype: {cfg.dtype}); measured {dtype_name(dtype)} "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s", file=sys.stderr)
-    ctx.tracker.set_tags({"dtype": dtype_name(dtype)})
+    dtype, peak, env = training_start("pretrain", cfg, ctx)
     checkpoints = ctx.path("checkpoints")
-    env = {RUN_ENV: ctx.tracker.run_id} if ctx.tracker.enabled and ctx.tracker.run_id else {}
     result = launch(model, cfg, tokens=ctx.path("tokens"), tokenizer_sha256=sha,
                     checkpoints=checkpoints, reports=ctx.reports, run_dir=checkpoints / "run",
-                    peak_flops=peak, dtype=dtype_name(dtype), env=env)
-    with atomic_dir(ctx.path("out")) as out:
-        export(Path(result["checkpoint"]), out, {"metrics": {k: result[k] for k in ("val_loss", "unigram_loss")}})
-        shutil.copy2(ctx.path("tokenizer") / "tokenizer.json", out / "tokenizer.json")
-    ctx.tracker.log_artifact(ctx.reports / "curve.csv")
+                    peak_flops=peak, dtype=dtype, env=env)
+    with exported(ctx, result, ctx.path("tokenizer") / "tokenizer.json",
+                  {"metrics": {k: result[k] for k in ("val_loss", "unigram_loss")}}):
+        pass
     return {k: v for k, v in result.items() if k != "checkpoint"}
 
 

@@ -9,31 +9,26 @@ rewards with them) and ``"kind": "reward"``.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-from pathlib import Path
 
-from palm.io import atomic_dir
-from palm.stage import StageContext, run_stage
+from palm.stage import StageContext, exported, run_stage, training_start
+from palm.train.finetune import check_parent
 from palm.train.reward import COLUMNS, HEAD, RewardConfig, RewardModel, launch, read_rows, reward_stats, validate
-from stages.sft import add_args, prepare, start
+from stages.sft import add_args
 
 
 def body(cfg: RewardConfig, ctx: StageContext) -> dict:
-    from palm.train.loop import export
-
-    model, parent = prepare(ctx, "prefs", "sft")
+    model, parent = check_parent(ctx.path("data"), ctx.path("parent"), "prefs", "sft")
     validate(model, cfg)
-    dtype, peak, env = start("reward", cfg, ctx)
+    dtype, peak, env = training_start("reward", cfg, ctx)
     checkpoints = ctx.path("checkpoints")
     result = launch(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
                     tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
                     run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype, env=env)
-    with atomic_dir(ctx.path("out")) as out:
-        config = export(Path(result["checkpoint"]), out, {
+    with exported(ctx, result, ctx.path("parent") / "tokenizer.json", {
             "kind": "reward", "parent": str(ctx.args.parent), "head": HEAD, "margin": cfg.margin,
-            "metrics": {k: result[k] for k in ("val_loss", "val_accuracy", "val_margin")}}, chunk=RewardModel)
-        shutil.copy2(ctx.path("parent") / "tokenizer.json", out / "tokenizer.json")
+            "metrics": {k: result[k] for k in ("val_loss", "val_accuracy", "val_margin")}},
+            chunk=RewardModel) as (out, config):
         sha = parent["tokenizer_sha256"]
         stats = reward_stats(out, read_rows(ctx.path("data"), "train", sha), batch_size=cfg.stats_batch_size,
                              valid=read_rows(ctx.path("data"), "valid", sha, [*COLUMNS, "kind"]),
@@ -41,7 +36,6 @@ def body(cfg: RewardConfig, ctx: StageContext) -> dict:
         config["reward"] = {"mean": stats["reward_mean"], "std": stats["reward_std"],
                             "sequences": stats["reward_sequences"]}
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    ctx.tracker.log_artifact(ctx.reports / "curve.csv")
     return {**{k: v for k, v in result.items() if k != "checkpoint"}, **stats}
 
 

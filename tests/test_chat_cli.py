@@ -22,7 +22,8 @@ from test_chat import make_tokenizer  # noqa: E402
 from palm.chat import ChatSession, StreamDecoder  # noqa: E402
 from palm.data.chat_readers import Turn  # noqa: E402
 from palm.generate import SamplingConfig  # noqa: E402
-from palm.models import load_model, load_tokenizer, read_export, single_process  # noqa: E402
+from palm.models import load_model, load_tokenizer, read_export  # noqa: E402
+from palm.parallel import process_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW = 6  # tokens per reply: the tiny random model never ends a turn by itself
@@ -40,7 +41,7 @@ def export(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("chat")
     out = make_parent(tmp / "ppo", make_tokenizer(tmp / "tok"))
     config = json.loads((out / "config.json").read_text())
-    with single_process():
+    with process_groups():
         net = PaLM(MODEL, seed=3)
         redraw_weights(net, seed=5)
         export_safetensors(net, out, {**config, "kind": "ppo"})
@@ -70,7 +71,7 @@ def test_two_turns_reset_quit_through_a_pipe_equal_the_session_in_process(export
                stdin="What does dumps do?\nAnd loads?\n/reset\nWhat does dumps do?\n/quit\nnever read\n")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "palm chat:" in res.stderr and "(conversation cleared)" in res.stderr
-    with single_process():
+    with process_groups():
         s = session(export, sampling=SamplingConfig(0.0))
         first = s.reply("What does dumps do?")
         second = s.reply("And loads?")  # with the first exchange in its prompt
@@ -85,14 +86,14 @@ def test_sampling_flags_and_the_seed(export):
     res = palm("chat", str(export), "--temperature", "1.5", "--top-k", "50", "--top-p", "0.9", "--seed", "7",
                "--max-new-tokens", str(NEW), "--system", "Be brief.", stdin="Hi\nHi\n")  # end of input ends it
     assert res.returncode == 0, res.stderr[-2000:]
-    with single_process():
+    with process_groups():
         s = session(export, sampling=SamplingConfig(1.5, 50, 0.9), seed=7, system="Be brief.")
         assert res.stdout == f"{s.reply('Hi')}\n{s.reply('Hi')}\n"
 
 
 def test_history_is_fitted_to_the_context_oldest_exchanges_first(export):
     notes = []
-    with single_process():
+    with process_groups():
         s = session(export, system="Be brief.", note=notes.append)
         budget = MODEL.seq_len - NEW
         s.history = [t for i in range(8) for t in (Turn("user", f"question {i} " * 6),

@@ -23,7 +23,8 @@ from palm.config import to_dict  # noqa: E402
 from palm.errors import UserError  # noqa: E402
 from palm.evaluate import (EvaluateConfig, evaluate, held_out_prompts, response_logprobs,  # noqa: E402
                            sample)
-from palm.models import load_model, read_export, single_process  # noqa: E402
+from palm.models import load_model, read_export  # noqa: E402
+from palm.parallel import process_groups  # noqa: E402
 from palm.tokenizer import load_tokenizer, sha256_file  # noqa: E402
 
 CFG = EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3)
@@ -43,7 +44,7 @@ def make_reward(out: Path, tokenizer: Path, seed: int = 5) -> Path:
     from palm.train.checkpoint import export_safetensors
     from palm.train.reward import RewardModel
 
-    with single_process():
+    with process_groups():
         net = RewardModel(MODEL, parallel.megatron_config(MODEL), seed=seed)
         export_safetensors(net, out, {"model": to_dict(MODEL), "kind": "reward", "format": "palm-rlhf/1",
                                       "tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"), "step": 0,
@@ -123,7 +124,7 @@ def test_another_policy_and_the_reply_logprobs(project):
     assert 0.0 <= m["win_rate"] <= 1.0 and m["kl"] > 0  # two random policies are far apart
     ex = read_export(project / "models" / "ppo")
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
-    with single_process():
+    with process_groups():
         model = load_model(ex)
         (gen,) = sample(model, prompts, CFG, stop_ids=(), pad_id=0)
         logp = response_logprobs(model, gen)  # one forward pass over the padded batch

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from palm.config import from_dict
+from palm.config import from_dict, to_dict
 from palm.errors import UserError
 from palm.model import ModelConfig
 
@@ -66,6 +66,18 @@ def check_fits(data_dir: Path, data_meta: dict[str, Any], model: ModelConfig, da
                         f"(dvc repro {data_stage})")
 
 
+def check_parent(data: Path, parent: Path, data_stage: str, parent_stage: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """The parent export's architecture and config, after checking the chat data in ``data``
+    against it: the same tokenizer, sequences that fit its context (one-line errors)."""
+    from palm.data.chat import read_chat_meta
+
+    model, config = read_parent(parent, parent_stage)
+    meta = read_chat_meta(data, data_stage)
+    check_tokenizer(data, meta, parent, config, data_stage)
+    check_fits(data, meta, model, data_stage)
+    return model, config
+
+
 def load_parent(engine: Any, model_dir: Path, new: Iterable[str] = ()) -> None:
     """Load the parent's exported weights into every chunk of ``engine`` at its TP/PP layout.
     ``new`` names parameters the parent lacks (they keep their seeded initialisation)."""
@@ -76,6 +88,35 @@ def load_parent(engine: Any, model_dir: Path, new: Iterable[str] = ()) -> None:
     if engine.optim is not None:
         # bf16 params train on fp32 main copies the optimizer made when it was built: refresh them
         engine.optimizer.reload_model_params()
+
+
+# --- the launch and the worker's data -----------------------------------------------------------
+
+def launch(entry: str, section: str, model: ModelConfig, cfg: Any, *, data: Path, parent: Path,
+           tokenizer_sha256: str, checkpoints: Path, reports: Path, run_dir: Path, peak_flops: float,
+           dtype: str = "fp32", env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train ``entry`` (a worker, e.g. ``palm.train.sft:worker``) from the export ``parent`` on
+    ``data`` in ``cfg.world_size`` processes; ``cfg`` is the params section ``section``. The spec
+    carries the sha256 of the data and of the parent's weights: they are part of the run's
+    identity, so a checkpoint of other data or another parent is never resumed."""
+    from palm.io import files_sha256
+    from palm.train.launch import launch as start
+
+    spec = {"model": to_dict(model), section: to_dict(cfg), "dtype": dtype, "data": str(data),
+            "parent": str(parent), "tokenizer_sha256": tokenizer_sha256, "data_sha256": files_sha256(data),
+            "parent_sha256": files_sha256(parent, ["config.json", "model.safetensors"]),
+            "checkpoints": str(checkpoints), "reports": str(reports), "peak_flops": peak_flops}
+    return start(entry, spec, world_size=cfg.world_size, run_dir=run_dir, threads=cfg.threads, env=env)
+
+
+def train_and_valid(read_rows: Callable[[Path, str, str], list[dict]], data: Path, tokenizer_sha256: str, *,
+                    what: str, who: str, data_stage: str) -> tuple[list[dict], list[dict]]:
+    """The ``train`` and ``valid`` rows of a chat data folder; refuses a split without rows."""
+    train, valid = read_rows(data, "train", tokenizer_sha256), read_rows(data, "valid", tokenizer_sha256)
+    if not train or not valid:
+        raise UserError(f"{data}: {len(train)} training and {len(valid)} validation {what}; {who} needs both "
+                        f"(more data, or another {data_stage}.valid_fraction)")
+    return train, valid
 
 
 # --- padded micro-batches ------------------------------------------------------------------------

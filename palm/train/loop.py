@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -91,6 +91,15 @@ class TrainConfig:
                 "dtype": dtype}
 
 
+def worker_groups(cfg: TrainConfig) -> ContextManager[None]:
+    """What a training worker runs in: its generators seeded with ``cfg.seed``, the process
+    groups of ``cfg``'s layout up, torn down when the body ends."""
+    from palm import parallel
+
+    return parallel.process_groups(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.data_parallel,
+                                   cfg.virtual_stages, seed=cfg.seed)
+
+
 def code_version(*files: str) -> str:
     """sha256 of the sources (paths under ``palm/``) that define a computation; a changed model,
     engine or objective starts fresh rather than resuming a checkpoint made by other code."""
@@ -134,6 +143,12 @@ class RunPaths:
     reports: Path  # reports/<stage>/ (curve.csv)
     run_dir: Path  # scratch of the launch (spec, result, dataset index cache)
     peak_flops: float  # measured matmul peak for MFU
+
+    @classmethod
+    def of(cls, spec: dict[str, Any]) -> "RunPaths":
+        """The paths of a launch spec (``checkpoints``, ``reports``, ``run_dir``, ``peak_flops``)."""
+        return cls(checkpoints=Path(spec["checkpoints"]), reports=Path(spec["reports"]),
+                   run_dir=Path(spec["run_dir"]), peak_flops=spec["peak_flops"])
 
 
 def train(job: Job, paths: RunPaths) -> dict[str, Any]:
@@ -281,14 +296,11 @@ def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any], chunk: ChunkF
 
     meta = ckpt.check_checkpoint(checkpoint)
     model_cfg = from_dict(ModelConfig, meta["run"]["model"], "model")
-    parallel.init_distributed()
-    try:
+    with parallel.process_groups():
         model = chunk(model_cfg, parallel.megatron_config(model_cfg), pre_process=True,
                       post_process=True, layers=list(range(model_cfg.n_layers)), seed=0)
         ckpt.load_model([model], checkpoint)
         config = {"model": to_dict(model_cfg), "tokenizer_sha256": meta["run"]["tokenizer_sha256"],
                   "step": meta["step"], "format": "palm-rlhf/1", **extra}
         ckpt.export_safetensors(model, out_dir, config)
-    finally:
-        parallel.teardown()
     return config

@@ -102,16 +102,13 @@ def evaluate_checkpoint(checkpoint: Path, tokens: Path, cfg: PretrainConfig, *, 
 
     meta = ckpt.check_checkpoint(checkpoint)["run"]
     model = from_dict(ModelConfig, meta["model"], "model")
-    parallel.init_distributed()
-    try:
+    with parallel.process_groups():
         _, valid = _data(tokens, model, cfg, meta["tokenizer_sha256"], meta["data_sha256"], run_dir,
                          dp_rank=0, dp_size=1)
         engine = Engine(model, None, forward_step=lm_forward_step(meta["z_loss_weight"]),
                         micro_batch_size=cfg.micro_batch_size, dtype=torch.float32)
         ckpt.load_model(engine.chunks, checkpoint)
         return engine.evaluate(valid)["loss"]
-    finally:
-        parallel.teardown()
 
 
 # --- the worker side: one training process -------------------------------------------------------
@@ -137,24 +134,15 @@ def _data(tokens: Path, model: ModelConfig, cfg: PretrainConfig, tokenizer_sha25
 
 
 def worker(spec: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
     from megatron.core import parallel_state as ps
 
-    from palm import parallel
     from palm.train import data, loop
     from palm.train.metrics import DTYPES
 
     model = from_dict(ModelConfig, spec["model"], "model")
     cfg = from_dict(PretrainConfig, spec["pretrain"], "pretrain")
     validate(model, cfg)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    parallel.init_distributed(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.data_parallel,
-                              cfg.virtual_stages)
-    try:
+    with loop.worker_groups(cfg):
         tokens, run_dir = Path(spec["tokens"]), Path(spec["run_dir"])
         batches, valid = _data(tokens, model, cfg, spec["tokenizer_sha256"], spec["data_sha256"], run_dir,
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
@@ -164,7 +152,4 @@ def worker(spec: dict[str, Any]) -> None:
             valid_batches=valid, tokens_per_step=cfg.global_batch * model.seq_len,
             identity=cfg.run_identity(model, spec["dtype"], spec["tokenizer_sha256"], spec["data_sha256"]),
             extra={"unigram_loss": data.unigram_loss(tokens, data.check_shards(tokens))})
-        loop.train(job, RunPaths(checkpoints=Path(spec["checkpoints"]), reports=Path(spec["reports"]),
-                                 run_dir=run_dir, peak_flops=spec["peak_flops"]))
-    finally:
-        parallel.teardown()
+        loop.train(job, RunPaths.of(spec))

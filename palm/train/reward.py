@@ -30,11 +30,10 @@ import torch.nn.functional as F
 
 from palm import parallel
 from palm.config import check, from_dict, to_dict
-from palm.errors import UserError
 from palm.model import ModelConfig, PaLM
 from palm.train.engine import Batch, OptimConfig, metric
+from palm.train import finetune
 from palm.train.finetune import EpochOrder, micro_length, pad, padded_length, valid_rows
-from palm.train.launch import launch as _launch
 from palm.train.loop import RunPaths, TrainConfig, code_version
 
 ENTRY = "palm.train.reward:worker"
@@ -217,8 +216,7 @@ def reward_stats(model_dir: Path, rows: list[dict], *, batch_size: int = 32,
     kinded = [r for r in valid if r.get("kind")]
     # sorted by length: each forward pads only to its longest row
     seqs = sorted(train_seqs | {tuple(r["prompt_ids"] + r[side]) for r in kinded for side in sides}, key=len)
-    parallel.init_distributed()
-    try:
+    with parallel.process_groups():
         engine = Engine(config_cfg, None, chunk=RewardModel, micro_batch_size=batch_size)
         for chunk in engine.chunks:
             load_safetensors(chunk, Path(model_dir) / "model.safetensors")
@@ -231,8 +229,6 @@ def reward_stats(model_dir: Path, rows: list[dict], *, batch_size: int = 32,
             return model(batch["tokens"]), lambda values: {"reward": read_rewards(values, batch["last"])}
 
         rewards = torch.cat([d["reward"] for d in engine.forward(batches, step)]).double()
-    finally:
-        parallel.teardown()
     score = dict(zip(seqs, rewards.tolist()))
 
     def right(r: dict) -> bool:
@@ -257,54 +253,35 @@ def _export_model(model_dir: Path) -> ModelConfig:
 
 # --- the stage side ------------------------------------------------------------------------------
 
-def launch(model: ModelConfig, cfg: RewardConfig, *, data: Path, parent: Path, tokenizer_sha256: str,
-           checkpoints: Path, reports: Path, run_dir: Path, peak_flops: float, dtype: str = "fp32",
-           env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train a reward model from ``parent`` (an export) on the pairs in ``data`` in
-    ``cfg.world_size`` processes; returns rank 0's result."""
-    from palm.io import files_sha256
-
+def launch(model: ModelConfig, cfg: RewardConfig, **run: Any) -> dict[str, Any]:
+    """Train a reward model from the export ``run["parent"]`` on the pairs in ``run["data"]``
+    (``run``: the keywords of :func:`palm.train.finetune.launch`); returns rank 0's result."""
     validate(model, cfg)
-    spec = {"model": to_dict(model), "reward": to_dict(cfg), "dtype": dtype, "data": str(data),
-            "parent": str(parent), "tokenizer_sha256": tokenizer_sha256, "data_sha256": files_sha256(data),
-            "parent_sha256": files_sha256(parent, ["config.json", "model.safetensors"]),
-            "checkpoints": str(checkpoints), "reports": str(reports), "peak_flops": peak_flops}
-    return _launch(ENTRY, spec, world_size=cfg.world_size, run_dir=run_dir, threads=cfg.threads, env=env)
+    return finetune.launch(ENTRY, "reward", model, cfg, **run)
 
 
 # --- the worker side: one training process -------------------------------------------------------
 
 def worker(spec: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
     from megatron.core import parallel_state as ps
 
     from palm.train import loop
-    from palm.train.finetune import load_parent
     from palm.train.metrics import DTYPES
 
     model = from_dict(ModelConfig, spec["model"], "model")
     cfg = from_dict(RewardConfig, spec["reward"], "reward")
     validate(model, cfg)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    parallel.init_distributed(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.data_parallel,
-                              cfg.virtual_stages)
-    try:
+    with loop.worker_groups(cfg):
         data, parent, sha = Path(spec["data"]), Path(spec["parent"]), spec["tokenizer_sha256"]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        train_rows, valid = read_rows(data, "train", sha), read_rows(data, "valid", sha)
-        if not train_rows or not valid:
-            raise UserError(f"{data}: {len(train_rows)} training and {len(valid)} validation pairs; the reward "
-                            "model needs both (more data, or another prefs.valid_fraction)")
+        train_rows, valid = finetune.train_and_valid(read_rows, data, sha, what="pairs", who="the reward model",
+                                                     data_stage="prefs")
         length = pair_length(train_rows + valid, model.seq_len)
         batches = Pairs(train_rows, cfg, length, dp_rank, dp_size)
         valid_batches = validation(valid, cfg, length, dp_rank, dp_size)
 
         def init_weights(engine) -> dict[str, Any]:
-            load_parent(engine, parent, new=[HEAD])  # the head starts from its seeded init
+            finetune.load_parent(engine, parent, new=[HEAD])  # the head starts from its seeded init
             base = engine.evaluate(valid_batches)
             return {"base_val_accuracy": base["accuracy"]}
 
@@ -320,7 +297,4 @@ def worker(spec: dict[str, Any]) -> None:
             identity=cfg.run_identity(model, spec["dtype"], sha, spec["data_sha256"], spec["parent_sha256"]),
             init_weights=init_weights, curve_metrics=("loss", "accuracy"), perplexity=False,
             extra={"train_pairs": len(train_rows), "valid_pairs": used, "padded_length": length})
-        loop.train(job, RunPaths(checkpoints=Path(spec["checkpoints"]), reports=Path(spec["reports"]),
-                                 run_dir=Path(spec["run_dir"]), peak_flops=spec["peak_flops"]))
-    finally:
-        parallel.teardown()
+        loop.train(job, RunPaths.of(spec))

@@ -68,7 +68,7 @@ from palm.train import ppo
 from palm.train.engine import Batch, Engine, OptimConfig, metric
 from palm.train.finetune import PAD_ID, EpochOrder, pad, padded_length
 from palm.train.launch import launch as _launch
-from palm.train.loop import TrainConfig, code_version
+from palm.train.loop import TrainConfig, code_version, worker_groups
 from palm.train.reward import RewardModel, read_rewards
 
 ENTRY = "palm.train.rlhf:worker"
@@ -622,8 +622,6 @@ def launch(model: ModelConfig, cfg: PPOConfig, *, data: Path, policy: Path, rewa
 
 def worker(spec: dict[str, Any]) -> None:
     """One PPO process: its roles at the run's layout, then :func:`train`."""
-    import random
-
     from palm.tokenizer import load_tokenizer, special_ids
     from palm.train.finetune import load_parent
     from palm.train.metrics import DTYPES
@@ -633,11 +631,7 @@ def worker(spec: dict[str, Any]) -> None:
     reward_dir, policy = Path(spec["reward"]), Path(spec["policy"])
     reward_config = json.loads((reward_dir / "config.json").read_text())
     critic_model = from_dict(ModelConfig, reward_config["model"], "model")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    parallel.init_distributed(cfg.tensor_parallel, 1, cfg.data_parallel)
-    try:
+    with worker_groups(cfg):
         sha = spec["tokenizer_sha256"]
         prompts = load_prompts(Path(spec["data"]), sha, cfg, model)
         tok = load_tokenizer(policy / "tokenizer.json", sha)
@@ -655,5 +649,3 @@ def worker(spec: dict[str, Any]) -> None:
                                          run_dir=Path(spec["run_dir"])),
               end_id=special_ids(tok)["end_turn_id"], identity=identity,
               decode=lambda ids: tok.decode(ids, skip_special_tokens=False))
-    finally:
-        parallel.teardown()

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 
 from palm.config import from_dict, to_dict
-from palm.errors import UserError
 from palm.model import ModelConfig
 from palm.train.engine import Batch, OptimConfig
+from palm.train import finetune
 from palm.train.finetune import EpochOrder, micro_length, pad, padded_length, valid_rows
-from palm.train.launch import launch as _launch
 from palm.train.loop import RunPaths, TrainConfig, code_version
 
 ENTRY = "palm.train.sft:worker"
@@ -123,49 +122,29 @@ def read_rows(data: Path, split: str, tokenizer_sha256: str) -> list[dict]:
 
 # --- the stage side ------------------------------------------------------------------------------
 
-def launch(model: ModelConfig, cfg: SFTConfig, *, data: Path, parent: Path, tokenizer_sha256: str,
-           checkpoints: Path, reports: Path, run_dir: Path, peak_flops: float, dtype: str = "fp32",
-           env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Fine-tune ``parent`` (an export) on ``data`` in ``cfg.world_size`` processes; returns rank
-    0's result."""
-    from palm.io import files_sha256
-
+def launch(model: ModelConfig, cfg: SFTConfig, **run: Any) -> dict[str, Any]:
+    """Fine-tune the export ``run["parent"]`` on the conversations in ``run["data"]`` (``run``:
+    the keywords of :func:`palm.train.finetune.launch`); returns rank 0's result."""
     validate(model, cfg)
-    spec = {"model": to_dict(model), "sft": to_dict(cfg), "dtype": dtype, "data": str(data),
-            "parent": str(parent), "tokenizer_sha256": tokenizer_sha256, "data_sha256": files_sha256(data),
-            "parent_sha256": files_sha256(parent, ["config.json", "model.safetensors"]),
-            "checkpoints": str(checkpoints), "reports": str(reports), "peak_flops": peak_flops}
-    return _launch(ENTRY, spec, world_size=cfg.world_size, run_dir=run_dir, threads=cfg.threads, env=env)
+    return finetune.launch(ENTRY, "sft", model, cfg, **run)
 
 
 # --- the worker side: one training process -------------------------------------------------------
 
 def worker(spec: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
     from megatron.core import parallel_state as ps
 
-    from palm import parallel
     from palm.train import loop
-    from palm.train.finetune import load_parent
     from palm.train.metrics import DTYPES
 
     model = from_dict(ModelConfig, spec["model"], "model")
     cfg = from_dict(SFTConfig, spec["sft"], "sft")
     validate(model, cfg)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    parallel.init_distributed(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.data_parallel,
-                              cfg.virtual_stages)
-    try:
+    with loop.worker_groups(cfg):
         data, parent, sha = Path(spec["data"]), Path(spec["parent"]), spec["tokenizer_sha256"]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        train_rows, valid = read_rows(data, "train", sha), read_rows(data, "valid", sha)
-        if not train_rows or not valid:
-            raise UserError(f"{data}: {len(train_rows)} training and {len(valid)} validation conversations; "
-                            "SFT needs both (more data, or another sft_data.valid_fraction)")
+        train_rows, valid = finetune.train_and_valid(read_rows, data, sha, what="conversations", who="SFT",
+                                                     data_stage="sft_data")
         # the run's longest input (a conversation without its last token): with PP every micro-batch's
         # length, without it the most any micro-batch pads to
         length = padded_length((len(r["input_ids"]) - 1 for r in train_rows + valid), model.seq_len)
@@ -173,7 +152,7 @@ def worker(spec: dict[str, Any]) -> None:
         valid_batches = validation(valid, cfg, length, dp_rank, dp_size)
 
         def init_weights(engine) -> dict[str, Any]:
-            load_parent(engine, parent)
+            finetune.load_parent(engine, parent)
             return {"base_val_loss": engine.evaluate(valid_batches)["loss"]}
 
         used = min(len(valid), cfg.eval_batches * cfg.micro_batch_size * dp_size)
@@ -186,7 +165,4 @@ def worker(spec: dict[str, Any]) -> None:
             identity=cfg.run_identity(model, spec["dtype"], sha, spec["data_sha256"], spec["parent_sha256"]),
             init_weights=init_weights,
             extra={"train_conversations": len(train_rows), "valid_conversations": used, "padded_length": length})
-        loop.train(job, RunPaths(checkpoints=Path(spec["checkpoints"]), reports=Path(spec["reports"]),
-                                 run_dir=Path(spec["run_dir"]), peak_flops=spec["peak_flops"]))
-    finally:
-        parallel.teardown()
+        loop.train(job, RunPaths.of(spec))
