@@ -147,7 +147,8 @@ def test_forced_rerun_of_a_finished_run_leaves_the_same_reports(tmp_path):
 def test_sigkill_of_the_stage_process_leaves_no_training_process(tmp_path):
     from palm.train.launch import marked_pids
 
-    root = project(tmp_path / "p", pretrain={"train_steps": 100000, "checkpoint_interval": 1000})
+    # two DP workers: torchrun and its workers all go with the stage process
+    root = project(tmp_path / "p", pretrain={"train_steps": 100000, "checkpoint_interval": 1000, "data_parallel": 2})
     env = {**os.environ, "PYTHONPATH": str(root)}
     stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *ARGS, "--no-mlflow"], cwd=root,
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -158,7 +159,7 @@ def test_sigkill_of_the_stage_process_leaves_no_training_process(tmp_path):
         while time.time() < deadline and not (curve.is_file() and len(curve.read_text().splitlines()) > 1):
             time.sleep(0.5)  # until the workers are training (a curve row is written)
         workers = marked_pids(marker)
-        assert len(workers) >= 2, "torchrun and its worker should be running"  # torchrun + 1 worker
+        assert len(workers) >= 3, "torchrun and its two workers should be running"
     finally:
         stage.kill()
         stage.wait()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
@@ -97,6 +99,7 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
     state = {**_training_state(engine), "step": step, "rng": _rng_state()}
     for name, other in (others or {}).items():
         state[name] = {**_training_state(other, f"{name}."), "step": other.step}
+    _in_process_results_queue()
     with cpu_compat():
         dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
@@ -118,6 +121,18 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
             shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
     return final
+
+
+def _in_process_results_queue() -> None:
+    """megatron's torch_dist writer hands its write results back through a queue that it makes,
+    on first use, with a *spawned* ``multiprocessing.Manager``: a fresh Python process that imports
+    torch to unpickle the results (about 3 s of every training process's first save on a 2-core
+    CPU) and that outlives a SIGKILLed worker. That queue is for async saves, whose writes finish in
+    another process. Ours are synchronous (``dist_checkpointing.save``): the writer's forked write
+    processes report to it through their own queue, and this process puts the gathered results
+    into the results queue and reads them back itself, so a plain in-process queue does the same."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,7 +1,8 @@
 """Start training workers with ``torchrun`` and make sure none outlives the stage.
 
 :func:`launch` writes the run's spec (plain JSON) to ``run_dir/spec.json`` and starts
-``torchrun --standalone --nproc-per-node=N -m palm.train.launch ENTRY SPEC``; each worker imports
+``torchrun --standalone --nproc-per-node=N -m palm.train.launch ENTRY SPEC`` (for N = 1, the
+worker alone: ``python -m palm.train.launch ENTRY SPEC``, a one-process world); each worker imports
 ``ENTRY`` (``"package.module:function"``, e.g. ``palm.train.pretrain:worker``) and calls it with the
 spec. The launcher never imports an objective module: the entry point is an argument.
 
@@ -59,9 +60,12 @@ def launch(entry: str, spec: dict[str, Any], *, world_size: int, run_dir: Path, 
     reaper = subprocess.Popen([sys.executable, "-m", "palm.train.launch", "--reap", marker, str(os.getpid())],
                               env={k: v for k, v in full_env.items() if k != MARKER_ENV})
     full_env[MARKER_ENV] = marker
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", f"--nproc-per-node={world_size}",
-           "-m", "palm.train.launch", entry, str(spec_path)]
+    worker = ["-m", "palm.train.launch", entry, str(spec_path)]
+    if world_size == 1:  # nothing to rendezvous: the worker alone (torchrun would cost a process importing torch)
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={world_size}",
+               *worker]
     try:
         code = subprocess.run(cmd, env=full_env).returncode
     finally:
