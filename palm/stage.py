@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from palm.config import load_section, to_dict
 from palm.errors import UserError
 from palm.io import atomic_dir, write_json
-from palm.tracking import RUN_ENV, Tracker, git_commit
+from palm.tracking import Tracker, git_commit
 
 C = TypeVar("C")
 
@@ -133,10 +133,9 @@ def run_stage(
 
 # --- the training stages (pretrain, sft, reward, ppo) ----------------------------------------------
 
-def training_start(stage: str, cfg: Any, ctx: StageContext) -> tuple[str, float, dict[str, str]]:
-    """The dtype ``cfg.dtype`` resolves to here (printed, and tagged on the MLflow run), the
-    measured matmul peak in that dtype (for MFU), and the environment of the training processes
-    (the MLflow run they log into)."""
+def training_start(stage: str, cfg: Any, ctx: StageContext) -> tuple[str, float]:
+    """The dtype ``cfg.dtype`` resolves to here (printed, and tagged on the MLflow run) and the
+    measured matmul peak in that dtype (for MFU)."""
     from palm.megatron_compat import device
     from palm.train.metrics import dtype_name, matmul_peak_flops, resolve_dtype
 
@@ -145,8 +144,7 @@ def training_start(stage: str, cfg: Any, ctx: StageContext) -> tuple[str, float,
     print(f"{stage}: dtype {dtype_name(dtype)} ({stage}.dtype: {cfg.dtype}); measured {dtype_name(dtype)} "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s", file=sys.stderr)
     ctx.tracker.set_tags({"dtype": dtype_name(dtype)})
-    env = {RUN_ENV: ctx.tracker.run_id} if ctx.tracker.enabled and ctx.tracker.run_id else {}
-    return dtype_name(dtype), peak, env
+    return dtype_name(dtype), peak
 
 
 @contextlib.contextmanager
@@ -156,7 +154,7 @@ def exported(ctx: StageContext, result: dict[str, Any], tokenizer: Path, extra: 
     with ``extra`` in its ``config.json`` and a copy of ``tokenizer``; the body may add files and
     rewrite the config (it gets the folder and the config). The folder appears only complete,
     after the body: nothing half-written is left if anything fails. Then ``curve.csv`` goes to
-    the MLflow run."""
+    the MLflow run (its rows went there as metrics while training: :meth:`Tracker.follow`)."""
     from palm.train.loop import export
 
     with atomic_dir(ctx.path("out")) as out:

@@ -4,21 +4,28 @@ Policy (tested): MLflow trouble never loses a stage's work. If the tracking serv
 reached or a call fails, the tracker prints one warning line, turns itself off, and the stage
 goes on and writes its outputs. The tracking URI comes from ``MLFLOW_TRACKING_URI`` (default:
 ``sqlite:///mlflow.db`` at the project root). When a Prefect flow drives the pipeline it passes
-``PALM_MLFLOW_PARENT_RUN_ID`` so stage runs nest under the pipeline run. Workers started by a
-stage (torchrun ranks) attach to the stage's run through ``PALM_MLFLOW_RUN_ID``.
+``PALM_MLFLOW_PARENT_RUN_ID`` so stage runs nest under the pipeline run.
+
+Training workers never import MLflow (about 4 s of every launch on a 2-core CPU): while they
+run, :meth:`Tracker.follow` in the stage process logs each new row of their ``curve.csv`` at its
+step, and re-logs artifacts such as PPO's ``samples.jsonl`` when they change, so the MLflow UI
+follows a training run live.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 EXPERIMENT = "palm-rlhf"
 PARENT_ENV = "PALM_MLFLOW_PARENT_RUN_ID"
-RUN_ENV = "PALM_MLFLOW_RUN_ID"
 
 for _key, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -85,20 +92,16 @@ class Tracker:
 
             self._mlflow = mlflow
             mlflow.set_tracking_uri(tracking_uri(self.root))
-            existing = os.environ.get(RUN_ENV)
-            if existing:
-                mlflow.start_run(run_id=existing)
-            else:
-                mlflow.set_experiment(EXPERIMENT)
-                run_tags = {"palm.stage": self.stage, **tags}
-                parent = os.environ.get(PARENT_ENV)
-                if parent:
-                    run_tags["mlflow.parentRunId"] = parent
-                mlflow.start_run(run_name=self.stage, tags=run_tags)
-                flat = {k: str(v) for k, v in flatten(params).items()}
-                items = list(flat.items())
-                for i in range(0, len(items), 100):
-                    mlflow.log_params(dict(items[i : i + 100]))
+            mlflow.set_experiment(EXPERIMENT)
+            run_tags = {"palm.stage": self.stage, **tags}
+            parent = os.environ.get(PARENT_ENV)
+            if parent:
+                run_tags["mlflow.parentRunId"] = parent
+            mlflow.start_run(run_name=self.stage, tags=run_tags)
+            flat = {k: str(v) for k, v in flatten(params).items()}
+            items = list(flat.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i : i + 100]))
             self.run_id = mlflow.active_run().info.run_id
 
         self._guard("start_run", go)
@@ -127,5 +130,55 @@ class Tracker:
         self._guard("log_artifact", lambda: self._mlflow.log_artifact(str(path)))
 
     def end(self, status: str = "FINISHED") -> None:
-        if self._mlflow is not None and self.enabled and not os.environ.get(RUN_ENV):
+        if self._mlflow is not None and self.enabled:
             self._guard("end_run", lambda: self._mlflow.end_run(status=status))
+
+    @contextlib.contextmanager
+    def follow(self, curve: Path, artifacts: Sequence[Path] = (), every_s: float = 2.0) -> Iterator[None]:
+        """While the body runs (a training launch), log every new complete row of ``curve`` (a
+        ``curve.csv`` that the workers append to) as metrics at its ``step``, and log each of
+        ``artifacts`` again whenever it changes; a last pass when the body ends. A ``curve`` left
+        by an earlier execution is removed first: the workers write it anew (a resumed run
+        starts it with the rows its checkpoint kept, which belong to this run's record too).
+
+        A thread does it, through an ``MlflowClient`` on this run's id (MLflow's fluent API keeps
+        the active run per thread)."""
+        curve = Path(curve)
+        if not self.enabled or self.run_id is None:
+            yield
+            return
+        curve.unlink(missing_ok=True)
+        client = self._mlflow.MlflowClient()
+        done, seen = threading.Event(), {"rows": 0, "artifacts": {}}
+
+        def poll() -> None:
+            from mlflow.entities import Metric
+
+            if curve.is_file():
+                text = curve.read_text()
+                complete = text[:text.rfind("\n") + 1]
+                rows = list(csv.DictReader(complete.splitlines()))
+                now = int(time.time() * 1000)
+                metrics = [Metric(k, float(v), now, int(row["step"])) for row in rows[seen["rows"]:]
+                           for k, v in row.items() if k != "step" and v not in ("", None)]
+                for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+                    client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+                seen["rows"] = len(rows)
+            for path in map(Path, artifacts):
+                stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+                if stamp is not None and seen["artifacts"].get(path) != stamp:
+                    client.log_artifact(self.run_id, str(path))
+                    seen["artifacts"][path] = stamp
+
+        def loop() -> None:
+            while not done.wait(every_s) and self.enabled:
+                self._guard("log_metrics", poll)
+
+        thread = threading.Thread(target=loop, name="mlflow-follow", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self._guard("log_metrics", poll)

@@ -53,17 +53,17 @@ def prepare(cfg: PPOConfig, data: Path, policy: Path, reward: Path):
 def body(cfg: PPOConfig, ctx: StageContext) -> dict:
     policy, reward = ctx.path("policy"), ctx.path("reward")
     model, config, _ = prepare(cfg, ctx.path("data"), policy, reward)
-    dtype, _, env = training_start("ppo", cfg, ctx)
+    dtype, _ = training_start("ppo", cfg, ctx)
     checkpoints = ctx.path("checkpoints")
-    result = launch(model, cfg, data=ctx.path("data"), policy=policy, reward=reward,
-                    tokenizer_sha256=config["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
-                    run_dir=checkpoints / "run", dtype=dtype, env=env)
+    with ctx.tracker.follow(ctx.reports / "curve.csv", [ctx.reports / "samples.jsonl"]):
+        result = launch(model, cfg, data=ctx.path("data"), policy=policy, reward=reward,
+                        tokenizer_sha256=config["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
+                        run_dir=checkpoints / "run", dtype=dtype)
     with exported(ctx, result, policy / "tokenizer.json", {
             "kind": "ppo", "parent": str(ctx.args.policy), "reward_model": str(ctx.args.reward),
             "advantage": cfg.advantage,
             "metrics": {k: result[k] for k in ("reward", "initial_reward", "kl", "response_length")}}):
         pass
-    ctx.tracker.log_artifact(ctx.reports / "samples.jsonl")
     return {k: v for k, v in result.items() if k != "checkpoint"}
 
 

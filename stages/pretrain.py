@@ -37,11 +37,12 @@ def body(cfg: PretrainConfig, ctx: StageContext) -> dict:
     validate(model, cfg)
     sha = tokenizer_sha256(ctx.path("tokenizer"))
     check_shards(ctx.path("tokens"), sha)  # fail here, before starting processes
-    dtype, peak, env = training_start("pretrain", cfg, ctx)
+    dtype, peak = training_start("pretrain", cfg, ctx)
     checkpoints = ctx.path("checkpoints")
-    result = launch(model, cfg, tokens=ctx.path("tokens"), tokenizer_sha256=sha,
-                    checkpoints=checkpoints, reports=ctx.reports, run_dir=checkpoints / "run",
-                    peak_flops=peak, dtype=dtype, env=env)
+    with ctx.tracker.follow(ctx.reports / "curve.csv"):
+        result = launch(model, cfg, tokens=ctx.path("tokens"), tokenizer_sha256=sha,
+                        checkpoints=checkpoints, reports=ctx.reports, run_dir=checkpoints / "run",
+                        peak_flops=peak, dtype=dtype)
     with exported(ctx, result, ctx.path("tokenizer") / "tokenizer.json",
                   {"metrics": {k: result[k] for k in ("val_loss", "unigram_loss")}}):
         pass

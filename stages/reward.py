@@ -20,11 +20,12 @@ from stages.sft import add_args
 def body(cfg: RewardConfig, ctx: StageContext) -> dict:
     model, parent = check_parent(ctx.path("data"), ctx.path("parent"), "prefs", "sft")
     validate(model, cfg)
-    dtype, peak, env = training_start("reward", cfg, ctx)
+    dtype, peak = training_start("reward", cfg, ctx)
     checkpoints = ctx.path("checkpoints")
-    result = launch(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
-                    tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
-                    run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype, env=env)
+    with ctx.tracker.follow(ctx.reports / "curve.csv"):
+        result = launch(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
+                        tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
+                        run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype)
     with exported(ctx, result, ctx.path("parent") / "tokenizer.json", {
             "kind": "reward", "parent": str(ctx.args.parent), "head": HEAD, "margin": cfg.margin,
             "metrics": {k: result[k] for k in ("val_loss", "val_accuracy", "val_margin")}},

@@ -25,11 +25,12 @@ def add_args(p):
 def body(cfg: SFTConfig, ctx: StageContext) -> dict:
     model, parent = check_parent(ctx.path("data"), ctx.path("parent"), "sft_data", "pretrain")
     validate(model, cfg)
-    dtype, peak, env = training_start("sft", cfg, ctx)
+    dtype, peak = training_start("sft", cfg, ctx)
     checkpoints = ctx.path("checkpoints")
-    result = launch(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
-                    tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
-                    run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype, env=env)
+    with ctx.tracker.follow(ctx.reports / "curve.csv"):
+        result = launch(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
+                        tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
+                        run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype)
     with exported(ctx, result, ctx.path("parent") / "tokenizer.json", {
             "kind": "sft", "parent": str(ctx.args.parent),
             "metrics": {k: result[k] for k in ("val_loss", "base_val_loss")}}):

@@ -173,11 +173,6 @@ def train(job: Job, paths: RunPaths) -> dict[str, Any]:
     columns = ("step", *job.curve_metrics, *(f"val_{m}" for m in job.curve_metrics),
                "lr", "grad_norm", "tokens_per_s", "mfu")
     curve = Curve(paths.reports / "curve.csv", columns, rows) if rank0 else None
-    tracker = stage_tracker(job.stage) if rank0 else None
-    if tracker is not None:  # the restored rows belong to this run's record too
-        for row in rows:
-            tracker.log_metrics({k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)},
-                                step=int(row["step"]))
     flops_per_token = job.model.flops_per_token(job.seq_len)
     bar = tqdm(total=cfg.train_steps, initial=engine.step, desc=job.stage, unit="step",
                disable=not rank0 or None, dynamic_ncols=True)
@@ -206,8 +201,7 @@ def train(job: Job, paths: RunPaths) -> dict[str, Any]:
                 row.update({f"val_{m}": state["val"][m] for m in job.curve_metrics})
             state["last"] = {m: row[m] for m in job.curve_metrics}
             if rank0:
-                curve.append(row)
-                tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                curve.append(row)  # the stage process logs it to MLflow (Tracker.follow)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
             window, t_window = [], 0.0
         bar.update(1)
@@ -278,15 +272,6 @@ def resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str, ran
         rows = read_curve(curve.read_text()) if curve.is_file() else []
         return engine.step, {**fresh, **meta.get("loop", {})}, rows
     raise first_error
-
-
-def stage_tracker(stage: str) -> Any:
-    """Rank 0's handle on the stage's MLflow run (``PALM_MLFLOW_RUN_ID``), or a no-op."""
-    from palm.tracking import RUN_ENV, Tracker
-
-    tracker = Tracker(Path("."), stage, enabled=bool(os.environ.get(RUN_ENV)))
-    tracker.start({}, {})
-    return tracker
 
 
 def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any], chunk: ChunkFactory = PaLM) -> dict[str, Any]:

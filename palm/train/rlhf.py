@@ -527,7 +527,7 @@ def train(cfg: PPOConfig, roles: Roles, prompts: list[list[int]], paths: Paths, 
     """Run ``cfg.train_steps`` PPO iterations (resuming from ``paths.checkpoints`` when it holds
     this run's checkpoint); returns the result (the last iteration's metrics, the first's reward)."""
     from palm.train import checkpoint as ckpt
-    from palm.train.loop import KILL_ENV, resume, stage_tracker
+    from palm.train.loop import KILL_ENV, resume
     from palm.train.metrics import Curve, read_curve
 
     rank0 = torch.distributed.get_rank() == 0
@@ -545,12 +545,8 @@ def train(cfg: PPOConfig, roles: Roles, prompts: list[list[int]], paths: Paths, 
     source = Rollouts(prompts, cfg)
     curve = Curve(paths.reports / "curve.csv", CURVE, rows) if rank0 else None
     samples_path = paths.reports / "samples.jsonl"
-    tracker = stage_tracker(stage) if rank0 else None
     if rank0:
         samples_path.write_text(samples_text)
-        for row in rows:  # the restored rows belong to this run's record too
-            tracker.log_metrics({k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)},
-                                step=int(row["step"]))
     first = float(rows[0]["reward"]) if rows else None
     last: dict[str, float] = {}
     while it < cfg.train_steps:
@@ -566,8 +562,7 @@ def train(cfg: PPOConfig, roles: Roles, prompts: list[list[int]], paths: Paths, 
         last = {"step": it, **stats}
         first = stats["reward"] if first is None else first
         if rank0 and (it % cfg.log_interval == 0 or it == cfg.train_steps):
-            curve.append(last)
-            tracker.log_metrics(stats, step=it)
+            curve.append(last)  # the stage process logs it and samples.jsonl to MLflow (Tracker.follow)
             print(f"{stage}: iteration {it}/{cfg.train_steps} reward {stats['reward']:+.3f} kl {stats['kl']:.4f} "
                   f"length {stats['response_length']:.1f} updates {stats['updates']:.0f} "
                   f"({stats['rollout_s']:.1f} s rollout, {stats['update_s']:.1f} s update)", flush=True)
@@ -578,7 +573,6 @@ def train(cfg: PPOConfig, roles: Roles, prompts: list[list[int]], paths: Paths, 
                                         "response": _text(decode, samples["responses"][i]),
                                         "reward": samples["reward"][i], "score": samples["score"][i],
                                         "ended": samples["ended"][i]}) + "\n")
-            tracker.log_artifact(samples_path)
         if paths.checkpoints is not None and (it % cfg.checkpoint_interval == 0 or it == cfg.train_steps):
             files = {"curve.csv": curve.text(), "samples.jsonl": samples_path.read_text()} if rank0 else None
             ckpt.save(roles.actor, paths.checkpoints, step=it, others=others,
