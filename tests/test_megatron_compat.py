@@ -72,3 +72,17 @@ def test_context_rewrites_cuda_only_inside_and_restores_everything():
     assert torch.zeros(1).type() == "torch.FloatTensor"
     with pytest.raises((RuntimeError, AssertionError)):
         torch.zeros(1, device="cuda")  # outside the context CUDA is still absent
+
+
+def test_importing_the_training_code_compiles_nothing():
+    """megatron-core's import-time ``torch.compile`` decorations stay megatron's no-op (palm/__init__.py):
+    a fresh process that imports the model, the engine and the checkpoints has not loaded TorchDynamo,
+    and a decorated megatron fusion is the plain function."""
+    code = ("import sys, palm.model, palm.train.engine, palm.train.checkpoint\n"
+            "import megatron.core.jit as jit\n"
+            "from megatron.core.fusions.fused_bias_swiglu import bias_swiglu\n"
+            "print(jit.jit_fuser is jit.noop_decorator, 'torch._dynamo' in sys.modules, type(bias_swiglu).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "function"], out.stdout

@@ -11,7 +11,7 @@ Errors: a worker that raises :class:`~palm.errors.UserError` writes its one-line
 stage prints one line. Any other failure is a ``RuntimeError`` naming torchrun's exit code.
 
 No orphans: every process of a launch (torchrun, the workers, and whatever they spawn, such as
-``dist_checkpointing.save``'s helper process, which survives a SIGKILLed worker) carries the
+``dist_checkpointing.save``'s forked write processes) carries the
 environment variable ``PALM_RUN_MARKER=<run_dir>``. A tiny reaper process watches the launching
 process and SIGKILLs every marked process as soon as the launcher dies, also when it is killed
 with SIGKILL (it has no chance to clean up then). A new launch on the same ``run_dir`` first kills
