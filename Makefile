@@ -28,8 +28,10 @@ run: setup
 	$(VENV)/bin/dvc repro
 
 ## Run the test suite (what CI runs): every stage end to end, the training stages with few steps.
+## Files run on parallel workers (one per core; a file's tests on one worker), the longest first.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q tests -m "not default" --durations=15
+	$(PY) -m pytest -q tests -m "not default" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## Unit tests only (no end-to-end pipeline runs).
 test-fast: setup

@@ -25,6 +25,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "default: the full default pipeline's acceptance run (make check-default)")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The longest files first. `make test` runs the files on parallel workers (pytest-xdist,
+    ``--dist loadfile``: a file's tests stay together, they share module fixtures), each file
+    going to the next free worker in this order; a long file that came last would run alone at the
+    end. The whole pipeline (test_pipeline_e2e.py, about half the suite's CPU time) goes first,
+    then the other files that run whole stages (marker e2e), then the rest, each group in
+    its usual order."""
+    def rank(item) -> int:
+        if item.path.name == "test_pipeline_e2e.py":
+            return 0
+        return 1 if item.get_closest_marker("e2e") else 2
+
+    items.sort(key=rank)  # stable: the order within a group is kept
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
