@@ -61,6 +61,10 @@ class EvaluateConfig:
     windows: int = 8  # windows of held-out text per language model for its perplexity
     replies: int = 32  # held-out conversations for the reply perplexity (0 = all)
     samples: int = 12  # prompts shown in the report with both policies' replies
+    # the bound on the PPO policy's KL to the SFT policy (nats per reply, the mean over the prompts):
+    # a policy beyond it has drifted from the reference far enough that its reward wins may be
+    # reward hacking; the metrics say whether it holds (kl_within_limit)
+    kl_limit: float = 2.0
     threads: int = 0  # torch threads; 0 = all cores
 
     def __post_init__(self) -> None:
@@ -68,6 +72,7 @@ class EvaluateConfig:
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("prompts", "pairs", "replies", "samples", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.kl_limit > 0, "kl_limit", f"must be > 0 (nats per reply), got {self.kl_limit}")
         self.sampling  # temperature, top_k and top_p checked by SamplingConfig
 
     @property
@@ -267,6 +272,8 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
         sft = load_model(exports["sft"])
         kl = torch.cat([(lp - response_logprobs(sft, g)).sum(1) for lp, g in zip(logp_ppo, gens["ppo"])])
         metrics["kl"] = float(kl.double().mean())
+        metrics["kl_limit"] = cfg.kl_limit
+        metrics["kl_within_limit"] = int(metrics["kl"] <= cfg.kl_limit)
         metrics["win_rate"] = win_rate(rewards["ppo"], rewards["sft"])
         metrics["reward_gain"] = metrics["reward_ppo"] - metrics["reward_sft"]
         del sft

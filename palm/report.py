@@ -116,7 +116,8 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 <p class="headline">PPO beats SFT on <b>{{ "%.1f"|format(100 * metrics.win_rate) }}%</b> of {{ metrics.prompts }}
 held-out prompts by the reward model (mean normalised reward {{ "%.3f"|format(metrics.reward_ppo) }} vs
 {{ "%.3f"|format(metrics.reward_sft) }}), at a KL of {{ "%.3f"|format(metrics.kl) }} nats per reply from the SFT
-policy.</p>
+policy{% if metrics.kl_limit is defined %} ({% if metrics.kl_within_limit %}within{% else %}<b>beyond</b>{% endif %}
+the bound of {{ metrics.kl_limit }}{% if not metrics.kl_within_limit %}: the gains may be reward hacking{% endif %}){% endif %}.</p>
 <h2>Metrics</h2>
 <table><tr><th>metric</th><th>value</th></tr>
 {% for key, value in metrics|dictsort %}<tr><td>{{ key }}</td><td class="num">{{ fmt(value) }}</td></tr>

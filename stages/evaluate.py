@@ -44,6 +44,10 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
         curves[stage] = pngs[f"curve_{stage}"] = png
     if missing:
         print(f"evaluate: no training curve for {', '.join(missing)}; the report goes without", file=sys.stderr)
+    if not result.metrics["kl_within_limit"]:
+        print(f"warning: evaluate: the PPO policy's KL to SFT is {result.metrics['kl']:.2f} nats per reply, beyond "
+              f"evaluate.kl_limit={cfg.kl_limit}: its reward gains may be reward hacking (raise ppo.kl.coef or "
+              "set ppo.kl.target)", file=sys.stderr)
     page = report.html(result.metrics, result.samples, pngs["rewards"], curves, missing)
     with atomic_dir(ctx.path("plots")) as out:
         for name, png in pngs.items():

@@ -29,7 +29,7 @@ from palm.tokenizer import load_tokenizer, sha256_file  # noqa: E402
 
 CFG = EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3)
 KEYS = {"win_rate", "reward_sft", "reward_ppo", "kl", "reward_gain", "length_sft", "length_ppo", "ended_sft",
-        "ended_ppo", "reward_accuracy", "reward_margin", "prompts", "pairs",
+        "ended_ppo", "reward_accuracy", "reward_margin", "prompts", "pairs", "kl_limit", "kl_within_limit",
         *(f"{p}_{m}" for p in ("perplexity", "reply_perplexity") for m in ("pretrain", "sft", "ppo"))}
 
 
@@ -108,6 +108,7 @@ def test_a_policy_against_itself_ties_everywhere(project):
     m = ev.metrics
     assert KEYS <= set(m) and m["prompts"] == len(valid_prompts(project)) and 0 < m["pairs"] <= CFG.pairs
     assert m["win_rate"] == 0.5 and m["kl"] == 0.0  # same seeds, same samples, same scores
+    assert m["kl_limit"] == CFG.kl_limit and m["kl_within_limit"] == 1
     assert ev.rewards["sft"] == ev.rewards["ppo"] and m["reward_sft"] == m["reward_ppo"]
     assert m["length_sft"] == m["length_ppo"] <= CFG.max_new_tokens
     assert m["perplexity_sft"] == m["perplexity_ppo"] and m["perplexity_sft"] != m["perplexity_pretrain"]

@@ -25,7 +25,7 @@ STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "s
 SHORT = {
     "pretrain": {"train_steps": 80, "eval_interval": 80, "checkpoint_interval": 40},
     "sft": {"train_steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
-    "reward": {"train_steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
+    "reward": {"train_steps": 30, "eval_interval": 30, "checkpoint_interval": 30, "stats_pairs": 256},
     "ppo": {"train_steps": 3, "checkpoint_interval": 3, "prompts_per_rollout": 8, "max_new_tokens": 32,
             "sample_interval": 3},
     "evaluate": {"prompts": 16, "max_new_tokens": 32, "pairs": 64, "windows": 4, "replies": 16, "samples": 4},
