@@ -65,7 +65,7 @@ class EvaluateConfig:
     # a policy beyond it has drifted from the reference far enough that its reward wins may be
     # reward hacking; the metrics say whether it holds (kl_within_limit)
     kl_limit: float = 2.0
-    threads: int = 0  # torch threads; 0 = all cores
+    threads: int = 0  # torch threads; 0 = OMP_NUM_THREADS if set, else all cores
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "windows"):
@@ -224,6 +224,7 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
     from palm.data.chat import load_prefs, load_sft
     from palm.tokenizer import special_ids
     from palm.train.data import check_shards
+    from palm.train.launch import default_threads
 
     exports = read_models(models)
     sha = exports["sft"].tokenizer_sha256
@@ -251,7 +252,7 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
     stats = exports["reward"].config["reward"]
     mean, std = float(stats["mean"]), float(stats["std"])
 
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.threads or default_threads())
     metrics: dict[str, float | int] = {"prompts": len(prompts), "pairs": len(pairs),
                                        "truncated_prompts": sum(len(p["prompt_ids"]) > room for p in prompts)}
     with process_groups():

@@ -17,6 +17,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # several test files at once (make test): one torch thread per process, here and in every
+    # stage and training process the tests start (palm.train.launch.default_threads). OpenMP pools
+    # of two threads from two workers on 2 cores ran the e2e pretrain 2.5x slower than alone.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):

@@ -39,3 +39,22 @@ def test_this_machine_without_native_bf16_trains_in_fp32():
     if flags is None or "sse2" not in flags or flags & metrics.X86_BF16:
         pytest.skip("not an x86 Linux CPU without native bf16")
     assert metrics.resolve_dtype("auto") == torch.float32
+
+
+def test_default_threads_honour_omp_num_threads(monkeypatch):
+    """threads: 0 means OMP_NUM_THREADS where it is set (parallel test workers set 1), else the
+    cores shared out between the processes; a value that is not a positive number is ignored."""
+    import os
+
+    from palm.train.launch import default_threads
+
+    cores = os.cpu_count() or 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads(1) == 1 and default_threads(2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(2) == 3
+    for junk in ("", "zero", "0"):
+        monkeypatch.setenv("OMP_NUM_THREADS", junk)
+        assert default_threads(2) == max(1, cores // 2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads(1) == cores and default_threads(cores * 2) == 1

@@ -59,7 +59,7 @@ class TrainConfig:
     eval_batches: int = 4  # micro-batches per DP rank in one validation
     checkpoint_interval: int = 100  # steps between checkpoints (and at the end)
     seed: int = 1234  # initial weights and data order
-    threads: int = 0  # torch threads per process; 0 = cores / processes
+    threads: int = 0  # torch threads per process; 0 = OMP_NUM_THREADS if set, else cores / processes
     optim: OptimConfig = OptimConfig()
 
     def __post_init__(self) -> None:
