@@ -219,8 +219,6 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
              tokens: Path) -> Evaluation:
     """Measure everything in the module docstring. ``models``: export folders by name
     (``pretrain``, ``sft``, ``ppo``, ``reward``)."""
-    import os
-
     from palm.data.chat import load_prefs, load_sft
     from palm.tokenizer import special_ids
     from palm.train.data import check_shards

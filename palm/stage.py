@@ -154,11 +154,13 @@ def exported(ctx: StageContext, result: dict[str, Any], tokenizer: Path, extra: 
     with ``extra`` in its ``config.json`` and a copy of ``tokenizer``; the body may add files and
     rewrite the config (it gets the folder and the config). The folder appears only complete,
     after the body: nothing half-written is left if anything fails. Then ``curve.csv`` goes to
-    the MLflow run (its rows went there as metrics while training: :meth:`Tracker.follow`)."""
+    the MLflow run (its rows went there as metrics while training: :meth:`Tracker.follow`).
+    ``chunk``: the model class to load the checkpoint into (default ``PaLM``)."""
+    from palm.model import PaLM
     from palm.train.loop import export
 
     with atomic_dir(ctx.path("out")) as out:
-        config = export(Path(result["checkpoint"]), out, extra, **({"chunk": chunk} if chunk else {}))
+        config = export(Path(result["checkpoint"]), out, extra, chunk=chunk or PaLM)
         shutil.copy2(tokenizer, out / "tokenizer.json")
         yield out, config
     ctx.tracker.log_artifact(ctx.reports / "curve.csv")
