@@ -22,6 +22,7 @@ from palm.config import load_section, to_dict
 from palm.errors import UserError
 from palm.io import atomic_dir, write_json
 from palm.tracking import Tracker, git_commit
+from palm.train.launch import OtherNodeDone, is_other_node
 
 C = TypeVar("C")
 
@@ -93,7 +94,8 @@ def run_stage(
         add_args(parser)
     args = parser.parse_args(argv)
     root = Path.cwd()
-    tracker = Tracker(root, stage, enabled=not args.no_mlflow)
+    # a training stage's node other than node 0 (palm/train/launch.py) only trains: no run, no outputs
+    tracker = Tracker(root, stage, enabled=not args.no_mlflow and not is_other_node())
     try:
         cfg = load_section(config_cls, args.params, stage)
         others = {name: load_section(cls, args.params, name) for name, cls in (sections or {}).items()}
@@ -114,6 +116,9 @@ def run_stage(
         tracker.log_metrics(metrics)
         tracker.set_tags({f"dvc.out.{o}.md5": m for o in outs if (m := dvc_md5(root / o))})
         tracker.end("FINISHED")
+        return 0
+    except OtherNodeDone as done:
+        print(f"{stage}: {done}", file=sys.stderr)
         return 0
     except UserError as err:
         tracker.end("FAILED")

@@ -167,3 +167,53 @@ def test_sigkill_of_the_stage_process_leaves_no_training_process(tmp_path):
     while marked_pids(marker) and time.time() < deadline:
         time.sleep(0.2)
     assert marked_pids(marker) == []
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_rendezvousing_over_c10d_train_what_one_node_does(tmp_path):
+    """Two launchers on 127.0.0.1 (node 0 under `dvc repro`, node 1 the stage's command through
+    `python -m pipelines.node` with PALM_NODE_RANK=1, as the Slurm script runs it; one DP worker
+    each) form one world through torchrun's c10d rendezvous and
+    end exactly like the one-node DP=2 run; node 1 writes nothing and says so."""
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    one = project(tmp_path / "one", pretrain={"data_parallel": 2})
+    assert repro(one, env).returncode == 0
+    two = project(tmp_path / "two", pretrain={"data_parallel": 2, "nodes": 2,
+                                              "rdzv_endpoint": f"127.0.0.1:{free_port()}"})
+    node1 = subprocess.Popen([sys.executable, "-m", "pipelines.node", "pretrain"], cwd=two,
+                             env={**os.environ, "PYTHONPATH": str(two), "PALM_NODE_RANK": "1", **env},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        node0 = repro(two, env)
+        _, node1_err = node1.communicate(timeout=120)
+    finally:
+        node1.kill()
+    assert node0.returncode == 0, node0.stderr[-2000:]
+    assert node1.returncode == 0, node1_err[-2000:]
+    assert "pretrain: node 1 of 2: its training processes finished" in node1_err
+    a = json.loads((one / "reports" / "pretrain" / "metrics.json").read_text())
+    b = json.loads((two / "reports" / "pretrain" / "metrics.json").read_text())
+    for key in ("final_train_loss", "val_loss"):
+        assert abs(a[key] - b[key]) <= 1e-6, key
+    wa, wb = weights(one), weights(two)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    assert (one / "reports" / "pretrain" / "curve.csv").read_text().splitlines()[0] == \
+        (two / "reports" / "pretrain" / "curve.csv").read_text().splitlines()[0]
+
+
+def test_a_multi_node_layout_is_checked_before_anything_starts(tmp_path):
+    root = project(tmp_path / "p", pretrain={"data_parallel": 2, "nodes": 3})
+    assert "pretrain.nodes: the 2 processes (tensor x pipeline x data parallel) cannot be split evenly " \
+           "over 3 nodes" in one_line_error(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["pretrain"]["nodes"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "rdzv_endpoint '': a multi-node launch needs HOST:PORT" in one_line_error(root)
+    assert "PALM_NODE_RANK='2': must be a node rank 0..1" in one_line_error(root, PALM_NODE_RANK="2")

@@ -106,7 +106,7 @@ def launch(entry: str, section: str, model: ModelConfig, cfg: Any, *, data: Path
             "parent": str(parent), "tokenizer_sha256": tokenizer_sha256, "data_sha256": files_sha256(data),
             "parent_sha256": files_sha256(parent, ["config.json", "model.safetensors"]),
             "checkpoints": str(checkpoints), "reports": str(reports), "peak_flops": peak_flops}
-    return start(entry, spec, world_size=cfg.world_size, run_dir=run_dir, threads=cfg.threads, env=env)
+    return start(entry, spec, cfg, run_dir=run_dir, env=env)
 
 
 def train_and_valid(read_rows: Callable[[Path, str, str], list[dict]], data: Path, tokenizer_sha256: str, *,

@@ -17,10 +17,24 @@ process and SIGKILLs every marked process as soon as the launcher dies, also whe
 with SIGKILL (it has no chance to clean up then). A new launch on the same ``run_dir`` first kills
 marked leftovers (e.g. when the reaper itself was killed), so a rerun never races old workers on
 the same checkpoint folder. The launcher cleans up the same way when torchrun ends.
+
+Past one machine: with ``nodes > 1`` (a training section's ``nodes`` and ``rdzv_endpoint``) each
+node runs the same stage command; its launcher starts ``torchrun --nnodes=N
+--nproc-per-node=W/N --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT`` and torchrun's own
+rendezvous forms the world (the first launcher to bind the endpoint on its host serves the
+store). The project folder must be on a filesystem every node sees (checkpoints are written by
+all ranks into one folder; rank 0 writes ``result.json``). ``PALM_NODE_RANK`` (default 0; a
+Slurm script sets it from ``SLURM_NODEID``) says which node is the stage's own: node 0 logs to
+MLflow and writes the outputs, the others only train (:func:`launch` raises
+:class:`OtherNodeDone` there when their processes end, and the stage exits 0 writing nothing).
+``PALM_RDZV_ENDPOINT`` overrides ``rdzv_endpoint`` (a scheduler knows the first host only when
+the job starts). Every launcher derives the rendezvous id from the run's spec, so nodes started
+with different params or data never join one world.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -34,26 +48,46 @@ from typing import Any
 from palm.errors import UserError
 
 MARKER_ENV = "PALM_RUN_MARKER"
+NODE_RANK_ENV = "PALM_NODE_RANK"
+RDZV_ENV = "PALM_RDZV_ENDPOINT"
 _QUIET = ",".join(f"ignore:{m}:UserWarning" for m in (
     "Transformer Engine and Apex", "Apex is not installed", "full scope is deprecated"))
 
 
-def launch(entry: str, spec: dict[str, Any], *, world_size: int, run_dir: Path, threads: int = 0,
+class OtherNodeDone(Exception):
+    """A launch on node ``PALM_NODE_RANK > 0`` ended well: node 0 has the result."""
+
+
+def is_other_node() -> bool:
+    """Whether this process runs a stage on a node other than node 0 (it tracks and writes nothing)."""
+    return os.environ.get(NODE_RANK_ENV, "0") not in ("", "0")
+
+
+def launch(entry: str, spec: dict[str, Any], cfg: Any, *, run_dir: Path,
            env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``entry(spec)`` in ``world_size`` torchrun processes; returns rank 0's
-    ``run_dir/result.json``."""
+    """Run ``entry(spec)`` in the ``cfg.world_size`` processes of a training section ``cfg``
+    (a :class:`palm.train.loop.TrainConfig`: its layout, ``threads``, ``nodes`` and
+    ``rdzv_endpoint``); returns rank 0's ``run_dir/result.json``. On a node other than node 0
+    it raises :class:`OtherNodeDone` once its processes finished (see the module docstring)."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    marker = str(run_dir)
+    node = node_rank(cfg.nodes)
+    marker = str(run_dir) if node == 0 else f"{run_dir}#node{node}"
     kill_marked(marker)  # leftovers of a launch whose reaper was killed too
     spec = {**spec, "run_dir": str(run_dir)}
     spec_path = run_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    spec_text = json.dumps(spec, indent=2)
     result = run_dir / "result.json"
-    result.unlink(missing_ok=True)
-    for stale in run_dir.glob("error.*"):
-        stale.unlink()
-    threads = threads or default_threads(world_size)
+    if node == 0:  # other nodes only train: node 0 owns the run folder's files
+        spec_path.write_text(spec_text)
+        result.unlink(missing_ok=True)
+        for stale in run_dir.glob("error.*"):
+            stale.unlink()
+    else:
+        spec_path = run_dir / f"spec.node{node}.json"
+        spec_path.write_text(spec_text)
+    per_node = cfg.world_size // cfg.nodes
+    threads = cfg.threads or default_threads(per_node)
     full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": _QUIET, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -61,11 +95,19 @@ def launch(entry: str, spec: dict[str, Any], *, world_size: int, run_dir: Path, 
                               env={k: v for k, v in full_env.items() if k != MARKER_ENV})
     full_env[MARKER_ENV] = marker
     worker = ["-m", "palm.train.launch", entry, str(spec_path)]
-    if world_size == 1:  # nothing to rendezvous: the worker alone (torchrun would cost a process importing torch)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    if cfg.world_size == 1:  # nothing to rendezvous: the worker alone (torchrun would cost a process importing torch)
         cmd = [sys.executable, *worker]
+    elif cfg.nodes == 1:
+        cmd = [torchrun, "--standalone", f"--nproc-per-node={per_node}", *worker]
     else:
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={world_size}",
-               *worker]
+        # the same on every node started with the same params and data (the matmul peak is
+        # each node's own measurement, for MFU)
+        same = json.dumps({k: v for k, v in spec.items() if k != "peak_flops"}, sort_keys=True)
+        run_id = hashlib.sha256(f"{entry} {same}".encode()).hexdigest()[:16]
+        cmd = [torchrun, f"--nnodes={cfg.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint={rdzv_endpoint(cfg.rdzv_endpoint)}", f"--rdzv-id=palm-{run_id}",
+               "--max-restarts=0", *worker]
     try:
         code = subprocess.run(cmd, env=full_env).returncode
     finally:
@@ -75,9 +117,33 @@ def launch(entry: str, spec: dict[str, Any], *, world_size: int, run_dir: Path, 
     errors = sorted(run_dir.glob("error.*"))
     if errors:
         raise UserError(errors[0].read_text().strip())
-    if code != 0 or not result.is_file():
+    if code != 0:
         raise RuntimeError(f"training processes failed (torchrun exit {code}); see the log above")
+    if node != 0:
+        raise OtherNodeDone(f"node {node} of {cfg.nodes}: its training processes finished; node 0 "
+                            f"writes the outputs and logs the run")
+    if not result.is_file():
+        raise RuntimeError(f"training processes ended without {result}; see the log above")
     return json.loads(result.read_text())
+
+
+def node_rank(nodes: int) -> int:
+    """This node's rank among ``nodes``: ``PALM_NODE_RANK`` (default 0)."""
+    raw = os.environ.get(NODE_RANK_ENV, "0")
+    if not raw.isdigit() or int(raw) >= nodes:
+        raise UserError(f"{NODE_RANK_ENV}={raw!r}: must be a node rank 0..{nodes - 1} (the section's "
+                        f"nodes is {nodes})")
+    return int(raw)
+
+
+def rdzv_endpoint(configured: str) -> str:
+    """The c10d rendezvous endpoint ``HOST:PORT``: ``PALM_RDZV_ENDPOINT``, else ``configured``."""
+    value = os.environ.get(RDZV_ENV) or configured
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"rdzv_endpoint {value!r}: a multi-node launch needs HOST:PORT (the training "
+                        f"section's rdzv_endpoint, or {RDZV_ENV}), e.g. node0.cluster:29400")
+    return value
 
 
 def default_threads(processes: int = 1) -> int:

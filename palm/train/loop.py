@@ -60,16 +60,23 @@ class TrainConfig:
     checkpoint_interval: int = 100  # steps between checkpoints (and at the end)
     seed: int = 1234  # initial weights and data order
     threads: int = 0  # torch threads per process; 0 = OMP_NUM_THREADS if set, else cores / processes
+    # machines the processes are spread over (world_size / nodes each); > 1: every node runs the
+    # stage with PALM_NODE_RANK set, over a shared project folder (palm/train/launch.py)
+    nodes: int = 1
+    rdzv_endpoint: str = ""  # nodes > 1: torchrun's c10d rendezvous HOST:PORT (PALM_RDZV_ENDPOINT overrides)
     optim: OptimConfig = OptimConfig()
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages",
                      "train_steps", "micro_batch_size", "num_microbatches", "log_interval",
-                     "eval_interval", "eval_batches", "checkpoint_interval"):
+                     "eval_interval", "eval_batches", "checkpoint_interval", "nodes"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.dtype in ("auto", "fp32", "bf16"), "dtype",
               f"must be auto, fp32 or bf16, got {self.dtype!r}")
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        check(self.world_size % self.nodes == 0, "nodes",
+              f"the {self.world_size} processes (tensor x pipeline x data parallel) cannot be split "
+              f"evenly over {self.nodes} nodes")
         check(self.virtual_stages == 1 or self.pipeline_parallel > 1, "virtual_stages",
               "virtual stages need pipeline_parallel > 1")
         for name in ("num_microbatches", "eval_batches"):

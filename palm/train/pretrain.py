@@ -90,7 +90,7 @@ def launch(model: ModelConfig, cfg: PretrainConfig, *, tokens: Path, tokenizer_s
     spec = {"model": to_dict(model), "pretrain": to_dict(cfg), "dtype": dtype, "tokens": str(tokens),
             "tokenizer_sha256": tokenizer_sha256, "data_sha256": shards_sha256(tokens),
             "checkpoints": str(checkpoints), "reports": str(reports), "peak_flops": peak_flops}
-    return _launch(ENTRY, spec, world_size=cfg.world_size, run_dir=run_dir, threads=cfg.threads, env=env)
+    return _launch(ENTRY, spec, cfg, run_dir=run_dir, env=env)
 
 
 def evaluate_checkpoint(checkpoint: Path, tokens: Path, cfg: PretrainConfig, *, run_dir: Path) -> float:

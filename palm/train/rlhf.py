@@ -611,7 +611,7 @@ def launch(model: ModelConfig, cfg: PPOConfig, *, data: Path, policy: Path, rewa
             "policy_sha256": files_sha256(policy, ["config.json", "model.safetensors"]),
             "reward_sha256": files_sha256(reward, ["config.json", "model.safetensors"]),
             "checkpoints": str(checkpoints), "reports": str(reports)}
-    return _launch(ENTRY, spec, world_size=cfg.world_size, run_dir=run_dir, threads=cfg.threads, env=env)
+    return _launch(ENTRY, spec, cfg, run_dir=run_dir, env=env)
 
 
 def worker(spec: dict[str, Any]) -> None:
