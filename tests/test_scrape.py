@@ -169,3 +169,58 @@ def test_hf_source_streams_a_local_dataset(tmp_path, shared_data):
     stats = _json.loads((tmp_path / "corpus" / "stats.json").read_text())
     assert stats["fetched"] == 30 and 0 < stats["documents"] <= 30
     assert all(r["url"].startswith("hf://") for r in corpus_rows(tmp_path))
+
+
+def test_sigkill_mid_scrape_then_dvc_repro_ends_like_an_uninterrupted_run(tmp_path):
+    """Kill -9 the whole `dvc repro` (DVC and the stage) while scrape writes its shards: no output
+    is left half-written, and the next `dvc repro` redoes the stage to the same corpus (each
+document's ``fetched_at`` aside: the time it was read)."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from conftest import make_project
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(3000)]
+    for i in range(1500):
+        (src / f"doc{i:04d}.txt").write_text(" ".join(rng.choice(words) for _ in range(120)))
+
+    def project(name):
+        root = make_project(tmp_path / name)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["scrape"].update(source="files", files_path=str(src), shards=2, workers=1)
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        return root
+
+    def repro(root, **kw):
+        return subprocess.Popen([str(root / ".venv" / "bin" / "dvc"), "repro", "-s", "scrape"], cwd=root,
+                                env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+    straight = project("a")
+    first = repro(straight)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    killed = project("b")
+    run = repro(killed)
+    data = killed / "data"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(data.glob(".raw.tmp-*/*.warc.gz")):
+        time.sleep(0.02)  # until the stage is writing its WARC shards
+    assert run.poll() is None, "the stage ended before it could be killed"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (data / "corpus").exists() and not (data / "raw").exists()
+    again = repro(killed)
+    assert again.wait(timeout=300) == 0, again.stderr.read()[-2000:]
+    def content(root):  # all but when each document was read, which is the run's own time
+        return [{k: v for k, v in row.items() if k != "fetched_at"} for row in corpus_rows(root / "data")]
+
+    assert content(straight) == content(killed)
+    assert not list(data.glob(".*.tmp-*")), "the killed run's temporary folders are cleaned up"
