@@ -188,6 +188,28 @@ def test_short_sft_beats_its_parent_and_the_reward_model_ranks_held_out_pairs(pr
         assert (project / "models" / name / "tokenizer.json").is_file()
 
 
+def test_a_dvc_remote_carries_the_pipeline_to_another_clone(project, flow_runs, tmp_path):
+    """A local folder as the DVC remote (an S3 bucket works the same: README): push from this
+    project, then a fresh git clone pulls and `dvc repro` has nothing to run."""
+    remote = tmp_path / "dvc-remote"
+    added = dvc(project, "remote", "add", "-d", "shared", str(remote))
+    assert added.returncode == 0, added.stderr
+    commit(project)  # dvc.lock, the remote's config and the metrics files, as a user commits them
+    pushed = dvc(project, "push")
+    assert pushed.returncode == 0, pushed.stderr
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    if not (clone / ".venv").exists():
+        (clone / ".venv").symlink_to((project / ".venv").resolve())
+    pulled = dvc(clone, "pull")
+    assert pulled.returncode == 0, pulled.stderr
+    out = dvc(clone, "repro")
+    assert out.returncode == 0, out.stderr
+    assert "Running stage" not in out.stdout, out.stdout
+    for rel in ("models/ppo/model.safetensors", "data/tokens/train.bin"):
+        assert (clone / rel).read_bytes() == (project / rel).read_bytes(), rel
+
+
 def test_repro_noop_then_param_change_reruns_downstream_only(project, flow_runs):
     t0 = time.perf_counter()
     out = dvc(project, "repro")
