@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from palm.data.chat import ChatDataConfig, build_chat_data
+from palm.data.chat import ChatDataConfig, build_chat_data, read_chat_meta
 from palm.io import atomic_dir
 from palm.model import ModelConfig
 from palm.stage import StageContext, run_stage
@@ -20,9 +20,14 @@ def add_args(p):
 def build(kind: str, cfg: ChatDataConfig, ctx: StageContext) -> dict:
     """The body of both chat-data stages (``sft_data`` and ``prefs``)."""
     with atomic_dir(ctx.path("out")) as out:
-        return build_chat_data(kind, cfg, corpus=ctx.path("corpus"), tokenizer=ctx.path("tokenizer"),
-                               seq_len=ctx.sections["model"].seq_len, out=out, root=ctx.root,
-                               progress=sys.stderr.isatty())
+        metrics = build_chat_data(kind, cfg, corpus=ctx.path("corpus"), tokenizer=ctx.path("tokenizer"),
+                                  seq_len=ctx.sections["model"].seq_len, out=out, root=ctx.root,
+                                  progress=sys.stderr.isatty())
+        feedback = read_chat_meta(out, kind).get("rankings")
+    if feedback:  # human rankings among the sources: who judged, and which sampled batches
+        ctx.tracker.set_tags({"feedback.labelers": ",".join(feedback["labelers"]),
+                              "feedback.batches": ",".join(feedback["batches"])})
+    return metrics
 
 
 def body(cfg: ChatDataConfig, ctx: StageContext) -> dict:
