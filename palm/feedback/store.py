@@ -65,19 +65,25 @@ class RankingsFile:
         return out
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one line and fsync it (and, for a new file, its folder)."""
-        line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+        """Append ``record`` as one line and fsync it (and, for a new file, its folder). Servers of
+        several labelers may share the file: each append holds an exclusive lock on it."""
+        import fcntl
+
+        line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             new = not self.path.exists()
-            with open(self.path, "ab+") as f:
-                if f.tell() > 0:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":  # a partial line from a killed run: start afresh
-                        f.write(b"\n")
-                f.write(line.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a partial line from a killed run
+                    line = b"\n" + line
+                while line:
+                    line = line[os.write(fd, line):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)  # (releases the lock)
             if new:
                 fd = os.open(self.path.parent, os.O_RDONLY)
                 try:
