@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from palm.data.chat import ChatDataConfig, build_chat_data, read_chat_meta
+from palm.data.rankings import run_tags
 from palm.io import atomic_dir
 from palm.model import ModelConfig
 from palm.stage import StageContext, run_stage
@@ -23,10 +24,9 @@ def build(kind: str, cfg: ChatDataConfig, ctx: StageContext) -> dict:
         metrics = build_chat_data(kind, cfg, corpus=ctx.path("corpus"), tokenizer=ctx.path("tokenizer"),
                                   seq_len=ctx.sections["model"].seq_len, out=out, root=ctx.root,
                                   progress=sys.stderr.isatty())
-        feedback = read_chat_meta(out, kind).get("rankings")
-    if feedback:  # human rankings among the sources: who judged, and which sampled batches
-        ctx.tracker.set_tags({"feedback.labelers": ",".join(feedback["labelers"]),
-                              "feedback.batches": ",".join(feedback["batches"])})
+        tags = run_tags(read_chat_meta(out, kind))  # human rankings among the sources: who, which batches
+    if tags:
+        ctx.tracker.set_tags(tags)
     return metrics
 
 

@@ -318,6 +318,7 @@ def test_rankings_flow_through_dvc_repro_prefs_and_a_new_one_reruns_it(session, 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("palm-rlhf").experiment_id])
     assert run.data.tags["feedback.batches"] == "batch-1" and run.data.tags["feedback.labelers"] == "alice"
+    assert run.data.tags["feedback.rankings"] == "3"
     assert run.data.metrics["rankings"] == 3
 
     again = dvc(root, "repro", "-s", "data/feedback/rankings.jsonl.dvc", "prefs")
@@ -406,3 +407,18 @@ def test_two_labelers_on_the_app_and_the_state_it_resumes_from(batch, tmp_path):
         assert send(0, "all_bad").status_code == 200 and send(1, "skip").status_code == 200
         state = c.get("/api/state").get_json()
     assert (state["judged"], state["next"], state["agreement"]["shared_items"]) == (2, 2, 2)
+
+
+def test_a_list_of_sources_is_checked_strictly():
+    from palm.config import from_dict
+    from palm.data.chat import ChatDataConfig
+    from palm.errors import ConfigError
+
+    cfg = from_dict(ChatDataConfig, {"path": ["default", "data/feedback/rankings.jsonl"], "format": "rankings"},
+                    "prefs")
+    assert cfg.sources == ("default", "data/feedback/rankings.jsonl")
+    for path, message in (([], "at least one source"), (["default", "default"], "names a source twice"),
+                          (["default", ""], "must be 'default'"), (["hf:"], "hf: needs a dataset name")):
+        with pytest.raises(ConfigError, match=message) as err:
+            from_dict(ChatDataConfig, {"path": path}, "prefs")
+        assert err.value.key == "prefs.path"

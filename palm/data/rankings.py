@@ -154,3 +154,13 @@ def agreement(orders: Iterable[tuple]) -> tuple[float | None, int]:
                     total += 1
                     same += (p[a] < p[b]) == (q[a] < q[b])
     return (round(same / total, 4) if total else None), shared
+
+
+def run_tags(meta: dict[str, Any]) -> dict[str, str]:
+    """MLflow tags saying which human rankings a chat-data folder holds (its ``meta.json``; none
+    without rankings): how many judgements, from which labelers, of which sampled batches."""
+    feedback = meta.get("rankings")
+    if not feedback:
+        return {}
+    return {"feedback.rankings": str(feedback["rankings"]), "feedback.labelers": ",".join(feedback["labelers"]),
+            "feedback.batches": ",".join(feedback["batches"])}
