@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-fast check-default flow mlflow-ui prefect-server lock bench clean-venv
+.PHONY: setup browser run test test-fast check-default flow mlflow-ui prefect-server lock bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip check
 	@touch $@
 
+## Headless Chromium and its driver, for the test that drives the ranking page of `palm feedback
+## serve` (tests/test_feedback.py; it skips without them). Debian's packages, installed with
+## apt-get when missing and when running as root (as CI does); otherwise a one-line hint.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver (apt-get) for the ranking page's browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: the browser test will skip: install chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"; fi
+
 ## Run the whole pipeline on the embedded default data (DVC reruns only what changed).
 run: setup
 	$(VENV)/bin/dvc repro
@@ -30,7 +40,7 @@ run: setup
 ## Run the test suite (what CI runs): every stage end to end, the training stages with few steps.
 ## Files run on parallel workers (one per core; a file's tests on one worker), the longest first.
 TEST_WORKERS ?= auto
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests -m "not default" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## Unit tests only (no end-to-end pipeline runs).

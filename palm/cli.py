@@ -2,6 +2,7 @@
 ``make setup``): one subcommand per user-facing tool.
 
     palm chat models/ppo            # talk to an exported model (palm/chat.py)
+    palm feedback sample|serve …    # sample replies, rank them in a local page (palm/feedback/)
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> exit code``. Errors
 a user can fix print as one line ``error: <command>: …`` and exit with 2.
@@ -22,6 +23,7 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "chat": ("palm.chat", "chat with an exported model (streamed replies, history, /reset, /quit)"),
+    "feedback": ("palm.feedback", "human feedback: sample replies (sample), rank them in a local web page (serve)"),
 }
 
 

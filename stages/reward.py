@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
+from palm.data.chat import read_chat_meta
+from palm.data.rankings import run_tags
 from palm.stage import StageContext, exported, run_stage, training_start
 from palm.train.finetune import check_parent
 from palm.train.reward import COLUMNS, HEAD, RewardConfig, RewardModel, launch, read_rows, reward_stats, validate
@@ -19,6 +21,9 @@ from stages.sft import add_args
 
 def body(cfg: RewardConfig, ctx: StageContext) -> dict:
     model, parent = check_parent(ctx.path("data"), ctx.path("parent"), "prefs", "sft")
+    tags = run_tags(read_chat_meta(ctx.path("data"), "prefs"))  # the human rankings behind the pairs
+    if tags:
+        ctx.tracker.set_tags(tags)
     validate(model, cfg)
     dtype, peak = training_start("reward", cfg, ctx)
     checkpoints = ctx.path("checkpoints")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from palm.data.chat import ChatDataConfig, build_chat_data
+from palm.data.chat import ChatDataConfig, build_chat_data, read_chat_meta
+from palm.data.rankings import run_tags
 from palm.io import atomic_dir
 from palm.model import ModelConfig
 from palm.stage import StageContext, run_stage
@@ -20,9 +21,13 @@ def add_args(p):
 def build(kind: str, cfg: ChatDataConfig, ctx: StageContext) -> dict:
     """The body of both chat-data stages (``sft_data`` and ``prefs``)."""
     with atomic_dir(ctx.path("out")) as out:
-        return build_chat_data(kind, cfg, corpus=ctx.path("corpus"), tokenizer=ctx.path("tokenizer"),
-                               seq_len=ctx.sections["model"].seq_len, out=out, root=ctx.root,
-                               progress=sys.stderr.isatty())
+        metrics = build_chat_data(kind, cfg, corpus=ctx.path("corpus"), tokenizer=ctx.path("tokenizer"),
+                                  seq_len=ctx.sections["model"].seq_len, out=out, root=ctx.root,
+                                  progress=sys.stderr.isatty())
+        tags = run_tags(read_chat_meta(out, kind))  # human rankings among the sources: who, which batches
+    if tags:
+        ctx.tracker.set_tags(tags)
+    return metrics
 
 
 def body(cfg: ChatDataConfig, ctx: StageContext) -> dict:

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from palm.config import check
 from palm.data.chat_readers import DROP_REASONS, Conversation, Pair, Skip, Turn, read_examples
+from palm.data.rankings import RankingStats
 from palm.errors import UserError
 from palm.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, special_ids
 
@@ -130,19 +131,29 @@ class ChatDataConfig:
     """The ``sft_data`` and ``prefs`` sections."""
 
     # "default": derived from the corpus (automatic labels); else a file or folder of .jsonl,
-    # .jsonl.gz, .json or .parquet (relative to the project root), or "hf:<dataset name>"
-    path: str = "default"
-    format: Literal["auto", "oasst", "hh", "pairs", "chat", "instruction"] = "auto"  # auto: detected per file
+    # .jsonl.gz, .json or .parquet (relative to the project root), or "hf:<dataset name>"; or a
+    # list of these, read in turn, e.g. [default, data/feedback/rankings.jsonl]
+    path: str | tuple[str, ...] = "default"
+    # auto: detected per file (what a list of sources of different kinds needs); rankings: the
+    # judgements of `palm feedback serve` (palm/data/rankings.py)
+    format: Literal["auto", "oasst", "hh", "pairs", "chat", "instruction", "rankings"] = "auto"
     hf_split: str = "train"  # with hf:<name>: the split to read
     valid_fraction: float = 0.05  # share of prompts held out
     seed: int = 1234  # seeds the split (and the default data's choices)
     max_examples: int = 0  # keep at most this many examples (0 = all)
 
     def __post_init__(self) -> None:
-        check(bool(self.path.strip()), "path", "must be 'default', a file or folder, or hf:<name>")
-        check(self.path != "hf:", "path", "hf: needs a dataset name, e.g. hf:Anthropic/hh-rlhf")
+        check(len(self.sources) > 0, "path", "must name at least one source")
+        for source in self.sources:
+            check(bool(source.strip()), "path", "must be 'default', a file or folder, or hf:<name>")
+            check(source != "hf:", "path", "hf: needs a dataset name, e.g. hf:Anthropic/hh-rlhf")
+        check(len(set(self.sources)) == len(self.sources), "path", f"names a source twice: {list(self.sources)}")
         check(0.0 < self.valid_fraction < 1.0, "valid_fraction", "must be between 0 and 1 (exclusive)")
         check(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.path,) if isinstance(self.path, str) else tuple(self.path)
 
 
 def _sha1(text: str) -> str:
@@ -153,12 +164,16 @@ def _group(conv: Conversation) -> str:
     return _sha1(next(t.text for t in conv if t.role == "user"))
 
 
-def _examples(kind: str, cfg: ChatDataConfig, corpus: Path, root: Path, counts: Counter, progress: bool):
-    if cfg.path == "default":
-        from palm.data.chat_default import default_conversations, default_pairs
+def _examples(kind: str, cfg: ChatDataConfig, corpus: Path, root: Path, counts: Counter, progress: bool,
+              stats: RankingStats):
+    for source in cfg.sources:
+        if source == "default":
+            from palm.data.chat_default import default_conversations, default_pairs
 
-        return (default_conversations if kind == "sft" else default_pairs)(corpus, cfg.seed, counts)
-    return read_examples(cfg.path, cfg.format, kind, counts, root=root, hf_split=cfg.hf_split, progress=progress)
+            yield from (default_conversations if kind == "sft" else default_pairs)(corpus, cfg.seed, counts)
+        else:
+            yield from read_examples(source, cfg.format, kind, counts, root=root, hf_split=cfg.hf_split,
+                                     progress=progress, stats=stats)
 
 
 def _sft_row(t: ChatTemplate, conv: Conversation, seq_len: int) -> dict:
@@ -192,10 +207,11 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
     tok_path = Path(tokenizer) / "tokenizer.json"
     template = ChatTemplate(load_tokenizer(tok_path))
     counts: Counter = Counter()
+    stats = RankingStats()
     seen: set = set()
     rows: list[dict] = []
     to_row = _sft_row if kind == "sft" else _pair_row
-    for example in _examples(kind, cfg, Path(corpus), Path(root), counts, progress):
+    for example in _examples(kind, cfg, Path(corpus), Path(root), counts, progress, stats):
         if example in seen:
             counts["duplicate"] += 1
             continue
@@ -210,7 +226,7 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
     dropped = {f"dropped_{r}": counts[r] for r in DROP_REASONS}
     if not rows:
         reasons = ", ".join(f"{r}: {counts[r]}" for r in DROP_REASONS if counts[r]) or "none found"
-        where = "the default corpus" if cfg.path == "default" else cfg.path
+        where = ", ".join("the default corpus" if s == "default" else s for s in cfg.sources)
         what = "conversations" if kind == "sft" else "preference pairs"
         raise UserError(f"{where}: no usable {what} ({counts['read']} records read; dropped {reasons}); "
                         f"check {section}.path and {section}.format")
@@ -229,10 +245,13 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
             "tokens": tokens, "source": cfg.path, "format": cfg.format, "seed": cfg.seed,
             "valid_fraction": cfg.valid_fraction, "template": render_text(
                 (Turn("system", "{system}"), Turn("user", "{user}"), Turn("assistant", "{assistant}")))}
+    feedback = stats.metrics() if stats.judgements else {}
+    if feedback:  # who judged what: the stage tags its MLflow run with these
+        meta["rankings"] = {**feedback, "labelers": sorted(stats.labelers), "batches": sorted(stats.batches)}
     write_json(Path(out) / META, meta)
     return {"read": counts["read"], "kept": len(rows), **dropped, "train": sizes["train"], "valid": sizes["valid"],
             "train_tokens": tokens["train"], "valid_tokens": tokens["valid"],
-            "truncated": sum(r["truncated"] for r in rows)}
+            "truncated": sum(r["truncated"] for r in rows), **feedback}
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -13,6 +13,8 @@ it holds preferences, pairs:
 - ``chat``: ``messages: [{role, content}]``; the messages.
 - ``instruction``: dolly ``instruction``/``context``/``response`` or alpaca
   ``instruction``/``input``/``output``; one exchange.
+- ``rankings``: people's judgements of K replies (``palm feedback serve``, ``palm/data/rankings.py``);
+  the prompt and the best-ranked reply; every two differently ranked replies (better chosen).
 
 Bad data never raises: a record that cannot be used is skipped and counted under a reason (see
 :data:`DROP_REASONS`) in the ``counts`` Counter the caller passes. Only a missing path, a folder
@@ -30,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from palm.data import rankings
 from palm.errors import UserError
 
-FORMATS = ("auto", "oasst", "hh", "pairs", "chat", "instruction")
+FORMATS = ("auto", "oasst", "hh", "pairs", "chat", "instruction", "rankings")
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"system": "system", "user": "user", "prompter": "user", "human": "user", "assistant": "assistant"}
@@ -56,6 +59,9 @@ DROP_REASONS = (
     "duplicate",          # exact duplicate of an example already kept
     "too_long",           # the reply alone does not fit model.seq_len
     "no_pairs_format",    # prefs from a format that holds no preferences (chat, instruction)
+    "superseded",         # rankings: a labeler's earlier judgement of an item, replaced by a later one
+    "unranked",           # rankings: an item judged all bad or skipped (no preference between its replies)
+    "bad_order",          # rankings: an order that does not list every reply exactly once
 )
 
 
@@ -154,6 +160,8 @@ def detect(record: Any) -> str | None:
     """The format a record looks like, or None."""
     if not isinstance(record, dict):
         return None
+    if rankings.is_ranking(record):
+        return "rankings"
     if isinstance(record.get("prompt"), dict) and "role" in record["prompt"]:
         return "oasst"
     if "messages" in record:
@@ -366,6 +374,36 @@ def _pairs_prompt(record: dict) -> Conversation:
     return (Turn("user", _text(record.get("prompt"))),)
 
 
+def _rankings_places(record: dict) -> tuple[Conversation, list[str], list[int]]:
+    """The prompt, the replies and each reply's place of a ranked judgement (:class:`Skip` else)."""
+    replies = record.get("replies")
+    if not isinstance(replies, list) or not isinstance(record.get("prompt"), list):
+        raise Skip("missing_field")
+    try:
+        place = rankings.places(record.get("verdict"), record.get("order"), len(replies))
+    except ValueError:
+        raise Skip("bad_order") from None
+    if place is None:
+        raise Skip("unranked")
+    messages = [m if isinstance(m, dict) else {} for m in record["prompt"]]
+    return prompt_of(Turn(_role(m.get("role")), _text(m.get("content"))) for m in messages), replies, place
+
+
+def ranking_pairs(record: dict, counts: Counter) -> Iterator[Pair]:
+    """Every two differently ranked replies of a judgement, once, the better one chosen."""
+    prompt, replies, place = _rankings_places(record)
+    for better, worse in rankings.ordered_pairs(place):
+        try:
+            yield make_pair(prompt, replies[better], replies[worse])
+        except Skip as skip:
+            counts[skip.reason] += 1
+
+
+def _ranking_best(record: dict) -> Conversation:
+    prompt, replies, place = _rankings_places(record)
+    return conversation((*prompt, Turn("assistant", _text(replies[place.index(0)]))))
+
+
 def _one(fn: Callable[[dict], Any]) -> Callable[[dict, Counter], Iterator[Any]]:
     def extract(record: dict, counts: Counter) -> Iterator[Any]:
         yield fn(record)
@@ -378,18 +416,22 @@ SFT_EXTRACTORS: dict[str, Callable[[dict, Counter], Iterator[Conversation]]] = {
     "pairs": _one(lambda r: _pairs_prompt(r) + (Turn("assistant", _text(r.get("chosen"))),)),
     "chat": _one(_chat),
     "instruction": _one(_instruction),
+    "rankings": _one(_ranking_best),
 }
 PAIR_EXTRACTORS: dict[str, Callable[[dict, Counter], Iterator[Pair]]] = {
     "oasst": oasst_pairs,
     "hh": _one(hh_pair),
     "pairs": _one(lambda r: make_pair(_pairs_prompt(r), r.get("chosen"), r.get("rejected"))),
+    "rankings": ranking_pairs,
 }
 
 
 def read_examples(source: str, fmt: str, kind: str, counts: Counter, *, root: Path = Path("."),
-                  hf_split: str = "train", progress: bool = False) -> Iterator[Any]:
+                  hf_split: str = "train", progress: bool = False,
+                  stats: rankings.RankingStats | None = None) -> Iterator[Any]:
     """Conversations (``kind="sft"``) or pairs (``kind="prefs"``) of ``source`` (a path relative
-    to ``root``, or ``hf:<name>``); ``counts`` gets ``read`` (records) and the drop reasons."""
+    to ``root``, or ``hf:<name>``); ``counts`` gets ``read`` (records) and the drop reasons;
+    ``stats`` what the rankings files held (judgements, labelers, batches)."""
     from tqdm import tqdm
 
     extractors = SFT_EXTRACTORS if kind == "sft" else PAIR_EXTRACTORS
@@ -400,6 +442,8 @@ def read_examples(source: str, fmt: str, kind: str, counts: Counter, *, root: Pa
     bar = tqdm(desc=f"read {kind}", unit="record", disable=not progress)
     for _, records in streams:
         file_fmt, records = with_format(records, fmt)
+        if file_fmt == "rankings":
+            records = rankings.latest(records, counts, stats)
         for record in records:
             counts["read"] += 1
             bar.update()

@@ -1,0 +1,137 @@
+"""``palm feedback``: human feedback on the project's own models, on the user's own machine.
+
+    palm feedback sample --model models/sft --k 4 --out data/feedback/batch-1.jsonl
+    palm feedback serve data/feedback/batch-1.jsonl --labeler alice
+
+``sample`` (``palm/feedback/sample.py``) writes K replies per prompt with the sampling settings and
+the model's identity; ``serve`` (``palm/feedback/app.py``) opens a local page where a person ranks
+them, appending each judgement to ``data/feedback/rankings.jsonl`` (``palm/feedback/store.py``), the
+file the ``prefs`` stage reads with ``format: rankings`` (``palm/data/rankings.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from palm.errors import ConfigError, UserError
+
+RANKINGS = Path("data/feedback/rankings.jsonl")
+LABELER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+SAMPLE_KINDS = ("pretrain", "sft", "ppo")
+
+
+def next_batch_path(folder: Path = Path("data/feedback")) -> Path:
+    n = 1
+    while (folder / f"batch-{n}.jsonl").exists():
+        n += 1
+    return folder / f"batch-{n}.jsonl"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = sub.add_parser("sample", help="K replies per prompt from a model, as a batch to rank",
+                       description="K replies per prompt from a model, as a batch to rank")
+    s.add_argument("--model", required=True, help="an exported model folder, e.g. models/sft or models/ppo")
+    s.add_argument("--prompts", type=Path, default=None,
+                   help="a .txt (one prompt a line) or .jsonl file ({prompt} or {messages}); "
+                        "default: the train split of --sft-data")
+    s.add_argument("--sft-data", type=Path, default=Path("data/sft"), help="default %(default)s")
+    s.add_argument("--limit", type=int, default=32, help="prompts taken from --sft-data (default %(default)s)")
+    s.add_argument("--k", type=int, default=4, help="replies per prompt (default %(default)s)")
+    s.add_argument("--out", type=Path, default=None, help="the batch file (default: the next data/feedback/batch-<n>.jsonl)")
+    s.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default %(default)s)")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--max-new-tokens", type=int, default=128, help="longest reply (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    v = sub.add_parser("serve", help="rank a batch's replies in a local web page",
+                       description="rank a batch's replies in a local web page")
+    v.add_argument("batch", type=Path, metavar="BATCH", help="a batch file of palm feedback sample")
+    v.add_argument("--labeler", required=True, help="your name, recorded with every judgement")
+    v.add_argument("--rankings", type=Path, default=RANKINGS, help="appended to (default %(default)s)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    v.add_argument("--port", type=int, default=8765, help="0: any free port (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    return sample_command(args) if args.action == "sample" else serve_command(args)
+
+
+def _flag(err: ConfigError) -> UserError:
+    return UserError(f"--{err.key.replace('_', '-')}: {err.message}")
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    from palm.feedback.sample import (SampleSettings, batch_items, model_identity, read_prompts, sample_replies,
+                                      sft_prompts, write_batch)
+    from palm.generate import SamplingConfig
+    from palm.models import load_model, load_tokenizer, read_export
+    from palm.parallel import process_groups
+
+    if args.k < 2:
+        raise UserError(f"--k: must be >= 2 (a ranking compares replies), got {args.k}")
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    except ConfigError as err:
+        raise _flag(err) from None
+    out = args.out or next_batch_path()
+    if out.suffix != ".jsonl":
+        raise UserError(f"--out: {out}: a batch is a .jsonl file")
+    export = read_export(args.model, kinds=SAMPLE_KINDS)
+    if not 1 <= args.max_new_tokens < export.model.seq_len:
+        raise UserError(f"--max-new-tokens: must be between 1 and {export.model.seq_len - 1} (the model's "
+                        f"context is {export.model.seq_len} tokens), got {args.max_new_tokens}")
+    tokenizer = load_tokenizer(export)
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
+    else:
+        prompts = sft_prompts(args.sft_data, tokenizer, export.tokenizer_sha256, args.limit)
+    settings = SampleSettings(k=args.k, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    with process_groups():
+        model = load_model(export)
+        replies = sample_replies(model, tokenizer, prompts, sampling, settings)
+    record = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+              "max_new_tokens": settings.max_new_tokens, "seed": settings.seed, "k": settings.k}
+    write_batch(out, batch_items(out.name.removesuffix(".jsonl"), prompts, replies,
+                                 model_identity(args.model, export), record))
+    print(f"palm feedback: {len(prompts)} prompts x {args.k} replies from {export.path} ({export.kind}) -> {out}; "
+          f"rank them with: palm feedback serve {out} --labeler NAME", file=sys.stderr)
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from palm.feedback.app import create_app, serve
+    from palm.feedback.store import RankingsFile
+
+    if not LABELER.fullmatch(args.labeler):
+        raise UserError(f"--labeler: {args.labeler!r}: use letters, digits and _.@- (up to 64 characters)")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port: must be between 0 and 65535, got {args.port}")
+    app = create_app(args.batch, args.rankings, args.labeler)
+    with app.test_client() as client:  # the state the page starts from
+        state = client.get("/api/state").get_json()
+    agree = state["agreement"]
+    if agree["shared_items"]:
+        print(f"palm feedback: labelers {', '.join(agree['labelers'])} agree on {agree['agreement']:.0%} of the "
+              f"reply pairs of the {agree['shared_items']} items they both ranked", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"palm feedback: warning: serving on {args.host}: anyone who can reach it and load the page "
+              "can submit rankings", file=sys.stderr)
+
+    def announce(url: str) -> None:
+        where = (f"resuming at item {state['next'] + 1}" if state["next"] < state["total"] else "all judged")
+        print(f"palm feedback: {state['batch']}: {state['judged']} of {state['total']} items judged by "
+              f"{args.labeler} ({where}); judgements go to {RankingsFile(args.rankings).path}", file=sys.stderr)
+        print(f"open {url}  (Ctrl-C stops; every judgement the page confirmed is on disk)", flush=True)
+
+    try:
+        serve(app, args.host, args.port, announce)
+    except OSError as err:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
+                        "pass another --port (0: any free one)") from None
+    except KeyboardInterrupt:
+        print("palm feedback: stopped", file=sys.stderr)
+    return 0

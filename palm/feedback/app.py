@@ -1,0 +1,144 @@
+"""``palm feedback serve``: the ranking page, a small Flask app on 127.0.0.1.
+
+The page (``templates/index.html`` with ``static/feedback.js``) shows one item of a batch at a time
+and the labeler orders its replies best to worst (drag, or keys 1..K), or marks them all bad, or
+skips; it can go back to any item and judge it again. It talks to three JSON endpoints:
+
+* ``GET /api/state``: the batch, the labeler, how many items they judged, the first one they have
+  not (where a restarted session resumes), the agreement between the batch's labelers;
+* ``GET /api/item/<i>``: item ``i`` (prompt, replies) and the labeler's latest judgement of it;
+* ``POST /api/judge``: a judgement, appended to the rankings file and synced to disk before the
+  answer says it is saved (the page moves on only then).
+
+Model output is data, never markup: the page puts every prompt and reply into the document with
+``textContent`` (and the Content-Security-Policy allows no inline script at all). Safety: the
+server binds 127.0.0.1 unless told otherwise and answers only requests addressed to it by that
+name (a DNS-rebinding page cannot read it); a judgement needs the per-session token that the page
+carries (a page of another site cannot read it, so no cross-site request can submit rankings), a
+JSON body, and at most :data:`MAX_BODY` bytes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from palm.data import rankings
+from palm.feedback.store import RankingsFile, batch_agreement, read_batch
+
+MAX_BODY = 64 * 1024  # bytes of a request body (a judgement is a few hundred)
+TOKEN_HEADER = "X-Feedback-Token"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                                "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str | None = None) -> Any:
+    """The Flask app for one labeler and one batch. ``app.config["ALLOWED_HOSTS"]``: the ``Host``
+    headers answered (None: any), set by :func:`serve` once the port is known."""
+    from flask import Flask, abort, jsonify, render_template, request
+
+    items = read_batch(batch_path)
+    batch = items[0]["batch"]
+    store = RankingsFile(rankings_path)
+    token = token or secrets.token_urlsafe(32)
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, ALLOWED_HOSTS=None, TOKEN=token)
+
+    def mine() -> dict[str, dict]:
+        return {item: r for (item, who), r in store.latest(batch).items() if who == labeler}
+
+    def first_open(judged: dict[str, dict]) -> int:
+        return next((i for i, it in enumerate(items) if it["item"] not in judged), len(items))
+
+    @app.before_request
+    def addressed_to_us():
+        allowed = app.config["ALLOWED_HOSTS"]
+        if allowed is not None and request.host not in allowed:
+            abort(403, f"this server answers requests to {', '.join(sorted(allowed))} only")
+
+    @app.after_request
+    def headers(resp):
+        resp.headers.update(SECURITY_HEADERS)
+        return resp
+
+    @app.errorhandler(400)
+    @app.errorhandler(403)
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    @app.errorhandler(413)
+    def error(err):
+        return jsonify(error=getattr(err, "description", str(err))), err.code
+
+    @app.get("/")
+    def page():
+        return render_template("index.html", token=token, labeler=labeler, batch=batch)
+
+    @app.get("/api/state")
+    def state():
+        judged = mine()
+        latest = store.latest(batch)
+        return jsonify(batch=batch, labeler=labeler, total=len(items), judged=len(judged), next=first_open(judged),
+                       agreement=batch_agreement(latest, batch))
+
+    @app.get("/api/item/<int:index>")
+    def item(index: int):
+        if not 0 <= index < len(items):
+            abort(404, f"no item {index} (the batch has {len(items)})")
+        it = items[index]
+        return jsonify(index=index, total=len(items), item=it["item"], prompt=it["prompt"], replies=it["replies"],
+                       judgement=mine().get(it["item"]))
+
+    @app.post("/api/judge")
+    def judge():
+        sent = request.headers.get(TOKEN_HEADER, "")
+        if not secrets.compare_digest(sent.encode(), token.encode()):
+            abort(403, f"missing or wrong {TOKEN_HEADER}: judgements come from the page this server served")
+        body = request.get_json(silent=True) if request.is_json else None
+        if not isinstance(body, dict):
+            abort(400, "expected a JSON object: index, item, verdict, order")
+        index = body.get("index")
+        if not (isinstance(index, int) and 0 <= index < len(items)) or body.get("item") != items[index]["item"]:
+            abort(400, "index and item do not name an item of this batch")
+        it = items[index]
+        try:
+            rankings.places(body.get("verdict"), body.get("order"), len(it["replies"]))
+        except ValueError as err:
+            abort(400, str(err))
+        record = {"format": rankings.FORMAT, "batch": batch, "item": it["item"], "index": index,
+                  "prompt": it["prompt"], "replies": it["replies"], "verdict": body["verdict"],
+                  "order": body.get("order"), "labeler": labeler,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "model": it.get("model"), "sampling": it.get("sampling")}
+        store.append(record)  # on disk (fsync) before the page hears it is saved
+        judged = mine()
+        return jsonify(saved=True, judged=len(judged), next=first_open(judged), total=len(items))
+
+    return app
+
+
+def serve(app: Any, host: str, port: int, announce) -> None:
+    """Serve ``app`` (Werkzeug's threaded server) until interrupted; ``announce(url)`` once bound."""
+    import logging
+
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = make_server(host, port, app, threaded=True)
+    bound = server.server_port
+    if host in LOOPBACK:
+        app.config["ALLOWED_HOSTS"] = {f"{name}:{bound}" for name in ("127.0.0.1", "localhost", "[::1]")}
+    url_host = f"[{host}]" if ":" in host else host
+    announce(f"http://{url_host}:{bound}/")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -1,0 +1,114 @@
+"""The files of a labelling session: a sampled batch (read only) and the rankings file, to which
+every judgement is appended and synced to disk before the page is told it is saved.
+
+The rankings file only grows: a changed judgement is a new line (the latest per labeler and item
+counts, ``palm/data/rankings.py``), so a confirmed judgement is never rewritten. A server killed
+while writing can leave a partial last line; it is ignored when read, and the next append starts
+on a fresh line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from palm.data import rankings
+from palm.errors import UserError
+from palm.feedback.sample import BATCH_FORMAT
+
+
+def read_batch(path: Path) -> list[dict[str, Any]]:
+    """The items of a batch file (``palm feedback sample``), checked: one line error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such batch file (make one with palm feedback sample)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            ok = (item.get("format") == BATCH_FORMAT and isinstance(item.get("item"), str)
+                  and isinstance(item.get("prompt"), list) and isinstance(item.get("replies"), list)
+                  and len(item["replies"]) >= 2 and all(isinstance(r, str) for r in item["replies"]))
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path}:{n}: not a batch item ({BATCH_FORMAT}: item, prompt, at least 2 replies)")
+        items.append(item)
+    if not items:
+        raise UserError(f"{path}: the batch holds no items")
+    return items
+
+
+class RankingsFile:
+    """``data/feedback/rankings.jsonl``: read whole, appended one synced line at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line a killed server left half-written: never confirmed
+                continue
+            if rankings.is_ranking(record):
+                out.append(record)
+        return out
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line and fsync it (and, for a new file, its folder). Servers of
+        several labelers may share the file: each append holds an exclusive lock on it."""
+        import fcntl
+
+        line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a partial line from a killed run
+                    line = b"\n" + line
+                while line:
+                    line = line[os.write(fd, line):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)  # (releases the lock)
+            if new:
+                fd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def latest(self, batch: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """``(item, labeler) -> latest judgement`` of the items of ``batch``."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for record in self.read():
+            if record.get("batch") == batch:
+                out[(record.get("item"), record.get("labeler"))] = record
+        return out
+
+
+def batch_agreement(latest: dict[tuple[str, str], dict[str, Any]], batch: str) -> dict[str, Any]:
+    """Agreement between the labelers of ``batch`` (:func:`palm.data.rankings.agreement`)."""
+    orders = []
+    for (item, labeler), r in latest.items():
+        try:
+            place = rankings.places(r.get("verdict"), r.get("order"), len(r["replies"]))
+        except ValueError:
+            continue
+        if place is not None:
+            orders.append((batch, item, labeler, place))
+    rate, shared = rankings.agreement(orders)
+    return {"labelers": sorted({labeler for _, labeler in latest}), "shared_items": shared, "agreement": rate}
