@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-fast check-default flow mlflow-ui prefect-server lock bench clean-venv
+.PHONY: setup run test test-fast check-default flow serve stop mlflow-ui prefect-server lock bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -49,7 +49,16 @@ flow: setup
 mlflow-ui: setup
 	$(VENV)/bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
 
-## Prefect server and UI on http://127.0.0.1:4200.
+## The pipeline as a scheduled Prefect deployment (params.yaml serve): a local Prefect server and UI
+## (http://127.0.0.1:4200, state in .prefect/), the deployment, and a runner for its runs.
+## Ctrl-C or `make stop` (from another terminal) ends every process it started.
+serve: setup
+	$(PY) -m pipelines.serve
+
+stop:
+	$(PY) -m pipelines.serve --stop
+
+## A bare Prefect server and UI on http://127.0.0.1:4200 (`make serve` starts its own).
 prefect-server: setup
 	$(VENV)/bin/prefect server start --host 127.0.0.1
 
