@@ -41,9 +41,10 @@ test-fast: setup
 check-default: setup
 	$(PY) -m pytest -q -s tests/test_default_pipeline.py -m default
 
-## The same pipeline as a Prefect flow (one task per DVC stage, shared DVC cache).
+## The same pipeline as a Prefect flow (one task per DVC stage, shared DVC cache);
+## `make flow UNTIL=<stage>`: that stage and the stages upstream of it.
 flow: setup
-	$(PY) -m pipelines.flow
+	$(PY) -m pipelines.flow $(if $(UNTIL),--until $(UNTIL))
 
 ## MLflow UI on http://127.0.0.1:5000 over the local SQLite store.
 mlflow-ui: setup

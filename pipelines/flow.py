@@ -13,7 +13,9 @@ and the stage runs nest under it. ``until`` runs one stage and everything it dep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ from pipelines import ROOT
 # local: a failure there would fail again.
 RETRIES = {"scrape": 2, "sft_data": 2, "prefs": 2}
 RETRY_DELAY_S = 10
+STOP_GRACE_S = 30.0  # an interrupted stage's processes get this long to end before SIGKILL
 
 
 def dag(root: Path = ROOT) -> tuple[list[str], dict[str, set[str]]]:
@@ -83,19 +86,38 @@ def plan(root: str, stages: list[str] | None = None, until: str | None = None) -
     return folder, [s for s in order if s in stages]
 
 
+def end_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """Interrupt ``proc``'s process group as Ctrl-C would (a stage then says it wrote nothing;
+    a training stage keeps its last checkpoint), SIGKILL what is left after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @task
 def reproduce(stage: str, root: str) -> bool:
     """Reproduce one DVC stage (``dvc repro --single-item``, in its own process, in the project
     root); True when it ran, False when DVC found it up to date. Its output goes to the task log."""
     logger = get_run_logger()
+    # A process group of its own (DVC, the stage, its training workers): if this run is
+    # interrupted (Ctrl-C, a cancel from the UI, make stop), the whole group ends with it.
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        logger.info("%s", line.rstrip())
-    if proc.wait() != 0:
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            logger.info("%s", line.rstrip())
+        proc.wait()
+    except BaseException:
+        end_group(proc)
+        raise
+    if proc.returncode != 0:
         errors = [l for l in lines if l.startswith(("error:", "ERROR"))]
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {errors[-1] if errors else lines[-1:]}")
     ran = any(l.startswith(f"Running stage '{stage}'") for l in lines)

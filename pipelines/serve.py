@@ -81,10 +81,10 @@ def api_url(cfg: ServeConfig) -> str:
 
 def prefect_env(root: Path, cfg: ServeConfig) -> dict[str, str]:
     """The settings of the server and of every Prefect client here: its home (and SQLite
-    database) under the project, its address, no analytics."""
+    database) under the project, its address, no analytics (Prefect's, nor DVC's in the runs)."""
     return {"PREFECT_HOME": str(root / HOME), "PREFECT_API_URL": api_url(cfg),
             "PREFECT_SERVER_API_HOST": cfg.host, "PREFECT_SERVER_API_PORT": str(cfg.port),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -207,6 +207,7 @@ def serve(root: Path, cfg: ServeConfig) -> None:
     record = {"serve": _record(me), "ui": f"http://{cfg.host}:{cfg.port}"}
     _write_pids(pid_file, record)
     previous_term = signal.signal(signal.SIGTERM, _interrupt)  # until the runner installs its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (nohup, &)
     log = home / "server.log"
     try:
         with log.open("wb") as out:
@@ -225,7 +226,7 @@ def serve(root: Path, cfg: ServeConfig) -> None:
         print(f"Prefect UI: http://{cfg.host}:{cfg.port} (server log {log})\n"
               f"serving deployment 'palm-rlhf/{cfg.deployment}': cron '{cfg.cron}' ({cfg.timezone}), "
               f"stages {', '.join(names)}\n"
-              f"run it now: PREFECT_API_URL={api_url(cfg)} prefect deployment run 'palm-rlhf/{cfg.deployment}'\n"
+              f"run it now: PREFECT_API_URL={api_url(cfg)} .venv/bin/prefect deployment run 'palm-rlhf/{cfg.deployment}'\n"
               f"stop: Ctrl-C here, or make stop", flush=True)
         prefect_serve(deployment, print_starting_message=False)
     except KeyboardInterrupt:

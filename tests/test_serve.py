@@ -1,7 +1,7 @@
 """`make serve` for real: ``python -m pipelines.serve`` in a project copy starts its own Prefect
 server (SQLite in the copy's .prefect/), registers the scheduled deployment and serves it; runs
 triggered through the API complete, the second from the DVC cache; ``--stop`` (make stop)
-leaves no process behind.
+leaves no process behind, those of a run in flight included.
 
 The deployment stops after ``scrape`` (serve.until) on a small folder of text files, so the
 runs cost little more than Prefect's and DVC's start-up. The server starts once for the module."""
@@ -140,13 +140,30 @@ def test_triggered_runs_complete_the_second_from_the_dvc_cache(served):
     assert (stages.count("pipeline"), stages.count("scrape")) == (2, 1)  # the second run executed no stage
 
 
-def test_stop_ends_every_process_it_started(served):
+def command(proc) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return ""
+
+
+def test_stop_ends_every_process_it_started_a_run_in_flight_included(served):
     import psutil
 
     root, url, proc, out = served
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["scrape"]["filters"]["min_words"] = 40  # scrape is stale: the next run executes it
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with client(url) as c:
+        c.create_flow_run_from_deployment(c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}").id)
     serving = psutil.Process(proc.pid)
-    started = [serving, *serving.children(recursive=True)]
-    assert len(started) >= 2  # serve and the server at least
+    deadline = time.monotonic() + 180
+    while not any("stages.scrape" in command(p) for p in serving.children(recursive=True)):
+        assert time.monotonic() < deadline, "the run's scrape stage never started"
+        time.sleep(0.2)
+    started = [serving, *serving.children(recursive=True)]  # serve, server, the run, DVC, the stage
     assert json.loads((root / ".prefect" / "serve.json").read_text())["serve"]["pid"] == proc.pid
     stop = serve_cli(root, "--stop", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     said = stop.communicate(timeout=120)[0]
