@@ -191,6 +191,11 @@ def serve(root: Path, cfg: ServeConfig) -> None:
     if not port_free(cfg.host, cfg.port):
         raise UserError(f"serve.port: {cfg.host}:{cfg.port} is already in use by another program; "
                         f"stop it or choose another serve.port")
+    from pipelines.flow import pipeline, plan, stages_in_order
+
+    if cfg.until is not None and cfg.until not in (order := stages_in_order(root)):
+        raise ConfigError("serve.until", f"unknown stage {cfg.until!r}; the DAG has {', '.join(order)}")
+    folder, names = plan(str(root), until=cfg.until)
     os.environ.update(prefect_env(root, cfg))
     import prefect.context
 
@@ -198,9 +203,6 @@ def serve(root: Path, cfg: ServeConfig) -> None:
     from prefect import serve as prefect_serve
     from prefect.schedules import Cron
 
-    from pipelines.flow import pipeline, plan
-
-    folder, names = plan(str(root), until=cfg.until)
     home.mkdir(parents=True, exist_ok=True)
     _become_subreaper()
     me = psutil.Process()

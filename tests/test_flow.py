@@ -93,4 +93,6 @@ def test_serve_refuses_a_busy_port_and_a_second_serve_before_starting_anything(t
     with pytest.raises(UserError, match=r"^already serving this project .*; stop it first: make stop$"):
         serve(tmp_path, ServeConfig(port=free_port()))
     assert not me.children()  # nothing was started
+    with pytest.raises(ConfigError, match=r"^serve.until: unknown stage 'nope'; the DAG has scrape, "):
+        serve(ROOT, ServeConfig(port=free_port(), until="nope"))
     assert stop(tmp_path / "nowhere") == "nothing to stop: no make serve is running for this project"
