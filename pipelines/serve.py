@@ -34,6 +34,7 @@ from pathlib import Path
 
 from palm.config import check, load_section
 from palm.errors import ConfigError, UserError
+from palm.io import write_json
 from pipelines import ROOT
 
 HOME = ".prefect"  # PREFECT_HOME under the project: the server's SQLite database, logs, the pid file
@@ -100,9 +101,10 @@ def _recorded(entry: dict):
 
     try:
         proc = psutil.Process(entry["pid"])
-        return proc if abs(proc.create_time() - entry["create_time"]) < 0.01 else None
-    except (psutil.NoSuchProcess, KeyError, TypeError):
+        same = abs(proc.create_time() - entry["create_time"]) < 0.01
+    except (psutil.Error, KeyError, TypeError):
         return None
+    return proc if same and not ended(proc) else None
 
 
 def ended(proc) -> bool:
@@ -186,7 +188,7 @@ def serve(root: Path, cfg: ServeConfig) -> None:
 
     home = root / HOME
     pid_file = home / PID_FILE
-    if pid_file.is_file() and _recorded(json.loads(pid_file.read_text()).get("serve", {})):
+    if _recorded(_read_pids(pid_file).get("serve", {})):
         raise UserError(f"already serving this project ({pid_file}); stop it first: make stop")
     if not port_free(cfg.host, cfg.port):
         raise UserError(f"serve.port: {cfg.host}:{cfg.port} is already in use by another program; "
@@ -207,7 +209,7 @@ def serve(root: Path, cfg: ServeConfig) -> None:
     _become_subreaper()
     me = psutil.Process()
     record = {"serve": _record(me), "ui": f"http://{cfg.host}:{cfg.port}"}
-    _write_pids(pid_file, record)
+    write_json(pid_file, record)
     previous_term = signal.signal(signal.SIGTERM, _interrupt)  # until the runner installs its own
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (nohup, &)
     log = home / "server.log"
@@ -220,7 +222,7 @@ def serve(root: Path, cfg: ServeConfig) -> None:
                                       cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         record["server"] = _record(psutil.Process(server.pid))
-        _write_pids(pid_file, record)
+        write_json(pid_file, record)
         wait_healthy(api_url(cfg), server, log, cfg.startup_timeout_s)
         parameters = {"root": str(folder), **({"until": cfg.until} if cfg.until else {})}
         deployment = pipeline.to_deployment(name=cfg.deployment, schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
@@ -244,10 +246,13 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _write_pids(path: Path, record: dict) -> None:
-    from palm.io import write_json
-
-    write_json(path, record)
+def _read_pids(path: Path) -> dict:
+    """The pid file's record; {} when there is none (or a half-written one)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def stop(root: Path) -> str:
@@ -259,10 +264,7 @@ def stop(root: Path) -> str:
     pid_file = root / HOME / PID_FILE
     if not pid_file.is_file():
         return "nothing to stop: no make serve is running for this project"
-    try:
-        record = json.loads(pid_file.read_text())
-    except ValueError:
-        record = {}
+    record = _read_pids(pid_file)
     serve_proc, server = _recorded(record.get("serve", {})), _recorded(record.get("server", {}))
     procs = []
     for proc in (serve_proc, server):

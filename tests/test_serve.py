@@ -46,14 +46,15 @@ def served(tmp_path_factory):
         (docs / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(400)) + "\n")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["scrape"].update(source="files", files_path=str(docs), shards=1, workers=1)
-    params["serve"].update(deployment=DEPLOYMENT, cron=CRON, timezone=TIMEZONE, until="scrape", port=free_port())
+    params["serve"].update(deployment=DEPLOYMENT, cron=CRON, timezone=TIMEZONE, until="scrape", port=free_port(),
+                           startup_timeout_s=300.0)  # a loaded CI machine
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit(root)
     url = f"http://127.0.0.1:{params['serve']['port']}/api"
     out = base / "serve.out"
     with out.open("w") as f:
         proc = serve_cli(root, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 360
     while "serving deployment" not in out.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -73,7 +74,7 @@ def client(url: str):
         return get_client(sync_client=True)
 
 
-def run_deployment_and_wait(url: str, timeout_s: float = 240):
+def run_deployment_and_wait(url: str, timeout_s: float = 420):
     """Trigger a run of the deployment through the API; its final flow run."""
     with client(url) as c:
         deployment = c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}")
@@ -159,7 +160,7 @@ def test_stop_ends_every_process_it_started_a_run_in_flight_included(served):
     with client(url) as c:
         c.create_flow_run_from_deployment(c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}").id)
     serving = psutil.Process(proc.pid)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not any("stages.scrape" in command(p) for p in serving.children(recursive=True)):
         assert time.monotonic() < deadline, "the run's scrape stage never started"
         time.sleep(0.2)
