@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup run test test-fast check-default flow serve stop mlflow-ui prefect-server lock bench clean-venv
