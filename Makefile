@@ -9,9 +9,10 @@ PY := $(VENV)/bin/python
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup browser run test test-fast check-default flow mlflow-ui prefect-server lock bench clean-venv
+.PHONY: setup browser run test test-fast check-default flow serve stop mlflow-ui prefect-server lock bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -51,15 +52,25 @@ test-fast: setup
 check-default: setup
 	$(PY) -m pytest -q -s tests/test_default_pipeline.py -m default
 
-## The same pipeline as a Prefect flow (one task per DVC stage, shared DVC cache).
+## The same pipeline as a Prefect flow (one task per DVC stage, shared DVC cache);
+## `make flow UNTIL=<stage>`: that stage and the stages upstream of it.
 flow: setup
-	$(PY) -m pipelines.flow
+	$(PY) -m pipelines.flow $(if $(UNTIL),--until $(UNTIL))
 
 ## MLflow UI on http://127.0.0.1:5000 over the local SQLite store.
 mlflow-ui: setup
 	$(VENV)/bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
 
-## Prefect server and UI on http://127.0.0.1:4200.
+## The pipeline as a scheduled Prefect deployment (params.yaml serve): a local Prefect server and UI
+## (http://127.0.0.1:4200, state in .prefect/), the deployment, and a runner for its runs.
+## Ctrl-C or `make stop` (from another terminal) ends every process it started.
+serve: setup
+	$(PY) -m pipelines.serve
+
+stop:
+	$(PY) -m pipelines.serve --stop
+
+## A bare Prefect server and UI on http://127.0.0.1:4200 (`make serve` starts its own).
 prefect-server: setup
 	$(VENV)/bin/prefect server start --host 127.0.0.1
 

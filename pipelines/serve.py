@@ -1,22 +1,305 @@
-"""Serve the pipeline as a scheduled Prefect deployment (needs a Prefect server: make prefect-server).
+"""Serve the pipeline as a scheduled Prefect deployment, on a local Prefect server (``make serve``).
 
-    python -m pipelines.serve --cron "0 3 * * *"
+    python -m pipelines.serve           # server + UI on 127.0.0.1, deployment, runner; Ctrl-C stops all
+    python -m pipelines.serve --stop    # from another terminal (make stop): the same shutdown
+
+One process does it all, from the ``serve`` section of ``params.yaml`` (:class:`ServeConfig`):
+it starts ``prefect server start`` on ``serve.host``:``serve.port`` with its SQLite database and
+settings in ``.prefect/`` under the project (``PREFECT_HOME``; analytics off), waits until the
+server's API answers, registers the deployment ``palm-rlhf/<serve.deployment>`` with the cron
+schedule ``serve.cron`` in ``serve.timezone``, and serves it: runs the schedule creates, and runs
+triggered from the UI or with ``prefect deployment run 'palm-rlhf/<name>'``, execute here, each in
+a process of its own. On Ctrl-C, SIGTERM or ``--stop`` the runner stops (the schedule is paused
+while nothing serves it) and every process this one started ends, the server's and the runs'
+included: this process is their subreaper, so even a run's orphaned grandchildren are found.
+``.prefect/serve.json`` records the processes for ``--stop``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zoneinfo
+from dataclasses import dataclass
+from pathlib import Path
 
-from pipelines.flow import pipeline
+from palm.config import check, load_section
+from palm.errors import ConfigError, UserError
+from palm.io import write_json
+from pipelines import ROOT
+
+HOME = ".prefect"  # PREFECT_HOME under the project: the server's SQLite database, logs, the pid file
+PID_FILE = "serve.json"
+STOP_GRACE_S = 60.0  # how long an orderly shutdown may take before the rest is killed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default="palm-rlhf-nightly")
-    parser.add_argument("--cron", default="0 3 * * *", help="schedule (cron, UTC)")
-    args = parser.parse_args()
-    pipeline.serve(name=args.name, cron=args.cron)
+@dataclass(frozen=True)
+class ServeConfig:
+    """params.yaml ``serve``: the scheduled deployment ``make serve`` registers. Not a DVC stage
+    (no stage lists it in ``dvc.yaml``), so changing it reruns nothing."""
+
+    deployment: str = "nightly"  # deployment name: runs as 'palm-rlhf/<deployment>'
+    cron: str = "0 3 * * *"  # when the schedule starts a run (five-field cron)
+    timezone: str = "UTC"  # IANA zone the cron is read in, e.g. Europe/Paris
+    until: str | None = None  # scheduled runs stop after this stage (and run what it needs); null: every stage
+    host: str = "127.0.0.1"  # the Prefect server and UI bind here (loopback unless told otherwise)
+    port: int = 4200
+    startup_timeout_s: float = 120.0  # the server's API must answer within this
+
+    def __post_init__(self) -> None:
+        from prefect.schedules import Cron
+
+        check(bool(self.deployment.strip()) and "/" not in self.deployment, "deployment",
+              f"expected a name without '/', got {self.deployment!r}")
+        try:
+            Cron(self.cron)  # Prefect's own check of the schedule it will be given
+        except ValueError:
+            raise ConfigError("cron", f"{self.cron!r} is not a cron schedule; expected five fields "
+                              f"(minute hour day month weekday), e.g. '0 3 * * *'") from None
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError("timezone", f"unknown time zone {self.timezone!r}; expected an IANA name "
+                              f"such as UTC or Europe/Paris") from None
+        check(self.until is None or bool(self.until.strip()), "until", "expected a stage name or null")
+        check(bool(self.host.strip()), "host", "expected a host name or address, e.g. 127.0.0.1")
+        check(1 <= self.port <= 65535, "port", f"expected 1..65535, got {self.port}")
+        check(self.startup_timeout_s > 0, "startup_timeout_s", f"expected > 0, got {self.startup_timeout_s}")
+
+
+def api_url(cfg: ServeConfig) -> str:
+    return f"http://{cfg.host}:{cfg.port}/api"
+
+
+def prefect_env(root: Path, cfg: ServeConfig) -> dict[str, str]:
+    """The settings of the server and of every Prefect client here: its home (and SQLite
+    database) under the project, its address, no analytics (Prefect's, nor DVC's in the runs)."""
+    return {"PREFECT_HOME": str(root / HOME), "PREFECT_API_URL": api_url(cfg),
+            "PREFECT_SERVER_API_HOST": cfg.host, "PREFECT_SERVER_API_PORT": str(cfg.port),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def _record(proc) -> dict:
+    return {"pid": proc.pid, "create_time": proc.create_time()}
+
+
+def _recorded(entry: dict):
+    """The process an entry of the pid file names, if it still runs (the same process: a pid
+    reused since by another program has another start time)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(entry["pid"])
+        same = abs(proc.create_time() - entry["create_time"]) < 0.01
+    except (psutil.Error, KeyError, TypeError):
+        return None
+    return proc if same and not ended(proc) else None
+
+
+def ended(proc) -> bool:
+    """True once ``proc`` has exited (a zombie its parent has not reaped yet counts as ended)."""
+    import psutil
+
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_ended(procs, timeout_s: float) -> list:
+    """Wait until every one of ``procs`` has ended or ``timeout_s`` passed; those still alive."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in procs if not ended(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def end_processes(procs, grace_s: float = 10.0) -> None:
+    """SIGTERM ``procs`` (psutil processes), then SIGKILL those still alive after ``grace_s``."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    for p in wait_ended(procs, grace_s):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    wait_ended(procs, grace_s)
+    psutil.wait_procs(procs, timeout=0)  # reap those that were our children
+
+
+def _become_subreaper() -> None:
+    """Linux: orphaned descendants (a run's DVC and stage processes whose run process died)
+    become this process's children instead of init's, so the shutdown still finds them."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        except (OSError, AttributeError):
+            pass
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Return once ``url``/health answers; UserError if the server exits first or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            tail = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"the Prefect server exited (code {server.returncode}) before its API answered: "
+                            f"{tail} (whole log: {log})")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise UserError(f"the Prefect server's API did not answer at {url} within {timeout_s:g} s "
+                    f"(serve.startup_timeout_s); its log: {log}")
+
+
+# --- serve and stop ------------------------------------------------------------------------------
+
+def serve(root: Path, cfg: ServeConfig) -> None:
+    """Start the server, register and serve the deployment until interrupted, then end every
+    process started here."""
+    import psutil
+
+    home = root / HOME
+    pid_file = home / PID_FILE
+    if _recorded(_read_pids(pid_file).get("serve", {})):
+        raise UserError(f"already serving this project ({pid_file}); stop it first: make stop")
+    if not port_free(cfg.host, cfg.port):
+        raise UserError(f"serve.port: {cfg.host}:{cfg.port} is already in use by another program; "
+                        f"stop it or choose another serve.port")
+    from pipelines.flow import pipeline, plan, stages_in_order
+
+    if cfg.until is not None and cfg.until not in (order := stages_in_order(root)):
+        raise ConfigError("serve.until", f"unknown stage {cfg.until!r}; the DAG has {', '.join(order)}")
+    folder, names = plan(str(root), until=cfg.until)
+    os.environ.update(prefect_env(root, cfg))
+    import prefect.context
+
+    prefect.context.refresh_global_settings_context()  # Prefect read its settings when imported
+    from prefect import serve as prefect_serve
+    from prefect.schedules import Cron
+
+    home.mkdir(parents=True, exist_ok=True)
+    _become_subreaper()
+    me = psutil.Process()
+    record = {"serve": _record(me), "ui": f"http://{cfg.host}:{cfg.port}"}
+    write_json(pid_file, record)
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)  # until the runner installs its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (nohup, &)
+    log = home / "server.log"
+    try:
+        with log.open("wb") as out:
+            # A session of its own: a Ctrl-C in the terminal reaches this process only, which
+            # stops the runner first (it pauses the schedule through the server), then the server.
+            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start",
+                                       "--host", cfg.host, "--port", str(cfg.port)],
+                                      cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        record["server"] = _record(psutil.Process(server.pid))
+        write_json(pid_file, record)
+        wait_healthy(api_url(cfg), server, log, cfg.startup_timeout_s)
+        parameters = {"root": str(folder), **({"until": cfg.until} if cfg.until else {})}
+        deployment = pipeline.to_deployment(name=cfg.deployment, schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
+                                            parameters=parameters)
+        print(f"Prefect UI: http://{cfg.host}:{cfg.port} (server log {log})\n"
+              f"serving deployment 'palm-rlhf/{cfg.deployment}': cron '{cfg.cron}' ({cfg.timezone}), "
+              f"stages {', '.join(names)}\n"
+              f"run it now: PREFECT_API_URL={api_url(cfg)} .venv/bin/prefect deployment run 'palm-rlhf/{cfg.deployment}'\n"
+              f"stop: Ctrl-C here, or make stop", flush=True)
+        prefect_serve(deployment, print_starting_message=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        end_processes(me.children(recursive=True))
+        pid_file.unlink(missing_ok=True)
+        print("stopped: the Prefect server and every run process", flush=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _read_pids(path: Path) -> dict:
+    """The pid file's record; {} when there is none (or a half-written one)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def stop(root: Path) -> str:
+    """End a ``serve`` of this project: interrupt it as Ctrl-C would (an orderly shutdown), then
+    end whatever it started that is still alive after :data:`STOP_GRACE_S`, the server included
+    if ``serve`` itself was killed. Returns what it did, in words."""
+    import psutil
+
+    pid_file = root / HOME / PID_FILE
+    if not pid_file.is_file():
+        return "nothing to stop: no make serve is running for this project"
+    record = _read_pids(pid_file)
+    serve_proc, server = _recorded(record.get("serve", {})), _recorded(record.get("server", {}))
+    procs = []
+    for proc in (serve_proc, server):
+        if proc is not None:
+            try:
+                procs += [proc, *proc.children(recursive=True)]  # taken now: orphans later are still known
+            except psutil.NoSuchProcess:
+                pass
+    if serve_proc is not None:
+        serve_proc.send_signal(signal.SIGINT)
+        wait_ended([serve_proc], STOP_GRACE_S)
+    end_processes(procs)
+    pid_file.unlink(missing_ok=True)
+    alive = [p for p in procs if not ended(p)]
+    if alive:
+        raise UserError(f"could not end processes {[p.pid for p in alive]}; end them by hand (kill -9)")
+    return f"stopped make serve (ui {record.get('ui', '?')}): {len(set(p.pid for p in procs))} processes ended"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"), help="params file (section serve)")
+    parser.add_argument("--stop", action="store_true", help="stop the make serve running for this project")
+    args = parser.parse_args(argv)
+    try:
+        if args.stop:
+            print(stop(ROOT))
+        else:
+            serve(ROOT, load_section(ServeConfig, args.params, "serve"))
+    except UserError as err:
+        print(f"error: serve: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

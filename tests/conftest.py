@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,13 @@ def run_stage_cli(stage: str, args: list[str], cwd: Path, env: dict | None = Non
     full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
     return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (free when this returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_project(dst: Path, git: bool = True) -> Path:

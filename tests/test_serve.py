@@ -1,0 +1,179 @@
+"""`make serve` for real: ``python -m pipelines.serve`` in a project copy starts its own Prefect
+server (SQLite in the copy's .prefect/), registers the scheduled deployment and serves it; runs
+triggered through the API complete, the second from the DVC cache; ``--stop`` (make stop)
+leaves no process behind, those of a run in flight included.
+
+The deployment stops after ``scrape`` (serve.until) on a small folder of text files, so the
+runs cost little more than Prefect's and DVC's start-up. The server starts once for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import commit, free_port, make_project
+
+pytestmark = pytest.mark.e2e
+DEPLOYMENT = "test-nightly"
+CRON, TIMEZONE = "30 2 * * 1", "Europe/Paris"
+WORDS = "river stone cloud lantern garden copper violin meadow harbor pepper signal orbit velvet candle".split()
+
+
+def serve_cli(root: Path, *args: str, **kwargs) -> subprocess.Popen:
+    # the runner looks for runs to start every 2 s instead of 10
+    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.serve", *args], cwd=root, env=env, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The project copy being served: (root, API url, the serve process, its output file)."""
+    base = tmp_path_factory.mktemp("serve")
+    root = make_project(base / "project", git=False)
+    docs = base / "docs"
+    docs.mkdir()
+    rng = random.Random(0)
+    for i in range(3):
+        (docs / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(400)) + "\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["scrape"].update(source="files", files_path=str(docs), shards=1, workers=1)
+    params["serve"].update(deployment=DEPLOYMENT, cron=CRON, timezone=TIMEZONE, until="scrape", port=free_port(),
+                           startup_timeout_s=300.0)  # a loaded CI machine
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit(root)
+    url = f"http://127.0.0.1:{params['serve']['port']}/api"
+    out = base / "serve.out"
+    with out.open("w") as f:
+        proc = serve_cli(root, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 360
+    while "serving deployment" not in out.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"make serve did not come up (exit {proc.poll()}):\n{out.read_text()}")
+        time.sleep(0.5)
+    yield root, url, proc, out
+    if proc.poll() is None:  # a test failed before the stop test: stop it all anyway
+        serve_cli(root, "--stop").wait(timeout=120)
+        proc.wait(timeout=30)
+
+
+def client(url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return get_client(sync_client=True)
+
+
+def run_deployment_and_wait(url: str, timeout_s: float = 420):
+    """Trigger a run of the deployment through the API; its final flow run."""
+    with client(url) as c:
+        deployment = c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}")
+        run = c.create_flow_run_from_deployment(deployment.id)
+        deadline = time.monotonic() + timeout_s
+        while not (run := c.read_flow_run(run.id)).state.is_final():
+            assert time.monotonic() < deadline, f"flow run still {run.state.type} after {timeout_s} s"
+            time.sleep(1)
+        return run
+
+
+def flow_logs(url: str, run_id) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client(url) as c:
+        return [log.message for log in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
+
+
+def mlflow_runs(root: Path) -> list:
+    import mlflow
+
+    c = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return c.search_runs([c.get_experiment_by_name("palm-rlhf").experiment_id])
+
+
+def test_the_ui_shows_the_deployment_with_its_schedule(served):
+    root, url, proc, out = served
+    with client(url) as c:
+        deployment = c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}")
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (CRON, TIMEZONE, True)
+    assert deployment.parameters == {"root": str(root.resolve()), "until": "scrape"}
+    assert (root / ".prefect" / "prefect.db").is_file()  # the server's SQLite lives in the project
+    with urllib.request.urlopen(url.removesuffix("/api")) as page:  # the UI itself
+        assert page.status == 200 and b"<html" in page.read().lower()
+    assert url.removesuffix("/api") in out.read_text()  # printed for the user
+
+
+def test_triggered_runs_complete_the_second_from_the_dvc_cache(served):
+    root, url, proc, out = served
+    first = run_deployment_and_wait(url)
+    assert first.state.is_completed(), (first.state, out.read_text()[-3000:])
+    assert list((root / "data" / "corpus").glob("part-*.parquet"))
+    assert not (root / "artifacts" / "tokenizer").exists()  # until: scrape, nothing downstream
+    runs = mlflow_runs(root)
+    (pipeline,) = [r for r in runs if r.data.tags.get("palm.stage") == "pipeline"]
+    (scrape,) = [r for r in runs if r.data.tags.get("palm.stage") == "scrape"]
+    assert scrape.data.tags["mlflow.parentRunId"] == pipeline.info.run_id  # nested under the flow's run
+    stamp = {p: p.stat().st_mtime_ns for p in (root / "data" / "corpus").iterdir()}
+
+    # The serve section is no DVC parameter: changing it makes no stage stale.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["serve"]["timezone"] = "UTC"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = run_deployment_and_wait(url)
+    assert second.state.is_completed(), second.state
+    deadline = time.monotonic() + 30  # the run's logs reach the API in batches
+    while "stage scrape: up to date (DVC cache)" not in (logs := flow_logs(url, second.id)):
+        assert time.monotonic() < deadline, logs
+        time.sleep(1)
+    assert "stage scrape: ran" in flow_logs(url, first.id)
+    assert {p: p.stat().st_mtime_ns for p in (root / "data" / "corpus").iterdir()} == stamp
+    stages = [r.data.tags.get("palm.stage") for r in mlflow_runs(root)]
+    assert (stages.count("pipeline"), stages.count("scrape")) == (2, 1)  # the second run executed no stage
+
+
+def command(proc) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return ""
+
+
+def test_stop_ends_every_process_it_started_a_run_in_flight_included(served):
+    import psutil
+
+    root, url, proc, out = served
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["scrape"]["filters"]["min_words"] = 40  # scrape is stale: the next run executes it
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with client(url) as c:
+        c.create_flow_run_from_deployment(c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}").id)
+    serving = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 300
+    while not any("stages.scrape" in command(p) for p in serving.children(recursive=True)):
+        assert time.monotonic() < deadline, "the run's scrape stage never started"
+        time.sleep(0.2)
+    started = [serving, *serving.children(recursive=True)]  # serve, server, the run, DVC, the stage
+    assert json.loads((root / ".prefect" / "serve.json").read_text())["serve"]["pid"] == proc.pid
+    stop = serve_cli(root, "--stop", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    said = stop.communicate(timeout=120)[0]
+    assert stop.returncode == 0 and "stopped make serve" in said, said
+    assert proc.wait(timeout=30) == 0
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    assert not (root / ".prefect" / "serve.json").exists()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/health", timeout=2)
+    again = serve_cli(root, "--stop", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert "nothing to stop" in again.communicate(timeout=60)[0] and again.returncode == 0
