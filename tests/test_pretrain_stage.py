@@ -17,7 +17,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 
-from conftest import make_project, run_stage_cli  # noqa: E402
+from conftest import free_port, make_project, run_stage_cli  # noqa: E402
 from shards import make_shards  # noqa: E402
 
 from palm.train.pretrain import KILL_ENV  # noqa: E402
@@ -167,14 +167,6 @@ def test_sigkill_of_the_stage_process_leaves_no_training_process(tmp_path):
     while marked_pids(marker) and time.time() < deadline:
         time.sleep(0.2)
     assert marked_pids(marker) == []
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_rendezvousing_over_c10d_train_what_one_node_does(tmp_path):

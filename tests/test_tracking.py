@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-
-from conftest import ROOT, run_stage_cli
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from conftest import ROOT, free_port, run_stage_cli
 
 
 def test_unreachable_mlflow_keeps_outputs(tmp_path, shared_data):
@@ -26,7 +16,7 @@ def test_unreachable_mlflow_keeps_outputs(tmp_path, shared_data):
     text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:50000]
     write_corpus([{"url": "u", "title": "t", "text": text, "sha1": hashlib.sha1(text.encode()).hexdigest(),
                    "fetched_at": "x", "source": "files"}], corpus)
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     proc = run_stage_cli("tokenizer", ["--corpus", "corpus", "--out", "tok"], cwd=tmp_path,
                          env={"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr
