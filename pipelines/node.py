@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from pipelines import ROOT
 
 
 def stage_command(stage: str, root: Path = ROOT) -> list[str]:
