@@ -162,3 +162,37 @@ def test_config_counts_sequences_two_per_pair():
         RewardConfig(micro_batch_size=5)
     with pytest.raises(ConfigError, match="margin"):
         RewardConfig(margin=-1.0)
+
+
+@pytest.mark.dist
+def test_reward_training_resumes_exactly_after_sigkill(tmp_path, inputs):
+    """Killed right after its first checkpoint, the rerun of the same launch ends like a run that
+    was never interrupted: same losses and held-out accuracy, same weights (head included)."""
+    from safetensors.torch import load_file
+
+    from palm.train.engine import OptimConfig
+    from palm.train.loop import KILL_ENV, export
+    from palm.train.reward import launch
+
+    cfg = RewardConfig(train_steps=4, micro_batch_size=4, num_microbatches=1, dtype="fp32", log_interval=2,
+                       eval_interval=2, eval_batches=2, checkpoint_interval=2,
+                       optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1))
+
+    def run(name: str, env: dict | None = None) -> dict:
+        tmp = tmp_path / name
+        return launch(MODEL, cfg, data=inputs["prefs"], parent=inputs["parent"], tokenizer_sha256=inputs["sha"],
+                      checkpoints=tmp / "ckpt", reports=tmp / "reports", run_dir=tmp / "run", peak_flops=1e11,
+                      env=env)
+
+    straight = run("a")
+    with pytest.raises(RuntimeError):  # the worker SIGKILLs itself right after checkpoint 2
+        run("b", env={KILL_ENV: "2"})
+    resumed = run("b")
+    assert resumed["resumed_from_step"] == 2 and straight["resumed_from_step"] == 0
+    for key in ("final_train_loss", "val_loss", "val_accuracy"):
+        assert abs(resumed[key] - straight[key]) <= 1e-6, key
+    for name, result in (("a", straight), ("b", resumed)):
+        export(Path(result["checkpoint"]), tmp_path / name / "model", {}, chunk=RewardModel)
+    wa, wb = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in "ab")
+    assert HEAD in wa
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
