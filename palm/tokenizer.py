@@ -82,4 +82,9 @@ def load_tokenizer(path: Path, expected_sha256: str | None = None) -> Tokenizer:
         if actual != expected_sha256:
             raise UserError(f"{path}: tokenizer sha256 {actual[:12]}… differs from {expected_sha256[:12]}… that the "
                             f"data was made with; rerun the downstream stages (dvc repro)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: not a readable tokenizer ({first}); rerun the tokenizer stage "
+                        f"(dvc repro -f tokenizer)") from None

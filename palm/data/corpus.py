@@ -27,7 +27,12 @@ def read_corpus(corpus_dir: Path, columns: list[str] | None = None, batch_size: 
     if not parts:
         raise UserError(f"{corpus_dir}: no corpus parts (part-*.parquet); run the scrape stage first (dvc repro scrape)")
     for part in parts:
-        yield from pq.ParquetFile(part).iter_batches(batch_size=batch_size, columns=columns)
+        try:
+            reader = pq.ParquetFile(part)
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"{part}: not a readable corpus part ({err}); rerun the scrape stage "
+                            f"(dvc repro -f scrape)") from None
+        yield from reader.iter_batches(batch_size=batch_size, columns=columns)
 
 
 def write_corpus(rows: list[dict], corpus_dir: Path, part: int = 0) -> Path:

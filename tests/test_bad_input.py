@@ -1,0 +1,110 @@
+"""The bad-input battery: what a new user gets wrong, tried on every stage as DVC runs it (the
+stage's command line from ``dvc.yaml``, its ``main`` called in this process to save the
+interpreter start-ups), each time expecting exactly one ``error: <stage>: …`` line, no
+traceback, and exit code 2 before anything is written:
+
+* a wrong value in the stage's params section (a key it does not know; a number given as text);
+* every input missing (a fresh folder, nothing built yet);
+* every input corrupt (each input folder holds the files a stage reads, filled with junk).
+
+The README's "Troubleshooting" section lists these messages."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+VARS = {k: v for d in DVC["vars"] for k, v in d.items()}
+STAGES = list(DVC["stages"])
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+# what the stages read inside their input folders; "corrupt" fills each with junk
+JUNK_FILES = ["meta.json", "config.json", "stats.json", "tokenizer.json", "model.safetensors", "train.bin",
+              "train.idx", "valid.bin", "valid.idx", "train.parquet", "valid.parquet", "part-00000.parquet",
+              "curve.csv"]
+
+
+def resolve(text: str) -> str:
+    """``${var}`` of dvc.yaml's ``vars`` replaced."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: str(VARS[m.group(1)]), text)
+
+
+def argv(stage: str) -> list[str]:
+    """The stage's arguments as dvc.yaml gives them (after ``-m stages.<stage>``)."""
+    cmd = resolve(DVC["stages"][stage]["cmd"])
+    words = shlex.split(cmd)
+    return words[words.index(f"stages.{stage}") + 1:] + ["--no-mlflow"]
+
+
+def inputs(stage: str) -> list[str]:
+    """The data, model and report paths the stage reads (its deps outside the code)."""
+    deps = [resolve(d) for d in DVC["stages"][stage].get("deps", [])]
+    return [d for d in deps if d.split("/")[0] in ("data", "artifacts", "models", "reports")]
+
+
+def outputs(stage: str) -> list[str]:
+    """The stage's DVC outputs (persistent checkpoint folders aside: a resume may find them)."""
+    outs = []
+    for o in DVC["stages"][stage].get("outs", []):
+        path, opts = (o, {}) if isinstance(o, str) else next(iter(o.items()))
+        if not (opts or {}).get("persist"):
+            outs.append(resolve(path))
+    return outs
+
+
+def run(stage: str, tmp_path, monkeypatch, capfd, params: dict) -> str:
+    """Run the stage in ``tmp_path`` with ``params``; returns its one error line. Nothing of
+    what the stage outputs may exist afterwards."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    code = importlib.import_module(f"stages.{stage}").main(argv(stage))
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {stage}: "), err[-3000:]
+    assert [o for o in outputs(stage) if (tmp_path / o).exists()] == []
+    return lines[0]
+
+
+def first_number(section: dict) -> str:
+    return next(k for k, v in section.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_wrong_value_in_the_stage_section(stage, tmp_path, monkeypatch, capfd):
+    section = PARAMS[stage]
+    unknown = {**PARAMS, stage: {**section, "no_such_key": 1}}
+    assert f"{stage}.no_such_key" in run(stage, tmp_path, monkeypatch, capfd, unknown)
+    key = first_number(section)
+    as_text = {**PARAMS, stage: {**section, key: "lots"}}
+    assert f"{stage}.{key}" in run(stage, tmp_path, monkeypatch, capfd, as_text)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_input_missing(stage, tmp_path, monkeypatch, capfd):
+    params = PARAMS
+    if stage == "scrape":  # its default source is embedded: point it at a folder that is not there
+        params = {**PARAMS, "scrape": {**PARAMS["scrape"], "source": "files", "files_path": "no/such/folder"}}
+    run(stage, tmp_path, monkeypatch, capfd, params)
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != "scrape"])
+def test_every_input_corrupt(stage, tmp_path, monkeypatch, capfd):
+    for rel in inputs(stage):
+        path = tmp_path / rel
+        if path.suffix:  # a file input (a curve)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"\x00junk, not what a stage wrote\xff")
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        for name in JUNK_FILES:
+            (path / name).write_bytes(b"{\x00junk, not what a stage wrote\xff")
+    run(stage, tmp_path, monkeypatch, capfd, PARAMS)
