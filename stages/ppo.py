@@ -4,7 +4,7 @@ train split's prompts, with TP x DP torchrun processes (``palm.train.rlhf``).
 Checks before anything starts (one line each): the policy, the reward model and the prompts
 share one tokenizer, the reward export carries the reward stage's mean/std, the responses fit
 the context, and some prompt is left to start from. Resumes from ``--checkpoints``
-(persistent); ends by exporting the policy as ``models/sft`` is (safetensors + config.json with
+(kept across reruns); ends by exporting the policy as ``models/sft`` is (safetensors + config.json with
 ``"kind": "ppo"`` + tokenizer.json) into ``--out``, atomically.
 """
 

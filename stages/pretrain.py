@@ -1,6 +1,6 @@
 """DVC stage `pretrain`: train PaLM on the token shards with TP x PP x DP torchrun processes.
 
-Resumes from ``--checkpoints`` (a persistent DVC output) when it holds a checkpoint of the same
+Resumes from ``--checkpoints`` (kept across DVC reruns: not a declared output) when it holds a checkpoint of the same
 run, so a killed run restarted by ``dvc repro`` continues; ends by exporting the final weights as
 safetensors + config.json (+ the tokenizer) into ``--out``, atomically.
 """

@@ -2,7 +2,7 @@
 the assistant replies only) with TP x PP x DP torchrun processes.
 
 The architecture and tokenizer are the parent export's (``models/pretrain``); data made with
-another tokenizer is refused. Resumes from ``--checkpoints`` (persistent) like pretraining; ends
+another tokenizer is refused. Resumes from ``--checkpoints`` (kept across reruns) like pretraining; ends
 by exporting the weights as safetensors + config.json (+ the tokenizer) into ``--out``, atomically.
 """
 

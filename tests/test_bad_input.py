@@ -49,13 +49,8 @@ def inputs(stage: str) -> list[str]:
 
 
 def outputs(stage: str) -> list[str]:
-    """The stage's DVC outputs (persistent checkpoint folders aside: a resume may find them)."""
-    outs = []
-    for o in DVC["stages"][stage].get("outs", []):
-        path, opts = (o, {}) if isinstance(o, str) else next(iter(o.items()))
-        if not (opts or {}).get("persist"):
-            outs.append(resolve(path))
-    return outs
+    """The stage's DVC outputs."""
+    return [resolve(o if isinstance(o, str) else next(iter(o))) for o in DVC["stages"][stage].get("outs", [])]
 
 
 def run(stage: str, tmp_path, monkeypatch, capfd, params: dict) -> str:

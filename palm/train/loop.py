@@ -11,7 +11,7 @@ Resume that tells the truth:
   TP/PP/DP layout, not the intervals) equals this run's; otherwise the old checkpoints are
   removed and training starts fresh.
 * Whatever the reports need is kept with the checkpoint (``curve.csv`` beside it; timing and the
-  last validation metrics in its ``palm.json``), because DVC deletes a stage's non-persistent
+  last validation metrics in its ``palm.json``), because DVC deletes a stage's declared
   outputs before it reruns it (``dvc repro -f``). A resumed run, finished or not, rebuilds the
   same ``curve.csv`` and result as an uninterrupted one.
 * An unreadable newest checkpoint falls back to the one before it.
@@ -146,7 +146,7 @@ class Job:
 
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
-    checkpoints: Path  # persistent: checkpoints of this stage (resume)
+    checkpoints: Path  # checkpoints of this stage (resume), kept across DVC reruns
     reports: Path  # reports/<stage>/ (curve.csv)
     run_dir: Path  # scratch of the launch (spec, result, dataset index cache)
     peak_flops: float  # measured matmul peak for MFU

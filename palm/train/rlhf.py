@@ -517,7 +517,7 @@ CURVE = ("step", "reward", "score", "kl", "kl_coef", "response_length", "ended",
 @dataclasses.dataclass(frozen=True)
 class Paths:
     reports: Path  # reports/ppo/: curve.csv, samples.jsonl
-    checkpoints: Path | None  # persistent; None: no checkpoints (in-process runs, tests)
+    checkpoints: Path | None  # kept across reruns; None: no checkpoints (in-process runs, tests)
     run_dir: Path | None = None  # rank 0 writes result.json here
 
 
