@@ -119,7 +119,6 @@ def _log(c: Any, run_id: str, name: str, folder: Path, kind: str) -> str:
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # no input example on purpose: MLflow would run the model on it (seconds per model)
         warnings.filterwarnings("ignore", message=".*input example was not provided")
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
         out = Path(tmp) / name
         mlflow.pyfunc.save_model(str(out), python_model=str(Path(__file__).with_name("serving.py")),
                                  artifacts={"model": str(folder)}, code_paths=[str(Path(__file__).parent)],
@@ -219,12 +218,14 @@ def cache_dir() -> Path:
 
 def resolve(uri: str, root: Path | None = None) -> Path:
     """The export folder of the registered version ``uri``: downloaded once into
-    ``$PALM_MODEL_CACHE`` (default ``~/.cache/palm-rlhf/models``) as ``NAME/VERSION``, atomically."""
+    ``$PALM_MODEL_CACHE`` (default ``~/.cache/palm-rlhf/models``) as ``NAME/VERSION-MD5``
+    (the start of the folder's DVC md5), atomically."""
     import mlflow.artifacts
 
     c = client(root)
     version = get_version(c, uri)
-    local = cache_dir() / version.name / str(version.version)
+    # the folder's md5 in the name: another registry's version of the same number is another folder
+    local = cache_dir() / version.name / f"{version.version}-{version.tags.get('dvc.md5', 'unknown')[:12]}"
     if not (local / "MLmodel").is_file():
         with atomic_dir(local) as tmp:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",

@@ -15,19 +15,23 @@ one-process world of :func:`palm.parallel.process_groups` (or in the caller's, i
 * ``reward``: each row's ``prompt`` (a user turn) and ``response`` (the reply) are scored at the
   reply's end of turn, normalised with the reward stage's mean and std (0: an average reply).
 
-Generation settings come as params (:data:`palm.registry.PARAMS`, the signature's param schema): a batch of
-prompts is sampled together (:func:`palm.generate.generate`), prompts cut from the left to leave
+Generation settings come as params (:data:`palm.registry.PARAMS`, the signature's param schema):
+a batch of prompts is sampled together (:func:`palm.generate.generate`), prompts cut from the left to leave
 ``max_new_tokens`` of room.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import mlflow
 
 from palm.registry import PARAMS
+
+# the signature is explicit (palm.registry.signature); MLflow's advice to add type hints instead is noise
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 def _texts(model_input: Any, column: str | int = 0) -> list[str]:
     """The strings of one column of a pyfunc input (a DataFrame after schema enforcement, or a

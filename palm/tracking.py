@@ -26,8 +26,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 EXPERIMENT = "palm-rlhf"
 PARENT_ENV = "PALM_MLFLOW_PARENT_RUN_ID"
-# MLflow 3's UI opens an experiment without this tag on its GenAI traces overview (empty here);
-# "custom_model_development" ("Machine learning") opens it on its runs.
+# MLflow 3's UI opens an experiment on its GenAI traces overview (empty for this project) unless
+# it is a "Machine learning" one. The experiment's kind is this tag; the UI of MLflow 3.17 takes it
+# from its own "workflow type" (a switch in its sidebar, GenAI by default), which the URL's
+# ``workflowType=machine_learning`` sets: :func:`ui_url` gives that link (``make ui`` prints it).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 for _key, _value in {
@@ -74,6 +76,19 @@ def producer(mlflow_client: Any, experiment_id: str, path: str, md5: str) -> str
                                                      "attributes.status = 'FINISHED'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def ui_url(root: Path, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's link to this project's runs (the experiment is created if it is not yet)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(root))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        experiment_id = client.create_experiment(EXPERIMENT, tags=EXPERIMENT_KIND)
+    else:
+        experiment_id = experiment.experiment_id
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 class Tracker:

@@ -105,17 +105,18 @@ def client(env):
 
 def stage_run(c, stage: str):
     exp = c.get_experiment_by_name("palm-rlhf")
-    (run,) = c.search_runs([exp.experiment_id], f"tags.`palm.stage` = '{stage}'", order_by=["attributes.start_time DESC"],
-                           max_results=1)
+    (run,) = c.search_runs([exp.experiment_id], f"tags.`palm.stage` = '{stage}'",
+                           order_by=["attributes.start_time DESC"], max_results=1)
     return run
 
 
 def test_evaluate_registers_four_models_with_their_source_runs_and_aliases(project, env):
-    from palm.registry import pip_requirements
+    from palm.registry import NAMES, pip_requirements
 
+    assert NAMES == {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
     c = client(env)
     assert c.get_experiment_by_name("palm-rlhf").tags["mlflow.experimentKind"] == "custom_model_development"
-    for key, name in {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}.items():
+    for key, name in NAMES.items():
         (v,) = c.search_model_versions(f"name = '{name}'")
         source = stage_run(c, key)
         assert v.run_id == source.info.run_id and v.tags["palm.source_run_id"] == source.info.run_id
@@ -196,9 +197,10 @@ def test_pyfunc_load_and_predict_and_resolve(project, env):
     assert len(out) == 2 and all(isinstance(t, str) for t in out) and again[0] == out[0]
     assert len(scores) == 2 and all(isinstance(float(s), float) for s in scores) and scores[0] != scores[1]
     folder = resolve("models:/palm-chat@champion")
-    assert folder.is_relative_to(Path(env["PALM_MODEL_CACHE"]) / "palm-chat" / "1")
+    md5 = dvc_md5(project / "models" / "ppo")
+    assert folder.is_relative_to(Path(env["PALM_MODEL_CACHE"]) / "palm-chat" / f"1-{md5[:12]}")
     ex = read_export(folder)
-    assert ex.kind == "ppo" and dvc_md5(folder) == dvc_md5(project / "models" / "ppo")
+    assert ex.kind == "ppo" and dvc_md5(folder) == md5
     assert resolve("models:/palm-chat/1") == folder  # cached: the same folder
 
 
@@ -211,8 +213,9 @@ def test_palm_chat_on_a_registry_uri_and_bad_uris(project, env, capsys):
     args = parser().parse_args(["chat", "models:/palm-chat@champion", "--temperature", "0", "--max-new-tokens", "4"])
     out, err = io.StringIO(), io.StringIO()
     assert chat.run(args, stdin=io.StringIO(f"{PROMPT}\n/quit\n"), stdout=out, stderr=err) == 0
-    assert str(Path(env["PALM_MODEL_CACHE"]) / "palm-chat" / "1") in err.getvalue() and out.getvalue().count("\n") == 1
-    for uri, message in (("models:/palm-chat@nobody", "not in the registry"), ("models:/palm-chat", "not a registry URI")):
+    assert f"{Path(env['PALM_MODEL_CACHE']) / 'palm-chat'}/1-" in err.getvalue() and out.getvalue().count("\n") == 1
+    for uri, message in (("models:/palm-chat@nobody", "not in the registry"),
+                         ("models:/palm-chat", "not a registry URI")):
         assert main(["chat", uri]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: chat: {uri}: {message}"), lines
@@ -265,8 +268,8 @@ def test_mlflow_models_serve_answers_a_post_on_loopback(project, env):
 
     port = free_port()
     bin_ = Path(sys.executable).parent  # the server runs uvicorn from PATH: the venv's, as when it is activated
-    proc = subprocess.Popen([str(bin_ / "mlflow"), "models", "serve", "-m", "models:/palm-chat@champion", "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([str(bin_ / "mlflow"), "models", "serve", "-m", "models:/palm-chat@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                             env={**os.environ, **env, "PATH": f"{bin_}:{os.environ['PATH']}"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     body = {"inputs": [PROMPT], "params": {"max_new_tokens": 5, "temperature": 0.0}}
