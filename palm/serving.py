@@ -23,15 +23,12 @@ a batch of prompts is sampled together (:func:`palm.generate.generate`), prompts
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any
 
 import mlflow
+import pandas as pd
 
 from palm.registry import PARAMS
-
-# the signature is explicit (palm.registry.signature); MLflow's advice to add type hints instead is noise
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 def _texts(model_input: Any, column: str | int = 0) -> list[str]:
     """The strings of one column of a pyfunc input (a DataFrame after schema enforcement, or a
@@ -60,7 +57,8 @@ class PalmModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(self.export)
         self.model = load_model(self.export)
 
-    def predict(self, context, model_input, params=None):  # (no type hints: the signature is explicit)
+    # a DataFrame (what the signature makes of any input) is a type hint MLflow infers nothing from
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list:
         if self.export.is_reward:
             return self._score(_texts(model_input, "prompt"), _texts(model_input, "response"))
         return self._complete(_texts(model_input), {**PARAMS, **(params or {})})
