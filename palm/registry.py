@@ -48,17 +48,23 @@ CACHE_ENV = "PALM_MODEL_CACHE"
 # the generation settings palm/serving.py's predict takes as params: name -> default; their types
 # make the signature's param schema (top_k 0: off, top_p 1: off)
 PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
-URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
 
 
 def is_uri(ref: Any) -> bool:
     return isinstance(ref, str) and ref.startswith("models:/")
 
 
-def client(root: Path | None = None):
+def client(root: Path | None = None, *, existing: bool = False):
+    """An ``MlflowClient`` on the project's registry; ``existing``: refuse a SQLite file that is
+    not there (MLflow would create an empty one)."""
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri(Path(root) if root else Path.cwd()))
+    uri = tracking_uri(Path(root) if root else Path.cwd())
+    if existing and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow registry at {uri}: run from the project root after the pipeline has run "
+                        "(dvc repro registers the models), or set MLFLOW_TRACKING_URI")
+    return mlflow.MlflowClient(uri)
 
 
 def pip_requirements(lock: Path | None = None) -> list[str]:
@@ -195,7 +201,8 @@ def champion_alias(c: Any, version: int, value: float, metric: str, direction: s
 # --- resolving ------------------------------------------------------------------------------------
 
 def get_version(c: Any, uri: str):
-    """The model version ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) names."""
+    """The model version ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or
+    ``models:/NAME/latest``, the newest) names."""
     from mlflow.exceptions import MlflowException
 
     m = URI.match(uri)
@@ -205,6 +212,12 @@ def get_version(c: Any, uri: str):
     try:
         if m["alias"]:
             return c.get_model_version_by_alias(m["name"], m["alias"])
+        if m["version"] == "latest":
+            newest = c.search_model_versions(f"name = '{m['name']}'", max_results=1,
+                                             order_by=["version_number DESC"])
+            if not newest:
+                raise MlflowException(f"Registered Model with name={m['name']} has no version")
+            return newest[0]
         return c.get_model_version(m["name"], m["version"])
     except MlflowException as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -222,7 +235,7 @@ def resolve(uri: str, root: Path | None = None) -> Path:
     (the start of the folder's DVC md5), atomically."""
     import mlflow.artifacts
 
-    c = client(root)
+    c = client(root, existing=True)
     version = get_version(c, uri)
     # the folder's md5 in the name: another registry's version of the same number is another folder
     local = cache_dir() / version.name / f"{version.version}-{version.tags.get('dvc.md5', 'unknown')[:12]}"
@@ -251,7 +264,7 @@ def lineage(uri: str, root: Path | None = None) -> dict[str, Any]:
     run produced that input), ``outputs`` ``{path: md5}``, ``registered`` the versions whose source
     is the run. ``order``: the run ids, the source run first, each before its inputs' runs (depth
     first, each once). ``corpus``: the scrape run's ``data/corpus`` md5 and run id."""
-    c = client(root)
+    c = client(root, existing=True)
     version = get_version(c, uri)
     model = {"uri": uri, "name": version.name, "version": int(version.version), "run_id": version.run_id,
              "aliases": list(getattr(version, "aliases", []) or []), "dvc_md5": version.tags.get("dvc.md5")}

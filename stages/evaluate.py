@@ -79,11 +79,15 @@ def register(cfg: EvaluateConfig, ctx: StageContext, metrics: dict) -> None:
     md5s = {name: ctx.inputs.get(rel[name]) or dvc_md5(ctx.path(name)) for name in MODELS}
     missing = {rel[n]: md5s[n] for n in MODELS if rel[n] not in ctx.parents}
     parents = {**ctx.parents, **(tracker.link_inputs(missing) if missing else {})}
-    tracker.guard("register models", lambda: tracker.set_tags({
-        f"palm.registered.{r['name']}": str(r["version"]) for r in registry.register(
-            {name: ctx.path(name) for name in MODELS}, md5s, {n: parents.get(rel[n]) for n in MODELS},
-            evaluate_run=tracker.run_id, metrics=metrics, metric=cfg.champion_metric,
-            direction=cfg.champion_direction, root=ctx.root).values()}))
+
+    def go() -> None:
+        registered = registry.register({name: ctx.path(name) for name in MODELS}, md5s,
+                                       {name: parents.get(rel[name]) for name in MODELS}, evaluate_run=tracker.run_id,
+                                       metrics=metrics, metric=cfg.champion_metric, direction=cfg.champion_direction,
+                                       root=ctx.root)
+        tracker.set_tags({f"palm.registered.{r['name']}": str(r["version"]) for r in registered.values()})
+
+    tracker.guard("model registration", go)
 
 
 def main(argv: list[str] | None = None) -> int:

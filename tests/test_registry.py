@@ -135,6 +135,20 @@ def test_evaluate_registers_four_models_with_their_source_runs_and_aliases(proje
         (project / "reports" / "evaluate" / "metrics.json").read_text())["win_rate"]
 
 
+def test_the_champion_params_are_checked_and_the_ui_link_opens_the_runs(project, env):
+    from palm.config import from_dict
+    from palm.errors import ConfigError
+    from palm.evaluate import EvaluateConfig
+    from palm.tracking import ui_url
+
+    with pytest.raises(ConfigError, match="evaluate.champion_metric: must be one of win_rate, "):
+        from_dict(EvaluateConfig, {"champion_metric": "wins"}, "evaluate")
+    with pytest.raises(ConfigError, match="evaluate.champion_direction: expected one of 'max', 'min'"):
+        from_dict(EvaluateConfig, {"champion_direction": "up"}, "evaluate")
+    experiment = client(env).get_experiment_by_name("palm-rlhf").experiment_id
+    assert ui_url(project) == f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
 def test_pip_requirements_are_the_lock_pins():
     from palm.registry import pip_requirements
 
@@ -202,6 +216,7 @@ def test_pyfunc_load_and_predict_and_resolve(project, env):
     ex = read_export(folder)
     assert ex.kind == "ppo" and dvc_md5(folder) == md5
     assert resolve("models:/palm-chat/1") == folder  # cached: the same folder
+    assert resolve("models:/palm-pretrain/latest") == resolve("models:/palm-pretrain@champion")
 
 
 def test_palm_chat_on_a_registry_uri_and_bad_uris(project, env, capsys):
@@ -255,6 +270,11 @@ def test_lineage_reaches_the_scrape_run_and_the_corpus_md5_from_every_model(proj
     assert f"scrape run {scrape.info.run_id}" in text and "(above)" in text  # tokenizer: via tokenize and pretrain
     assert main(["lineage", "models:/palm-nothing@champion"]) == 2
     assert capsys.readouterr().err.startswith("error: lineage: models:/palm-nothing@champion: not in the registry")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'nothing' / 'mlflow.db'}")
+        assert main(["lineage", "models:/palm-chat@champion"]) == 2
+    assert capsys.readouterr().err.startswith("error: lineage: no MLflow registry at sqlite:///")
+    assert not (project / "nothing").exists()
 
 
 def free_port() -> int:
