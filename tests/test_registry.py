@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import ROOT, make_project  # noqa: E402
+from conftest import ROOT, free_port, make_project  # noqa: E402
 from finetune_data import chat_data, make_parent  # noqa: E402
 from test_evaluate import CFG, STAGE_ARGS, make_reward, make_tokens, with_kind  # noqa: E402
 
@@ -277,35 +276,24 @@ def test_lineage_reaches_the_scrape_run_and_the_corpus_md5_from_every_model(proj
     assert not (project / "nothing").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_mlflow_models_serve_answers_a_post_on_loopback(project, env):
+def test_mlflow_models_serve_answers_a_post_on_loopback(project, env, tmp_path):
     import mlflow.pyfunc
 
+    from pipelines.serve import wait_healthy  # polls <url>/health (the scoring server answers it as /ping)
+
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     bin_ = Path(sys.executable).parent  # the server runs uvicorn from PATH: the venv's, as when it is activated
-    proc = subprocess.Popen([str(bin_ / "mlflow"), "models", "serve", "-m", "models:/palm-chat@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, **env, "PATH": f"{bin_}:{os.environ['PATH']}"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(bin_ / "mlflow"), "models", "serve", "-m", "models:/palm-chat@champion",
+                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                env={**os.environ, **env, "PATH": f"{bin_}:{os.environ['PATH']}"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     body = {"inputs": [PROMPT], "params": {"max_new_tokens": 5, "temperature": 0.0}}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 180 s"
-            time.sleep(0.5)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+        wait_healthy(url, proc, log, timeout_s=180)
+        req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             served = json.loads(r.read())["predictions"]
