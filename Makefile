@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup browser run test test-fast check-default flow serve stop mlflow-ui prefect-server lock bench clean-venv
+.PHONY: setup browser run test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -57,9 +57,12 @@ check-default: setup
 flow: setup
 	$(PY) -m pipelines.flow $(if $(UNTIL),--until $(UNTIL))
 
-## MLflow UI on http://127.0.0.1:5000 over the local SQLite store.
-mlflow-ui: setup
-	$(VENV)/bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+## MLflow UI on http://127.0.0.1:5000 over the local SQLite store (runs, registered models and
+## their aliases); it prints the link that opens the project's experiment on its runs.
+MLFLOW_PORT ?= 5000
+ui mlflow-ui: setup
+	@$(PY) -c "from palm.tracking import ui_url; print('MLflow UI: ' + ui_url('.', 'http://127.0.0.1:$(MLFLOW_PORT)'))"
+	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///mlflow.db
 
 ## The pipeline as a scheduled Prefect deployment (params.yaml serve): a local Prefect server and UI
 ## (http://127.0.0.1:4200, state in .prefect/), the deployment, and a runner for its runs.

@@ -172,7 +172,8 @@ def repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, in
 # --- the command line (palm/cli.py registers it) -------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="an exported model folder, e.g. models/ppo or models/sft")
+    p.add_argument("model", metavar="MODEL", help="an exported model folder (e.g. models/ppo) or a registry URI "
+                                                 "(e.g. models:/palm-chat@champion)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default %(default)s)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s; 1: off)")

@@ -3,6 +3,8 @@
 
     palm chat models/ppo            # talk to an exported model (palm/chat.py)
     palm feedback sample|serve …    # sample replies, rank them in a local page (palm/feedback/)
+    palm chat models:/palm-chat@champion              # ... or a registered one
+    palm lineage models:/palm-chat@champion [--json]  # its runs back to the scrape (palm/lineage.py)
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> exit code``. Errors
 a user can fix print as one line ``error: <command>: …`` and exit with 2.
@@ -24,6 +26,7 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 COMMANDS = {
     "chat": ("palm.chat", "chat with an exported model (streamed replies, history, /reset, /quit)"),
     "feedback": ("palm.feedback", "human feedback: sample replies (sample), rank them in a local web page (serve)"),
+    "lineage": ("palm.lineage", "the runs and data a registered model came from, back to the scrape run"),
 }
 
 

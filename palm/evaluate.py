@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from palm.models import Export, load_model, load_tokenizer, read_export, same_to
 from palm.parallel import process_groups
 
 LM_MODELS = ("pretrain", "sft", "ppo")
+# metrics of the PPO policy the champion rule may compare (palm.registry)
+POLICY_METRICS = ("win_rate", "reward_ppo", "reward_gain", "kl", "length_ppo", "ended_ppo", "perplexity_ppo",
+                  "reply_perplexity_ppo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,11 @@ class EvaluateConfig:
     # reward hacking; the metrics say whether it holds (kl_within_limit)
     kl_limit: float = 2.0
     threads: int = 0  # torch threads; 0 = OMP_NUM_THREADS if set, else all cores
+    # the champion rule of the model registry (palm/registry.py): a new palm-chat version becomes
+    # @champion when its champion_metric beats the current champion's (strictly: higher for
+    # "max", lower for "min"); otherwise it is @candidate. The first version is champion.
+    champion_metric: str = "win_rate"
+    champion_direction: Literal["max", "min"] = "max"
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "windows"):
@@ -73,6 +81,8 @@ class EvaluateConfig:
         for name in ("prompts", "pairs", "replies", "samples", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.kl_limit > 0, "kl_limit", f"must be > 0 (nats per reply), got {self.kl_limit}")
+        check(self.champion_metric in POLICY_METRICS, "champion_metric",
+              f"must be one of {', '.join(POLICY_METRICS)}, got {self.champion_metric!r}")
         self.sampling  # temperature, top_k and top_p checked by SamplingConfig
 
     @property

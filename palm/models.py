@@ -12,7 +12,7 @@ An export is a folder of three files, written by every training stage the same w
 weights were trained with) and refuses anything else with one :class:`~palm.errors.UserError`
 line; :func:`load_model` builds the model (``PaLM``, or ``RewardModel`` for a reward export) in
 the process groups of :func:`palm.parallel.process_groups`. :func:`resolve` turns a model reference into a
-folder: today a path; registry URIs will be resolved there.
+folder: a path, or a registry URI (``models:/palm-chat@champion``) downloaded to a cache.
 """
 
 from __future__ import annotations
@@ -52,8 +52,15 @@ class Export:
 
 
 def resolve(ref: str | Path) -> Path:
-    """The folder a model reference names. Today every reference is a path (relative to the
-    working directory); the seam where registry URIs will be resolved to a downloaded folder."""
+    """The folder a model reference names: a path (relative to the working directory), or a
+    registry URI ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (e.g.
+    ``models:/palm-chat@champion``), downloaded once into a cache folder
+    (:func:`palm.registry.resolve`; the registry: ``MLFLOW_TRACKING_URI``, default the project's
+    ``mlflow.db``)."""
+    from palm import registry
+
+    if registry.is_uri(ref):
+        return registry.resolve(str(ref))
     return Path(ref).expanduser()
 
 

@@ -1,7 +1,8 @@
 """What every stage command line does around its library call, written once.
 
 ``run_stage`` parses ``--params`` and the stage's own path arguments, loads the stage's config
-strictly, opens an MLflow run (params, git commit, DVC md5 of each dependency), calls the
+strictly, opens an MLflow run (params, git commit, DVC md5 of each dependency and the run that
+produced it: :meth:`~palm.tracking.Tracker.link_inputs`), calls the
 stage, writes ``reports/<stage>/metrics.json`` atomically, and tags the run with the DVC md5 of
 each output. Errors a user can fix print as one line ``error: <stage>: …`` and exit with 2.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import shutil
 import sys
 import time
@@ -36,6 +38,8 @@ class StageContext:
     root: Path
     reports: Path  # reports/<stage>/
     sections: dict[str, Any]  # other params sections the stage reads (e.g. "model"), loaded strictly
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)  # data/model dependency -> DVC md5
+    parents: dict[str, str] = dataclasses.field(default_factory=dict)  # dependency -> the run that made it
 
     def path(self, name: str) -> Path:
         """A path argument, resolved against the project root."""
@@ -104,13 +108,14 @@ def run_stage(
         dep_md5 = {d: dvc_md5(root / d) for d in deps}
         tags.update({f"dvc.dep.{d}.md5": m for d, m in dep_md5.items() if m})
         tracker.start({**to_dict(cfg), **{name: to_dict(c) for name, c in others.items()}}, tags)
-        for d, m in dep_md5.items():
-            if m and Path(d).parts[0] in ("data", "artifacts", "models"):
-                tracker.log_input(root / d, name=d, digest=m, context="input")
+        inputs = {d: m for d, m in dep_md5.items() if m and Path(d).parts[0] in ("data", "artifacts", "models")}
+        for d, m in inputs.items():
+            tracker.log_input(root / d, name=d, digest=m, context="input")
+        parents = tracker.link_inputs(inputs)
         reports = root / "reports" / stage
         reports.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        metrics = body(cfg, StageContext(args, tracker, root, reports, others))
+        metrics = body(cfg, StageContext(args, tracker, root, reports, others, inputs, parents))
         metrics = {**metrics, "stage_seconds": round(time.time() - started, 3)}
         write_json(reports / "metrics.json", metrics)
         tracker.log_metrics(metrics)

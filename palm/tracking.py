@@ -26,6 +26,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 EXPERIMENT = "palm-rlhf"
 PARENT_ENV = "PALM_MLFLOW_PARENT_RUN_ID"
+# MLflow 3's UI opens an experiment on its GenAI traces overview (empty for this project) unless
+# it is a "Machine learning" one. The experiment's kind is this tag; the UI of MLflow 3.17 takes it
+# from its own "workflow type" (a switch in its sidebar, GenAI by default), which the URL's
+# ``workflowType=machine_learning`` sets: :func:`ui_url` gives that link (``make ui`` prints it).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 for _key, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -33,6 +38,7 @@ for _key, _value in {
     # An unreachable server should fail in seconds, not after minutes of retries.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one bar per download of a registered model
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -64,6 +70,27 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def producer(mlflow_client: Any, experiment_id: str, path: str, md5: str) -> str | None:
+    """The id of the latest finished run whose output ``path`` has DVC md5 ``md5``."""
+    runs = mlflow_client.search_runs([experiment_id], f"tags.`dvc.out.{path}.md5` = '{md5}' and "
+                                                     "attributes.status = 'FINISHED'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def ui_url(root: Path, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's link to this project's runs (the experiment is created if it is not yet)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(root))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        experiment_id = client.create_experiment(EXPERIMENT, tags=EXPERIMENT_KIND)
+    else:
+        experiment_id = experiment.experiment_id
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 class Tracker:
     """A guarded MLflow run. Every method is a no-op once the tracker is off."""
 
@@ -74,7 +101,8 @@ class Tracker:
         self.run_id: str | None = None
         self._mlflow: Any = None
 
-    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+    def guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or None and one warning line (the tracker then off) if it raises."""
         if not self.enabled:
             return None
         try:
@@ -92,7 +120,9 @@ class Tracker:
 
             self._mlflow = mlflow
             mlflow.set_tracking_uri(tracking_uri(self.root))
-            mlflow.set_experiment(EXPERIMENT)
+            experiment = mlflow.set_experiment(EXPERIMENT)
+            if not EXPERIMENT_KIND.items() <= experiment.tags.items():
+                mlflow.set_experiment_tags(EXPERIMENT_KIND)
             run_tags = {"palm.stage": self.stage, **tags}
             parent = os.environ.get(PARENT_ENV)
             if parent:
@@ -104,14 +134,14 @@ class Tracker:
                 mlflow.log_params(dict(items[i : i + 100]))
             self.run_id = mlflow.active_run().info.run_id
 
-        self._guard("start_run", go)
+        self.guard("start_run", go)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._guard("log_metrics", lambda: self._mlflow.log_metrics(numeric, step=step))
+        self.guard("log_metrics", lambda: self._mlflow.log_metrics(numeric, step=step))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._guard("set_tags", lambda: self._mlflow.set_tags(tags))
+        self.guard("set_tags", lambda: self._mlflow.set_tags(tags))
 
     def log_input(self, path: Path, name: str, digest: str, context: str) -> None:
         """Record a data input (a file or folder) with its DVC md5 as the dataset digest."""
@@ -124,14 +154,30 @@ class Tracker:
             dataset = MetaDataset(source=source, name=name, digest=digest[:36])
             self._mlflow.log_input(dataset, context=context, tags={"dvc.md5": digest})
 
-        self._guard("log_input", go)
+        self.guard("log_input", go)
+
+    def link_inputs(self, md5s: dict[str, str]) -> dict[str, str]:
+        """For each dependency ``path -> DVC md5``, find the finished run whose output it is (its
+        tag ``dvc.out.<path>.md5`` equal) and tag this run ``palm.input.<path>.run_id`` with it:
+        the links :func:`palm.registry.lineage` follows. Returns ``{path: run_id}`` of those found."""
+
+        def go() -> dict[str, str]:
+            client = self._mlflow.MlflowClient()
+            experiment = self._mlflow.active_run().info.experiment_id
+            found = {p: r for p, m in md5s.items()
+                     if (r := producer(client, experiment, p, m)) and r != self.run_id}
+            if found:
+                self._mlflow.set_tags({f"palm.input.{p}.run_id": r for p, r in found.items()})
+            return found
+
+        return self.guard("search_runs", go) or {}
 
     def log_artifact(self, path: Path) -> None:
-        self._guard("log_artifact", lambda: self._mlflow.log_artifact(str(path)))
+        self.guard("log_artifact", lambda: self._mlflow.log_artifact(str(path)))
 
     def end(self, status: str = "FINISHED") -> None:
         if self._mlflow is not None and self.enabled:
-            self._guard("end_run", lambda: self._mlflow.end_run(status=status))
+            self.guard("end_run", lambda: self._mlflow.end_run(status=status))
 
     @contextlib.contextmanager
     def follow(self, curve: Path, artifacts: Sequence[Path] = (), every_s: float = 2.0) -> Iterator[None]:
@@ -172,7 +218,7 @@ class Tracker:
 
         def loop() -> None:
             while not done.wait(every_s) and self.enabled:
-                self._guard("log_metrics", poll)
+                self.guard("log_metrics", poll)
 
         thread = threading.Thread(target=loop, name="mlflow-follow", daemon=True)
         thread.start()
@@ -181,4 +227,4 @@ class Tracker:
         finally:
             done.set()
             thread.join()
-            self._guard("log_metrics", poll)
+            self.guard("log_metrics", poll)

@@ -3,7 +3,12 @@ model; perplexities of every language model; the reward model's held-out accurac
 (palm/evaluate.py). Writes the metrics (reports/evaluate/metrics.json, by run_stage), PNG plots of
 every stage's training curve and of the reward distributions, and one self-contained HTML report;
 the report and plots are logged to the stage's MLflow run. Everything is computed before anything
-is written, so a failed run leaves no output behind."""
+is written, so a failed run leaves no output behind.
+
+Then the four models are registered in the MLflow Model Registry (palm/registry.py: palm-pretrain,
+palm-sft, palm-reward, palm-chat, each with the run that produced it; @champion by the rule
+evaluate.champion_metric / champion_direction, else @candidate). Registering is tracking: if MLflow
+fails, the stage warns and keeps its outputs."""
 
 from __future__ import annotations
 
@@ -57,7 +62,32 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     ctx.tracker.log_artifact(ctx.path("report"))
     for name in pngs:
         ctx.tracker.log_artifact(ctx.path("plots") / f"{name}.png")
+    register(cfg, ctx, result.metrics)
     return result.metrics
+
+
+def register(cfg: EvaluateConfig, ctx: StageContext, metrics: dict) -> None:
+    """Register the four exports, each with the run that produced it (the DVC md5 of its folder:
+    from dvc.yaml's dependencies, or computed here when the stage runs outside DVC)."""
+    from palm import registry
+    from palm.stage import dvc_md5
+
+    tracker = ctx.tracker
+    if not tracker.enabled or tracker.run_id is None:
+        return
+    rel = {name: Path(getattr(ctx.args, name)).as_posix() for name in MODELS}
+    md5s = {name: ctx.inputs.get(rel[name]) or dvc_md5(ctx.path(name)) for name in MODELS}
+    missing = {rel[n]: md5s[n] for n in MODELS if rel[n] not in ctx.parents}
+    parents = {**ctx.parents, **(tracker.link_inputs(missing) if missing else {})}
+
+    def go() -> None:
+        registered = registry.register({name: ctx.path(name) for name in MODELS}, md5s,
+                                       {name: parents.get(rel[name]) for name in MODELS}, evaluate_run=tracker.run_id,
+                                       metrics=metrics, metric=cfg.champion_metric, direction=cfg.champion_direction,
+                                       root=ctx.root)
+        tracker.set_tags({f"palm.registered.{r['name']}": str(r["version"]) for r in registered.values()})
+
+    tracker.guard("model registration", go)
 
 
 def main(argv: list[str] | None = None) -> int:

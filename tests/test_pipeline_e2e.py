@@ -245,3 +245,24 @@ def test_evaluate_reports_ppo_against_sft(project, flow_runs):
     assert {"win_rate", "reward_sft", "reward_ppo", "kl"} <= set(metrics)
     page = (project / "reports" / "evaluate" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5  # rewards + pretrain, sft, reward, ppo curves
+
+
+def test_evaluate_registers_the_models_and_lineage_reaches_the_scrape_run(project, flow_runs):
+    """The four models are registered with the runs that made them (their md5s those of dvc.lock),
+    and ``palm lineage`` walks from the champion to the scrape run and its corpus md5."""
+    import mlflow
+
+    from palm import registry
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    out_md5 = lambda stage, path: next(o["md5"] for o in lock[stage]["outs"] if o["path"] == path)  # noqa: E731
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    for stage, name in registry.NAMES.items():
+        version = client.get_model_version_by_alias(name, "champion")  # the first versions
+        assert client.get_run(version.run_id).data.tags["palm.stage"] == stage
+        assert version.tags["dvc.md5"] == out_md5(stage, f"models/{stage}")
+    info = registry.lineage("models:/palm-chat@champion", root=project)
+    stages = {r["stage"]: run_id for run_id, r in info["runs"].items()}
+    assert set(stages) == {"ppo", "sft", "reward", "pretrain", "tokenize", "tokenizer", "scrape", "sft_data", "prefs"}
+    assert info["corpus"] == {"path": "data/corpus", "md5": out_md5("scrape", "data/corpus"),
+                              "run_id": stages["scrape"]}

@@ -1,0 +1,338 @@
+"""The MLflow Model Registry: registering the pipeline's four models, resolving ``models:/`` URIs
+to export folders, and walking a version's lineage back to the scrape run.
+
+Registered models (:data:`NAMES`): ``palm-pretrain``, ``palm-sft``, ``palm-reward`` and
+``palm-chat`` (the PPO policy). The ``evaluate`` stage registers all four (:func:`register`) as
+pyfunc models (:mod:`palm.serving`) whose artifact is the export folder, with explicit pip
+requirements and a signature. Each version's source run is the stage run that produced the
+folder (found by the DVC md5 of the folder: that run's tag ``dvc.out.<path>.md5``), and the model
+is logged as an artifact of that run (``registry/<name>``); a folder registered before (same
+md5) is the same version again, not a new one. Aliases:
+
+* ``current`` on each model: the version the latest ``evaluate`` saw;
+* ``champion`` on ``palm-chat``: the first version, then a new one only when it beats the
+  champion's value of the metric ``evaluate.champion_metric`` in the direction
+  ``evaluate.champion_direction`` (the values are version tags ``palm.metric.<key>``); else the
+  new version is the ``candidate``. When a version becomes champion, the pretrain, SFT and reward
+  versions it came with get ``champion`` too, so ``models:/palm-reward@champion`` is the reward
+  model the champion was trained against.
+
+Lineage: every stage run carries the DVC md5 of its data and model dependencies
+(``dvc.dep.<path>.md5``) and the run that produced each (``palm.input.<path>.run_id``,
+:meth:`palm.tracking.Tracker.link_inputs`); :func:`lineage` follows those links from a version's
+source run to the runs with no tracked inputs (``scrape``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from palm.errors import UserError
+from palm.io import atomic_dir
+from palm.tracking import tracking_uri
+
+# the evaluate stage's model -> registered name
+NAMES = {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
+CHAT = NAMES["ppo"]
+ARTIFACT = "registry"  # artifact folder of a source run that holds its registered models
+# what inference imports (palm/serving.py and the modules it loads): pinned from requirements.lock
+INFERENCE_PACKAGES = ("mlflow", "torch", "megatron-core", "tokenizers", "safetensors", "numpy", "pyarrow",
+                      "pyyaml", "pandas")
+CACHE_ENV = "PALM_MODEL_CACHE"
+# the generation settings palm/serving.py's predict takes as params: name -> default; their types
+# make the signature's param schema (top_k 0: off, top_p 1: off)
+PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
+
+
+def is_uri(ref: Any) -> bool:
+    return isinstance(ref, str) and ref.startswith("models:/")
+
+
+def client(root: Path | None = None, *, existing: bool = False):
+    """An ``MlflowClient`` on the project's registry; ``existing``: refuse a SQLite file that is
+    not there (MLflow would create an empty one)."""
+    import mlflow
+
+    uri = tracking_uri(Path(root) if root else Path.cwd())
+    if existing and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow registry at {uri}: run from the project root after the pipeline has run "
+                        "(dvc repro registers the models), or set MLFLOW_TRACKING_URI")
+    return mlflow.MlflowClient(uri)
+
+
+def pip_requirements(lock: Path | None = None) -> list[str]:
+    """``name==version`` of each of :data:`INFERENCE_PACKAGES`, from ``requirements.lock`` (the
+    project's pins), or the installed version where the lock is absent or names none."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lock = lock or Path(__file__).resolve().parent.parent / "requirements.lock"
+    pins = {}
+    if lock.is_file():
+        for line in lock.read_text().splitlines():
+            name, sep, ver = line.split("#")[0].strip().partition("==")
+            if sep:
+                pins[name.strip().lower().replace("_", "-")] = ver.strip()
+    out = []
+    for name in INFERENCE_PACKAGES:
+        try:
+            out.append(f"{name}=={pins.get(name) or version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def signature(kind: str):
+    """Prompts in, completions out (a reward model: prompt and response in, scores out), with
+    the generation settings of :data:`PARAMS` as params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    if kind == "reward":
+        return ModelSignature(Schema([ColSpec(DataType.string, "prompt"), ColSpec(DataType.string, "response")]),
+                              Schema([ColSpec(DataType.double)]))
+    types = {int: DataType.long, float: DataType.double}
+    return ModelSignature(Schema([ColSpec(DataType.string)]), Schema([ColSpec(DataType.string)]),
+                          ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in PARAMS.items()]))
+
+
+# --- registering ----------------------------------------------------------------------------------
+
+def _versions(c: Any, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description=f"palm-rlhf: the {name.removeprefix('palm-')} model "
+                                                    "(registered by the evaluate stage)")
+        return []
+    return c.search_model_versions(f"name = '{name}'")
+
+
+def _log(c: Any, run_id: str, name: str, folder: Path, kind: str) -> str:
+    """Save ``folder`` as a pyfunc model and log it into run ``run_id``; its artifact URI."""
+    import warnings
+
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # no input example on purpose: MLflow would run the model on it (seconds per model)
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        out = Path(tmp) / name
+        mlflow.pyfunc.save_model(str(out), python_model=str(Path(__file__).with_name("serving.py")),
+                                 artifacts={"model": str(folder)}, code_paths=[str(Path(__file__).parent)],
+                                 pip_requirements=pip_requirements(), signature=signature(kind),
+                                 metadata={"palm.kind": kind})
+        c.log_artifacts(run_id, str(out), f"{ARTIFACT}/{name}")
+    return f"runs:/{run_id}/{ARTIFACT}/{name}"
+
+
+def register(models: dict[str, Path], md5s: dict[str, str], sources: dict[str, str | None], *,
+             evaluate_run: str | None, metrics: dict[str, Any], metric: str, direction: str,
+             root: Path | None = None, log: Any = None) -> dict[str, dict[str, Any]]:
+    """Register the exports ``models`` (keys of :data:`NAMES`) with the DVC md5 of each folder
+    and the run that produced it (``sources``; None: none is tracked, the model is logged into
+    ``evaluate_run``). ``metrics``: the evaluation's, tagged on the ``palm-chat`` version and
+    compared by the champion rule (``metric``, ``direction``: ``max`` or ``min``). Returns, per
+    model key, ``{"name", "version", "aliases", "new"}``."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    c = client(root)
+    out: dict[str, dict[str, Any]] = {}
+    for key, folder in models.items():
+        name, md5, source = NAMES[key], md5s[key], sources.get(key)
+        existing = [v for v in _versions(c, name) if v.tags.get("dvc.md5") == md5]
+        if existing:
+            version, new = max(existing, key=lambda v: int(v.version)), False
+        else:
+            run = source or evaluate_run
+            if run is None:
+                raise UserError(f"{folder}: no MLflow run to log it into (tracking is off)")
+            if source is None:
+                log(f"warning: evaluate: no tracked run produced {folder} (md5 {md5}); {name} is registered "
+                    f"from the evaluate run {evaluate_run} instead")
+            tags = {"dvc.md5": md5, "palm.path": str(folder), "palm.evaluate_run_id": evaluate_run or "",
+                    "palm.source_run_id": source or ""}
+            version, new = c.create_model_version(name, _log(c, run, name, folder, key), run_id=run, tags=tags), True
+        c.set_registered_model_alias(name, "current", version.version)
+        out[key] = {"name": name, "version": int(version.version), "new": new, "aliases": ["current"]}
+
+    chat = out["ppo"]
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            c.set_model_version_tag(CHAT, str(chat["version"]), f"palm.metric.{k}", repr(float(v)))
+    alias = champion_alias(c, chat["version"], float(metrics[metric]), metric, direction)
+    c.set_registered_model_alias(CHAT, alias, str(chat["version"]))
+    chat["aliases"].append(alias)
+    if alias == "champion":
+        for key in ("pretrain", "sft", "reward"):
+            c.set_registered_model_alias(out[key]["name"], "champion", str(out[key]["version"]))
+            out[key]["aliases"].append("champion")
+    for key, r in out.items():
+        log(f"evaluate: registered {r['name']} version {r['version']}{'' if r['new'] else ' (already registered)'}"
+            f" as {', '.join('@' + a for a in r['aliases'])}")
+    return out
+
+
+def champion_alias(c: Any, version: int, value: float, metric: str, direction: str) -> str:
+    """``champion`` if ``palm-chat`` has none, if ``version`` is it, or if ``value`` beats the
+    champion's tagged value of ``metric`` strictly in ``direction``; else ``candidate``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = c.get_model_version_by_alias(CHAT, "champion")
+    except MlflowException:
+        return "champion"
+    if int(champ.version) == version:
+        return "champion"
+    theirs = champ.tags.get(f"palm.metric.{metric}")
+    if theirs is None:
+        return "champion"  # the champion was never measured on this metric
+    theirs = float(theirs)
+    return "champion" if (value > theirs if direction == "max" else value < theirs) else "candidate"
+
+
+# --- resolving ------------------------------------------------------------------------------------
+
+def get_version(c: Any, uri: str):
+    """The model version ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or
+    ``models:/NAME/latest``, the newest) names."""
+    from mlflow.exceptions import MlflowException
+
+    m = URI.match(uri)
+    if not m:
+        raise UserError(f"{uri}: not a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION, "
+                        f"e.g. models:/{CHAT}@champion)")
+    try:
+        if m["alias"]:
+            return c.get_model_version_by_alias(m["name"], m["alias"])
+        if m["version"] == "latest":
+            newest = c.search_model_versions(f"name = '{m['name']}'", max_results=1,
+                                             order_by=["version_number DESC"])
+            if not newest:
+                raise MlflowException(f"Registered Model with name={m['name']} has no version")
+            return newest[0]
+        return c.get_model_version(m["name"], m["version"])
+    except MlflowException as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{uri}: not in the registry at {c.tracking_uri} ({msg}); run the pipeline (dvc repro "
+                        "evaluate registers the models) or set MLFLOW_TRACKING_URI") from None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "palm-rlhf" / "models")
+
+
+def resolve(uri: str, root: Path | None = None) -> Path:
+    """The export folder of the registered version ``uri``: downloaded once into
+    ``$PALM_MODEL_CACHE`` (default ``~/.cache/palm-rlhf/models``) as ``NAME/VERSION-MD5``
+    (the start of the folder's DVC md5), atomically."""
+    import mlflow.artifacts
+
+    c = client(root, existing=True)
+    version = get_version(c, uri)
+    # the folder's md5 in the name: another registry's version of the same number is another folder
+    local = cache_dir() / version.name / f"{version.version}-{version.tags.get('dvc.md5', 'unknown')[:12]}"
+    if not (local / "MLmodel").is_file():
+        with atomic_dir(local) as tmp:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
+                                                dst_path=str(tmp), tracking_uri=c.tracking_uri)
+    return export_folder(local)
+
+
+def export_folder(model_dir: Path) -> Path:
+    """Where a downloaded pyfunc model keeps its export (its artifact ``model``)."""
+    import yaml
+
+    conf = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())
+    return Path(model_dir) / conf["flavors"]["python_function"]["artifacts"]["model"]["path"]
+
+
+# --- lineage --------------------------------------------------------------------------------------
+
+def lineage(uri: str, root: Path | None = None) -> dict[str, Any]:
+    """The chain of runs behind the version ``uri``: ``{"model", "runs", "corpus"}``.
+
+    ``runs``: by id, each ``{"stage", "status", "start_time", "git_commit", "inputs", "outputs",
+    "registered"}``, ``inputs`` a list of ``{"path", "md5", "run_id"}`` (``run_id`` None: no tracked
+    run produced that input), ``outputs`` ``{path: md5}``, ``registered`` the versions whose source
+    is the run. ``order``: the run ids, the source run first, each before its inputs' runs (depth
+    first, each once). ``corpus``: the scrape run's ``data/corpus`` md5 and run id."""
+    c = client(root, existing=True)
+    version = get_version(c, uri)
+    model = {"uri": uri, "name": version.name, "version": int(version.version), "run_id": version.run_id,
+             "aliases": list(getattr(version, "aliases", []) or []), "dvc_md5": version.tags.get("dvc.md5")}
+    runs: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+
+    def visit(run_id: str) -> None:
+        if run_id in runs:
+            return
+        run = c.get_run(run_id)
+        tags = run.data.tags
+        inputs = [{"path": p, "md5": tags[k], "run_id": tags.get(f"palm.input.{p}.run_id")}
+                  for k in sorted(tags) if (p := _between(k, "dvc.dep.", ".md5"))]
+        registered = [f"{v.name}/{v.version}" for v in c.search_model_versions(f"run_id = '{run_id}'")]
+        runs[run_id] = {"stage": tags.get("palm.stage"), "status": run.info.status,
+                        "start_time": run.info.start_time, "git_commit": tags.get("git_commit"),
+                        "inputs": inputs, "registered": sorted(registered),
+                        "outputs": {p: tags[k] for k in sorted(tags) if (p := _between(k, "dvc.out.", ".md5"))}}
+        order.append(run_id)
+        for i in inputs:
+            if i["run_id"]:
+                visit(i["run_id"])
+
+    if version.run_id:
+        visit(version.run_id)
+    scrape = [(rid, r) for rid, r in runs.items() if r["stage"] == "scrape"]
+    corpus = None
+    if scrape:
+        rid, r = scrape[0]
+        path, md5 = next(((p, m) for p, m in r["outputs"].items() if p.endswith("corpus")), (None, None))
+        corpus = {"path": path, "md5": md5, "run_id": rid}
+    return {"model": model, "runs": runs, "order": order, "corpus": corpus}
+
+
+def _between(key: str, prefix: str, suffix: str) -> str | None:
+    return key[len(prefix):-len(suffix)] if key.startswith(prefix) and key.endswith(suffix) else None
+
+
+def format_lineage(info: dict[str, Any]) -> Iterable[str]:
+    """Lines of a lineage as a tree: each run, its inputs indented under it (a run reached twice
+    is shown once; later it is named, "above")."""
+    m = info["model"]
+    yield (f"{m['uri']}: {m['name']} version {m['version']}"
+           + (f" (@{', @'.join(m['aliases'])})" if m["aliases"] else "") + f", folder md5 {m['dvc_md5']}")
+    shown: set[str] = set()
+
+    def node(run_id: str, depth: int) -> Iterable[str]:
+        r = info["runs"][run_id]
+        pad = "  " * depth
+        reg = f"; registered {', '.join(r['registered'])}" if r["registered"] else ""
+        if run_id in shown:
+            yield f"{pad}{r['stage']} run {run_id} (above)"
+            return
+        shown.add(run_id)
+        yield f"{pad}{r['stage']} run {run_id} [{r['status']}, git {str(r['git_commit'])[:12]}]{reg}"
+        for i in r["inputs"]:
+            yield f"{pad}  <- {i['path']} md5 {i['md5']}" + ("" if i["run_id"] else " (no tracked run made it)")
+            if i["run_id"] in info["runs"]:
+                yield from node(i["run_id"], depth + 2)
+
+    if info["order"]:
+        yield from node(info["order"][0], 1)
+    else:
+        yield "  (no source run recorded)"
+    corpus = info["corpus"]
+    yield (f"corpus: {corpus['path']} md5 {corpus['md5']}, from scrape run {corpus['run_id']}" if corpus
+           else "corpus: not reached (no scrape run in the chain)")
+
+
+def lineage_json(info: dict[str, Any]) -> str:
+    return json.dumps(info, indent=2, sort_keys=True)

@@ -1,0 +1,122 @@
+"""The MLflow pyfunc model of an export: what ``mlflow.pyfunc.load_model("models:/palm-chat@champion")``
+and ``mlflow models serve`` run.
+
+:func:`palm.registry.register` logs this file as the model's code ("models from code": MLflow
+runs the file to get the model, nothing is unpickled), the export folder as the artifact
+``model`` and this package beside it (``code_paths``), so a registered version loads wherever
+its pip requirements are installed. The model is loaded whole into the process, in a
+one-process world of :func:`palm.parallel.process_groups` (or in the caller's, if it has one).
+
+``predict`` by kind of export:
+
+* ``pretrain``: each input string is text to continue; returns the continuation;
+* ``sft``, ``ppo``: each input string is a user turn; returns the assistant's reply (the chat
+  template of ``palm chat``);
+* ``reward``: each row's ``prompt`` (a user turn) and ``response`` (the reply) are scored at the
+  reply's end of turn, normalised with the reward stage's mean and std (0: an average reply).
+
+Generation settings come as params (:data:`palm.registry.PARAMS`, the signature's param schema):
+a batch of prompts is sampled together (:func:`palm.generate.generate`), prompts cut from the left to leave
+``max_new_tokens`` of room.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from palm.registry import PARAMS
+
+def _texts(model_input: Any, column: str | int = 0) -> list[str]:
+    """The strings of one column of a pyfunc input (a DataFrame after schema enforcement, or a
+    plain list / dict when called without a signature)."""
+    if hasattr(model_input, "columns"):
+        key = column if column in model_input.columns else model_input.columns[0]
+        return [str(v) for v in model_input[key].tolist()]
+    if isinstance(model_input, dict):
+        return [str(v) for v in model_input[column]]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(v) for v in model_input]
+
+
+class PalmModel(mlflow.pyfunc.PythonModel):
+    """A palm export as a pyfunc model (see the module docstring)."""
+
+    def load_context(self, context: Any) -> None:
+        from palm.models import load_model, load_tokenizer, read_export
+        from palm.parallel import process_groups
+
+        # kept up for the life of the model (a caller's own groups are used and left to it)
+        self._groups = contextlib.ExitStack()
+        self._groups.enter_context(process_groups())
+        self.export = read_export(context.artifacts["model"])
+        self.tokenizer = load_tokenizer(self.export)
+        self.model = load_model(self.export)
+
+    # a DataFrame (what the signature makes of any input) is a type hint MLflow infers nothing from
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list:
+        if self.export.is_reward:
+            return self._score(_texts(model_input, "prompt"), _texts(model_input, "response"))
+        return self._complete(_texts(model_input), {**PARAMS, **(params or {})})
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        from palm.data.chat import ChatTemplate
+        from palm.data.chat_readers import Turn
+
+        if self.export.kind == "pretrain":
+            return self.tokenizer.encode(text, add_special_tokens=False).ids or [self._ids["eod_id"]]
+        return ChatTemplate(self.tokenizer).render_prompt((Turn("user", text),))
+
+    @property
+    def _ids(self) -> dict[str, int]:
+        from palm.tokenizer import special_ids
+
+        return special_ids(self.tokenizer)
+
+    def _complete(self, prompts: list[str], p: dict[str, Any]) -> list[str]:
+        import torch
+
+        from palm.errors import UserError
+        from palm.evaluate import replies
+        from palm.generate import SamplingConfig, generate
+
+        seq_len = self.model.cfg.seq_len
+        new = int(p["max_new_tokens"])
+        if not 1 <= new < seq_len:
+            raise UserError(f"max_new_tokens: must be between 1 and {seq_len - 1} (the model's context), got {new}")
+        top_p = float(p["top_p"])
+        s = SamplingConfig(float(p["temperature"]), int(p["top_k"]) or None, top_p if top_p < 1 else None)
+        ids = self._ids
+        stop = (ids["end_turn_id"], ids["eod_id"]) if self.export.kind != "pretrain" else (ids["eod_id"],)
+        rows = [self._prompt_ids(t)[-(seq_len - new):] for t in prompts]
+        if not rows:
+            return []
+        generator = torch.Generator(self.model.embedding.weight.device).manual_seed(int(p["seed"]))
+        with torch.no_grad():
+            gen = generate(self.model, rows, new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                           stop_ids=stop, pad_id=ids["pad_id"], generator=generator)
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies([gen])]
+
+    def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from palm.data.chat import ChatTemplate
+        from palm.data.chat_readers import Turn
+        from palm.evaluate import scores
+
+        template = ChatTemplate(self.tokenizer)
+        seq_len = self.model.cfg.seq_len
+        seqs = []
+        for prompt, response in zip(prompts, responses):
+            reply = template.render_reply(response)[:seq_len - 1]
+            seqs.append(template.render_prompt((Turn("user", prompt),))[-(seq_len - len(reply)):] + reply)
+        if not seqs:
+            return []
+        stats = self.export.config["reward"]
+        raw = scores(self.model, seqs, batch_size=32)
+        return ((raw - float(stats["mean"])) / float(stats["std"])).tolist()
+
+
+mlflow.models.set_model(PalmModel())

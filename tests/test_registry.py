@@ -1,0 +1,306 @@
+"""The MLflow Model Registry and lineage (palm/registry.py, palm/serving.py, palm/lineage.py) on a
+real registry (SQLite in a temporary folder) and tiny models.
+
+A copy of the project (its real dvc.yaml) gets tiny inputs; stand-ins of the upstream stages run
+through the real ``run_stage`` (so their runs carry what every stage's run carries: the DVC md5
+of each input and output, and the run that produced each input), each writing its real output
+path; then the real ``evaluate`` stage registers the four models. Checked: the versions, their
+source runs and aliases; the champion rule; ``mlflow.pyfunc.load_model(...).predict``;
+``palm.models.resolve`` and ``palm chat`` on a registry URI; ``palm lineage`` back to the scrape
+run and the corpus md5; ``mlflow models serve`` answering a POST on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import ROOT, free_port, make_project  # noqa: E402
+from finetune_data import chat_data, make_parent  # noqa: E402
+from test_evaluate import CFG, STAGE_ARGS, make_reward, make_tokens, with_kind  # noqa: E402
+
+from palm.config import to_dict  # noqa: E402
+from palm.parallel import process_groups  # noqa: E402
+from palm.stage import dvc_md5, run_stage  # noqa: E402
+
+# upstream stage -> the outputs its stand-in writes (dvc.yaml's paths), from the tiny inputs
+OUTPUTS = {"scrape": {"data/corpus": "corpus", "data/raw": "corpus"}, "tokenizer": {"artifacts/tokenizer": "tokenizer"},
+           "tokenize": {"data/tokens": "tokens"}, "sft_data": {"data/sft": "sft"}, "prefs": {"data/prefs": "prefs"},
+           "pretrain": {"models/pretrain": "pretrain"}, "sft": {"models/sft": "sft_model"},
+           "reward": {"models/reward": "reward_model"}, "ppo": {"models/ppo": "ppo_model"}}
+CHAIN = ["ppo", "sft", "reward", "pretrain", "tokenize", "tokenizer", "scrape", "sft_data", "prefs"]
+PROMPT = "What does dumps do?"
+
+
+@dataclasses.dataclass(frozen=True)
+class Nothing:
+    """The config of a stand-in stage (an empty params section)."""
+
+
+def stand_in(stage: str, tiny: Path) -> None:
+    """Run ``stage`` through run_stage with a body that copies its outputs from ``tiny``."""
+    def body(cfg, ctx):
+        for out, src in OUTPUTS[stage].items():
+            shutil.rmtree(ctx.root / out, ignore_errors=True)
+            shutil.copytree(tiny / src, ctx.root / out)
+        return {"stand_in": 1}
+
+    assert run_stage(stage, Nothing, body, argv=[]) == 0
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Tracking URI (a temporary SQLite registry) and model cache, for this process and children."""
+    tmp = tmp_path_factory.mktemp("registry")
+    values = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "PALM_MODEL_CACHE": str(tmp / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        yield values
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, env):
+    """The project copy after the stand-in stages and one real evaluate stage."""
+    tiny = tmp_path_factory.mktemp("tiny")
+    data = chat_data(tiny, valid_fraction=0.5)
+    make_tokens(tiny / "tokens", data["tokenizer"])
+    make_parent(tiny / "pretrain", data["tokenizer"], seed=11)
+    with_kind(make_parent(tiny / "sft_model", data["tokenizer"], seed=12), "sft")
+    with_kind(make_parent(tiny / "ppo_model", data["tokenizer"], seed=13), "ppo")
+    make_reward(tiny / "reward_model", data["tokenizer"])
+    root = make_project(tmp_path_factory.mktemp("project"))
+    params = {stage: {} for stage in OUTPUTS} | {"evaluate": {**to_dict(CFG), "prompts": 4}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in ["scrape", "tokenizer", "tokenize", "sft_data", "prefs", "pretrain", "sft", "reward", "ppo"]:
+            stand_in(stage, tiny)
+        from stages.evaluate import main
+
+        t0 = time.perf_counter()
+        assert main(STAGE_ARGS) == 0
+        print(f"evaluate with registration: {time.perf_counter() - t0:.1f} s")
+    return root
+
+
+def client(env):
+    import mlflow
+
+    return mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def stage_run(c, stage: str):
+    exp = c.get_experiment_by_name("palm-rlhf")
+    (run,) = c.search_runs([exp.experiment_id], f"tags.`palm.stage` = '{stage}'",
+                           order_by=["attributes.start_time DESC"], max_results=1)
+    return run
+
+
+def test_evaluate_registers_four_models_with_their_source_runs_and_aliases(project, env):
+    from palm.registry import NAMES, pip_requirements
+
+    assert NAMES == {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
+    c = client(env)
+    assert c.get_experiment_by_name("palm-rlhf").tags["mlflow.experimentKind"] == "custom_model_development"
+    for key, name in NAMES.items():
+        (v,) = c.search_model_versions(f"name = '{name}'")
+        source = stage_run(c, key)
+        assert v.run_id == source.info.run_id and v.tags["palm.source_run_id"] == source.info.run_id
+        assert v.tags["dvc.md5"] == dvc_md5(project / "models" / key) == source.data.tags[f"dvc.out.models/{key}.md5"]
+        assert set(c.get_registered_model(name).aliases) == {"current", "champion"}  # the first: champion
+        assert v.source.startswith(f"runs:/{source.info.run_id}/registry/")
+        dl = Path(c.download_artifacts(source.info.run_id, f"registry/{name}", str(project / "dl" / name)))
+        mlmodel = yaml.safe_load((dl / "MLmodel").read_text())
+        assert mlmodel["signature"]["inputs"] and not list(dl.rglob("*.pkl"))  # models from code: no pickle
+        assert (dl / "requirements.txt").read_text().split() == pip_requirements()
+    evaluate = stage_run(c, "evaluate")
+    assert evaluate.data.tags["palm.registered.palm-chat"] == "1"
+    assert evaluate.data.tags["palm.input.models/ppo.run_id"] == stage_run(c, "ppo").info.run_id
+    chat = c.get_model_version("palm-chat", "1")
+    assert float(chat.tags["palm.metric.win_rate"]) == json.loads(
+        (project / "reports" / "evaluate" / "metrics.json").read_text())["win_rate"]
+
+
+def test_the_champion_params_are_checked_and_the_ui_link_opens_the_runs(project, env):
+    from palm.config import from_dict
+    from palm.errors import ConfigError
+    from palm.evaluate import EvaluateConfig
+    from palm.tracking import ui_url
+
+    with pytest.raises(ConfigError, match="evaluate.champion_metric: must be one of win_rate, "):
+        from_dict(EvaluateConfig, {"champion_metric": "wins"}, "evaluate")
+    with pytest.raises(ConfigError, match="evaluate.champion_direction: expected one of 'max', 'min'"):
+        from_dict(EvaluateConfig, {"champion_direction": "up"}, "evaluate")
+    experiment = client(env).get_experiment_by_name("palm-rlhf").experiment_id
+    assert ui_url(project) == f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def test_pip_requirements_are_the_lock_pins():
+    from palm.registry import pip_requirements
+
+    lock = {l.split("==")[0].lower(): l for l in (ROOT / "requirements.lock").read_text().splitlines() if "==" in l}
+    reqs = pip_requirements()
+    assert {r.split("==")[0] for r in reqs} >= {"mlflow", "torch", "megatron-core", "tokenizers", "safetensors"}
+    for r in reqs:
+        assert r == lock[r.split("==")[0]] or r.lower() == lock[r.split("==")[0]].lower(), r
+
+
+def test_the_champion_rule_and_the_chain_aliases(project, env, tmp_path):
+    """A new palm-chat version that does not beat the champion's metric is the candidate; one
+    that beats it is champion, and the other models it came with become champion too."""
+    from palm.registry import register
+
+    c = client(env)
+    models = {k: project / "models" / k for k in ("pretrain", "sft", "reward", "ppo")}
+    md5s = {k: dvc_md5(p) for k, p in models.items()}
+    sources = {k: stage_run(c, k).info.run_id for k in models}
+    champion = float(c.get_model_version("palm-chat", "1").tags["palm.metric.win_rate"])
+    worse, better = tmp_path / "worse", tmp_path / "better"
+    for folder, seed in ((worse, 21), (better, 22)):
+        with_kind(make_parent(folder, project / "artifacts" / "tokenizer", seed=seed), "ppo")
+    run = stage_run(c, "evaluate").info.run_id
+    sources["ppo"] = None  # no stage run made the new folders
+    lose = register({**models, "ppo": worse}, {**md5s, "ppo": dvc_md5(worse)}, sources, evaluate_run=run,
+                    metrics={"win_rate": champion}, metric="win_rate", direction="max")  # a tie does not beat it
+    assert lose["ppo"]["version"] == 2 and lose["ppo"]["aliases"] == ["current", "candidate"]
+    assert lose["sft"] == {"name": "palm-sft", "version": 1, "new": False, "aliases": ["current"]}  # same folder
+    assert int(c.get_model_version_by_alias("palm-chat", "champion").version) == 1
+    v2 = c.get_model_version("palm-chat", "2")
+    assert v2.run_id == run  # logged from the evaluate run
+    win = register({**models, "ppo": better}, {**md5s, "ppo": dvc_md5(better)}, sources, evaluate_run=run,
+                   metrics={"kl": 0.5}, metric="kl", direction="min")  # the champion has no... kl tag: it wins
+    assert win["ppo"]["aliases"] == ["current", "champion"]
+    assert int(c.get_model_version_by_alias("palm-chat", "champion").version) == 3
+    assert int(c.get_model_version_by_alias("palm-chat", "candidate").version) == 2
+    assert int(c.get_model_version_by_alias("palm-reward", "champion").version) == 1
+    lose = register({**models, "ppo": worse}, {**md5s, "ppo": dvc_md5(worse)}, sources, evaluate_run=run,
+                    metrics={"kl": 0.7}, metric="kl", direction="min")  # v2 again: higher kl than v3's
+    assert lose["ppo"] == {"name": "palm-chat", "version": 2, "new": False, "aliases": ["current", "candidate"]}
+    # back to version 1 for the tests that follow
+    c.set_registered_model_alias("palm-chat", "champion", "1")
+    c.set_registered_model_alias("palm-chat", "current", "1")
+
+
+def test_pyfunc_load_and_predict_and_resolve(project, env):
+    import mlflow.pyfunc
+
+    from palm.models import read_export, resolve
+
+    with process_groups():
+        model = mlflow.pyfunc.load_model("models:/palm-chat@champion")
+        out = model.predict([PROMPT, "Hi"], params={"max_new_tokens": 5, "temperature": 0.0})
+        again = model.predict([PROMPT], params={"max_new_tokens": 5, "temperature": 0.0})
+        reward = mlflow.pyfunc.load_model("models:/palm-reward@champion")
+        import pandas as pd
+
+        scores = reward.predict(pd.DataFrame({"prompt": [PROMPT, PROMPT], "response": ["It works.", "No."]}))
+    assert len(out) == 2 and all(isinstance(t, str) for t in out) and again[0] == out[0]
+    assert len(scores) == 2 and all(isinstance(float(s), float) for s in scores) and scores[0] != scores[1]
+    folder = resolve("models:/palm-chat@champion")
+    md5 = dvc_md5(project / "models" / "ppo")
+    assert folder.is_relative_to(Path(env["PALM_MODEL_CACHE"]) / "palm-chat" / f"1-{md5[:12]}")
+    ex = read_export(folder)
+    assert ex.kind == "ppo" and dvc_md5(folder) == md5
+    assert resolve("models:/palm-chat/1") == folder  # cached: the same folder
+    assert resolve("models:/palm-pretrain/latest") == resolve("models:/palm-pretrain@champion")
+
+
+def test_palm_chat_on_a_registry_uri_and_bad_uris(project, env, capsys):
+    import io
+
+    from palm import chat
+    from palm.cli import main, parser
+
+    args = parser().parse_args(["chat", "models:/palm-chat@champion", "--temperature", "0", "--max-new-tokens", "4"])
+    out, err = io.StringIO(), io.StringIO()
+    assert chat.run(args, stdin=io.StringIO(f"{PROMPT}\n/quit\n"), stdout=out, stderr=err) == 0
+    assert f"{Path(env['PALM_MODEL_CACHE']) / 'palm-chat'}/1-" in err.getvalue() and out.getvalue().count("\n") == 1
+    for uri, message in (("models:/palm-chat@nobody", "not in the registry"),
+                         ("models:/palm-chat", "not a registry URI")):
+        assert main(["chat", uri]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: chat: {uri}: {message}"), lines
+
+
+def test_lineage_reaches_the_scrape_run_and_the_corpus_md5_from_every_model(project, env, capsys):
+    from palm.cli import main
+
+    c = client(env)
+    assert main(["lineage", "models:/palm-chat@champion", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    runs = info["runs"]
+    stages = {r["stage"]: rid for rid, r in runs.items()}
+    assert sorted(stages) == sorted(CHAIN) and len(stages) == len(runs)  # each run once
+    assert info["order"][0] == stages["ppo"] == info["model"]["run_id"]
+    scrape = stage_run(c, "scrape")
+    assert info["corpus"] == {"path": "data/corpus", "md5": dvc_md5(project / "data" / "corpus"),
+                              "run_id": scrape.info.run_id}
+    assert runs[stages["ppo"]]["registered"] == ["palm-chat/1"]
+    assert runs[stages["pretrain"]]["registered"] == ["palm-pretrain/1"]
+
+    def reaches(rid: str) -> bool:
+        return runs[rid]["stage"] == "scrape" or any(reaches(i["run_id"]) for i in runs[rid]["inputs"] if i["run_id"])
+
+    for model in ("ppo", "sft", "reward", "pretrain", "tokenize", "tokenizer"):
+        assert reaches(stages[model]), model
+    inputs = {i["path"]: i for i in runs[stages["tokenize"]]["inputs"]}
+    assert inputs["data/corpus"]["run_id"] == scrape.info.run_id
+    assert inputs["data/corpus"]["md5"] == info["corpus"]["md5"]
+    assert inputs["artifacts/tokenizer"]["run_id"] == stages["tokenizer"]
+    assert {i["path"] for i in runs[stages["ppo"]]["inputs"]} == {"data/sft", "models/sft", "models/reward"}
+
+    assert main(["lineage", "models:/palm-chat@champion"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("models:/palm-chat@champion: palm-chat version 1")
+    assert f"corpus: data/corpus md5 {info['corpus']['md5']}, from scrape run {scrape.info.run_id}" in text
+    assert f"scrape run {scrape.info.run_id}" in text and "(above)" in text  # tokenizer: via tokenize and pretrain
+    assert main(["lineage", "models:/palm-nothing@champion"]) == 2
+    assert capsys.readouterr().err.startswith("error: lineage: models:/palm-nothing@champion: not in the registry")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'nothing' / 'mlflow.db'}")
+        assert main(["lineage", "models:/palm-chat@champion"]) == 2
+    assert capsys.readouterr().err.startswith("error: lineage: no MLflow registry at sqlite:///")
+    assert not (project / "nothing").exists()
+
+
+def test_mlflow_models_serve_answers_a_post_on_loopback(project, env, tmp_path):
+    import mlflow.pyfunc
+
+    from pipelines.serve import wait_healthy  # polls <url>/health (the scoring server answers it as /ping)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bin_ = Path(sys.executable).parent  # the server runs uvicorn from PATH: the venv's, as when it is activated
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(bin_ / "mlflow"), "models", "serve", "-m", "models:/palm-chat@champion",
+                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                env={**os.environ, **env, "PATH": f"{bin_}:{os.environ['PATH']}"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    body = {"inputs": [PROMPT], "params": {"max_new_tokens": 5, "temperature": 0.0}}
+    try:
+        wait_healthy(url, proc, log, timeout_s=180)
+        req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            served = json.loads(r.read())["predictions"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    with process_groups():
+        local = mlflow.pyfunc.load_model("models:/palm-chat@champion").predict([PROMPT], params=body["params"])
+    assert served == list(local) and isinstance(served[0], str)
