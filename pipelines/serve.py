@@ -227,6 +227,7 @@ def serve(root: Path, cfg: ServeConfig) -> None:
         parameters = {"root": str(folder), **({"until": cfg.until} if cfg.until else {})}
         deployment = pipeline.to_deployment(name=cfg.deployment, schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
                                             parameters=parameters)
+        deployment.apply()  # registered before it is announced (the runner applies it again, unchanged)
         print(f"Prefect UI: http://{cfg.host}:{cfg.port} (server log {log})\n"
               f"serving deployment 'palm-rlhf/{cfg.deployment}': cron '{cfg.cron}' ({cfg.timezone}), "
               f"stages {', '.join(names)}\n"
