@@ -70,6 +70,19 @@ def run_stage_cli(stage: str, args: list[str], cwd: Path, env: dict | None = Non
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uri_restored():
+    """``mlflow.set_tracking_uri`` (a stage's tracker run in this process) also sets
+    ``MLFLOW_TRACKING_URI`` in ``os.environ``: restored after each test, so that later tests'
+    subprocesses log where they mean to."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (free when this returns)."""
     with socket.socket() as s:

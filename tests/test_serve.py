@@ -30,7 +30,9 @@ WORDS = "river stone cloud lantern garden copper violin meadow harbor pepper sig
 
 def serve_cli(root: Path, *args: str, **kwargs) -> subprocess.Popen:
     # the runner looks for runs to start every 2 s instead of 10
-    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    # the project's own mlflow.db, whatever an earlier test in this process pointed MLflow at
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONPATH=str(root), PREFECT_RUNNER_POLL_FREQUENCY="2")
     return subprocess.Popen([sys.executable, "-m", "pipelines.serve", *args], cwd=root, env=env, text=True, **kwargs)
 
 
