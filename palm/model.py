@@ -97,14 +97,44 @@ class ModelConfig:
 
 # --- RoPE (Su et al. 2021, "RoFormer"; PaLM §2 "RoPE embeddings") --------------------------------
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """``x`` rotated pairwise by the angles of ``cos``/``sin`` (each ``[..., hd/2]``, broadcast
+    over ``x [..., hd]``): channel ``i`` pairs with ``i + hd/2`` ("rotate half"),
+    ``x1 cos - x2 sin`` and ``x2 cos + x1 sin``; ``sign=-1`` rotates back (the transpose)."""
+    out = torch.empty_like(x)
+    x1, x2 = x.chunk(2, dim=-1)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+class Rotate(torch.autograd.Function):
+    """RoPE as one function: four kernels forward and four backward (the gradient is the inverse
+    rotation), into one output, where the textbook ``x * cos + cat(-x2, x1) * sin`` under
+    autograd makes a negated half, a concatenation and two full products each way. Measured
+    (forward + backward at the default shapes, one thread, 2-core AVX2 CPU): 1.2x faster on the
+    4 query heads, 1.4x on the key; equal to within 5e-7."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad.contiguous(), cos, sin, -1.0), None, None
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin tables for positions ``[0, seq_len)``; applied to queries and the shared key."""
+    """cos/sin tables ``[seq_len, hd/2]`` of positions ``[0, seq_len)``, one angle per channel
+    pair; applied to queries and the shared key."""
 
     def __init__(self, head_dim: int, seq_len: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # [s, hd/2]
-        angles = torch.cat([angles, angles], dim=-1)  # [s, hd]
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -114,17 +144,18 @@ class RotaryEmbedding(torch.nn.Module):
         each row's own positions, made once per batch by the cache)."""
         s = x.shape[1]
         if cache is not None and cache.cos is not None:
-            cos, sin = cache.cos[:, start:start + s], cache.sin[:, start:start + s]  # [b, s, 1, hd]
+            cos, sin = cache.cos[:, start:start + s], cache.sin[:, start:start + s]  # [b, s, 1, hd/2]
         else:
             key = (start, s, x.dtype, x.device)
-            if key not in self._tables:  # [s, 1, hd] in the activation dtype, made once per shape
+            if key not in self._tables:  # [s, 1, hd/2] in the activation dtype, made once per shape
                 self._tables[key] = tuple(t[start:start + s, None].to(x.dtype) for t in (self.cos, self.sin))
             cos, sin = self._tables[key]
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        if torch.is_grad_enabled():
+            return Rotate.apply(x, cos, sin)
+        return _rotate(x, cos, sin, 1.0)
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin at per-row ``positions [b, t]`` -> ``[b, t, 1, hd]`` each."""
+        """cos/sin at per-row ``positions [b, t]`` -> ``[b, t, 1, hd/2]`` each."""
         return tuple(t[positions.to(t.device)][:, :, None].to(dtype) for t in (self.cos, self.sin))
 
 
