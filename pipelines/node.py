@@ -20,16 +20,25 @@ from pathlib import Path
 from pipelines import ROOT
 
 
-def stage_command(stage: str, root: Path = ROOT) -> list[str]:
-    """The stage's ``cmd`` from ``dvc.yaml``, its variables resolved."""
+def dvc_stages(root: Path = ROOT) -> dict:
+    """``dvc.yaml``'s stages by name, as DVC parses them (variables resolved): each has ``cmd``,
+    ``deps`` and ``outs`` (metrics included), whose ``def_path`` is the path as declared."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        try:
-            found = repo.stage.collect(stage)
-        except Exception as err:  # noqa: BLE001 - DVC's own message, on one line
-            raise SystemExit(f"error: node: no stage {stage!r} in {root / 'dvc.yaml'} ({err})") from None
-    return shlex.split(found[0].cmd)
+        return {stage.name: stage for stage in repo.index.stages}
+
+
+def stage_command(stage: str, root: Path = ROOT) -> list[str]:
+    """The stage's ``cmd`` from ``dvc.yaml``, its variables resolved."""
+    try:
+        found = dvc_stages(root)
+    except Exception as err:  # noqa: BLE001 - DVC's own message, on one line
+        raise SystemExit(f"error: node: cannot read {root / 'dvc.yaml'} ({err})") from None
+    if stage not in found:
+        raise SystemExit(f"error: node: no stage {stage!r} in {root / 'dvc.yaml'} "
+                         f"(stages: {', '.join(found)})")
+    return shlex.split(found[stage].cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

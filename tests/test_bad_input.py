@@ -12,17 +12,16 @@ The README's "Troubleshooting" section lists these messages."""
 from __future__ import annotations
 
 import importlib
-import re
 import shlex
 
 import pytest
 import yaml
 
 from conftest import ROOT
+from pipelines.node import dvc_stages
 
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-VARS = {k: v for d in DVC["vars"] for k, v in d.items()}
-STAGES = list(DVC["stages"])
+DVC = dvc_stages()  # as DVC resolves dvc.yaml
+STAGES = list(DVC)
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 # what the stages read inside their input folders; "corrupt" fills each with junk
 JUNK_FILES = ["meta.json", "config.json", "stats.json", "tokenizer.json", "model.safetensors", "train.bin",
@@ -30,27 +29,21 @@ JUNK_FILES = ["meta.json", "config.json", "stats.json", "tokenizer.json", "model
               "curve.csv"]
 
 
-def resolve(text: str) -> str:
-    """``${var}`` of dvc.yaml's ``vars`` replaced."""
-    return re.sub(r"\$\{(\w+)\}", lambda m: str(VARS[m.group(1)]), text)
-
-
 def argv(stage: str) -> list[str]:
     """The stage's arguments as dvc.yaml gives them (after ``-m stages.<stage>``)."""
-    cmd = resolve(DVC["stages"][stage]["cmd"])
-    words = shlex.split(cmd)
+    words = shlex.split(DVC[stage].cmd)
     return words[words.index(f"stages.{stage}") + 1:] + ["--no-mlflow"]
 
 
 def inputs(stage: str) -> list[str]:
     """The data, model and report paths the stage reads (its deps outside the code)."""
-    deps = [resolve(d) for d in DVC["stages"][stage].get("deps", [])]
+    deps = [d.def_path for d in DVC[stage].deps]
     return [d for d in deps if d.split("/")[0] in ("data", "artifacts", "models", "reports")]
 
 
 def outputs(stage: str) -> list[str]:
-    """The stage's DVC outputs."""
-    return [resolve(o if isinstance(o, str) else next(iter(o))) for o in DVC["stages"][stage].get("outs", [])]
+    """The stage's DVC outputs (its metrics included)."""
+    return [o.def_path for o in DVC[stage].outs]
 
 
 def run(stage: str, tmp_path, monkeypatch, capfd, params: dict) -> str:
