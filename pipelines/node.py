@@ -17,6 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from palm.errors import UserError
 from pipelines import ROOT
 
 
@@ -34,10 +35,9 @@ def stage_command(stage: str, root: Path = ROOT) -> list[str]:
     try:
         found = dvc_stages(root)
     except Exception as err:  # noqa: BLE001 - DVC's own message, on one line
-        raise SystemExit(f"error: node: cannot read {root / 'dvc.yaml'} ({err})") from None
+        raise UserError(f"cannot read {root / 'dvc.yaml'} ({err})") from None
     if stage not in found:
-        raise SystemExit(f"error: node: no stage {stage!r} in {root / 'dvc.yaml'} "
-                         f"(stages: {', '.join(found)})")
+        raise UserError(f"no stage {stage!r} in {root / 'dvc.yaml'} (stages: {', '.join(found)})")
     return shlex.split(found[stage].cmd)
 
 
@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: node: PALM_NODE_RANK is unset or 0; node 0 runs `dvc repro " + args.stage + "` instead",
               file=sys.stderr)
         return 2
-    cmd = stage_command(args.stage)
+    try:
+        cmd = stage_command(args.stage)
+    except UserError as err:
+        print(f"error: node: {err}", file=sys.stderr)
+        return 2
     os.chdir(ROOT)
     os.execv(cmd[0] if os.path.isabs(cmd[0]) else str(ROOT / cmd[0]), cmd)
 
