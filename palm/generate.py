@@ -102,7 +102,8 @@ def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         lp = sampling_logprobs(logits, cfg)
         token = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
         logp = lp.gather(-1, token[:, None]).squeeze(-1)
-    raw = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    # one fused pass over the vocabulary (logsumexp makes four: max, subtract, exp and sum)
+    raw = logits.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
     return token, logp, raw
 
 

@@ -181,6 +181,17 @@ class RowLinear(RowParallelLinear):
         return out, None
 
 
+class VocabEmbedding(VocabParallelEmbedding):
+    """megatron's vocab-parallel embedding (this rank's rows, the others' tokens zero, summed over
+    TP); without autograd at TP=1 the plain lookup, for the reason given in :class:`ColumnLinear`
+    (its identity all-reduce is an autograd function call)."""
+
+    def forward(self, tokens: torch.Tensor, *args: Any, **kwargs: Any):
+        if torch.is_grad_enabled() or args or kwargs or self.num_embeddings_per_partition != self.num_embeddings:
+            return super().forward(tokens, *args, **kwargs)
+        return torch.nn.functional.embedding(tokens, self.weight)
+
+
 def column_linear(mcfg: TransformerConfig, d_in: int, d_out: int) -> ColumnLinear:
     return ColumnLinear(d_in, d_out, config=mcfg, init_method=mcfg.init_method,
                         bias=False, gather_output=False)
@@ -208,13 +219,13 @@ def replicated_linear(mcfg: TransformerConfig, d_in: int, d_out: int) -> Replica
     return ReplicatedLinear(mcfg, d_in, d_out)
 
 
-def vocab_embedding(mcfg: TransformerConfig, vocab: int, d: int) -> VocabParallelEmbedding:
+def vocab_embedding(mcfg: TransformerConfig, vocab: int, d: int) -> VocabEmbedding:
     """Token embedding, N(0, 1) as in PaLM §2 (no norm is applied to the embeddings)."""
-    return VocabParallelEmbedding(vocab, d, init_method=lambda w: torch.nn.init.normal_(w, 0.0, 1.0),
+    return VocabEmbedding(vocab, d, init_method=lambda w: torch.nn.init.normal_(w, 0.0, 1.0),
                                   config=mcfg)
 
 
-def tie_output(mcfg: TransformerConfig, vocab: int, d: int) -> VocabParallelEmbedding:
+def tie_output(mcfg: TransformerConfig, vocab: int, d: int) -> VocabEmbedding:
     """The last pipeline stage's copy of the embedding (same seed, so the same values).
 
     ``shared``: the gradient norm counts it once; ``finalize_model_grads`` all-reduces its gradient
