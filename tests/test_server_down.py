@@ -29,14 +29,14 @@ pytestmark = pytest.mark.e2e
 
 
 @contextlib.contextmanager
-def server(argv: list[str], url: str, log: Path, timeout_s: float = 300):
+def server(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300):
     """A server process (a session of its own, so that killing its group ends its workers too),
     up once ``url``/health answers; SIGKILLed with its group at the end if still alive."""
     from pipelines.serve import wait_healthy
 
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                env=env, start_new_session=True)
     try:
         wait_healthy(url, proc, log, timeout_s)
         yield proc
@@ -113,3 +113,73 @@ def test_mlflow_server_killed_while_a_training_stage_runs(tmp_path):
     rows = curve.read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(2, steps + 1, 2)]
     assert metrics["steps"] == steps and float(rows[-1].split(",")[2]) == pytest.approx(metrics["val_loss"], rel=1e-5)
+
+
+def command(proc) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return ""
+
+
+def test_prefect_server_killed_while_a_stage_runs(tmp_path):
+    """``python -m pipelines.flow --until scrape`` against a real ``prefect server``, SIGKILLed
+    while the scrape stage (a slow crawl of the pydoc site: 24 pages, one a second) runs under DVC.
+    The flow stops the stage (no process left, nothing written, DVC sees the stage as not run),
+    exits 2 within a bounded time, its last line naming the server and how to resume; the
+    ``dvc repro`` it suggests then completes the stage. Without the server check the flow would
+    crawl on unrecorded, then retry the dead server for over a minute and end in a traceback."""
+    import psutil
+    import yaml
+
+    from conftest import make_project
+    from pipelines.serve import ServeConfig, prefect_env
+
+    root = make_project(tmp_path / "p")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["scrape"].update(max_pages=24, delay_s=1.0, concurrency=1, shards=1, workers=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's mlflow.db
+    env.update(prefect_env(root, ServeConfig(port=port)), PYTHONPATH=str(root))
+    url = env["PREFECT_API_URL"]
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with contextlib.ExitStack() as stack:
+        proc = stack.enter_context(server(argv, url, tmp_path / "prefect.log", env=env))
+        flow = subprocess.Popen([sys.executable, "-m", "pipelines.flow", "--until", "scrape"], cwd=root, env=env,
+                                stdout=subprocess.PIPE, stderr=(tmp_path / "flow.err").open("w"), text=True)
+        stack.callback(flow.kill)
+        flowing = psutil.Process(flow.pid)
+        deadline = time.monotonic() + 300
+        while not any("stages.scrape" in command(p) for p in flowing.children(recursive=True)):
+            assert flow.poll() is None and time.monotonic() < deadline, (tmp_path / "flow.err").read_text()[-3000:]
+            time.sleep(0.2)
+        while not list((root / "data").glob(".raw.tmp-*")):  # the stage is writing its output
+            assert flow.poll() is None and time.monotonic() < deadline, (tmp_path / "flow.err").read_text()[-3000:]
+            time.sleep(0.2)
+        started = flowing.children(recursive=True)  # DVC, the stage, the pydoc server, the link parsers
+        kill_group(proc)
+        killed = time.monotonic()
+        out, _ = flow.communicate(timeout=240)
+        took = time.monotonic() - killed
+    err = (tmp_path / "flow.err").read_text()
+    assert flow.returncode == 2, err[-3000:]
+    assert took < 120, f"the flow took {took:.0f} s to end after its server was killed"
+    last = err.strip().splitlines()[-1]
+    assert [line for line in err.splitlines() if line.startswith("error: pipeline:")] == [last]
+    assert last.startswith(f"error: pipeline: the Prefect server at {url} went away") and \
+        "stage scrape was stopped" in last and "resume with dvc repro" in last, err[-3000:]
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not (root / "data" / "raw").exists() and not (root / "data" / "corpus").exists()  # nothing half-written
+    dvc = str(root / ".venv" / "bin" / "dvc")
+    status = subprocess.run([dvc, "status", "scrape"], cwd=root, env=env, capture_output=True, text=True)
+    assert "deleted:            data/corpus" in status.stdout, status.stdout
+
+    resumed = subprocess.run([dvc, "repro", "scrape"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list((root / "data" / "corpus").glob("part-*.parquet"))
+    assert sorted(p.name for p in (root / "data").iterdir()) == [".gitignore", "corpus", "feedback", "raw"]
+    status = subprocess.run([dvc, "status", "scrape"], cwd=root, env=env, capture_output=True, text=True)
+    assert "scrape" not in status.stdout, status.stdout
