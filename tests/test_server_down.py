@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 
 from conftest import free_port, run_stage_cli  # noqa: E402
 from test_pretrain_stage import ARGS, project  # noqa: E402
+from test_serve import command  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -115,18 +116,9 @@ def test_mlflow_server_killed_while_a_training_stage_runs(tmp_path):
     assert metrics["steps"] == steps and float(rows[-1].split(",")[2]) == pytest.approx(metrics["val_loss"], rel=1e-5)
 
 
-def command(proc) -> str:
-    import psutil
-
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.Error:  # ended meanwhile
-        return ""
-
-
 def test_prefect_server_killed_while_a_stage_runs(tmp_path):
     """``python -m pipelines.flow --until scrape`` against a real ``prefect server``, SIGKILLed
-    while the scrape stage (a slow crawl of the pydoc site: 24 pages, one a second) runs under DVC.
+    while the scrape stage (a slow crawl of the pydoc site: 16 pages, one a second) runs under DVC.
     The flow stops the stage (no process left, nothing written, DVC sees the stage as not run),
     exits 2 within a bounded time, its last line naming the server and how to resume; the
     ``dvc repro`` it suggests then completes the stage. Without the server check the flow would
@@ -139,7 +131,7 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
 
     root = make_project(tmp_path / "p")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["scrape"].update(max_pages=24, delay_s=1.0, concurrency=1, shards=1, workers=1)
+    params["scrape"].update(max_pages=16, delay_s=1.0, concurrency=1, shards=1, workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's mlflow.db
@@ -164,6 +156,7 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
         killed = time.monotonic()
         out, _ = flow.communicate(timeout=240)
         took = time.monotonic() - killed
+    print(f"the flow ended {took:.1f} s after its Prefect server was killed")
     err = (tmp_path / "flow.err").read_text()
     assert flow.returncode == 2, err[-3000:]
     assert took < 120, f"the flow took {took:.0f} s to end after its server was killed"
@@ -178,8 +171,6 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
     assert "deleted:            data/corpus" in status.stdout, status.stdout
 
     resumed = subprocess.run([dvc, "repro", "scrape"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0 and "Running stage 'scrape'" in resumed.stdout, resumed.stderr[-3000:]
     assert list((root / "data" / "corpus").glob("part-*.parquet"))
     assert sorted(p.name for p in (root / "data").iterdir()) == [".gitignore", "corpus", "feedback", "raw"]
-    status = subprocess.run([dvc, "status", "scrape"], cwd=root, env=env, capture_output=True, text=True)
-    assert "scrape" not in status.stdout, status.stdout
