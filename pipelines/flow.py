@@ -8,6 +8,16 @@ and the stage runs nest under it. ``until`` runs one stage and everything it dep
 
     python -m pipelines.flow                  # run once (uses PREFECT_API_URL when a server is up)
     python -m pipelines.flow --until reward   # reward and the stages upstream of it
+
+If the Prefect server goes away while the flow runs (crashed, killed, unreachable), the flow
+does not run on unrecorded: it checks the server's ``/health`` every :data:`SERVER_CHECK_S`
+seconds, and after :data:`SERVER_MISSES` failed checks in a row it stops the running stage as
+Ctrl-C would (the stage writes nothing; a training stage keeps its last checkpoint), starts no
+other stage, and ends with one line, ``error: pipeline: the Prefect server at <url> went away
+…``, saying how to resume: ``dvc repro``, or the deployment triggered again once the server is
+back; DVC's cache holds every stage that finished, so they are not run again. Prefect's client
+retries a lost connection twice (2 + 4 s, ``PREFECT_CLIENT_MAX_RETRIES``), not five times (62 s),
+so the flow's last calls to the dead server end soon too.
 """
 
 from __future__ import annotations
@@ -18,14 +28,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from prefect import flow, get_run_logger, task
 
-from palm.errors import UserError
-from palm.tracking import PARENT_ENV, Tracker, git_commit
-from pipelines import ROOT
+# Read when Prefect is imported (below, and in ``python -m prefect.engine`` runs from the
+# process's environment): a server that went away costs each call 2 + 4 s of retries, not 62 s.
+os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from palm.errors import UserError  # noqa: E402
+from palm.tracking import PARENT_ENV, Tracker, git_commit  # noqa: E402
+from pipelines import ROOT  # noqa: E402
+from pipelines.serve import healthy  # noqa: E402
 
 # Stages that can reach the network get retries (a flaky site, a rate limit, the Hugging Face
 # hub): scrape with source crawl or hf, the chat-data stages with an ``hf:`` path. The rest are
@@ -33,6 +51,67 @@ from pipelines import ROOT
 RETRIES = {"scrape": 2, "sft_data": 2, "prefs": 2}
 RETRY_DELAY_S = 10
 STOP_GRACE_S = 30.0  # an interrupted stage's processes get this long to end before SIGKILL
+SERVER_CHECK_S = 3.0  # while the flow runs, its Prefect server's /health is asked this often
+SERVER_MISSES = 2  # this many failed checks in a row (each waits up to SERVER_CHECK_S): the server is gone
+RESUME = ("resume with dvc repro (or trigger the deployment again once the server is back): the stages "
+          "that finished are in the DVC cache and are not run again")
+
+
+class ServerGone(UserError):
+    """The flow's Prefect server stopped answering while the pipeline ran."""
+
+
+@dataclass
+class ServerWatch:
+    """The check on the flow's Prefect server (:func:`watch_server`) and the stage running now,
+    which it stops when the server is gone."""
+
+    url: str  # the API's base, e.g. http://127.0.0.1:4200/api
+    gone: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stage: str | None = None
+    proc: subprocess.Popen | None = None
+    finished: list[str] = field(default_factory=list)
+
+    def error(self) -> ServerGone:
+        running = (f"stage {self.stage} was stopped as Ctrl-C stops it (it wrote nothing; DVC keeps only "
+                   f"complete outputs)" if self.stage else "no stage was running")
+        done = f"; finished: {', '.join(self.finished)}" if self.finished else ""
+        return ServerGone(f"the Prefect server at {self.url} went away ({SERVER_MISSES} health checks failed); "
+                          f"{running}{done}; {RESUME}")
+
+
+_watch: ServerWatch | None = None  # set while pipeline() runs
+
+
+@contextlib.contextmanager
+def watch_server(url: str):
+    """While the body runs, check the Prefect server at ``url``; once it is gone (see the module
+    docstring), stop the running stage and mark the watch gone, so that no other stage starts."""
+    global _watch
+    watch, stop = ServerWatch(url.rstrip("/")), threading.Event()
+
+    def loop() -> None:
+        misses = 0
+        while not stop.wait(SERVER_CHECK_S):
+            misses = 0 if healthy(watch.url, SERVER_CHECK_S) else misses + 1
+            if misses >= SERVER_MISSES:
+                watch.gone.set()
+                with watch.lock:
+                    proc = watch.proc
+                if proc is not None:
+                    end_group(proc)
+                return
+
+    thread = threading.Thread(target=loop, name="prefect-server-watch", daemon=True)
+    previous, _watch = _watch, watch
+    thread.start()
+    try:
+        yield watch
+    finally:
+        stop.set()
+        thread.join()
+        _watch = previous
 
 
 def dag(root: Path = ROOT) -> tuple[list[str], dict[str, set[str]]]:
@@ -88,11 +167,15 @@ def plan(root: str, stages: list[str] | None = None, until: str | None = None) -
 
 def end_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """Interrupt ``proc``'s process group as Ctrl-C would (a stage then says it wrote nothing;
-    a training stage keeps its last checkpoint), SIGKILL what is left after ``grace_s``."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace_s)
+    a training stage keeps its last checkpoint), a second time after a third of ``grace_s`` if it
+    is still running (Python drops a Ctrl-C that lands in a finalizer, "Exception ignored in …
+    __del__", as a second Ctrl-C from the keyboard would), and SIGKILL what is left after ``grace_s``."""
+    for wait_s in (grace_s / 3, grace_s * 2 / 3):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait_s)
+            break
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -103,10 +186,16 @@ def reproduce(stage: str, root: str) -> bool:
     """Reproduce one DVC stage (``dvc repro --single-item``, in its own process, in the project
     root); True when it ran, False when DVC found it up to date. Its output goes to the task log."""
     logger = get_run_logger()
+    watch = _watch
+    if watch is not None and watch.gone.is_set():
+        raise watch.error()
     # A process group of its own (DVC, the stage, its training workers): if this run is
     # interrupted (Ctrl-C, a cancel from the UI, make stop), the whole group ends with it.
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if watch is not None:
+        with watch.lock:
+            watch.stage, watch.proc = stage, proc
     lines = []
     assert proc.stdout is not None
     try:
@@ -117,12 +206,26 @@ def reproduce(stage: str, root: str) -> bool:
     except BaseException:
         end_group(proc)
         raise
+    finally:
+        if watch is not None:
+            with watch.lock:
+                watch.proc = None
     if proc.returncode != 0:
+        if watch is not None and watch.gone.is_set():
+            raise watch.error()  # stopped by the watch (a stage that finished meanwhile counts as finished)
         errors = [l for l in lines if l.startswith(("error:", "ERROR"))]
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {errors[-1] if errors else lines[-1:]}")
     ran = any(l.startswith(f"Running stage '{stage}'") for l in lines)
     logger.info("stage %s: %s", stage, "ran" if ran else "up to date (DVC cache)")
+    if watch is not None:
+        watch.finished.append(stage)
+        watch.stage = None
     return ran
+
+
+def retry_unless_server_gone(task_, task_run, state) -> bool:
+    """Prefect's retry condition: a stage stopped because the server went away is not retried."""
+    return _watch is None or not _watch.gone.is_set()
 
 
 @flow(name="palm-rlhf")
@@ -137,11 +240,15 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None, until: str 
     if tracker.run_id:
         os.environ[PARENT_ENV] = tracker.run_id  # stage runs (DVC subprocesses) nest under this one
     ran: dict[str, bool] = {}
+    from prefect.context import FlowRunContext
+
     try:
-        for name in names:
-            task_ = reproduce.with_options(name=name, retries=RETRIES.get(name, 0),
-                                          retry_delay_seconds=RETRY_DELAY_S)
-            ran[name] = task_(name, root)
+        with watch_server(str(FlowRunContext.get().client.api_url)):
+            for name in names:
+                task_ = reproduce.with_options(name=name, retries=RETRIES.get(name, 0),
+                                              retry_delay_seconds=RETRY_DELAY_S,
+                                              retry_condition_fn=retry_unless_server_gone)
+                ran[name] = task_(name, root)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -159,12 +266,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.flow", description="Run the pipeline once as a Prefect flow.")
     parser.add_argument("--until", help="run this stage and the stages upstream of it (default: every stage)")
     args = parser.parse_args(argv)
+    # Even if started with SIGINT ignored (nohup, `&` in a script): the stages' processes would
+    # inherit that, and end_group's Ctrl-C would not reach them (make serve does the same).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print(pipeline(until=args.until))
-    except UserError as err:
-        print(f"error: pipeline: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - the known kinds print one line, the rest a traceback
+        known = user_error(err)
+        if known is None:
+            raise
+        print(f"error: pipeline: {known}", file=sys.stderr)
+        if isinstance(known, ServerGone):
+            # Nothing more can reach the lost server: at exit Prefect's event and log workers would
+            # try to send it what they hold, each waiting for it again (tens of seconds).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return 0
+
+
+def user_error(err: BaseException) -> UserError | None:
+    """The UserError to report for ``err``: itself, the ServerGone that Prefect's failing calls to
+    the lost server were handling (their exception's context), or a ServerGone for a connection
+    to the server lost after the last stage (when the flow's final state is sent)."""
+    import httpx
+
+    seen, chain = err, set()
+    while seen is not None and id(seen) not in chain:
+        if isinstance(seen, UserError):
+            return seen
+        chain.add(id(seen))
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(err, httpx.TransportError):
+        from prefect.settings import PREFECT_API_URL
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return ServerGone(f"the Prefect server at {PREFECT_API_URL.value()} went away ({type(err).__name__}: "
+                          f"{first}); {RESUME}")
+    return None
 
 
 if __name__ == "__main__":

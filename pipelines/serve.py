@@ -160,6 +160,15 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def healthy(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether ``url``/health answers 200 within ``timeout_s``."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
 def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
     """Return once ``url``/health answers; UserError if the server exits first or the deadline passes."""
     deadline = time.monotonic() + timeout_s
@@ -168,12 +177,8 @@ def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout_s: float
             tail = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
             raise UserError(f"the Prefect server exited (code {server.returncode}) before its API answered: "
                             f"{tail} (whole log: {log})")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
+        if healthy(url):
+            return
         time.sleep(0.5)
     raise UserError(f"the Prefect server's API did not answer at {url} within {timeout_s:g} s "
                     f"(serve.startup_timeout_s); its log: {log}")
