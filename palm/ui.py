@@ -50,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"MLflow UI: {ui_url(root, f'http://{args.host}:{args.port}')}  (store {uri})", flush=True)
     argv = command(uri, args.host, args.port, args.workers)
     # the server process itself: Ctrl-C and signals reach it as they would
-    os.execve(argv[0], argv, {**os.environ, **{k: v for k, v in SERVER_ENV.items() if k not in os.environ}})
+    os.execve(argv[0], argv, {**SERVER_ENV, **os.environ})
     return 0  # not reached
