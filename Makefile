@@ -24,15 +24,15 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip check
 	@touch $@
 
-## Headless Chromium and its driver, for the test that drives the ranking page of `palm feedback
-## serve` (tests/test_feedback.py; it skips without them). Debian's packages, installed with
-## apt-get when missing and when running as root (as CI does); otherwise a one-line hint.
+## Headless Chromium and its driver, for the tests that drive the ranking page of `palm feedback
+## serve`, the MLflow UI and the Prefect UI (they skip without them). Debian's packages, installed
+## with apt-get when missing and when running as root (as CI does); otherwise a one-line hint.
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing chromium and chromium-driver (apt-get) for the ranking page's browser test"; \
+	  echo "installing chromium and chromium-driver (apt-get) for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	else echo "note: the browser test will skip: install chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"; fi
+	else echo "note: the browser tests will skip: install chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"; fi
 
 ## Run the whole pipeline on the embedded default data (DVC reruns only what changed).
 run: setup
@@ -58,11 +58,10 @@ flow: setup
 	$(PY) -m pipelines.flow $(if $(UNTIL),--until $(UNTIL))
 
 ## MLflow UI on http://127.0.0.1:5000 over the local SQLite store (runs, registered models and
-## their aliases); it prints the link that opens the project's experiment on its runs.
+## their aliases); it prints the link that opens the project's experiment on its runs (palm/ui.py).
 MLFLOW_PORT ?= 5000
 ui mlflow-ui: setup
-	@$(PY) -c "from palm.tracking import ui_url; print('MLflow UI: ' + ui_url('.', 'http://127.0.0.1:$(MLFLOW_PORT)'))"
-	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///mlflow.db
+	$(PY) -m palm.cli ui --port $(MLFLOW_PORT)
 
 ## The pipeline as a scheduled Prefect deployment (params.yaml serve): a local Prefect server and UI
 ## (http://127.0.0.1:4200, state in .prefect/), the deployment, and a runner for its runs.

@@ -5,6 +5,7 @@
     palm feedback sample|serve …    # sample replies, rank them in a local page (palm/feedback/)
     palm chat models:/palm-chat@champion              # ... or a registered one
     palm lineage models:/palm-chat@champion [--json]  # its runs back to the scrape (palm/lineage.py)
+    palm ui [--port 5000]           # the MLflow UI over the project's runs (palm/ui.py; make ui)
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> exit code``. Errors
 a user can fix print as one line ``error: <command>: …`` and exit with 2.
@@ -27,6 +28,7 @@ COMMANDS = {
     "chat": ("palm.chat", "chat with an exported model (streamed replies, history, /reset, /quit)"),
     "feedback": ("palm.feedback", "human feedback: sample replies (sample), rank them in a local web page (serve)"),
     "lineage": ("palm.lineage", "the runs and data a registered model came from, back to the scrape run"),
+    "ui": ("palm.ui", "the MLflow UI on 127.0.0.1 over the project's runs and registered models (make ui)"),
 }
 
 

@@ -83,6 +83,31 @@ def _mlflow_uri_restored():
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Selenium, one per test module (what a person sees of a web UI:
+    the feedback page, the MLflow and Prefect UIs). Skips when Chromium or its driver is missing."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium and chromedriver not installed (make test installs them: apt-get install "
+                    "chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1100,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)  # no Selenium Manager
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (free when this returns)."""
     with socket.socket() as s:

@@ -32,8 +32,6 @@ K = 4
 PROMPTS = ["What does json.dumps do?", "How do I sort a list?", "What is a tuple?",
            "Is <i>this</i> <script>window.__pwned = 3</script> escaped?", "Name a module."]
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"><b>bold?</b> & more'
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 
 def palm(*args: str, cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
@@ -151,25 +149,6 @@ def post(url: str, body: bytes, headers: dict) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromedriver not installed (make test installs them: apt-get install "
-                    "chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1100,1000"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)  # no Selenium Manager
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 ORDERS = {0: [1, 0, 3, 2], 1: [3, 2, 1, 0], 2: [0, 1, 2, 3]}  # what the labeler decides for items 1-3

@@ -7,7 +7,8 @@ of each input and output, and the run that produced each input), each writing it
 path; then the real ``evaluate`` stage registers the four models. Checked: the versions, their
 source runs and aliases; the champion rule; ``mlflow.pyfunc.load_model(...).predict``;
 ``palm.models.resolve`` and ``palm chat`` on a registry URI; ``palm lineage`` back to the scrape
-run and the corpus md5; ``mlflow models serve`` answering a POST on 127.0.0.1."""
+run and the corpus md5; ``mlflow models serve`` answering a POST on 127.0.0.1; ``make ui``'s MLflow
+UI in headless Chromium (the stage runs, the registered models, palm-chat's aliases)."""
 
 from __future__ import annotations
 
@@ -304,3 +305,82 @@ def test_mlflow_models_serve_answers_a_post_on_loopback(project, env, tmp_path):
     with process_groups():
         local = mlflow.pyfunc.load_model("models:/palm-chat@champion").predict([PROMPT], params=body["params"])
     assert served == list(local) and isinstance(served[0], str)
+
+
+def test_palm_ui_refuses_a_bad_port_or_worker_count_in_one_line(capsys):
+    from palm.cli import main
+
+    for args, message in ((["--port", "0"], "--port: expected 1..65535, got 0"),
+                          (["--workers", "0"], "--workers: expected >= 1, got 0")):
+        assert main(["ui", *args]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: ui: {message}"]
+
+
+def test_make_ui_shows_the_stage_runs_and_the_models_with_their_aliases(project, env, browser, tmp_path):
+    """``make ui`` (``palm ui``) in a real browser: the link it prints opens the experiment on the
+    stage runs (not MLflow 3's GenAI overview, empty here), "Model registry" lists the four
+    registered models and palm-chat's page shows each version's aliases. The server leaves no
+    process behind."""
+    import psutil
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from palm.registry import NAMES
+    from palm.tracking import ui_url
+    from pipelines.serve import wait_healthy
+
+    c = client(env)
+    experiment = c.get_experiment_by_name("palm-rlhf").experiment_id
+    runs = {stage_run(c, stage).info.run_id: stage for stage in [*OUTPUTS, "evaluate"]}
+    aliases: dict[str, set[str]] = {}
+    for alias, version in c.get_registered_model("palm-chat").aliases.items():
+        aliases.setdefault(str(version), set()).add(alias)
+    assert aliases == {"1": {"champion", "current"}, "2": {"candidate"}}  # as the champion rule's test left them
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:  # what `make ui MLFLOW_PORT=<port>` runs, in the project folder
+        proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "ui", "--port", str(port)], cwd=project,
+                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    wait = WebDriverWait(browser, 120)  # a loaded 2-core machine: the first page took 30 s at load 20
+
+    def links(css: str) -> dict[str, str]:  # href -> text of the links; read in one go (the page re-renders)
+        return dict(browser.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map(a => [a.href, a.innerText.trim()])", css))
+
+    def version_aliases(d) -> dict[str, set[str]]:  # version -> the tags "@ <alias>" in its row of the model page
+        rows = d.execute_script(
+            "return [...document.querySelectorAll('[role=row]')].map(r => ["
+            "[...r.querySelectorAll('a[href*=\"/models/palm-chat/versions/\"]')].map(a => a.href),"
+            "[...r.querySelectorAll('[role=status]')].map(t => t.innerText.replace(/\\s+/g, ' ').trim())])")
+        shown = {hrefs[0].rsplit("/", 1)[1]: {t[2:] for t in tags if t.startswith("@ ")}
+                 for hrefs, tags in rows if hrefs}
+        return {version: tags for version, tags in shown.items() if tags}
+
+    started: list = []
+    try:
+        wait_healthy(base, proc, log, timeout_s=240)
+        started = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        (line,) = [x for x in log.read_text().splitlines() if x.startswith("MLflow UI: ")]
+        link = line.split()[2]
+        assert link == ui_url(project, base)
+        browser.get(link)
+        run_links = {f"{base}/#/experiments/{experiment}/runs/{rid}": stage for rid, stage in runs.items()}
+        wait.until(lambda d: run_links.keys() <= links("a[href*='/runs/']").keys(), "the stage runs not listed")
+        shown = links("a[href]")
+        assert {shown[href] for href in run_links} == set(runs.values())  # each run under its stage's name
+        # the "Model training" sidebar, not GenAI's (whose first entry is the traces overview)
+        assert not [h for h in shown if f"/experiments/{experiment}/overview" in h], sorted(shown)
+        assert shown[f"{base}/#/models"] == "Model registry"
+        browser.get(f"{base}/#/models")
+        model_links = {f"{base}/#/models/{name}": name for name in NAMES.values()}
+        wait.until(lambda d: model_links.keys() <= links("a[href*='/models/']").keys(), "the models not listed")
+        assert all(links("a[href*='/models/']")[href] == name for href, name in model_links.items())
+        browser.get(f"{base}/#/models/palm-chat")  # where palm-chat's entry in the list links to
+        wait.until(lambda d: version_aliases(d) == aliases, f"palm-chat's page does not show the aliases {aliases}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C in the terminal of `make ui`
+        proc.wait(60)
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]

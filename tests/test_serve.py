@@ -1,6 +1,7 @@
 """`make serve` for real: ``python -m pipelines.serve`` in a project copy starts its own Prefect
 server (SQLite in the copy's .prefect/), registers the scheduled deployment and serves it; runs
-triggered through the API complete, the second from the DVC cache; ``--stop`` (make stop)
+triggered through the API complete, the second from the DVC cache; the Prefect UI in headless
+Chromium lists the deployment and shows its schedule; ``--stop`` (make stop)
 leaves no process behind, those of a run in flight included.
 
 The deployment stops after ``scrape`` (serve.until) on a small folder of text files, so the
@@ -113,6 +114,37 @@ def test_the_ui_shows_the_deployment_with_its_schedule(served):
     with urllib.request.urlopen(url.removesuffix("/api")) as page:  # the UI itself
         assert page.status == 200 and b"<html" in page.read().lower()
     assert url.removesuffix("/api") in out.read_text()  # printed for the user
+
+
+def test_the_prefect_ui_in_a_browser_lists_the_deployment_and_shows_its_schedule(served, browser):
+    """What a person sees at the address make serve prints: "Deployments" lists palm-rlhf's
+    deployment, and its page shows the schedule as the UI writes a cron ("At 02:30 AM, only on
+    Monday" for 30 2 * * 1; with its time zone in the tooltip), switched on."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, url, proc, out = served
+    ui = url.removesuffix("/api")
+    with client(url) as c:
+        deployment = c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}")
+    wait = WebDriverWait(browser, 120)  # a loaded 2-core machine
+    browser.get(f"{ui}/deployments")
+    rows = lambda: browser.execute_script(  # noqa: E731 - [deployment link, its text, the row's flow name]
+        "return [...document.querySelectorAll('a[href*=\"/deployments/deployment/\"]')].map(a => "
+        "[a.href, a.innerText.trim(), a.closest('tr').querySelector('.flow-popover__link-name')?.innerText.trim()])")
+    page = f"{ui}/deployments/deployment/{deployment.id}"
+    wait.until(lambda d: (shown := rows()) and all(all(row) for row in shown), "no deployment listed")
+    assert rows() == [[page, DEPLOYMENT, "palm-rlhf"]]
+    browser.get(page)
+    card = wait.until(lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".deployment-schedule-card")
+                                 if e.is_displayed()], "no schedule shown")  # (a narrow window's copy: hidden)
+    assert len(card) == 1 and card[0].text.splitlines()[0] == "At 02:30 AM, only on Monday"
+    assert card[0].find_element(By.CSS_SELECTOR, "[role=switch]").get_attribute("aria-checked") == "true"
+    ActionChains(browser).move_to_element(card[0].find_element(By.CSS_SELECTOR, ".deployment-schedule-card__content")
+                                          ).perform()
+    wait.until(lambda d: "At 02:30 AM, only on Monday (Europe/Paris)" in d.find_element(By.TAG_NAME, "body").text,
+               "the schedule's tooltip does not name its time zone")
 
 
 def test_triggered_runs_complete_the_second_from_the_dvc_cache(served):
