@@ -67,9 +67,11 @@ def test_mlflow_server_killed_while_a_training_stage_runs(tmp_path):
 
     from palm.models import read_export
 
-    steps = 16
-    root = project(tmp_path / "p", pretrain={"train_steps": steps, "log_interval": 2, "eval_interval": 8,
-                                             "checkpoint_interval": 8})
+    # enough tiny steps that training outlasts the first row's way to the server (Tracker.follow
+    # polls every 2 s; 16 steps were over by then on a loaded CI machine)
+    steps = 400
+    root = project(tmp_path / "p", pretrain={"train_steps": steps, "log_interval": 2, "eval_interval": 200,
+                                             "checkpoint_interval": 200})
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
@@ -170,6 +172,8 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
     status = subprocess.run([dvc, "status", "scrape"], cwd=root, env=env, capture_output=True, text=True)
     assert "deleted:            data/corpus" in status.stdout, status.stdout
 
+    params["scrape"]["delay_s"] = 0.0  # the resume need not be slow (a changed param: DVC runs it anyway)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     resumed = subprocess.run([dvc, "repro", "scrape"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "Running stage 'scrape'" in resumed.stdout, resumed.stderr[-3000:]
     assert list((root / "data" / "corpus").glob("part-*.parquet"))
