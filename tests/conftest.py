@@ -70,6 +70,31 @@ def run_stage_cli(stage: str, args: list[str], cwd: Path, env: dict | None = Non
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture
+def stage_error(monkeypatch, capfd):
+    """``stage_error(stage, args, cwd=None)``: run ``stages.<stage>.main(args + ["--no-mlflow"])``
+    in this process with ``cwd`` (default: the current folder) as the project root (as DVC runs it, without an interpreter start
+    of its own), expect exit 2, no traceback and exactly one ``error: <stage>: …`` line on
+    stderr (its training workers' included), and return that line."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT))
+
+    def run(stage: str, args: list[str], cwd: Path | None = None) -> str:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capfd.readouterr()
+        code = importlib.import_module(f"stages.{stage}").main([*args, "--no-mlflow"])
+        err = capfd.readouterr().err
+        assert code == 2, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {stage}: "), err[-3000:]
+        return lines[0]
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_uri_restored():
     """``mlflow.set_tracking_uri`` (a stage's tracker run in this process) also sets

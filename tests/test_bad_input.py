@@ -11,7 +11,6 @@ The README's "Troubleshooting" section lists these messages."""
 
 from __future__ import annotations
 
-import importlib
 import shlex
 
 import pytest
@@ -32,7 +31,7 @@ JUNK_FILES = ["meta.json", "config.json", "stats.json", "tokenizer.json", "model
 def argv(stage: str) -> list[str]:
     """The stage's arguments as dvc.yaml gives them (after ``-m stages.<stage>``)."""
     words = shlex.split(DVC[stage].cmd)
-    return words[words.index(f"stages.{stage}") + 1:] + ["--no-mlflow"]
+    return words[words.index(f"stages.{stage}") + 1:]
 
 
 def inputs(stage: str) -> list[str]:
@@ -46,20 +45,13 @@ def outputs(stage: str) -> list[str]:
     return [o.def_path for o in DVC[stage].outs]
 
 
-def run(stage: str, tmp_path, monkeypatch, capfd, params: dict) -> str:
+def run(stage: str, tmp_path, stage_error, params: dict) -> str:
     """Run the stage in ``tmp_path`` with ``params``; returns its one error line. Nothing of
     what the stage outputs may exist afterwards."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(ROOT))
-    code = importlib.import_module(f"stages.{stage}").main(argv(stage))
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {stage}: "), err[-3000:]
+    line = stage_error(stage, argv(stage), tmp_path)
     assert [o for o in outputs(stage) if (tmp_path / o).exists()] == []
-    return lines[0]
+    return line
 
 
 def first_number(section: dict) -> str:
@@ -67,25 +59,25 @@ def first_number(section: dict) -> str:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_wrong_value_in_the_stage_section(stage, tmp_path, monkeypatch, capfd):
+def test_a_wrong_value_in_the_stage_section(stage, tmp_path, stage_error):
     section = PARAMS[stage]
     unknown = {**PARAMS, stage: {**section, "no_such_key": 1}}
-    assert f"{stage}.no_such_key" in run(stage, tmp_path, monkeypatch, capfd, unknown)
+    assert f"{stage}.no_such_key" in run(stage, tmp_path, stage_error, unknown)
     key = first_number(section)
     as_text = {**PARAMS, stage: {**section, key: "lots"}}
-    assert f"{stage}.{key}" in run(stage, tmp_path, monkeypatch, capfd, as_text)
+    assert f"{stage}.{key}" in run(stage, tmp_path, stage_error, as_text)
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_every_input_missing(stage, tmp_path, monkeypatch, capfd):
+def test_every_input_missing(stage, tmp_path, stage_error):
     params = PARAMS
     if stage == "scrape":  # its default source is embedded: point it at a folder that is not there
         params = {**PARAMS, "scrape": {**PARAMS["scrape"], "source": "files", "files_path": "no/such/folder"}}
-    run(stage, tmp_path, monkeypatch, capfd, params)
+    run(stage, tmp_path, stage_error, params)
 
 
 @pytest.mark.parametrize("stage", [s for s in STAGES if s != "scrape"])
-def test_every_input_corrupt(stage, tmp_path, monkeypatch, capfd):
+def test_every_input_corrupt(stage, tmp_path, stage_error):
     for rel in inputs(stage):
         path = tmp_path / rel
         if path.suffix:  # a file input (a curve)
@@ -95,4 +87,4 @@ def test_every_input_corrupt(stage, tmp_path, monkeypatch, capfd):
         path.mkdir(parents=True, exist_ok=True)
         for name in JUNK_FILES:
             (path / name).write_bytes(b"{\x00junk, not what a stage wrote\xff")
-    run(stage, tmp_path, monkeypatch, capfd, PARAMS)
+    run(stage, tmp_path, stage_error, PARAMS)

@@ -5,6 +5,7 @@ data and parent; the OASST trees through the params; bad input is one line with 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import make_project, run_stage_cli  # noqa: E402
+from conftest import make_project  # noqa: E402
 from finetune_data import MODEL, make_parent  # noqa: E402
 from test_chat import make_tokenizer, pydoc_corpus  # noqa: E402
 
@@ -136,40 +137,31 @@ def test_oasst_trees_through_the_params(tmp_path, shared_data):
     assert 0.0 <= rm["val_accuracy"] <= 1.0 and math.isfinite(rm["reward_std"])
 
 
-def one_line_error(root: Path, stage: str, args: list[str]) -> str:
-    res = run_stage_cli(stage, args + ["--no-mlflow"], cwd=root)
-    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    errors = [line for line in res.stderr.splitlines() if line.startswith(f"error: {stage}: ")]
-    assert len(errors) == 1, res.stderr[-2000:]
-    return errors[0]
-
-
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, stage_error):
     root = project(tmp_path / "p")
+    monkeypatch.chdir(root)
     for stage, out in (("sft_data", "data/sft"), ("prefs", "data/prefs")):
-        res = run_stage_cli(stage, ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--out", out,
-                                    "--no-mlflow"], cwd=root)
-        assert res.returncode == 0, res.stderr[-2000:]
+        assert importlib.import_module(f"stages.{stage}").main(
+            ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--out", out, "--no-mlflow"]) == 0
     sft = ["--data", "data/sft", "--checkpoints", "checkpoints/sft", "--out", "models/sft"]
     reward = ["--data", "data/prefs", "--checkpoints", "checkpoints/reward", "--out", "models/reward"]
 
-    assert "models/sft: parent model not found" in one_line_error(root, "reward", reward + ["--parent", "models/sft"])
-    assert "run the sft stage first" in one_line_error(root, "reward", reward + ["--parent", "models/sft"])
-    assert "parent model not found" in one_line_error(root, "sft", sft + ["--parent", "models/none"])
+    assert "models/sft: parent model not found" in stage_error("reward", reward + ["--parent", "models/sft"])
+    assert "run the sft stage first" in stage_error("reward", reward + ["--parent", "models/sft"])
+    assert "parent model not found" in stage_error("sft", sft + ["--parent", "models/none"])
 
     config = root / "models" / "pretrain" / "config.json"
     good = config.read_text()
     config.write_text(json.dumps({**json.loads(good), "tokenizer_sha256": "0" * 64}))
-    line = one_line_error(root, "sft", sft + ["--parent", "models/pretrain"])
+    line = stage_error("sft", sft + ["--parent", "models/pretrain"])
     assert "data/sft was tokenized with tokenizer sha256" in line and "000000000000" in line
     config.write_text("{not json")
-    assert "not a palm model export" in one_line_error(root, "sft", sft + ["--parent", "models/pretrain"])
+    assert "not a palm model export" in stage_error("sft", sft + ["--parent", "models/pretrain"])
     config.write_text(good)
 
     set_params(root, sft={"tensor_parallel": 3})
     assert "sft.tensor_parallel: model.n_heads=2 is not divisible by tensor_parallel=3" in \
-        one_line_error(root, "sft", sft + ["--parent", "models/pretrain"])
+        stage_error("sft", sft + ["--parent", "models/pretrain"])
     set_params(root, sft={"tensor_parallel": 1}, reward={"micro_batch_size": 3})
-    assert "reward.micro_batch_size" in one_line_error(root, "reward", reward + ["--parent", "models/pretrain"])
+    assert "reward.micro_batch_size" in stage_error("reward", reward + ["--parent", "models/pretrain"])
     assert not (root / "models" / "sft").exists() and not (root / "models" / "reward").exists()

@@ -86,41 +86,38 @@ def test_killed_run_restarted_by_dvc_repro_ends_like_an_uninterrupted_one(tmp_pa
     assert config["model"]["d_model"] == 32 and len(config["tokenizer_sha256"]) == 64
 
 
-def one_line_error(root: Path, **env) -> str:
-    res = run_stage_cli("pretrain", ARGS + ["--no-mlflow"], cwd=root, env=env)
-    assert res.returncode == 2, res.stderr[-2000:]
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: pretrain: ")]
-    assert len(errors) == 1, res.stderr[-2000:]
-    return errors[0]
-
-
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, stage_error):
     root = project(tmp_path / "p", pretrain={"tensor_parallel": 3})
-    assert "pretrain.tensor_parallel: model.n_heads=2 is not divisible by tensor_parallel=3" in one_line_error(root)
+    assert "pretrain.tensor_parallel: model.n_heads=2 is not divisible by tensor_parallel=3" in \
+        stage_error("pretrain", ARGS, root)
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["pretrain"]["tensor_parallel"] = 1
     params["pretrain"]["pipeline_parallel"] = 4
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    assert "model.n_layers=2 is not divisible by pipeline_parallel=4" in one_line_error(root)
+    assert "model.n_layers=2 is not divisible by pipeline_parallel=4" in \
+        stage_error("pretrain", ARGS, root)
 
     params["pretrain"]["pipeline_parallel"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     meta = root / "artifacts" / "tokenizer" / "meta.json"
     good = meta.read_text()
     meta.write_text(json.dumps({**json.loads(good), "sha256": "0" * 64}))
-    assert "were made by tokenizer sha256" in one_line_error(root)
+    assert "were made by tokenizer sha256" in \
+        stage_error("pretrain", ARGS, root)
     meta.write_text(good)
 
     (root / "data" / "tokens" / "train.bin").unlink()
-    assert "train.bin: token shard missing or empty" in one_line_error(root)
+    assert "train.bin: token shard missing or empty" in \
+        stage_error("pretrain", ARGS, root)
     make_shards(root / "data" / "tokens", sha=json.loads(good)["sha256"])
 
     ckpt = root / "checkpoints" / "pretrain"
     (ckpt / "step_0000004").mkdir(parents=True)
     (ckpt / "step_0000004" / "palm.json").write_text("{}")
     (ckpt / "latest").write_text("step_0000004\n")
-    assert "corrupt checkpoint" in one_line_error(root)
+    assert "corrupt checkpoint" in \
+        stage_error("pretrain", ARGS, root)
 
 
 def test_forced_rerun_of_a_finished_run_leaves_the_same_reports(tmp_path):
@@ -200,12 +197,16 @@ def test_two_nodes_rendezvousing_over_c10d_train_what_one_node_does(tmp_path):
         (two / "reports" / "pretrain" / "curve.csv").read_text().splitlines()[0]
 
 
-def test_a_multi_node_layout_is_checked_before_anything_starts(tmp_path):
+def test_a_multi_node_layout_is_checked_before_anything_starts(tmp_path, monkeypatch, stage_error):
     root = project(tmp_path / "p", pretrain={"data_parallel": 2, "nodes": 3})
     assert "pretrain.nodes: the 2 processes (tensor x pipeline x data parallel) cannot be split evenly " \
-           "over 3 nodes" in one_line_error(root)
+           "over 3 nodes" in \
+        stage_error("pretrain", ARGS, root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["pretrain"]["nodes"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    assert "rdzv_endpoint '': a multi-node launch needs HOST:PORT" in one_line_error(root)
-    assert "PALM_NODE_RANK='2': must be a node rank 0..1" in one_line_error(root, PALM_NODE_RANK="2")
+    assert "rdzv_endpoint '': a multi-node launch needs HOST:PORT" in \
+        stage_error("pretrain", ARGS, root)
+    monkeypatch.setenv("PALM_NODE_RANK", "2")
+    assert "PALM_NODE_RANK='2': must be a node rank 0..1" in \
+        stage_error("pretrain", ARGS, root)
