@@ -17,7 +17,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 
-from conftest import free_port, make_project, run_stage_cli  # noqa: E402
+from conftest import free_port, make_project  # noqa: E402
 from shards import make_shards  # noqa: E402
 
 from palm.train.pretrain import KILL_ENV  # noqa: E402
@@ -197,24 +197,15 @@ def test_two_nodes_rendezvousing_over_c10d_train_what_one_node_does(tmp_path):
         (two / "reports" / "pretrain" / "curve.csv").read_text().splitlines()[0]
 
 
-def cli_error(root: Path, **env) -> str:
-    """The one error line of the stage run in its own process (a failed launch may leave its
-    reaper process behind in the caller until the caller exits)."""
-    res = run_stage_cli("pretrain", ARGS + ["--no-mlflow"], cwd=root, env=env)
-    assert res.returncode == 2, res.stderr[-2000:]
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: pretrain: ")]
-    assert len(errors) == 1, res.stderr[-2000:]
-    return errors[0]
-
-
-def test_a_multi_node_layout_is_checked_before_anything_starts(tmp_path):
+def test_a_multi_node_layout_is_checked_before_anything_starts(tmp_path, monkeypatch, stage_error):
     root = project(tmp_path / "p", pretrain={"data_parallel": 2, "nodes": 3})
     assert "pretrain.nodes: the 2 processes (tensor x pipeline x data parallel) cannot be split evenly " \
            "over 3 nodes" in \
-        cli_error(root)
+        stage_error("pretrain", ARGS, root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["pretrain"]["nodes"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     assert "rdzv_endpoint '': a multi-node launch needs HOST:PORT" in \
-        cli_error(root)
-    assert "PALM_NODE_RANK='2': must be a node rank 0..1" in cli_error(root, PALM_NODE_RANK="2")
+        stage_error("pretrain", ARGS, root)
+    monkeypatch.setenv("PALM_NODE_RANK", "2")
+    assert "PALM_NODE_RANK='2': must be a node rank 0..1" in stage_error("pretrain", ARGS, root)

@@ -91,9 +91,6 @@ def launch(entry: str, spec: dict[str, Any], cfg: Any, *, run_dir: Path,
     full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": _QUIET, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    reaper = subprocess.Popen([sys.executable, "-m", "palm.train.launch", "--reap", marker, str(os.getpid())],
-                              env={k: v for k, v in full_env.items() if k != MARKER_ENV})
-    full_env[MARKER_ENV] = marker
     worker = ["-m", "palm.train.launch", entry, str(spec_path)]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     if cfg.world_size == 1:  # nothing to rendezvous: the worker alone (torchrun would cost a process importing torch)
@@ -108,6 +105,11 @@ def launch(entry: str, spec: dict[str, Any], cfg: Any, *, run_dir: Path,
         cmd = [torchrun, f"--nnodes={cfg.nodes}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
                f"--rdzv-endpoint={rdzv_endpoint(cfg.rdzv_endpoint)}", f"--rdzv-id=palm-{run_id}",
                "--max-restarts=0", *worker]
+    # the command is complete (a bad rdzv endpoint has raised) before the reaper starts: a launch
+    # that fails here leaves no process behind
+    reaper = subprocess.Popen([sys.executable, "-m", "palm.train.launch", "--reap", marker, str(os.getpid())],
+                              env={k: v for k, v in full_env.items() if k != MARKER_ENV})
+    full_env[MARKER_ENV] = marker
     try:
         code = subprocess.run(cmd, env=full_env).returncode
     finally:
