@@ -5,6 +5,7 @@ data and parent; the OASST trees through the params; bad input is one line with 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import make_project, run_stage_cli  # noqa: E402
+from conftest import make_project  # noqa: E402
 from finetune_data import MODEL, make_parent  # noqa: E402
 from test_chat import make_tokenizer, pydoc_corpus  # noqa: E402
 
@@ -139,12 +140,9 @@ def test_oasst_trees_through_the_params(tmp_path, shared_data):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, stage_error):
     root = project(tmp_path / "p")
     monkeypatch.chdir(root)
-    # the data stages in their own processes: in this one they would leave a multiprocessing
-    # helper behind (tests later in this worker check that nothing of theirs outlives them)
     for stage, out in (("sft_data", "data/sft"), ("prefs", "data/prefs")):
-        res = run_stage_cli(stage, ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--out", out,
-                                    "--no-mlflow"], cwd=root)
-        assert res.returncode == 0, res.stderr[-2000:]
+        assert importlib.import_module(f"stages.{stage}").main(
+            ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--out", out, "--no-mlflow"]) == 0
     sft = ["--data", "data/sft", "--checkpoints", "checkpoints/sft", "--out", "models/sft"]
     reward = ["--data", "data/prefs", "--checkpoints", "checkpoints/reward", "--out", "models/reward"]
 
