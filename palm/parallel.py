@@ -269,6 +269,11 @@ def vocab_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return lse
 
 
+def vocab_columns(v_local: int, device: torch.device) -> torch.Tensor:
+    """The full-vocabulary ids ``[V_local]`` of this rank's shard's columns."""
+    return torch.arange(v_local, device=device) + parallel_state.get_tensor_model_parallel_rank() * v_local
+
+
 def vocab_local(ids: torch.Tensor, v_local: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids as indices into this rank's vocabulary shard of ``v_local`` columns (clamped
     into it) and whether this rank owns each id."""
@@ -282,10 +287,15 @@ def vocab_pick(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     ``[...]`` -> ``[...]``. The rank that owns an id contributes its logit, the others zero."""
     local, mine = vocab_local(ids, logits.shape[-1])
     picked = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1)
-    picked = picked * mine  # a multiply, not masked_fill: the gradient reaches only the owner
+    return vocab_sum(picked * mine)  # a multiply, not masked_fill: the gradient reaches only the owner
+
+
+def vocab_sum(partial: torch.Tensor) -> torch.Tensor:
+    """The sum over the vocabulary shards (TP ranks) of each rank's per-token partial ``[...]``;
+    backward: each rank's own gradient (the identity)."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        picked = reduce_from_tensor_model_parallel_region(picked.clone())  # in place: clone
-    return picked
+        return reduce_from_tensor_model_parallel_region(partial.clone())  # in place: clone
+    return partial
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,46 @@ def test_nll_and_log_z_are_cross_entropy_and_logsumexp(groups, dtype):
     assert torch.allclose(metrics["nll"].float(), torch.stack([(ce * mask).sum(), mask.sum()]), rtol=1e-4)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_log_probs_and_entropy_over_the_real_vocabulary(groups, grad):
+    """``token_nll(vocab=..., entropy=True)`` (PPO's log-probs and entropy, one fused pass that
+    also makes the gradient) against autograd through the textbook formulas on the first
+    ``vocab`` logits (the padding rows of the embedding excluded): values, and the gradients of
+    the hidden states and of the tied weight under a loss that weights both outputs, 12 tokens
+    (more than one tile when LOSS_CHUNK_TOKENS is small) and without autograd the same values."""
+    from palm import model as palm_model
+
+    model = PaLM(CFG)
+    assert CFG.padded_vocab_size == 256 > CFG.vocab_size  # premise: 56 padding columns to exclude
+    tokens = torch.randint(0, CFG.vocab_size, (3, 4))
+    labels = torch.randint(0, CFG.vocab_size, (3, 4))
+    wl, we = torch.randn(3, 4), torch.randn(3, 4)  # loss weights of log p and of the entropy
+    x = model.trunk(tokens).detach()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    tile = palm_model.LOSS_CHUNK_TOKENS
+    palm_model.LOSS_CHUNK_TOKENS = 8  # two tiles of one row (4 tokens) each, then one
+    try:
+        with torch.set_grad_enabled(grad):
+            nll, logz, ent = model.token_nll(a, labels, vocab=CFG.vocab_size, entropy=True)
+    finally:
+        palm_model.LOSS_CHUNK_TOKENS = tile
+    logits = model.logits(b).float()[..., :CFG.vocab_size]
+    logp = logits.log_softmax(-1)
+    want_logp = logp.gather(-1, labels[..., None]).squeeze(-1)
+    want_ent = -(logp.exp() * logp).sum(-1)
+    assert torch.allclose(-nll, want_logp, atol=1e-5) and torch.allclose(ent, want_ent, atol=1e-5)
+    assert torch.allclose(logz, torch.logsumexp(logits, -1), atol=1e-5)
+    if not grad:
+        return
+    weight = model.shared_embedding_or_output_weight()
+    (-(nll * wl) + ent * we).sum().backward()
+    ours, weight.grad = weight.grad.clone(), None
+    (want_logp * wl + want_ent * we).sum().backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(ours, weight.grad, rtol=1e-4, atol=1e-6)
+    assert (ours[CFG.vocab_size:] == 0).all()  # the padding rows get no gradient through the logits
+
+
 def test_parameter_count_and_tied_output(groups):
     model = PaLM(CFG)
     assert sum(p.numel() for p in model.parameters()) == CFG.num_params()

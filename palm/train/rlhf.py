@@ -222,26 +222,19 @@ def load_prompts(data: Path, tokenizer_sha256: str, cfg: PPOConfig, model: Model
 
 # --- per-token outputs of the models --------------------------------------------------------------
 
-def token_logp(module: PaLM, tokens: torch.Tensor, labels: torch.Tensor,
-               entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logp(module: PaLM, tokens: torch.Tensor, labels: torch.Tensor, entropy: bool = False,
+               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log p(label)`` at every position ``[b, L]`` over the real vocabulary (the padded rows of
     the embedding excluded, as in :func:`generate`), and optionally the entropy of each position's
-    distribution; works on this rank's vocabulary shard (TP) with gradients."""
-    logits = module.logits(module.trunk(tokens)).float()  # [b, L, V_local]
-    v_local = logits.shape[-1]
-    cols = torch.arange(v_local, device=logits.device) + ps.get_tensor_model_parallel_rank() * v_local
-    real = cols < module.cfg.vocab_size
-    logits = logits.masked_fill(~real, -1e9)  # exp() is exactly 0 there; no -inf * 0
-    logz = parallel.vocab_logsumexp(logits)
-    logp = parallel.vocab_pick(logits, labels) - logz
-    if not entropy:
-        return logp, None
-    p = (logits - logz.unsqueeze(-1)).exp()
-    pz = (p * logits.masked_fill(~real, 0.0)).sum(-1)
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-        pz = reduce_from_tensor_model_parallel_region(pz.clone())  # in place: clone
-    return logp, logz - pz
+    distribution; works on this rank's vocabulary shard (TP) with gradients. ``index [b, n]``:
+    only at those positions (response space ``[b, n]``), so the output layer runs on the
+    responses alone."""
+    x = module.trunk(tokens)  # [b, L, d]
+    if index is not None:
+        x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [b, n, d]
+        labels = labels.gather(1, index)
+    nll, _, *ent = module.token_nll(x, labels, vocab=module.cfg.vocab_size, entropy=entropy)
+    return -nll, (ent[0] if entropy else None)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -254,8 +247,8 @@ def _picked(x: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def reference_step(batch: Batch, model: torch.nn.Module):
-    logp, _ = token_logp(_unwrap(model), batch["tokens"], batch["labels"])
-    return logp, lambda out: {"logp": _picked(out, batch)}
+    logp, _ = token_logp(_unwrap(model), batch["tokens"], batch["labels"], index=batch["index"])
+    return logp, lambda out: {"logp": out}
 
 
 def value_step(mean: float = 0.0, std: float = 1.0):
@@ -270,10 +263,10 @@ def actor_forward_step(cfg: PPOConfig):
     response tokens of a micro-batch; metrics: clip fraction, entropy, approx KL(old || new)."""
 
     def step(batch: Batch, model: torch.nn.Module):
-        output = token_logp(_unwrap(model), batch["tokens"], batch["labels"], entropy=True)
+        output = token_logp(_unwrap(model), batch["tokens"], batch["labels"], entropy=True, index=batch["index"])
 
         def loss_func(out):
-            logp, ent = _picked(out[0], batch), _picked(out[1], batch)
+            logp, ent = out  # [b, n] each: response space
             mask = batch["mask"]
             loss, n, clipped = ppo.policy_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip)
             metrics = {"policy_loss": metric(loss, n), "clip_fraction": metric(clipped, n),
