@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from palm.errors import UserError
+from palm.train.launch import NODE_RANK_ENV, is_other_node
 from pipelines import ROOT
 
 
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stage", help="a training stage of dvc.yaml (pretrain, sft, reward, ppo)")
     args = p.parse_args(argv)
-    if os.environ.get("PALM_NODE_RANK", "0") in ("", "0"):
-        print("error: node: PALM_NODE_RANK is unset or 0; node 0 runs `dvc repro " + args.stage + "` instead",
+    if not is_other_node():
+        print(f"error: node: {NODE_RANK_ENV} is unset or 0; node 0 runs `dvc repro {args.stage}` instead",
               file=sys.stderr)
         return 2
     try:

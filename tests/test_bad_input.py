@@ -88,3 +88,18 @@ def test_every_input_corrupt(stage, tmp_path, stage_error):
         for name in JUNK_FILES:
             (path / name).write_bytes(b"{\x00junk, not what a stage wrote\xff")
     run(stage, tmp_path, stage_error, PARAMS)
+
+
+def test_the_node_launcher_refuses_node_0_and_an_unknown_stage(monkeypatch, capsys):
+    """`python -m pipelines.node STAGE` (a node other than node 0): one line and exit 2 when
+    PALM_NODE_RANK says node 0 or the stage is not in dvc.yaml."""
+    from pipelines import node
+
+    monkeypatch.delenv("PALM_NODE_RANK", raising=False)
+    assert node.main(["pretrain"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: node: PALM_NODE_RANK is unset or 0; node 0 runs `dvc repro pretrain` instead"]
+    monkeypatch.setenv("PALM_NODE_RANK", "1")
+    assert node.main(["nosuch"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: node: no stage 'nosuch' in "), err
