@@ -92,21 +92,6 @@ def sampling_logprobs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor
     return z.log_softmax(dim=-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row of ``probs [b, V]`` (non-negative, each row summing to ~1), drawn with
-    probability ``probs[r, i] / probs[r].sum()``: inverse-CDF sampling, one uniform number per
-    row. ``torch.multinomial`` draws one exponential number per vocabulary entry instead (``b x
-    V`` per step): measured, 3.7 ms of each 16-row decoding step at V=8192 on a 2-core CPU, about
-    a sixth of the step. A zero entry is never drawn (the first index whose running sum exceeds
-    the uniform draw has a positive entry); an entry below the fp32 rounding of the running sum
-    (< 6e-8 of the row's mass) is never drawn either."""
-    cdf = probs.cumsum(dim=-1)  # [b, V], non-decreasing
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device)
-    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # in [0, total)
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
-
-
 def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[b, V]`` fp32 logits -> (token, its sampling log-prob, its raw log-prob), each ``[b]``."""
@@ -118,7 +103,7 @@ def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     else:
         plain = cfg.temperature == 1 and cfg.top_k is None and cfg.top_p in (None, 1)
         lp = raw_lp if plain else sampling_logprobs(logits, cfg)  # (the same numbers when plain)
-        token = draw(lp.exp(), generator)
+        token = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
         logp = lp.gather(-1, token[:, None]).squeeze(-1)
     raw = raw_lp.gather(-1, token[:, None]).squeeze(-1)
     return token, logp, raw
