@@ -478,7 +478,8 @@ class PaLM(MegatronModule):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and tied output projection: ``[b, s, d]`` -> ``[b, s, vocab_local]``."""
-        return F.linear(self.output_input(x), self.shared_embedding_or_output_weight())
+        linear = F.linear if torch.is_grad_enabled() else parallel.plain_linear
+        return linear(self.output_input(x), self.shared_embedding_or_output_weight())
 
     def token_nll(self, x: torch.Tensor, labels: torch.Tensor, *, vocab: int | None = None,
                   entropy: bool = False) -> tuple[torch.Tensor, ...]:

@@ -157,6 +157,21 @@ def megatron_config(cfg: Any, *, tensor_parallel: int | None = None,
 
 # --- the tensor-parallel layers (see the table above) --------------------------------------------
 
+FEW_ROWS = 64  # plain_linear: up to this many rows, the weight-major GEMM (CPU)
+
+
+def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` without autograd: ``[..., in]``, ``[out, in]`` -> ``[..., out]``.
+    On CPU with few rows (decoding: one token per sequence) it is computed as ``(weight @
+    x^T)^T``: MKL streams the weights from memory faster that way round. Measured on a 2-core
+    AVX2 CPU, generating 256 tokens for 16 prompts at the benchmark's size (interleaved A/B, 3
+    rounds): 1.27x the tokens/s of ``F.linear``; one prompt unchanged."""
+    rows = x.numel() // x.shape[-1]
+    if x.is_cuda or rows > FEW_ROWS:
+        return torch.nn.functional.linear(x, weight)
+    return torch.mm(weight, x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], -1)
+
+
 class ColumnLinear(ColumnParallelLinear):
     """megatron's column-parallel linear (this rank's output columns, no gather). Without autograd
     (decoding) it is the plain matmul of this rank's shard: megatron's autograd wrapper costs
@@ -165,7 +180,7 @@ class ColumnLinear(ColumnParallelLinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
         if torch.is_grad_enabled() or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        return torch.nn.functional.linear(x, self.weight), None
+        return plain_linear(x, self.weight), None
 
 
 class RowLinear(RowParallelLinear):
@@ -175,7 +190,7 @@ class RowLinear(RowParallelLinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
         if torch.is_grad_enabled() or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        out = torch.nn.functional.linear(x, self.weight)
+        out = plain_linear(x, self.weight)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(out, group=parallel_state.get_tensor_model_parallel_group())
         return out, None
@@ -212,7 +227,9 @@ class ReplicatedLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(master.to(mcfg.params_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+        if torch.is_grad_enabled():
+            return torch.nn.functional.linear(x, self.weight)
+        return plain_linear(x, self.weight)
 
 
 def replicated_linear(mcfg: TransformerConfig, d_in: int, d_out: int) -> ReplicatedLinear:
