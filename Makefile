@@ -88,7 +88,6 @@ bench: setup
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	$(PY) benchmarks/tokenize_throughput.py
 	$(PY) benchmarks/train_throughput.py
-	$(PY) benchmarks/output_layer.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/ppo_throughput.py
 

@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, default=ROOT / "artifacts" / "tokenizer" / "tokenizer.json")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--copies", type=int, default=4, help="repeat the corpus this many times (a longer, steadier run)")
+    p.add_argument("--copies", type=int, default=2, help="repeat the corpus this many times (a longer, steadier run)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

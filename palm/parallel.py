@@ -157,17 +157,18 @@ def megatron_config(cfg: Any, *, tensor_parallel: int | None = None,
 
 # --- the tensor-parallel layers (see the table above) --------------------------------------------
 
-FEW_ROWS = 64  # plain_linear: up to this many rows, the weight-major GEMM (CPU)
+FEW_ROWS = 64  # plain_linear: from 2 up to this many rows, the weight-major GEMM (CPU)
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` without autograd: ``[..., in]``, ``[out, in]`` -> ``[..., out]``.
-    On CPU with few rows (decoding: one token per sequence) it is computed as ``(weight @
-    x^T)^T``: MKL streams the weights from memory faster that way round. Measured on a 2-core
-    AVX2 CPU, generating 256 tokens for 16 prompts at the benchmark's size (interleaved A/B, 3
-    rounds): 1.27x the tokens/s of ``F.linear``; one prompt unchanged."""
+    On CPU with a few rows (decoding a batch: one token per sequence) it is computed as
+    ``(weight @ x^T)^T``: MKL streams the weights from memory faster that way round. Measured
+    on a 2-core AVX2 CPU, generating 256 tokens for 16 prompts at the benchmark's size
+    (interleaved A/B, 5 rounds): 1.1-1.2x the tokens/s of ``F.linear``, the same tokens; for one
+    row (one prompt) no faster (0.95x, within noise), so one row keeps ``F.linear``."""
     rows = x.numel() // x.shape[-1]
-    if x.is_cuda or rows > FEW_ROWS:
+    if x.is_cuda or not 1 < rows <= FEW_ROWS:
         return torch.nn.functional.linear(x, weight)
     return torch.mm(weight, x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], -1)
 
