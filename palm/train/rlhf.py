@@ -59,7 +59,6 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 
-from palm import parallel
 from palm.config import check, from_dict, to_dict
 from palm.errors import ConfigError, UserError
 from palm.generate import SamplingConfig, generate
