@@ -1,10 +1,12 @@
 """Shared test fixtures. Tests run real things: HTTP servers on 127.0.0.1, pydoc, DVC, MLflow on
-SQLite, Prefect's test server, megatron-core on gloo."""
+SQLite, Prefect servers, megatron-core on gloo."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,6 +140,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300):
+    """A server process (a session of its own, so that killing its group ends its workers too),
+    up once ``url``/health answers; SIGKILLed with its group at the end if still alive."""
+    from pipelines.serve import wait_healthy
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    try:
+        wait_healthy(url, proc, log, timeout_s)
+        yield proc
+    finally:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """A real ``prefect server start`` (its SQLite database under ``home``; no UI, which the
+    tests using it do not open) that this process's Prefect client talks to until the end.
+
+    Not Prefect's ``prefect_test_harness``: its start-up asks ``/health`` with a 5 s read timeout
+    and gives up at the first timeout, leaving the server process behind; on a loaded 2-core CI
+    machine the server's first answer can take longer. :func:`pipelines.serve.wait_healthy` asks
+    again until its deadline."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.serve import ServeConfig, api_url, prefect_env
+
+    cfg = ServeConfig(port=free_port())
+    env = {**os.environ, **prefect_env(home, cfg), "PREFECT_UI_ENABLED": "false"}
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host, "--port", str(cfg.port)]
+    with server(argv, api_url(cfg), home / "prefect-server.log", env=env), \
+            temporary_settings(updates={PREFECT_API_URL: api_url(cfg)}):
+        yield api_url(cfg)
+        _drain_prefect_workers()
+
+
+def _drain_prefect_workers() -> None:
+    """Send what Prefect's log and event workers still hold before their server goes away (they
+    would retry it at exit otherwise)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
 
 
 def make_project(dst: Path, git: bool = True) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import commit, make_project
+from conftest import commit, make_project, prefect_server
 
 pytestmark = pytest.mark.e2e
 STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "ppo", "evaluate"]
@@ -51,13 +51,11 @@ def project(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flow_runs(project):
-    """Run the Prefect flow twice against a real (temporary) Prefect server."""
-    from prefect.testing.utilities import prefect_test_harness
-
+def flow_runs(project, tmp_path_factory):
+    """Run the Prefect flow twice against a real Prefect server, started for this module."""
     from pipelines.flow import pipeline
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_server(tmp_path_factory.mktemp("prefect")):
         first = pipeline(root=str(project))
         second = pipeline(root=str(project))
     return first, second

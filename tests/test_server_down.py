@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,33 +21,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 
-from conftest import free_port, run_stage_cli  # noqa: E402
+from conftest import free_port, kill_group, run_stage_cli, server  # noqa: E402
 from test_pretrain_stage import ARGS, project  # noqa: E402
 from test_serve import command  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-
-
-@contextlib.contextmanager
-def server(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300):
-    """A server process (a session of its own, so that killing its group ends its workers too),
-    up once ``url``/health answers; SIGKILLed with its group at the end if still alive."""
-    from pipelines.serve import wait_healthy
-
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-    try:
-        wait_healthy(url, proc, log, timeout_s)
-        yield proc
-    finally:
-        kill_group(proc)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.mark.dist
