@@ -17,6 +17,11 @@ theirs once per case unless ``--ref-reps`` says otherwise; ``--ref-new-tokens`` 
 (cheaper per token for them, as sequences stay shorter) and the output says so. Also printed:
 ours on 16 prompts of lengths 1..16 (left-padded), which theirs cannot batch.
 
+Also printed: the batch-1 floor of any fp32 decoder at this size, measured on this machine: every
+weight matrix times one row, in a decoding step's order with the output layer last (a step at
+batch 1 reads all 23.6 MB of fp32 weights, whatever else it does), and the ratio against theirs
+that a decoder costing nothing else would reach.
+
 The last line is ``ratio <batched ours / batched theirs>``.
 """
 
@@ -58,6 +63,22 @@ def theirs(ref: torch.nn.Module, prompts: torch.Tensor, new: int) -> tuple[float
     return time.perf_counter() - t, out
 
 
+@torch.no_grad()
+def weights_floor(model: PaLM, reps: int = 200) -> float:
+    """Seconds per token of the matrix-vector products alone (median of ``reps`` steps): each
+    layer's weights, then the tied output layer, each times one row."""
+    mats = [p for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n]
+    mats.append(model.shared_embedding_or_output_weight())
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
+    times = []
+    for _ in range(reps + 20):
+        t = time.perf_counter()
+        for w in mats:
+            torch.nn.functional.linear(rows[w.shape[1]], w)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[20:])
+
+
 def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -93,7 +114,7 @@ def main() -> None:
     ours(model, [p for p in prompts[:2]], 8)  # warm-up (first-call allocations)
     theirs(ref, prompts[:1], 2)
 
-    results = {}
+    results, ref_speed = {}, {}
     for name, b in (("batch 1", 1), (f"batched {BATCH}", BATCH)):
         rows = [p for p in prompts[:b]]
         runs = [ours(model, rows, new) for _ in range(args.reps)]
@@ -102,10 +123,15 @@ def main() -> None:
         ref_tps = b * ref_new / statistics.median(t for t, _ in ref_runs)
         k = min(new, ref_new)
         same = (runs[0][1][:, :k] == ref_runs[0][1][:, :k]).float().mean().item()
-        results[name] = ours_tps / ref_tps
+        results[name], ref_speed[name] = ours_tps / ref_tps, ref_tps
         print(f"{name:11s} ours {ours_tps:8.1f} tok/s (reps {', '.join(f'{b * new / t:.0f}' for t, _ in runs)})"
               f"   palm-rlhf-pytorch {ref_tps:7.1f} tok/s ({', '.join(f'{t:.1f}' for t, _ in ref_runs)} s)"
               f"   {results[name]:6.1f}x   greedy tokens identical: {same:.1%}   {load()}")
+    floor = weights_floor(model)
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    print(f"batch 1 floor (fp32 weights streamed once per token, nothing else): {floor * 1e3:.2f} ms a token, "
+          f"{weights_mb / 1e3 / floor:.1f} GB/s, at most {1 / floor:.0f} tok/s = "
+          f"{1 / floor / ref_speed['batch 1']:.1f}x theirs")
     t, _ = ours(model, ragged, new)
     print(f"ours, {BATCH} prompts of lengths 1..{BATCH} (left-padded, no reference): "
           f"{BATCH * new / t:.1f} tok/s")
