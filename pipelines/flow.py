@@ -81,14 +81,10 @@ class ServerWatch:
                           f"{running}{done}; {RESUME}")
 
 
-_watch: ServerWatch | None = None  # set while pipeline() runs
-
-
 @contextlib.contextmanager
 def watch_server(url: str):
     """While the body runs, check the Prefect server at ``url``; once it is gone (see the module
     docstring), stop the running stage and mark the watch gone, so that no other stage starts."""
-    global _watch
     watch, stop = ServerWatch(url.rstrip("/")), threading.Event()
 
     def loop() -> None:
@@ -104,14 +100,12 @@ def watch_server(url: str):
                 return
 
     thread = threading.Thread(target=loop, name="prefect-server-watch", daemon=True)
-    previous, _watch = _watch, watch
     thread.start()
     try:
         yield watch
     finally:
         stop.set()
         thread.join()
-        _watch = previous
 
 
 def dag(root: Path = ROOT) -> tuple[list[str], dict[str, set[str]]]:
@@ -181,21 +175,20 @@ def end_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     proc.wait()
 
 
-@task
-def reproduce(stage: str, root: str) -> bool:
+def reproduce(stage: str, root: str, watch: ServerWatch) -> bool:
     """Reproduce one DVC stage (``dvc repro --single-item``, in its own process, in the project
-    root); True when it ran, False when DVC found it up to date. Its output goes to the task log."""
+    root); True when it ran, False when DVC found it up to date. Its output goes to the task log.
+    ``watch``: the check on the flow's server, which may stop the stage (:func:`watch_server`).
+    Called in a Prefect task run (:func:`stage_task`)."""
     logger = get_run_logger()
-    watch = _watch
-    if watch is not None and watch.gone.is_set():
+    if watch.gone.is_set():
         raise watch.error()
     # A process group of its own (DVC, the stage, its training workers): if this run is
     # interrupted (Ctrl-C, a cancel from the UI, make stop), the whole group ends with it.
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if watch is not None:
-        with watch.lock:
-            watch.stage, watch.proc = stage, proc
+    with watch.lock:
+        watch.stage, watch.proc = stage, proc
     lines = []
     assert proc.stdout is not None
     try:
@@ -207,25 +200,31 @@ def reproduce(stage: str, root: str) -> bool:
         end_group(proc)
         raise
     finally:
-        if watch is not None:
-            with watch.lock:
-                watch.proc = None
+        with watch.lock:
+            watch.proc = None
     if proc.returncode != 0:
-        if watch is not None and watch.gone.is_set():
+        if watch.gone.is_set():
             raise watch.error()  # stopped by the watch (a stage that finished meanwhile counts as finished)
         errors = [l for l in lines if l.startswith(("error:", "ERROR"))]
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {errors[-1] if errors else lines[-1:]}")
     ran = any(l.startswith(f"Running stage '{stage}'") for l in lines)
     logger.info("stage %s: %s", stage, "ran" if ran else "up to date (DVC cache)")
-    if watch is not None:
-        watch.finished.append(stage)
-        watch.stage = None
+    watch.finished.append(stage)
+    watch.stage = None
     return ran
 
 
-def retry_unless_server_gone(task_, task_run, state) -> bool:
-    """Prefect's retry condition: a stage stopped because the server went away is not retried."""
-    return _watch is None or not _watch.gone.is_set()
+def stage_task(stage: str, watch: ServerWatch):
+    """The Prefect task of one stage (named after it): :func:`reproduce` with the stage's retries,
+    none once ``watch`` finds the server gone."""
+    def run(root: str) -> bool:
+        return reproduce(stage, root, watch)
+
+    def retry_unless_server_gone(task_, task_run, state) -> bool:  # Prefect's retry condition
+        return not watch.gone.is_set()
+
+    return task(run, name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=RETRY_DELAY_S,
+                retry_condition_fn=retry_unless_server_gone)
 
 
 @flow(name="palm-rlhf")
@@ -243,12 +242,9 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None, until: str 
     from prefect.context import FlowRunContext
 
     try:
-        with watch_server(str(FlowRunContext.get().client.api_url)):
+        with watch_server(str(FlowRunContext.get().client.api_url)) as watch:
             for name in names:
-                task_ = reproduce.with_options(name=name, retries=RETRIES.get(name, 0),
-                                              retry_delay_seconds=RETRY_DELAY_S,
-                                              retry_condition_fn=retry_unless_server_gone)
-                ran[name] = task_(name, root)
+                ran[name] = stage_task(name, watch)(root)
     except BaseException:
         tracker.end("FAILED")
         raise

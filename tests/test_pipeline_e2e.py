@@ -1,6 +1,6 @@
 """The pipeline end to end, on the embedded default (pydoc), for real: the Prefect flow (one task
-per DVC stage) on a temporary Prefect server, DVC caching, MLflow runs on SQLite, the token shards
-read back through megatron-core, the chat data, SFT and the reward model.
+per DVC stage) on a Prefect server started for this module, DVC caching, MLflow runs on SQLite,
+the token shards read back through megatron-core, the chat data, SFT and the reward model.
 
 The data stages run with the default params; the training stages with fewer steps (:data:`SHORT`),
 so that `make test` stays within its time budget on 2 cores. What the full default reaches (the
