@@ -35,8 +35,14 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 for _key, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
-    # An unreachable server should fail in seconds, not after minutes of retries.
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    # An unreachable server should fail in seconds, not after minutes of retries: one retry, at
+    # once (urllib3 waits only before a second one). Not none: a live server may close an idle
+    # keep-alive connection just as a request is sent on it (uvicorn, MLflow's server, closes them
+    # after 5 s idle), and that request, reset before it reached the server, then needs a new
+    # connection; without the retry a stage took a live server for a dead one and stopped tracking.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one bar per download of a registered model
 }.items():

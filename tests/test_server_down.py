@@ -33,8 +33,9 @@ def test_mlflow_server_killed_while_a_training_stage_runs(tmp_path):
     """The pretrain stage logs to a real ``mlflow server``; once the server holds the run and its
     first curve row (logged live by Tracker.follow while the workers train), the server is
     SIGKILLed. The stage exits 0 with its outputs complete and loadable, one warning line naming
-    the URI, and no wait on the dead server: MLflow's requests are not retried
-    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, where MLflow's default backoff retries for minutes).
+    the URI, and no wait on the dead server: MLflow's requests are retried once, at once
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=1``, no backoff), where MLflow's default backoff retries
+    for minutes.
 
     The weights are not compared with a run that had no MLflow trouble: the training workers never
     import MLflow (their results cannot depend on it) and a second run would double the test's

@@ -61,3 +61,63 @@ def test_follow_logs_each_complete_curve_row_at_its_step_and_changed_artifacts(t
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "val_loss")] == [(4, 4.5)]
     path = client.download_artifacts(tracker.run_id, "samples.jsonl", str(tmp_path / "dl"))
     assert open(path).read().count("step") == 2
+
+
+def test_a_kept_alive_connection_the_server_drops_is_retried_on_a_new_one():
+    """A healthy tracking server may close an idle keep-alive connection just as the client sends
+    its next request on it (uvicorn closes them after 5 s idle; the curve is polled every 2 s):
+    that request dies with a connection reset before it reaches the server. With no retry at all
+    the stage took the live server for a dead one and stopped tracking (seen in CI, in
+    test_server_down.py); with palm.tracking's one immediate retry it goes on a fresh connection.
+    The server here answers the first request of each connection and resets the connection at the
+    second one, which is that race made certain."""
+    import socket
+    import struct
+    import threading
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    import palm.tracking  # noqa: F401 - its MLflow HTTP settings
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = []
+
+    def read_request(conn: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return b""
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+        return head
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                if not read_request(conn):
+                    continue
+                served.append(1)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                             b"Connection: keep-alive\r\n\r\n{}")
+                if read_request(conn):  # the next request on the kept-alive connection: reset
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        for step in range(3):
+            client.log_batch("0" * 32, metrics=[Metric("loss", 1.0, 0, step)])
+    finally:
+        listener.close()
+    assert len(served) == 3  # each request answered, the second and third on a fresh connection
