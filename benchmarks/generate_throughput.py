@@ -64,9 +64,9 @@ def theirs(ref: torch.nn.Module, prompts: torch.Tensor, new: int) -> tuple[float
 
 
 @torch.no_grad()
-def weights_floor(model: PaLM, reps: int = 200) -> float:
-    """Seconds per token of the matrix-vector products alone (median of ``reps`` steps): each
-    layer's weights, then the tied output layer, each times one row."""
+def weights_floor(model: PaLM, reps: int = 200) -> tuple[float, int]:
+    """(seconds per token of the matrix-vector products alone, the median of ``reps`` steps;
+    the bytes they read): each layer's weights, then the tied output layer, each times one row."""
     mats = [p for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n]
     mats.append(model.shared_embedding_or_output_weight())
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
@@ -76,7 +76,7 @@ def weights_floor(model: PaLM, reps: int = 200) -> float:
         for w in mats:
             torch.nn.functional.linear(rows[w.shape[1]], w)
         times.append(time.perf_counter() - t)
-    return statistics.median(times[20:])
+    return statistics.median(times[20:]), sum(w.numel() * w.element_size() for w in mats)
 
 
 def load() -> str:
@@ -127,10 +127,9 @@ def main() -> None:
         print(f"{name:11s} ours {ours_tps:8.1f} tok/s (reps {', '.join(f'{b * new / t:.0f}' for t, _ in runs)})"
               f"   palm-rlhf-pytorch {ref_tps:7.1f} tok/s ({', '.join(f'{t:.1f}' for t, _ in ref_runs)} s)"
               f"   {results[name]:6.1f}x   greedy tokens identical: {same:.1%}   {load()}")
-    floor = weights_floor(model)
-    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    floor, read = weights_floor(model)
     print(f"batch 1 floor (fp32 weights streamed once per token, nothing else): {floor * 1e3:.2f} ms a token, "
-          f"{weights_mb / 1e3 / floor:.1f} GB/s, at most {1 / floor:.0f} tok/s = "
+          f"{read / 1e6:.1f} MB at {read / 1e9 / floor:.1f} GB/s, at most {1 / floor:.0f} tok/s = "
           f"{1 / floor / ref_speed['batch 1']:.1f}x theirs")
     t, _ = ours(model, ragged, new)
     print(f"ours, {BATCH} prompts of lengths 1..{BATCH} (left-padded, no reference): "

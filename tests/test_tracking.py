@@ -74,50 +74,44 @@ def test_a_kept_alive_connection_the_server_drops_is_retried_on_a_new_one():
     import socket
     import struct
     import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     import mlflow
     from mlflow.entities import Metric
 
     import palm.tracking  # noqa: F401 - its MLflow HTTP settings
 
-    listener = socket.create_server(("127.0.0.1", 0))
     served = []
 
-    def read_request(conn: socket.socket) -> bytes:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return b""
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(body) < length:
-            body += conn.recv(65536)
-        return head
+    class DropsKeptAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: one handler per connection, for all its requests
+        answered = False
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.answered:  # the next request on the kept-alive connection: reset, no reply
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()  # with linger 0 a reset (the server's own shutdown sends a FIN first)
+                self.close_connection = True
                 return
-            with conn:
-                if not read_request(conn):
-                    continue
-                served.append(1)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-                             b"Connection: keep-alive\r\n\r\n{}")
-                if read_request(conn):  # the next request on the kept-alive connection: reset
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.answered = True
+            served.append(1)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DropsKeptAlive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        client = mlflow.MlflowClient(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{server.server_address[1]}")
         for step in range(3):
             client.log_batch("0" * 32, metrics=[Metric("loss", 1.0, 0, step)])
     finally:
-        listener.close()
+        server.shutdown()
+        server.server_close()
     assert len(served) == 3  # each request answered, the second and third on a fresh connection
