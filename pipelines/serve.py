@@ -80,6 +80,11 @@ def api_url(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}/api"
 
 
+def server_command(cfg: ServeConfig) -> list[str]:
+    """``prefect server start`` on ``cfg.host``:``cfg.port``, with this interpreter."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host, "--port", str(cfg.port)]
+
+
 def prefect_env(root: Path, cfg: ServeConfig) -> dict[str, str]:
     """The settings of the server and of every Prefect client here: its home (and SQLite
     database) under the project, its address, no analytics (Prefect's, nor DVC's in the runs)."""
@@ -222,10 +227,8 @@ def serve(root: Path, cfg: ServeConfig) -> None:
         with log.open("wb") as out:
             # A session of its own: a Ctrl-C in the terminal reaches this process only, which
             # stops the runner first (it pauses the schedule through the server), then the server.
-            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start",
-                                       "--host", cfg.host, "--port", str(cfg.port)],
-                                      cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+            server = subprocess.Popen(server_command(cfg), cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
         record["server"] = _record(psutil.Process(server.pid))
         write_json(pid_file, record)
         wait_healthy(api_url(cfg), server, log, cfg.startup_timeout_s)

@@ -175,12 +175,11 @@ def prefect_server(home: Path):
     again until its deadline."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pipelines.serve import ServeConfig, api_url, prefect_env
+    from pipelines.serve import ServeConfig, api_url, prefect_env, server_command
 
     cfg = ServeConfig(port=free_port())
     env = {**os.environ, **prefect_env(home, cfg), "PREFECT_UI_ENABLED": "false"}
-    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host, "--port", str(cfg.port)]
-    with server(argv, api_url(cfg), home / "prefect-server.log", env=env), \
+    with server(server_command(cfg), api_url(cfg), home / "prefect-server.log", env=env), \
             temporary_settings(updates={PREFECT_API_URL: api_url(cfg)}):
         yield api_url(cfg)
         _drain_prefect_workers()

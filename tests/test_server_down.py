@@ -107,19 +107,18 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
     import yaml
 
     from conftest import make_project
-    from pipelines.serve import ServeConfig, prefect_env
+    from pipelines.serve import ServeConfig, prefect_env, server_command
 
     root = make_project(tmp_path / "p")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["scrape"].update(max_pages=16, delay_s=1.0, concurrency=1, shards=1, workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    port = free_port()
+    cfg = ServeConfig(port=free_port())
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's mlflow.db
-    env.update(prefect_env(root, ServeConfig(port=port)), PYTHONPATH=str(root))
+    env.update(prefect_env(root, cfg), PYTHONPATH=str(root))
     url = env["PREFECT_API_URL"]
-    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with contextlib.ExitStack() as stack:
-        proc = stack.enter_context(server(argv, url, tmp_path / "prefect.log", env=env))
+        proc = stack.enter_context(server(server_command(cfg), url, tmp_path / "prefect.log", env=env))
         flow = subprocess.Popen([sys.executable, "-m", "pipelines.flow", "--until", "scrape"], cwd=root, env=env,
                                 stdout=subprocess.PIPE, stderr=(tmp_path / "flow.err").open("w"), text=True)
         stack.callback(flow.kill)
