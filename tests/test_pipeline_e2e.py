@@ -32,12 +32,17 @@ SHORT = {
 }
 # What these few steps reach, with a margin. Measured (fp32, 2 cores, two runs): pretrain 6.41 vs
 # unigram 6.68 and 6.12 vs 6.56 nats per token after 80 steps; sft 6.54 vs its parent's 7.40 and
-# 6.51 vs 7.33. The reward model from a fresh head, on the 261 held-out pairs (chance is 0.5 +-
-# 0.03): after 30 steps it had only begun (fp32: 0.70 and 0.55 right against 0.46 and 0.38 before
-# training; bf16: 0.70 and 0.61 against 0.47 and 0.55, the second short of the gain below), so it
-# trains 60: 0.75 and 0.73 on those two bf16 projects, about 2 s more in the stage.
+# 6.51 vs 7.33. The reward model, from a fresh head, on the 261 held-out pairs: the fresh head's
+# accuracy is luck, whatever direction its seeded init happens to point in over the SFT features
+# (seen 0.39, 0.42, 0.47, 0.51, 0.55, 0.69 on different crawls), so a fixed gain over it fails
+# on a lucky head (one did: 0.69 -> 0.77 after training, short of +0.1), while its held-out
+# pairwise loss is log 2 (0.694: its scores are near 0). After 60 steps, on six projects: accuracy
+# 0.68-0.77; held-out loss 0.60 and 0.58 on the two that recorded it. So the check is what the
+# claim means: the held-out loss below the fresh head's, and the held-out accuracy above chance by
+# REWARD_SIGMAS binomial standard errors (0.5 + 3 x 0.031 = 0.593 with 261 pairs, which a model
+# ranking at chance passes with probability 0.001).
 PRETRAIN_MARGIN = 0.15  # nats per token below the unigram loss
-REWARD_GAIN = 0.1  # held-out accuracy over the fresh head's
+REWARD_SIGMAS = 3.0  # held-out accuracy above 0.5 by this many binomial standard errors
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +184,11 @@ def test_short_sft_beats_its_parent_and_the_reward_model_ranks_held_out_pairs(pr
     reward = json.loads((project / "reports" / "reward" / "metrics.json").read_text())
     print(f"short sft: val_loss {sft['val_loss']:.3f} vs pretrained {sft['base_val_loss']:.3f} "
           f"({sft['stage_seconds']:.0f} s); reward: val_accuracy {reward['val_accuracy']:.3f}, "
-          f"val_margin {reward['val_margin']:.3f} ({reward['stage_seconds']:.0f} s)")
+          f"(fresh head {reward['base_val_accuracy']:.3f}), val_loss {reward['val_loss']:.3f} (fresh head "
+          f"{reward['base_val_loss']:.3f}), val_margin {reward['val_margin']:.3f} ({reward['stage_seconds']:.0f} s)")
     assert sft["val_loss"] < sft["base_val_loss"]
-    assert reward["val_accuracy"] > max(0.5, reward["base_val_accuracy"] + REWARD_GAIN)
+    assert reward["val_loss"] < reward["base_val_loss"]
+    assert reward["val_accuracy"] > 0.5 + REWARD_SIGMAS * (0.25 / reward["valid_pairs"]) ** 0.5
     config = json.loads((project / "models" / "reward" / "config.json").read_text())
     assert config["kind"] == "reward" and config["reward"]["std"] > 0
     for name in ("sft", "reward"):

@@ -283,7 +283,7 @@ def worker(spec: dict[str, Any]) -> None:
         def init_weights(engine) -> dict[str, Any]:
             finetune.load_parent(engine, parent, new=[HEAD])  # the head starts from its seeded init
             base = engine.evaluate(valid_batches)
-            return {"base_val_accuracy": base["accuracy"]}
+            return {"base_val_accuracy": base["accuracy"], "base_val_loss": base["loss"]}
 
         used = min(len(valid), cfg.eval_batches * cfg.pairs_per_micro_batch * dp_size)
         job = loop.Job(
