@@ -191,10 +191,15 @@ class RowLinear(RowParallelLinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
         if torch.is_grad_enabled() or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        out = plain_linear(x, self.weight)
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(out, group=parallel_state.get_tensor_model_parallel_group())
-        return out, None
+        return tp_sum(plain_linear(x, self.weight)), None
+
+
+def tp_sum(partial: torch.Tensor) -> torch.Tensor:
+    """The sum over the TP ranks of each rank's partial output of a row-parallel matmul, in place
+    and without autograd (decoding): the identity at TP=1."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(partial, group=parallel_state.get_tensor_model_parallel_group())
+    return partial
 
 
 class VocabEmbedding(VocabParallelEmbedding):

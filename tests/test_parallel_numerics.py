@@ -128,6 +128,8 @@ def test_kv_cached_decoding_equals_full_recompute(runs, tp):
     d = torch.load(runs / f"decode.tp{tp}.pt")
     # incremental logits (prompt, then one token at a time) match one full forward pass
     assert (d["incremental"] - d["full"]).abs().max().item() < 1e-4
+    # and so do the fused decoder's (the last position of each step: 11, then 12..19)
+    assert (d["fused"] - d["full"][:, 11:]).abs().max().item() < 1e-4
     # greedy generation of prompts of lengths 6 and 3 (left-padded): same tokens cached and not
     assert torch.equal(d["cached"], d["uncached"])
     assert d["cached"].shape == (2, 16)

@@ -147,11 +147,11 @@ def run_reward(out: Path, tp: int, pp: int) -> None:
 
 
 def run_decode(out: Path, tp: int) -> None:
-    """KV-cached decoding against full recomputation, generation of a left-padded batch (greedy
-    cached and uncached, and sampled with its log-probs against one full forward pass per row),
-    and hidden states, at TP=``tp``."""
+    """KV-cached decoding (the model's own path and the fused :class:`Decoder`) against full
+    recomputation, generation of a left-padded batch (greedy cached and uncached, and sampled
+    with its log-probs against one full forward pass per row), and hidden states, at TP=``tp``."""
     from palm.generate import generate
-    from palm.model import PaLM
+    from palm.model import Decoder, PaLM
     from palm.parallel import gather_vocab
 
     parallel.init_distributed(tp, 1, torch.distributed.get_world_size() // tp)
@@ -165,6 +165,9 @@ def run_decode(out: Path, tp: int) -> None:
         for i in range(12, 20):
             steps.append(model(seq[:, i:i + 1], cache=cache))
         inc_logits = gather_vocab(torch.cat(steps, dim=1))
+        decoder = Decoder(model, model.new_cache(2))  # the same, through the fused decoding pass
+        fused = [decoder(seq[:, :12])] + [decoder(seq[:, i:i + 1]) for i in range(12, 20)]
+        fused_logits = gather_vocab(torch.stack(fused, dim=1))  # [b, 9, V]: positions 11..19
         hidden = model.hidden_states(seq)
     prompts = [seq[0, :6], seq[1, :3]]  # different lengths: row 1 is left-padded by 3
     cached = generate(model, prompts, 10)
@@ -181,7 +184,7 @@ def run_decode(out: Path, tp: int) -> None:
     rank = torch.distributed.get_rank()
     torch.save({"cached": cached.tokens, "sampled": sampled.tokens}, out / f"decode.tp{tp}.tokens.rank{rank}.pt")
     if rank == 0:
-        torch.save({"full": full_logits, "incremental": inc_logits, "hidden": hidden,
+        torch.save({"full": full_logits, "incremental": inc_logits, "fused": fused_logits, "hidden": hidden,
                     "cached": cached.tokens, "uncached": uncached.tokens, "sampled": sampled.tokens,
                     "sampled_raw": sampled.raw_logprobs, "sampled_logp": sampled.logprobs,
                     "full_raw": torch.stack(full_raw)},
