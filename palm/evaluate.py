@@ -2,13 +2,18 @@
 at what cost, and how good are the models the pipeline made?
 
 On held-out prompts (the valid split of the SFT conversations, each cut before its last reply:
-prompts PPO never trained on), the SFT and the PPO policies each sample one reply per prompt with
-the same sampling settings and the same seeds (batch ``j`` draws from a generator seeded
-``seed + j`` for both), and the reward model scores every prompt + reply at its last token,
-normalised with the mean and std the reward stage saved. Reported:
+prompts PPO never trained on), the SFT and the PPO policies each sample ``samples_per_prompt``
+replies per prompt with the same sampling settings and the same seeds (batch ``j`` draws from a
+generator seeded ``seed + j`` for both), and the reward model scores every prompt + reply at its
+last token, normalised with the mean and std the reward stage saved. Reported:
 
-* ``reward_sft``, ``reward_ppo``: mean normalised reward; ``win_rate``: share of prompts where
-  PPO's reply scores higher than SFT's, ties counting half (a model against itself: 0.5);
+* ``reward_sft``, ``reward_ppo``: mean normalised reward; ``win_rate``: share of (prompt, draw)
+  pairs where PPO's ``i``-th reply to a prompt scores higher than SFT's ``i``-th, ties counting half
+  (a model against itself: 0.5): an estimate of the probability that a PPO reply beats an SFT
+  reply to the same held-out prompt. One draw per prompt makes it a coin flip per prompt, whose
+  standard error at 64 prompts is about 0.06; several draws per prompt shrink it (each draw is
+  an independent sample, the prompts stay the same). ``win_rate_se``: its standard error, from
+  the spread of the per-prompt win shares (prompts are the independent units);
 * ``kl``: KL(PPO || SFT) estimated on PPO's samples, the mean over replies of
   ``sum_t log p_ppo(y_t) - log p_sft(y_t)`` over the reply's tokens (its end-of-turn included),
   both from full forward passes at temperature 1. Unbiased when the samples are drawn at
@@ -54,6 +59,7 @@ class EvaluateConfig:
     """The ``evaluate`` section of params.yaml."""
 
     prompts: int = 64  # held-out prompts both policies answer (the first of the valid split; 0 = all)
+    samples_per_prompt: int = 1  # replies each policy samples per prompt (win rate over all the pairs)
     max_new_tokens: int = 64  # longest reply; longer prompts are cut from the left to leave it room
     temperature: float = 1.0  # sampling of both policies (1, no top-k/top-p: the policies themselves)
     top_k: int | None = None
@@ -76,7 +82,7 @@ class EvaluateConfig:
     champion_direction: Literal["max", "min"] = "max"
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "batch_size", "windows"):
+        for name in ("max_new_tokens", "batch_size", "windows", "samples_per_prompt"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("prompts", "pairs", "replies", "samples", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
@@ -95,7 +101,7 @@ class Evaluation:
     """What :func:`evaluate` returns: the metrics, and what the report shows besides them."""
 
     metrics: dict[str, float | int]
-    rewards: dict[str, list[float]]  # normalised reward of each prompt's reply, per policy
+    rewards: dict[str, list[float]]  # normalised reward of every reply (draw j of prompt i at i * samples_per_prompt + j), per policy
     samples: list[dict[str, Any]]  # prompt, reference, sft and ppo replies and rewards (text)
 
 
@@ -186,9 +192,13 @@ def scores(reward_model: Any, seqs: Sequence[Sequence[int]], batch_size: int) ->
     return out
 
 
-def win_rate(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    """Share of prompts where ``ours`` scores higher, ties counting half."""
-    return float(((ours > theirs).double() + 0.5 * (ours == theirs).double()).mean())
+def win_rate(ours: torch.Tensor, theirs: torch.Tensor, per_prompt: int = 1) -> tuple[float, float]:
+    """Share of pairs where ``ours`` scores higher, ties counting half, and its standard error
+    (nan for one prompt): ``ours``, ``theirs`` ``[prompts * per_prompt]``, each prompt's draws
+    next to each other; the error from the per-prompt shares, as draws of a prompt are correlated."""
+    wins = ((ours > theirs).double() + 0.5 * (ours == theirs).double()).view(-1, per_prompt).mean(1)
+    se = float(wins.std() / math.sqrt(len(wins))) if len(wins) > 1 else math.nan
+    return float(wins.mean()), se
 
 
 def sample(model: Any, prompts: list[list[int]], cfg: EvaluateConfig, *, stop_ids: Sequence[int],
@@ -255,13 +265,15 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
     ids = special_ids(tokenizer)
     stop_ids, pad_id = (ids["end_turn_id"], ids["eod_id"]), ids["pad_id"]
     room = seq_len - cfg.max_new_tokens
-    prompt_ids = [p["prompt_ids"][-room:] for p in prompts]  # cut from the left, as the data stages cut
+    k = cfg.samples_per_prompt
+    prompt_ids = [p["prompt_ids"][-room:] for p in prompts for _ in range(k)]  # cut from the left, as the
+    # data stages cut; each prompt k times in a row, so reply i*k + j is draw j of prompt i
     conversations = valid[:cfg.replies] if cfg.replies else valid
     stats = exports["reward"].config["reward"]
     mean, std = float(stats["mean"]), float(stats["std"])
 
     torch.set_num_threads(cfg.threads or default_threads())
-    metrics: dict[str, float | int] = {"prompts": len(prompts), "pairs": len(pairs),
+    metrics: dict[str, float | int] = {"prompts": len(prompts), "samples_per_prompt": k, "pairs": len(pairs),
                                        "truncated_prompts": sum(len(p["prompt_ids"]) > room for p in prompts)}
     with process_groups():
         reward_model = load_model(exports["reward"])
@@ -283,7 +295,9 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
         metrics["kl"] = float(kl.double().mean())
         metrics["kl_limit"] = cfg.kl_limit
         metrics["kl_within_limit"] = int(metrics["kl"] <= cfg.kl_limit)
-        metrics["win_rate"] = win_rate(rewards["ppo"], rewards["sft"])
+        metrics["win_rate"], se = win_rate(rewards["ppo"], rewards["sft"], k)
+        if math.isfinite(se):
+            metrics["win_rate_se"] = se
         metrics["reward_gain"] = metrics["reward_ppo"] - metrics["reward_sft"]
         del sft
 
@@ -307,7 +321,7 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
     decode = lambda t, special=False: tokenizer.decode(t, skip_special_tokens=not special)  # noqa: E731
     got = {name: replies(gens[name]) for name in gens}
     samples = [{"prompt": decode(p["prompt_ids"], special=True), "reference": decode(p["reply_ids"]),
-                "sft": decode(got["sft"][i]), "ppo": decode(got["ppo"][i]),
-                "reward_sft": float(rewards["sft"][i]), "reward_ppo": float(rewards["ppo"][i])}
+                "sft": decode(got["sft"][i * k]), "ppo": decode(got["ppo"][i * k]),
+                "reward_sft": float(rewards["sft"][i * k]), "reward_ppo": float(rewards["ppo"][i * k])}
                for i, p in enumerate(prompts[:cfg.samples])]
     return Evaluation(metrics=metrics, rewards={k: v.tolist() for k, v in rewards.items()}, samples=samples)

@@ -113,8 +113,9 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .headline { font-size: 1.2em; }
 </style></head><body>
 <h1>palm-rlhf: evaluation</h1>
-<p class="headline">PPO beats SFT on <b>{{ "%.1f"|format(100 * metrics.win_rate) }}%</b> of {{ metrics.prompts }}
-held-out prompts by the reward model (mean normalised reward {{ "%.3f"|format(metrics.reward_ppo) }} vs
+<p class="headline">PPO beats SFT on <b>{{ "%.1f"|format(100 * metrics.win_rate) }}%</b>{% if metrics.win_rate_se is defined %}
+(± {{ "%.1f"|format(100 * metrics.win_rate_se) }}){% endif %} of {{ metrics.prompts }} held-out prompts{% if metrics.samples_per_prompt is defined and metrics.samples_per_prompt > 1 %}
+({{ metrics.samples_per_prompt }} replies each){% endif %} by the reward model (mean normalised reward {{ "%.3f"|format(metrics.reward_ppo) }} vs
 {{ "%.3f"|format(metrics.reward_sft) }}), at a KL of {{ "%.3f"|format(metrics.kl) }} nats per reply from the SFT
 policy{% if metrics.kl_limit is defined %} ({% if metrics.kl_within_limit %}within{% else %}<b>beyond</b>{% endif %}
 the bound of {{ metrics.kl_limit }}{% if not metrics.kl_within_limit %}: the gains may be reward hacking{% endif %}){% endif %}.</p>

@@ -20,7 +20,7 @@ from finetune_data import MODEL, chat_data, make_parent  # noqa: E402
 from test_chat import TEXT  # noqa: E402
 
 from palm.config import to_dict  # noqa: E402
-from palm.errors import UserError  # noqa: E402
+from palm.errors import ConfigError, UserError  # noqa: E402
 from palm.evaluate import (EvaluateConfig, evaluate, held_out_prompts, response_logprobs,  # noqa: E402
                            sample)
 from palm.models import load_model, read_export  # noqa: E402
@@ -30,6 +30,7 @@ from palm.tokenizer import load_tokenizer, sha256_file  # noqa: E402
 CFG = EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3)
 KEYS = {"win_rate", "reward_sft", "reward_ppo", "kl", "reward_gain", "length_sft", "length_ppo", "ended_sft",
         "ended_ppo", "reward_accuracy", "reward_margin", "prompts", "pairs", "kl_limit", "kl_within_limit",
+        "win_rate_se", "samples_per_prompt",
         *(f"{p}_{m}" for p in ("perplexity", "reply_perplexity") for m in ("pretrain", "sft", "ppo"))}
 
 
@@ -130,6 +131,40 @@ def test_another_policy_and_the_reply_logprobs(project):
         (gen,) = sample(model, prompts, CFG, stop_ids=(), pad_id=0)
         logp = response_logprobs(model, gen)  # one forward pass over the padded batch
     assert torch.allclose(logp, gen.raw_logprobs, atol=1e-5)  # what generation itself reported
+
+
+def test_several_replies_per_prompt(project):
+    cfg = EvaluateConfig(**{**to_dict(CFG), "samples_per_prompt": 3})
+    same = evaluate(cfg, **paths(project, ppo="same"))
+    assert same.metrics["win_rate"] == 0.5 and same.metrics["kl"] == 0.0 and same.metrics["samples_per_prompt"] == 3
+    n = same.metrics["prompts"]
+    assert len(same.rewards["sft"]) == 3 * n
+    r = torch.tensor(same.rewards["sft"]).view(n, 3)
+    assert not torch.equal(r[:, 0], r[:, 1])  # three draws of each prompt, not one draw thrice
+    other = evaluate(cfg, **paths(project)).metrics
+    assert 0.0 <= other["win_rate"] <= 1.0 and other["win_rate_se"] >= 0
+    assert "win_rate_se" not in evaluate(EvaluateConfig(**{**to_dict(CFG), "prompts": 1}),
+                                         **paths(project, ppo="same")).metrics  # one prompt: no spread
+
+
+def test_win_rate_and_its_standard_error_against_loops():
+    from palm.evaluate import win_rate
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = torch.randint(0, 4, (20, 3), generator=g).double(), torch.randint(0, 4, (20, 3), generator=g).double()
+    shares = []
+    for i in range(20):
+        score = 0.0
+        for j in range(3):
+            score += 1.0 if ours[i, j] > theirs[i, j] else 0.5 if ours[i, j] == theirs[i, j] else 0.0
+        shares.append(score / 3)
+    mean = sum(shares) / 20
+    se = math.sqrt(sum((s - mean) ** 2 for s in shares) / 19 / 20)
+    got, got_se = win_rate(ours.flatten(), theirs.flatten(), 3)
+    assert got == pytest.approx(mean, abs=1e-12) and got_se == pytest.approx(se, abs=1e-12)
+    assert win_rate(torch.ones(4), torch.zeros(4)) == (1.0, 0.0)
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        EvaluateConfig(samples_per_prompt=0)
 
 
 def test_held_out_prompts_end_before_the_last_reply():
