@@ -94,6 +94,25 @@ def sampling_logprobs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor
     return z.log_softmax(dim=-1)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs [b, V]`` (non-negative weights, each row's sum > 0), drawn
+    with probability proportional to its weight, ``[b]`` int64: by inverse CDF, the first index
+    whose running sum exceeds ``u * sum`` for one uniform ``u`` per row.
+
+    Why not ``torch.multinomial``: it draws one exponential per vocabulary entry (``V`` random
+    numbers per row, then an argmax); this draws one per row, a cumulative sum and a binary
+    search: 72 vs 2481 us a step at b=16, V=8192 on a 2-core CPU, 1/7 of a PPO rollout's time.
+    An index of zero weight is never drawn (its running sum equals its predecessor's, so the
+    search stops before it; ``u * sum`` is kept below the row's sum), so top-k/top-p hold
+    exactly. The running sum is fp32, as is ``multinomial``'s arithmetic: the interval of each
+    index is exact to one fp32 rounding of the sum (~3e-8 absolute)."""
+    cdf = probs.float().cumsum(dim=-1)  # [b, V]
+    total = cdf[:, -1:]  # [b, 1]
+    u = torch.rand(total.shape, generator=generator, dtype=total.dtype, device=total.device)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # in [0, total)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+
+
 def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[b, V]`` fp32 logits -> (token, its sampling log-prob, its raw log-prob), each ``[b]``."""
@@ -104,7 +123,7 @@ def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         return token, torch.zeros_like(raw), raw  # the sampling log-prob of a point mass: 0
     plain = cfg.temperature == 1 and cfg.top_k is None and cfg.top_p in (None, 1)
     lp = raw_lp if plain else sampling_logprobs(logits, cfg)  # (the same numbers when plain)
-    token = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
+    token = draw(lp.exp(), generator)
     logp = lp.gather(-1, token[:, None]).squeeze(-1)
     return token, logp, raw_lp.gather(-1, token[:, None]).squeeze(-1)
 

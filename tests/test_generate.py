@@ -13,7 +13,7 @@ import torch
 from conftest import redraw_weights
 from palm import parallel
 from palm.errors import ConfigError, UserError
-from palm.generate import SamplingConfig, generate, sampling_logprobs
+from palm.generate import SamplingConfig, draw, generate, sampling_logprobs
 from palm.model import ModelConfig, PaLM
 
 CFG = ModelConfig(vocab_size=300, d_model=48, n_layers=3, n_heads=3, head_dim=8, ffn_mult=2.5,
@@ -165,6 +165,22 @@ def test_top_k_top_p_against_a_slow_reference(temperature, top_k, top_p):
     assert torch.allclose(got, want, atol=1e-6)
     if (top_k is not None and top_k < 64) or (top_p is not None and top_p < 1):
         assert (want == 0).any()  # premise: the truncation removed something
+
+
+def test_draw_follows_the_weights_and_never_draws_a_zero():
+    w = torch.tensor([[0.0, 0.1, 0.0, 0.3, 0.6, 0.0],    # zeros first, between and last
+                      [5.0, 0.0, 0.0, 0.0, 0.0, 0.0],    # one index: always it
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 1e-30],  # the last index, a tiny (unnormalised) weight
+                      [1e-4, 0.0, 0.0, 0.0, 2.0, 2.0]])
+    n = 100_000
+    g = torch.Generator().manual_seed(3)
+    got = torch.stack([draw(w, g) for _ in range(n)])  # [n, 4]
+    counts = torch.stack([torch.bincount(got[:, r], minlength=6) for r in range(4)]).double()
+    p = w.double() / w.double().sum(1, keepdim=True)
+    assert (counts[p == 0] == 0).all()
+    sd = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 5 * sd + 1).all(), (counts / n, p)  # binomial: 5 standard deviations
+    assert counts[3, 0] > 0  # a weight of 1e-4 next to 2 is still drawn (~10 times in 1e5)
 
 
 def test_truncation_to_one_token_is_greedy(model, prompts):
