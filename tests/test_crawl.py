@@ -394,6 +394,25 @@ def test_breadth_first_order(site):
     assert [p.url.rsplit(str(site.port), 1)[1] for p in pages] == ["/", "/a", "/b", "/a/deep"]
 
 
+def test_a_page_gets_its_link_distance_whichever_fetch_finishes_first(site):
+    """/slow -> /y is the short way to /y (depth 2), /fast -> /fast2 -> /y the long one (3), and
+    the long one finishes first. Depths are link distances, not arrival order, so /y is at 2 and
+    its link /z (3) is still fetched under max_depth 3."""
+    def slow(handler):
+        time.sleep(0.5)
+        handler.reply(200, b'<html><body><a href="/y">y</a></body></html>', "text/html")
+
+    site.page("/", "/slow", "/fast")
+    site.routes["/slow"] = slow
+    site.page("/fast", "/fast2")
+    site.page("/fast2", "/y")
+    site.page("/y", "/z")
+    site.page("/z")
+    pages, _ = run(CrawlConfig(seed_urls=(site.url(),), allow_hosts=site.allow, max_depth=3, **FAST))
+    depth = {p.url.rsplit(str(site.port), 1)[1]: p.depth for p in pages}
+    assert depth == {"/": 0, "/slow": 1, "/fast": 1, "/fast2": 2, "/y": 2, "/z": 3}
+
+
 def test_url_filter(site):
     site.page("/", "/keep", "/skip-me")
     site.page("/keep")

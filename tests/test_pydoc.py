@@ -11,7 +11,7 @@ import pydoc
 import httpx
 
 from palm.data.pydoc_server import allowed_module
-from palm.data.scrape import pydoc_server, pydoc_url_filter
+from palm.data.scrape import PYDOC_BASE, ScrapeConfig, _collect_pydoc, pydoc_server, pydoc_url_filter
 
 
 def test_allowed_modules():
@@ -72,3 +72,44 @@ def test_only_pydocs_own_stylesheet_is_served(tmp_path):
             conn.close()
     assert not [path for path, body in bodies.items() if "SECRET-CONTENT" in body]
     assert all("not served" in body for body in bodies.values()), bodies
+
+
+def test_pages_are_the_same_on_every_run_and_show_nothing_of_this_machine(monkeypatch):
+    """pydoc shows reprs: memory addresses, this interpreter's paths and os.environ. Two servers
+    (two processes, other addresses) serve the same pages, without the secrets of the environment
+    the scrape runs in or the project's folder."""
+    import re
+
+    monkeypatch.setenv("PALM_TEST_SECRET", "s3cr3t-token-value")
+    project = str(Path(__file__).resolve().parent.parent)
+    pages = ("posix.html", "sys.html", "platform.html", "configparser.html", "ctypes.html", "json.html")
+    runs = []
+    for _ in range(2):
+        with pydoc_server() as base, httpx.Client(timeout=60) as client:
+            runs.append({p: client.get(base + p).text for p in pages})
+    for page in pages:
+        text = runs[0][page]
+        assert "s3cr3t-token-value" not in text and "PALM_TEST_SECRET" not in text, page
+        assert project not in text and sys.prefix not in text, page
+        assert not re.search(r"at(\s|&nbsp;)+0x(?!000000000000)[0-9a-f]{6,}", text), page
+        assert runs[1][page] == text, page  # the same bytes from another process
+    assert "object object at 0x000000000000" in runs[0]["configparser.html"]  # premise: it had one
+    assert "/project/" in runs[0]["sys.html"] or "/venv/" in runs[0]["sys.html"]  # premise: it had paths
+
+
+def test_pages_are_recorded_under_a_fixed_base_in_page_order():
+    """The server's port changes every run and fetches finish in any order; records are written
+    under PYDOC_BASE (the URL also picks the WARC shard) sorted by it, so the corpus order is
+    the same on every run."""
+    class Records:
+        def __init__(self):
+            self.urls: list[str] = []
+
+        def write(self, rec):
+            self.urls.append(rec.url)
+
+    out = Records()
+    _collect_pydoc(ScrapeConfig(max_pages=25, max_depth=1, concurrency=4), out, progress=False)
+    assert 20 <= len(out.urls) <= 24  # "/" and "index.html", the index, are fetched but not kept
+    assert all(u.startswith(PYDOC_BASE) and u.endswith(".html") for u in out.urls), out.urls[:3]
+    assert out.urls == sorted(out.urls)

@@ -2,8 +2,8 @@
 
 :func:`crawl` starts from ``CrawlConfig.seed_urls``, fetches pages with one ``httpx.AsyncClient``
 and hands each accepted page (HTML, XHTML or plain text) to ``on_page`` on the calling thread, in
-order of completion. Links in HTML pages are followed breadth-first up to ``max_depth``; every
-normalized URL is fetched at most once.
+order of completion. Links in HTML pages are followed breadth-first, one depth at a time, up to
+``max_depth``; every normalized URL is fetched at most once, at its link distance from a seed.
 
 Politeness: robots.txt is fetched once per origin and obeyed; requests to one host are limited to
 ``concurrency`` at a time and start at least ``delay_s`` apart; 429, 5xx and connection errors are
@@ -374,7 +374,8 @@ class _Crawler:
         self.skipped: Counter[str] = Counter()
         self.seed_errors: dict[str, str] = {}
         self.seen: set[str] = set()
-        self.queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()  # the depth being fetched
+        self.next_level: list[tuple[str, int]] = []  # links found on it, fetched once it is done
         self.hosts: dict[str, _Host] = {}
         self.robots: dict[str, RobotFileParser] = {}
         self.robots_trouble: dict[str, str] = {}  # origin -> why its robots.txt counts as disallow-all
@@ -390,9 +391,20 @@ class _Crawler:
                 self.queue.put_nowait((url, 0))
         n_workers = min(64, self.cfg.concurrency * max(1, len(self.scope)))
         workers = [asyncio.create_task(self._worker()) for _ in range(n_workers)]
-        drained = asyncio.create_task(self.queue.join())
         stopped = asyncio.create_task(self.done.wait())
-        await asyncio.wait([drained, stopped], return_when=asyncio.FIRST_COMPLETED)
+        drained: asyncio.Task | None = None
+        # One depth at a time: the links of depth-d pages wait in next_level until every depth-d
+        # page is done, so a page's depth is its true link distance from a seed, whatever order
+        # concurrent fetches finish in (otherwise a deep path that finished first could take a
+        # page to max_depth and its links would be lost, differently on every run).
+        while True:
+            drained = asyncio.create_task(self.queue.join())
+            await asyncio.wait([drained, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if self.done.is_set() or not self.next_level:
+                break
+            for item in self.next_level:
+                self.queue.put_nowait(item)
+            self.next_level = []
         for task in [*workers, drained, stopped]:
             task.cancel()
         await asyncio.gather(*workers, drained, stopped, return_exceptions=True)
@@ -444,7 +456,7 @@ class _Crawler:
         elif self.url_filter is not None and not self.url_filter(url):
             self.skipped["filtered"] += 1
         else:
-            self.queue.put_nowait((url, depth))
+            self.next_level.append((url, depth))
 
     def _in_scope(self, url: str) -> bool:
         return not self.cfg.same_host or (urlsplit(url).hostname or "") in self.scope

@@ -12,8 +12,18 @@ crawl to harmless standard-library pages (README, "The embedded default data"):
 
 Protocol: prints ``URL <base-url>`` on one line to stdout, then serves until stdin closes or the
 process is terminated. Output that imported modules print goes to stderr, never to the pipe.
+
+Pages are made the same on every run and free of this machine's details (:func:`scrub`): pydoc
+renders default values and module data with ``repr``, so a page shows memory addresses
+(``<object object at 0x7f...>``, which change with every process), this interpreter's paths
+(``sys.executable``, ``sys.argv``, defaults captured at import) and, in ``os.environ``'s dump
+(the ``posix``, ``cgi``, ``wsgiref.handlers`` pages), the process environment. The parent starts
+this server with a near-empty environment (no tokens or passwords in a page), and
+:func:`scrub` replaces addresses and paths with fixed stand-ins, so two runs of the default
+scrape give the same texts, hence the same corpus, splits and models.
 """
 
+import re
 import sys
 
 # Checked before anything else is imported: run without -I, this file's folder would be on
@@ -51,7 +61,31 @@ def robots_txt():
     return "\n".join(lines) + "\n"
 
 
+# "at 0x7f15...>" (objects, functions; "&nbsp;" in signatures) and ctypes' "handle 7f15...>"
+_ADDRESS = re.compile(r"((?:\bat|&nbsp;at)(?:\s|&nbsp;)+0x|\bhandle(?:\s|&nbsp;)+)[0-9a-f]{6,16}\b")
+
+
+def scrub(page, paths):
+    """``page`` with memory addresses replaced by a fixed one and each ``(path, stand-in)`` of
+    ``paths`` (the longest first) by its stand-in."""
+    page = _ADDRESS.sub(lambda m: m.group(1) + ("0" * 12), page)
+    for path, stand_in in sorted(paths, key=lambda p: -len(p[0])):
+        if path and path != "/":
+            page = page.replace(path, stand_in)
+    return page
+
+
+def machine_paths():
+    """This interpreter's and this project's folders, with the stand-ins pages show instead."""
+    from pathlib import Path
+
+    project = str(Path(__file__).resolve().parents[2])
+    return [(sys.prefix, "/venv"), (sys.exec_prefix, "/venv"), (project, "/project")]
+
+
 def make_handler(pydoc_handler):
+    paths = machine_paths()
+
     def handler(url, content_type="text/html"):
         path = url.lstrip("/")
         if path == "robots.txt":
@@ -63,7 +97,7 @@ def make_handler(pydoc_handler):
         if path in ("", "index.html"):
             return pydoc_handler(url, content_type)
         if path.endswith(".html") and allowed_module(path[: -len(".html")]):
-            return pydoc_handler(url, content_type)
+            return scrub(pydoc_handler(url, content_type), paths)
         return ("<!DOCTYPE html><html><head><title>Refused</title></head><body>"
                 "<p>Not served: only allowed standard-library module pages are.</p></body></html>")
     return handler

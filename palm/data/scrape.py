@@ -89,8 +89,10 @@ def pydoc_server() -> Iterator[str]:
     yield its base URL; stop it on exit."""
     script = Path(__file__).with_name("pydoc_server.py")
     # -I: no cwd/script dir on sys.path, no PYTHON* env; -S: no site-packages.
+    # a near-empty environment: pydoc's page of os.environ must not show this one's secrets
+    env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
     proc = subprocess.Popen([sys.executable, "-I", "-S", str(script)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd="/")
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd="/", env=env)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line.startswith("URL "):
@@ -121,16 +123,30 @@ def pydoc_url_filter(base: str):
     return ok
 
 
+# The base URL pydoc pages are recorded under: ".invalid" is reserved never to resolve (RFC 2606),
+# since the server that served them (a random local port) is gone after the scrape.
+PYDOC_BASE = "http://pydoc.invalid/"
+
+
 def _collect_pydoc(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> dict[str, int]:
     with pydoc_server() as base:
         crawl_cfg = _crawl_config(cfg, seed_urls=(base,), allow_hosts=tuple(cfg.allow_hosts) + (urlsplit(base).netloc,))
         is_index = lambda url: urlsplit(url).path.lstrip("/") in ("", "index.html")  # noqa: E731
 
+        pages: list[RawRecord] = []
+
         def keep(page: Page) -> None:
             if not is_index(page.url):  # the index is a list of links, not a document
-                out.write(_page_record(page))
+                # recorded under a fixed base, not the server's random port: the URL picks the shard
+                path = urlsplit(page.url).path.lstrip("/")
+                pages.append(RawRecord(PYDOC_BASE + path, page.content_type, page.body, page.fetched_at))
 
-        return crawl(crawl_cfg, keep, url_filter=pydoc_url_filter(base), progress=progress).as_dict()
+        stats = crawl(crawl_cfg, keep, url_filter=pydoc_url_filter(base), progress=progress).as_dict()
+        # written in page order, not in the order concurrent fetches finished: the corpus order
+        # (which near-duplicate dedup keeps, the token shards' order) is the same on every run
+        for rec in sorted(pages, key=lambda r: r.url):
+            out.write(rec)
+        return stats
 
 
 def _crawl_config(cfg: ScrapeConfig, **overrides: object) -> CrawlConfig:
