@@ -7,7 +7,9 @@ sampled at temperature 1 (no stop token, so every response is 64 tokens on both 
 
 - ours: :func:`palm.train.rlhf.iteration` with 16 prompts, one PPO epoch over one mini-batch of
   16 (one optimizer step of the actor and one of the critic). It does more than theirs: the
-  frozen reference model's forward (the KL penalty), GAE and whitening.
+  frozen reference model's forward (the KL penalty), GAE and whitening. That forward is also
+  timed alone on a batch of the iteration's shape, and the ratio without it is printed too (the
+  same work as theirs, up to GAE and whitening, which cost little).
 - theirs: ``RLHFTrainer.train(num_episodes=1, max_timesteps=16, update_timesteps=16)``: 16
   rollouts (one prompt at a time, as it samples; no KV cache) scored by their reward model, then
   ``learn`` over one mini-batch of 16 with one epoch; full fine-tuning (LoRA off) so both sides
@@ -16,7 +18,7 @@ sampled at temperature 1 (no stop token, so every response is 64 tokens on both 
 Ours is timed as the median of ``--reps`` iterations after a warm-up (a few seconds each), theirs
 once after a warm-up (half a minute or more on 2 cores). Without the
 extra installed, the reference is skipped with a message and only ours is reported. The last
-line is ``ratio <theirs seconds / ours seconds>``.
+line is ``ratio <theirs seconds / ours seconds>`` (the whole iteration, reference forward included).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from palm import parallel  # noqa: E402
 from palm.config import to_dict  # noqa: E402
 from palm.model import ModelConfig, PaLM  # noqa: E402
 from palm.train.engine import Engine, OptimConfig  # noqa: E402
-from palm.train.rlhf import KLConfig, PPOConfig, build_roles, iteration, reward_model_scorer  # noqa: E402
+from palm.train.rlhf import KLConfig, PPOConfig, build_roles, iteration, reference_step, reward_model_scorer  # noqa: E402
 
 PROMPTS, PROMPT, NEW = 16, 16, 64
 CFG = ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, ffn_mult=4.0, seq_len=PROMPT + NEW)
@@ -50,7 +52,7 @@ def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def ours(prompts: torch.Tensor, reps: int) -> float:
+def ours(prompts: torch.Tensor, reps: int) -> tuple[float, float]:
     from palm.train.checkpoint import export_safetensors
     from palm.train.finetune import load_parent
     from palm.train.reward import RewardModel
@@ -71,14 +73,26 @@ def ours(prompts: torch.Tensor, reps: int) -> float:
                              generator=torch.Generator().manual_seed(seed), shuffle_seed=lambda e: seed)
         return time.perf_counter() - t, stats
 
+    def reference_forward() -> float:  # the work theirs lacks, on a batch of the iteration's shape
+        g = torch.Generator().manual_seed(2)
+        batch = {"tokens": torch.randint(1, CFG.vocab_size, (PROMPTS, PROMPT + NEW - 1), generator=g),
+                 "labels": torch.randint(1, CFG.vocab_size, (PROMPTS, PROMPT + NEW - 1), generator=g),
+                 "index": (PROMPT - 1 + torch.arange(NEW)).expand(PROMPTS, -1).contiguous()}
+        t = time.perf_counter()
+        roles.reference.forward([batch], reference_step)
+        return time.perf_counter() - t
+
     once(0)  # warm-up
+    reference_forward()
     runs = sorted((once(1 + i) for i in range(reps)), key=lambda r: r[0])
     seconds, stats = runs[len(runs) // 2]
+    ref = sorted(reference_forward() for _ in range(reps))[reps // 2]
     print(f"ours: {seconds:.2f} s, the median of {', '.join(f'{t:.2f}' for t, _ in runs)} "
           f"(rollout {stats['rollout_s']:.2f} s at {stats['generate_tokens_per_s']:.0f} "
           f"tok/s, update {stats['update_s']:.2f} s, {stats['updates']:.0f} optimizer step per role; "
-          f"mean response {stats['response_length']:.0f} tokens)   {load()}")
-    return seconds
+          f"mean response {stats['response_length']:.0f} tokens; of it the reference model's forward "
+          f"{ref:.3f} s, median of {reps})   {load()}")
+    return seconds, ref
 
 
 def theirs(prompts: torch.Tensor) -> float | None:
@@ -123,13 +137,15 @@ def main() -> None:
     print(f"config: d={CFG.d_model} layers={CFG.n_layers} heads={CFG.n_heads}x{CFG.head_dim} vocab={CFG.vocab_size} "
           f"params={CFG.num_params() / 1e6:.2f}M; {PROMPTS} prompts of {PROMPT} tokens x {NEW} new tokens, "
           f"temperature 1, fp32, threads={torch.get_num_threads()} torch={torch.__version__}; {load()}")
-    mine = ours(prompts, args.reps)
+    mine, reference = ours(prompts, args.reps)
     parallel.teardown()
     ref = theirs(prompts)
     if ref is None:
         print(f"ours alone: {mine:.2f} s per PPO iteration")
         print("ratio nan")
         return
+    print(f"the same work as theirs (ours less its reference model's forward, {mine - reference:.2f} s): "
+          f"{ref / (mine - reference):.3f}x")
     print(f"ratio {ref / mine:.3f}")
 
 

@@ -188,7 +188,10 @@ def generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_n
     raw_logprobs = torch.zeros(b, max_new_tokens, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    decoder = Decoder(model, model.new_cache(b, total, pad)) if use_cache else None
+    decoder = None
+    if use_cache:
+        plan = Decoder.plan(model, b, total)
+        decoder = Decoder(model, model.new_cache(b, total, pad, dtype=plan.dtype), plan)
     step_input, n = prompt, 0
     for i in range(max_new_tokens):
         if decoder is not None:

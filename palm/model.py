@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import time
 from typing import Any, Iterable
 
 import torch
@@ -385,7 +387,7 @@ class TileNLL(torch.autograd.Function):
     def values(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab: int | None = None):
         """``(logits, nll, logz)`` of a tile, fp32: ``h [..., d]`` -> ``[..., V_local]``, ``[...]``, ``[...]``."""
         logits = F.linear(h, weight).float()
-        if vocab is not None:
+        if vocab is not None and vocab < logits.shape[-1] * parallel.tp_size():  # padding rows to hide
             cols = parallel.vocab_columns(logits.shape[-1], logits.device)
             logits.masked_fill_(cols >= vocab, -1e9)  # exp() is exactly 0 there; never -inf * 0
         logz = parallel.vocab_logsumexp(logits)
@@ -398,9 +400,9 @@ class TileNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab: int | None = None,
-                entropy: bool = False):
+                entropy: bool = False, entropy_grad: bool = True):
         logits, nll, logz = TileNLL.values(h, weight, labels, vocab)  # [n, V_local], [n], [n]
-        ctx.entropy = entropy
+        ctx.entropy = entropy and entropy_grad
         if not entropy:
             probs = logits.sub_(logz.unsqueeze(-1)).exp_()  # softmax over the full vocabulary, this shard
             ctx.save_for_backward(h, weight, labels, probs)
@@ -408,6 +410,10 @@ class TileNLL(torch.autograd.Function):
         logp = logits.sub_(logz.unsqueeze(-1))
         probs = logp.exp()
         ent = TileNLL.entropy(logp, probs)
+        if not entropy_grad:  # a metric only: backward as without it (no log-probs kept)
+            ctx.mark_non_differentiable(ent)
+            ctx.save_for_backward(h, weight, labels, probs)
+            return nll, logz, ent
         ctx.save_for_backward(h, weight, labels, probs, logp, ent)
         return nll, logz, ent
 
@@ -423,7 +429,7 @@ class TileNLL(torch.autograd.Function):
         local, mine = parallel.vocab_local(labels, grad.shape[-1])
         grad.scatter_add_(-1, local.unsqueeze(-1), (-g_nll * mine).unsqueeze(-1))
         grad = grad.to(h.dtype)
-        return grad @ weight, grad.t() @ h, None, None, None
+        return grad @ weight, grad.t() @ h, None, None, None, None
 
 
 # --- The model (or one pipeline stage of it) -----------------------------------------------------
@@ -498,13 +504,14 @@ class PaLM(MegatronModule):
         return linear(self.output_input(x), self.shared_embedding_or_output_weight())
 
     def token_nll(self, x: torch.Tensor, labels: torch.Tensor, *, vocab: int | None = None,
-                  entropy: bool = False) -> tuple[torch.Tensor, ...]:
+                  entropy: bool = False, entropy_grad: bool = True) -> tuple[torch.Tensor, ...]:
         """Per-token ``-log p(label)`` and ``log Z`` (fp32) from hidden states: ``[b, s, d]``,
         ``[b, s]`` -> ``([b, s], [b, s])``. ``log p = logit[label] - log Z`` over the full
         vocabulary (TP: across the shards), so both come from one softmax pass (:class:`TileNLL`).
         ``vocab``: only the first ``vocab`` columns (None: all, the embedding's padding rows
         included, as pretraining learns them); ``entropy``: a third output, each distribution's
-        entropy ``[b, s]``.
+        entropy ``[b, s]``, differentiable unless ``entropy_grad=False`` (a metric: backward then
+        costs what it does without the entropy).
 
         On CPU the logits are made and consumed ~512 tokens at a time: a ``[512, vocab]`` tile
         stays in cache between the GEMM, the fp32 cast and the softmax (measured: the whole bf16
@@ -516,7 +523,8 @@ class PaLM(MegatronModule):
         for xc, lc in zip(x.split(per), labels.split(per)):
             b, s, d = xc.shape
             if torch.is_grad_enabled():
-                out = TileNLL.apply(self.output_input(xc).reshape(b * s, d), weight, lc.reshape(-1), vocab, entropy)
+                out = TileNLL.apply(self.output_input(xc).reshape(b * s, d), weight, lc.reshape(-1), vocab, entropy,
+                                    entropy_grad)
                 outs.append([o.view(b, s) for o in out])
             else:  # no backward: no softmax tile to keep
                 logits, n, lz = TileNLL.values(self.output_input(xc), weight, lc, vocab)
@@ -545,19 +553,24 @@ class PaLM(MegatronModule):
         return self.final_norm(self.trunk(tokens))
 
     def new_cache(self, batch: int, max_len: int | None = None,
-                  pad: torch.Tensor | None = None) -> KVCache:
+                  pad: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` rows of up to ``max_len`` positions (default:
-        ``seq_len``); ``pad [b]``: left-padding tokens per row. Sampling loops live in
+        ``seq_len``); ``pad [b]``: left-padding tokens per row; ``dtype``: the weights' unless
+        given (a :class:`Decoder` computing in another). Sampling loops live in
         :mod:`palm.generate`."""
         max_len = max_len or self.cfg.seq_len
         check(max_len <= self.cfg.seq_len, "model.seq_len",
               f"a KV cache of {max_len} positions exceeds model.seq_len={self.cfg.seq_len}")
         w = self.layers[next(iter(self.layers))].attn.kv.weight
-        return KVCache([int(i) for i in self.layers], batch, max_len, self.cfg.head_dim, w.dtype,
+        return KVCache([int(i) for i in self.layers], batch, max_len, self.cfg.head_dim, dtype or w.dtype,
                        w.device, self.rope, pad)
 
 
 # --- Decoding: the parallel block with its matmuls fused (PaLM §2 "Parallel Layers") -------------
+
+_PLANS: dict[tuple, parallel.DecodePlan] = {}  # Decoder.plan's measurements, per process
+PLAN_MARGIN = 0.1  # Decoder.plan: another plan than the model's own must be this much faster
+
 
 class Decoder:
     """The forward pass of :class:`PaLM` for KV-cached decoding (no autograd), with each block's
@@ -582,36 +595,98 @@ class Decoder:
     greedy tokens): against palm-rlhf-pytorch's ``generate``, 7.0x -> 9.1-9.9x at batch 1 and
     38.9x -> 51.5-55.6x for 16 prompts, about 1.35x the tokens/s of the unfused path.
 
+    How the few rows of a step meet the weights, in which dtype and orientation, is measured
+    per CPU (:meth:`plan`): e.g. with AMX a bf16 model decodes one prompt faster from an fp32
+    copy of its weights. The returned logits are then fp32 computed from the
+    model's bf16 weights (closer to the exact function than the bf16 pass, not bit-equal to it).
+
     A snapshot: the stacked weights are copies (the blocks' weights once more in memory while it
     lives), so make a new one after the weights change (:func:`palm.generate.generate` makes one
     per call). Needs the whole model (no pipeline stages).
     """
 
-    def __init__(self, model: "PaLM", cache: KVCache):
+    def __init__(self, model: "PaLM", cache: KVCache, plan: parallel.DecodePlan | None = None):
         assert model.pre_process and model.post_process, "the decoder needs the whole model"
         self.model, self.cache = model, cache
         self.eps, self.d = model.cfg.norm_eps, model.cfg.d_model
         self.head_dim = model.cfg.head_dim
+        plan = plan or parallel.DecodePlan(model.final_norm.weight.dtype)
+        self.dtype = plan.dtype  # the cache's too (made with new_cache(..., dtype=plan.dtype))
+        pair = lambda w: (w, w.t().contiguous() if plan.transposed else None)  # noqa: E731
         self.blocks = []
         with torch.no_grad():
             for block in model.layers.values():
                 attn, mlp = block.attn, block.mlp
                 w_in = torch.cat([attn.q.weight, attn.kv.weight, mlp.gate.weight, mlp.up.weight])
-                w_in = (w_in.float() * block.norm.weight.float()).to(w_in.dtype)  # one rounding in bf16
-                w_out = torch.cat([attn.out.weight, mlp.down.weight], dim=1)
+                w_in = (w_in.float() * block.norm.weight.float()).to(self.dtype)  # one rounding in bf16
+                w_out = torch.cat([attn.out.weight, mlp.down.weight], dim=1).to(self.dtype)
                 heads = attn.q.weight.shape[0] // self.head_dim  # this rank's query heads
-                self.blocks.append((block.layer, heads, w_in, w_out))
-            self.final_norm = (model.final_norm.weight.float() * self.d ** -0.5).to(model.final_norm.weight.dtype)
+                self.blocks.append((block.layer, heads, pair(w_in), pair(w_out)))
+            self.final_norm = (model.final_norm.weight.float() * self.d ** -0.5).to(self.dtype)
+            self.output = pair(model.shared_embedding_or_output_weight().to(self.dtype))
             self.cos, self.sin = model.rope.rolled_tables(cache)  # [b or 1, max_len, 1, hd]
             k = cache.k[self.blocks[0][0]]
+            assert k.dtype == self.dtype, "the cache must be made in the plan's dtype"
             self.no_mask = k.new_zeros(1, 1, k.shape[1])
+
+    @staticmethod
+    def plan(model: "PaLM", batch: int, length: int) -> parallel.DecodePlan:
+        """The fastest way to decode ``batch`` rows up to ``length`` positions with ``model`` on
+        this CPU, measured once per process, model shape and size class (rows and length rounded
+        up to a power of two; about 0.1-0.3 s at the default size): each candidate (the model's
+        dtype or an fp32 copy of the weights; for a few rows, weight-major or stored-transpose
+        GEMMs) decodes a few steps of a dummy batch at half that length, twice, and the best step
+        time wins if it beats the model's own plan (its dtype, weight-major) by ``PLAN_MARGIN``.
+        On GPU: the model's dtype.
+
+        Why measure: a decoding step reads every weight once for a few rows, so its speed is set
+        by memory, by the kernels' fixed costs and by attention over the cache, all of which differ
+        between CPUs, dtypes and lengths. Measured at the default size (d=256, 4 layers, vocab
+        8192), median of 3-5 generations with the kernels warm: an fp32 model, 16 prompts x 256
+        tokens: the stored transpose 1.12-1.16x faster with AVX-512 kernels, 0.96x (slower) with
+        MKL held to AVX2; a bf16 model on a CPU with AMX: one prompt x 256 tokens 1.56x faster
+        from an fp32 copy (0.33 vs 0.51 s), 16 prompts x 64 tokens fastest in bf16 (0.16 vs 0.18
+        s), 16 x 256 fastest from the fp32 copy (0.71 vs 0.76 s)."""
+        dtype = model.final_norm.weight.dtype
+        if model.final_norm.weight.is_cuda:
+            return parallel.DecodePlan(dtype)
+        rows = 1 if batch == 1 else min(parallel.FEW_ROWS, 1 << (batch - 1).bit_length())
+        length = min(model.cfg.seq_len, 1 << (max(length, 2) - 1).bit_length())
+        key = (repr(model.cfg), tuple(model.layers), dtype, rows, length, parallel.tp_size())
+        if key not in _PLANS:
+            _PLANS[key] = parallel.tp_agree(Decoder._fastest(model, dtype, rows, length))  # TP: rank 0's
+        return _PLANS[key]
+
+    @staticmethod
+    @torch.no_grad()
+    def _fastest(model: "PaLM", dtype: torch.dtype, rows: int, length: int, steps: int = 4) -> parallel.DecodePlan:
+        candidates = [parallel.DecodePlan(dt, tr) for dt in dict.fromkeys((dtype, torch.float32))
+                      for tr in ((False, True) if rows > 1 else (False,))]
+        if len(candidates) == 1:
+            return candidates[0]
+        tokens = torch.ones(rows, 1, dtype=torch.long, device=model.final_norm.weight.device)
+        start = max(0, min(length // 2, length - steps - 1))  # mid-way: attention over half the cache
+        best = {c: math.inf for c in candidates}
+        for _ in range(2):  # rounds: drift of the machine hits every candidate
+            for c in candidates:
+                decoder = Decoder(model, model.new_cache(rows, start + steps + 1, dtype=c.dtype), c)
+                decoder.cache.length = start  # zeros as keys: the same work as real ones
+                decoder(tokens)  # warm-up
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    decoder(tokens)
+                    best[c] = min(best[c], time.perf_counter() - t)
+        fastest = min(candidates, key=lambda c: best[c])
+        # the model's own plan (first) unless clearly beaten: near-ties would let the timing noise
+        # of each run pick the plan, and the rounding with it (a run's numbers must repeat)
+        return fastest if best[fastest] < (1 - PLAN_MARGIN) * best[candidates[0]] else candidates[0]
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """The next ``tokens [b, s]`` of every row (a prompt, then one at a time) -> the logits of
         the last position ``[b, vocab_local]`` (this rank's vocabulary shard); fills the cache."""
         cache, hd, model = self.cache, self.head_dim, self.model
-        x = model.embedding(tokens)  # [b, s, d]
+        x = model.embedding(tokens).to(self.dtype)  # [b, s, d]
         b, s, _ = x.shape
         start = cache.length
         cos, sin = self.cos[:, start:start + s], self.sin[:, start:start + s]  # the same for every block
@@ -619,14 +694,14 @@ class Decoder:
         if bias is None and s == 1:  # one query at the end sees every key: a zero (made once)
             bias = self.no_mask[:, :, :start + 1]
         for layer, heads, w_in, w_out in self.blocks:
-            y = parallel.plain_linear(F.layer_norm(x, (self.d,), None, None, self.eps), w_in)
+            y = parallel.plain_linear(F.layer_norm(x, (self.d,), None, None, self.eps), *w_in)
             qk = RotaryEmbedding.rolled(y[..., :(heads + 1) * hd].unflatten(-1, (heads + 1, hd)), cos, sin)
             cache.k[layer][:, start:start + s] = qk[:, :, heads]  # [b, s, hd]: the shared key head
             cache.v[layer][:, start:start + s] = y[..., (heads + 1) * hd:(heads + 2) * hd]
             o = mqa_attention(qk[:, :, :heads], cache.k[layer][:, :start + s], cache.v[layer][:, :start + s],
                               start, bias)  # [b, s, heads * hd]
             gate, up = y[..., (heads + 2) * hd:].chunk(2, dim=-1)  # [b, s, ffn_local] each
-            x = x + parallel.tp_sum(parallel.plain_linear(torch.cat([o, F.silu(gate) * up], dim=-1), w_out))
+            x = x + parallel.tp_sum(parallel.plain_linear(torch.cat([o, F.silu(gate) * up], dim=-1), *w_out))
         cache.length += s
         h = F.layer_norm(x[:, -1], (self.d,), self.final_norm, None, self.eps)  # [b, d], scaled
-        return parallel.plain_linear(h, model.shared_embedding_or_output_weight())
+        return parallel.plain_linear(h, *self.output)

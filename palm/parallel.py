@@ -33,6 +33,7 @@ Building this rank's chunks from the plan (:func:`chunk_layers`) and wrapping th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import math
@@ -160,17 +161,50 @@ def megatron_config(cfg: Any, *, tensor_parallel: int | None = None,
 FEW_ROWS = 64  # plain_linear: from 2 up to this many rows, the weight-major GEMM (CPU)
 
 
-def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def plain_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight)`` without autograd: ``[..., in]``, ``[out, in]`` -> ``[..., out]``.
     On CPU with a few rows (decoding a batch: one token per sequence) it is computed as
     ``(weight @ x^T)^T``: MKL streams the weights from memory faster that way round. Measured
     on a 2-core AVX2 CPU, generating 256 tokens for 16 prompts at the benchmark's size
     (interleaved A/B, 5 rounds): 1.1-1.2x the tokens/s of ``F.linear``, the same tokens; for one
-    row (one prompt) no faster (0.95x, within noise), so one row keeps ``F.linear``."""
+    row (one prompt) no faster (0.95x, within noise), so one row keeps ``F.linear``.
+    ``weight_t``: the weight's transpose ``[in, out]`` stored contiguous, for a few rows the
+    plain GEMM ``x @ weight_t`` instead (no transposed copy of the output; which is faster
+    depends on the CPU's kernels: :meth:`palm.model.Decoder.plan`)."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda or not 1 < rows <= FEW_ROWS:
         return torch.nn.functional.linear(x, weight)
+    if weight_t is not None:
+        return torch.mm(x.reshape(rows, -1), weight_t).view(*x.shape[:-1], -1)
     return torch.mm(weight, x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """How a decoding step multiplies a few rows by the weights: in which ``dtype`` (the
+    model's, or fp32 from a copy of the weights) and whether from stored transposes
+    (``transposed``: :func:`plain_linear`'s ``weight_t``)."""
+    dtype: torch.dtype
+    transposed: bool = False
+
+
+def tp_size() -> int:
+    """This process's tensor-parallel world size (1 before the process groups exist)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_agree(plan: DecodePlan) -> DecodePlan:
+    """The plan of the tensor-parallel group's first rank on every rank of the group (a probe
+    may measure differently on each, and the ranks' partial sums must share a dtype)."""
+    if tp_size() == 1:
+        return plan
+    codes = (torch.bfloat16, torch.float32, torch.float16)
+    box = torch.tensor([codes.index(plan.dtype), int(plan.transposed)])
+    torch.distributed.broadcast(box, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                                group=parallel_state.get_tensor_model_parallel_group())
+    return DecodePlan(codes[int(box[0])], bool(box[1]))
 
 
 class ColumnLinear(ColumnParallelLinear):

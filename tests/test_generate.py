@@ -14,7 +14,7 @@ from conftest import redraw_weights
 from palm import parallel
 from palm.errors import ConfigError, UserError
 from palm.generate import SamplingConfig, draw, generate, sampling_logprobs
-from palm.model import ModelConfig, PaLM
+from palm.model import Decoder, ModelConfig, PaLM
 
 CFG = ModelConfig(vocab_size=300, d_model=48, n_layers=3, n_heads=3, head_dim=8, ffn_mult=2.5,
                   seq_len=32)
@@ -239,3 +239,57 @@ def test_the_cache_gives_each_row_rope_position_zero_at_its_first_real_token(mod
     assert model.new_cache(3, 10, torch.zeros(3, dtype=torch.long)).key_bias is None  # plain causal
     with pytest.raises(ConfigError, match="^model.seq_len: a KV cache of 33 positions exceeds"):
         model.new_cache(1, CFG.seq_len + 1)
+
+
+def copy_module(m: PaLM, dtype: torch.dtype) -> PaLM:
+    out = PaLM(CFG, parallel.megatron_config(CFG, dtype=dtype), seed=3).eval()  # as the engine builds it
+    out.load_state_dict(m.state_dict())  # cast into out's dtype
+    return out
+
+
+PLANS = [parallel.DecodePlan(torch.float32), parallel.DecodePlan(torch.float32, transposed=True)]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=["weight-major", "transposed"])
+def test_every_decode_plan_equals_uncached_greedy(model, prompts, plan, monkeypatch):
+    """Whichever plan the probe picks on a machine, cached decoding is the same function."""
+    monkeypatch.setattr(Decoder, "plan", staticmethod(lambda m, batch, length: plan))
+    cached = generate(model, prompts, NEW)
+    uncached = generate(model, prompts, NEW, use_cache=False)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    assert torch.allclose(cached.raw_logprobs, uncached.raw_logprobs, atol=1e-5)
+
+
+def test_a_bf16_model_decoded_from_an_fp32_copy_is_that_copy(model, prompts, monkeypatch):
+    """The fp32 plan of a bf16 model computes in fp32 from the bf16 weights: the logits of the
+    model cast to fp32 (its full forward pass), and greedy tokens equal to that copy's."""
+    half = copy_module(model, torch.bfloat16)
+    copy = copy_module(half, torch.float32)  # fp32 parameters holding the bf16 values
+    seq = torch.cat([prompts[0], prompts[2]])[None]  # one row of 12 tokens
+    for plan in PLANS:
+        with torch.no_grad():
+            decoder = Decoder(half, half.new_cache(1, dtype=torch.float32), plan)
+            steps = [decoder(seq[:, :6])] + [decoder(seq[:, i:i + 1]) for i in range(6, 12)]
+            full = copy(seq)[0, 5:]  # positions 5..11
+        assert (torch.cat(steps) - full).abs().max().item() < 1e-4, plan
+    monkeypatch.setattr(Decoder, "plan", staticmethod(lambda m, batch, length: PLANS[0]))
+    assert torch.equal(generate(half, prompts, NEW).tokens, generate(copy, prompts, NEW).tokens)
+
+
+def test_the_decode_plan_is_measured_once_and_is_a_candidate(model, monkeypatch):
+    calls = []
+    fastest = Decoder._fastest
+
+    def counted(*args):
+        calls.append(args[2:])
+        return fastest(*args)
+
+    monkeypatch.setattr(Decoder, "_fastest", staticmethod(counted))
+    monkeypatch.setattr("palm.model._PLANS", {})
+    half = copy_module(model, torch.bfloat16)
+    for _ in range(2):
+        plan = Decoder.plan(half, 3, 20)
+        assert plan in [parallel.DecodePlan(dt, tr) for dt in (torch.bfloat16, torch.float32) for tr in (False, True)]
+    assert calls == [(4, 32)]  # rows and length rounded up to powers of two; the second call reused it
+    assert Decoder.plan(half, 4, 17) == plan and len(calls) == 1  # the same size class
+    assert Decoder.plan(model, 1, 20) == parallel.DecodePlan(torch.float32)  # one candidate: nothing to measure

@@ -57,13 +57,15 @@ def test_nll_and_log_z_are_cross_entropy_and_logsumexp(groups, dtype):
     assert torch.allclose(metrics["nll"].float(), torch.stack([(ce * mask).sum(), mask.sum()]), rtol=1e-4)
 
 
-@pytest.mark.parametrize("grad", [True, False])
-def test_log_probs_and_entropy_over_the_real_vocabulary(groups, grad):
+@pytest.mark.parametrize("grad, entropy_grad", [(True, True), (True, False), (False, True)])
+def test_log_probs_and_entropy_over_the_real_vocabulary(groups, grad, entropy_grad):
     """``token_nll(vocab=..., entropy=True)`` (PPO's log-probs and entropy, one fused pass that
     also makes the gradient) against autograd through the textbook formulas on the first
     ``vocab`` logits (the padding rows of the embedding excluded): values, and the gradients of
     the hidden states and of the tied weight under a loss that weights both outputs, 12 tokens
-    (more than one tile when LOSS_CHUNK_TOKENS is small) and without autograd the same values."""
+    (more than one tile when LOSS_CHUNK_TOKENS is small) and without autograd the same values.
+    ``entropy_grad=False`` (the entropy a metric): the same values, no gradient through the
+    entropy, and the log-probs' gradients unchanged."""
     from palm import model as palm_model
 
     model = PaLM(CFG)
@@ -77,7 +79,8 @@ def test_log_probs_and_entropy_over_the_real_vocabulary(groups, grad):
     palm_model.LOSS_CHUNK_TOKENS = 8  # two tiles of one row (4 tokens) each, then one
     try:
         with torch.set_grad_enabled(grad):
-            nll, logz, ent = model.token_nll(a, labels, vocab=CFG.vocab_size, entropy=True)
+            nll, logz, ent = model.token_nll(a, labels, vocab=CFG.vocab_size, entropy=True,
+                                             entropy_grad=entropy_grad)
     finally:
         palm_model.LOSS_CHUNK_TOKENS = tile
     logits = model.logits(b).float()[..., :CFG.vocab_size]
@@ -89,7 +92,10 @@ def test_log_probs_and_entropy_over_the_real_vocabulary(groups, grad):
     if not grad:
         return
     weight = model.shared_embedding_or_output_weight()
-    (-(nll * wl) + ent * we).sum().backward()
+    assert ent.requires_grad == entropy_grad
+    if not entropy_grad:
+        we = torch.zeros_like(we)  # the entropy is a constant: only the log-probs' gradient
+    (-(nll * wl) + (ent * we if entropy_grad else 0)).sum().backward()
     ours, weight.grad = weight.grad.clone(), None
     (want_logp * wl + want_ent * we).sum().backward()
     assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)

@@ -222,17 +222,20 @@ def load_prompts(data: Path, tokenizer_sha256: str, cfg: PPOConfig, model: Model
 # --- per-token outputs of the models --------------------------------------------------------------
 
 def token_logp(module: PaLM, tokens: torch.Tensor, labels: torch.Tensor, entropy: bool = False,
-               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               index: torch.Tensor | None = None, entropy_grad: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log p(label)`` at every position ``[b, L]`` over the real vocabulary (the padded rows of
     the embedding excluded, as in :func:`generate`), and optionally the entropy of each position's
-    distribution; works on this rank's vocabulary shard (TP) with gradients. ``index [b, n]``:
+    distribution (``entropy_grad=False``: without its gradient, a metric); works on this rank's
+    vocabulary shard (TP) with gradients. ``index [b, n]``:
     only at those positions (response space ``[b, n]``), so the output layer runs on the
     responses alone."""
     x = module.trunk(tokens)  # [b, L, d]
     if index is not None:
         x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [b, n, d]
         labels = labels.gather(1, index)
-    nll, _, *ent = module.token_nll(x, labels, vocab=module.cfg.vocab_size, entropy=entropy)
+    nll, _, *ent = module.token_nll(x, labels, vocab=module.cfg.vocab_size, entropy=entropy,
+                                    entropy_grad=entropy_grad)
     return -nll, (ent[0] if entropy else None)
 
 
@@ -262,7 +265,8 @@ def actor_forward_step(cfg: PPOConfig):
     response tokens of a micro-batch; metrics: clip fraction, entropy, approx KL(old || new)."""
 
     def step(batch: Batch, model: torch.nn.Module):
-        output = token_logp(_unwrap(model), batch["tokens"], batch["labels"], entropy=True, index=batch["index"])
+        output = token_logp(_unwrap(model), batch["tokens"], batch["labels"], entropy=True, index=batch["index"],
+                            entropy_grad=cfg.entropy_coef > 0)  # 0: entropy is a metric only
 
         def loss_func(out):
             logp, ent = out  # [b, n] each: response space
