@@ -194,6 +194,9 @@ def _reap(marker: str, parent: int) -> None:
 
 def _worker(entry: str, spec_path: Path) -> int:
     """One torchrun process: call ``entry(spec)``; a UserError becomes ``run_dir/error.<rank>``."""
+    from palm.parallel import flush_denormals
+
+    flush_denormals()  # first, so the OpenMP threads torch starts inherit it
     spec = json.loads(spec_path.read_text())
     module, _, function = entry.partition(":")
     try:
