@@ -38,7 +38,8 @@ from palm import parallel  # noqa: E402
 from palm.config import to_dict  # noqa: E402
 from palm.model import ModelConfig, PaLM  # noqa: E402
 from palm.train.engine import Engine, OptimConfig  # noqa: E402
-from palm.train.rlhf import KLConfig, PPOConfig, build_roles, iteration, reference_step, reward_model_scorer  # noqa: E402
+from palm.train.rlhf import (KLConfig, PPOConfig, build_roles, iteration, reference_step,  # noqa: E402
+                             reward_model_scorer)
 
 PROMPTS, PROMPT, NEW = 16, 16, 64
 CFG = ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, ffn_mult=4.0, seq_len=PROMPT + NEW)

@@ -646,7 +646,7 @@ class Decoder:
         tokens: the stored transpose 1.12-1.16x faster with AVX-512 kernels, 0.96x (slower) with
         MKL held to AVX2; a bf16 model on a CPU with AMX: one prompt x 256 tokens 1.56x faster
         from an fp32 copy (0.33 vs 0.51 s), 16 prompts x 64 tokens fastest in bf16 (0.16 vs 0.18
-        s), 16 x 256 fastest from the fp32 copy (0.71 vs 0.76 s)."""
+        s), 16 x 256 fastest from the fp32 copy (0.71 vs 0.76 s: within the margin, so bf16 stays)."""
         dtype = model.final_norm.weight.dtype
         if model.final_norm.weight.is_cuda:
             return parallel.DecodePlan(dtype)
