@@ -89,8 +89,10 @@ def keep_freed_memory() -> bool:
     such ops). The default DAG from pretrain down (bf16, 2 cores with AMX, ``dvc repro -f``):
     242 -> 218 s, every stage 7-13 % faster (pretrain 74 -> 66 s, ppo 43 -> 39 s), its metrics
     identical. The allocators PyTorch's CPU tuning guide recommends (jemalloc, tcmalloc) keep
-    freed memory too. The cost: a
-    process's resident memory stays near its peak until it exits (GPU memory is not affected)."""
+    freed memory too. The cost: a process's resident memory stays near its peak until it exits
+    (GPU memory is not affected). Not understood yet: once gloo's groups are up, a 64 MiB block
+    freed and made again is still mapped afresh 5 times in 8 (never without the groups, always
+    by default)."""
     import ctypes
     import platform
 

@@ -170,10 +170,10 @@ print(faults() - before)
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_freed_memory_is_reused():
     """``parallel.keep_freed_memory`` (called by ``init_distributed``) keeps freed memory: a
-    64 MiB block allocated, filled and freed 8 times more page-faults hardly at all, not 8 x
+    64 MiB block allocated, filled and freed 8 more times page-faults almost never, not 8 x
     16,384 times (by default glibc maps such a block fresh each time: every out-of-place op on a
-    big activation paid ~1 us per 4 KiB page). Each case in a fresh process (the setting is process-wide); the
-    control without it shows the check can fail here."""
+    big activation paid ~1 us per 4 KiB page). Each case in a fresh process (the setting is
+    process-wide); the control without it shows the check can fail here."""
     import subprocess
     import sys
 
