@@ -90,9 +90,13 @@ def keep_freed_memory() -> bool:
     242 -> 218 s, every stage 7-13 % faster (pretrain 74 -> 66 s, ppo 43 -> 39 s), its metrics
     identical. The allocators PyTorch's CPU tuning guide recommends (jemalloc, tcmalloc) keep
     freed memory too. The cost: a process's resident memory stays near its peak until it exits
-    (GPU memory is not affected). Not understood yet: once gloo's groups are up, a 64 MiB block
-    freed and made again is still mapped afresh 5 times in 8 (never without the groups, always
-    by default)."""
+    (GPU memory is not affected). Page faults per step in steady state (``ru_minflt``, 2 cores,
+    gloo's groups up): the default pretrain step 1-2,051 with this against 1-40,292 without, a
+    PPO iteration of ``benchmarks/ppo_throughput.py`` 4-5,636 against 15,333-28,360. Not
+    understood: in a process with a gloo group, a lone 64 MiB block freed and made again is
+    still placed afresh (the heap grows by it) 2 to 5 times in 8; never without the group,
+    always by default. Calling this again after the group is made stops it for a bare gloo
+    group, not after megatron's groups."""
     import ctypes
     import platform
 
