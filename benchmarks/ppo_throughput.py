@@ -16,9 +16,11 @@ sampled at temperature 1 (no stop token, so every response is 64 tokens on both 
   update every weight of the actor and the critic. No reference model (it has none).
 
 Ours is timed as the median of ``--reps`` iterations after a warm-up (a few seconds each), theirs
-once after a warm-up (half a minute or more on 2 cores). Without the
-extra installed, the reference is skipped with a message and only ours is reported. The last
-line is ``ratio <theirs seconds / ours seconds>`` (the whole iteration, reference forward included).
+once after a warm-up (half a minute or more on 2 cores). ``--profile`` also profiles one
+iteration of ours and prints its matmuls: the FLOPs counted from the shapes, their share of the
+operators' time and their rate, by shape (where the time goes, against the hardware's peak).
+Without the extra installed, the reference is skipped with a message and only ours is reported.
+The last line is ``ratio <theirs seconds / ours seconds>`` (the whole iteration, reference forward included).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,7 +56,36 @@ def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def ours(prompts: torch.Tensor, reps: int) -> tuple[float, float]:
+def matmul_flops(name: str, shapes: list) -> int:
+    """Multiply-adds x 2 of one ``mm`` / ``bmm`` / ``baddbmm`` call from the profiler's input shapes."""
+    if name == "aten::mm":
+        (m, k), (_, n) = shapes[0], shapes[1]
+        return 2 * m * k * n
+    a, w = shapes[:2] if name == "aten::bmm" else shapes[1:3]  # baddbmm: (self, batch1, batch2, ...)
+    (b, m, k), (_, _, n) = a, w
+    return 2 * b * m * k * n
+
+
+def matmul_profile(run: Callable[[], object]) -> None:
+    """Profile one call of ``run`` and print how much of it is matmuls: the FLOPs (every GEMM,
+    counted from its shapes), their time and rate, and the busiest shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1e6  # every operator's own time
+    rows = [(e.self_cpu_time_total / 1e6, e.count * matmul_flops(e.key, e.input_shapes), e.count, e.input_shapes)
+            for e in events if e.key in ("aten::mm", "aten::bmm", "aten::baddbmm") and e.input_shapes]
+    seconds, flops = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    print(f"profile of one iteration of ours (operators {total:.2f} s under the profiler): matmuls "
+          f"{flops / 1e9:.1f} GFLOP in {seconds:.3f} s ({seconds / total:.0%} of the operators' time, "
+          f"{flops / seconds / 1e9:.0f} GFLOP/s on average); the busiest shapes:")
+    for sec, fl, count, shapes in sorted(rows, key=lambda r: -r[0])[:8]:
+        print(f"  {sec * 1e3:7.1f} ms {fl / sec / 1e9:6.1f} GFLOP/s  {count:4d} x {shapes}")
+
+
+def ours(prompts: torch.Tensor, reps: int, profile: bool = False) -> tuple[float, float]:
     from palm.train.checkpoint import export_safetensors
     from palm.train.finetune import load_parent
     from palm.train.reward import RewardModel
@@ -85,6 +117,8 @@ def ours(prompts: torch.Tensor, reps: int) -> tuple[float, float]:
 
     once(0)  # warm-up
     reference_forward()
+    if profile:
+        matmul_profile(lambda: once(99))
     runs = sorted((once(1 + i) for i in range(reps)), key=lambda r: r[0])
     seconds, stats = runs[len(runs) // 2]
     ref = sorted(reference_forward() for _ in range(reps))[reps // 2]
@@ -129,6 +163,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--reps", type=int, default=3, help="timed iterations of ours (median)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one iteration of ours: matmul FLOPs, time and rate by shape")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +174,7 @@ def main() -> None:
     print(f"config: d={CFG.d_model} layers={CFG.n_layers} heads={CFG.n_heads}x{CFG.head_dim} vocab={CFG.vocab_size} "
           f"params={CFG.num_params() / 1e6:.2f}M; {PROMPTS} prompts of {PROMPT} tokens x {NEW} new tokens, "
           f"temperature 1, fp32, threads={torch.get_num_threads()} torch={torch.__version__}; {load()}")
-    mine, reference = ours(prompts, args.reps)
+    mine, reference = ours(prompts, args.reps, args.profile)
     parallel.teardown()
     ref = theirs(prompts)
     if ref is None:
