@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT
 from palm import parallel
 from palm.model import ModelConfig, PaLM
 
@@ -177,7 +177,7 @@ def test_freed_memory_is_reused():
     import subprocess
     import sys
 
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(ROOT)
     counts = {keep: int(subprocess.run([sys.executable, "-c", _FAULTS.format(root=root, keep=keep)], check=True,
                                        capture_output=True, text=True).stdout.split()[-1])
               for keep in (False, True)}
