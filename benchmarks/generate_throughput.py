@@ -17,10 +17,11 @@ theirs once per case unless ``--ref-reps`` says otherwise; ``--ref-new-tokens`` 
 (cheaper per token for them, as sequences stay shorter) and the output says so. Also printed:
 ours on 16 prompts of lengths 1..16 (left-padded), which theirs cannot batch.
 
-Also printed: the batch-1 floor of any fp32 decoder at this size, measured on this machine: every
-weight matrix times one row, in a decoding step's order with the output layer last (a step at
-batch 1 reads all 23.6 MB of fp32 weights, whatever else it does), and the ratio against theirs
-that a decoder costing nothing else would reach.
+Also printed: the decoding plan that ``palm.model.Decoder.plan`` measured for each case, and the
+batch-1 floor of any fp32 decoder at this size, measured on this machine: every weight matrix
+times one row (the faster of the weights and their stored transposes), in a decoding step's
+order with the output layer last (a step at batch 1 reads all 23.6 MB of fp32 weights, whatever
+else it does), and the ratio against theirs that a decoder costing nothing else would reach.
 
 The last line is ``ratio <batched ours / batched theirs>``.
 """
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from palm import parallel  # noqa: E402
 from palm.generate import generate  # noqa: E402
-from palm.model import ModelConfig, PaLM  # noqa: E402
+from palm.model import Decoder, ModelConfig, PaLM  # noqa: E402
 from palm_rlhf_ref import port_weights, reference_palm  # noqa: E402
 
 PROMPT, NEW, BATCH = 16, 256, 16
@@ -65,18 +66,23 @@ def theirs(ref: torch.nn.Module, prompts: torch.Tensor, new: int) -> tuple[float
 
 @torch.no_grad()
 def weights_floor(model: PaLM, reps: int = 200) -> tuple[float, int]:
-    """(seconds per token of the matrix-vector products alone, the median of ``reps`` steps;
-    the bytes they read): each layer's weights, then the tied output layer, each times one row."""
-    mats = [p for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n]
-    mats.append(model.shared_embedding_or_output_weight())
+    """(seconds per token of the matrix-vector products alone, the median of ``reps`` steps, the
+    faster of the weights and their stored transposes as the decoder may hold them; the bytes
+    they read): each layer's weights, then the tied output layer, each times one row."""
+    mats = [p.detach() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n]
+    mats.append(model.shared_embedding_or_output_weight().detach())
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
-    times = []
-    for _ in range(reps + 20):
-        t = time.perf_counter()
-        for w in mats:
-            torch.nn.functional.linear(rows[w.shape[1]], w)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[20:]), sum(w.numel() * w.element_size() for w in mats)
+    pairs = [(w, w.t().contiguous()) for w in mats]
+    best = []
+    for transposed in (False, True):
+        times = []
+        for _ in range(reps + 20):
+            t = time.perf_counter()
+            for w, wt in pairs:
+                parallel.plain_linear(rows[w.shape[1]], w, wt if transposed else None)
+            times.append(time.perf_counter() - t)
+        best.append(statistics.median(times[20:]))
+    return min(best), sum(w.numel() * w.element_size() for w in mats)
 
 
 def load() -> str:
@@ -124,6 +130,7 @@ def main() -> None:
         k = min(new, ref_new)
         same = (runs[0][1][:, :k] == ref_runs[0][1][:, :k]).float().mean().item()
         results[name], ref_speed[name] = ours_tps / ref_tps, ref_tps
+        print(f"{name:11s} decoding plan measured here: {Decoder.plan(model, b, PROMPT + new)}")
         print(f"{name:11s} ours {ours_tps:8.1f} tok/s (reps {', '.join(f'{b * new / t:.0f}' for t, _ in runs)})"
               f"   palm-rlhf-pytorch {ref_tps:7.1f} tok/s ({', '.join(f'{t:.1f}' for t, _ in ref_runs)} s)"
               f"   {results[name]:6.1f}x   greedy tokens identical: {same:.1%}   {load()}")

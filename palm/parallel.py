@@ -223,11 +223,11 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor |
     on a 2-core AVX2 CPU, generating 256 tokens for 16 prompts at the benchmark's size
     (interleaved A/B, 5 rounds): 1.1-1.2x the tokens/s of ``F.linear``, the same tokens; for one
     row (one prompt) no faster (0.95x, within noise), so one row keeps ``F.linear``.
-    ``weight_t``: the weight's transpose ``[in, out]`` stored contiguous, for a few rows the
-    plain GEMM ``x @ weight_t`` instead (no transposed copy of the output; which is faster
-    depends on the CPU's kernels: :meth:`palm.model.Decoder.plan`)."""
+    ``weight_t``: the weight's transpose ``[in, out]`` stored contiguous, for up to ``FEW_ROWS``
+    rows, one included, the plain GEMM ``x @ weight_t`` instead (no transposed copy of the
+    output; which is faster depends on the CPU's kernels: :meth:`palm.model.Decoder.plan`)."""
     rows = x.numel() // x.shape[-1]
-    if x.is_cuda or not 1 < rows <= FEW_ROWS:
+    if x.is_cuda or rows > FEW_ROWS or (rows == 1 and weight_t is None):
         return torch.nn.functional.linear(x, weight)
     if weight_t is not None:
         return torch.mm(x.reshape(rows, -1), weight_t).view(*x.shape[:-1], -1)
