@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pydoc
 
 import httpx
 
-from palm.data.pydoc_server import allowed_module
+from palm.data.pydoc_server import allowed_module, scrub
 from palm.data.scrape import PYDOC_BASE, ScrapeConfig, _collect_pydoc, pydoc_server, pydoc_url_filter
 
 
@@ -87,14 +88,27 @@ def test_pages_are_the_same_on_every_run_and_show_nothing_of_this_machine(monkey
     for _ in range(2):
         with pydoc_server() as base, httpx.Client(timeout=60) as client:
             runs.append({p: client.get(base + p).text for p in pages})
+    machine = [project, sys.prefix, sys.base_prefix, platform.platform(terse=True), platform.release()]
     for page in pages:
         text = runs[0][page]
         assert "s3cr3t-token-value" not in text and "PALM_TEST_SECRET" not in text, page
-        assert project not in text and sys.prefix not in text, page
+        assert not [m for m in machine if m in text], page  # the kernel's release: in every heading
+        cut = [m.group(2) for m in re.finditer(r"""(['"])(/[^'"\s<>]*?)\.\.\.""", text)]  # pydoc's cram
+        assert not [c for c in cut if len(c) > 1 and any(m.startswith(c) for m in machine[:3])], page
         assert not re.search(r"at(\s|&nbsp;)+0x(?!000000000000)[0-9a-f]{6,}", text), page
         assert runs[1][page] == text, page  # the same bytes from another process
     assert "object object at 0x000000000000" in runs[0]["configparser.html"]  # premise: it had one
     assert "/project/" in runs[0]["sys.html"] or "/venv/" in runs[0]["sys.html"]  # premise: it had paths
+
+
+def test_a_path_that_pydoc_cut_short_is_replaced_too():
+    """pydoc's cram keeps a long value's start and end around '...': the start of a folder alone
+    is still this machine's."""
+    details = [("/home/me/.pyenv/versions/3.11.7", "/venv"), ("/work/proj", "/project")]
+    page = ("'/home/me/.pyenv/versions/3....dynload/_bz2.so' '/home/me/.pyenv/versions/3.11.7/lib/os.py' "
+            "'/work/proj/palm/x.py' '/usr/lib/pyth...x.so' '/home/me/.py...'")
+    assert scrub(page, details) == ("'/venv....dynload/_bz2.so' '/venv/lib/os.py' '/project/palm/x.py' "
+                                    "'/usr/lib/pyth...x.so' '/venv...'")
 
 
 def test_pages_are_recorded_under_a_fixed_base_in_page_order():

@@ -17,10 +17,12 @@ Pages are made the same on every run and free of this machine's details (:func:`
 renders default values and module data with ``repr``, so a page shows memory addresses
 (``<object object at 0x7f...>``, which change with every process), this interpreter's paths
 (``sys.executable``, ``sys.argv``, defaults captured at import) and, in ``os.environ``'s dump
-(the ``posix``, ``cgi``, ``wsgiref.handlers`` pages), the process environment. The parent starts
-this server with a near-empty environment (no tokens or passwords in a page), and
-:func:`scrub` replaces addresses and paths with fixed stand-ins, so two runs of the default
-scrape give the same texts, hence the same corpus, splits and models.
+(the ``posix``, ``cgi``, ``wsgiref.handlers`` pages), the process environment; every page's
+heading names the platform, kernel release included. The parent starts this server with a
+near-empty environment (no tokens or passwords in a page), and :func:`scrub` replaces addresses,
+paths and the platform with fixed stand-ins, so two runs of the default scrape give the same
+texts, hence the same corpus, splits and models (before the platform was replaced, two
+machines' kernels gave two corpora).
 """
 
 import re
@@ -65,26 +67,49 @@ def robots_txt():
 _ADDRESS = re.compile(r"((?:\bat|&nbsp;at)(?:\s|&nbsp;)+0x|\bhandle(?:\s|&nbsp;)+)[0-9a-f]{6,16}\b")
 
 
-def scrub(page, paths):
-    """``page`` with memory addresses replaced by a fixed one and each ``(path, stand-in)`` of
-    ``paths`` (the longest first) by its stand-in."""
+def scrub(page, details):
+    """``page`` with memory addresses replaced by a fixed one and each ``(text, stand-in)`` of
+    ``details`` (the longest first) by its stand-in. A path that pydoc cut short (its ``cram``
+    keeps a long value's start and end around ``...``, so ``'/home/me/.pyenv/versions/3....so'``
+    shows only the start of a folder) counts too: a quoted start of one of the paths right
+    before ``...`` becomes the path's stand-in."""
     page = _ADDRESS.sub(lambda m: m.group(1) + ("0" * 12), page)
-    for path, stand_in in sorted(paths, key=lambda p: -len(p[0])):
-        if path and path != "/":
-            page = page.replace(path, stand_in)
-    return page
+    details = [(text, stand_in) for text, stand_in in sorted(details, key=lambda d: -len(d[0]))
+               if text and text != "/"]
+    for text, stand_in in details:
+        page = page.replace(text, stand_in)
+
+    def cut(m):
+        start = m.group(2)
+        for text, stand_in in details:
+            if len(start) > 1 and text.startswith("/") and text.startswith(start):
+                return m.group(1) + stand_in + "..."
+        return m.group(0)
+
+    return _CUT_PATH.sub(cut, page)
 
 
-def machine_paths():
-    """This interpreter's and this project's folders, with the stand-ins pages show instead."""
+# a quoted absolute path that pydoc's cram cut short: "'/home/me/.pyenv/versions/3...."
+_CUT_PATH = re.compile(r"""(['"])(/[^'"\s<>]*?)\.\.\.""")
+
+
+def machine_details():
+    """What pages would show of this machine, with the stand-ins they show instead: this
+    interpreter's and this project's folders, and the platform in every page's heading (the
+    kernel's release: ``Linux-6.1.0-18-amd64-x86_64-with-glibc2.36`` on one machine, another on
+    the next, which would change every document of the corpus)."""
+    import html
+    import platform
     from pathlib import Path
 
     project = str(Path(__file__).resolve().parents[2])
-    return [(sys.prefix, "/venv"), (sys.exec_prefix, "/venv"), (project, "/project")]
+    return [(sys.prefix, "/venv"), (sys.exec_prefix, "/venv"), (sys.base_prefix, "/python"),
+            (sys.base_exec_prefix, "/python"), (project, "/project"),
+            (html.escape(platform.platform(terse=True)), platform.system())]
 
 
 def make_handler(pydoc_handler):
-    paths = machine_paths()
+    details = machine_details()
 
     def handler(url, content_type="text/html"):
         path = url.lstrip("/")
@@ -97,7 +122,7 @@ def make_handler(pydoc_handler):
         if path in ("", "index.html"):
             return pydoc_handler(url, content_type)
         if path.endswith(".html") and allowed_module(path[: -len(".html")]):
-            return scrub(pydoc_handler(url, content_type), paths)
+            return scrub(pydoc_handler(url, content_type), details)
         return ("<!DOCTYPE html><html><head><title>Refused</title></head><body>"
                 "<p>Not served: only allowed standard-library module pages are.</p></body></html>")
     return handler
