@@ -21,8 +21,8 @@ renders default values and module data with ``repr``, so a page shows memory add
 heading names the platform, kernel release included. The parent starts this server with a
 near-empty environment (no tokens or passwords in a page), and :func:`scrub` replaces addresses,
 paths and the platform with fixed stand-ins, so two runs of the default scrape give the same
-texts, hence the same corpus, splits and models (before the platform was replaced, two
-machines' kernels gave two corpora).
+texts, hence the same corpus, splits and models (before the platform was replaced, every page
+carried the kernel release of the machine that served it).
 """
 
 import re
@@ -96,8 +96,8 @@ _CUT_PATH = re.compile(r"""(['"])(/[^'"\s<>]*?)\.\.\.""")
 def machine_details():
     """What pages would show of this machine, with the stand-ins they show instead: this
     interpreter's and this project's folders, and the platform in every page's heading (the
-    kernel's release: ``Linux-6.1.0-18-amd64-x86_64-with-glibc2.36`` on one machine, another on
-    the next, which would change every document of the corpus)."""
+    kernel's release: ``Linux-6.18.44-fc-v1252-x86_64-with-glibc2.36`` on one machine, another
+    on the next, which would change every document of the corpus)."""
     import html
     import platform
     from pathlib import Path
