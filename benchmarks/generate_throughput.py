@@ -19,7 +19,7 @@ ours on 16 prompts of lengths 1..16 (left-padded), which theirs cannot batch.
 
 Also printed: the decoding plan that ``palm.model.Decoder.plan`` measured for each case, and the
 batch-1 floor of any fp32 decoder at this size, measured on this machine: every weight matrix
-times one row (the faster of the weights and their stored transposes), in a decoding step's
+times one row (in the fastest of the decoder's weight layouts), in a decoding step's
 order with the output layer last (a step at batch 1 reads all 23.6 MB of fp32 weights, whatever
 else it does), and the ratio against theirs that a decoder costing nothing else would reach.
 
@@ -66,21 +66,22 @@ def theirs(ref: torch.nn.Module, prompts: torch.Tensor, new: int) -> tuple[float
 
 @torch.no_grad()
 def weights_floor(model: PaLM, reps: int = 200) -> tuple[float, int]:
-    """(seconds per token of the matrix-vector products alone, the median of ``reps`` steps, the
-    faster of the weights and their stored transposes as the decoder may hold them; the bytes
-    they read): each layer's weights, then the tied output layer, each times one row."""
+    """(seconds per token of the matrix-vector products alone, the median of ``reps`` steps, in
+    the fastest of the layouts the decoder may hold its weights in (``parallel.LAYOUTS``); the
+    bytes they read): each layer's weights, then the tied output layer, each times one row."""
     mats = [p.detach() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n]
     mats.append(model.shared_embedding_or_output_weight().detach())
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
-    pairs = [(w, w.t().contiguous()) for w in mats]
     best = []
-    for transposed in (False, True):
+    for layout in parallel.LAYOUTS:
+        held = [parallel.DecodeWeight(w, layout, 1) for w in mats]
         times = []
-        for _ in range(reps + 20):
-            t = time.perf_counter()
-            for w, wt in pairs:
-                parallel.plain_linear(rows[w.shape[1]], w, wt if transposed else None)
-            times.append(time.perf_counter() - t)
+        with parallel.decode_threads(parallel.DecodePlan(torch.float32, layout)):
+            for _ in range(reps + 20):
+                t = time.perf_counter()
+                for w, h in zip(mats, held):
+                    h(rows[w.shape[1]])
+                times.append(time.perf_counter() - t)
         best.append(statistics.median(times[20:]))
     return min(best), sum(w.numel() * w.element_size() for w in mats)
 

@@ -188,31 +188,32 @@ def generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_n
     raw_logprobs = torch.zeros(b, max_new_tokens, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    decoder = None
+    decoder, plan = None, parallel.DecodePlan(torch.float32)
     if use_cache:
         plan = Decoder.plan(model, b, total)
         decoder = Decoder(model, model.new_cache(b, total, pad, dtype=plan.dtype), plan)
     step_input, n = prompt, 0
-    for i in range(max_new_tokens):
-        if decoder is not None:
-            last = decoder(step_input)  # [b, V_local]: the last position's logits
-        else:  # the reference: everything so far, from scratch, through the model's own forward
-            h = model.trunk(tokens[:, :width + i], model.new_cache(b, width + i, pad))[:, -1:]  # [b, 1, d]
-            last = model.logits(h)[:, 0]
-        logits = parallel.gather_vocab(last.float())[:, :vocab]  # [b, V] on every rank
-        token, logp, raw = _next_token(logits, cfg, generator)
-        live = ~done
-        tokens[:, width + i] = token.masked_fill(done, pad_id)
-        mask[:, i] = live
-        logprobs[:, i] = logp.masked_fill(done, 0.0)
-        raw_logprobs[:, i] = raw.masked_fill(done, 0.0)
-        n = i + 1
-        if on_token is not None:
-            on_token(tokens[:, width + i], live)
-        if len(stop):
-            done |= live & torch.isin(token, stop)
-            if bool(done.all()):
-                break
-        step_input = tokens[:, width + i:width + i + 1]
+    with parallel.decode_threads(plan):  # the plan's threads (openblas: torch's ops on one)
+        for i in range(max_new_tokens):
+            if decoder is not None:
+                last = decoder(step_input)  # [b, V_local]: the last position's logits
+            else:  # the reference: everything so far, from scratch, through the model's own forward
+                h = model.trunk(tokens[:, :width + i], model.new_cache(b, width + i, pad))[:, -1:]  # [b, 1, d]
+                last = model.logits(h)[:, 0]
+            logits = parallel.gather_vocab(last.float())[:, :vocab]  # [b, V] on every rank
+            token, logp, raw = _next_token(logits, cfg, generator)
+            live = ~done
+            tokens[:, width + i] = token.masked_fill(done, pad_id)
+            mask[:, i] = live
+            logprobs[:, i] = logp.masked_fill(done, 0.0)
+            raw_logprobs[:, i] = raw.masked_fill(done, 0.0)
+            n = i + 1
+            if on_token is not None:
+                on_token(tokens[:, width + i], live)
+            if len(stop):
+                done |= live & torch.isin(token, stop)
+                if bool(done.all()):
+                    break
+            step_input = tokens[:, width + i:width + i + 1]
     return Generation(tokens=tokens[:, :width + n], pad=pad, prompt_len=width, response_mask=mask[:, :n],
                       logprobs=logprobs[:, :n], raw_logprobs=raw_logprobs[:, :n], stopped=done)

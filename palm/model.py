@@ -595,9 +595,11 @@ class Decoder:
     greedy tokens): against palm-rlhf-pytorch's ``generate``, 7.0x -> 9.1-9.9x at batch 1 and
     38.9x -> 51.5-55.6x for 16 prompts, about 1.35x the tokens/s of the unfused path.
 
-    How the few rows of a step meet the weights, in which dtype and orientation, is measured
-    per CPU (:meth:`plan`): e.g. with AMX a bf16 model decodes one prompt faster from an fp32
-    copy of its weights. The returned logits are then fp32 computed from the
+    How the few rows of a step meet the weights, in which dtype and layout, is measured per CPU
+    (:meth:`plan`): e.g. with AMX a bf16 model decodes one prompt faster from an fp32 copy of its
+    weights; on an AMD EPYC one prompt decodes fastest through numpy's BLAS (call the decoder
+    inside ``parallel.decode_threads(plan)``, as :func:`palm.generate.generate` does: the same
+    numbers outside, far slower). The returned logits are then fp32 computed from the
     model's bf16 weights (closer to the exact function than the bf16 pass, not bit-equal to it).
 
     A snapshot: the stacked weights are copies (the blocks' weights once more in memory while it
@@ -612,7 +614,8 @@ class Decoder:
         self.head_dim = model.cfg.head_dim
         plan = plan or parallel.DecodePlan(model.final_norm.weight.dtype)
         self.dtype = plan.dtype  # the cache's too (made with new_cache(..., dtype=plan.dtype))
-        pair = lambda w: (w, w.t().contiguous() if plan.transposed else None)  # noqa: E731
+        rows = cache.k[next(iter(cache.k))].shape[0]
+        held = lambda w: parallel.DecodeWeight(w, plan.layout, rows)  # noqa: E731
         self.blocks = []
         with torch.no_grad():
             for block in model.layers.values():
@@ -621,9 +624,9 @@ class Decoder:
                 w_in = (w_in.float() * block.norm.weight.float()).to(self.dtype)  # one rounding in bf16
                 w_out = torch.cat([attn.out.weight, mlp.down.weight], dim=1).to(self.dtype)
                 heads = attn.q.weight.shape[0] // self.head_dim  # this rank's query heads
-                self.blocks.append((block.layer, heads, pair(w_in), pair(w_out)))
+                self.blocks.append((block.layer, heads, held(w_in), held(w_out)))
             self.final_norm = (model.final_norm.weight.float() * self.d ** -0.5).to(self.dtype)
-            self.output = pair(model.shared_embedding_or_output_weight().to(self.dtype))
+            self.output = held(model.shared_embedding_or_output_weight().to(self.dtype))
             self.cos, self.sin = model.rope.rolled_tables(cache)  # [b or 1, max_len, 1, hd]
             k = cache.k[self.blocks[0][0]]
             assert k.dtype == self.dtype, "the cache must be made in the plan's dtype"
@@ -633,24 +636,26 @@ class Decoder:
     def plan(model: "PaLM", batch: int, length: int) -> parallel.DecodePlan:
         """The fastest way to decode ``batch`` rows up to ``length`` positions with ``model`` on
         this CPU, measured once per process, model shape and size class (rows and length rounded
-        up to a power of two; about 0.1-0.3 s at the default size): each candidate (the model's
-        dtype or an fp32 copy of the weights; weight-major or stored-transpose GEMMs) decodes a
-        few steps of a dummy batch at half that length, twice, and the best step time wins if it
-        beats the model's own plan (its dtype, weight-major) by ``PLAN_MARGIN``. On GPU: the
-        model's dtype.
+        up to a power of two; about 0.4-0.7 s at the default size on 2 cores): each candidate (the
+        model's dtype or an fp32 copy of the weights, times each weight layout of
+        :data:`parallel.LAYOUTS`: MKL from the weights or from their stored transposes, oneDNN
+        from weights packed once, numpy's BLAS) decodes a few steps of a dummy batch at half that
+        length, twice, and the best step time wins if it beats the model's own plan (its dtype,
+        weight-major) by ``PLAN_MARGIN``. A layout this CPU has no kernels for is skipped. On GPU:
+        the model's dtype.
 
         Why measure: a decoding step reads every weight once for a few rows, so its speed is set
         by memory, by the kernels' fixed costs and by attention over the cache, all of which differ
-        between CPUs, dtypes and lengths. Measured at the default size (d=256, 4 layers, vocab
-        8192), median of 3-5 generations with the kernels warm: an fp32 model, 16 prompts x 256
-        tokens: the stored transpose 1.12-1.16x faster with AVX-512 kernels, 0.96x (slower) with
-        MKL held to AVX2; a bf16 model on a CPU with AMX: one prompt x 256 tokens 1.56x faster
-        from an fp32 copy (0.33 vs 0.51 s), 16 prompts x 64 tokens fastest in bf16 (0.16 vs 0.18
-        s), 16 x 256 fastest from the fp32 copy (0.71 vs 0.76 s: within the margin, so bf16 stays);
-        on a 2-core AMD EPYC (Zen 3, AVX2 only), where MKL multiplies one row by the stored
-        transposes of all the weights in 1.2 ms and by the weights in 2.2 ms, one prompt x 256
-        tokens 1.3x faster from the transposes (324 vs 247 tok/s), 16 prompts fastest
-        weight-major (2,342 vs 1,781 tok/s)."""
+        between CPUs, BLAS libraries, dtypes and lengths. Measured at the default size (d=256, 4
+        layers, vocab 8192), generations of 256 tokens, the same greedy tokens from every plan:
+        an fp32 model, 16 prompts: the stored transpose 1.12-1.16x faster with AVX-512 kernels,
+        0.96x (slower) with MKL held to AVX2; a bf16 model on a CPU with AMX: one prompt 1.56x
+        faster from an fp32 copy (0.33 vs 0.51 s), 16 prompts x 64 tokens fastest in bf16; on a
+        2-core AMD EPYC (Zen 3, AVX2 only; interleaved, medians of 5; tok/s): one prompt 196
+        weight-major, 269 transposed, 252 packed, 320 numpy's BLAS (MKL's one-row GEMMs are slow
+        on AMD; OpenBLAS streams the weights at twice MKL's speed there); 16 prompts 1,498
+        weight-major, 1,267 transposed, 1,918 packed (a BLAS GEMM repacks its operands at every
+        call; oneDNN's weights are packed once per decoder), 1,802 numpy's BLAS."""
         dtype = model.final_norm.weight.dtype
         if model.final_norm.weight.is_cuda:
             return parallel.DecodePlan(dtype)
@@ -664,20 +669,28 @@ class Decoder:
     @staticmethod
     @torch.no_grad()
     def _fastest(model: "PaLM", dtype: torch.dtype, rows: int, length: int, steps: int = 4) -> parallel.DecodePlan:
-        candidates = [parallel.DecodePlan(dt, tr) for dt in dict.fromkeys((dtype, torch.float32))
-                      for tr in (False, True)]
+        candidates = [parallel.DecodePlan(dt, layout) for dt in dict.fromkeys((dtype, torch.float32))
+                      for layout in parallel.LAYOUTS if layout != "openblas" or dt == torch.float32]
         tokens = torch.ones(rows, 1, dtype=torch.long, device=model.final_norm.weight.device)
         start = max(0, min(length // 2, length - steps - 1))  # mid-way: attention over half the cache
         best = {c: math.inf for c in candidates}
         for _ in range(2):  # rounds: drift of the machine hits every candidate
             for c in candidates:
-                decoder = Decoder(model, model.new_cache(rows, start + steps + 1, dtype=c.dtype), c)
+                if best[c] is None:
+                    continue
+                try:
+                    decoder = Decoder(model, model.new_cache(rows, start + steps + 1, dtype=c.dtype), c)
+                except RuntimeError:  # no kernels for it on this CPU (oneDNN's bf16 needs AVX-512)
+                    best[c] = None
+                    continue
                 decoder.cache.length = start  # zeros as keys: the same work as real ones
-                decoder(tokens)  # warm-up
-                for _ in range(steps):
-                    t = time.perf_counter()
-                    decoder(tokens)
-                    best[c] = min(best[c], time.perf_counter() - t)
+                with parallel.decode_threads(c):
+                    decoder(tokens)  # warm-up
+                    for _ in range(steps):
+                        t = time.perf_counter()
+                        decoder(tokens)
+                        best[c] = min(best[c], time.perf_counter() - t)
+        candidates = [c for c in candidates if best[c] is not None]
         fastest = min(candidates, key=lambda c: best[c])
         # the model's own plan (first) unless clearly beaten: near-ties would let the timing noise
         # of each run pick the plan, and the rounding with it (a run's numbers must repeat)
@@ -696,14 +709,14 @@ class Decoder:
         if bias is None and s == 1:  # one query at the end sees every key: a zero (made once)
             bias = self.no_mask[:, :, :start + 1]
         for layer, heads, w_in, w_out in self.blocks:
-            y = parallel.plain_linear(F.layer_norm(x, (self.d,), None, None, self.eps), *w_in)
+            y = w_in(F.layer_norm(x, (self.d,), None, None, self.eps))
             qk = RotaryEmbedding.rolled(y[..., :(heads + 1) * hd].unflatten(-1, (heads + 1, hd)), cos, sin)
             cache.k[layer][:, start:start + s] = qk[:, :, heads]  # [b, s, hd]: the shared key head
             cache.v[layer][:, start:start + s] = y[..., (heads + 1) * hd:(heads + 2) * hd]
             o = mqa_attention(qk[:, :, :heads], cache.k[layer][:, :start + s], cache.v[layer][:, :start + s],
                               start, bias)  # [b, s, heads * hd]
             gate, up = y[..., (heads + 2) * hd:].chunk(2, dim=-1)  # [b, s, ffn_local] each
-            x = x + parallel.tp_sum(parallel.plain_linear(torch.cat([o, F.silu(gate) * up], dim=-1), *w_out))
+            x = x + parallel.tp_sum(w_out(torch.cat([o, F.silu(gate) * up], dim=-1)))
         cache.length += s
         h = F.layer_norm(x[:, -1], (self.d,), self.final_norm, None, self.eps)  # [b, d], scaled
-        return parallel.plain_linear(h, *self.output)
+        return self.output(h)

@@ -42,8 +42,8 @@ NAMES = {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward"
 CHAT = NAMES["ppo"]
 ARTIFACT = "registry"  # artifact folder of a source run that holds its registered models
 # what inference imports (palm/serving.py and the modules it loads): pinned from requirements.lock
-INFERENCE_PACKAGES = ("mlflow", "torch", "megatron-core", "tokenizers", "safetensors", "numpy", "pyarrow",
-                      "pyyaml", "pandas")
+INFERENCE_PACKAGES = ("mlflow", "torch", "megatron-core", "tokenizers", "safetensors", "numpy", "threadpoolctl",
+                      "pyarrow", "pyyaml", "pandas")
 CACHE_ENV = "PALM_MODEL_CACHE"
 # the generation settings palm/serving.py's predict takes as params: name -> default; their types
 # make the signature's param schema (top_k 0: off, top_p 1: off)

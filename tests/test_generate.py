@@ -247,10 +247,10 @@ def copy_module(m: PaLM, dtype: torch.dtype) -> PaLM:
     return out
 
 
-PLANS = [parallel.DecodePlan(torch.float32), parallel.DecodePlan(torch.float32, transposed=True)]
+PLANS = [parallel.DecodePlan(torch.float32, layout) for layout in parallel.LAYOUTS]
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=["weight-major", "transposed"])
+@pytest.mark.parametrize("plan", PLANS, ids=parallel.LAYOUTS)
 def test_every_decode_plan_equals_uncached_greedy(model, prompts, plan, monkeypatch):
     """Whichever plan the probe picks on a machine, cached decoding is the same function: for a
     batch of prompts and for one prompt (one row a step: its own GEMM path)."""
@@ -291,13 +291,66 @@ def test_the_decode_plan_is_measured_once_and_is_a_candidate(model, monkeypatch)
     half = copy_module(model, torch.bfloat16)
     for _ in range(2):
         plan = Decoder.plan(half, 3, 20)
-        assert plan in [parallel.DecodePlan(dt, tr) for dt in (torch.bfloat16, torch.float32) for tr in (False, True)]
+        assert plan in [parallel.DecodePlan(dt, layout) for dt in (torch.bfloat16, torch.float32)
+                        for layout in parallel.LAYOUTS if layout != "openblas" or dt == torch.float32]
     assert calls == [(4, 32)]  # rows and length rounded up to powers of two; the second call reused it
     assert Decoder.plan(half, 4, 17) == plan and len(calls) == 1  # the same size class
-    tried = []  # one prompt: weight-major or stored transposes too (MKL on an AMD EPYC: 1.3x the tokens/s)
+    tried = []  # one prompt: every layout too (on an AMD EPYC MKL's stored transposes: 1.3x the tokens/s)
     init = Decoder.__init__
     monkeypatch.setattr(Decoder, "__init__", lambda self, m, cache, plan=None: tried.append(plan) or init(self, m, cache, plan))
     assert Decoder.plan(model, 1, 20) in PLANS and calls[-1] == (1, 32) and set(tried) == set(PLANS)
+
+
+def test_a_layout_without_kernels_on_this_cpu_is_skipped(model, monkeypatch):
+    """oneDNN refuses bf16 weights on CPUs without AVX-512 or AVX-NE-CONVERT: the probe drops a
+    candidate whose weights cannot be held, and picks among the others."""
+    real = parallel.DecodeWeight.__init__
+
+    def refuse(self, weight, layout, rows):
+        if layout == "packed":
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support ...")
+        real(self, weight, layout, rows)
+
+    monkeypatch.setattr(parallel.DecodeWeight, "__init__", refuse)
+    plan = Decoder._fastest(model, torch.float32, 2, 16)
+    assert plan.layout != "packed" and plan in PLANS
+
+
+@pytest.mark.parametrize("layout", parallel.LAYOUTS)
+def test_every_weight_layout_is_the_linear_map(layout):
+    """One row, a decoding batch, a prompt pass beyond FEW_ROWS, and a 3-D input: x @ W.T."""
+    w = torch.randn(24, 40)
+    held = parallel.DecodeWeight(w, layout, rows=4)
+    with parallel.decode_threads(parallel.DecodePlan(torch.float32, layout)):
+        for shape in [(1, 40), (4, 40), (parallel.FEW_ROWS + 6, 40), (3, 5, 40)]:
+            x = torch.randn(*shape)
+            got = held(x)
+            assert got.shape == (*shape[:-1], 24) and got.dtype == torch.float32
+            assert torch.allclose(got, x @ w.t(), atol=1e-5), (layout, shape)
+
+
+def test_numpy_blas_decodes_with_torch_on_one_thread():
+    """The openblas layout: torch's ops on one thread inside (two thread pools spinning on the same
+    cores ruin both), numpy's BLAS on as many as torch had; both restored after, errors included."""
+    from threadpoolctl import threadpool_info
+
+    blas = lambda: {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}  # noqa: E731
+    before, threads = blas(), torch.get_num_threads()
+    torch.set_num_threads(1)  # as a TP rank of two on two cores: BLAS must not take both cores
+    try:
+        with pytest.raises(ValueError, match="inside"):
+            with parallel.decode_threads(parallel.DecodePlan(torch.float32, "openblas")):
+                assert torch.get_num_threads() == 1 and blas() == {1}
+                raise ValueError("inside")
+        assert torch.get_num_threads() == 1 and blas() == before
+        torch.set_num_threads(2)
+        with parallel.decode_threads(parallel.DecodePlan(torch.float32, "openblas")):
+            assert torch.get_num_threads() == 1 and blas() == {2}
+        assert torch.get_num_threads() == 2
+        with parallel.decode_threads(parallel.DecodePlan(torch.float32, "packed")):
+            assert torch.get_num_threads() == 2  # other layouts: untouched
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_one_row_uses_the_stored_transpose():

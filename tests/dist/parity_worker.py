@@ -168,10 +168,13 @@ def run_decode(out: Path, tp: int) -> None:
         decoder = Decoder(model, model.new_cache(2))  # the same, through the fused decoding pass
         fused = [decoder(seq[:, :12])] + [decoder(seq[:, i:i + 1]) for i in range(12, 20)]
         fused_logits = gather_vocab(torch.stack(fused, dim=1))  # [b, 9, V]: positions 11..19
-        plan = parallel.DecodePlan(torch.float32, transposed=True)  # the stored-transpose GEMMs
-        decoder = Decoder(model, model.new_cache(2), plan)
-        fused_t = [decoder(seq[:, :12])] + [decoder(seq[:, i:i + 1]) for i in range(12, 20)]
-        fused_t_logits = gather_vocab(torch.stack(fused_t, dim=1))
+        layouts = {}  # every way the decoder may hold its weights (the plan's choice differs per CPU)
+        for layout in parallel.LAYOUTS[1:]:
+            plan = parallel.DecodePlan(torch.float32, layout)
+            decoder = Decoder(model, model.new_cache(2), plan)
+            with parallel.decode_threads(plan):
+                steps = [decoder(seq[:, :12])] + [decoder(seq[:, i:i + 1]) for i in range(12, 20)]
+            layouts[layout] = gather_vocab(torch.stack(steps, dim=1))
         hidden = model.hidden_states(seq)
     prompts = [seq[0, :6], seq[1, :3]]  # different lengths: row 1 is left-padded by 3
     cached = generate(model, prompts, 10)
@@ -189,7 +192,7 @@ def run_decode(out: Path, tp: int) -> None:
     torch.save({"cached": cached.tokens, "sampled": sampled.tokens}, out / f"decode.tp{tp}.tokens.rank{rank}.pt")
     if rank == 0:
         torch.save({"full": full_logits, "incremental": inc_logits, "fused": fused_logits, "hidden": hidden,
-                    "fused_t": fused_t_logits,
+                    "layouts": layouts,
                     "cached": cached.tokens, "uncached": uncached.tokens, "sampled": sampled.tokens,
                     "sampled_raw": sampled.raw_logprobs, "sampled_logp": sampled.logprobs,
                     "full_raw": torch.stack(full_raw)},
