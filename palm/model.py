@@ -570,6 +570,7 @@ class PaLM(MegatronModule):
 
 _PLANS: dict[tuple, parallel.DecodePlan] = {}  # Decoder.plan's measurements, per process
 PLAN_MARGIN = 0.1  # Decoder.plan: another plan than the model's own must be this much faster
+PLAN_KEEP_BYTES = 1 << 30  # Decoder.plan: candidates' weight copies kept between rounds up to this
 
 
 class Decoder:
@@ -639,10 +640,12 @@ class Decoder:
         up to a power of two; about 0.4-0.7 s at the default size on 2 cores): each candidate (the
         model's dtype or an fp32 copy of the weights, times each weight layout of
         :data:`parallel.LAYOUTS`: MKL from the weights or from their stored transposes, oneDNN
-        from weights packed once, numpy's BLAS) decodes a few steps of a dummy batch at half that
-        length, twice, and the best step time wins if it beats the model's own plan (its dtype,
-        weight-major) by ``PLAN_MARGIN``. A layout this CPU has no kernels for is skipped. On GPU:
-        the model's dtype.
+        from weights packed once, numpy's BLAS) decodes a dummy batch at half that length, the
+        candidates taking turns in five rounds of a warm-up and two timed steps (a shared host's
+        speed drifts within a second: one round of four steps each picked a different layout in
+        some of 6 fresh processes on an EPYC), and the best step time wins if it beats the
+        model's own plan (its dtype, weight-major) by ``PLAN_MARGIN``. A layout this CPU has no
+        kernels for is skipped. On GPU: the model's dtype.
 
         Why measure: a decoding step reads every weight once for a few rows, so its speed is set
         by memory, by the kernels' fixed costs and by attention over the cache, all of which differ
@@ -668,29 +671,41 @@ class Decoder:
 
     @staticmethod
     @torch.no_grad()
-    def _fastest(model: "PaLM", dtype: torch.dtype, rows: int, length: int, steps: int = 4) -> parallel.DecodePlan:
+    def _fastest(model: "PaLM", dtype: torch.dtype, rows: int, length: int, steps: int = 2,
+                 rounds: int = 5) -> parallel.DecodePlan:
         candidates = [parallel.DecodePlan(dt, layout) for dt in dict.fromkeys((dtype, torch.float32))
                       for layout in parallel.LAYOUTS if layout != "openblas" or dt == torch.float32]
         tokens = torch.ones(rows, 1, dtype=torch.long, device=model.final_norm.weight.device)
-        start = max(0, min(length // 2, length - steps - 1))  # mid-way: attention over half the cache
+        rounds = max(1, min(rounds, (model.cfg.seq_len - 1) // (steps + 1)))
+        start = max(0, min(length // 2, length - rounds * (steps + 1) - 1))  # mid-way: attention over half the cache
+        # the decoders live through every round where their weight copies fit PLAN_KEEP_BYTES
+        keep = len(candidates) * 4 * sum(p.numel() for p in model.parameters()) <= PLAN_KEEP_BYTES
+        decoders: dict[parallel.DecodePlan, Decoder | None] = {}
         best = {c: math.inf for c in candidates}
-        for _ in range(2):  # rounds: drift of the machine hits every candidate
+        # rounds of a few steps of each candidate in turn, a warm-up step first (its threads may
+        # have slept): a shared host's speed drifts within a second, so every candidate gets
+        # several chances at a quiet moment, and the best step of each is compared
+        for _ in range(rounds):
             for c in candidates:
-                if best[c] is None:
+                decoder = decoders.get(c)
+                if decoder is None and c not in decoders:
+                    try:
+                        decoder = Decoder(model, model.new_cache(rows, start + rounds * (steps + 1), dtype=c.dtype), c)
+                    except RuntimeError:  # no kernels for it on this CPU (oneDNN's bf16 needs AVX-512)
+                        decoders[c] = None
+                        continue
+                    decoder.cache.length = start  # zeros as keys: the same work as real ones
+                    if keep:
+                        decoders[c] = decoder
+                if decoder is None:
                     continue
-                try:
-                    decoder = Decoder(model, model.new_cache(rows, start + steps + 1, dtype=c.dtype), c)
-                except RuntimeError:  # no kernels for it on this CPU (oneDNN's bf16 needs AVX-512)
-                    best[c] = None
-                    continue
-                decoder.cache.length = start  # zeros as keys: the same work as real ones
                 with parallel.decode_threads(c):
-                    decoder(tokens)  # warm-up
+                    decoder(tokens)
                     for _ in range(steps):
                         t = time.perf_counter()
                         decoder(tokens)
                         best[c] = min(best[c], time.perf_counter() - t)
-        candidates = [c for c in candidates if best[c] is not None]
+        candidates = [c for c in candidates if best[c] < math.inf]
         fastest = min(candidates, key=lambda c: best[c])
         # the model's own plan (first) unless clearly beaten: near-ties would let the timing noise
         # of each run pick the plan, and the rounding with it (a run's numbers must repeat)

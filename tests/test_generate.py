@@ -316,6 +316,20 @@ def test_a_layout_without_kernels_on_this_cpu_is_skipped(model, monkeypatch):
     assert plan.layout != "packed" and plan in PLANS
 
 
+def test_the_probe_rebuilds_its_decoders_each_round_when_they_would_not_fit(model, monkeypatch):
+    """Above PLAN_KEEP_BYTES (a large model: one weight copy per candidate) the candidates'
+    decoders are made round by round, one at a time, instead of living through every round."""
+    made = []
+    init = Decoder.__init__
+    monkeypatch.setattr(Decoder, "__init__", lambda self, m, cache, plan=None: made.append(plan) or init(self, m, cache, plan))
+    assert Decoder._fastest(model, torch.float32, 2, 16, rounds=3) in PLANS
+    assert sorted(made, key=PLANS.index) == PLANS  # kept: one decoder per candidate
+    made.clear()
+    monkeypatch.setattr("palm.model.PLAN_KEEP_BYTES", 0)
+    assert Decoder._fastest(model, torch.float32, 2, 16, rounds=3) in PLANS
+    assert sorted(made, key=PLANS.index) == [p for p in PLANS for _ in range(3)]
+
+
 @pytest.mark.parametrize("layout", parallel.LAYOUTS)
 def test_every_weight_layout_is_the_linear_map(layout):
     """One row, a decoding batch, a prompt pass beyond FEW_ROWS, and a 3-D input: x @ W.T."""
