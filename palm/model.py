@@ -637,7 +637,7 @@ class Decoder:
     def plan(model: "PaLM", batch: int, length: int) -> parallel.DecodePlan:
         """The fastest way to decode ``batch`` rows up to ``length`` positions with ``model`` on
         this CPU, measured once per process, model shape and size class (rows and length rounded
-        up to a power of two; about 0.4-0.7 s at the default size on 2 cores): each candidate (the
+        up to a power of two; about 0.6-1.0 s at the default size on 2 cores): each candidate (the
         model's dtype or an fp32 copy of the weights, times each weight layout of
         :data:`parallel.LAYOUTS`: MKL from the weights or from their stored transposes, oneDNN
         from weights packed once, numpy's BLAS) decodes a dummy batch at half that length, the
