@@ -615,8 +615,9 @@ class Decoder:
         self.head_dim = model.cfg.head_dim
         plan = plan or parallel.DecodePlan(model.final_norm.weight.dtype)
         self.dtype = plan.dtype  # the cache's too (made with new_cache(..., dtype=plan.dtype))
-        rows = cache.k[next(iter(cache.k))].shape[0]
-        held = lambda w: parallel.DecodeWeight(w, plan.layout, rows)  # noqa: E731
+        k = next(iter(cache.k.values()))  # [b, max_len, hd]: the first layer's keys
+        assert k.dtype == self.dtype, "the cache must be made in the plan's dtype"
+        held = lambda w: parallel.DecodeWeight(w, plan.layout, rows=k.shape[0])  # noqa: E731
         self.blocks = []
         with torch.no_grad():
             for block in model.layers.values():
@@ -629,8 +630,6 @@ class Decoder:
             self.final_norm = (model.final_norm.weight.float() * self.d ** -0.5).to(self.dtype)
             self.output = held(model.shared_embedding_or_output_weight().to(self.dtype))
             self.cos, self.sin = model.rope.rolled_tables(cache)  # [b or 1, max_len, 1, hd]
-            k = cache.k[self.blocks[0][0]]
-            assert k.dtype == self.dtype, "the cache must be made in the plan's dtype"
             self.no_mask = k.new_zeros(1, 1, k.shape[1])
 
     @staticmethod
@@ -642,10 +641,11 @@ class Decoder:
         :data:`parallel.LAYOUTS`: MKL from the weights or from their stored transposes, oneDNN
         from weights packed once, numpy's BLAS) decodes a dummy batch at half that length, the
         candidates taking turns in five rounds of a warm-up and two timed steps (a shared host's
-        speed drifts within a second: one round of four steps each picked a different layout in
-        some of 6 fresh processes on an EPYC), and the best step time wins if it beats the
-        model's own plan (its dtype, weight-major) by ``PLAN_MARGIN``. A layout this CPU has no
-        kernels for is skipped. On GPU: the model's dtype.
+        speed drifts within a second: with one block of steps per candidate, 6 measurements in
+        two processes on an EPYC picked three different layouts for one prompt), and the best
+        step time wins if it beats the model's own plan (its dtype, weight-major) by
+        ``PLAN_MARGIN``. A layout this CPU has no kernels for is skipped. On GPU: the model's
+        dtype.
 
         Why measure: a decoding step reads every weight once for a few rows, so its speed is set
         by memory, by the kernels' fixed costs and by attention over the cache, all of which differ
@@ -680,32 +680,30 @@ class Decoder:
         start = max(0, min(length // 2, length - rounds * (steps + 1) - 1))  # mid-way: attention over half the cache
         # the decoders live through every round where their weight copies fit PLAN_KEEP_BYTES
         keep = len(candidates) * 4 * sum(p.numel() for p in model.parameters()) <= PLAN_KEEP_BYTES
-        decoders: dict[parallel.DecodePlan, Decoder | None] = {}
+        kept: dict[parallel.DecodePlan, Decoder] = {}
         best = {c: math.inf for c in candidates}
         # rounds of a few steps of each candidate in turn, a warm-up step first (its threads may
         # have slept): a shared host's speed drifts within a second, so every candidate gets
         # several chances at a quiet moment, and the best step of each is compared
         for _ in range(rounds):
-            for c in candidates:
-                decoder = decoders.get(c)
-                if decoder is None and c not in decoders:
+            for c in list(best):
+                decoder = kept.get(c)
+                if decoder is None:
                     try:
                         decoder = Decoder(model, model.new_cache(rows, start + rounds * (steps + 1), dtype=c.dtype), c)
                     except RuntimeError:  # no kernels for it on this CPU (oneDNN's bf16 needs AVX-512)
-                        decoders[c] = None
+                        del best[c]
                         continue
                     decoder.cache.length = start  # zeros as keys: the same work as real ones
                     if keep:
-                        decoders[c] = decoder
-                if decoder is None:
-                    continue
+                        kept[c] = decoder
                 with parallel.decode_threads(c):
                     decoder(tokens)
                     for _ in range(steps):
                         t = time.perf_counter()
                         decoder(tokens)
                         best[c] = min(best[c], time.perf_counter() - t)
-        candidates = [c for c in candidates if best[c] < math.inf]
+        candidates = [c for c in candidates if c in best]
         fastest = min(candidates, key=lambda c: best[c])
         # the model's own plan (first) unless clearly beaten: near-ties would let the timing noise
         # of each run pick the plan, and the rounding with it (a run's numbers must repeat)
