@@ -569,7 +569,7 @@ class PaLM(MegatronModule):
 # --- Decoding: the parallel block with its matmuls fused (PaLM §2 "Parallel Layers") -------------
 
 _PLANS: dict[tuple, parallel.DecodePlan] = {}  # Decoder.plan's measurements, per process
-PLAN_MARGIN = 0.1  # Decoder.plan: another plan than the model's own must be this much faster
+PLAN_MARGIN = 0.1  # Decoder.plan: plans within this fraction of the fastest tie; the first of them wins
 PLAN_KEEP_BYTES = 1 << 30  # Decoder.plan: candidates' weight copies kept between rounds up to this
 
 
@@ -636,16 +636,16 @@ class Decoder:
     def plan(model: "PaLM", batch: int, length: int) -> parallel.DecodePlan:
         """The fastest way to decode ``batch`` rows up to ``length`` positions with ``model`` on
         this CPU, measured once per process, model shape and size class (rows and length rounded
-        up to a power of two; about 0.6-1.0 s at the default size on 2 cores): each candidate (the
+        up to a power of two; about 0.5-1.1 s at the default size on 2 cores): each candidate (the
         model's dtype or an fp32 copy of the weights, times each weight layout of
         :data:`parallel.LAYOUTS`: MKL from the weights or from their stored transposes, oneDNN
         from weights packed once, numpy's BLAS) decodes a dummy batch at half that length, the
-        candidates taking turns in five rounds of a warm-up and two timed steps (a shared host's
-        speed drifts within a second: with one block of steps per candidate, 6 measurements in
-        two processes on an EPYC picked three different layouts for one prompt), and the best
-        step time wins if it beats the model's own plan (its dtype, weight-major) by
-        ``PLAN_MARGIN``. A layout this CPU has no kernels for is skipped. On GPU: the model's
-        dtype.
+        candidates taking turns in an untimed round, then five rounds of a warm-up and two timed
+        steps (a shared host's speed drifts within a second: with one block of steps per
+        candidate, 6 measurements in two processes on an EPYC picked three different layouts
+        for one prompt); the first candidate whose best step time is within ``PLAN_MARGIN`` of
+        the fastest one's wins, the model's own plan (its dtype, weight-major) first. A layout
+        this CPU has no kernels for is skipped. On GPU: the model's dtype.
 
         Why measure: a decoding step reads every weight once for a few rows, so its speed is set
         by memory, by the kernels' fixed costs and by attention over the cache, all of which differ
@@ -676,21 +676,27 @@ class Decoder:
         candidates = [parallel.DecodePlan(dt, layout) for dt in dict.fromkeys((dtype, torch.float32))
                       for layout in parallel.LAYOUTS if layout != "openblas" or dt == torch.float32]
         tokens = torch.ones(rows, 1, dtype=torch.long, device=model.final_norm.weight.device)
-        rounds = max(1, min(rounds, (model.cfg.seq_len - 1) // (steps + 1)))
-        start = max(0, min(length // 2, length - rounds * (steps + 1) - 1))  # mid-way: attention over half the cache
+        if model.cfg.seq_len < 2 * (steps + 1):  # no room for the untimed round and one timed
+            return candidates[0]
+        rounds = min(rounds, model.cfg.seq_len // (steps + 1) - 1)  # the untimed round, then these
+        size = (rounds + 1) * (steps + 1)  # positions the rounds fill
+        start = max(0, min(length // 2, length - size))  # mid-way: attention over half the cache
         # the decoders live through every round where their weight copies fit PLAN_KEEP_BYTES
         keep = len(candidates) * 4 * sum(p.numel() for p in model.parameters()) <= PLAN_KEEP_BYTES
         kept: dict[parallel.DecodePlan, Decoder] = {}
         best = {c: math.inf for c in candidates}
         # rounds of a few steps of each candidate in turn, a warm-up step first (its threads may
         # have slept): a shared host's speed drifts within a second, so every candidate gets
-        # several chances at a quiet moment, and the best step of each is compared
-        for _ in range(rounds):
+        # several chances at a quiet moment, and the best step of each is compared. Without the
+        # untimed first round numpy's BLAS lost one prompt to MKL in the first measurement of
+        # each of 2 processes on an EPYC (its pools' first calls); with it, it won all 8
+        # measurements in 4 processes
+        for r in range(rounds + 1):  # round 0 untimed: first calls (thread pools, kernels' JIT)
             for c in list(best):
                 decoder = kept.get(c)
                 if decoder is None:
                     try:
-                        decoder = Decoder(model, model.new_cache(rows, start + rounds * (steps + 1), dtype=c.dtype), c)
+                        decoder = Decoder(model, model.new_cache(rows, start + size, dtype=c.dtype), c)
                     except RuntimeError:  # no kernels for it on this CPU (oneDNN's bf16 needs AVX-512)
                         del best[c]
                         continue
@@ -702,12 +708,19 @@ class Decoder:
                     for _ in range(steps):
                         t = time.perf_counter()
                         decoder(tokens)
-                        best[c] = min(best[c], time.perf_counter() - t)
-        candidates = [c for c in candidates if c in best]
-        fastest = min(candidates, key=lambda c: best[c])
-        # the model's own plan (first) unless clearly beaten: near-ties would let the timing noise
-        # of each run pick the plan, and the rounding with it (a run's numbers must repeat)
-        return fastest if best[fastest] < (1 - PLAN_MARGIN) * best[candidates[0]] else candidates[0]
+                        if r:
+                            best[c] = min(best[c], time.perf_counter() - t)
+        return Decoder._settle(best)
+
+    @staticmethod
+    def _settle(best: dict[parallel.DecodePlan, float]) -> parallel.DecodePlan:
+        """The first plan of ``best`` (plan -> step time, the model's own plan first) within
+        ``PLAN_MARGIN`` of the fastest: near-ties would let the timing noise of each run pick
+        the plan, and the rounding with it (a run's numbers must repeat), between the model's
+        own plan and another as between two others (oneDNN's packed weights and numpy's BLAS
+        decode 16 prompts within 6 % of each other on an EPYC)."""
+        fastest = min(best.values())
+        return next(c for c, t in best.items() if (1 - PLAN_MARGIN) * t <= fastest)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
