@@ -12,12 +12,16 @@ greedy tokens are compared as a check that the work is the same.
 
 Theirs has no KV cache: each new token recomputes the whole sequence (and the logits of every
 position), so its cost per token grows with the length and its run dominates this benchmark
-(2-5 minutes measured on 2 shared cores). Ours is timed as the median of ``--reps`` runs,
-theirs once per case unless ``--ref-reps`` says otherwise; ``--ref-new-tokens`` measures theirs over fewer tokens
-(cheaper per token for them, as sequences stay shorter) and the output says so. Also printed:
-ours on 16 prompts of lengths 1..16 (left-padded), which theirs cannot batch.
+(2-5 minutes measured on 2 shared cores). Ours is timed as the median of ``--reps`` runs, half
+of them before theirs and half after (a shared host's speed drifts over the minute theirs takes:
+both sides are then timed over the same stretch), theirs once per case unless ``--ref-reps``
+says otherwise; ``--ref-new-tokens`` measures theirs over fewer tokens (cheaper per token for
+them, as sequences stay shorter) and the output says so. Also printed: ours on 16 prompts of
+lengths 1..16 (left-padded), which theirs cannot batch.
 
-Also printed: the decoding plan that ``palm.model.Decoder.plan`` measured for each case, and the
+Also printed: the decoding plan that ``palm.model.Decoder.plan`` measured for each case and how
+long that took (once per process and size class, like the warm-up of theirs: outside the timed
+runs), and the
 batch-1 floor of any fp32 decoder at this size, measured on this machine: every weight matrix
 times one row (in the fastest of the decoder's weight layouts), in a decoding step's
 order with the output layer last (a step at batch 1 reads all 23.6 MB of fp32 weights, whatever
@@ -93,9 +97,10 @@ def load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=NEW)
-    ap.add_argument("--reps", type=int, default=5,
-                    help="timed runs of ours per case (median; one lasts 1-2 s where one of theirs lasts "
-                         "minutes, and a shared host's speed drifts by up to 40 %% from second to second)")
+    ap.add_argument("--reps", type=int, default=6,
+                    help="timed runs of ours per case, half before theirs and half after (median; one lasts "
+                         "1-2 s where one of theirs lasts minutes, and a shared host's speed drifts by up to "
+                         "40 %% from second to second)")
     ap.add_argument("--ref-reps", type=int, default=1, help="timed runs of theirs per case (median)")
     ap.add_argument("--ref-new-tokens", type=int, default=0,
                     help="measure theirs over this many new tokens (0: as many as ours)")
@@ -120,21 +125,26 @@ def main() -> None:
     if ref_new != new:
         print(f"NOTE: palm-rlhf-pytorch is measured over {ref_new} new tokens, ours over {new} "
               f"(theirs costs more per token the longer the sequence: this favours theirs)")
-    ours(model, [p for p in prompts[:2]], 8)  # warm-up (first-call allocations)
-    theirs(ref, prompts[:1], 2)
 
     results, ref_speed = {}, {}
     for name, b in (("batch 1", 1), (f"batched {BATCH}", BATCH)):
         rows = [p for p in prompts[:b]]
-        runs = [ours(model, rows, new) for _ in range(args.reps)]
+        t = time.perf_counter()
+        plan = Decoder.plan(model, b, PROMPT + new)  # measured once per process and size class
+        planned = time.perf_counter() - t
+        ours(model, rows, 8)  # warm-ups at this batch size (first-call allocations), both sides
+        theirs(ref, prompts[:b], 2)
+        runs = [ours(model, rows, new) for _ in range(args.reps // 2)]
         ref_runs = [theirs(ref, prompts[:b], ref_new) for _ in range(args.ref_reps)]
+        runs += [ours(model, rows, new) for _ in range(args.reps - args.reps // 2)]
         ours_tps = b * new / statistics.median(t for t, _ in runs)
         ref_tps = b * ref_new / statistics.median(t for t, _ in ref_runs)
         k = min(new, ref_new)
         same = (runs[0][1][:, :k] == ref_runs[0][1][:, :k]).float().mean().item()
         results[name], ref_speed[name] = ours_tps / ref_tps, ref_tps
-        print(f"{name:11s} decoding plan measured here: {Decoder.plan(model, b, PROMPT + new)}")
-        print(f"{name:11s} ours {ours_tps:8.1f} tok/s (reps {', '.join(f'{b * new / t:.0f}' for t, _ in runs)})"
+        print(f"{name:11s} decoding plan measured here: {plan} (in {planned:.2f} s)")
+        print(f"{name:11s} ours {ours_tps:8.1f} tok/s (reps before and after theirs: "
+              f"{', '.join(f'{b * new / t:.0f}' for t, _ in runs)})"
               f"   palm-rlhf-pytorch {ref_tps:7.1f} tok/s ({', '.join(f'{t:.1f}' for t, _ in ref_runs)} s)"
               f"   {results[name]:6.1f}x   greedy tokens identical: {same:.1%}   {load()}")
     floor, read = weights_floor(model)

@@ -113,13 +113,32 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
+GREEDY_BLOCK = 128  # greedy_max: the vocabulary is scanned in blocks of this many entries
+
+
+def greedy_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.max(dim=-1)`` of ``x [b, V]`` (contiguous): each row's maximum and the first index
+    holding it, ``[b]`` each. Over several rows, in blocks of ``GREEDY_BLOCK``: the blocks'
+    maxima first (``amax``, which the CPU vectorises), then the first block holding the row's
+    maximum, then the first index in that block; the same answer, ties included. Why: ``max``
+    with indices scans element by element on CPU: 146-163 us for 16 x 8192 against 9 for
+    ``amax`` and 78-80 for the blocks (2-core EPYC); for one row ``max`` is faster (12 vs 29 us)."""
+    b, v = x.shape
+    if b == 1 or v % GREEDY_BLOCK or v < 4 * GREEDY_BLOCK:
+        return x.max(dim=-1)
+    blocks = x.view(b, v // GREEDY_BLOCK, GREEDY_BLOCK)
+    best, j = blocks.amax(dim=-1).max(dim=-1)  # [b]: the maximum, the first block holding it
+    i = blocks[torch.arange(b, device=x.device), j].max(dim=-1).indices  # [b]: where in that block
+    return best, j * GREEDY_BLOCK + i
+
+
 def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[b, V]`` fp32 logits -> (token, its sampling log-prob, its raw log-prob), each ``[b]``."""
     # one fused pass over the vocabulary (logsumexp makes four: max, subtract, exp and sum)
     raw_lp = logits.log_softmax(dim=-1)
-    if cfg.temperature == 0:  # max() gives the token and its log-prob in one pass (argmax alone
-        raw, token = raw_lp.max(dim=-1)  # is slower on CPU: 12 vs 6 us at b=1, 90 vs 33 at b=16)
+    if cfg.temperature == 0:  # the token and its log-prob together (argmax alone is no faster)
+        raw, token = greedy_max(raw_lp)
         return token, torch.zeros_like(raw), raw  # the sampling log-prob of a point mass: 0
     plain = cfg.temperature == 1 and cfg.top_k is None and cfg.top_p in (None, 1)
     lp = raw_lp if plain else sampling_logprobs(logits, cfg)  # (the same numbers when plain)
@@ -147,7 +166,6 @@ def left_pad(prompts: Iterable[Sequence[int] | torch.Tensor], pad_id: int, width
     return out.to(device), pad.to(device)
 
 
-@torch.no_grad()
 def generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids: Iterable[int] = (), pad_id: int = 0,
@@ -162,8 +180,22 @@ def generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_n
     ``on_token(token, live)`` is called after every step with that step's tokens ``[b]`` and
     which rows were still generating ``[b]`` bool (stopped rows hold ``pad_id``): streaming, as
     ``palm chat`` prints a reply while it is made.
+
+    Runs in inference mode (no autograd bookkeeping at all, not even version counters: a decoding
+    step's hundred-odd small calls each cost less; 4.47 -> 4.00 ms a step at 16 rows at the
+    default size on a 2-core EPYC); the returned tensors are copies made outside it, so PPO's
+    update may use them under autograd (an inference tensor cannot be saved for backward).
     """
-    cfg = SamplingConfig(temperature, top_k, top_p)
+    with torch.inference_mode():
+        gen = _generate(model, prompts, max_new_tokens, SamplingConfig(temperature, top_k, top_p),
+                        stop_ids, pad_id, generator, use_cache, on_token)
+    return Generation(**{f.name: v.clone() if isinstance(v := getattr(gen, f.name), torch.Tensor) else v
+                         for f in dataclasses.fields(gen)})
+
+
+def _generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
+              cfg: SamplingConfig, stop_ids: Iterable[int], pad_id: int, generator: torch.Generator | None,
+              use_cache: bool, on_token: Callable[[torch.Tensor, torch.Tensor], None] | None) -> Generation:
     _check_whole_model(model)
     prompts = list(prompts)
     lengths = [len(p) for p in prompts]

@@ -255,10 +255,12 @@ def _causal_bias(rows: int, cols: int, start: int, heads: int, dtype: torch.dtyp
 
 
 def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal multi-query attention: ``q [b, s, h, hd]``, ``k, v [b, t, hd]`` -> ``[b, s, h*hd]``.
     ``bias``: the whole additive mask of a left-padded batch (:meth:`KVCache.bias`; or any
     additive mask broadcastable to ``[b, s*h, t]``), or ``None`` for plain causal attention.
+    ``scale``: of the scores, ``1/sqrt(hd)`` unless given (the decoder folds it into its query
+    weights and gives 1).
 
     On GPU: fused SDPA. On CPU the single K/V head lets every query row of every head share one
     GEMM, ``[b, s*h, hd] @ [b, hd, t]``, with the causal mask added in the same ``baddbmm`` and no
@@ -267,6 +269,7 @@ def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
     """
     b, s, h, hd = q.shape
     t = k.shape[1]
+    scale = hd ** -0.5 if scale is None else scale
     if q.is_cuda:
         if bias is not None:  # [b or 1, s*h or 1, t] -> [b or 1, h or 1, s, t]
             mask = bias.view(bias.shape[0], -1, 1 if bias.shape[1] == 1 else h, t).transpose(1, 2)
@@ -274,13 +277,15 @@ def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
             mask = None if start == 0 or s == 1 else torch.ones(s, t, dtype=torch.bool, device=q.device).tril(start)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, None], v[:, None], attn_mask=mask,
                                            is_causal=mask is None and start == 0 and s > 1,
-                                           enable_gqa=True)  # [b, h, s, hd]
+                                           enable_gqa=True, scale=scale)  # [b, h, s, hd]
         return o.transpose(1, 2).reshape(b, s, h * hd)
-    if bias is None and s == 1:  # one query at the end sees every key: a zero, broadcast
-        bias = q.new_zeros(1, 1, 1).expand(b, h, t)
-    elif bias is None:
-        bias = _causal_bias(s, t, start, h, q.dtype, q.device).expand(b, -1, -1)
-    scores = torch.baddbmm(bias, q.reshape(b, s * h, hd), k.transpose(1, 2), alpha=hd ** -0.5)
+    q, k_t = q.reshape(b, s * h, hd), k.transpose(1, 2)
+    if bias is None and s == 1:  # one query at the end sees every key: no mask
+        scores = torch.bmm(q, k_t) if scale == 1 else torch.bmm(q, k_t).mul_(scale)
+    else:
+        if bias is None:
+            bias = _causal_bias(s, t, start, h, q.dtype, q.device).expand(b, -1, -1)
+        scores = torch.baddbmm(bias, q, k_t, alpha=scale)
     return torch.bmm(scores.softmax(dim=-1), v).view(b, s, h * hd)  # [b, s*h, t] @ [b, t, hd]
 
 
@@ -583,8 +588,9 @@ class Decoder:
     in: ``W (w * n) = (W diag(w)) n``), and since the block's output is the *sum* of the two
     branches, ``W_o o + W_d a = [W_o W_d] [o; a]``: one ``w_out [d, h*hd + f]``. Under TP each
     rank stacks its own shards (its query heads, the whole K/V head, its SwiGLU columns) and the
-    two row-parallel all-reduces of a block become one (:func:`parallel.tp_sum`). The final norm's
-    weight carries the output layer's 1/sqrt(d) scale. The same RoPE tables, KV cache and
+    two row-parallel all-reduces of a block become one (:func:`parallel.tp_sum`). The query rows
+    carry the attention scores' 1/sqrt(hd) (an unmasked step's scores are then one plain ``bmm``),
+    the final norm's weight the output layer's 1/sqrt(d). The same RoPE tables, KV cache and
     attention (:func:`mqa_attention`) as the model's own path; equal to it within fp32 rounding
     (``tests/test_generate.py``).
 
@@ -622,15 +628,16 @@ class Decoder:
         with torch.no_grad():
             for block in model.layers.values():
                 attn, mlp = block.attn, block.mlp
-                w_in = torch.cat([attn.q.weight, attn.kv.weight, mlp.gate.weight, mlp.up.weight])
-                w_in = (w_in.float() * block.norm.weight.float()).to(self.dtype)  # one rounding in bf16
+                # the scores' 1/sqrt(hd) on the query rows (RoPE is linear: it commutes)
+                q_scaled = attn.q.weight.float() * self.head_dim ** -0.5
+                w_in = torch.cat([q_scaled, attn.kv.weight.float(), mlp.gate.weight.float(), mlp.up.weight.float()])
+                w_in = (w_in * block.norm.weight.float()).to(self.dtype)  # one rounding in bf16
                 w_out = torch.cat([attn.out.weight, mlp.down.weight], dim=1).to(self.dtype)
                 heads = attn.q.weight.shape[0] // self.head_dim  # this rank's query heads
                 self.blocks.append((block.layer, heads, held(w_in), held(w_out)))
             self.final_norm = (model.final_norm.weight.float() * self.d ** -0.5).to(self.dtype)
             self.output = held(model.shared_embedding_or_output_weight().to(self.dtype))
             self.cos, self.sin = model.rope.rolled_tables(cache)  # [b or 1, max_len, 1, hd]
-            self.no_mask = k.new_zeros(1, 1, k.shape[1])
 
     @staticmethod
     def plan(model: "PaLM", batch: int, length: int) -> parallel.DecodePlan:
@@ -670,7 +677,7 @@ class Decoder:
         return _PLANS[key]
 
     @staticmethod
-    @torch.no_grad()
+    @torch.inference_mode()  # as generate() decodes
     def _fastest(model: "PaLM", dtype: torch.dtype, rows: int, length: int, steps: int = 2,
                  rounds: int = 5) -> parallel.DecodePlan:
         candidates = [parallel.DecodePlan(dt, layout) for dt in dict.fromkeys((dtype, torch.float32))
@@ -722,7 +729,7 @@ class Decoder:
         fastest = min(best.values())
         return next(c for c, t in best.items() if (1 - PLAN_MARGIN) * t <= fastest)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping (see palm.generate.generate): logits are inference tensors
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """The next ``tokens [b, s]`` of every row (a prompt, then one at a time) -> the logits of
         the last position ``[b, vocab_local]`` (this rank's vocabulary shard); fills the cache."""
@@ -732,15 +739,13 @@ class Decoder:
         start = cache.length
         cos, sin = self.cos[:, start:start + s], self.sin[:, start:start + s]  # the same for every block
         bias = cache.bias(start, s, self.blocks[0][1])  # the attention mask, also the same
-        if bias is None and s == 1:  # one query at the end sees every key: a zero (made once)
-            bias = self.no_mask[:, :, :start + 1]
         for layer, heads, w_in, w_out in self.blocks:
             y = w_in(F.layer_norm(x, (self.d,), None, None, self.eps))
             qk = RotaryEmbedding.rolled(y[..., :(heads + 1) * hd].unflatten(-1, (heads + 1, hd)), cos, sin)
             cache.k[layer][:, start:start + s] = qk[:, :, heads]  # [b, s, hd]: the shared key head
             cache.v[layer][:, start:start + s] = y[..., (heads + 1) * hd:(heads + 2) * hd]
             o = mqa_attention(qk[:, :, :heads], cache.k[layer][:, :start + s], cache.v[layer][:, :start + s],
-                              start, bias)  # [b, s, heads * hd]
+                              start, bias, scale=1.0)  # [b, s, heads * hd]: q came scaled
             gate, up = y[..., (heads + 2) * hd:].chunk(2, dim=-1)  # [b, s, ffn_local] each
             x = x + parallel.tp_sum(w_out(torch.cat([o, F.silu(gate) * up], dim=-1)))
         cache.length += s

@@ -13,7 +13,7 @@ import torch
 from conftest import redraw_weights
 from palm import parallel
 from palm.errors import ConfigError, UserError
-from palm.generate import SamplingConfig, draw, generate, sampling_logprobs
+from palm.generate import GREEDY_BLOCK, SamplingConfig, draw, generate, greedy_max, sampling_logprobs
 from palm.model import Decoder, ModelConfig, PaLM
 
 CFG = ModelConfig(vocab_size=300, d_model=48, n_layers=3, n_heads=3, head_dim=8, ffn_mult=2.5,
@@ -181,6 +181,35 @@ def test_draw_follows_the_weights_and_never_draws_a_zero():
     sd = (n * p * (1 - p)).sqrt()
     assert ((counts - n * p).abs() <= 5 * sd + 1).all(), (counts / n, p)  # binomial: 5 standard deviations
     assert counts[3, 0] > 0  # a weight of 1e-4 next to 2 is still drawn (~10 times in 1e5)
+
+
+@pytest.mark.parametrize("rows,vocab", [(16, 8192), (3, 4 * GREEDY_BLOCK), (1, 8192), (4, 1000), (5, 64)])
+def test_greedy_max_is_each_rows_maximum_at_its_first_index(rows, vocab):
+    """Against the obvious loop, on rows full of ties (within a block and across blocks), with
+    -inf entries and a maximum only in the last block: over several rows a vocabulary that is a
+    multiple of GREEDY_BLOCK goes through the blocks, one row or another vocabulary through max()."""
+    x = torch.randint(-3, 4, (rows, vocab), generator=torch.Generator().manual_seed(5)).float()
+    x[0, : vocab // 2] = float("-inf")
+    x[-1] = -1.0
+    x[-1, -1] = x[-1, -2] = 0.5  # the maximum only in the last block, twice
+    best, index = greedy_max(x)
+    for r in range(rows):
+        row = x[r].tolist()
+        assert best[r].item() == max(row) and index[r].item() == row.index(max(row)), r
+    assert (x == x.amax(-1, keepdim=True)).sum(-1).min() >= 2  # premise: every row has ties at its maximum
+
+
+def test_generated_tensors_serve_autograd(model, prompts):
+    """Generation runs in inference mode; what it returns must still go into PPO's update, where
+    autograd saves the tokens (an embedding lookup) and the log-probs (a product) for backward."""
+    gen = generate(model, prompts, NEW, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    fields = (gen.tokens, gen.pad, gen.response_mask, gen.logprobs, gen.raw_logprobs, gen.stopped)
+    assert not any(t.is_inference() for t in fields)
+    emb = torch.nn.Embedding(CFG.vocab_size, 4)
+    scale = torch.ones(1, requires_grad=True)
+    loss = (emb(gen.tokens)[:, gen.prompt_len:].sum(-1) * (gen.logprobs * scale)).sum()
+    loss.backward()
+    assert emb.weight.grad is not None and scale.grad is not None
 
 
 def test_truncation_to_one_token_is_greedy(model, prompts):
