@@ -628,9 +628,9 @@ class Decoder:
         with torch.no_grad():
             for block in model.layers.values():
                 attn, mlp = block.attn, block.mlp
-                # the scores' 1/sqrt(hd) on the query rows (RoPE is linear: it commutes)
-                q_scaled = attn.q.weight.float() * self.head_dim ** -0.5
-                w_in = torch.cat([q_scaled, attn.kv.weight.float(), mlp.gate.weight.float(), mlp.up.weight.float()])
+                w_in = torch.cat([attn.q.weight, attn.kv.weight, mlp.gate.weight, mlp.up.weight]).float()
+                w_in[:attn.q.weight.shape[0]] *= self.head_dim ** -0.5  # the scores' 1/sqrt(hd) on the
+                # query rows (RoPE is linear: it commutes)
                 w_in = (w_in * block.norm.weight.float()).to(self.dtype)  # one rounding in bf16
                 w_out = torch.cat([attn.out.weight, mlp.down.weight], dim=1).to(self.dtype)
                 heads = attn.q.weight.shape[0] // self.head_dim  # this rank's query heads
