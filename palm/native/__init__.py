@@ -1,0 +1,182 @@
+"""Native CPU kernels, compiled at first use with the machine's C compiler.
+
+One kernel so far, ``decode.c``: the part of a decoding step between a block's two matmuls
+(RoPE, the KV-cache write, multi-query attention, SwiGLU's product) for fp32 on CPU, used by
+:class:`palm.model.Decoder` through :class:`DecodeMix`. The torch operations it replaces stay
+the reference and the fallback: with no C compiler (or ``PALM_NATIVE=0``) the decoder computes
+the same function with them, only slower (``tests/test_native.py`` holds the two together).
+
+Built once per source, compiler and CPU (``-march=native``: the key includes the CPU's flags, so
+a home folder shared between machines never hands one a kernel for another's instructions) into
+``$PALM_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/palm-rlhf/native``, else ``~/.cache/...``: about
+0.5 s, once. Written to a temporary name and renamed, so processes compiling at the same time
+(the ranks of a torchrun) never load a half-written library.
+
+OpenMP: the library links ``libgomp.so.1``, the soname of the runtime torch's CPU build already
+has loaded, so the dynamic loader hands it torch's: its parallel loops run on torch's thread pool,
+with ``torch.set_num_threads``'s count, instead of a second pool of spinning threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("decode.c")
+ABI = 2  # palm_decode_abi() of the signature the argtypes below describe (decode.c says the same)
+# with -march=native first; plain -O3 where the compiler does not know it. -fno-trapping-math
+# changes no result (IEEE arithmetic stays; only FP exceptions are assumed unobserved) and lets
+# GCC turn the comparisons in exp_f32 and the max into vector selects: without it the SwiGLU
+# and softmax loops stayed scalar: 132 against 75 us a block at 16 rows (2-core EPYC, measured
+# before the attention's blocked loops, which took it to 58)
+FLAG_SETS = (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
+             ["-O3", "-fno-trapping-math", "-fopenmp"])
+_LOCK = threading.Lock()
+_LOADED: dict[tuple[str, str, bool], ctypes.CDLL | None] = {}
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("PALM_NATIVE_CACHE"):
+        return Path(os.environ["PALM_NATIVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "palm-rlhf" / "native"
+
+
+def _cpu() -> str:
+    """What ``-march=native`` depends on: the CPU's model and instruction flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() + platform.machine()
+    keep = ("model name", "flags", "Features", "CPU part", "CPU implementer")
+    return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in keep}))
+
+
+def _compile(cc: str, out: Path, flag_sets: tuple[list[str], ...]) -> str | None:
+    """Build ``out`` from :data:`SOURCE` with the first of ``flag_sets`` the compiler takes;
+    ``None`` on success, else why not (one line)."""
+    why = f"no C compiler {cc!r} on PATH (set CC)"
+    if shutil.which(cc) is None:
+        return why
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"cannot write to {out.parent} ({e}; set PALM_NATIVE_CACHE to a writable folder)"
+    for flags in flag_sets:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([cc, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp],
+                                 capture_output=True, text=True, timeout=120)
+            if run.returncode == 0:
+                os.replace(tmp, out)
+                return None
+            why = f"{cc} {' '.join(flags)} failed: " + (run.stderr.strip().splitlines() or ["?"])[-1]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            why = f"{cc} could not run: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return why
+
+
+def load(cc: str | None = None, portable: bool = False) -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use), or ``None`` (with one warning per process)
+    where they cannot be had: ``PALM_NATIVE=0``, no compiler, a failed build. ``cc``: the
+    compiler (default ``$CC``, else ``cc``); ``portable``: built without ``-march=native``, as
+    where the compiler does not know it (the tests check that build too)."""
+    if os.environ.get("PALM_NATIVE", "1") == "0":
+        return None
+    cc = cc or os.environ.get("CC") or "cc"
+    key = (cc, str(_cache_dir()), portable)
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _build_and_open(cc, FLAG_SETS[1:] if portable else FLAG_SETS)
+        return _LOADED[key]
+
+
+def _build_and_open(cc: str, flag_sets: tuple[list[str], ...]) -> ctypes.CDLL | None:
+    version = ""
+    if shutil.which(cc):
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    tag = hashlib.sha256("\0".join([SOURCE.read_text(), repr(flag_sets), version, _cpu(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"decode-{tag}.so"
+    why = None if path.exists() else _compile(cc, path, flag_sets)
+    if why is None:
+        try:
+            lib = ctypes.CDLL(str(path))
+            if lib.palm_decode_abi() == ABI:
+                fn = lib.palm_decode_mix
+                fn.restype = None
+                fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int64] * 4
+                               + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+                               + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
+                               + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])
+                return lib
+            why = f"{path} is another version of the kernel (delete it)"
+        except (OSError, AttributeError) as e:
+            why = f"could not load {path}: {e}"
+    warnings.warn(f"palm.native: {why}; decoding runs on torch operations instead (the same "
+                  "numbers, slower)", RuntimeWarning, stacklevel=3)
+    return None
+
+
+class DecodeMix:
+    """``palm_decode_mix`` bound to one decoder's KV cache and RoPE tables: called with a block's
+    fused input projection ``y [b, 1, (h+2)*hd + 2f]`` of a one-token step, it fills that block's
+    cache at position ``pos`` and returns ``[b, 1, h*hd + f]``, the attention output then
+    ``silu(gate) * up``: what the block's fused output projection takes. The returned buffer is
+    reused by the next call. Build it with :meth:`make`."""
+
+    def __init__(self, lib: ctypes.CDLL, k: dict, v: dict, cos: torch.Tensor, sin: torch.Tensor,
+                 key_bias: torch.Tensor | None, heads: int, ffn: int):
+        self.fn, self.k, self.v, self.key_bias = lib.palm_decode_mix, k, v, key_bias
+        first = next(iter(k.values()))
+        b, max_len, hd = first.shape
+        self.b, self.h, self.hd, self.f, self.max_len = b, heads, hd, ffn, max_len
+        self.cos, self.sin = cos, sin  # [b or 1, max_len, 1, hd], contiguous (checked by make)
+        self.cs_row = cos.stride(0) if cos.shape[0] > 1 else 0
+        hp = (heads + 3) // 4 * 4  # the kernel takes heads 4 at a time
+        self.scratch = torch.empty(b, hp * hd + hp * max_len)
+        self.out = torch.empty(b, 1, heads * hd + ffn)
+        self.ptrs = {layer: (k[layer].data_ptr(), v[layer].data_ptr()) for layer in k}
+
+    @staticmethod
+    def make(k: dict, v: dict, cos: torch.Tensor, sin: torch.Tensor, key_bias: torch.Tensor | None,
+             heads: int, ffn: int, lib: ctypes.CDLL | None = None) -> "DecodeMix | None":
+        """The kernel (``lib``, default :func:`load`'s) bound to this cache, or ``None`` where it
+        does not apply (not fp32 on CPU, a layout it does not take, no compiled kernel): the
+        caller then uses torch ops."""
+        tensors = [*k.values(), *v.values(), cos, sin] + ([key_bias] if key_bias is not None else [])
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+            return None
+        lib = lib or load()
+        return None if lib is None else DecodeMix(lib, k, v, cos, sin, key_bias, heads, ffn)
+
+    def __call__(self, y: torch.Tensor, layer: int, pos: int) -> torch.Tensor:
+        b, s, width = y.shape
+        assert s == 1 and b == self.b and pos < self.max_len and y.dtype == torch.float32
+        assert width == (self.h + 2) * self.hd + 2 * self.f
+        y = y.contiguous()  # a no-op for what the weights return
+        kp, vp = self.ptrs[layer]
+        bias = self.key_bias
+        self.fn(y.data_ptr(), y.stride(0), b, self.h, self.hd, self.f,
+                self.cos.data_ptr() + 4 * pos * self.cos.stride(1), self.sin.data_ptr() + 4 * pos * self.sin.stride(1), self.cs_row,
+                kp, vp, self.max_len * self.hd, pos,
+                None if bias is None else bias.data_ptr(), 0 if bias is None else bias.stride(0),
+                self.scratch.data_ptr(), self.scratch.stride(0), self.out.data_ptr())
+        return self.out
