@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from megatron.core import parallel_state
 
-from palm import parallel
+from palm import native, parallel
 from palm.config import check
 from palm.errors import ConfigError, UserError
 from palm.model import Decoder, PaLM
@@ -135,11 +135,14 @@ def greedy_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[b, V]`` fp32 logits -> (token, its sampling log-prob, its raw log-prob), each ``[b]``."""
-    if cfg.temperature == 0:  # the most likely token and its probability together (argmax alone is
-        # no faster); softmax runs on every core where log_softmax keeps to one (78 vs 121 us at
-        # 16 x 8192 on 2 cores), and the log of the top probability (>= 1/V) loses nothing
-        top, token = greedy_max(logits.softmax(dim=-1))
-        raw = top.log()
+    if cfg.temperature == 0:  # the most likely token and its log-prob together
+        picked = native.greedy(logits)  # one native pass per row (fp32 on CPU): 0.21 -> 0.04 ms
+        if picked is None:  # torch ops: argmax alone is no faster; softmax runs on every core
+            # where log_softmax keeps to one (78 vs 121 us at 16 x 8192 on 2 cores), and the log
+            # of the top probability (>= 1/V) loses nothing
+            top, token = greedy_max(logits.softmax(dim=-1))
+            picked = token, top.log()
+        token, raw = picked
         return token, torch.zeros_like(raw), raw  # the sampling log-prob of a point mass: 0
     # one fused pass over the vocabulary (logsumexp makes four: max, subtract, exp and sum)
     raw_lp = logits.log_softmax(dim=-1)

@@ -135,3 +135,26 @@ def test_an_unwritable_cache_folder_warns_and_gives_none(tmp_path, monkeypatch):
     monkeypatch.setenv("PALM_NATIVE_CACHE", str(blocker / "native"))
     with pytest.warns(RuntimeWarning, match="PALM_NATIVE_CACHE"):
         assert native.load() is None
+
+
+@pytest.mark.parametrize("rows, vocab", [(16, 8192), (1, 8192), (3, 1000)])
+def test_the_greedy_pick_is_the_first_maximum_and_its_log_softmax(lib, rows, vocab, monkeypatch):
+    """Against ``max`` (its first index) and ``log_softmax``, on rows with the maximum tied
+    within a block of 64 and across blocks, in the last block only, and beside -inf entries;
+    through ``generate``'s own path too (``native.greedy``, strided rows of a wider buffer)."""
+    g = torch.Generator().manual_seed(rows + vocab)
+    x = torch.randn(rows, vocab + 8, generator=g)[:, :vocab] * 4  # rows of a wider buffer
+    x[0, [5, 9, 700]] = 30.0  # ties within a block and across blocks: the first wins
+    x[-1, -1] = 40.0  # the maximum alone in the last (partial) block
+    if rows > 2:
+        x[1, ::3] = float("-inf")
+        x[1, [301, 302]] = 25.0
+    token, logp = torch.empty(rows, dtype=torch.long), torch.empty(rows)
+    lib.palm_greedy(x.data_ptr(), rows, vocab, x.stride(0), token.data_ptr(), logp.data_ptr())
+    want = x.max(dim=-1).indices
+    assert torch.equal(token, want)
+    assert torch.allclose(logp, x.log_softmax(-1).gather(-1, want[:, None])[:, 0], atol=1e-5)
+    monkeypatch.setattr(native, "load", lambda *a, **k: lib)
+    picked = native.greedy(x)
+    assert picked is not None and torch.equal(picked[0], want) and torch.equal(picked[1], logp)
+    assert native.greedy(x.double()) is None and native.greedy(x.t()) is None  # torch ops then

@@ -1,10 +1,11 @@
 """Native CPU kernels, compiled at first use with the machine's C compiler.
 
-One kernel so far, ``decode.c``: the part of a decoding step between a block's two matmuls
-(RoPE, the KV-cache write, multi-query attention, SwiGLU's product) for fp32 on CPU, used by
-:class:`palm.model.Decoder` through :class:`DecodeMix`. The torch operations it replaces stay
-the reference and the fallback: with no C compiler (or ``PALM_NATIVE=0``) the decoder computes
-the same function with them, only slower (``tests/test_native.py`` holds the two together).
+Two kernels, in ``decode.c``, for fp32 on CPU: the part of a decoding step between a block's
+two matmuls (RoPE, the KV-cache write, multi-query attention, SwiGLU's product), used by
+:class:`palm.model.Decoder` through :class:`DecodeMix`; and the greedy pick with its log-prob
+(:func:`greedy`, used by :mod:`palm.generate`). The torch operations they replace stay the
+reference and the fallback: with no C compiler (or ``PALM_NATIVE=0``) decoding computes the same
+function with them, only slower (``tests/test_native.py`` holds the two together).
 
 Built once per source, compiler and CPU (``-march=native``: the key includes the CPU's flags, so
 a home folder shared between machines never hands one a kernel for another's instructions) into
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("decode.c")
-ABI = 2  # palm_decode_abi() of the signature the argtypes below describe (decode.c says the same)
+ABI = 3  # palm_decode_abi() of the signature the argtypes below describe (decode.c says the same)
 # with -march=native first; plain -O3 where the compiler does not know it. -fno-trapping-math
 # changes no result (IEEE arithmetic stays; only FP exceptions are assumed unobserved) and lets
 # GCC turn the comparisons in exp_f32 and the max into vector selects: without it the SwiGLU
@@ -42,7 +43,7 @@ ABI = 2  # palm_decode_abi() of the signature the argtypes below describe (decod
 FLAG_SETS = (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
              ["-O3", "-fno-trapping-math", "-fopenmp"])
 _LOCK = threading.Lock()
-_LOADED: dict[tuple[str, str, bool], ctypes.CDLL | None] = {}
+_LOADED: dict[tuple, ctypes.CDLL | None] = {}
 
 
 def _cache_dir() -> Path:
@@ -79,7 +80,7 @@ def _compile(cc: str, out: Path, flag_sets: tuple[list[str], ...]) -> str | None
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            run = subprocess.run([cc, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp],
+            run = subprocess.run([cc, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"],
                                  capture_output=True, text=True, timeout=120)
             if run.returncode == 0:
                 os.replace(tmp, out)
@@ -98,10 +99,15 @@ def load(cc: str | None = None, portable: bool = False) -> ctypes.CDLL | None:
     where they cannot be had: ``PALM_NATIVE=0``, no compiler, a failed build. ``cc``: the
     compiler (default ``$CC``, else ``cc``); ``portable``: built without ``-march=native``, as
     where the compiler does not know it (the tests check that build too)."""
-    if os.environ.get("PALM_NATIVE", "1") == "0":
+    env = os.environ
+    if env.get("PALM_NATIVE", "1") == "0":
         return None
-    cc = cc or os.environ.get("CC") or "cc"
-    key = (cc, str(_cache_dir()), portable)
+    cc = cc or env.get("CC") or "cc"
+    # what the library's path depends on, from the environment alone: this runs at every
+    # decoding step (the greedy pick), where building the path would cost more than the kernel
+    key = (cc, portable, env.get("PALM_NATIVE_CACHE"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    if key in _LOADED:
+        return _LOADED[key]
     with _LOCK:
         if key not in _LOADED:
             _LOADED[key] = _build_and_open(cc, FLAG_SETS[1:] if portable else FLAG_SETS)
@@ -126,6 +132,8 @@ def _build_and_open(cc: str, flag_sets: tuple[list[str], ...]) -> ctypes.CDLL | 
                                + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
                                + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
                                + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])
+                lib.palm_greedy.restype = None
+                lib.palm_greedy.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
                 return lib
             why = f"{path} is another version of the kernel (delete it)"
         except (OSError, AttributeError) as e:
@@ -133,6 +141,22 @@ def _build_and_open(cc: str, flag_sets: tuple[list[str], ...]) -> ctypes.CDLL | 
     warnings.warn(f"palm.native: {why}; decoding runs on torch operations instead (the same "
                   "numbers, slower)", RuntimeWarning, stacklevel=3)
     return None
+
+
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The greedy pick of ``logits [b, V]`` (fp32 on CPU, unit stride along the vocabulary): the
+    first index of each row's maximum ``[b]`` int64 and its log-probability under the row's
+    softmax ``[b]``, in one native pass per row; ``None`` where the kernel does not apply (the
+    caller then uses torch ops: :func:`palm.generate.greedy_max` of the softmax)."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(-1) != 1:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    b, v = logits.shape
+    token, logp = torch.empty(b, dtype=torch.long), torch.empty(b)
+    lib.palm_greedy(logits.data_ptr(), b, v, logits.stride(0), token.data_ptr(), logp.data_ptr())
+    return token, logp
 
 
 class DecodeMix:

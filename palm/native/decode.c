@@ -103,7 +103,7 @@ static void weighted4(const float *p, const float *V, float *o, int64_t t, int64
     }
 }
 
-int palm_decode_abi(void) { return 2; }  /* bumped with every change of the signature below */
+int palm_decode_abi(void) { return 3; }  /* bumped with every change of the signature below */
 
 /* scratch: per row, stride scratch_row >= hp * hd + hp * (pos + 1) with hp = h rounded up to a
  * multiple of 4 (the blocked loops take heads 4 at a time; the extra ones are zeros) */
@@ -163,5 +163,36 @@ void palm_decode_mix(const float *y, int64_t y_row, int64_t b, int64_t h, int64_
         float *a = o + h * hd;
 #pragma omp simd
         for (int64_t i = 0; i < f; i++) a[i] = gate[i] / (1.0f + exp_f32(-gate[i])) * up[i];
+    }
+}
+
+/* The greedy pick of palm.generate: for each row of logits x [b, v] (row stride x_row), the first
+ * index holding the row's maximum, and its log-probability under the row's softmax,
+ * -log(sum_i exp(x_i - max)). Two passes over the row: the maximum, then the sum of exps; the
+ * index is found by blocks of 64 (their maxima vectorise), stopping at the first block that holds
+ * the maximum. */
+void palm_greedy(const float *x, int64_t b, int64_t v, int64_t x_row, int64_t *token, float *logp) {
+#pragma omp parallel for schedule(static) if (b > 1)
+    for (int64_t r = 0; r < b; r++) {
+        const float *row = x + r * x_row;
+        float m = row[0], sum = 0.0f;
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 1; i < v; i++) m = row[i] > m ? row[i] : m;
+        int64_t at = 0;
+        for (int64_t lo = 0; lo < v; lo += 64) {
+            int64_t hi = lo + 64 < v ? lo + 64 : v;
+            float bm = row[lo];
+#pragma omp simd reduction(max : bm)
+            for (int64_t i = lo; i < hi; i++) bm = row[i] > bm ? row[i] : bm;
+            if (bm == m) {
+                at = lo;
+                while (row[at] != m) at++;
+                break;
+            }
+        }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < v; i++) sum += exp_f32(row[i] - m);
+        token[r] = at;
+        logp[r] = -logf(sum);
     }
 }
