@@ -1,4 +1,6 @@
-/* One decoding step of one PaLM block between its two matmuls, fused, for fp32 on CPU:
+/* Decoding kernels for fp32 on CPU: palm_decode_mix (below) and palm_greedy (at the end).
+ *
+ * palm_decode_mix: one decoding step of one PaLM block between its two matmuls, fused:
  * RoPE on the query heads and the shared key head, the key and value written into the KV cache,
  * multi-query attention of each row's single query over its cached keys (scores, softmax,
  * weighted values), and SwiGLU's silu(gate) * up. Loaded and called by palm/native/__init__.py
@@ -19,7 +21,8 @@
  *   kc, vc  [b, max_len, hd] caches, row stride cache_row; this step writes position pos and
  *         attends positions [0, pos]
  *   bias  additive key mask, row stride bias_row, positions [0, pos] (NULL: none)
- *   scratch  per row (stride scratch_row >= h * hd + h * (pos + 1)): rotated queries, scores
+ *   scratch  per row (stride scratch_row >= hp * hd + hp * (pos + 1), hp = h rounded up to a
+ *         multiple of 4): rotated queries, scores
  *   out   [b, h * hd + f]: the attention output of the h heads, then silu(gate) * up
  */
 #include <math.h>
@@ -105,8 +108,8 @@ static void weighted4(const float *p, const float *V, float *o, int64_t t, int64
 
 int palm_decode_abi(void) { return 3; }  /* bumped with every change of the signature below */
 
-/* scratch: per row, stride scratch_row >= hp * hd + hp * (pos + 1) with hp = h rounded up to a
- * multiple of 4 (the blocked loops take heads 4 at a time; the extra ones are zeros) */
+/* The blocked loops (hd a multiple of 16) take heads 4 at a time, the extra ones of the last
+ * group zeros; other head sizes take plain loops. */
 void palm_decode_mix(const float *y, int64_t y_row, int64_t b, int64_t h, int64_t hd, int64_t f,
                      const float *cos, const float *sin, int64_t cs_row,
                      float *kc, float *vc, int64_t cache_row, int64_t pos,
