@@ -651,8 +651,9 @@ class Decoder:
             # None elsewhere or without a C compiler: the torch ops below, the same function)
             self.mix = None
             if self.dtype == torch.float32:
+                ffn = next(iter(model.layers.values())).mlp.gate.weight.shape[0]  # this rank's SwiGLU width
                 self.mix = native.DecodeMix.make(cache.k, cache.v, self.cos, self.sin, cache.key_bias,
-                                                 heads, block.mlp.gate.weight.shape[0])
+                                                 self.blocks[0][1], ffn)
 
     @staticmethod
     def plan(model: "PaLM", batch: int, length: int) -> parallel.DecodePlan:
