@@ -49,7 +49,10 @@ _LOADED: dict[tuple, ctypes.CDLL | None] = {}
 def _cache_dir() -> Path:
     if os.environ.get("PALM_NATIVE_CACHE"):
         return Path(os.environ["PALM_NATIVE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except (RuntimeError, KeyError):  # no home folder known (HOME unset, no passwd entry)
+        base = Path(tempfile.gettempdir())
     return Path(base) / "palm-rlhf" / "native"
 
 
