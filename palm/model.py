@@ -730,7 +730,8 @@ class Decoder:
                     decoder(tokens)
                     for _ in range(steps):
                         t = time.perf_counter()
-                        # with the pick over the vocabulary (a softmax, as generate() makes): it runs
+                        # with a pass over the vocabulary, as generate()'s pick makes one next (greedy's
+                        # native pass or sampling's log_softmax; a softmax stands for both): it runs
                         # in the plan's threads too (numpy's BLAS leaves torch one)
                         decoder(tokens).float().softmax(dim=-1)
                         if r:

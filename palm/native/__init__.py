@@ -72,15 +72,12 @@ def _compile(cc: str, out: Path, flag_sets: tuple[list[str], ...]) -> str | None
     why = f"no C compiler {cc!r} on PATH (set CC)"
     if shutil.which(cc) is None:
         return why
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        return f"cannot write to {out.parent} ({e}; set PALM_NATIVE_CACHE to a writable folder)"
     for flags in flag_sets:
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        except OSError as e:
+            return f"cannot write to {out.parent} ({e}; set PALM_NATIVE_CACHE to a writable folder)"
         os.close(fd)
         try:
             run = subprocess.run([cc, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"],
@@ -149,7 +146,7 @@ def _build_and_open(cc: str, flag_sets: tuple[list[str], ...]) -> ctypes.CDLL | 
 def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The greedy pick of ``logits [b, V]`` (fp32 on CPU, unit stride along the vocabulary): the
     first index of each row's maximum ``[b]`` int64 and its log-probability under the row's
-    softmax ``[b]``, in one native pass per row; ``None`` where the kernel does not apply (the
+    softmax ``[b]``, in native passes over each row; ``None`` where the kernel does not apply (the
     caller then uses torch ops: :func:`palm.generate.greedy_max` of the softmax)."""
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(-1) != 1:
         return None
