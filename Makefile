@@ -58,10 +58,10 @@ flow: setup
 	$(PY) -m pipelines.flow $(if $(UNTIL),--until $(UNTIL))
 
 ## MLflow UI on http://127.0.0.1:5000 over the local SQLite store (runs, registered models and
-## their aliases); it prints the link that opens the project's experiment on its runs (palm/ui.py).
+## their aliases); it prints the link that opens the project's experiment on its runs (palm/apps/ui.py).
 MLFLOW_PORT ?= 5000
 ui mlflow-ui: setup
-	$(PY) -m palm.cli ui --port $(MLFLOW_PORT)
+	$(PY) -m palm.apps.cli ui --port $(MLFLOW_PORT)
 
 ## The pipeline as a scheduled Prefect deployment (params.yaml serve): a local Prefect server and UI
 ## (http://127.0.0.1:4200, state in .prefect/), the deployment, and a runner for its runs.

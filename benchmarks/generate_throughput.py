@@ -1,4 +1,4 @@
-"""Generation throughput: this PaLM's KV-cached ``palm.generate.generate`` against
+"""Generation throughput: this PaLM's KV-cached ``palm.decode.generate.generate`` against
 ``palm-rlhf-pytorch``'s ``PaLM.generate`` (the optional benchmark extra), one process, same run.
 
 Config: d=256, 4 layers, 4 heads of 64, vocab 8192, prompts of 16 tokens, 256 new tokens, greedy
@@ -19,7 +19,7 @@ says otherwise; ``--ref-new-tokens`` measures theirs over fewer tokens (cheaper 
 them, as sequences stay shorter) and the output says so. Also printed: ours on 16 prompts of
 lengths 1..16 (left-padded), which theirs cannot batch.
 
-Also printed: the decoding plan that ``palm.model.Decoder.plan`` measured for each case and how
+Also printed: the decoding plan that ``palm.decode.decoder.Decoder.plan`` measured for each case and how
 long that took (once per process and size class, like the warm-up of theirs: outside the timed
 runs), and the
 batch-1 floor of any fp32 decoder at this size, measured on this machine: every weight matrix
@@ -44,10 +44,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from palm import parallel  # noqa: E402
-from palm.generate import generate  # noqa: E402
-from palm.model import Decoder, ModelConfig, PaLM  # noqa: E402
 from palm_rlhf_ref import port_weights, reference_palm  # noqa: E402
+
+from palm.decode import layouts
+from palm.decode.decoder import Decoder  # noqa: E402
+from palm.decode.generate import generate  # noqa: E402
+from palm.model import parallel  # noqa: E402
+from palm.model.network import ModelConfig, PaLM  # noqa: E402
 
 PROMPT, NEW, BATCH = 16, 256, 16
 CFG = ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, ffn_mult=4.0,
@@ -71,16 +74,16 @@ def theirs(ref: torch.nn.Module, prompts: torch.Tensor, new: int) -> tuple[float
 @torch.no_grad()
 def weights_floor(model: PaLM, reps: int = 200) -> tuple[float, int]:
     """(seconds per token of the matrix-vector products alone, the median of ``reps`` steps, in
-    the fastest of the layouts the decoder may hold its weights in (``parallel.LAYOUTS``); the
+    the fastest of the layouts the decoder may hold its weights in (``layouts.LAYOUTS``); the
     bytes they read): each layer's weights, then the tied output layer, each times one row."""
     mats = [p.detach() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n]
     mats.append(model.shared_embedding_or_output_weight().detach())
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in mats}
     best = []
-    for layout in parallel.LAYOUTS:
-        held = [parallel.DecodeWeight(w, layout, 1) for w in mats]
+    for layout in layouts.LAYOUTS:
+        held = [layouts.DecodeWeight(w, layout, 1) for w in mats]
         times = []
-        with parallel.decode_threads(parallel.DecodePlan(torch.float32, layout)):
+        with layouts.decode_threads(layouts.DecodePlan(torch.float32, layout)):
             for _ in range(reps + 20):
                 t = time.perf_counter()
                 for w, h in zip(mats, held):

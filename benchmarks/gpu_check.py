@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from palm import parallel  # noqa: E402
-from palm.generate import generate  # noqa: E402
-from palm.model import ModelConfig, PaLM  # noqa: E402
+from palm.decode.generate import generate  # noqa: E402
+from palm.model import parallel  # noqa: E402
+from palm.model.network import ModelConfig, PaLM  # noqa: E402
 from palm.train.engine import Engine, OptimConfig, random_batches  # noqa: E402
 from palm.train.metrics import matmul_peak_flops  # noqa: E402
 from palm.train.pretrain import lm_forward_step  # noqa: E402

@@ -1,4 +1,4 @@
-"""The output layer's loss: :class:`palm.model.TileNLL` against plain autograd through
+"""The output layer's loss: :class:`palm.model.network.TileNLL` against plain autograd through
 ``vocab_logsumexp`` + ``vocab_pick`` (what the model did before), inside the whole default
 training step (d=256, 4 layers, vocab 8192, seq 256, batch 8, fp32 unless --bf16), one process.
 
@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from palm import model as palm_model, parallel  # noqa: E402
-from palm.model import ModelConfig, PaLM  # noqa: E402
+from palm.model import network as palm_model  # noqa: E402
+from palm.model import parallel
+from palm.model.network import ModelConfig, PaLM  # noqa: E402
 from palm.train.engine import Engine, OptimConfig, random_batches  # noqa: E402
 from palm.train.pretrain import lm_forward_step  # noqa: E402
 

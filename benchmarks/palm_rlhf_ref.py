@@ -35,7 +35,7 @@ class ScaledTiedLogits(torch.nn.Module):
 
 
 def reference_palm(cfg: Any, flash: bool = False) -> torch.nn.Module:
-    """Their ``PaLM`` at the size of ``cfg`` (a ``palm.model.ModelConfig``), with its own init.
+    """Their ``PaLM`` at the size of ``cfg`` (a ``palm.model.network.ModelConfig``), with its own init.
 
     Raises ``ValueError`` for settings their model cannot express (it hard-codes RoPE base 10000
     and LayerNorm eps 1e-5 and takes an integer ffn multiplier), rather than silently computing

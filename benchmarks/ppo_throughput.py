@@ -37,12 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from palm import parallel  # noqa: E402
-from palm.config import to_dict  # noqa: E402
-from palm.model import ModelConfig, PaLM  # noqa: E402
+from palm.core.config import to_dict  # noqa: E402
+from palm.model import parallel  # noqa: E402
+from palm.model.network import ModelConfig, PaLM  # noqa: E402
 from palm.train.engine import Engine, OptimConfig  # noqa: E402
-from palm.train.rlhf import (KLConfig, PPOConfig, build_roles, iteration, reference_step,  # noqa: E402
-                             reward_model_scorer)
+from palm.train.rlhf import KLConfig, PPOConfig, build_roles, iteration, reference_step, reward_model_scorer  # noqa: E402
 
 PROMPTS, PROMPT, NEW = 16, 16, 64
 CFG = ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, ffn_mult=4.0, seq_len=PROMPT + NEW)
@@ -86,9 +85,9 @@ def matmul_profile(run: Callable[[], object]) -> None:
 
 
 def ours(prompts: torch.Tensor, reps: int, profile: bool = False) -> tuple[float, float]:
-    from palm.train.checkpoint import export_safetensors
+    from palm.model.weights import export_safetensors
     from palm.train.finetune import load_parent
-    from palm.train.reward import RewardModel
+    from palm.model.reward import RewardModel
 
     with tempfile.TemporaryDirectory() as tmp:
         policy, reward = Path(tmp) / "policy", Path(tmp) / "reward"

@@ -35,12 +35,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from palm import parallel  # noqa: E402
-from palm.model import ModelConfig  # noqa: E402
+from palm_rlhf_ref import port_weights, reference_palm  # noqa: E402
+
+from palm.model import parallel  # noqa: E402
+from palm.model.network import ModelConfig  # noqa: E402
 from palm.train.engine import Engine, OptimConfig, random_batches  # noqa: E402
 from palm.train.metrics import bf16_is_fast, matmul_peak_flops  # noqa: E402
 from palm.train.pretrain import lm_forward_step  # noqa: E402
-from palm_rlhf_ref import port_weights, reference_palm  # noqa: E402
 
 CFG = ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, ffn_mult=4.0,
                   seq_len=256)
@@ -90,7 +91,8 @@ def tokens_per_s(model, batches: list[torch.Tensor], steps: int) -> float:
 
 
 def profile(model, tokens: torch.Tensor, top: int = 8) -> str:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     model.step(tokens)
     with prof(activities=[ProfilerActivity.CPU]) as p:

@@ -14,9 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from palm.feedback.app import create_app, serve  # noqa: E402
-from palm.feedback.sample import BATCH_FORMAT  # noqa: E402
-from palm.feedback.store import RankingsFile  # noqa: E402
+from palm.apps.feedback.app import create_app, serve  # noqa: E402
+from palm.apps.feedback.sample import BATCH_FORMAT  # noqa: E402
+from palm.apps.feedback.store import RankingsFile  # noqa: E402
 
 PROMPT = "What does `json.dumps` do?"
 REPLIES = [

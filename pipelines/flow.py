@@ -40,10 +40,10 @@ os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from palm.errors import UserError  # noqa: E402
-from palm.tracking import PARENT_ENV, Tracker, git_commit  # noqa: E402
+from palm.core.errors import UserError  # noqa: E402
+from palm.ops.tracking import PARENT_ENV, Tracker, git_commit  # noqa: E402
 from pipelines import ROOT  # noqa: E402
-from pipelines.serve import healthy  # noqa: E402
+from pipelines.servers import healthy  # noqa: E402
 
 # Stages that can reach the network get retries (a flaky site, a rate limit, the Hugging Face
 # hub): scrape with source crawl or hf, the chat-data stages with an ``hf:`` path. The rest are
@@ -111,9 +111,8 @@ def watch_server(url: str):
 def dag(root: Path = ROOT) -> tuple[list[str], dict[str, set[str]]]:
     """The stages of ``dvc.yaml`` in DAG order (as ``dvc dag`` would list them), and for each
     stage the stages upstream of it (those it depends on, directly or not)."""
-    from dvc.repo import Repo
-
     import networkx as nx
+    from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # DVC's graph points from a stage to the stages it depends on

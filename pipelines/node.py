@@ -17,8 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from palm.errors import UserError
-from palm.train.launch import NODE_RANK_ENV, is_other_node
+from palm.core.errors import UserError
+from palm.core.process import NODE_RANK_ENV, is_other_node
 from pipelines import ROOT
 
 

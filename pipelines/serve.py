@@ -23,19 +23,18 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
 
-from palm.config import check, load_section
-from palm.errors import ConfigError, UserError
-from palm.io import write_json
+from palm.core.config import check, load_section
+from palm.core.errors import ConfigError, UserError
+from palm.core.io import write_json
 from pipelines import ROOT
+from pipelines.servers import port_free, wait_healthy
 
 HOME = ".prefect"  # PREFECT_HOME under the project: the server's SQLite database, logs, the pid file
 PID_FILE = "serve.json"
@@ -154,39 +153,6 @@ def _become_subreaper() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
         except (OSError, AttributeError):
             pass
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def healthy(url: str, timeout_s: float = 2.0) -> bool:
-    """Whether ``url``/health answers 200 within ``timeout_s``."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
-def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Return once ``url``/health answers; UserError if the server exits first or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            tail = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"the Prefect server exited (code {server.returncode}) before its API answered: "
-                            f"{tail} (whole log: {log})")
-        if healthy(url):
-            return
-        time.sleep(0.5)
-    raise UserError(f"the Prefect server's API did not answer at {url} within {timeout_s:g} s "
-                    f"(serve.startup_timeout_s); its log: {log}")
 
 
 # --- serve and stop ------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """DVC stage `evaluate`: the SFT and PPO policies on held-out prompts, scored by the reward
 model; perplexities of every language model; the reward model's held-out accuracy
-(palm/evaluate.py). Writes the metrics (reports/evaluate/metrics.json, by run_stage), PNG plots of
+(palm/eval/evaluate.py). Writes the metrics (reports/evaluate/metrics.json, by run_stage), PNG plots of
 every stage's training curve and of the reward distributions, and one self-contained HTML report;
 the report and plots are logged to the stage's MLflow run. Everything is computed before anything
 is written, so a failed run leaves no output behind.
 
-Then the four models are registered in the MLflow Model Registry (palm/registry.py: palm-pretrain,
+Then the four models are registered in the MLflow Model Registry (palm/ops/registry.py: palm-pretrain,
 palm-sft, palm-reward, palm-chat, each with the run that produced it; @champion by the rule
 evaluate.champion_metric / champion_direction, else @candidate). Registering is tracking: if MLflow
 fails, the stage warns and keeps its outputs."""
@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from palm.evaluate import EvaluateConfig, evaluate
-from palm.io import atomic_dir, atomic_file
-from palm.stage import StageContext, run_stage
+from palm.core.io import atomic_dir, atomic_file
+from palm.eval.evaluate import EvaluateConfig, evaluate
+from palm.ops.stage import StageContext, run_stage
 
 MODELS = ("pretrain", "sft", "ppo", "reward")
 
@@ -34,7 +34,7 @@ def add_args(p):
 
 
 def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
-    from palm import report
+    from palm.eval import report
 
     result = evaluate(cfg, models={name: ctx.path(name) for name in MODELS}, sft_data=ctx.path("sft_data"),
                       prefs=ctx.path("prefs"), tokens=ctx.path("tokens"))
@@ -69,8 +69,8 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
 def register(cfg: EvaluateConfig, ctx: StageContext, metrics: dict) -> None:
     """Register the four exports, each with the run that produced it (the DVC md5 of its folder:
     from dvc.yaml's dependencies, or computed here when the stage runs outside DVC)."""
-    from palm import registry
-    from palm.stage import dvc_md5
+    from palm.ops import registry
+    from palm.ops.stage import dvc_md5
 
     tracker = ctx.tracker
     if not tracker.enabled or tracker.run_id is None:

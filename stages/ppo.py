@@ -13,9 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from palm.errors import UserError
-from palm.stage import StageContext, exported, run_stage, training_start
+from palm.core.errors import UserError
+from palm.ops.stage import StageContext, run_stage
 from palm.train.rlhf import PPOConfig, launch, load_prompts
+from palm.train.stage import exported, training_start
 
 
 def add_args(p):

@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import sys
 
-from palm.data.chat import ChatDataConfig
-from palm.model import ModelConfig
-from palm.stage import StageContext, run_stage
-from stages.sft_data import add_args, build
+from palm.data.chat import ChatDataConfig, write_chat_data
+from palm.model.network import ModelConfig
+from palm.ops.stage import StageContext, run_stage
+
+
+def add_args(p):
+    p.add_argument("--corpus", required=True, help="corpus folder (the default data is derived from it)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (tokenizer.json)")
+    p.add_argument("--out", required=True, help="output folder for {train,valid}.parquet + meta.json (preference pairs)")
 
 
 def body(cfg: ChatDataConfig, ctx: StageContext) -> dict:
-    return build("prefs", cfg, ctx)
+    pairs, tags = write_chat_data("prefs", cfg, corpus=ctx.path("corpus"), tokenizer=ctx.path("tokenizer"),
+                                  seq_len=ctx.sections["model"].seq_len, out=ctx.path("out"), root=ctx.root,
+                                  progress=sys.stderr.isatty())
+    if tags:  # human rankings among the sources: who, which batches
+        ctx.tracker.set_tags(tags)
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-from palm.errors import UserError
-from palm.model import ModelConfig
-from palm.stage import StageContext, exported, run_stage, training_start
+from palm.core.errors import UserError
+from palm.model.network import ModelConfig
+from palm.ops.stage import StageContext, run_stage
 from palm.train.data import check_shards
 from palm.train.pretrain import PretrainConfig, launch, validate
+from palm.train.stage import exported, training_start
 
 
 def add_args(p):

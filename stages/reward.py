@@ -13,10 +13,18 @@ import sys
 
 from palm.data.chat import read_chat_meta
 from palm.data.rankings import run_tags
-from palm.stage import StageContext, exported, run_stage, training_start
+from palm.model.reward import HEAD, RewardModel
+from palm.ops.stage import StageContext, run_stage
 from palm.train.finetune import check_parent
-from palm.train.reward import COLUMNS, HEAD, RewardConfig, RewardModel, launch, read_rows, reward_stats, validate
-from stages.sft import add_args
+from palm.train.reward import COLUMNS, RewardConfig, launch, read_rows, reward_stats, validate
+from palm.train.stage import exported, training_start
+
+
+def add_args(p):
+    p.add_argument("--data", required=True, help="preference pairs of the prefs stage ({train,valid}.parquet + meta.json)")
+    p.add_argument("--parent", required=True, help="the model to start from (models/sft: model.safetensors + config.json)")
+    p.add_argument("--checkpoints", required=True, help="training checkpoints (kept across runs for resume)")
+    p.add_argument("--out", required=True, help="the reward model: model.safetensors + config.json + tokenizer.json")
 
 
 def body(cfg: RewardConfig, ctx: StageContext) -> dict:

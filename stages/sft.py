@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from palm.stage import StageContext, exported, run_stage, training_start
+from palm.ops.stage import StageContext, run_stage
 from palm.train.finetune import check_parent
 from palm.train.sft import SFTConfig, launch, validate
+from palm.train.stage import exported, training_start
 
 
 def add_args(p):

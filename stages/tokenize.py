@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from palm.core.io import atomic_dir
 from palm.data.tokenize import TokenizeConfig, read_meta, tokenize_corpus
-from palm.io import atomic_dir
-from palm.stage import StageContext, run_stage
+from palm.ops.stage import StageContext, run_stage
 
 
 def add_args(p):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from palm.core.io import atomic_dir, write_json
+from palm.core.tokenizer import TokenizerConfig, sha256_file, special_ids, train_tokenizer
 from palm.data.corpus import read_corpus
-from palm.io import atomic_dir, write_json
-from palm.stage import StageContext, run_stage
-from palm.tokenizer import TokenizerConfig, sha256_file, special_ids, train_tokenizer
+from palm.ops.stage import StageContext, run_stage
 
 
 def add_args(p):

@@ -58,7 +58,7 @@ def shared_data() -> Path:
 @pytest.fixture
 def single():
     """A one-process world with megatron's groups (TP = PP = DP = 1), torn down afterwards."""
-    from palm import parallel
+    from palm.model import parallel
 
     parallel.init_distributed()
     yield
@@ -146,7 +146,7 @@ def free_port() -> int:
 def server(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300):
     """A server process (a session of its own, so that killing its group ends its workers too),
     up once ``url``/health answers; SIGKILLed with its group at the end if still alive."""
-    from pipelines.serve import wait_healthy
+    from pipelines.servers import wait_healthy
 
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

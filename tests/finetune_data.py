@@ -9,10 +9,10 @@ from pathlib import Path
 
 from test_chat import make_tokenizer, pydoc_corpus
 
-from palm.config import to_dict
+from palm.core.config import to_dict
+from palm.core.tokenizer import sha256_file
 from palm.data.chat import ChatDataConfig, build_chat_data
-from palm.model import ModelConfig
-from palm.tokenizer import sha256_file
+from palm.model.network import ModelConfig
 
 MODEL = ModelConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=2, head_dim=16, seq_len=128)
 
@@ -32,9 +32,9 @@ def chat_data(root: Path, *, seq_len: int = 128, path: str = "default", valid_fr
 
 def make_parent(out: Path, tokenizer: Path, model: ModelConfig = MODEL, seed: int = 11) -> Path:
     """A tiny PaLM export (model.safetensors, config.json, tokenizer.json) as pretrain writes it."""
-    from palm import parallel
-    from palm.model import PaLM
-    from palm.train.checkpoint import export_safetensors
+    from palm.model import parallel
+    from palm.model.network import PaLM
+    from palm.model.weights import export_safetensors
 
     parallel.init_distributed()
     try:
@@ -51,9 +51,9 @@ def make_reward(out: Path, tokenizer: Path, model: ModelConfig = MODEL, seed: in
                 std: float = 1.0) -> Path:
     """A tiny reward-model export (PaLM + scalar head, randomly initialised) as the reward stage
     writes it, with its reward mean and std in config.json."""
-    from palm import parallel
-    from palm.train.checkpoint import export_safetensors
-    from palm.train.reward import RewardModel
+    from palm.model import parallel
+    from palm.model.weights import export_safetensors
+    from palm.model.reward import RewardModel
 
     parallel.init_distributed()
     try:

@@ -14,13 +14,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from palm.data.chat import (ChatDataConfig, ChatTemplate, build_chat_data, fit_conversation, fit_pair, load_prefs,
-                            load_sft, render_text)
+from palm.core.errors import UserError
+from palm.core.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, TokenizerConfig, sha256_file, train_tokenizer
+from palm.data.chat import (
+    ChatDataConfig,
+    ChatTemplate,
+    build_chat_data,
+    fit_conversation,
+    fit_pair,
+    load_prefs,
+    load_sft,
+    render_text,
+)
 from palm.data.chat_default import answer, default_conversations, default_pairs, parse_functions
 from palm.data.chat_readers import Pair, Skip, Turn, read_examples
 from palm.data.corpus import write_corpus
-from palm.errors import UserError
-from palm.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, TokenizerConfig, sha256_file, train_tokenizer
 
 PAGES = {  # pydoc pages as the scrape stage extracts them: a "Functions" section, entries in one line
     "json": "json (version 2.0.9) index Module Reference\nJSON is a lightweight data interchange format.\n"
@@ -67,7 +75,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tok_dir):
-    from palm.tokenizer import load_tokenizer
+    from palm.core.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_dir / "tokenizer.json")
 
@@ -81,7 +89,7 @@ CONV = (Turn("system", "Be brief."), Turn("user", "What does it do?"), Turn("ass
 def test_template_renders_exact_ids(tok):
     t = ChatTemplate(tok)
     enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
-    system, user, assistant, end = 2, 3, 4, 5  # palm/tokenizer.py SPECIAL_TOKENS order
+    system, user, assistant, end = 2, 3, 4, 5  # palm/core/tokenizer.py SPECIAL_TOKENS order
     ids, mask = t.render(CONV)
     assert ids == ([system, *enc("Be brief."), end, user, *enc("What does it do?"), end,
                     assistant, *enc("It works well."), end, user, *enc("How are you?"), end,
@@ -459,8 +467,8 @@ def test_unreadable_files_are_counted(tmp_path):
 def test_config_is_strict():
     from conftest import ROOT
 
-    from palm.config import from_dict, load_section
-    from palm.errors import ConfigError
+    from palm.core.config import from_dict, load_section
+    from palm.core.errors import ConfigError
 
     for section in ("sft_data", "prefs"):
         cfg = load_section(ChatDataConfig, ROOT / "params.yaml", section)

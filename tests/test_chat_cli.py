@@ -1,4 +1,4 @@
-"""``palm chat`` (palm/chat.py, palm/cli.py): the installed console script driven through a pipe
+"""``palm chat`` (palm/apps/chat.py, palm/apps/cli.py): the installed console script driven through a pipe
 (two turns, /reset, /quit) prints exactly what the same session computes in-process; the
 history is kept, fitted to the context and reset; the stream decoder hands out whole
 characters; a missing, incomplete or mismatched model folder is one line and exit code 2."""
@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_data import MODEL, make_parent  # noqa: E402
 from test_chat import make_tokenizer  # noqa: E402
 
-from palm.chat import ChatSession, StreamDecoder  # noqa: E402
+from palm.apps.chat import ChatSession, StreamDecoder  # noqa: E402
 from palm.data.chat_readers import Turn  # noqa: E402
-from palm.generate import SamplingConfig  # noqa: E402
-from palm.models import load_model, load_tokenizer, read_export  # noqa: E402
-from palm.parallel import process_groups  # noqa: E402
+from palm.decode.generate import SamplingConfig  # noqa: E402
+from palm.model.export import load_model, load_tokenizer, read_export  # noqa: E402
+from palm.model.parallel import process_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW = 6  # tokens per reply: the tiny random model never ends a turn by itself
@@ -35,8 +35,9 @@ def export(tmp_path_factory) -> Path:
     replies are varied text (PaLM's own init just repeats the prompt's last token, <|assistant|>,
     which decodes to nothing)."""
     from conftest import redraw_weights
-    from palm.model import PaLM
-    from palm.train.checkpoint import export_safetensors
+
+    from palm.model.network import PaLM
+    from palm.model.weights import export_safetensors
 
     tmp = tmp_path_factory.mktemp("chat")
     out = make_parent(tmp / "ppo", make_tokenizer(tmp / "tok"))
@@ -52,7 +53,7 @@ def palm_command() -> list[str]:
     """The console script ``make setup`` installs beside this interpreter, or the module when
     this environment has not installed the project."""
     script = Path(sys.executable).parent / "palm"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "palm.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "palm.apps.cli"]
 
 
 def palm(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -138,7 +139,7 @@ def test_missing_incomplete_and_mismatched_folders_are_one_line(export, tmp_path
 
 
 def test_bad_flags_and_a_reward_model_are_one_line(export, tmp_path, capsys):
-    from palm.cli import main
+    from palm.apps.cli import main
 
     def error(*args: str) -> str:
         assert main(["chat", *args]) == 2

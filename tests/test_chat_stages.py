@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_project, run_stage_cli
 from test_chat import make_tokenizer, pydoc_corpus
 
+from palm.core.tokenizer import sha256_file
 from palm.data.chat import load_prefs, load_sft
 from palm.data.chat_readers import DROP_REASONS
-from palm.tokenizer import sha256_file
 
 pytestmark = pytest.mark.timeout(900)
 ARGS = ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--no-mlflow"]

@@ -6,14 +6,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+from conftest import ROOT, run_stage_cli
 
-from palm.config import check, from_dict, load_section, to_dict
+from palm.core.config import check, from_dict, load_section, to_dict
+from palm.core.errors import ConfigError, UserError
+from palm.core.tokenizer import TokenizerConfig
 from palm.data.scrape import ScrapeConfig
 from palm.data.tokenize import TokenizeConfig
-from palm.errors import ConfigError, UserError
-from palm.tokenizer import TokenizerConfig
-
-from conftest import ROOT, run_stage_cli
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import gzip
 import ssl
 import threading
-import zlib
 import time
+import zlib
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from palm.core.errors import ConfigError, UserError
 from palm.data import crawl as crawl_mod
 from palm.data.crawl import CrawlConfig, Page, crawl, extract_links, is_public_address, normalize_url
-from palm.errors import ConfigError, UserError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -516,7 +516,7 @@ def test_config_validation(kwargs, key):
 
 
 def test_config_from_params_names_the_section():
-    from palm.config import from_dict
+    from palm.core.config import from_dict
 
     cfg = from_dict(CrawlConfig, {"seed_urls": ["https://docs.python.org/3/"], "max_pages": 5}, "scrape")
     assert cfg.seed_urls == ("https://docs.python.org/3/",) and cfg.max_pages == 5
@@ -665,7 +665,7 @@ def test_frontier_is_capped(site):
 # Runs the crawl in its own process, so its peak RSS is the crawl's alone (not pytest's or the server's).
 PROBE = """
 import json, sys, time
-from palm.config import from_dict
+from palm.core.config import from_dict
 from palm.data.crawl import CrawlConfig, crawl
 
 def status_kb(key):  # VmRSS: resident now; VmHWM: its peak (per process image: not inherited via fork)

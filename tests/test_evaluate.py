@@ -1,4 +1,4 @@
-"""The `evaluate` stage (palm/evaluate.py, palm/report.py, stages/evaluate.py) on tiny exports:
+"""The `evaluate` stage (palm/eval/evaluate.py, palm/eval/report.py, stages/evaluate.py) on tiny exports:
 a policy against itself ties everywhere (win rate 0.5, KL 0); the reply log-probs equal
 generation's own; the stage writes its metrics, plots and one self-contained, escaped HTML report
 and logs them to MLflow; bad input is one line and leaves nothing behind."""
@@ -19,13 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_data import MODEL, chat_data, make_parent  # noqa: E402
 from test_chat import TEXT  # noqa: E402
 
-from palm.config import to_dict  # noqa: E402
-from palm.errors import ConfigError, UserError  # noqa: E402
-from palm.evaluate import (EvaluateConfig, evaluate, held_out_prompts, response_logprobs,  # noqa: E402
-                           sample)
-from palm.models import load_model, read_export  # noqa: E402
-from palm.parallel import process_groups  # noqa: E402
-from palm.tokenizer import load_tokenizer, sha256_file  # noqa: E402
+from palm.core.config import to_dict  # noqa: E402
+from palm.core.errors import ConfigError, UserError  # noqa: E402
+from palm.core.tokenizer import load_tokenizer, sha256_file  # noqa: E402
+from palm.eval.evaluate import EvaluateConfig, evaluate, held_out_prompts, response_logprobs, sample  # noqa: E402
+from palm.model.export import load_model, read_export  # noqa: E402
+from palm.model.parallel import process_groups  # noqa: E402
 
 CFG = EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3)
 KEYS = {"win_rate", "reward_sft", "reward_ppo", "kl", "reward_gain", "length_sft", "length_ppo", "ended_sft",
@@ -41,9 +40,9 @@ def with_kind(folder: Path, kind: str, **extra) -> Path:
 
 
 def make_reward(out: Path, tokenizer: Path, seed: int = 5) -> Path:
-    from palm import parallel
-    from palm.train.checkpoint import export_safetensors
-    from palm.train.reward import RewardModel
+    from palm.model import parallel
+    from palm.model.weights import export_safetensors
+    from palm.model.reward import RewardModel
 
     with process_groups():
         net = RewardModel(MODEL, parallel.megatron_config(MODEL), seed=seed)
@@ -148,7 +147,7 @@ def test_several_replies_per_prompt(project):
 
 
 def test_win_rate_and_its_standard_error_against_loops():
-    from palm.evaluate import win_rate
+    from palm.eval.evaluate import win_rate
 
     g = torch.Generator().manual_seed(0)
     ours, theirs = torch.randint(0, 4, (20, 3), generator=g).double(), torch.randint(0, 4, (20, 3), generator=g).double()
@@ -224,7 +223,7 @@ def test_stage_writes_metrics_plots_and_report_and_logs_them(project, tmp_path, 
 
 
 def test_report_escapes_what_models_and_data_say():
-    from palm.report import html, reward_plot
+    from palm.eval.report import html, reward_plot
 
     sample = {"prompt": "<|user|>hi<|end|><|assistant|>", "reference": "a & b", "sft": "<script>alert(1)</script>",
               "ppo": '<img src=x onerror="alert(2)">', "reward_sft": 0.1, "reward_ppo": 0.2}
@@ -251,7 +250,7 @@ def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path):
     with pytest.raises(UserError, match="evaluate.max_new_tokens: 128 leaves no room for a prompt"):
         evaluate(EvaluateConfig(max_new_tokens=MODEL.seq_len), **paths(root))
     with pytest.raises(UserError, match=r"evaluate\.windows: must be >= 1"):
-        from palm.config import from_dict
+        from palm.core.config import from_dict
 
         from_dict(EvaluateConfig, {"windows": 0}, "evaluate")
     import pyarrow.parquet as pq

@@ -1,4 +1,4 @@
-"""Human feedback (palm/feedback/, palm/data/rankings.py): `palm feedback sample` from a tiny
+"""Human feedback (palm/apps/feedback/, palm/data/rankings.py): `palm feedback sample` from a tiny
 export, the ranking page driven in a real headless Chromium (rank three items, kill the server,
 restart it, resume at the fourth; HTML in model output shown as text; no judgement without the
 session token), and the rankings through `dvc repro prefs` into preference pairs."""
@@ -36,7 +36,7 @@ HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned
 
 def palm(*args: str, cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's code, whatever is installed
-    return subprocess.run([sys.executable, "-m", "palm.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "palm.apps.cli", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300, **kw)
 
 
@@ -57,11 +57,11 @@ def batch(export, tmp_path_factory) -> Path:  # noqa: F811
 
 
 def test_sample_records_replies_settings_and_the_model(batch, export):  # noqa: F811
-    from palm.feedback.sample import SampleSettings, sample_replies
-    from palm.generate import SamplingConfig
-    from palm.models import load_model, load_tokenizer, read_export
-    from palm.parallel import process_groups
-    from palm.tokenizer import sha256_file
+    from palm.apps.feedback.sample import SampleSettings, sample_replies
+    from palm.core.tokenizer import sha256_file
+    from palm.decode.generate import SamplingConfig
+    from palm.model.export import load_model, load_tokenizer, read_export
+    from palm.model.parallel import process_groups
 
     items = [json.loads(line) for line in batch.read_text().splitlines()]
     assert [i["index"] for i in items] == list(range(5)) and {i["batch"] for i in items} == {"batch-1"}
@@ -83,10 +83,10 @@ def test_sample_records_replies_settings_and_the_model(batch, export):  # noqa: 
 def test_sample_defaults_to_the_train_prompts_of_sft_data(export, tmp_path):  # noqa: F811
     from finetune_data import chat_data
 
-    from palm.cli import main
+    from palm.apps.cli import main
+    from palm.apps.feedback.sample import turns_of_ids
     from palm.data.chat import load_sft
-    from palm.feedback.sample import turns_of_ids
-    from palm.models import load_tokenizer, read_export
+    from palm.model.export import load_tokenizer, read_export
 
     data = chat_data(tmp_path / "d")
     assert data["sha"] == read_export(export).tokenizer_sha256  # premise: the model's tokenizer
@@ -102,7 +102,7 @@ def test_sample_defaults_to_the_train_prompts_of_sft_data(export, tmp_path):  # 
 
 
 def test_sample_and_serve_refuse_bad_flags_in_one_line(export, tmp_path, capsys):  # noqa: F811
-    from palm.cli import main
+    from palm.apps.cli import main
 
     def error(*args: str) -> str:
         assert main(["feedback", *args]) == 2
@@ -128,7 +128,7 @@ class Server:
 
     def __init__(self, batch: Path, rankings: Path, labeler: str):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "feedback", "serve", str(batch),
+        self.proc = subprocess.Popen([sys.executable, "-m", "palm.apps.cli", "feedback", "serve", str(batch),
                                       "--labeler", labeler, "--rankings", str(rankings), "--port", "0"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         line = self.proc.stdout.readline()
@@ -273,10 +273,10 @@ def test_rankings_flow_through_dvc_repro_prefs_and_a_new_one_reruns_it(session, 
     import mlflow
     import networkx as nx
     from dvc.repo import Repo
-
-    from palm.data.chat import load_prefs
-    from palm.feedback.store import RankingsFile
     from test_chat_stages import metrics, project
+
+    from palm.apps.feedback.store import RankingsFile
+    from palm.data.chat import load_prefs
 
     root = project(tmp_path / "p", prefs={"path": ["default", "data/feedback/rankings.jsonl"]})
     rankings = root / "data" / "feedback" / "rankings.jsonl"
@@ -359,7 +359,7 @@ def test_agreement_between_labelers():
 
 
 def test_two_labelers_on_the_app_and_the_state_it_resumes_from(batch, tmp_path):
-    from palm.feedback.app import create_app
+    from palm.apps.feedback.app import create_app
 
     items = [json.loads(line) for line in batch.read_text().splitlines()]
     rankings = tmp_path / "r.jsonl"
@@ -389,9 +389,9 @@ def test_two_labelers_on_the_app_and_the_state_it_resumes_from(batch, tmp_path):
 
 
 def test_a_list_of_sources_is_checked_strictly():
-    from palm.config import from_dict
+    from palm.core.config import from_dict
+    from palm.core.errors import ConfigError
     from palm.data.chat import ChatDataConfig
-    from palm.errors import ConfigError
 
     cfg = from_dict(ChatDataConfig, {"path": ["default", "data/feedback/rankings.jsonl"], "format": "rankings"},
                     "prefs")

@@ -104,7 +104,7 @@ def test_dvc_repro_chain_then_nothing_then_a_reward_param_reruns_reward_only(tmp
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("palm-rlhf").experiment_id])
     for stage, data, parent in (("sft", "data/sft", "models/pretrain"), ("reward", "data/prefs", "models/sft")):
-        (run,) = [r for r in runs if r.data.tags.get("palm.stage") == stage]
+        (run,) = [r for r in runs if r.data.tags.get("palm.ops.stage") == stage]
         assert run.info.status == "FINISHED" and run.data.params and "val_loss" in run.data.metrics
         md5 = {d["path"]: d["md5"] for d in lock[stage]["deps"]}
         for dep in (data, parent):

@@ -8,10 +8,10 @@ import socket
 
 import pytest
 import yaml
-
 from conftest import ROOT, free_port
-from palm.config import from_dict, load_section
-from palm.errors import ConfigError, UserError
+
+from palm.core.config import from_dict, load_section
+from palm.core.errors import ConfigError, UserError
 from pipelines.flow import RETRIES, dag, plan, stages_in_order
 from pipelines.serve import ServeConfig, serve, stop
 

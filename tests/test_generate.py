@@ -1,4 +1,4 @@
-"""Generation (palm/generate.py) against slow, obvious versions, single process, fp32.
+"""Generation (palm/decode/generate.py) against slow, obvious versions, single process, fp32.
 
 TP=2 (all ranks return the same tokens, cached equals uncached on a padded batch) runs in
 tests/test_parallel_numerics.py through the parity worker's ``decode`` layout; the naive-model
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import redraw_weights
-from palm import parallel
-from palm.errors import ConfigError, UserError
-from palm.generate import GREEDY_BLOCK, SamplingConfig, draw, generate, greedy_max, sampling_logprobs
-from palm.model import Decoder, ModelConfig, PaLM
+
+from palm.core.errors import ConfigError, UserError
+from palm.decode import layouts
+from palm.decode.cache import new_cache
+from palm.decode.decoder import Decoder
+from palm.decode.generate import GREEDY_BLOCK, SamplingConfig, draw, generate, greedy_max, sampling_logprobs
+from palm.model import parallel
+from palm.model.network import ModelConfig, PaLM
 
 CFG = ModelConfig(vocab_size=300, d_model=48, n_layers=3, n_heads=3, head_dim=8, ffn_mult=2.5,
                   seq_len=32)
@@ -260,14 +263,14 @@ def test_the_cache_gives_each_row_rope_position_zero_at_its_first_real_token(mod
     """RoPE is relative, so a shifted row would give the same tokens up to rounding: checked on
     the cache's own tables instead."""
     pad = torch.tensor([0, 3, 1])
-    cache = model.new_cache(3, 10, pad)
+    cache = new_cache(model, 3, 10, pad)
     for r, p in enumerate(pad.tolist()):
         assert torch.equal(cache.cos[r, p:, 0], model.rope.cos[:10 - p])
         assert torch.equal(cache.sin[r, p:, 0], model.rope.sin[:10 - p])
         assert (cache.key_bias[r, 0, :p] == float("-inf")).all() and (cache.key_bias[r, 0, p:] == 0).all()
-    assert model.new_cache(3, 10, torch.zeros(3, dtype=torch.long)).key_bias is None  # plain causal
+    assert new_cache(model, 3, 10, torch.zeros(3, dtype=torch.long)).key_bias is None  # plain causal
     with pytest.raises(ConfigError, match="^model.seq_len: a KV cache of 33 positions exceeds"):
-        model.new_cache(1, CFG.seq_len + 1)
+        new_cache(model, 1, CFG.seq_len + 1)
 
 
 def copy_module(m: PaLM, dtype: torch.dtype) -> PaLM:
@@ -276,10 +279,10 @@ def copy_module(m: PaLM, dtype: torch.dtype) -> PaLM:
     return out
 
 
-PLANS = [parallel.DecodePlan(torch.float32, layout) for layout in parallel.LAYOUTS]
+PLANS = [layouts.DecodePlan(torch.float32, layout) for layout in layouts.LAYOUTS]
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=parallel.LAYOUTS)
+@pytest.mark.parametrize("plan", PLANS, ids=layouts.LAYOUTS)
 def test_every_decode_plan_equals_uncached_greedy(model, prompts, plan, monkeypatch):
     """Whichever plan the probe picks on a machine, cached decoding is the same function: for a
     batch of prompts and for one prompt (one row a step: its own GEMM path)."""
@@ -299,7 +302,7 @@ def test_a_bf16_model_decoded_from_an_fp32_copy_is_that_copy(model, prompts, mon
     seq = torch.cat([prompts[0], prompts[2]])[None]  # one row of 12 tokens
     for plan in PLANS:
         with torch.no_grad():
-            decoder = Decoder(half, half.new_cache(1, dtype=torch.float32), plan)
+            decoder = Decoder(half, new_cache(half, 1, dtype=torch.float32), plan)
             steps = [decoder(seq[:, :6])] + [decoder(seq[:, i:i + 1]) for i in range(6, 12)]
             full = copy(seq)[0, 5:]  # positions 5..11
         assert (torch.cat(steps) - full).abs().max().item() < 1e-4, plan
@@ -316,12 +319,12 @@ def test_the_decode_plan_is_measured_once_and_is_a_candidate(model, monkeypatch)
         return fastest(*args)
 
     monkeypatch.setattr(Decoder, "_fastest", staticmethod(counted))
-    monkeypatch.setattr("palm.model._PLANS", {})
+    monkeypatch.setattr("palm.decode.decoder._PLANS", {})
     half = copy_module(model, torch.bfloat16)
     for _ in range(2):
         plan = Decoder.plan(half, 3, 20)
-        assert plan in [parallel.DecodePlan(dt, layout) for dt in (torch.bfloat16, torch.float32)
-                        for layout in parallel.LAYOUTS if layout != "openblas" or dt == torch.float32]
+        assert plan in [layouts.DecodePlan(dt, layout) for dt in (torch.bfloat16, torch.float32)
+                        for layout in layouts.LAYOUTS if layout != "openblas" or dt == torch.float32]
     assert calls == [(4, 32)]  # rows and length rounded up to powers of two; the second call reused it
     assert Decoder.plan(half, 4, 17) == plan and len(calls) == 1  # the same size class
     tried = []  # one prompt: every layout too (on an AMD EPYC MKL's stored transposes: 1.3x the tokens/s)
@@ -333,14 +336,14 @@ def test_the_decode_plan_is_measured_once_and_is_a_candidate(model, monkeypatch)
 def test_a_layout_without_kernels_on_this_cpu_is_skipped(model, monkeypatch):
     """oneDNN refuses bf16 weights on CPUs without AVX-512 or AVX-NE-CONVERT: the probe drops a
     candidate whose weights cannot be held, and picks among the others."""
-    real = parallel.DecodeWeight.__init__
+    real = layouts.DecodeWeight.__init__
 
     def refuse(self, weight, layout, rows):
         if layout == "packed":
             raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support ...")
         real(self, weight, layout, rows)
 
-    monkeypatch.setattr(parallel.DecodeWeight, "__init__", refuse)
+    monkeypatch.setattr(layouts.DecodeWeight, "__init__", refuse)
     plan = Decoder._fastest(model, torch.float32, 2, 16)
     assert plan.layout != "packed" and plan in PLANS
 
@@ -365,17 +368,17 @@ def test_the_probe_rebuilds_its_decoders_each_round_when_they_would_not_fit(mode
     assert Decoder._fastest(model, torch.float32, 2, 16, rounds=3) in PLANS
     assert sorted(made, key=PLANS.index) == PLANS  # kept: one decoder per candidate
     made.clear()
-    monkeypatch.setattr("palm.model.PLAN_KEEP_BYTES", 0)
+    monkeypatch.setattr("palm.decode.decoder.PLAN_KEEP_BYTES", 0)
     assert Decoder._fastest(model, torch.float32, 2, 16, rounds=3) in PLANS
     assert sorted(made, key=PLANS.index) == [p for p in PLANS for _ in range(1 + 3)]  # the untimed round too
 
 
-@pytest.mark.parametrize("layout", parallel.LAYOUTS)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_every_weight_layout_is_the_linear_map(layout):
     """One row, a decoding batch, a prompt pass beyond FEW_ROWS, and a 3-D input: x @ W.T."""
     w = torch.randn(24, 40)
-    held = parallel.DecodeWeight(w, layout, rows=4)
-    with parallel.decode_threads(parallel.DecodePlan(torch.float32, layout)):
+    held = layouts.DecodeWeight(w, layout, rows=4)
+    with layouts.decode_threads(layouts.DecodePlan(torch.float32, layout)):
         for shape in [(1, 40), (4, 40), (parallel.FEW_ROWS + 6, 40), (3, 5, 40)]:
             x = torch.randn(*shape)
             got = held(x)
@@ -393,15 +396,15 @@ def test_numpy_blas_decodes_with_torch_on_one_thread():
     torch.set_num_threads(1)  # as a TP rank of two on two cores: BLAS must not take both cores
     try:
         with pytest.raises(ValueError, match="inside"):
-            with parallel.decode_threads(parallel.DecodePlan(torch.float32, "openblas")):
+            with layouts.decode_threads(layouts.DecodePlan(torch.float32, "openblas")):
                 assert torch.get_num_threads() == 1 and blas() == {1}
                 raise ValueError("inside")
         assert torch.get_num_threads() == 1 and blas() == before
         torch.set_num_threads(2)
-        with parallel.decode_threads(parallel.DecodePlan(torch.float32, "openblas")):
+        with layouts.decode_threads(layouts.DecodePlan(torch.float32, "openblas")):
             assert torch.get_num_threads() == 1 and blas() == {2}
         assert torch.get_num_threads() == 2
-        with parallel.decode_threads(parallel.DecodePlan(torch.float32, "packed")):
+        with layouts.decode_threads(layouts.DecodePlan(torch.float32, "packed")):
             assert torch.get_num_threads() == 2  # other layouts: untouched
     finally:
         torch.set_num_threads(threads)

@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
-
-from palm.io import atomic_dir, atomic_file
-
 from conftest import ROOT
+
+from palm.core.io import atomic_dir, atomic_file
 
 
 def test_exception_keeps_previous_output(tmp_path):
@@ -33,7 +32,7 @@ def test_exception_keeps_previous_output(tmp_path):
 
 
 def test_sigkill_leaves_no_output(tmp_path):
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from palm.io import atomic_dir\n"
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from palm.core.io import atomic_dir\n"
             f"with atomic_dir({str(tmp_path / 'out')!r}) as d:\n"
             f"    (d / 'part').write_text('x' * 1000); print('ready', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -1,4 +1,4 @@
-"""The CPU compatibility context (palm/megatron_compat.py): what it bridges, and exactly where.
+"""The CPU compatibility context (palm/model/megatron_compat.py): what it bridges, and exactly where.
 
 ``PINNED`` is every megatron-core line the context had to bridge while training TP/PP/
 interleaved/DP, bf16 with fp32 main weights, gradient clipping, and a dist_checkpointing save and
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from palm.megatron_compat import CALL_SITES, cpu_compat
+from palm.model.megatron_compat import CALL_SITES, cpu_compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_importing_the_training_code_compiles_nothing():
     """megatron-core's import-time ``torch.compile`` decorations stay megatron's no-op (palm/__init__.py):
     a fresh process that imports the model, the engine and the checkpoints has not loaded TorchDynamo,
     and a decorated megatron fusion is the plain function."""
-    code = ("import sys, palm.model, palm.train.engine, palm.train.checkpoint\n"
+    code = ("import sys, palm.model.network, palm.train.engine, palm.train.checkpoint\n"
             "import megatron.core.jit as jit\n"
             "from megatron.core.fusions.fused_bias_swiglu import bias_swiglu\n"
             "print(jit.jit_fuser is jit.noop_decorator, 'torch._dynamo' in sys.modules, type(bias_swiglu).__name__)")

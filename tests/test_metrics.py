@@ -46,7 +46,7 @@ def test_default_threads_honour_omp_num_threads(monkeypatch):
     cores shared out between the processes; a value that is not a positive number is ignored."""
     import os
 
-    from palm.train.launch import default_threads
+    from palm.core.process import default_threads
 
     cores = os.cpu_count() or 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

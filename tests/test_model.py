@@ -7,10 +7,10 @@ import platform
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT
-from palm import parallel
-from palm.model import ModelConfig, PaLM
+
+from palm.model import parallel
+from palm.model.network import ModelConfig, PaLM
 
 CFG = ModelConfig(vocab_size=200, d_model=32, n_layers=2, n_heads=2, head_dim=16, seq_len=16)
 Z_LOSS = 1e-2
@@ -69,7 +69,7 @@ def test_log_probs_and_entropy_over_the_real_vocabulary(groups, grad, entropy_gr
     (more than one tile when LOSS_CHUNK_TOKENS is small) and without autograd the same values.
     ``entropy_grad=False`` (the entropy a metric): the same values, no gradient through the
     entropy, and the log-probs' gradients unchanged."""
-    from palm import model as palm_model
+    from palm.model import network as palm_model
 
     model = PaLM(CFG)
     assert CFG.padded_vocab_size == 256 > CFG.vocab_size  # premise: 56 padding columns to exclude
@@ -142,7 +142,7 @@ def test_without_autograd_the_linears_skip_megatrons_wrappers_with_the_same_resu
 def test_subnormal_floats_count_as_zero_once_the_groups_exist(groups):
     """``parallel.init_distributed`` (every training, scoring and decoding process starts there)
     flushes subnormals: on x86 each operation on one costs ~100 cycles, which slowed the real
-    pretrain by a fifth from step 40 on (palm/parallel.py ``flush_denormals``)."""
+    pretrain by a fifth from step 40 on (palm/model/parallel.py ``flush_denormals``)."""
     tiny = torch.tensor([1e-39, 3e-39])  # below 2^-126: subnormal in fp32
     assert (tiny * 1.0 == 0).all()
     assert (torch.tensor([1e-37]) * 1.0).item() > 0  # normal numbers are untouched
@@ -152,7 +152,7 @@ _FAULTS = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
 if {keep}:
-    from palm import parallel
+    from palm.model import parallel
     assert parallel.keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -184,7 +184,7 @@ def test_freed_memory_is_reused():
     assert counts[False] > 8 * 8000, counts  # the control: a fresh mapping of 16,384 pages each time
     assert counts[True] < 2000, counts
     # and every process that trains, scores or decodes sets it where its groups start
-    wired = ("import sys; sys.path.insert(0, %r); from palm import parallel; calls = []; "
+    wired = ("import sys; sys.path.insert(0, %r); from palm.model import parallel; calls = []; "
              "parallel.keep_freed_memory = lambda: calls.append(1) or True; parallel.init_distributed(); "
              "print(len(calls))" % root)
     assert subprocess.run([sys.executable, "-c", wired], check=True, capture_output=True,

@@ -1,4 +1,4 @@
-"""The native decoding kernel (palm/native/decode.c) against the torch operations it replaces
+"""The native decoding kernel (palm/decode/native/decode.c) against the torch operations it replaces
 (``Decoder._mix``), and the decoder's fallback to those operations where there is no kernel.
 
 Both builds are checked: with ``-march=native`` (what decoding loads) and the portable one (what
@@ -15,11 +15,14 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import redraw_weights
-from palm import native, parallel
-from palm.generate import generate, left_pad
-from palm.model import Decoder, ModelConfig, PaLM
+
+from palm.decode import layouts, native
+from palm.decode.cache import new_cache
+from palm.decode.decoder import Decoder
+from palm.decode.generate import generate, left_pad
+from palm.model import parallel
+from palm.model.network import ModelConfig, PaLM
 
 CONFIGS = {
     "4 heads of 16 (blocked)": dict(n_heads=4, head_dim=16),
@@ -61,7 +64,7 @@ def decode(model: PaLM, lengths: tuple[int, ...], lib) -> tuple[torch.Tensor, to
     width = max(lengths)
     prompt, pad = left_pad(prompts, 0, width, torch.device("cpu"))
     feed = torch.randint(0, 200, (len(lengths), STEPS, 1), generator=g)
-    dec = Decoder(model, model.new_cache(len(lengths), width + STEPS, pad, dtype=torch.float32))
+    dec = Decoder(model, new_cache(model, len(lengths), width + STEPS, pad, dtype=torch.float32))
     heads, ffn = model.cfg.n_heads, model.layers["0"].mlp.gate.weight.shape[0]
     dec.mix = None if lib is None else native.DecodeMix.make(
         dec.cache.k, dec.cache.v, dec.cos, dec.sin, dec.cache.key_bias, heads, ffn, lib=lib)
@@ -85,10 +88,10 @@ def test_the_kernel_equals_the_torch_ops(lib, shape, batch):
 
 def test_the_decoder_uses_the_kernel_for_fp32_on_cpu_only(lib):
     model = make_model(CONFIGS["4 heads of 16 (blocked)"])
-    assert Decoder(model, model.new_cache(2, 8, dtype=torch.float32)).mix is not None
+    assert Decoder(model, new_cache(model, 2, 8, dtype=torch.float32)).mix is not None
     half = make_model(CONFIGS["4 heads of 16 (blocked)"]).to(torch.bfloat16)
-    assert Decoder(half, half.new_cache(2, 8, dtype=torch.bfloat16),
-                   parallel.DecodePlan(torch.bfloat16)).mix is None
+    assert Decoder(half, new_cache(half, 2, 8, dtype=torch.bfloat16),
+                   layouts.DecodePlan(torch.bfloat16)).mix is None
 
 
 def test_without_the_kernel_decoding_is_the_same_function(monkeypatch):
@@ -98,7 +101,7 @@ def test_without_the_kernel_decoding_is_the_same_function(monkeypatch):
     with_kernel = generate(model, prompts, 8)
     monkeypatch.setenv("PALM_NATIVE", "0")
     assert native.load() is None
-    assert Decoder(model, model.new_cache(2, 8, dtype=torch.float32)).mix is None
+    assert Decoder(model, new_cache(model, 2, 8, dtype=torch.float32)).mix is None
     without = generate(model, prompts, 8)
     assert torch.equal(with_kernel.tokens, without.tokens)
     assert torch.allclose(with_kernel.raw_logprobs, without.raw_logprobs, atol=1e-5)

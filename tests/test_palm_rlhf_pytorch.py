@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, redraw_weights
-from palm import parallel
-from palm.model import ModelConfig, PaLM
+
+from palm.model import parallel
+from palm.model.network import ModelConfig, PaLM
 
 pytest.importorskip(
     "palm_rlhf_pytorch",

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import commit, make_project, prefect_server
 
 pytestmark = pytest.mark.e2e
@@ -83,9 +82,9 @@ def test_default_corpus_and_shards(project, flow_runs):
     import pyarrow.parquet as pq
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from palm.core.tokenizer import load_tokenizer, special_ids
     from palm.data.corpus import read_corpus
     from palm.data.tokenize import TokenizeConfig, choose_valid
-    from palm.tokenizer import load_tokenizer, special_ids
 
     corpus = project / "data" / "corpus"
     table = pq.read_table(sorted(corpus.glob("part-*.parquet")))
@@ -123,10 +122,10 @@ def test_mlflow_runs_carry_params_metrics_commit_and_dvc_hashes(project, flow_ru
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("palm-rlhf")
     runs = client.search_runs([exp.experiment_id])
-    pipelines = [r for r in runs if r.data.tags.get("palm.stage") == "pipeline"]
+    pipelines = [r for r in runs if r.data.tags.get("palm.ops.stage") == "pipeline"]
     assert len(pipelines) == 2
     for stage in STAGES:
-        stage_runs = [r for r in runs if r.data.tags.get("palm.stage") == stage]
+        stage_runs = [r for r in runs if r.data.tags.get("palm.ops.stage") == stage]
         assert len(stage_runs) == 1, stage  # ran once; the second flow run executed nothing
         run = stage_runs[0]
         assert run.info.status == "FINISHED"
@@ -138,7 +137,7 @@ def test_mlflow_runs_carry_params_metrics_commit_and_dvc_hashes(project, flow_ru
                 if entry["path"].startswith(("data", "artifacts", "models")):
                     tag = f"dvc.{kind[:-1]}.{entry['path']}.md5"
                     assert run.data.tags.get(tag) == entry["md5"], (stage, tag)
-    assert client.search_runs([exp.experiment_id], "tags.`palm.stage` = 'tokenize'")[0].data.metrics["tokens"] >= 1e6
+    assert client.search_runs([exp.experiment_id], "tags.`palm.ops.stage` = 'tokenize'")[0].data.metrics["tokens"] >= 1e6
 
 
 def test_short_pretrain_beats_unigram(project, flow_runs):
@@ -160,8 +159,8 @@ def test_short_pretrain_beats_unigram(project, flow_runs):
 def test_default_chat_data(project, flow_runs):
     import json
 
+    from palm.core.tokenizer import sha256_file
     from palm.data.chat import load_prefs, load_sft
-    from palm.tokenizer import sha256_file
 
     sha = sha256_file(project / "artifacts" / "tokenizer" / "tokenizer.json")
     seq_len = yaml.safe_load((project / "params.yaml").read_text())["model"]["seq_len"]
@@ -259,14 +258,14 @@ def test_evaluate_registers_the_models_and_lineage_reaches_the_scrape_run(projec
     and ``palm lineage`` walks from the champion to the scrape run and its corpus md5."""
     import mlflow
 
-    from palm import registry
+    from palm.ops import registry
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     out_md5 = lambda stage, path: next(o["md5"] for o in lock[stage]["outs"] if o["path"] == path)  # noqa: E731
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     for stage, name in registry.NAMES.items():
         version = client.get_model_version_by_alias(name, "champion")  # the first versions
-        assert client.get_run(version.run_id).data.tags["palm.stage"] == stage
+        assert client.get_run(version.run_id).data.tags["palm.ops.stage"] == stage
         assert version.tags["dvc.md5"] == out_md5(stage, f"models/{stage}")
     info = registry.lineage("models:/palm-chat@champion", root=project)
     stages = {r["stage"]: run_id for run_id, r in info["runs"].items()}

@@ -21,13 +21,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from finetune_data import MODEL, chat_data, make_parent, make_reward  # noqa: E402
 
-from palm import parallel  # noqa: E402
-from palm.generate import generate  # noqa: E402
-from palm.tokenizer import load_tokenizer, special_ids  # noqa: E402
+from palm.core.tokenizer import load_tokenizer, special_ids  # noqa: E402
+from palm.decode.generate import generate  # noqa: E402
+from palm.model import parallel  # noqa: E402
 from palm.train.engine import OptimConfig  # noqa: E402
 from palm.train.loop import KILL_ENV, export  # noqa: E402
-from palm.train.rlhf import (KLConfig, Paths, PPOConfig, build_roles, launch, load_prompts, reference_step,  # noqa: E402
-                             sequences_batch, token_logp, train)
+from palm.train.rlhf import (  # noqa: E402
+    KLConfig,
+    Paths,
+    PPOConfig,
+    build_roles,
+    launch,
+    load_prompts,
+    reference_step,
+    sequences_batch,
+    token_logp,
+    train,
+)
 
 FAST = OptimConfig(lr=1e-2, min_lr=1e-2, warmup_steps=0, weight_decay=0.0)
 TOY = PPOConfig(train_steps=16, micro_batch_size=8, prompts_per_rollout=16, max_new_tokens=16, dtype="fp32",

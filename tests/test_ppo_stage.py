@@ -77,7 +77,7 @@ def test_dvc_repro_ppo_exports_the_policy_with_metrics_curve_samples_and_mlflow(
 
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("palm-rlhf").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["palm.stage"] == "ppo"
+    assert run.info.status == "FINISHED" and run.data.tags["palm.ops.stage"] == "ppo"
     assert {"reward", "kl", "entropy", "clip_fraction", "response_length"} <= set(run.data.metrics)
     # one point per iteration (and the stage's final metrics, unstepped)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "kl")][:2] == [1, 2]

@@ -16,10 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 
 from shards import SHA, make_shards  # noqa: E402
 
-from palm.config import ConfigError  # noqa: E402
-from palm.errors import UserError  # noqa: E402
-from palm.model import ModelConfig  # noqa: E402
+from palm.core.config import ConfigError  # noqa: E402
+from palm.core.errors import UserError  # noqa: E402
+from palm.model.network import ModelConfig  # noqa: E402
 from palm.train import checkpoint as ckpt  # noqa: E402
+from palm.model import weights
 from palm.train import data  # noqa: E402
 from palm.train.engine import OptimConfig  # noqa: E402
 from palm.train.pretrain import KILL_ENV, PretrainConfig, evaluate_checkpoint, export, launch  # noqa: E402
@@ -111,12 +112,12 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(tmp_path, tokens):
     assert json.loads((tmp_path / "model" / "config.json").read_text())["model"] == config["model"]
     assert weights(tmp_path / "model")["layers.0.attn.q.weight"].shape == (32, 32)
     # the export loads back into the same function as the checkpoint (one process, TP=1)
-    from palm import parallel
-    from palm.model import PaLM
+    from palm.model import parallel
+    from palm.model.network import PaLM
 
     parallel.init_distributed()
     try:
-        exported, _ = ckpt.load_exported(tmp_path / "model")
+        exported, _ = weights.load_exported(tmp_path / "model")
         direct = PaLM(MODEL)
         ckpt.load_model([direct], Path(result["checkpoint"]))
         tokens = torch.randint(0, MODEL.vocab_size, (2, 16))
@@ -140,7 +141,7 @@ def test_pp_not_dividing_layers_names_the_fields():
 
 
 def test_world_size_must_be_tp_pp_dp():
-    from palm import parallel
+    from palm.model import parallel
 
     try:
         with pytest.raises(UserError, match=r"world size 1 != tensor_parallel x pipeline_parallel x data_parallel = 2 x 1 x 1 = 2"):

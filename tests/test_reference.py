@@ -7,7 +7,7 @@ This file recomputes the model independently: plain torch, float64, one sequence
 a time, RoPE from its formula element by element, an explicit causal mask, a hand-written
 LayerNorm and softmax. Nothing here imports megatron or calls the model's own layers.
 
-The only conventions taken from ``palm/model.py`` (where the paper leaves a choice open):
+The only conventions taken from ``palm/model/network.py`` (where the paper leaves a choice open):
 - weights are ``[out, in]`` (``y = x @ W.T``);
 - RoPE pairs dimension ``j`` with ``j + head_dim/2`` (the "rotate half" layout, as in GPT-NeoX
   and palm-rlhf-pytorch), frequency ``base ** (-2j / head_dim)``;
@@ -23,11 +23,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import redraw_weights
-from palm import parallel
-from palm.generate import generate
-from palm.model import ModelConfig, PaLM
+
+from palm.decode.generate import generate
+from palm.model import parallel
+from palm.model.network import ModelConfig, PaLM
 
 
 def our_nll_and_logz(model: PaLM, tokens: torch.Tensor, labels: torch.Tensor):

@@ -1,4 +1,4 @@
-"""The MLflow Model Registry and lineage (palm/registry.py, palm/serving.py, palm/lineage.py) on a
+"""The MLflow Model Registry and lineage (palm/ops/registry.py, palm/apps/serving.py, palm/ops/lineage.py) on a
 real registry (SQLite in a temporary folder) and tiny models.
 
 A copy of the project (its real dvc.yaml) gets tiny inputs; stand-ins of the upstream stages run
@@ -6,7 +6,7 @@ through the real ``run_stage`` (so their runs carry what every stage's run carri
 of each input and output, and the run that produced each input), each writing its real output
 path; then the real ``evaluate`` stage registers the four models. Checked: the versions, their
 source runs and aliases; the champion rule; ``mlflow.pyfunc.load_model(...).predict``;
-``palm.models.resolve`` and ``palm chat`` on a registry URI; ``palm lineage`` back to the scrape
+``palm.model.export.resolve`` and ``palm chat`` on a registry URI; ``palm lineage`` back to the scrape
 run and the corpus md5; ``mlflow models serve`` answering a POST on 127.0.0.1; ``make ui``'s MLflow
 UI in headless Chromium (the stage runs, the registered models, palm-chat's aliases)."""
 
@@ -32,9 +32,9 @@ from conftest import ROOT, free_port, make_project  # noqa: E402
 from finetune_data import chat_data, make_parent  # noqa: E402
 from test_evaluate import CFG, STAGE_ARGS, make_reward, make_tokens, with_kind  # noqa: E402
 
-from palm.config import to_dict  # noqa: E402
-from palm.parallel import process_groups  # noqa: E402
-from palm.stage import dvc_md5, run_stage  # noqa: E402
+from palm.core.config import to_dict  # noqa: E402
+from palm.model.parallel import process_groups  # noqa: E402
+from palm.ops.stage import dvc_md5, run_stage  # noqa: E402
 
 # upstream stage -> the outputs its stand-in writes (dvc.yaml's paths), from the tiny inputs
 OUTPUTS = {"scrape": {"data/corpus": "corpus", "data/raw": "corpus"}, "tokenizer": {"artifacts/tokenizer": "tokenizer"},
@@ -105,13 +105,13 @@ def client(env):
 
 def stage_run(c, stage: str):
     exp = c.get_experiment_by_name("palm-rlhf")
-    (run,) = c.search_runs([exp.experiment_id], f"tags.`palm.stage` = '{stage}'",
+    (run,) = c.search_runs([exp.experiment_id], f"tags.`palm.ops.stage` = '{stage}'",
                            order_by=["attributes.start_time DESC"], max_results=1)
     return run
 
 
 def test_evaluate_registers_four_models_with_their_source_runs_and_aliases(project, env):
-    from palm.registry import NAMES, pip_requirements
+    from palm.ops.registry import NAMES, pip_requirements
 
     assert NAMES == {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
     c = client(env)
@@ -136,10 +136,10 @@ def test_evaluate_registers_four_models_with_their_source_runs_and_aliases(proje
 
 
 def test_the_champion_params_are_checked_and_the_ui_link_opens_the_runs(project, env):
-    from palm.config import from_dict
-    from palm.errors import ConfigError
-    from palm.evaluate import EvaluateConfig
-    from palm.tracking import ui_url
+    from palm.core.config import from_dict
+    from palm.core.errors import ConfigError
+    from palm.eval.evaluate import EvaluateConfig
+    from palm.ops.tracking import ui_url
 
     with pytest.raises(ConfigError, match="evaluate.champion_metric: must be one of win_rate, "):
         from_dict(EvaluateConfig, {"champion_metric": "wins"}, "evaluate")
@@ -150,7 +150,7 @@ def test_the_champion_params_are_checked_and_the_ui_link_opens_the_runs(project,
 
 
 def test_pip_requirements_are_the_lock_pins():
-    from palm.registry import pip_requirements
+    from palm.ops.registry import pip_requirements
 
     lock = {l.split("==")[0].lower(): l for l in (ROOT / "requirements.lock").read_text().splitlines() if "==" in l}
     reqs = pip_requirements()
@@ -162,7 +162,7 @@ def test_pip_requirements_are_the_lock_pins():
 def test_the_champion_rule_and_the_chain_aliases(project, env, tmp_path):
     """A new palm-chat version that does not beat the champion's metric is the candidate; one
     that beats it is champion, and the other models it came with become champion too."""
-    from palm.registry import register
+    from palm.ops.registry import register
 
     c = client(env)
     models = {k: project / "models" / k for k in ("pretrain", "sft", "reward", "ppo")}
@@ -198,7 +198,7 @@ def test_the_champion_rule_and_the_chain_aliases(project, env, tmp_path):
 def test_pyfunc_load_and_predict_and_resolve(project, env):
     import mlflow.pyfunc
 
-    from palm.models import read_export, resolve
+    from palm.model.export import read_export, resolve
 
     with process_groups():
         model = mlflow.pyfunc.load_model("models:/palm-chat@champion")
@@ -222,8 +222,8 @@ def test_pyfunc_load_and_predict_and_resolve(project, env):
 def test_palm_chat_on_a_registry_uri_and_bad_uris(project, env, capsys):
     import io
 
-    from palm import chat
-    from palm.cli import main, parser
+    from palm.apps import chat
+    from palm.apps.cli import main, parser
 
     args = parser().parse_args(["chat", "models:/palm-chat@champion", "--temperature", "0", "--max-new-tokens", "4"])
     out, err = io.StringIO(), io.StringIO()
@@ -237,7 +237,7 @@ def test_palm_chat_on_a_registry_uri_and_bad_uris(project, env, capsys):
 
 
 def test_lineage_reaches_the_scrape_run_and_the_corpus_md5_from_every_model(project, env, capsys):
-    from palm.cli import main
+    from palm.apps.cli import main
 
     c = client(env)
     assert main(["lineage", "models:/palm-chat@champion", "--json"]) == 0
@@ -280,7 +280,7 @@ def test_lineage_reaches_the_scrape_run_and_the_corpus_md5_from_every_model(proj
 def test_mlflow_models_serve_answers_a_post_on_loopback(project, env, tmp_path):
     import mlflow.pyfunc
 
-    from pipelines.serve import wait_healthy  # polls <url>/health (the scoring server answers it as /ping)
+    from pipelines.servers import wait_healthy  # polls <url>/health (the scoring server answers it as /ping)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -308,7 +308,7 @@ def test_mlflow_models_serve_answers_a_post_on_loopback(project, env, tmp_path):
 
 
 def test_palm_ui_refuses_a_bad_port_or_worker_count_in_one_line(capsys):
-    from palm.cli import main
+    from palm.apps.cli import main
 
     for args, message in ((["--port", "0"], "--port: expected 1..65535, got 0"),
                           (["--workers", "0"], "--workers: expected >= 1, got 0")):
@@ -324,9 +324,9 @@ def test_make_ui_shows_the_stage_runs_and_the_models_with_their_aliases(project,
     import psutil
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from palm.registry import NAMES
-    from palm.tracking import ui_url
-    from pipelines.serve import wait_healthy
+    from palm.ops.registry import NAMES
+    from palm.ops.tracking import ui_url
+    from pipelines.servers import wait_healthy
 
     c = client(env)
     experiment = c.get_experiment_by_name("palm-rlhf").experiment_id
@@ -339,7 +339,7 @@ def test_make_ui_shows_the_stage_runs_and_the_models_with_their_aliases(project,
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.log"
     with log.open("w") as out:  # what `make ui MLFLOW_PORT=<port>` runs, in the project folder
-        proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "ui", "--port", str(port)], cwd=project,
+        proc = subprocess.Popen([sys.executable, "-m", "palm.apps.cli", "ui", "--port", str(port)], cwd=project,
                                 env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     wait = WebDriverWait(browser, 120)  # a loaded 2-core machine: the first page took 30 s at load 20

@@ -17,12 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import redraw_weights  # noqa: E402
 from finetune_data import MODEL, chat_data, make_parent  # noqa: E402
 
-from palm import parallel  # noqa: E402
-from palm.config import ConfigError, to_dict  # noqa: E402
+from palm.core.config import ConfigError, to_dict  # noqa: E402
+from palm.model import parallel  # noqa: E402
 from palm.train.engine import Engine  # noqa: E402
 from palm.train.finetune import load_parent  # noqa: E402
-from palm.train.reward import (HEAD, RewardConfig, RewardModel, pair_batch, pair_length, pairwise,  # noqa: E402
-                               read_rewards, read_rows, reward_forward_step, reward_stats)
+from palm.model.reward import HEAD, RewardModel, read_rewards  # noqa: E402
+from palm.train.reward import (RewardConfig, pair_batch, pair_length, pairwise, read_rows,  # noqa: E402
+                               reward_forward_step, reward_stats)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,10 @@ def test_pairwise_loss_accuracy_and_margin_equal_a_slow_loop(inputs, single):
 
 
 def test_loading_an_sft_export_keeps_the_seeded_head_and_refuses_other_gaps(inputs, single):
-    from palm.errors import UserError
-    from palm.train.checkpoint import load_safetensors
     from safetensors.torch import load_file
+
+    from palm.core.errors import UserError
+    from palm.model.weights import load_safetensors
 
     engine = Engine(MODEL, None, chunk=RewardModel, micro_batch_size=2)
     head = engine.chunks[0].head.weight.detach().clone()
@@ -124,7 +126,7 @@ def test_loading_an_sft_export_keeps_the_seeded_head_and_refuses_other_gaps(inpu
 def test_reward_stats_equal_a_loop_over_the_distinct_training_sequences(inputs, tmp_path):
     import json
 
-    from palm.train.checkpoint import export_safetensors
+    from palm.model.weights import export_safetensors
 
     parallel.init_distributed()
     try:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import commit, free_port, make_project
 
 pytestmark = pytest.mark.e2e
@@ -154,8 +153,8 @@ def test_triggered_runs_complete_the_second_from_the_dvc_cache(served):
     assert list((root / "data" / "corpus").glob("part-*.parquet"))
     assert not (root / "artifacts" / "tokenizer").exists()  # until: scrape, nothing downstream
     runs = mlflow_runs(root)
-    (pipeline,) = [r for r in runs if r.data.tags.get("palm.stage") == "pipeline"]
-    (scrape,) = [r for r in runs if r.data.tags.get("palm.stage") == "scrape"]
+    (pipeline,) = [r for r in runs if r.data.tags.get("palm.ops.stage") == "pipeline"]
+    (scrape,) = [r for r in runs if r.data.tags.get("palm.ops.stage") == "scrape"]
     assert scrape.data.tags["mlflow.parentRunId"] == pipeline.info.run_id  # nested under the flow's run
     stamp = {p: p.stat().st_mtime_ns for p in (root / "data" / "corpus").iterdir()}
 
@@ -171,7 +170,7 @@ def test_triggered_runs_complete_the_second_from_the_dvc_cache(served):
         time.sleep(1)
     assert "stage scrape: ran" in flow_logs(url, first.id)
     assert {p: p.stat().st_mtime_ns for p in (root / "data" / "corpus").iterdir()} == stamp
-    stages = [r.data.tags.get("palm.stage") for r in mlflow_runs(root)]
+    stages = [r.data.tags.get("palm.ops.stage") for r in mlflow_runs(root)]
     assert (stages.count("pipeline"), stages.count("scrape")) == (2, 1)  # the second run executed no stage
 
 

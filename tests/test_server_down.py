@@ -1,7 +1,7 @@
 """A tracking or orchestration server that dies while a stage runs (SIGKILL, as a crash or an
 OOM kill would end it), with real servers started here.
 
-MLflow: the stage goes on, keeps its outputs and says so in one warning line (palm/tracking.py).
+MLflow: the stage goes on, keeps its outputs and says so in one warning line (palm/ops/tracking.py).
 Prefect: the flow stops within a bounded time with one line naming the server and how to resume;
 the stage that was running is ended as Ctrl-C would end it (nothing half-written, no process
 left), and ``dvc repro`` then finishes only what was not finished (pipelines/flow.py)."""
@@ -43,7 +43,7 @@ def test_mlflow_server_killed_while_a_training_stage_runs(tmp_path):
     import mlflow
     from safetensors.torch import load_file
 
-    from palm.models import read_export
+    from palm.model.export import read_export
 
     # enough tiny steps that training outlasts the first row's way to the server (Tracker.follow
     # polls every 2 s; 16 steps were over by then on a loaded CI machine)
@@ -105,8 +105,8 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
     crawl on unrecorded, then retry the dead server for over a minute and end in a traceback."""
     import psutil
     import yaml
-
     from conftest import make_project
+
     from pipelines.serve import ServeConfig, prefect_env, server_command
 
     root = make_project(tmp_path / "p")

@@ -35,7 +35,7 @@ def inputs(tmp_path_factory) -> dict:
 
 
 def test_sft_loss_is_the_mean_nll_over_exactly_the_assistant_tokens(inputs, single):
-    from palm.parallel import gather_vocab
+    from palm.model.parallel import gather_vocab
 
     rows = read_rows(inputs["sft"], "train", inputs["sha"])
     assert len(rows) >= 5

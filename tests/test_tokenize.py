@@ -6,13 +6,19 @@ import hashlib
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_stage_cli
 
+from palm.core.errors import UserError
+from palm.core.tokenizer import (
+    SPECIAL_TOKENS,
+    TokenizerConfig,
+    load_tokenizer,
+    sha256_file,
+    special_ids,
+    train_tokenizer,
+)
 from palm.data.corpus import write_corpus
 from palm.data.tokenize import TokenizeConfig, choose_valid, read_meta, split_score, tokenize_corpus
-from palm.errors import UserError
-from palm.tokenizer import SPECIAL_TOKENS, TokenizerConfig, load_tokenizer, sha256_file, special_ids, train_tokenizer
-
-from conftest import run_stage_cli, ROOT
 
 
 @pytest.fixture(scope="module")

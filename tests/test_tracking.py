@@ -35,7 +35,7 @@ def test_follow_logs_each_complete_curve_row_at_its_step_and_changed_artifacts(t
 
     import mlflow
 
-    from palm.tracking import Tracker
+    from palm.ops.tracking import Tracker
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     reports = tmp_path / "reports"
@@ -68,7 +68,7 @@ def test_a_kept_alive_connection_the_server_drops_is_retried_on_a_new_one():
     its next request on it (uvicorn closes them after 5 s idle; the curve is polled every 2 s):
     that request dies with a connection reset before it reaches the server. With no retry at all
     the stage took the live server for a dead one and stopped tracking (seen in CI, in
-    test_server_down.py); with palm.tracking's one immediate retry it goes on a fresh connection.
+    test_server_down.py); with palm.ops.tracking's one immediate retry it goes on a fresh connection.
     The server here answers the first request of each connection and resets the connection at the
     second one, which is that race made certain."""
     import socket
@@ -79,7 +79,7 @@ def test_a_kept_alive_connection_the_server_drops_is_retried_on_a_new_one():
     import mlflow
     from mlflow.entities import Metric
 
-    import palm.tracking  # noqa: F401 - its MLflow HTTP settings
+    import palm.ops.tracking  # noqa: F401 - its MLflow HTTP settings
 
     served = []
 

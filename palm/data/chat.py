@@ -1,7 +1,7 @@
 """Chat data: the project's one chat template, the ``sft_data`` and ``prefs`` stages, and the
 loaders that SFT, the reward model and PPO read their data with.
 
-The template, from the tokenizer's special tokens (``palm/tokenizer.py``)::
+The template, from the tokenizer's special tokens (``palm/core/tokenizer.py``)::
 
     <|system|>{text}<|end|><|user|>{text}<|end|><|assistant|>{text}<|end|><|user|>…
 
@@ -31,11 +31,11 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from palm.config import check
+from palm.core.config import check
+from palm.core.errors import UserError
+from palm.core.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, special_ids
 from palm.data.chat_readers import DROP_REASONS, Conversation, Pair, Skip, Turn, read_examples
 from palm.data.rankings import RankingStats
-from palm.errors import UserError
-from palm.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, special_ids
 
 META = "meta.json"
 SPLITS = ("train", "valid")
@@ -194,14 +194,29 @@ def _pair_row(t: ChatTemplate, pair: Pair, seq_len: int) -> dict:
             "rejected": pair.rejected, "truncated": cut, "kind": pair.kind}
 
 
+def write_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpus: Path, tokenizer: Path,
+                    seq_len: int, out: Path, root: Path = Path("."), progress: bool = False
+                    ) -> tuple[dict, dict[str, str]]:
+    """:func:`build_chat_data` into ``out``, which appears only complete; returns the metrics and the
+    MLflow tags naming the human rankings the data holds (:func:`~palm.data.rankings.run_tags`)."""
+    from palm.core.io import atomic_dir
+    from palm.data.rankings import run_tags
+
+    with atomic_dir(out) as tmp:
+        metrics = build_chat_data(kind, cfg, corpus=corpus, tokenizer=tokenizer, seq_len=seq_len, out=tmp,
+                                  root=root, progress=progress)
+        tags = run_tags(read_chat_meta(tmp, kind))
+    return metrics, tags
+
+
 def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpus: Path, tokenizer: Path,
                     seq_len: int, out: Path, root: Path = Path("."), progress: bool = False) -> dict:
     """Read, clean, dedup, tokenize, fit and split the examples of ``cfg`` into ``out`` (a fresh
     folder): ``{train,valid}.parquet`` + ``meta.json``. Returns the metrics: ``read``, ``kept``,
     one count per drop reason, the split sizes and tokens."""
+    from palm.core.io import write_json
+    from palm.core.tokenizer import load_tokenizer, sha256_file
     from palm.data.tokenize import TokenizeConfig, choose_valid
-    from palm.io import write_json
-    from palm.tokenizer import load_tokenizer, sha256_file
 
     section = "sft_data" if kind == "sft" else "prefs"
     tok_path = Path(tokenizer) / "tokenizer.json"

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from palm.core.errors import UserError
 from palm.data import rankings
-from palm.errors import UserError
 
 FORMATS = ("auto", "oasst", "hh", "pairs", "chat", "instruction", "rankings")
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")

@@ -9,7 +9,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from palm.errors import UserError
+from palm.core.errors import UserError
 
 CORPUS_SCHEMA = pa.schema([
     ("url", pa.string()),  # where the document came from (http(s)://, file://, hf://)

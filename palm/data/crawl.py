@@ -51,9 +51,9 @@ import httpcore
 import httpx
 from tqdm import tqdm
 
-from palm.config import check
+from palm.core.config import check
+from palm.core.errors import UserError
 from palm.data.links import FRAME, extract_links, normalize_url  # noqa: F401 - extract_links re-exported
-from palm.errors import UserError
 
 ACCEPTED_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
 HTML_TYPES = ("text/html", "application/xhtml+xml")

@@ -10,7 +10,7 @@ from typing import Iterable
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from palm.config import check
+from palm.core.config import check
 
 SCHEME = "affine32"  # datasketch's hashing scheme; signatures are comparable only within one
 

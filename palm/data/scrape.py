@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -26,19 +27,18 @@ from pathlib import Path
 from typing import Iterator, Literal
 from urllib.parse import urlsplit
 
-import multiprocessing as mp
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from palm.config import check
-from palm.data.corpus import CORPUS_SCHEMA
+from palm.core.config import check
+from palm.core.errors import UserError
 from palm.data.clean import FilterConfig, decode, extract_html, normalize, quality_reason
+from palm.data.corpus import CORPUS_SCHEMA
 from palm.data.crawl import CrawlConfig, Page, crawl
 from palm.data.dedup import DedupConfig, duplicates, signature
 from palm.data.pydoc_server import allowed_module
 from palm.data.warc import WARC_SKIPS, RawRecord, WarcShardWriter, now_iso, read_warc, shard_name
-from palm.errors import UserError
 
 _PART_SCHEMA = CORPUS_SCHEMA.append(pa.field("minhash", pa.list_(pa.uint64()))).append(pa.field("seq", pa.int64()))
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}

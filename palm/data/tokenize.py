@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from palm.config import check
-from palm.errors import UserError
+from palm.core.config import check
+from palm.core.errors import UserError
 
 META = "meta.json"
 
@@ -68,9 +68,9 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: 
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
 
+    from palm.core.io import write_json
+    from palm.core.tokenizer import load_tokenizer, sha256_file, special_ids
     from palm.data.corpus import read_corpus
-    from palm.io import write_json
-    from palm.tokenizer import load_tokenizer, sha256_file, special_ids
 
     tok = load_tokenizer(tokenizer_path)
     tok_sha = sha256_file(tokenizer_path)

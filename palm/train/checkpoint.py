@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+from torch.distributed.checkpoint.api import CheckpointException
 
-from palm.errors import UserError
-from palm.megatron_compat import cpu_compat
+from palm.core.errors import UserError
+from palm.model.megatron_compat import cpu_compat
 
 META = "palm.json"
 _TP_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
@@ -231,61 +231,3 @@ def _load_chunks(chunks: list[torch.nn.Module], loaded: dict[str, torch.Tensor],
         for chunk in chunks:
             for name, p in chunk.named_parameters():
                 p.copy_(loaded[prefix + name])
-
-
-# --- export: plain safetensors + config.json ----------------------------------------------------
-
-def export_safetensors(model: torch.nn.Module, out_dir: Path, config: dict[str, Any]) -> None:
-    """Write a whole (TP=1, PP=1) model as ``model.safetensors`` + ``config.json``."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().float().contiguous() for n, p in model.named_parameters()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def load_safetensors(model: torch.nn.Module, path: Path, new: Iterable[str] = ()) -> None:
-    """Load exported full weights into a model or one chunk of it at the current TP layout.
-    ``new`` names parameters the export need not hold (e.g. a reward head on a language model's
-    export): absent, they keep their initial values; any other absent weight is an error."""
-    from safetensors.torch import load_file
-
-    full = load_file(str(path))
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    new = set(new)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            key = "embedding.weight" if name == "output_embedding.weight" else name
-            if key not in full and key in new:
-                continue
-            if key not in full:
-                raise UserError(f"{path}: weight {key!r} missing; not a palm export of this model")
-            t = full[key]
-            if tp > 1 and getattr(p, "tensor_model_parallel", False):
-                t = t.chunk(tp, dim=p.partition_dim)[rank]
-            if t.shape != p.shape:
-                raise UserError(f"{path}: weight {key!r} has shape {tuple(t.shape)}, the model "
-                                f"expects {tuple(p.shape)} (different config.json?)")
-            p.copy_(t)
-
-
-def load_exported(model_dir: Path, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The whole model of an export (``model.safetensors`` + ``config.json``) at the current TP
-    layout, and its config. Process groups must exist (``palm.parallel.init_distributed()``)."""
-    from palm import parallel
-    from palm.config import from_dict
-    from palm.megatron_compat import device
-    from palm.model import ModelConfig, PaLM
-
-    model_dir = Path(model_dir)
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-        cfg = from_dict(ModelConfig, config["model"], "model")
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{model_dir}: not a palm export (config.json: {type(err).__name__}: {err})")
-    model = PaLM(cfg, parallel.megatron_config(cfg, dtype=dtype))
-    load_safetensors(model, model_dir / "model.safetensors")
-    return model.to(device()), config

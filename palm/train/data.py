@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from palm.core.errors import UserError
 from palm.data.tokenize import META, read_meta
-from palm.errors import UserError
 
 SPLITS = ("train", "valid")
 

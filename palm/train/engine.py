@@ -3,13 +3,13 @@ and any objective.
 
 One :class:`Engine` per process. It builds this rank's model chunks from a chunk factory (PaLM by
 default; a reward or value model is another factory) with the layer split of the parallel plan
-(:func:`palm.parallel.chunk_layers`), wraps them in megatron ``DistributedDataParallel``, makes an
+(:func:`palm.model.parallel.chunk_layers`), wraps them in megatron ``DistributedDataParallel``, makes an
 AdamW ``get_megatron_optimizer`` (fp32 main weights when the params are bf16) with gradient
 clipping, an ``OptimizerParamScheduler`` (linear warmup, cosine decay), and runs one optimizer step
 over ``num_microbatches`` micro-batches with ``get_forward_backward_func()`` — no pipelining,
 1F1B, or interleaved 1F1B when there are virtual stages — and ``finalize_model_grads`` (DP
 all-reduce, tied-embedding all-reduce between the first and last stage). Every megatron call runs
-inside :func:`palm.megatron_compat.cpu_compat`, so the same code trains on CPU.
+inside :func:`palm.model.megatron_compat.cpu_compat`, so the same code trains on CPU.
 
 The objective is megatron's own seam (``pretrain_gpt.py``'s ``forward_step``): a
 :data:`ForwardStep` ``(batch, model) -> (output, loss_func)`` where ``loss_func(output)`` returns
@@ -37,10 +37,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from palm import parallel
-from palm.config import check
-from palm.megatron_compat import cpu_compat, device
-from palm.model import ModelConfig, PaLM
+from palm.core.config import check
+from palm.model import parallel
+from palm.model.megatron_compat import cpu_compat, device
+from palm.model.network import ModelConfig, PaLM
 
 Batch = dict[str, torch.Tensor]  # one micro-batch: named tensors, first dim the batch
 LossFunc = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -49,7 +49,7 @@ OutputFunc = Callable[[Any], dict[str, torch.Tensor]]  # last stage's output -> 
 
 
 class ChunkFactory(Protocol):
-    """Builds one pipeline chunk of a model (``palm.model.PaLM`` has this signature)."""
+    """Builds one pipeline chunk of a model (``palm.model.network.PaLM`` has this signature)."""
 
     def __call__(self, cfg: ModelConfig, mcfg: Any, *, pre_process: bool, post_process: bool,
                  layers: list[int], seed: int) -> torch.nn.Module: ...

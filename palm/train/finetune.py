@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from palm.config import from_dict, to_dict
-from palm.errors import UserError
-from palm.model import ModelConfig
+from palm.core.config import from_dict, to_dict
+from palm.core.errors import UserError
+from palm.model.network import ModelConfig
 
 PAD_ID = 0  # what pad positions hold; never attended to by a real token, never in a loss
 
@@ -81,7 +81,7 @@ def check_parent(data: Path, parent: Path, data_stage: str, parent_stage: str) -
 def load_parent(engine: Any, model_dir: Path, new: Iterable[str] = ()) -> None:
     """Load the parent's exported weights into every chunk of ``engine`` at its TP/PP layout.
     ``new`` names parameters the parent lacks (they keep their seeded initialisation)."""
-    from palm.train.checkpoint import load_safetensors
+    from palm.model.weights import load_safetensors
 
     for chunk in engine.chunks:
         load_safetensors(chunk, Path(model_dir) / "model.safetensors", new=new)
@@ -99,7 +99,7 @@ def launch(entry: str, section: str, model: ModelConfig, cfg: Any, *, data: Path
     ``data`` in ``cfg.world_size`` processes; ``cfg`` is the params section ``section``. The spec
     carries the sha256 of the data and of the parent's weights: they are part of the run's
     identity, so a checkpoint of other data or another parent is never resumed."""
-    from palm.io import files_sha256
+    from palm.core.io import files_sha256
     from palm.train.launch import launch as start
 
     spec = {"model": to_dict(model), section: to_dict(cfg), "dtype": dtype, "data": str(data),

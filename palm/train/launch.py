@@ -6,7 +6,7 @@ worker alone: ``python -m palm.train.launch ENTRY SPEC``, a one-process world); 
 ``ENTRY`` (``"package.module:function"``, e.g. ``palm.train.pretrain:worker``) and calls it with the
 spec. The launcher never imports an objective module: the entry point is an argument.
 
-Errors: a worker that raises :class:`~palm.errors.UserError` writes its one-line message to
+Errors: a worker that raises :class:`~palm.core.errors.UserError` writes its one-line message to
 ``run_dir/error.<rank>`` and exits 2; the launcher re-raises the first as a ``UserError``, so the
 stage prints one line. Any other failure is a ``RuntimeError`` naming torchrun's exit code.
 
@@ -45,22 +45,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from palm.errors import UserError
+from palm.core.errors import UserError
+from palm.core.process import NODE_RANK_ENV, OtherNodeDone, default_threads, flush_denormals
 
 MARKER_ENV = "PALM_RUN_MARKER"
-NODE_RANK_ENV = "PALM_NODE_RANK"
 RDZV_ENV = "PALM_RDZV_ENDPOINT"
 _QUIET = ",".join(f"ignore:{m}:UserWarning" for m in (
     "Transformer Engine and Apex", "Apex is not installed", "full scope is deprecated"))
-
-
-class OtherNodeDone(Exception):
-    """A launch on node ``PALM_NODE_RANK > 0`` ended well: node 0 has the result."""
-
-
-def is_other_node() -> bool:
-    """Whether this process runs a stage on a node other than node 0 (it tracks and writes nothing)."""
-    return os.environ.get(NODE_RANK_ENV, "0") not in ("", "0")
 
 
 def launch(entry: str, spec: dict[str, Any], cfg: Any, *, run_dir: Path,
@@ -148,18 +139,6 @@ def rdzv_endpoint(configured: str) -> str:
     return value
 
 
-def default_threads(processes: int = 1) -> int:
-    """Torch threads per process when a config says 0: ``OMP_NUM_THREADS`` where the environment
-    sets it (e.g. a test suite running several files at once on 2 cores: two OpenMP pools of
-    two threads each on 2 cores ran the e2e pretrain 2.5x slower than one process alone), else
-    the cores shared out between the ``processes``."""
-    try:
-        forced = int(os.environ.get("OMP_NUM_THREADS", ""))
-    except ValueError:
-        forced = 0
-    return forced if forced >= 1 else max(1, (os.cpu_count() or 1) // processes)
-
-
 def marked_pids(marker: str) -> list[int]:
     """Processes whose environment has ``PALM_RUN_MARKER=<marker>`` (Linux ``/proc``)."""
     needle = f"{MARKER_ENV}={marker}".encode()
@@ -194,8 +173,7 @@ def _reap(marker: str, parent: int) -> None:
 
 def _worker(entry: str, spec_path: Path) -> int:
     """One torchrun process: call ``entry(spec)``; a UserError becomes ``run_dir/error.<rank>``."""
-    from palm.parallel import flush_denormals
-
+    
     flush_denormals()  # first, so the OpenMP threads torch starts inherit it
     spec = json.loads(spec_path.read_text())
     module, _, function = entry.partition(":")

@@ -32,9 +32,9 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from palm.config import check, from_dict, to_dict
-from palm.errors import UserError
-from palm.model import ModelConfig, PaLM
+from palm.core.config import check, from_dict, to_dict
+from palm.core.errors import UserError
+from palm.model.network import ModelConfig, PaLM
 from palm.train.engine import Batch, ChunkFactory, Engine, ForwardStep, OptimConfig
 
 KILL_ENV = "PALM_TEST_SIGKILL_AFTER_CHECKPOINT"  # fault injection for the resume tests
@@ -101,7 +101,7 @@ class TrainConfig:
 def worker_groups(cfg: TrainConfig) -> ContextManager[None]:
     """What a training worker runs in: its generators seeded with ``cfg.seed``, the process
     groups of ``cfg``'s layout up, torn down when the body ends."""
-    from palm import parallel
+    from palm.model import parallel
 
     return parallel.process_groups(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.data_parallel,
                                    cfg.virtual_stages, seed=cfg.seed)
@@ -114,7 +114,7 @@ def code_version(*files: str) -> str:
 
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for rel in ("model.py", "parallel.py", "train/engine.py", *files):
+    for rel in ("model/network.py", "model/parallel.py", "train/engine.py", *files):
         h.update((root / rel).read_bytes())
     return h.hexdigest()[:16]
 
@@ -283,7 +283,7 @@ def resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str, ran
 
 def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any], chunk: ChunkFactory = PaLM) -> dict[str, Any]:
     """Load ``checkpoint`` at TP=1, PP=1 in this process and write safetensors + config.json."""
-    from palm import parallel
+    from palm.model import parallel, weights
     from palm.train import checkpoint as ckpt
 
     meta = ckpt.check_checkpoint(checkpoint)
@@ -294,5 +294,5 @@ def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any], chunk: ChunkF
         ckpt.load_model([model], checkpoint)
         config = {"model": to_dict(model_cfg), "tokenizer_sha256": meta["run"]["tokenizer_sha256"],
                   "step": meta["step"], "format": "palm-rlhf/1", **extra}
-        ckpt.export_safetensors(model, out_dir, config)
+        weights.export_safetensors(model, out_dir, config)
     return config

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from palm.config import check, from_dict, to_dict
-from palm.errors import UserError
-from palm.model import ModelConfig
+from palm.core.config import check, from_dict, to_dict
+from palm.core.errors import UserError
+from palm.model.network import ModelConfig
 from palm.train.engine import Batch, metric
 from palm.train.launch import launch as _launch
 from palm.train.loop import KILL_ENV, RunPaths, TrainConfig, code_version, export  # noqa: F401 (re-exported)
@@ -76,7 +76,7 @@ def lm_forward_step(z_loss_weight: float):
 def shards_sha256(tokens: Path) -> str:
     """Content hash of the token shards (meta.json and every .bin/.idx): the data part of a run's
     identity, so new shards from the same tokenizer retrain instead of resuming."""
-    from palm.io import files_sha256
+    from palm.core.io import files_sha256
     from palm.train.data import SPLITS
 
     return files_sha256(tokens, ["meta.json"] + [f"{s}.{e}" for s in SPLITS for e in ("idx", "bin")])
@@ -96,7 +96,7 @@ def launch(model: ModelConfig, cfg: PretrainConfig, *, tokens: Path, tokenizer_s
 def evaluate_checkpoint(checkpoint: Path, tokens: Path, cfg: PretrainConfig, *, run_dir: Path) -> float:
     """Validation loss of ``checkpoint`` here, in one process at TP=1, PP=1 (any saved layout),
     on the validation batches a one-DP-rank run of ``cfg`` uses."""
-    from palm import parallel
+    from palm.model import parallel
     from palm.train import checkpoint as ckpt
     from palm.train.engine import Engine
 

@@ -1,12 +1,7 @@
 """The reward model: PaLM with a scalar head, trained on preference pairs (the ``reward`` stage).
 
-:class:`RewardModel` is a chunk factory like :class:`palm.model.PaLM` (same constructor), so the
-training engine builds it at any TP/PP layout: every chunk is a PaLM chunk, and the last one adds
-a bias-free linear ``d -> 1`` on the final-normed hidden state, replicated on every TP rank (its
-input is whole on every rank; same seed, same gradients, so it needs no collective). On the last
-stage it returns one scalar per position ``[b, s]``; the reward of a sequence is the scalar at its
-last real token, read at an explicit per-row index (``last``), never at a padding position. The
-per-position scalars are also what PPO's critic (value model) needs.
+The network is :class:`palm.model.reward.RewardModel`; the reward of a sequence is its scalar at
+the last real token (:func:`~palm.model.reward.read_rewards`), never at a padding position.
 
 Objective (Bradley-Terry, as in InstructGPT / Ouyang et al. 2022): for a prompt with a chosen and
 a rejected reply, ``-log sigmoid(r_chosen - r_rejected - margin)``, averaged over the pairs of the
@@ -28,38 +23,17 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from palm import parallel
-from palm.config import check, from_dict, to_dict
-from palm.model import ModelConfig, PaLM
-from palm.train.engine import Batch, OptimConfig, metric
+from palm.core.config import check, from_dict, to_dict
+from palm.model import parallel
+from palm.model.network import ModelConfig, PaLM
+from palm.model.reward import HEAD, RewardModel, read_rewards
 from palm.train import finetune
+from palm.train.engine import Batch, OptimConfig, metric
 from palm.train.finetune import EpochOrder, micro_length, pad, padded_length, valid_rows
 from palm.train.loop import RunPaths, TrainConfig, code_version
 
 ENTRY = "palm.train.reward:worker"
-CODE = ("train/finetune.py", "train/reward.py")  # with model, parallel and engine: the computation
-HEAD = "head.weight"  # the one parameter a language-model parent does not have
-
-
-class RewardModel(PaLM):
-    """PaLM (or one pipeline chunk of it) whose last chunk ends in a scalar head."""
-
-    def __init__(self, cfg: ModelConfig, mcfg: Any = None, *, pre_process: bool = True,
-                 post_process: bool = True, layers: Iterable[int] | None = None, seed: int = 0):
-        super().__init__(cfg, mcfg, pre_process=pre_process, post_process=post_process, layers=layers, seed=seed)
-        if post_process:
-            torch.manual_seed(parallel.init_seed(seed, "reward_head"))
-            self.head = parallel.replicated_linear(self.config, cfg.d_model, 1)
-
-    def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache: Any = None) -> torch.Tensor:
-        """Last stage: a scalar per position ``[b, s]`` (fp32); other stages: activations
-        ``[s, b, d]`` for the next stage (megatron's p2p protocol, as :class:`PaLM`)."""
-        assert labels is None, "a reward model has no labels"
-        x = self.trunk(tokens, cache)
-        if not self.post_process:
-            return x.transpose(0, 1).contiguous()
-        return self.head(self.final_norm(x)).squeeze(-1).float()
+CODE = ("model/reward.py", "train/finetune.py", "train/reward.py")  # with model, parallel and engine: the computation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +80,6 @@ def validate(model: ModelConfig, cfg: RewardConfig) -> None:
 
 
 # --- the objective -------------------------------------------------------------------------------
-
-def read_rewards(values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The reward of each row: ``values [b, s]`` at position ``last [b]``."""
-    return values.gather(1, last.long().unsqueeze(1)).squeeze(1)
-
 
 def pairwise(rewards: torch.Tensor, pair_mask: torch.Tensor, margin: float = 0.0):
     """Bradley-Terry loss summed over the pairs of a micro-batch whose rows are ``[chosen_0 ..
@@ -205,7 +174,7 @@ def reward_stats(model_dir: Path, rows: list[dict], *, batch_size: int = 32,
     ``val_accuracy_<kind>`` per kind (e.g. the default data's three kinds)."""
     import random
 
-    from palm.train.checkpoint import load_safetensors
+    from palm.model.weights import load_safetensors
     from palm.train.engine import Engine
 
     if 0 < sample < len(rows):

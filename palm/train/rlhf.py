@@ -18,7 +18,7 @@ reward      ``models/reward`` (frozen)    the score at each response's last toke
 ==========  ============================  =====================================================
 
 Frozen roles are ``Engine(optim=None)``: eval mode, no gradients, no optimizer state. Pipeline
-parallelism is refused: decoding needs the whole model in every process (:mod:`palm.generate`).
+parallelism is refused: decoding needs the whole model in every process (:mod:`palm.decode.generate`).
 
 One iteration (:func:`iteration`): each DP rank takes its share of ``prompts_per_rollout``
 prompts (a seeded order over the train split, :class:`~palm.train.finetune.EpochOrder`), repeats
@@ -59,19 +59,20 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 
-from palm.config import check, from_dict, to_dict
-from palm.errors import ConfigError, UserError
-from palm.generate import SamplingConfig, generate
-from palm.model import ModelConfig, PaLM
+from palm.core.config import check, from_dict, to_dict
+from palm.core.errors import ConfigError, UserError
+from palm.decode.generate import SamplingConfig, generate
+from palm.model.network import ModelConfig, PaLM
 from palm.train import ppo
 from palm.train.engine import Batch, Engine, OptimConfig, metric
 from palm.train.finetune import PAD_ID, EpochOrder, pad, padded_length
 from palm.train.launch import launch as _launch
 from palm.train.loop import TrainConfig, code_version, worker_groups
-from palm.train.reward import RewardModel, read_rewards
+from palm.model.reward import RewardModel, read_rewards
 
 ENTRY = "palm.train.rlhf:worker"
-CODE = ("generate.py", "train/finetune.py", "train/reward.py", "train/ppo.py", "train/rlhf.py")
+CODE = ("decode/generate.py", "decode/decoder.py", "decode/layouts.py", "decode/cache.py", "decode/native/decode.c",
+        "model/reward.py", "train/finetune.py", "train/reward.py", "train/ppo.py", "train/rlhf.py")
 
 # (prompts, responses) -> one score per row [b] (the reward model's, normalised; or a toy's)
 Scorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tensor]
@@ -340,7 +341,7 @@ def build_roles(cfg: PPOConfig, model: ModelConfig, *, policy: Path, critic_from
     ``critic_from`` (a reward export, whose mean and std are ``value_norm``; an export without the
     head, e.g. the policy's, starts the head fresh). Process groups must exist."""
     from palm.train.finetune import load_parent
-    from palm.train.reward import HEAD
+    from palm.model.reward import HEAD
 
     steps = cfg.train_steps * cfg.ppo_epochs * (cfg.rollout_per_rank // cfg.mini_batch)
     common = dict(micro_batch_size=cfg.micro_batch_size, num_microbatches=cfg.num_microbatches,
@@ -421,7 +422,7 @@ class Rollouts:
         return [self.prompts[i] for i in rows for _ in range(self.cfg.samples_per_prompt)]
 
     def generator(self, it: int, salt: int = 0) -> torch.Generator:
-        from palm.megatron_compat import device
+        from palm.model.megatron_compat import device
 
         seed = int(np.random.SeedSequence([self.cfg.seed, it, self.dp_rank, salt]).generate_state(1)[0])
         return torch.Generator(device=device()).manual_seed(seed)
@@ -599,7 +600,7 @@ def launch(model: ModelConfig, cfg: PPOConfig, *, data: Path, policy: Path, rewa
            env: dict[str, str] | None = None) -> dict[str, Any]:
     """PPO of the ``policy`` export against the ``reward`` export on the prompts of ``data``, in
     ``cfg.world_size`` processes; returns rank 0's result."""
-    from palm.io import files_sha256
+    from palm.core.io import files_sha256
 
     model.check_parallel(cfg.tensor_parallel, 1, section="ppo")
     spec = {"model": to_dict(model), "ppo": to_dict(cfg), "dtype": dtype, "data": str(data), "policy": str(policy),
@@ -612,7 +613,7 @@ def launch(model: ModelConfig, cfg: PPOConfig, *, data: Path, policy: Path, rewa
 
 def worker(spec: dict[str, Any]) -> None:
     """One PPO process: its roles at the run's layout, then :func:`train`."""
-    from palm.tokenizer import load_tokenizer, special_ids
+    from palm.core.tokenizer import load_tokenizer, special_ids
     from palm.train.finetune import load_parent
     from palm.train.metrics import DTYPES
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from palm.config import from_dict, to_dict
-from palm.model import ModelConfig
-from palm.train.engine import Batch, OptimConfig
+from palm.core.config import from_dict, to_dict
+from palm.model.network import ModelConfig
 from palm.train import finetune
+from palm.train.engine import Batch, OptimConfig
 from palm.train.finetune import EpochOrder, micro_length, pad, padded_length, valid_rows
 from palm.train.loop import RunPaths, TrainConfig, code_version
 

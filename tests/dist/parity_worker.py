@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from palm import parallel  # noqa: E402
-from palm.model import ModelConfig  # noqa: E402
+from palm.decode import layouts
+from palm.decode.cache import new_cache
+from palm.model import parallel  # noqa: E402
+from palm.model.network import ModelConfig  # noqa: E402
 from palm.train.engine import Engine, OptimConfig, random_batches  # noqa: E402
 from palm.train.pretrain import lm_forward_step  # noqa: E402
 
@@ -77,7 +79,7 @@ def save_layout(out: Path, name: str, losses, grads, weights) -> None:
 def run_naive(out: Path) -> None:
     """The masked reference without the engine: the first step's loss and gradients of the
     per-token mean over every valid token of all micro-batches, in one plain backward."""
-    from palm.model import PaLM
+    from palm.model.network import PaLM
 
     parallel.init_distributed()
     model = PaLM(CFG, seed=7)
@@ -122,7 +124,8 @@ def reward_batches(steps: int = STEPS):
 
 def run_reward(out: Path, tp: int, pp: int) -> None:
     """The reward model trained 3 steps; its per-sequence rewards on the first step's batches."""
-    from palm.train.reward import RewardModel, read_rewards, reward_forward_step
+    from palm.train.reward import reward_forward_step
+    from palm.model.reward import RewardModel, read_rewards
 
     parallel.init_distributed(tp, pp, torch.distributed.get_world_size() // (tp * pp))
     eng = Engine(CFG, OPTIM, forward_step=reward_forward_step(0.1), chunk=RewardModel, train_steps=STEPS,
@@ -150,9 +153,9 @@ def run_decode(out: Path, tp: int) -> None:
     """KV-cached decoding (the model's own path and the fused :class:`Decoder`) against full
     recomputation, generation of a left-padded batch (greedy cached and uncached, and sampled
     with its log-probs against one full forward pass per row), and hidden states, at TP=``tp``."""
-    from palm.generate import generate
-    from palm.model import Decoder, PaLM
-    from palm.parallel import gather_vocab
+    from palm.decode.generate import generate
+    from palm.model.network import Decoder, PaLM
+    from palm.model.parallel import gather_vocab
 
     parallel.init_distributed(tp, 1, torch.distributed.get_world_size() // tp)
     model = PaLM(CFG, seed=7).eval()
@@ -160,19 +163,19 @@ def run_decode(out: Path, tp: int) -> None:
     seq = torch.randint(0, CFG.vocab_size, (2, 20), generator=g)
     with torch.no_grad():
         full_logits = gather_vocab(model(seq))  # [b, s, V]
-        cache = model.new_cache(2)
+        cache = new_cache(model, 2)
         steps = [model(seq[:, :12], cache=cache)]  # a prompt of 12, then one token at a time
         for i in range(12, 20):
             steps.append(model(seq[:, i:i + 1], cache=cache))
         inc_logits = gather_vocab(torch.cat(steps, dim=1))
-        decoder = Decoder(model, model.new_cache(2))  # the same, through the fused decoding pass
+        decoder = Decoder(model, new_cache(model, 2))  # the same, through the fused decoding pass
         fused = [decoder(seq[:, :12])] + [decoder(seq[:, i:i + 1]) for i in range(12, 20)]
         fused_logits = gather_vocab(torch.stack(fused, dim=1))  # [b, 9, V]: positions 11..19
         layouts = {}  # every way the decoder may hold its weights (the plan's choice differs per CPU)
-        for layout in parallel.LAYOUTS[1:]:
-            plan = parallel.DecodePlan(torch.float32, layout)
-            decoder = Decoder(model, model.new_cache(2), plan)
-            with parallel.decode_threads(plan):
+        for layout in layouts.LAYOUTS[1:]:
+            plan = layouts.DecodePlan(torch.float32, layout)
+            decoder = Decoder(model, new_cache(model, 2), plan)
+            with layouts.decode_threads(plan):
                 steps = [decoder(seq[:, :12])] + [decoder(seq[:, i:i + 1]) for i in range(12, 20)]
             layouts[layout] = gather_vocab(torch.stack(steps, dim=1))
         hidden = model.hidden_states(seq)
@@ -245,7 +248,7 @@ def main(argv: list[str]) -> None:
         tp, pp, dp, vpp, *mask = layout.split(",")
         run_layout(out, int(tp), int(pp), int(dp), int(vpp), masked=bool(mask))
         torch.distributed.barrier()
-    from palm.megatron_compat import CALL_SITES
+    from palm.model.megatron_compat import CALL_SITES
 
     (out / f"sites.rank{torch.distributed.get_rank()}.json").write_text(json.dumps(sorted(CALL_SITES)))
     parallel.teardown()

@@ -33,17 +33,13 @@ Building this rank's chunks from the plan (:func:`chunk_layers`) and wrapping th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
-import functools
 import hashlib
 import math
 import os
 import socket
-import threading
 from typing import Any, Iterator
 
-import numpy
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
@@ -54,62 +50,11 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.transformer import TransformerConfig
 
-from palm.errors import UserError
-from palm.megatron_compat import cpu_compat
-
+from palm.core.errors import UserError
+from palm.core.process import flush_denormals, keep_freed_memory
+from palm.model.megatron_compat import cpu_compat
 
 # --- process groups ------------------------------------------------------------------------------
-
-def flush_denormals() -> None:
-    """Compute with subnormal floats (below 2^-126 = 1.2e-38, fp32 and bf16 alike) as zero on
-    this CPU (x86 FTZ/DAZ), in this thread and the threads it starts later (its OpenMP pool).
-
-    Why: after a few dozen steps of real training, gradients, Adam's second moments and the
-    far tails of softmaxes hold subnormal values, and every x86 floating-point operation on one
-    takes a microcode path of ~100 cycles. Measured on the default pretrain (fp32, MKL, ATen and
-    oneDNN held to AVX2 kernels, 2 cores): from step 40 on the stage fell from 3,900 to 2,900
-    tokens/s and recovered only partly (3,006 and 3,345 tokens/s over the run, stage 211 and
-    190 s); flushed, it held 3,700-4,000 (3,841 over the run, stage 166 s). A benchmark loop on
-    random batches (``benchmarks/output_layer.py``) never makes such values, which is why the
-    stage's step had been slower than the benchmark's. The values lost are 38 orders of
-    magnitude below the weights. A no-op where the CPU has no such mode."""
-    torch.set_flush_denormal(True)
-
-
-MALLOC_KEEP_BYTES = 1 << 30  # keep_freed_memory: allocations below this come from the heap, reused
-
-
-def keep_freed_memory() -> bool:
-    """Let this process reuse the memory it frees instead of handing it back to the OS (glibc
-    ``malloc``: blocks below ``MALLOC_KEEP_BYTES`` come from the heap rather than ``mmap``, and
-    the heap is not trimmed). Returns whether the setting took (False off glibc: a no-op).
-
-    Why: glibc serves a large block (from 128 KiB, or the size of the last such block freed)
-    with a fresh ``mmap`` and unmaps it on free, so every out-of-place op on a big activation
-    page-faults in and zeroes its whole output, 4 KiB at a time. Measured on 2 cores: ``exp`` of
-    a ``[1024, 8192]`` fp32 tile 8.3-9.2 ms out of place against 0.7-0.8 ms in place, 1.5-2.6 ms
-    out of place with this (PPO's entropy, the log-softmax, the fp32 copy of bf16 logit tiles are
-    such ops). The default DAG from pretrain down (bf16, 2 cores with AMX, ``dvc repro -f``):
-    242 -> 218 s, every stage 7-13 % faster (pretrain 74 -> 66 s, ppo 43 -> 39 s), its metrics
-    identical. The allocators PyTorch's CPU tuning guide recommends (jemalloc, tcmalloc) keep
-    freed memory too. The cost: a process's resident memory stays near its peak until it exits
-    (GPU memory is not affected). Page faults per step in steady state (``ru_minflt``, 2 cores,
-    gloo's groups up): the default pretrain step 1-2,051 with this against 1-40,292 without, a
-    PPO iteration of ``benchmarks/ppo_throughput.py`` 4-5,636 against 15,333-28,360. Not
-    understood: in a process with a gloo group, a lone 64 MiB block freed and made again is
-    still placed afresh (the heap grows by it) 2 to 5 times in 8; never without the group,
-    always by default. Calling this again after the group is made stops it for a bare gloo
-    group, not after megatron's groups."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, MALLOC_KEEP_BYTES)
-                and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))  # (an int: the largest)
-
 
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, data_parallel: int = 1,
                      virtual_stages: int = 1, timeout_s: int = 600) -> None:
@@ -228,7 +173,7 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor |
     row (one prompt) no faster (0.95x, within noise), so one row keeps ``F.linear``.
     ``weight_t``: the weight's transpose ``[in, out]`` stored contiguous, for up to ``FEW_ROWS``
     rows, one included, the plain GEMM ``x @ weight_t`` instead (no transposed copy of the
-    output; which is faster depends on the CPU's kernels: :meth:`palm.model.Decoder.plan`)."""
+    output; which is faster depends on the CPU's kernels: :meth:`palm.decode.decoder.Decoder.plan`)."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda or rows > FEW_ROWS or (rows == 1 and weight_t is None):
         return torch.nn.functional.linear(x, weight)
@@ -237,99 +182,11 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor |
     return torch.mm(weight, x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], -1)
 
 
-# How a decoding step multiplies its few rows by a weight on CPU (DecodePlan.layout):
-#   weight      plain_linear from the weight itself (MKL)
-#   transposed  plain_linear from a stored contiguous transpose (MKL)
-#   packed      oneDNN's inner product from weights reordered once into its blocked layout
-#               (mkldnn._reorder_linear_weight / _linear_pointwise: the ops PyTorch's compiler
-#               uses for frozen linears); no packing of the weights at every call
-#   openblas    numpy's BLAS (OpenBLAS in numpy's wheels) from a stored transpose, torch's own
-#               ops on one thread meanwhile (decode_threads): two thread pools spinning on the
-#               same cores ruin both (23 tok/s instead of 325 measured at batch 1)
-LAYOUTS = ("weight", "transposed", "packed", "openblas")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodePlan:
-    """How a decoding step multiplies a few rows by the weights: in which ``dtype`` (the
-    model's, or fp32 from a copy of the weights) and which ``layout`` (:data:`LAYOUTS`)."""
-    dtype: torch.dtype
-    layout: str = "weight"
-
-    def __post_init__(self) -> None:
-        assert self.layout in LAYOUTS, self.layout
-        assert self.layout != "openblas" or self.dtype == torch.float32, "numpy has no bf16 GEMM"
-
-
-class DecodeWeight:
-    """A weight ``[out, in]`` held in a plan's layout: ``self(x)`` is ``x @ weight.T`` without
-    autograd, ``[..., in]`` -> ``[..., out]``, for any number of rows (the prompt pass too);
-    ``rows``: the rows a step will bring (oneDNN's packing is chosen for it). On GPU: ``F.linear``.
-    Raises ``RuntimeError`` where the CPU lacks the layout's kernels (oneDNN refuses bf16
-    without AVX-512 or AVX-NE-CONVERT)."""
-
-    def __init__(self, weight: torch.Tensor, layout: str, rows: int):
-        self.weight, self.layout = weight, layout
-        self.t = weight.t().contiguous() if layout in ("transposed", "openblas") and not weight.is_cuda else None
-        self.packed = None
-        if layout == "packed" and not weight.is_cuda:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        self.array = self.t.numpy() if layout == "openblas" and self.t is not None else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        if self.array is not None:
-            rows = x.numel() // x.shape[-1]
-            out = numpy.matmul(x.detach().reshape(rows, -1).numpy(), self.array)
-            return torch.from_numpy(out).view(*x.shape[:-1], -1)
-        return plain_linear(x, self.weight, self.t)
-
-
-_DECODE_THREADS = threading.RLock()
-
-
-@functools.cache
-def _blas_threads() -> Any:
-    import threadpoolctl  # scans the loaded libraries once (a few ms)
-    return threadpoolctl.ThreadpoolController().select(user_api="blas")
-
-
-@contextlib.contextmanager
-def decode_threads(plan: DecodePlan):
-    """Around decoding with ``plan``: for the ``openblas`` layout, torch's ops on one thread and
-    numpy's BLAS on as many as torch had (restored after; one such decoding at a time per
-    process); otherwise nothing."""
-    if plan.layout != "openblas":
-        yield
-        return
-    with _DECODE_THREADS:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with _blas_threads().limit(limits=threads):
-                yield
-        finally:
-            torch.set_num_threads(threads)
-
-
 def tp_size() -> int:
     """This process's tensor-parallel world size (1 before the process groups exist)."""
     if not parallel_state.model_parallel_is_initialized():
         return 1
     return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def tp_agree(plan: DecodePlan) -> DecodePlan:
-    """The plan of the tensor-parallel group's first rank on every rank of the group (a probe
-    may measure differently on each, and the ranks' partial sums must share a dtype)."""
-    if tp_size() == 1:
-        return plan
-    codes = (torch.bfloat16, torch.float32, torch.float16)
-    box = torch.tensor([codes.index(plan.dtype), LAYOUTS.index(plan.layout)])
-    torch.distributed.broadcast(box, src=parallel_state.get_tensor_model_parallel_src_rank(),
-                                group=parallel_state.get_tensor_model_parallel_group())
-    return DecodePlan(codes[int(box[0])], LAYOUTS[int(box[1])])
 
 
 class ColumnLinear(ColumnParallelLinear):

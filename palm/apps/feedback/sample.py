@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from palm.core.errors import UserError
 from palm.data.chat_readers import Conversation, Skip, Turn, data_files, file_records, prompt_of
-from palm.errors import UserError
 
 BATCH_FORMAT = "palm-feedback-batch/1"
 
@@ -70,7 +70,7 @@ def read_prompts(path: Path) -> list[Conversation]:
 def turns_of_ids(tokenizer: Any, ids: Sequence[int]) -> Conversation:
     """The turns of template token ids (role token, text, ``<|end|>``; a trailing ``<|assistant|>``
     is left out): the inverse of :meth:`palm.data.chat.ChatTemplate.render`."""
-    from palm.tokenizer import special_ids
+    from palm.core.tokenizer import special_ids
 
     sp = special_ids(tokenizer)
     roles = {sp["system_id"]: "system", sp["user_id"]: "user", sp["assistant_id"]: "assistant"}
@@ -90,7 +90,7 @@ def sft_prompts(folder: Path, tokenizer: Any, tokenizer_sha256: str, limit: int)
     """Prompts of the train split of ``data/sft`` (each conversation up to its last reply; rows
     whose prompt was cut to fit are left out)."""
     from palm.data.chat import load_sft
-    from palm.evaluate import held_out_prompts
+    from palm.eval.evaluate import held_out_prompts
 
     rows = [r for r in load_sft(folder, "train", tokenizer_sha256).to_pylist() if not r["truncated"]]
     out = []
@@ -109,7 +109,7 @@ def sft_prompts(folder: Path, tokenizer: Any, tokenizer_sha256: str, limit: int)
 def model_identity(ref: str, export: Any) -> dict[str, Any]:
     """What says which model made a reply: the reference given, the folder, its kind, the
     tokenizer's and the weights' sha256, and a registry version where the export records one."""
-    from palm.tokenizer import sha256_file
+    from palm.core.tokenizer import sha256_file
 
     ident = {"ref": str(ref), "path": str(export.path), "kind": export.kind,
              "tokenizer_sha256": export.tokenizer_sha256,
@@ -134,9 +134,9 @@ def sample_replies(model: Any, tokenizer: Any, prompts: list[Conversation], samp
     ``max_new_tokens``, as ``palm chat`` cuts them)."""
     import torch
 
+    from palm.core.tokenizer import special_ids
     from palm.data.chat import ChatTemplate
-    from palm.generate import generate
-    from palm.tokenizer import special_ids
+    from palm.decode.generate import generate
 
     template = ChatTemplate(tokenizer)
     sp = special_ids(tokenizer)
@@ -167,7 +167,7 @@ def batch_items(batch: str, prompts: list[Conversation], replies: list[list[str]
 
 
 def write_batch(path: Path, items: list[dict[str, Any]]) -> None:
-    from palm.io import atomic_file
+    from palm.core.io import atomic_file
 
     with atomic_file(path, "w", encoding="utf-8") as f:
         for item in items:

@@ -2,7 +2,7 @@
 
 Every stage has one frozen dataclass; :func:`from_dict` builds it from a mapping and refuses
 unknown keys, wrong types and (through the class's ``__post_init__``) impossible values, with a
-:class:`~palm.errors.ConfigError` whose key is the dotted params name, e.g. ``scrape.max_pages``.
+:class:`~palm.core.errors.ConfigError` whose key is the dotted params name, e.g. ``scrape.max_pages``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from palm.errors import ConfigError, UserError
+from palm.core.errors import ConfigError, UserError
 
 T = TypeVar("T")
 

@@ -4,8 +4,8 @@
     palm ui --port 5050     # another port (make ui MLFLOW_PORT=5050)
 
 Run in the project folder. The store is the one the stages log to: ``MLFLOW_TRACKING_URI``, default
-the project's ``mlflow.db`` (palm.tracking.tracking_uri). The printed link
-(palm.tracking.ui_url) opens the experiment on its runs, not on MLflow 3's GenAI overview. Then
+the project's ``mlflow.db`` (palm.ops.tracking.tracking_uri). The printed link
+(palm.ops.tracking.ui_url) opens the experiment on its runs, not on MLflow 3's GenAI overview. Then
 this process becomes ``mlflow server`` (bound to 127.0.0.1 unless ``--host`` says otherwise) with
 one worker (one person's browser needs no more, and each worker is a whole MLflow process) and
 without MLflow's job runner (:data:`SERVER_ENV`). Ctrl-C stops it.
@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-
 
 # MLflow's job runner (a process and seven huey consumers) runs GenAI jobs such as trace scoring,
 # which this project has none of; on a 2-core machine the server took 34 s of CPU to answer with
@@ -38,8 +37,8 @@ def command(uri: str, host: str, port: int, workers: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from palm.errors import UserError
-    from palm.tracking import tracking_uri, ui_url
+    from palm.core.errors import UserError
+    from palm.ops.tracking import tracking_uri, ui_url
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port: expected 1..65535, got {args.port}")

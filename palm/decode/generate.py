@@ -3,9 +3,9 @@ the samples of ``evaluate``.
 
 A batch of prompts of different lengths is left-padded to one width ``P``; each row's first real
 token is its RoPE position 0 and padding is never attended (both held by the model's
-:class:`~palm.model.KVCache`, made once per batch), so a row continues exactly as its prompt
+:class:`~palm.decode.cache.KVCache`, made once per batch), so a row continues exactly as its prompt
 alone would. The cache holds ``P + max_new_tokens`` positions, allocated once; each step feeds one
-token per row, through :class:`~palm.model.Decoder` (the model's blocks with their matmuls
+token per row, through :class:`~palm.decode.decoder.Decoder` (the model's blocks with their matmuls
 fused, made from the current weights at each call). Rows stop independently at a stop token
 (end of turn): from then on they emit ``pad_id``, masked out of the response, and the loop ends
 when every row has stopped.
@@ -30,10 +30,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 from megatron.core import parallel_state
 
-from palm import native, parallel
-from palm.config import check
-from palm.errors import ConfigError, UserError
-from palm.model import Decoder, PaLM
+from palm.core.config import check
+from palm.core.errors import ConfigError, UserError
+from palm.decode import layouts, native
+from palm.decode.cache import new_cache
+from palm.decode.decoder import Decoder
+from palm.model import parallel
+from palm.model.network import PaLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,17 +229,17 @@ def _generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_
     raw_logprobs = torch.zeros(b, max_new_tokens, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    decoder, plan = None, parallel.DecodePlan(torch.float32)
+    decoder, plan = None, layouts.DecodePlan(torch.float32)
     if use_cache:
         plan = Decoder.plan(model, b, total)
-        decoder = Decoder(model, model.new_cache(b, total, pad, dtype=plan.dtype), plan)
+        decoder = Decoder(model, new_cache(model, b, total, pad, dtype=plan.dtype), plan)
     step_input, n = prompt, 0
-    with parallel.decode_threads(plan):  # the plan's threads (openblas: torch's ops on one)
+    with layouts.decode_threads(plan):  # the plan's threads (openblas: torch's ops on one)
         for i in range(max_new_tokens):
             if decoder is not None:
                 last = decoder(step_input)  # [b, V_local]: the last position's logits
             else:  # the reference: everything so far, from scratch, through the model's own forward
-                h = model.trunk(tokens[:, :width + i], model.new_cache(b, width + i, pad))[:, -1:]  # [b, 1, d]
+                h = model.trunk(tokens[:, :width + i], new_cache(model, b, width + i, pad))[:, -1:]  # [b, 1, d]
                 last = model.logits(h)[:, 0]
             logits = parallel.gather_vocab(last.float())[:, :vocab]  # [b, V] on every rank
             token, logp, raw = _next_token(logits, cfg, generator)

@@ -1,11 +1,11 @@
 """The ``palm`` command (console script of the project, installed into ``.venv`` by
 ``make setup``): one subcommand per user-facing tool.
 
-    palm chat models/ppo            # talk to an exported model (palm/chat.py)
-    palm feedback sample|serve …    # sample replies, rank them in a local page (palm/feedback/)
+    palm chat models/ppo            # talk to an exported model (palm/apps/chat.py)
+    palm feedback sample|serve …    # sample replies, rank them in a local page (palm/apps/feedback/)
     palm chat models:/palm-chat@champion              # ... or a registered one
-    palm lineage models:/palm-chat@champion [--json]  # its runs back to the scrape (palm/lineage.py)
-    palm ui [--port 5000]           # the MLflow UI over the project's runs (palm/ui.py; make ui)
+    palm lineage models:/palm-chat@champion [--json]  # its runs back to the scrape (palm/ops/lineage.py)
+    palm ui [--port 5000]           # the MLflow UI over the project's runs (palm/apps/ui.py; make ui)
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> exit code``. Errors
 a user can fix print as one line ``error: <command>: …`` and exit with 2.
@@ -25,10 +25,10 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "chat": ("palm.chat", "chat with an exported model (streamed replies, history, /reset, /quit)"),
-    "feedback": ("palm.feedback", "human feedback: sample replies (sample), rank them in a local web page (serve)"),
-    "lineage": ("palm.lineage", "the runs and data a registered model came from, back to the scrape run"),
-    "ui": ("palm.ui", "the MLflow UI on 127.0.0.1 over the project's runs and registered models (make ui)"),
+    "chat": ("palm.apps.chat", "chat with an exported model (streamed replies, history, /reset, /quit)"),
+    "feedback": ("palm.apps.feedback", "human feedback: sample replies (sample), rank them in a local web page (serve)"),
+    "lineage": ("palm.ops.lineage", "the runs and data a registered model came from, back to the scrape run"),
+    "ui": ("palm.apps.ui", "the MLflow UI on 127.0.0.1 over the project's runs and registered models (make ui)"),
 }
 
 
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from palm.errors import UserError
+    from palm.core.errors import UserError
 
     args = parser().parse_args(argv)
     try:

@@ -9,9 +9,9 @@ An export is a folder of three files, written by every training stage the same w
 * ``tokenizer.json``: that tokenizer.
 
 :func:`read_export` checks a folder (present, complete, readable, its tokenizer the one the
-weights were trained with) and refuses anything else with one :class:`~palm.errors.UserError`
+weights were trained with) and refuses anything else with one :class:`~palm.core.errors.UserError`
 line; :func:`load_model` builds the model (``PaLM``, or ``RewardModel`` for a reward export) in
-the process groups of :func:`palm.parallel.process_groups`. :func:`resolve` turns a model reference into a
+the process groups of :func:`palm.model.parallel.process_groups`. :func:`resolve` turns a model reference into a
 folder: a path, or a registry URI (``models:/palm-chat@champion``) downloaded to a cache.
 """
 
@@ -22,8 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from palm.config import from_dict
-from palm.errors import UserError
+from palm.core.config import from_dict
+from palm.core.errors import UserError
 
 # torch, megatron and the model are imported where a model is built, so that checking a folder
 # (and refusing a bad one) answers at once, e.g. `palm chat wrong/path`
@@ -55,9 +55,9 @@ def resolve(ref: str | Path) -> Path:
     """The folder a model reference names: a path (relative to the working directory), or a
     registry URI ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (e.g.
     ``models:/palm-chat@champion``), downloaded once into a cache folder
-    (:func:`palm.registry.resolve`; the registry: ``MLFLOW_TRACKING_URI``, default the project's
+    (:func:`palm.ops.registry.resolve`; the registry: ``MLFLOW_TRACKING_URI``, default the project's
     ``mlflow.db``)."""
-    from palm import registry
+    from palm.ops import registry
 
     if registry.is_uri(ref):
         return registry.resolve(str(ref))
@@ -66,7 +66,7 @@ def resolve(ref: str | Path) -> Path:
 
 def read_export(ref: str | Path, kinds: Iterable[str] | None = None) -> Export:
     """Check the export ``ref`` names; ``kinds``: the kinds accepted (default: any)."""
-    from palm.tokenizer import sha256_file
+    from palm.core.tokenizer import sha256_file
 
     path = resolve(ref)
     if not path.is_dir():
@@ -98,7 +98,7 @@ def read_export(ref: str | Path, kinds: Iterable[str] | None = None) -> Export:
                 and isinstance(stats.get("std"), (int, float)) and stats["std"] > 0):
             raise UserError(f"{path}/config.json: a reward export without its reward scale (reward: mean, std > 0); "
                             "rerun the reward stage (dvc repro reward)")
-    from palm.model import ModelConfig  # (torch and megatron: only for a folder that passed the checks)
+    from palm.model.network import ModelConfig  # (torch and megatron: only for a folder that passed the checks)
 
     try:
         model = from_dict(ModelConfig, config["model"], "model")
@@ -120,26 +120,26 @@ def same_tokenizer(exports: Iterable[Export]) -> None:
 
 def load_tokenizer(export: Export):
     """The export's own tokenizer (its sha256 already checked by :func:`read_export`)."""
-    from palm.tokenizer import load_tokenizer as load
+    from palm.core.tokenizer import load_tokenizer as load
 
     return load(export.tokenizer_path)
 
 
 def load_model(export: Export, dtype: "torch.dtype | None" = None) -> "PaLM":
     """The whole model of ``export`` in eval mode on this process's device (inside
-    :func:`palm.parallel.process_groups`): a ``PaLM``, or a ``RewardModel`` (scalar per position) for a reward
+    :func:`palm.model.parallel.process_groups`): a ``PaLM``, or a ``RewardModel`` (scalar per position) for a reward
     export."""
     import torch
     from safetensors import SafetensorError
 
-    from palm import parallel
-    from palm.megatron_compat import device
-    from palm.model import PaLM
-    from palm.train.checkpoint import load_safetensors
+    from palm.model import parallel
+    from palm.model.megatron_compat import device
+    from palm.model.network import PaLM
+    from palm.model.weights import load_safetensors
 
     dtype = dtype or torch.float32
     if export.is_reward:
-        from palm.train.reward import RewardModel as chunk
+        from palm.model.reward import RewardModel as chunk
     else:
         chunk = PaLM
     model = chunk(export.model, parallel.megatron_config(export.model, dtype=dtype))

@@ -129,7 +129,7 @@ class Tracker:
             experiment = mlflow.set_experiment(EXPERIMENT)
             if not EXPERIMENT_KIND.items() <= experiment.tags.items():
                 mlflow.set_experiment_tags(EXPERIMENT_KIND)
-            run_tags = {"palm.stage": self.stage, **tags}
+            run_tags = {"palm.ops.stage": self.stage, **tags}
             parent = os.environ.get(PARENT_ENV)
             if parent:
                 run_tags["mlflow.parentRunId"] = parent
@@ -165,7 +165,7 @@ class Tracker:
     def link_inputs(self, md5s: dict[str, str]) -> dict[str, str]:
         """For each dependency ``path -> DVC md5``, find the finished run whose output it is (its
         tag ``dvc.out.<path>.md5`` equal) and tag this run ``palm.input.<path>.run_id`` with it:
-        the links :func:`palm.registry.lineage` follows. Returns ``{path: run_id}`` of those found."""
+        the links :func:`palm.ops.registry.lineage` follows. Returns ``{path: run_id}`` of those found."""
 
         def go() -> dict[str, str]:
             client = self._mlflow.MlflowClient()

@@ -1,16 +1,18 @@
 """PaLM (Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways", §2) on
 megatron-core's tensor-parallel layers.
 
-Reads top to bottom: config, RoPE, norm, multi-query attention (and the KV cache decoding fills),
+Reads top to bottom: config, RoPE, norm, multi-query attention (filling a KV cache when decoding
+hands one in: :mod:`palm.decode.cache`),
 SwiGLU MLP, the parallel block, the model (one pipeline stage of it, or all of it). Activations
 are batch-first ``[b, s, h]`` (so multi-query attention needs no transposes); only between
 pipeline stages do they travel as megatron's ``[s, b, h]``.
 
 Which weights are column-/row-parallel or replicated, and how layers are split into pipeline
-stages, is decided in :mod:`palm.parallel` (the parallel plan, and the collectives over the
+stages, is decided in :mod:`palm.model.parallel` (the parallel plan, and the collectives over the
 vocabulary shards); this file only asks for layers. The model returns per-token quantities
 (logits, or the label's negative log-likelihood and log Z); objectives (losses, masks, z-loss)
-live with the training stages in :mod:`palm.train`, sampling loops in :mod:`palm.generate`.
+live with the training stages in :mod:`palm.train`; decoding (the KV cache, the fused decoder,
+sampling) in :mod:`palm.decode`.
 The same code runs TP x PP x DP on CPU (gloo) and GPU (NCCL), and in a single process.
 """
 
@@ -18,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import time
 from typing import Any, Iterable
 
 import torch
@@ -28,8 +28,8 @@ from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
-from palm import native, parallel
-from palm.config import check
+from palm.core.config import check
+from palm.model import parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,58 +191,6 @@ class LayerNorm(torch.nn.Module):
 
 
 # --- Multi-query attention (Shazeer 2019; PaLM §2): sharded query heads, one shared K/V head -----
-
-class KVCache:
-    """Decoding state of one batch, allocated once: keys and values of every layer
-    ``[b, max_len, hd]`` and, for a batch of left-padded prompts, where each row starts.
-
-    ``pad [b]``: left-padding tokens of each row. A row's first real token is its RoPE position 0
-    (so a padded row computes exactly what the prompt alone would), and its padding is never
-    attended: the per-row cos/sin tables and the key mask are made here, once per batch, so a
-    decoding step only slices them. ``pad=None`` (or all zero): every row starts at position 0
-    and attention is plain causal.
-    ``length``: positions already filled; the model advances it after each forward pass.
-    """
-
-    def __init__(self, layers: Iterable[int], batch: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, rope: RotaryEmbedding | None = None,
-                 pad: torch.Tensor | None = None):
-        shape = (batch, max_len, head_dim)
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.length = 0
-        self.cos = self.sin = self.key_bias = None
-        self._bias: dict[tuple, torch.Tensor] = {}
-        if pad is not None and bool((pad > 0).any()):
-            pad = pad.to(device)
-            pos = torch.arange(max_len, device=device) - pad[:, None]  # [b, max_len]
-            self.cos, self.sin = rope.at(pos.clamp(min=0), dtype)  # padding sits at position 0: unseen
-            self.real = pos >= 0  # [b, max_len]: not left padding
-            # additive key mask [b, 1, max_len]; a decoding step's query is real and sees all
-            # real keys before it, so this slice is its whole mask
-            self.key_bias = torch.zeros(batch, 1, max_len, dtype=dtype, device=device).masked_fill(
-                ~self.real[:, None], float("-inf"))
-
-    def bias(self, start: int, s: int, heads: int) -> torch.Tensor | None:
-        """The additive attention mask of ``s`` queries at ``start`` over keys ``[0, start+s)``
-        of a left-padded batch (``None`` when no row is padded), broadcastable to
-        ``[b, s * heads, t]``, rows ordered (position, head) as in :func:`mqa_attention`."""
-        if self.key_bias is None:
-            return None
-        t = start + s
-        if s == 1:
-            return self.key_bias[:, :, :t]  # a view: nothing is built per decoding step
-        key = (start, s, heads)
-        if key not in self._bias:  # a prompt pass: made by the first layer, reused by the others
-            q_pos = torch.arange(start, t, device=self.real.device)[:, None]  # [s, 1]
-            k_pos = torch.arange(t, device=self.real.device)  # [t]
-            # a padding query sees only itself (never a fully masked row: softmax would give NaN
-            # there and the NaN would reach the real rows through that position's keys)
-            allowed = (k_pos <= q_pos) & (self.real[:, None, :t] | (k_pos == q_pos))  # [b, s, t]
-            bias = torch.zeros(allowed.shape, dtype=self.key_bias.dtype, device=allowed.device)
-            self._bias = {key: bias.masked_fill(~allowed, float("-inf")).repeat_interleave(heads, dim=1)}
-        return self._bias[key]
-
 
 @functools.lru_cache(maxsize=16)
 def _causal_bias(rows: int, cols: int, start: int, heads: int, dtype: torch.dtype,
@@ -556,230 +504,3 @@ class PaLM(MegatronModule):
         """Final-normed hidden states ``[b, s, d]`` (full width on every TP rank), for scalar heads."""
         assert self.pre_process and self.post_process, "hidden_states needs the whole model"
         return self.final_norm(self.trunk(tokens))
-
-    def new_cache(self, batch: int, max_len: int | None = None,
-                  pad: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty :class:`KVCache` for ``batch`` rows of up to ``max_len`` positions (default:
-        ``seq_len``); ``pad [b]``: left-padding tokens per row; ``dtype``: the weights' unless
-        given (a :class:`Decoder` computing in another). Sampling loops live in
-        :mod:`palm.generate`."""
-        max_len = max_len or self.cfg.seq_len
-        check(max_len <= self.cfg.seq_len, "model.seq_len",
-              f"a KV cache of {max_len} positions exceeds model.seq_len={self.cfg.seq_len}")
-        w = self.layers[next(iter(self.layers))].attn.kv.weight
-        return KVCache([int(i) for i in self.layers], batch, max_len, self.cfg.head_dim, dtype or w.dtype,
-                       w.device, self.rope, pad)
-
-
-# --- Decoding: the parallel block with its matmuls fused (PaLM §2 "Parallel Layers") -------------
-
-_PLANS: dict[tuple, parallel.DecodePlan] = {}  # Decoder.plan's measurements, per process
-PLAN_MARGIN = 0.1  # Decoder.plan: plans within this fraction of the fastest tie; the first of them wins
-PLAN_KEEP_BYTES = 1 << 30  # Decoder.plan: candidates' weight copies kept between rounds up to this
-
-
-class Decoder:
-    """The forward pass of :class:`PaLM` for KV-cached decoding (no autograd), with each block's
-    four input projections as one matmul and its two output projections as another.
-
-    PaLM §2 notes that the parallel formulation ``x + attn(ln(x)) + mlp(ln(x))`` lets the MLP and
-    attention input matmuls be fused: both read the same ``ln(x)``. Here the query, key/value,
-    gate and up weights are stacked into one ``w_in [(h+2)*hd + 2f, d]`` (the norm's weight folded
-    in: ``W (w * n) = (W diag(w)) n``), and since the block's output is the *sum* of the two
-    branches, ``W_o o + W_d a = [W_o W_d] [o; a]``: one ``w_out [d, h*hd + f]``. Under TP each
-    rank stacks its own shards (its query heads, the whole K/V head, its SwiGLU columns) and the
-    two row-parallel all-reduces of a block become one (:func:`parallel.tp_sum`). The query rows
-    carry the attention scores' 1/sqrt(hd) (an unmasked step's scores are then one plain ``bmm``),
-    the final norm's weight the output layer's 1/sqrt(d). The same RoPE tables, KV cache and
-    attention (:func:`mqa_attention`) as the model's own path; equal to it within fp32 rounding
-    (``tests/test_generate.py``).
-
-    Why: decoding one token per row is a chain of small operations whose per-call overhead
-    costs more than their arithmetic on CPU. Per block this makes 2 matmuls out of 6, and RoPE
-    three calls for the queries and the key together (:meth:`RotaryEmbedding.rolled`, its tables
-    made once per batch) instead of seven for each. Measured with
-    ``benchmarks/generate_throughput.py`` (2-core CPU with native bf16, 256 new tokens, the same
-    greedy tokens): against palm-rlhf-pytorch's ``generate``, 7.0x -> 9.1-9.9x at batch 1 and
-    38.9x -> 51.5-55.6x for 16 prompts, about 1.35x the tokens/s of the unfused path.
-
-    How the few rows of a step meet the weights, in which dtype and layout, is measured per CPU
-    (:meth:`plan`): e.g. with AMX a bf16 model decodes one prompt faster from an fp32 copy of its
-    weights; on an AMD EPYC one prompt decodes fastest through numpy's BLAS (call the decoder
-    inside ``parallel.decode_threads(plan)``, as :func:`palm.generate.generate` does: the same
-    numbers outside, far slower). The returned logits are then fp32 computed from the
-    model's bf16 weights (closer to the exact function than the bf16 pass, not bit-equal to it).
-
-    For fp32 on CPU, a one-token step's work between a block's two matmuls (RoPE, the cache
-    write, attention, SwiGLU's product: a dozen small torch calls) is one call of a C kernel
-    (:class:`palm.native.DecodeMix`, compiled at first use) that reads each row's cached keys and
-    values once for all its heads and allocates nothing; :meth:`_mix` is the same in torch ops,
-    for the prompt pass, other dtypes and devices, and a machine without a C compiler
-    (``tests/test_native.py`` holds the two together). Measured in one process on a 2-core EPYC,
-    interleaved, 8 pairs of 256-token generations, the same tokens: 1.19x at 16 prompts (3,646
-    -> 4,330 tok/s) and 1.37x at one (541 -> 743).
-
-    A snapshot: the stacked weights are copies (the blocks' weights once more in memory while it
-    lives), so make a new one after the weights change (:func:`palm.generate.generate` makes one
-    per call). Needs the whole model (no pipeline stages).
-    """
-
-    def __init__(self, model: "PaLM", cache: KVCache, plan: parallel.DecodePlan | None = None):
-        assert model.pre_process and model.post_process, "the decoder needs the whole model"
-        self.model, self.cache = model, cache
-        self.eps, self.d = model.cfg.norm_eps, model.cfg.d_model
-        self.head_dim = model.cfg.head_dim
-        plan = plan or parallel.DecodePlan(model.final_norm.weight.dtype)
-        self.dtype = plan.dtype  # the cache's too (made with new_cache(..., dtype=plan.dtype))
-        k = next(iter(cache.k.values()))  # [b, max_len, hd]: the first layer's keys
-        assert k.dtype == self.dtype, "the cache must be made in the plan's dtype"
-        held = lambda w: parallel.DecodeWeight(w, plan.layout, rows=k.shape[0])  # noqa: E731
-        self.blocks = []
-        with torch.no_grad():
-            for block in model.layers.values():
-                attn, mlp = block.attn, block.mlp
-                w_in = torch.cat([attn.q.weight, attn.kv.weight, mlp.gate.weight, mlp.up.weight]).float()
-                w_in[:attn.q.weight.shape[0]] *= self.head_dim ** -0.5  # the scores' 1/sqrt(hd) on the
-                # query rows (RoPE is linear: it commutes)
-                w_in = (w_in * block.norm.weight.float()).to(self.dtype)  # one rounding in bf16
-                w_out = torch.cat([attn.out.weight, mlp.down.weight], dim=1).to(self.dtype)
-                heads = attn.q.weight.shape[0] // self.head_dim  # this rank's query heads
-                self.blocks.append((block.layer, heads, held(w_in), held(w_out)))
-            self.final_norm = (model.final_norm.weight.float() * self.d ** -0.5).to(self.dtype)
-            self.output = held(model.shared_embedding_or_output_weight().to(self.dtype))
-            self.cos, self.sin = model.rope.rolled_tables(cache)  # [b or 1, max_len, 1, hd]
-            # a one-token step's work between w_in and w_out in one native call (fp32 on CPU;
-            # None elsewhere or without a C compiler: the torch ops below, the same function)
-            self.mix = None
-            if self.dtype == torch.float32:
-                ffn = next(iter(model.layers.values())).mlp.gate.weight.shape[0]  # this rank's SwiGLU width
-                self.mix = native.DecodeMix.make(cache.k, cache.v, self.cos, self.sin, cache.key_bias,
-                                                 self.blocks[0][1], ffn)
-
-    @staticmethod
-    def plan(model: "PaLM", batch: int, length: int) -> parallel.DecodePlan:
-        """The fastest way to decode ``batch`` rows up to ``length`` positions with ``model`` on
-        this CPU, measured once per process, model shape and size class (rows and length rounded
-        up to a power of two; about 0.5-1.1 s at the default size on 2 cores): each candidate (the
-        model's dtype or an fp32 copy of the weights, times each weight layout of
-        :data:`parallel.LAYOUTS`: MKL from the weights or from their stored transposes, oneDNN
-        from weights packed once, numpy's BLAS) decodes a dummy batch at half that length, the
-        candidates taking turns in an untimed round, then five rounds of a warm-up and two timed
-        steps (a shared host's speed drifts within a second: with one block of steps per
-        candidate, 6 measurements in two processes on an EPYC picked three different layouts
-        for one prompt); the first candidate whose best step time is within ``PLAN_MARGIN`` of
-        the fastest one's wins, the model's own plan (its dtype, weight-major) first. A layout
-        this CPU has no kernels for is skipped. On GPU: the model's dtype.
-
-        Why measure: a decoding step reads every weight once for a few rows, so its speed is set
-        by memory, by the kernels' fixed costs and by attention over the cache, all of which differ
-        between CPUs, BLAS libraries, dtypes and lengths. Measured at the default size (d=256, 4
-        layers, vocab 8192), generations of 256 tokens, the same greedy tokens from every plan:
-        an fp32 model, 16 prompts: the stored transpose 1.12-1.16x faster with AVX-512 kernels,
-        0.96x (slower) with MKL held to AVX2; a bf16 model on a CPU with AMX: one prompt 1.56x
-        faster from an fp32 copy (0.33 vs 0.51 s), 16 prompts x 64 tokens fastest in bf16; on a
-        2-core AMD EPYC (Zen 3, AVX2 only; interleaved, medians of 5; tok/s): one prompt 196
-        weight-major, 269 transposed, 252 packed, 320 numpy's BLAS (MKL's one-row GEMMs are slow
-        on AMD; OpenBLAS streams the weights at twice MKL's speed there); 16 prompts 1,498
-        weight-major, 1,267 transposed, 1,918 packed (a BLAS GEMM repacks its operands at every
-        call; oneDNN's weights are packed once per decoder), 1,802 numpy's BLAS."""
-        dtype = model.final_norm.weight.dtype
-        if model.final_norm.weight.is_cuda:
-            return parallel.DecodePlan(dtype)
-        rows = 1 if batch == 1 else min(parallel.FEW_ROWS, 1 << (batch - 1).bit_length())
-        length = min(model.cfg.seq_len, 1 << (max(length, 2) - 1).bit_length())
-        key = (repr(model.cfg), tuple(model.layers), dtype, rows, length, parallel.tp_size())
-        if key not in _PLANS:
-            _PLANS[key] = parallel.tp_agree(Decoder._fastest(model, dtype, rows, length))  # TP: rank 0's
-        return _PLANS[key]
-
-    @staticmethod
-    @torch.inference_mode()  # as generate() decodes
-    def _fastest(model: "PaLM", dtype: torch.dtype, rows: int, length: int, steps: int = 2,
-                 rounds: int = 5) -> parallel.DecodePlan:
-        candidates = [parallel.DecodePlan(dt, layout) for dt in dict.fromkeys((dtype, torch.float32))
-                      for layout in parallel.LAYOUTS if layout != "openblas" or dt == torch.float32]
-        tokens = torch.ones(rows, 1, dtype=torch.long, device=model.final_norm.weight.device)
-        if model.cfg.seq_len < 2 * (steps + 1):  # no room for the untimed round and one timed
-            return candidates[0]
-        rounds = min(rounds, model.cfg.seq_len // (steps + 1) - 1)  # the untimed round, then these
-        size = (rounds + 1) * (steps + 1)  # positions the rounds fill
-        start = max(0, min(length // 2, length - size))  # mid-way: attention over half the cache
-        # the decoders live through every round where their weight copies fit PLAN_KEEP_BYTES
-        keep = len(candidates) * 4 * sum(p.numel() for p in model.parameters()) <= PLAN_KEEP_BYTES
-        kept: dict[parallel.DecodePlan, Decoder] = {}
-        best = {c: math.inf for c in candidates}
-        # rounds of a few steps of each candidate in turn, a warm-up step first (its threads may
-        # have slept): a shared host's speed drifts within a second, so every candidate gets
-        # several chances at a quiet moment, and the best step of each is compared. Without the
-        # untimed first round numpy's BLAS lost one prompt to MKL in the first measurement of
-        # each of 2 processes on an EPYC (its pools' first calls); with it, it won all 8
-        # measurements in 4 processes
-        for r in range(rounds + 1):  # round 0 untimed: first calls (thread pools, kernels' JIT)
-            for c in list(best):
-                decoder = kept.get(c)
-                if decoder is None:
-                    try:
-                        decoder = Decoder(model, model.new_cache(rows, start + size, dtype=c.dtype), c)
-                    except RuntimeError:  # no kernels for it on this CPU (oneDNN's bf16 needs AVX-512)
-                        del best[c]
-                        continue
-                    decoder.cache.length = start  # zeros as keys: the same work as real ones
-                    if keep:
-                        kept[c] = decoder
-                with parallel.decode_threads(c):
-                    decoder(tokens)
-                    for _ in range(steps):
-                        t = time.perf_counter()
-                        # with a pass over the vocabulary, as generate()'s pick makes one next (greedy's
-                        # native pass or sampling's log_softmax; a softmax stands for both): it runs
-                        # in the plan's threads too (numpy's BLAS leaves torch one)
-                        decoder(tokens).float().softmax(dim=-1)
-                        if r:
-                            best[c] = min(best[c], time.perf_counter() - t)
-        return Decoder._settle(best)
-
-    @staticmethod
-    def _settle(best: dict[parallel.DecodePlan, float]) -> parallel.DecodePlan:
-        """The first plan of ``best`` (plan -> step time, the model's own plan first) within
-        ``PLAN_MARGIN`` of the fastest: near-ties would let the timing noise of each run pick
-        the plan, and the rounding with it (a run's numbers must repeat), between the model's
-        own plan and another as between two others (oneDNN's packed weights and numpy's BLAS
-        decode 16 prompts within 6 % of each other on an EPYC)."""
-        fastest = min(best.values())
-        return next(c for c, t in best.items() if (1 - PLAN_MARGIN) * t <= fastest)
-
-    def _mix(self, y: torch.Tensor, layer: int, heads: int, start: int, cos: torch.Tensor,
-             sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """A block's work between its two matmuls in torch ops: ``y`` (the fused input projection)
-        -> ``[b, s, heads*hd + ffn_local]``, the attention output then ``silu(gate) * up``, with
-        RoPE and the cache write on the way. What :mod:`palm.native`'s kernel computes for a
-        one-token step (its reference and its fallback)."""
-        cache, hd, s = self.cache, self.head_dim, y.shape[1]
-        qk = RotaryEmbedding.rolled(y[..., :(heads + 1) * hd].unflatten(-1, (heads + 1, hd)), cos, sin)
-        cache.k[layer][:, start:start + s] = qk[:, :, heads]  # [b, s, hd]: the shared key head
-        cache.v[layer][:, start:start + s] = y[..., (heads + 1) * hd:(heads + 2) * hd]
-        o = mqa_attention(qk[:, :, :heads], cache.k[layer][:, :start + s], cache.v[layer][:, :start + s],
-                          start, bias, scale=1.0)  # [b, s, heads * hd]: q came scaled
-        gate, up = y[..., (heads + 2) * hd:].chunk(2, dim=-1)  # [b, s, ffn_local] each
-        return torch.cat([o, F.silu(gate) * up], dim=-1)
-
-    @torch.inference_mode()  # no autograd bookkeeping (see palm.generate.generate): logits are inference tensors
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The next ``tokens [b, s]`` of every row (a prompt, then one at a time) -> the logits of
-        the last position ``[b, vocab_local]`` (this rank's vocabulary shard); fills the cache."""
-        cache, model = self.cache, self.model
-        x = model.embedding(tokens).to(self.dtype)  # [b, s, d]
-        b, s, _ = x.shape
-        start = cache.length
-        cos, sin = self.cos[:, start:start + s], self.sin[:, start:start + s]  # the same for every block
-        bias = cache.bias(start, s, self.blocks[0][1])  # the attention mask, also the same
-        for layer, heads, w_in, w_out in self.blocks:
-            y = w_in(F.layer_norm(x, (self.d,), None, None, self.eps))  # [b, s, (heads+2)*hd + 2*ffn_local]
-            if s == 1 and self.mix is not None:  # the same as _mix, in one native call
-                z = self.mix(y, layer, start)
-            else:
-                z = self._mix(y, layer, heads, start, cos, sin, bias)
-            x = x + parallel.tp_sum(w_out(z))  # [b, s, d]
-        cache.length += s
-        h = F.layer_norm(x[:, -1], (self.d,), self.final_norm, None, self.eps)  # [b, d], scaled
-        return self.output(h)

@@ -3,9 +3,9 @@
     palm feedback sample --model models/sft --k 4 --out data/feedback/batch-1.jsonl
     palm feedback serve data/feedback/batch-1.jsonl --labeler alice
 
-``sample`` (``palm/feedback/sample.py``) writes K replies per prompt with the sampling settings and
-the model's identity; ``serve`` (``palm/feedback/app.py``) opens a local page where a person ranks
-them, appending each judgement to ``data/feedback/rankings.jsonl`` (``palm/feedback/store.py``), the
+``sample`` (``palm/apps/feedback/sample.py``) writes K replies per prompt with the sampling settings and
+the model's identity; ``serve`` (``palm/apps/feedback/app.py``) opens a local page where a person ranks
+them, appending each judgement to ``data/feedback/rankings.jsonl`` (``palm/apps/feedback/store.py``), the
 file the ``prefs`` stage reads with ``format: rankings`` (``palm/data/rankings.py``).
 """
 
@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from palm.errors import ConfigError, UserError
+from palm.core.errors import ConfigError, UserError
 
 RANKINGS = Path("data/feedback/rankings.jsonl")
 LABELER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
@@ -65,11 +65,18 @@ def _flag(err: ConfigError) -> UserError:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    from palm.feedback.sample import (SampleSettings, batch_items, model_identity, read_prompts, sample_replies,
-                                      sft_prompts, write_batch)
-    from palm.generate import SamplingConfig
-    from palm.models import load_model, load_tokenizer, read_export
-    from palm.parallel import process_groups
+    from palm.apps.feedback.sample import (
+        SampleSettings,
+        batch_items,
+        model_identity,
+        read_prompts,
+        sample_replies,
+        sft_prompts,
+        write_batch,
+    )
+    from palm.decode.generate import SamplingConfig
+    from palm.model.export import load_model, load_tokenizer, read_export
+    from palm.model.parallel import process_groups
 
     if args.k < 2:
         raise UserError(f"--k: must be >= 2 (a ranking compares replies), got {args.k}")
@@ -103,8 +110,8 @@ def sample_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from palm.feedback.app import create_app, serve
-    from palm.feedback.store import RankingsFile
+    from palm.apps.feedback.app import create_app, serve
+    from palm.apps.feedback.store import RankingsFile
 
     if not LABELER.fullmatch(args.labeler):
         raise UserError(f"--labeler: {args.labeler!r}: use letters, digits and _.@- (up to 64 characters)")

@@ -16,8 +16,8 @@ from typing import Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from palm.config import check
-from palm.errors import UserError
+from palm.core.config import check
+from palm.core.errors import UserError
 
 EOD = "<|endoftext|>"  # end of document (appended to every document in the token shards)
 PAD = "<|pad|>"  # padding for batches of unequal length

@@ -1,6 +1,6 @@
 """``palm chat MODEL``: talk to an exported model in the project's chat template.
 
-The reply is streamed: :func:`palm.generate.generate` calls back after every token and
+The reply is streamed: :func:`palm.decode.generate.generate` calls back after every token and
 :class:`StreamDecoder` prints the text as soon as it is whole (a UTF-8 character split over
 byte-level tokens is held back until its last byte arrives). The conversation is kept across
 turns; when it no longer fits the context with room for ``--max-new-tokens``, the oldest
@@ -18,8 +18,8 @@ import argparse
 import sys
 from typing import Any, Callable, TextIO
 
+from palm.core.errors import ConfigError, UserError
 from palm.data.chat_readers import Turn
-from palm.errors import ConfigError, UserError
 
 # torch, megatron and the model are imported where they are used, so that a bad folder or flag is
 # refused at once
@@ -59,12 +59,12 @@ class ChatSession:
 
     def __init__(self, model: Any, tokenizer: Any, *, sampling: Any = None, max_new_tokens: int = 128,
                  system: str | None = None, seed: int = 0, note: Callable[[str], None] = lambda s: None):
-        """``sampling``: a :class:`palm.generate.SamplingConfig` (default: greedy)."""
+        """``sampling``: a :class:`palm.decode.generate.SamplingConfig` (default: greedy)."""
         import torch
 
+        from palm.core.tokenizer import special_ids
         from palm.data.chat import ChatTemplate
-        from palm.generate import SamplingConfig
-        from palm.tokenizer import special_ids
+        from palm.decode.generate import SamplingConfig
 
         seq_len = model.cfg.seq_len
         if not 1 <= max_new_tokens < seq_len:
@@ -105,7 +105,7 @@ class ChatSession:
     def reply(self, user: str, write: Callable[[str], None] = lambda s: None) -> str:
         """Generate the reply to ``user``, handing ``write`` each piece of text as it is made;
         the exchange joins the history once the reply is complete."""
-        from palm.generate import generate
+        from palm.decode.generate import generate
 
         prompt = self.prompt_ids(user)
         decoder = StreamDecoder(self.tokenizer)
@@ -169,7 +169,7 @@ def repl(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, in
         write("\n")
 
 
-# --- the command line (palm/cli.py registers it) -------------------------------------------------
+# --- the command line (palm/apps/cli.py registers it) -------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="an exported model folder (e.g. models/ppo) or a registry URI "
@@ -184,12 +184,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
         stderr: TextIO = sys.stderr) -> int:
-    from palm.models import load_model, load_tokenizer, read_export
-    from palm.parallel import process_groups
+    from palm.model.export import load_model, load_tokenizer, read_export
+    from palm.model.parallel import process_groups
 
     export = read_export(args.model, kinds=CHAT_KINDS)
     tokenizer = load_tokenizer(export)
-    from palm.generate import SamplingConfig
+    from palm.decode.generate import SamplingConfig
 
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)

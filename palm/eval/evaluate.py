@@ -42,14 +42,15 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from palm.config import check
-from palm.errors import ConfigError, UserError
-from palm.generate import Generation, SamplingConfig, generate
-from palm.models import Export, load_model, load_tokenizer, read_export, same_tokenizer
-from palm.parallel import process_groups
+from palm.core.config import check
+from palm.core.errors import ConfigError, UserError
+from palm.decode.cache import new_cache
+from palm.decode.generate import Generation, SamplingConfig, generate
+from palm.model.export import Export, load_model, load_tokenizer, read_export, same_tokenizer
+from palm.model.parallel import process_groups
 
 LM_MODELS = ("pretrain", "sft", "ppo")
-# metrics of the PPO policy the champion rule may compare (palm.registry)
+# metrics of the PPO policy the champion rule may compare (palm.ops.registry)
 POLICY_METRICS = ("win_rate", "reward_ppo", "reward_gain", "kl", "length_ppo", "ended_ppo", "perplexity_ppo",
                   "reply_perplexity_ppo")
 
@@ -75,7 +76,7 @@ class EvaluateConfig:
     # reward hacking; the metrics say whether it holds (kl_within_limit)
     kl_limit: float = 2.0
     threads: int = 0  # torch threads; 0 = OMP_NUM_THREADS if set, else all cores
-    # the champion rule of the model registry (palm/registry.py): a new palm-chat version becomes
+    # the champion rule of the model registry (palm/ops/registry.py): a new palm-chat version becomes
     # @champion when its champion_metric beats the current champion's (strictly: higher for
     # "max", lower for "min"); otherwise it is @candidate. The first version is champion.
     champion_metric: str = "win_rate"
@@ -169,7 +170,7 @@ def response_logprobs(model: Any, gen: Generation) -> torch.Tensor:
     """``[b, n]`` log-probabilities (temperature 1, the full vocabulary) of ``gen``'s response
     tokens under ``model``, from one forward pass over the left-padded batch; 0 where masked."""
     b, total = gen.tokens.shape
-    cache = model.new_cache(b, total, gen.pad)  # per-row positions and the padding mask
+    cache = new_cache(model, b, total, gen.pad)  # per-row positions and the padding mask
     h = model.trunk(gen.tokens[:, :-1], cache)[:, gen.prompt_len - 1:]  # the states predicting responses
     logits = model.logits(h).float()[..., :model.cfg.vocab_size]  # [b, n, V] (one process: whole vocab)
     logp = logits.log_softmax(-1).gather(-1, gen.response[..., None]).squeeze(-1)
@@ -239,10 +240,10 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
              tokens: Path) -> Evaluation:
     """Measure everything in the module docstring. ``models``: export folders by name
     (``pretrain``, ``sft``, ``ppo``, ``reward``)."""
+    from palm.core.process import default_threads
+    from palm.core.tokenizer import special_ids
     from palm.data.chat import load_prefs, load_sft
-    from palm.tokenizer import special_ids
     from palm.train.data import check_shards
-    from palm.train.launch import default_threads
 
     exports = read_models(models)
     sha = exports["sft"].tokenizer_sha256

@@ -1,11 +1,11 @@
 """The MLflow pyfunc model of an export: what ``mlflow.pyfunc.load_model("models:/palm-chat@champion")``
 and ``mlflow models serve`` run.
 
-:func:`palm.registry.register` logs this file as the model's code ("models from code": MLflow
+:func:`palm.ops.registry.register` logs this file as the model's code ("models from code": MLflow
 runs the file to get the model, nothing is unpickled), the export folder as the artifact
 ``model`` and this package beside it (``code_paths``), so a registered version loads wherever
 its pip requirements are installed. The model is loaded whole into the process, in a
-one-process world of :func:`palm.parallel.process_groups` (or in the caller's, if it has one).
+one-process world of :func:`palm.model.parallel.process_groups` (or in the caller's, if it has one).
 
 ``predict`` by kind of export:
 
@@ -15,8 +15,8 @@ one-process world of :func:`palm.parallel.process_groups` (or in the caller's, i
 * ``reward``: each row's ``prompt`` (a user turn) and ``response`` (the reply) are scored at the
   reply's end of turn, normalised with the reward stage's mean and std (0: an average reply).
 
-Generation settings come as params (:data:`palm.registry.PARAMS`, the signature's param schema):
-a batch of prompts is sampled together (:func:`palm.generate.generate`), prompts cut from the left to leave
+Generation settings come as params (:data:`palm.ops.registry.PARAMS`, the signature's param schema):
+a batch of prompts is sampled together (:func:`palm.decode.generate.generate`), prompts cut from the left to leave
 ``max_new_tokens`` of room.
 """
 
@@ -28,7 +28,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from palm.registry import PARAMS
+from palm.ops.registry import PARAMS
+
 
 def _texts(model_input: Any, column: str | int = 0) -> list[str]:
     """The strings of one column of a pyfunc input (a DataFrame after schema enforcement, or a
@@ -47,8 +48,8 @@ class PalmModel(mlflow.pyfunc.PythonModel):
     """A palm export as a pyfunc model (see the module docstring)."""
 
     def load_context(self, context: Any) -> None:
-        from palm.models import load_model, load_tokenizer, read_export
-        from palm.parallel import process_groups
+        from palm.model.export import load_model, load_tokenizer, read_export
+        from palm.model.parallel import process_groups
 
         # kept up for the life of the model (a caller's own groups are used and left to it)
         self._groups = contextlib.ExitStack()
@@ -73,16 +74,16 @@ class PalmModel(mlflow.pyfunc.PythonModel):
 
     @property
     def _ids(self) -> dict[str, int]:
-        from palm.tokenizer import special_ids
+        from palm.core.tokenizer import special_ids
 
         return special_ids(self.tokenizer)
 
     def _complete(self, prompts: list[str], p: dict[str, Any]) -> list[str]:
         import torch
 
-        from palm.errors import UserError
-        from palm.evaluate import replies
-        from palm.generate import SamplingConfig, generate
+        from palm.core.errors import UserError
+        from palm.decode.generate import SamplingConfig, generate
+        from palm.eval.evaluate import replies
 
         seq_len = self.model.cfg.seq_len
         new = int(p["max_new_tokens"])
@@ -104,7 +105,7 @@ class PalmModel(mlflow.pyfunc.PythonModel):
     def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
         from palm.data.chat import ChatTemplate
         from palm.data.chat_readers import Turn
-        from palm.evaluate import scores
+        from palm.eval.evaluate import scores
 
         template = ChatTemplate(self.tokenizer)
         seq_len = self.model.cfg.seq_len

@@ -2,8 +2,8 @@
 
 Two kernels, in ``decode.c``, for fp32 on CPU: the part of a decoding step between a block's
 two matmuls (RoPE, the KV-cache write, multi-query attention, SwiGLU's product), used by
-:class:`palm.model.Decoder` through :class:`DecodeMix`; and the greedy pick with its log-prob
-(:func:`greedy`, used by :mod:`palm.generate`). The torch operations they replace stay the
+:class:`palm.decode.decoder.Decoder` through :class:`DecodeMix`; and the greedy pick with its log-prob
+(:func:`greedy`, used by :mod:`palm.decode.generate`). The torch operations they replace stay the
 reference and the fallback: with no C compiler (or ``PALM_NATIVE=0``) decoding computes the same
 function with them, only slower (``tests/test_native.py`` holds the two together).
 
@@ -138,7 +138,7 @@ def _build_and_open(cc: str, flag_sets: tuple[list[str], ...]) -> ctypes.CDLL | 
             why = f"{path} is another version of the kernel (delete it)"
         except (OSError, AttributeError) as e:
             why = f"could not load {path}: {e}"
-    warnings.warn(f"palm.native: {why}; decoding runs on torch operations instead (the same "
+    warnings.warn(f"palm.decode.native: {why}; decoding runs on torch operations instead (the same "
                   "numbers, slower)", RuntimeWarning, stacklevel=3)
     return None
 
@@ -147,7 +147,7 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The greedy pick of ``logits [b, V]`` (fp32 on CPU, unit stride along the vocabulary): the
     first index of each row's maximum ``[b]`` int64 and its log-probability under the row's
     softmax ``[b]``, in native passes over each row; ``None`` where the kernel does not apply (the
-    caller then uses torch ops: :func:`palm.generate.greedy_max` of the softmax)."""
+    caller then uses torch ops: :func:`palm.decode.generate.greedy_max` of the softmax)."""
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(-1) != 1:
         return None
     lib = load()

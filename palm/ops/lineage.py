@@ -4,7 +4,7 @@
     palm lineage models:/palm-chat@champion --json   # the same, machine-readable
 
 MODEL is a registry URI (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``); the registry is
-``MLFLOW_TRACKING_URI``, default the project's ``mlflow.db``. The walk (palm/registry.py) starts at
+``MLFLOW_TRACKING_URI``, default the project's ``mlflow.db``. The walk (palm/ops/registry.py) starts at
 the version's source run (the stage run that produced the model) and follows each run's inputs
 (tags ``dvc.dep.<path>.md5`` and ``palm.input.<path>.run_id``) to the runs that produced them,
 down to the scrape run and the md5 of the corpus it wrote.
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from palm import registry
+    from palm.ops import registry
 
     info = registry.lineage(args.model)
     if args.json:

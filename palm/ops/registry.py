@@ -3,7 +3,7 @@ to export folders, and walking a version's lineage back to the scrape run.
 
 Registered models (:data:`NAMES`): ``palm-pretrain``, ``palm-sft``, ``palm-reward`` and
 ``palm-chat`` (the PPO policy). The ``evaluate`` stage registers all four (:func:`register`) as
-pyfunc models (:mod:`palm.serving`) whose artifact is the export folder, with explicit pip
+pyfunc models (:mod:`palm.apps.serving`) whose artifact is the export folder, with explicit pip
 requirements and a signature. Each version's source run is the stage run that produced the
 folder (found by the DVC md5 of the folder: that run's tag ``dvc.out.<path>.md5``), and the model
 is logged as an artifact of that run (``registry/<name>``); a folder registered before (same
@@ -19,7 +19,7 @@ md5) is the same version again, not a new one. Aliases:
 
 Lineage: every stage run carries the DVC md5 of its data and model dependencies
 (``dvc.dep.<path>.md5``) and the run that produced each (``palm.input.<path>.run_id``,
-:meth:`palm.tracking.Tracker.link_inputs`); :func:`lineage` follows those links from a version's
+:meth:`palm.ops.tracking.Tracker.link_inputs`); :func:`lineage` follows those links from a version's
 source run to the runs with no tracked inputs (``scrape``).
 """
 
@@ -33,19 +33,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from palm.errors import UserError
-from palm.io import atomic_dir
-from palm.tracking import tracking_uri
+from palm.core.errors import UserError
+from palm.core.io import atomic_dir
+from palm.ops.tracking import tracking_uri
 
 # the evaluate stage's model -> registered name
 NAMES = {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
 CHAT = NAMES["ppo"]
 ARTIFACT = "registry"  # artifact folder of a source run that holds its registered models
-# what inference imports (palm/serving.py and the modules it loads): pinned from requirements.lock
+# what inference imports (palm/apps/serving.py and the modules it loads): pinned from requirements.lock
 INFERENCE_PACKAGES = ("mlflow", "torch", "megatron-core", "tokenizers", "safetensors", "numpy", "threadpoolctl",
                       "pyarrow", "pyyaml", "pandas")
 CACHE_ENV = "PALM_MODEL_CACHE"
-# the generation settings palm/serving.py's predict takes as params: name -> default; their types
+# the generation settings palm/apps/serving.py's predict takes as params: name -> default; their types
 # make the signature's param schema (top_k 0: off, top_p 1: off)
 PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
@@ -279,7 +279,7 @@ def lineage(uri: str, root: Path | None = None) -> dict[str, Any]:
         inputs = [{"path": p, "md5": tags[k], "run_id": tags.get(f"palm.input.{p}.run_id")}
                   for k in sorted(tags) if (p := _between(k, "dvc.dep.", ".md5"))]
         registered = [f"{v.name}/{v.version}" for v in c.search_model_versions(f"run_id = '{run_id}'")]
-        runs[run_id] = {"stage": tags.get("palm.stage"), "status": run.info.status,
+        runs[run_id] = {"stage": tags.get("palm.ops.stage"), "status": run.info.status,
                         "start_time": run.info.start_time, "git_commit": tags.get("git_commit"),
                         "inputs": inputs, "registered": sorted(registered),
                         "outputs": {p: tags[k] for k in sorted(tags) if (p := _between(k, "dvc.out.", ".md5"))}}

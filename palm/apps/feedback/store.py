@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from palm.apps.feedback.sample import BATCH_FORMAT
+from palm.core.errors import UserError
 from palm.data import rankings
-from palm.errors import UserError
-from palm.feedback.sample import BATCH_FORMAT
 
 
 def read_batch(path: Path) -> list[dict[str, Any]]:

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from palm.apps.feedback.store import RankingsFile, batch_agreement, read_batch
 from palm.data import rankings
-from palm.feedback.store import RankingsFile, batch_agreement, read_batch
 
 MAX_BODY = 64 * 1024  # bytes of a request body (a judgement is a few hundred)
 TOKEN_HEADER = "X-Feedback-Token"

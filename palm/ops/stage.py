@@ -2,7 +2,7 @@
 
 ``run_stage`` parses ``--params`` and the stage's own path arguments, loads the stage's config
 strictly, opens an MLflow run (params, git commit, DVC md5 of each dependency and the run that
-produced it: :meth:`~palm.tracking.Tracker.link_inputs`), calls the
+produced it: :meth:`~palm.ops.tracking.Tracker.link_inputs`), calls the
 stage, writes ``reports/<stage>/metrics.json`` atomically, and tags the run with the DVC md5 of
 each output. Errors a user can fix print as one line ``error: <stage>: …`` and exit with 2.
 """
@@ -10,21 +10,19 @@ each output. Errors a user can fix print as one line ``error: <stage>: …`` and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import shutil
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
-from palm.config import load_section, to_dict
-from palm.errors import UserError
-from palm.io import atomic_dir, write_json
-from palm.tracking import Tracker, git_commit
-from palm.train.launch import OtherNodeDone, is_other_node
+from palm.core.config import load_section, to_dict
+from palm.core.errors import UserError
+from palm.core.io import write_json
+from palm.core.process import OtherNodeDone, is_other_node
+from palm.ops.tracking import Tracker, git_commit
 
 C = TypeVar("C")
 
@@ -48,11 +46,12 @@ class StageContext:
 
 def dvc_md5(path: Path) -> str | None:
     """The md5 DVC records for ``path`` in dvc.lock (``….dir`` for folders), or None if absent."""
+    import tempfile
+
     from dvc.fs import LocalFileSystem
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
     from dvc_data.hashfile.hash import hash_file
-    import tempfile
 
     path = Path(path)
     if not path.exists():
@@ -139,38 +138,3 @@ def run_stage(
         print(f"error: {stage}: unexpected {type(err).__name__}: {err} (a bug: please report it with the traceback above)",
               file=sys.stderr)
         return 1
-
-
-# --- the training stages (pretrain, sft, reward, ppo) ----------------------------------------------
-
-def training_start(stage: str, cfg: Any, ctx: StageContext) -> tuple[str, float]:
-    """The dtype ``cfg.dtype`` resolves to here (printed, and tagged on the MLflow run) and the
-    measured matmul peak in that dtype (for MFU)."""
-    from palm.megatron_compat import device
-    from palm.train.metrics import dtype_name, matmul_peak_flops, resolve_dtype
-
-    dtype = resolve_dtype(cfg.dtype, device())
-    peak = matmul_peak_flops(dtype, device=device())
-    print(f"{stage}: dtype {dtype_name(dtype)} ({stage}.dtype: {cfg.dtype}); measured {dtype_name(dtype)} "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s", file=sys.stderr)
-    ctx.tracker.set_tags({"dtype": dtype_name(dtype)})
-    return dtype_name(dtype), peak
-
-
-@contextlib.contextmanager
-def exported(ctx: StageContext, result: dict[str, Any], tokenizer: Path, extra: dict[str, Any],
-             chunk: Any = None) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Export the final checkpoint of a training launch (``result["checkpoint"]``) into ``--out``
-    with ``extra`` in its ``config.json`` and a copy of ``tokenizer``; the body may add files and
-    rewrite the config (it gets the folder and the config). The folder appears only complete,
-    after the body: nothing half-written is left if anything fails. Then ``curve.csv`` goes to
-    the MLflow run (its rows went there as metrics while training: :meth:`Tracker.follow`).
-    ``chunk``: the model class to load the checkpoint into (default ``PaLM``)."""
-    from palm.model import PaLM
-    from palm.train.loop import export
-
-    with atomic_dir(ctx.path("out")) as out:
-        config = export(Path(result["checkpoint"]), out, extra, chunk=chunk or PaLM)
-        shutil.copy2(tokenizer, out / "tokenizer.json")
-        yield out, config
-    ctx.tracker.log_artifact(ctx.reports / "curve.csv")

@@ -1,0 +1,1 @@
+"""Evaluation of the trained models on held-out data, and the report."""
