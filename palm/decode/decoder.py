@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from palm.decode import layouts, native
-from palm.decode.cache import KVCache
+from palm.decode.cache import KVCache, new_cache
 from palm.model import parallel
 from palm.model.network import PaLM, RotaryEmbedding, mqa_attention
 
@@ -160,7 +160,7 @@ class Decoder:
                 decoder = kept.get(c)
                 if decoder is None:
                     try:
-                        decoder = Decoder(model, model.new_cache(rows, start + size, dtype=c.dtype), c)
+                        decoder = Decoder(model, new_cache(model, rows, start + size, dtype=c.dtype), c)
                     except RuntimeError:  # no kernels for it on this CPU (oneDNN's bf16 needs AVX-512)
                         del best[c]
                         continue
