@@ -41,7 +41,8 @@ from palm.core.config import to_dict  # noqa: E402
 from palm.model import parallel  # noqa: E402
 from palm.model.network import ModelConfig, PaLM  # noqa: E402
 from palm.train.engine import Engine, OptimConfig  # noqa: E402
-from palm.train.rlhf import KLConfig, PPOConfig, build_roles, iteration, reference_step, reward_model_scorer  # noqa: E402
+from palm.train.rlhf import KLConfig, PPOConfig, build_roles, iteration  # noqa: E402
+from palm.train.rlhf.steps import reference_step, reward_model_scorer  # noqa: E402
 
 PROMPTS, PROMPT, NEW = 16, 16, 64
 CFG = ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, ffn_mult=4.0, seq_len=PROMPT + NEW)

@@ -19,25 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune_data import MODEL, chat_data, make_parent, make_reward  # noqa: E402
+from helpers import MODEL, chat_data, make_parent, make_reward  # noqa: E402
 
 from palm.core.tokenizer import load_tokenizer, special_ids  # noqa: E402
 from palm.decode.generate import generate  # noqa: E402
 from palm.model import parallel  # noqa: E402
 from palm.train.engine import OptimConfig  # noqa: E402
-from palm.train.loop import KILL_ENV, export  # noqa: E402
-from palm.train.rlhf import (  # noqa: E402
-    KLConfig,
-    Paths,
-    PPOConfig,
-    build_roles,
-    launch,
-    load_prompts,
-    reference_step,
-    sequences_batch,
-    token_logp,
-    train,
-)
+from palm.train.loop import KILL_ENV, RunPaths, export  # noqa: E402
+from palm.train.rlhf import KLConfig, PPOConfig, build_roles, launch, load_prompts, train  # noqa: E402
+from palm.train.rlhf.rollout import sequences_batch  # noqa: E402
+from palm.train.rlhf.steps import reference_step, token_logp  # noqa: E402
 
 FAST = OptimConfig(lr=1e-2, min_lr=1e-2, warmup_steps=0, weight_decay=0.0)
 TOY = PPOConfig(train_steps=16, micro_batch_size=8, prompts_per_rollout=16, max_new_tokens=16, dtype="fp32",
@@ -88,7 +79,7 @@ def test_a_tiny_ppo_run_learns_a_toy_reward(inputs, single, one_thread, tmp_path
     target, _ = collections.Counter(g.response[g.response_mask].tolist()).most_common(1)[0]
     roles = build_roles(cfg, MODEL, policy=inputs["policy"], critic_from=inputs["reward"], scorer=frequency_of(target))
     assert (roles.critic is None) == (advantage == "grpo")
-    result = train(cfg, roles, prompts, Paths(reports=tmp_path, checkpoints=None), end_id=inputs["end_id"])
+    result = train(cfg, roles, prompts, RunPaths(reports=tmp_path, checkpoints=None), end_id=inputs["end_id"])
     rows = curve(tmp_path / "curve.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, cfg.train_steps + 1))
     reward = [float(r["reward"]) for r in rows]

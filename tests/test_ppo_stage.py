@@ -18,10 +18,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import make_project, run_stage_cli  # noqa: E402
-from finetune_data import MODEL, make_parent, make_reward  # noqa: E402
-from test_chat import make_tokenizer, pydoc_corpus  # noqa: E402
-from test_finetune_stages import set_params  # noqa: E402
+from helpers import (  # noqa: E402
+    MODEL,
+    make_parent,
+    make_project,
+    make_reward,
+    make_tokenizer,
+    pydoc_corpus,
+    run_stage_cli,
+    set_params,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist, pytest.mark.timeout(900)]
 
@@ -83,7 +89,7 @@ def test_dvc_repro_ppo_exports_the_policy_with_metrics_curve_samples_and_mlflow(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "kl")][:2] == [1, 2]
     assert {"samples.jsonl", "curve.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["ppo"]
-    assert {d["path"] for d in lock["deps"]} >= {"data/sft", "models/sft", "models/reward", "palm/train/rlhf.py"}
+    assert {d["path"] for d in lock["deps"]} >= {"data/sft", "models/sft", "models/reward", "palm/train/rlhf/__init__.py"}
 
 
 def error_line(root: Path, argv: list[str]) -> str:

@@ -96,7 +96,7 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    state = {**_training_state(engine), "step": step, "rng": _rng_state()}
+    state = {**_training_state(engine), "step": engine.step, "rng": _rng_state()}  # meta holds the loop's step
     for name, other in (others or {}).items():
         state[name] = {**_training_state(other, f"{name}."), "step": other.step}
     _in_process_results_queue()

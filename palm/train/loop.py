@@ -1,8 +1,10 @@
 """The training loop every training stage shares: train, evaluate, log, checkpoint, resume, export.
 
-An objective module (``pretrain.py``; later ``sft.py``, ``reward.py``) builds a :class:`Job` in
-each worker process — its model, config, forward step, data and run identity — and hands it to
-:func:`train`. The loop never imports an objective.
+An objective module hands the loop an :class:`Objective` in each worker process: what one step
+does (pretrain, sft and reward: one optimizer step of a :class:`Job`'s engine, :class:`Supervised`;
+ppo: a rollout and its update, :mod:`palm.train.rlhf`), its curve's metrics and the state a resumed
+run needs beyond its engines. :func:`run` does everything else, once. The loop never imports an
+objective.
 
 Resume that tells the truth:
 
@@ -10,8 +12,9 @@ Resume that tells the truth:
   seed, steps, global batch, dtype, the content hash of the data, the code version; not the
   TP/PP/DP layout, not the intervals) equals this run's; otherwise the old checkpoints are
   removed and training starts fresh.
-* Whatever the reports need is kept with the checkpoint (``curve.csv`` beside it; timing and the
-  last validation metrics in its ``palm.json``), because DVC deletes a stage's declared
+* Whatever the reports need is kept with the checkpoint (``curve.csv`` and the objective's
+  :meth:`~Objective.files` beside it; timing, the last metrics and the objective's
+  :meth:`~Objective.state` in its ``palm.json``), because DVC deletes a stage's declared
   outputs before it reruns it (``dvc repro -f``). A resumed run, finished or not, rebuilds the
   same ``curve.csv`` and result as an uninterrupted one.
 * An unreadable newest checkpoint falls back to the one before it.
@@ -119,9 +122,165 @@ def code_version(*files: str) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    checkpoints: Path | None  # checkpoints of this stage (resume), kept across DVC reruns; None: none kept
+    reports: Path  # reports/<stage>/ (curve.csv)
+    run_dir: Path | None = None  # scratch of the launch (spec, result, dataset index cache); rank 0 writes result.json
+    peak_flops: float = math.nan  # measured matmul peak for MFU
+
+    @classmethod
+    def of(cls, spec: dict[str, Any]) -> "RunPaths":
+        """The paths of a launch spec (``checkpoints``, ``reports``, ``run_dir``, ``peak_flops``)."""
+        return cls(checkpoints=Path(spec["checkpoints"]), reports=Path(spec["reports"]),
+                   run_dir=Path(spec["run_dir"]), peak_flops=spec.get("peak_flops", math.nan))
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands, for :meth:`Objective.result`."""
+
+    step: int  # steps done
+    resumed_from: int  # the step of the checkpoint the run resumed from (0: it started fresh)
+    seconds: float  # time inside the objective's steps, over all runs of this training
+    steps_timed: int  # steps those seconds cover
+    val: dict[str, float] | None  # the last validation's metrics (None: the objective validates nothing)
+    last: dict[str, float]  # the last curve row's metrics
+    peak_flops: float  # the matmul peak measured when the training started (MFU)
+    checkpoint: Path | None  # the newest checkpoint
+
+
+class Objective:
+    """One objective's training, as :func:`run` drives it in every worker process: what a step
+    does, what its curve shows and what a resumed run needs beyond the checkpointed engines.
+
+    The loop owns the rest, once for every objective: resume (run identity, fallback to an older
+    checkpoint), ``curve.csv`` and its rows kept with each checkpoint, the checkpoint cadence, the
+    kill hook of the resume tests, the progress bar and ``result.json``. A new objective is one
+    module that subclasses this and hands an instance to :func:`run`."""
+
+    stage: str  # the stage name (progress bar, messages, MLflow)
+    cfg: TrainConfig  # steps and intervals
+    identity: dict[str, Any]  # what must match for a checkpoint to be resumed
+    engine: Engine  # the trained engine: the checkpoint's main one (export loads it)
+    others: dict[str, Engine] = {}  # engines saved in the same checkpoint (e.g. PPO's critic)
+    columns: tuple[str, ...] = ("loss",)  # the step metrics curve.csv shows (means over a log interval)
+    validated: tuple[str, ...] = ()  # of those, the ones validation also reports (val_<m> columns)
+    finite: tuple[str, ...] = ("loss",)  # metrics that must stay finite (else a one-line error)
+    shown: tuple[str, ...] = ("loss",)  # metrics the progress bar (or, off a terminal, a log line) shows
+    tokens_per_step: int = 0  # tokens one step processes (all DP ranks): tokens_per_s and mfu columns
+    flops_per_token: float = math.nan
+
+    def step(self, step: int) -> dict[str, float]:
+        """Train step ``step`` (0-based); its metrics, the same on every rank."""
+        raise NotImplementedError
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (called every ``cfg.eval_interval`` steps when ``validated``)."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """JSON state saved with each checkpoint, beside the engines."""
+        return {}
+
+    def restore(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """After a resume: this objective's :meth:`state` and the checkpoint folder (its :meth:`files`)."""
+
+    def files(self) -> dict[str, str]:
+        """Text files kept with each checkpoint (rank 0), e.g. logged samples."""
+        return {}
+
+    def result(self, progress: Progress) -> dict[str, Any]:
+        """The result of the training (rank 0 writes it to ``result.json``)."""
+        raise NotImplementedError
+
+
+FRESH: dict[str, Any] = {"train_seconds": 0.0, "steps_timed": 0, "val": None, "last": None}
+LAST = ("lr", "grad_norm")  # step metrics a curve row takes from the last step of its interval, not the mean
+
+
+def run(obj: Objective, paths: RunPaths) -> dict[str, Any]:
+    """Train ``obj`` to ``obj.cfg.train_steps`` steps, resuming from ``paths.checkpoints`` when it
+    holds this run's checkpoint; returns the result (rank 0 also writes it to ``run_dir/result.json``)."""
+    from tqdm import tqdm
+
+    from palm.train import checkpoint as ckpt
+    from palm.train.metrics import Curve
+
+    cfg = obj.cfg
+    rank0 = torch.distributed.get_rank() == 0
+    step, state, rows = 0, dict(FRESH), []
+    if paths.checkpoints is not None:
+        step, state, rows, restored = resume(obj.engine, paths.checkpoints, obj.identity, obj.stage, rank0, obj.others)
+        if restored is not None:
+            obj.restore(state.pop("objective", {}), restored)
+    resumed = step
+    # the result's MFU uses the peak measured when the run started, so a resumed run reports the same
+    peak = state.setdefault("peak_flops", paths.peak_flops)
+    columns = ("step", *obj.columns, *(f"val_{m}" for m in obj.validated), *(m for m in LAST if m not in obj.columns),
+               *(("tokens_per_s", "mfu") if obj.tokens_per_step else ()))
+    curve = Curve(paths.reports / "curve.csv", columns, rows) if rank0 else None
+    bar = tqdm(total=cfg.train_steps, initial=step, desc=obj.stage, unit="step", disable=not rank0 or None,
+               dynamic_ncols=True)
+    window: list[dict[str, float]] = []
+    t_window = 0.0
+    while step < cfg.train_steps:
+        t0 = time.perf_counter()
+        stats = obj.step(step)
+        took = time.perf_counter() - t0  # time inside the step only
+        t_window += took
+        state["train_seconds"] += took
+        state["steps_timed"] += 1
+        window.append(stats)
+        step += 1
+        for m in obj.finite:
+            if not math.isfinite(stats[m]):
+                raise UserError(f"{m} became {stats[m]} at step {step}; lower {obj.stage}.optim.lr")
+        evaluated = bool(obj.validated) and (step % cfg.eval_interval == 0 or step == cfg.train_steps)
+        if evaluated:
+            state["val"] = obj.validate()
+        if step % cfg.log_interval == 0 or step == cfg.train_steps:
+            row = {"step": step, **{m: sum(w[m] for w in window) / len(window) for m in obj.columns},
+                   **{m: window[-1][m] for m in LAST}}
+            if obj.tokens_per_step:
+                tps = len(window) * obj.tokens_per_step / max(t_window, 1e-9)
+                row.update(tokens_per_s=tps, mfu=tps * obj.flops_per_token / paths.peak_flops)
+            if evaluated:
+                row.update({f"val_{m}": state["val"][m] for m in obj.validated})
+            state["last"] = {k: v for k, v in row.items() if k != "step"}
+            if rank0:
+                curve.append(row)  # the stage process logs it to MLflow (Tracker.follow)
+                shown = {m: f"{row[m]:.4g}" for m in (*obj.shown, *(("tokens_per_s",) if obj.tokens_per_step else ()))}
+                bar.set_postfix(shown)
+                if bar.disable:  # off a terminal (DVC, Prefect logs): a line per logged row
+                    print(f"{obj.stage}: step {step}/{cfg.train_steps} "
+                          + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+            window, t_window = [], 0.0
+        bar.update(1)
+        if paths.checkpoints is not None and (step % cfg.checkpoint_interval == 0 or step == cfg.train_steps):
+            files = {"curve.csv": curve.text(), **obj.files()} if rank0 else None
+            ckpt.save(obj.engine, paths.checkpoints, step=step, others=obj.others, files=files,
+                      meta={"run": obj.identity, "loop": {**state, "objective": obj.state()}})
+            if os.environ.get(KILL_ENV) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    if obj.validated and state["val"] is None:  # a checkpoint from before this loop kept no metrics
+        state["val"] = obj.validate()
+    result = obj.result(Progress(
+        step=step, resumed_from=resumed, seconds=state["train_seconds"], steps_timed=state["steps_timed"],
+        val=state["val"], last=state["last"] or {}, peak_flops=peak,
+        checkpoint=ckpt.latest(paths.checkpoints) if paths.checkpoints is not None else None))
+    if rank0 and paths.run_dir is not None:
+        (Path(paths.run_dir) / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+
+
 @dataclasses.dataclass
 class Job:
-    """What an objective hands the loop in each worker process."""
+    """What a language-model objective (pretrain, sft, reward) hands :func:`train` in each worker
+    process: its model, config, forward step, data and run identity."""
 
     stage: str  # the stage name (progress bar, messages, MLflow)
     model: ModelConfig
@@ -144,111 +303,66 @@ class Job:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # more result fields
 
 
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    checkpoints: Path  # checkpoints of this stage (resume), kept across DVC reruns
-    reports: Path  # reports/<stage>/ (curve.csv)
-    run_dir: Path  # scratch of the launch (spec, result, dataset index cache)
-    peak_flops: float  # measured matmul peak for MFU
+class Supervised(Objective):
+    """A :class:`Job`'s objective: one optimizer step of its engine over the step's batches, and
+    validation on its held-out batches."""
 
-    @classmethod
-    def of(cls, spec: dict[str, Any]) -> "RunPaths":
-        """The paths of a launch spec (``checkpoints``, ``reports``, ``run_dir``, ``peak_flops``)."""
-        return cls(checkpoints=Path(spec["checkpoints"]), reports=Path(spec["reports"]),
-                   run_dir=Path(spec["run_dir"]), peak_flops=spec["peak_flops"])
+    def __init__(self, job: Job):
+        cfg = job.cfg
+        self.job, self.stage, self.cfg, self.identity = job, job.stage, cfg, job.identity
+        self.engine = Engine(job.model, cfg.optim, forward_step=job.forward_step, chunk=job.chunk,
+                             train_steps=cfg.train_steps, micro_batch_size=cfg.micro_batch_size,
+                             num_microbatches=cfg.num_microbatches, seq_len=job.seq_len, dtype=job.dtype,
+                             seed=cfg.seed)
+        self.columns = self.validated = job.curve_metrics
+        self.tokens_per_step = job.tokens_per_step
+        self.flops_per_token = job.model.flops_per_token(job.seq_len)
+        self.extra = dict(job.extra)
+        if job.init_weights is not None:
+            self.extra.update(job.init_weights(self.engine) or {})
+
+    def step(self, step: int) -> dict[str, float]:
+        return self.engine.train_step(self.job.train_batches(step))
+
+    def validate(self) -> dict[str, float]:
+        return self.engine.evaluate(self.job.valid_batches)
+
+    def result(self, progress: Progress) -> dict[str, Any]:
+        from palm.train.metrics import dtype_name
+
+        tps = (progress.steps_timed * self.tokens_per_step / progress.seconds if progress.steps_timed
+               else float("nan"))
+        val = progress.val
+        result = {"final_train_loss": progress.last.get("loss", float("nan")),
+                  "val_loss": val["loss"], **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+                  "tokens_per_s": tps, "mfu": tps * self.flops_per_token / progress.peak_flops,
+                  "peak_flops": progress.peak_flops, "flops_per_token": self.flops_per_token,
+                  "params": self.job.model.num_params(), "steps": progress.step,
+                  "resumed_from_step": progress.resumed_from, "tokens_seen": progress.step * self.tokens_per_step,
+                  "dtype": dtype_name(self.job.dtype), "checkpoint": str(progress.checkpoint), **self.extra}
+        if self.job.perplexity:
+            result["val_perplexity"] = math.exp(min(val["loss"], 50.0))
+        return result
 
 
 def train(job: Job, paths: RunPaths) -> dict[str, Any]:
     """Train ``job`` to ``cfg.train_steps`` (resuming when possible); returns the result (and rank
     0 writes it to ``run_dir/result.json``)."""
-    from tqdm import tqdm
-
-    from palm.train import checkpoint as ckpt
-    from palm.train.metrics import Curve, dtype_name
-
-    cfg = job.cfg
-    rank0 = torch.distributed.get_rank() == 0
-    engine = Engine(job.model, cfg.optim, forward_step=job.forward_step, chunk=job.chunk,
-                    train_steps=cfg.train_steps, micro_batch_size=cfg.micro_batch_size,
-                    num_microbatches=cfg.num_microbatches, seq_len=job.seq_len, dtype=job.dtype, seed=cfg.seed)
-    extra = dict(job.extra)
-    if job.init_weights is not None:
-        extra.update(job.init_weights(engine) or {})
-    resumed, state, rows = resume(engine, paths.checkpoints, job.identity, job.stage, rank0)
-    # the result's MFU uses the peak measured when the run started, so a resumed run reports the same
-    peak = state.setdefault("peak_flops", paths.peak_flops)
-    columns = ("step", *job.curve_metrics, *(f"val_{m}" for m in job.curve_metrics),
-               "lr", "grad_norm", "tokens_per_s", "mfu")
-    curve = Curve(paths.reports / "curve.csv", columns, rows) if rank0 else None
-    flops_per_token = job.model.flops_per_token(job.seq_len)
-    bar = tqdm(total=cfg.train_steps, initial=engine.step, desc=job.stage, unit="step",
-               disable=not rank0 or None, dynamic_ncols=True)
-    window: list[dict[str, float]] = []
-    t_window = 0.0
-    while engine.step < cfg.train_steps:
-        t0 = time.perf_counter()
-        stats = engine.train_step(job.train_batches(engine.step))
-        took = time.perf_counter() - t0  # time inside train_step only
-        t_window += took
-        state["train_seconds"] += took
-        state["steps_timed"] += 1
-        window.append(stats)
-        if not math.isfinite(stats["loss"]):
-            raise UserError(f"loss became {stats['loss']} at step {engine.step}; lower {job.stage}.optim.lr")
-        step = engine.step
-        evaluated = step % cfg.eval_interval == 0 or step == cfg.train_steps
-        if evaluated:
-            state["val"] = engine.evaluate(job.valid_batches)
-        if step % cfg.log_interval == 0 or step == cfg.train_steps:
-            tps = len(window) * job.tokens_per_step / max(t_window, 1e-9)
-            row = {"step": step, "lr": window[-1]["lr"], "grad_norm": window[-1]["grad_norm"],
-                   "tokens_per_s": tps, "mfu": tps * flops_per_token / paths.peak_flops,
-                   **{m: sum(w[m] for w in window) / len(window) for m in job.curve_metrics}}
-            if evaluated:
-                row.update({f"val_{m}": state["val"][m] for m in job.curve_metrics})
-            state["last"] = {m: row[m] for m in job.curve_metrics}
-            if rank0:
-                curve.append(row)  # the stage process logs it to MLflow (Tracker.follow)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
-            window, t_window = [], 0.0
-        bar.update(1)
-        if step % cfg.checkpoint_interval == 0 or step == cfg.train_steps:
-            ckpt.save(engine, paths.checkpoints, step=step, meta={"run": job.identity, "loop": state},
-                      files={"curve.csv": curve.text()} if rank0 else None)
-            if os.environ.get(KILL_ENV) == str(step):
-                os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    if state["val"] is None:  # a checkpoint from before this loop kept its metrics: re-evaluate
-        state["val"] = engine.evaluate(job.valid_batches)
-    tps = (state["steps_timed"] * job.tokens_per_step / state["train_seconds"]
-           if state["steps_timed"] else float("nan"))
-    val = state["val"]
-    result = {"final_train_loss": (state["last"] or {}).get("loss", float("nan")),
-              "val_loss": val["loss"], **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-              "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
-              "peak_flops": peak, "flops_per_token": flops_per_token,
-              "params": job.model.num_params(), "steps": engine.step, "resumed_from_step": resumed,
-              "tokens_seen": engine.step * job.tokens_per_step, "dtype": dtype_name(job.dtype),
-              "checkpoint": str(ckpt.latest(paths.checkpoints)), **extra}
-    if job.perplexity:
-        result["val_perplexity"] = math.exp(min(val["loss"], 50.0))
-    if rank0:
-        (paths.run_dir / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+    return run(Supervised(job), paths)
 
 
 def resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str, rank0: bool,
-           others: dict[str, Engine] | None = None) -> tuple[int, dict[str, Any], list[dict[str, str]]]:
-    """Load the newest readable checkpoint of this run: ``(step, loop state, curve rows)``.
-    Checkpoints of another run are removed; with none usable, a fresh state. ``others``: engines
-    saved in the same checkpoint (``checkpoint.save``'s ``others``)."""
+           others: dict[str, Engine] | None = None
+           ) -> tuple[int, dict[str, Any], list[dict[str, str]], Path | None]:
+    """Load the newest readable checkpoint of this run: ``(step, loop state, curve rows, its
+    folder)``. Checkpoints of another run are removed; with none usable, a fresh state (and no
+    folder). ``others``: engines saved in the same checkpoint (``checkpoint.save``'s ``others``)."""
     from palm.train import checkpoint as ckpt
     from palm.train.metrics import read_curve
 
-    fresh: dict[str, Any] = {"train_seconds": 0.0, "steps_timed": 0, "val": None, "last": None}
     found = ckpt.candidates(root)
     if not found:
-        return 0, fresh, []
+        return 0, dict(FRESH), [], None
     first_error: UserError | None = None
     for path in found:
         try:
@@ -265,7 +379,7 @@ def resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str, ran
                     shutil.rmtree(old, ignore_errors=True)
                 (root / "latest").unlink(missing_ok=True)
             torch.distributed.barrier()
-            return 0, fresh, []
+            return 0, dict(FRESH), [], None
         try:
             ckpt.load(engine, path, others)
         except UserError as err:
@@ -274,10 +388,10 @@ def resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str, ran
         if first_error is not None and rank0:
             print(f"{stage}: {first_error}; fell back to {path}", file=sys.stderr)
         if rank0:
-            print(f"{stage}: resumed from {path} (step {engine.step})", file=sys.stderr)
+            print(f"{stage}: resumed from {path} (step {meta['step']})", file=sys.stderr)
         curve = path / "curve.csv"
         rows = read_curve(curve.read_text()) if curve.is_file() else []
-        return engine.step, {**fresh, **meta.get("loop", {})}, rows
+        return int(meta["step"]), {**FRESH, **meta.get("loop", {})}, rows, path
     raise first_error
 
 

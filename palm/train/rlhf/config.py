@@ -1,0 +1,120 @@
+"""The ``ppo`` section of params.yaml: PPO (or GRPO) and its KL penalty."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from palm.core.config import check, to_dict
+from palm.core.errors import ConfigError
+from palm.decode.generate import SamplingConfig
+from palm.model.network import ModelConfig
+from palm.train.engine import OptimConfig
+from palm.train.loop import TrainConfig, code_version
+
+# the sources of the computation: with model, parallel and engine, a change restarts training
+CODE = ("decode/generate.py", "decode/decoder.py", "decode/layouts.py", "decode/cache.py", "decode/native/decode.c",
+        "model/reward.py", "train/finetune.py", "train/reward.py", "train/ppo.py", "train/rlhf/config.py",
+        "train/rlhf/rollout.py", "train/rlhf/update.py", "train/rlhf/roles.py", "train/rlhf/__init__.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class KLConfig:
+    """The KL penalty to the reference (SFT) policy."""
+
+    coef: float = 0.2  # initial beta: reward -beta * KL per token (gae) or + beta * KL in the loss (grpo)
+    estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimator in the reward (Schulman 2020)
+    target: float | None = None  # adaptive beta steering the per-sequence KL towards this; null: fixed
+    horizon: int = 10000  # the adaptive controller's time scale, in sequences (Ziegler et al. 2019)
+
+    def __post_init__(self) -> None:
+        check(self.coef >= 0, "coef", f"must be >= 0, got {self.coef}")
+        check(self.target is None or self.target > 0, "target", f"must be > 0 or null, got {self.target}")
+        check(self.horizon >= 1, "horizon", f"must be >= 1, got {self.horizon}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig(TrainConfig):
+    """The ``ppo`` section of params.yaml. Layout, dtype, seed and intervals are
+    :class:`TrainConfig`'s, read as: ``train_steps`` PPO iterations (one rollout and its update
+    each); a mini-batch (one optimizer step) is ``micro_batch_size x num_microbatches`` sequences
+    per DP rank; ``optim`` is the actor's optimizer, ``critic_optim`` the critic's;
+    ``optim.clip_grad`` / ``critic_optim.clip_grad`` clip each role's gradient norm. There is no
+    validation during PPO (``eval_*`` are unused; held-out prompts are ``evaluate``'s) and
+    ``pipeline_parallel`` must be 1."""
+
+    train_steps: int = 30
+    micro_batch_size: int = 8
+    num_microbatches: int = 1
+    log_interval: int = 1
+    checkpoint_interval: int = 10
+    prompts_per_rollout: int = 16  # prompts per iteration, all DP ranks together
+    samples_per_prompt: int = 1  # responses per prompt (grpo: the group size, >= 2)
+    max_new_tokens: int = 64  # response length cap; prompts + this must fit model.seq_len
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0)  # the behaviour policy (1.0: the model itself)
+    ppo_epochs: int = 2  # passes over each rollout
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    clip: float = 0.2  # policy ratio clip epsilon
+    value_clip: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.5  # weight of the value loss (the critic's objective)
+    entropy_coef: float = 0.0  # entropy bonus weight in the policy loss
+    kl: KLConfig = KLConfig()
+    kl_bound: float = 0.05  # stop the update once a mini-batch's approx KL(old || new) exceeds this
+    reward_clip: float = 5.0  # normalised scores are clipped to [-reward_clip, reward_clip]
+    no_end_penalty: float = -1.0  # added to the score of a response that never produced <|end|>
+    advantage: Literal["gae", "grpo"] = "gae"  # gae: critic + GAE; grpo: group-relative scores, no critic
+    whiten: bool = True  # whiten the advantages over the rollout (all DP ranks)
+    optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0)
+    critic_optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0)
+    sample_interval: int = 5  # iterations between logged sample responses (samples.jsonl, MLflow)
+    samples_logged: int = 4  # responses logged each time (rank 0's first rows)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.pipeline_parallel == 1, "pipeline_parallel",
+              "ppo supports tensor_parallel and data_parallel only (generation needs the whole model "
+              f"per process); got pipeline_parallel={self.pipeline_parallel}")
+        for name in ("prompts_per_rollout", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
+                     "sample_interval"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.samples_logged >= 0, "samples_logged", f"must be >= 0, got {self.samples_logged}")
+        check(self.kl_bound > 0, "kl_bound", f"must be > 0 (the approx KL at which an update stops), got {self.kl_bound}")
+        check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        for name in ("clip", "value_clip", "vf_coef", "reward_clip"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
+        check(self.advantage == "gae" or self.samples_per_prompt >= 2, "samples_per_prompt",
+              f"advantage: grpo compares the samples of a prompt: needs >= 2, got {self.samples_per_prompt}")
+        check(self.prompts_per_rollout % self.data_parallel == 0, "prompts_per_rollout",
+              f"must be divisible by data_parallel={self.data_parallel}, got {self.prompts_per_rollout}")
+        check(self.rollout_per_rank % self.mini_batch == 0, "micro_batch_size",
+              f"a rollout of {self.rollout_per_rank} sequences per DP rank (prompts_per_rollout / data_parallel "
+              f"x samples_per_prompt) must split into mini-batches of micro_batch_size x num_microbatches = "
+              f"{self.mini_batch}")
+
+    @property
+    def rollout_per_rank(self) -> int:
+        return self.prompts_per_rollout // self.data_parallel * self.samples_per_prompt
+
+    @property
+    def mini_batch(self) -> int:
+        return self.micro_batch_size * self.num_microbatches
+
+    def run_identity(self, model: ModelConfig, critic: ModelConfig | None, dtype: str, tokenizer_sha256: str,
+                     data_sha256: str, policy_sha256: str, reward_sha256: str) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed: not the layout, not the intervals."""
+        skip = {"tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages", "threads", "log_interval",
+                "checkpoint_interval", "eval_interval", "eval_batches", "sample_interval", "samples_logged"}
+        return {"model": to_dict(model), "critic": to_dict(critic) if critic else None, "dtype": dtype,
+                "ppo": {k: v for k, v in to_dict(self).items() if k not in skip},
+                "tokenizer_sha256": tokenizer_sha256, "data_sha256": data_sha256, "policy_sha256": policy_sha256,
+                "reward_sha256": reward_sha256, "code": code_version(*CODE)}
+
+
+def check_context(cfg: PPOConfig, model: ModelConfig) -> None:
+    if cfg.max_new_tokens >= model.seq_len:
+        raise ConfigError("ppo.max_new_tokens", f"{cfg.max_new_tokens} new tokens leave no room for a prompt in "
+                          f"the model's context (model.seq_len={model.seq_len}); use at most {model.seq_len - 1}, "
+                          "better far less")
