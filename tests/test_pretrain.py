@@ -1,26 +1,22 @@
 """Acceptance 2 and 6 at the library level: exact resume after SIGKILL, TP=2 -> TP=1 checkpoint
 loading, and one-line errors for bad input. Token shards are tiny ones made here with megatron's
-IndexedDatasetBuilder (tests/dist/shards.py)."""
+IndexedDatasetBuilder (make_shards in tests/helpers.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-
-from shards import SHA, make_shards  # noqa: E402
+from helpers import SHARDS_SHA, make_shards  # noqa: E402
 
 from palm.core.config import ConfigError  # noqa: E402
 from palm.core.errors import UserError  # noqa: E402
 from palm.model.network import ModelConfig  # noqa: E402
 from palm.train import checkpoint as ckpt  # noqa: E402
-from palm.model import weights
 from palm.train import data  # noqa: E402
 from palm.train.engine import OptimConfig  # noqa: E402
 from palm.train.pretrain import KILL_ENV, PretrainConfig, evaluate_checkpoint, export, launch  # noqa: E402
@@ -37,7 +33,7 @@ def tokens(tmp_path_factory) -> Path:
 
 
 def run(tmp: Path, tokens: Path, cfg: PretrainConfig = CFG, env: dict | None = None) -> dict:
-    return launch(MODEL, cfg, tokens=tokens, tokenizer_sha256=SHA, checkpoints=tmp / "ckpt",
+    return launch(MODEL, cfg, tokens=tokens, tokenizer_sha256=SHARDS_SHA, checkpoints=tmp / "ckpt",
                   reports=tmp / "reports", run_dir=tmp / "run", peak_flops=1e11, env=env)
 
 
@@ -114,10 +110,11 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(tmp_path, tokens):
     # the export loads back into the same function as the checkpoint (one process, TP=1)
     from palm.model import parallel
     from palm.model.network import PaLM
+    from palm.model.weights import load_exported
 
     parallel.init_distributed()
     try:
-        exported, _ = weights.load_exported(tmp_path / "model")
+        exported, _ = load_exported(tmp_path / "model")
         direct = PaLM(MODEL)
         ckpt.load_model([direct], Path(result["checkpoint"]))
         tokens = torch.randint(0, MODEL.vocab_size, (2, 16))
