@@ -41,6 +41,8 @@ from palm.ops.tracking import tracking_uri
 NAMES = {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
 CHAT = NAMES["ppo"]
 ARTIFACT = "registry"  # artifact folder of a source run that holds its registered models
+PALM = Path(__file__).resolve().parents[1]  # the package, logged whole as each served model's code
+
 # what inference imports (palm/apps/serving.py and the modules it loads): pinned from requirements.lock
 INFERENCE_PACKAGES = ("mlflow", "torch", "megatron-core", "tokenizers", "safetensors", "numpy", "threadpoolctl",
                       "pyarrow", "pyyaml", "pandas")
@@ -72,7 +74,7 @@ def pip_requirements(lock: Path | None = None) -> list[str]:
     project's pins), or the installed version where the lock is absent or names none."""
     from importlib.metadata import PackageNotFoundError, version
 
-    lock = lock or Path(__file__).resolve().parent.parent / "requirements.lock"
+    lock = lock or PALM.parent / "requirements.lock"
     pins = {}
     if lock.is_file():
         for line in lock.read_text().splitlines():
@@ -126,8 +128,8 @@ def _log(c: Any, run_id: str, name: str, folder: Path, kind: str) -> str:
         # no input example on purpose: MLflow would run the model on it (seconds per model)
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         out = Path(tmp) / name
-        mlflow.pyfunc.save_model(str(out), python_model=str(Path(__file__).with_name("serving.py")),
-                                 artifacts={"model": str(folder)}, code_paths=[str(Path(__file__).parent)],
+        mlflow.pyfunc.save_model(str(out), python_model=str(PALM / "apps" / "serving.py"),
+                                 artifacts={"model": str(folder)}, code_paths=[str(PALM)],
                                  pip_requirements=pip_requirements(), signature=signature(kind),
                                  metadata={"palm.kind": kind})
         c.log_artifacts(run_id, str(out), f"{ARTIFACT}/{name}")
