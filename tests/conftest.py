@@ -3,19 +3,12 @@ SQLite, Prefect servers, megatron-core on gloo."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+from helpers import ROOT, SHARED_DATA, make_parent, make_tokenizer, redraw_weights
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -63,13 +56,6 @@ def single():
     parallel.init_distributed()
     yield
     parallel.teardown()
-
-
-def run_stage_cli(stage: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
-    """Run ``python -m stages.<stage>`` in ``cwd`` (a project copy) and return the result."""
-    full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -135,114 +121,24 @@ def browser():
     driver.quit()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (free when this returns)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    """A stand-in for models/ppo: a tiny PaLM export whose weights are redrawn so that greedy
+    replies are varied text (PaLM's own init just repeats the prompt's last token, <|assistant|>,
+    which decodes to nothing)."""
+    import json
 
+    from helpers import MODEL
 
-@contextlib.contextmanager
-def server(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300):
-    """A server process (a session of its own, so that killing its group ends its workers too),
-    up once ``url``/health answers; SIGKILLed with its group at the end if still alive."""
-    from pipelines.servers import wait_healthy
+    from palm.model.network import PaLM
+    from palm.model.parallel import process_groups
+    from palm.model.weights import export_safetensors
 
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-    try:
-        wait_healthy(url, proc, log, timeout_s)
-        yield proc
-    finally:
-        kill_group(proc)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-@contextlib.contextmanager
-def prefect_server(home: Path):
-    """A real ``prefect server start`` (its SQLite database under ``home``; no UI, which the
-    tests using it do not open) that this process's Prefect client talks to until the end.
-
-    Not Prefect's ``prefect_test_harness``: its start-up asks ``/health`` with a 5 s read timeout
-    and gives up at the first timeout, leaving the server process behind; on a loaded 2-core CI
-    machine the server's first answer can take longer. :func:`pipelines.serve.wait_healthy` asks
-    again until its deadline."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from pipelines.serve import ServeConfig, api_url, prefect_env, server_command
-
-    cfg = ServeConfig(port=free_port())
-    env = {**os.environ, **prefect_env(home, cfg), "PREFECT_UI_ENABLED": "false"}
-    with server(server_command(cfg), api_url(cfg), home / "prefect-server.log", env=env), \
-            temporary_settings(updates={PREFECT_API_URL: api_url(cfg)}):
-        yield api_url(cfg)
-        _drain_prefect_workers()
-
-
-def _drain_prefect_workers() -> None:
-    """Send what Prefect's log and event workers still hold before their server goes away (they
-    would retry it at exit otherwise)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
-
-
-def make_project(dst: Path, git: bool = True) -> Path:
-    """A copy of the project's tracked files (no data, no venv) in ``dst``, as a git + DVC repo,
-    with ``.venv`` linked so the DVC stage commands find the interpreter."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if not src.is_file() or rel.startswith(("tests/", "benchmarks/")):
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst / rel)
-    venv = Path(sys.prefix)
-    (dst / ".venv").symlink_to(venv)
-    if git:
-        commit(dst)
-    return dst
-
-
-def commit(root: Path) -> None:
-    """Make ``root`` a git repository (if it is not one) and commit everything in it."""
-    run = lambda *a: subprocess.run(a, cwd=root, check=True, capture_output=True)  # noqa: E731
-    if not (root / ".git").exists():
-        run("git", "init", "-q")
-    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
-    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
-
-
-def redraw_weights(model, seed: int = 1234) -> None:
-    """Overwrite a whole single-process PaLM's weights so that every part of it matters.
-
-    PaLM's own init (N(0,1) embedding, 0.02 projections, unit norm gains) makes the blocks a small
-    correction to the embedding: greedy decoding then just repeats the last token, and a norm gain
-    read wrongly (e.g. as gain - 1) is invisible. Here projections ``[out, in]`` are
-    N(0, 4/fan_in), so attention and MLP move the residual more than the embedding does (with
-    1/fan_in greedy decoding still repeated the last token), and norm gains vary around 1.
-    Used by the reference tests (test_reference.py, test_palm_rlhf_pytorch.py).
-    """
-    import math
-
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                new = 1.0 + 0.3 * torch.randn(p.shape, generator=g)
-            elif name == "embedding.weight":
-                new = torch.randn(p.shape, generator=g)
-            else:
-                new = 2.0 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
-            p.copy_(new.to(p.dtype))
+    tmp = tmp_path_factory.mktemp("chat")
+    out = make_parent(tmp / "ppo", make_tokenizer(tmp / "tok"))
+    config = json.loads((out / "config.json").read_text())
+    with process_groups():
+        net = PaLM(MODEL, seed=3)
+        redraw_weights(net, seed=5)
+        export_safetensors(net, out, {**config, "kind": "ppo"})
+    return out

@@ -16,7 +16,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from pipelines.node import dvc_stages
 
 DVC = dvc_stages()  # as DVC resolves dvc.yaml

@@ -13,9 +13,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import PAGES, make_tokenizer, pydoc_corpus
 
 from palm.core.errors import UserError
-from palm.core.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, TokenizerConfig, sha256_file, train_tokenizer
+from palm.core.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, sha256_file
 from palm.data.chat import (
     ChatDataConfig,
     ChatTemplate,
@@ -28,44 +29,6 @@ from palm.data.chat import (
 )
 from palm.data.chat_default import answer, default_conversations, default_pairs, parse_functions
 from palm.data.chat_readers import Pair, Skip, Turn, read_examples
-from palm.data.corpus import write_corpus
-
-PAGES = {  # pydoc pages as the scrape stage extracts them: a "Functions" section, entries in one line
-    "json": "json (version 2.0.9) index Module Reference\nJSON is a lightweight data interchange format.\n"
-            "Functions\n"
-            "dump(obj, fp, *, indent=None) Serialize ``obj`` as a JSON formatted stream to ``fp``. "
-            "``default(obj)`` is a function that should return a serializable version of obj. "
-            "dumps(obj, *, indent=None) Serialize ``obj`` to a JSON formatted ``str``. See help(type(self)) for more. "
-            "load(fp, *, cls=None) Deserialize ``fp`` to a Python object. "
-            "loads(s, *, cls=None) Deserialize ``s`` (a ``str`` instance) to a Python object. "
-            "Also see dump(obj, fp) Which writes to a file.\n"
-            "Data\n__all__ = ['dump', 'dumps', 'load', 'loads']",
-    "textwrap": "textwrap index Module Reference\nText wrapping and filling.\n"
-                "Classes\nclass TextWrapper(builtins.object)\n"
-                "Functions\n"
-                "dedent(text) Remove any common leading whitespace from every line in `text`. "
-                "fill(text, width=70, **kwargs) Fill a single paragraph of text, returning a new string. "
-                "wrap(text, width=70, **kwargs) Wrap a single paragraph of text, returning a list of wrapped lines.",
-    "math": "math index Module Reference\nMathematical functions.\nFunctions\n"
-            "sqrt(x, /) Return the square root of x as a float value. floor(x, /) Return the floor of x.",
-}
-TEXT = "\n".join(PAGES.values()) + "\nHow are you? I am fine, thank you. What does it do? It works well.\n" * 3
-
-
-def pydoc_corpus(folder: Path) -> Path:
-    rows = [{"url": f"http://127.0.0.1:8000/{m}.html", "title": f"Pydoc: module {m}", "text": t,
-             "sha1": hashlib.sha1(t.encode()).hexdigest(), "fetched_at": "2026-01-01T00:00:00Z", "source": "pydoc"}
-            for m, t in PAGES.items()]
-    folder.mkdir(parents=True, exist_ok=True)
-    write_corpus(rows, folder)
-    return folder
-
-
-def make_tokenizer(folder: Path, vocab: int = 400) -> Path:
-    tok = train_tokenizer(iter([TEXT] * 4), TokenizerConfig(vocab_size=vocab, min_frequency=1), progress=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -465,7 +428,7 @@ def test_unreadable_files_are_counted(tmp_path):
 
 
 def test_config_is_strict():
-    from conftest import ROOT
+    from helpers import ROOT
 
     from palm.core.config import from_dict, load_section
     from palm.core.errors import ConfigError

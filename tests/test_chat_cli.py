@@ -12,12 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune_data import MODEL, make_parent  # noqa: E402
-from test_chat import make_tokenizer  # noqa: E402
+from helpers import MODEL, make_tokenizer  # noqa: E402
 
 from palm.apps.chat import ChatSession, StreamDecoder  # noqa: E402
 from palm.data.chat_readers import Turn  # noqa: E402
@@ -27,26 +24,6 @@ from palm.model.parallel import process_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW = 6  # tokens per reply: the tiny random model never ends a turn by itself
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    """A stand-in for models/ppo: a tiny PaLM export whose weights are redrawn so that greedy
-    replies are varied text (PaLM's own init just repeats the prompt's last token, <|assistant|>,
-    which decodes to nothing)."""
-    from conftest import redraw_weights
-
-    from palm.model.network import PaLM
-    from palm.model.weights import export_safetensors
-
-    tmp = tmp_path_factory.mktemp("chat")
-    out = make_parent(tmp / "ppo", make_tokenizer(tmp / "tok"))
-    config = json.loads((out / "config.json").read_text())
-    with process_groups():
-        net = PaLM(MODEL, seed=3)
-        redraw_weights(net, seed=5)
-        export_safetensors(net, out, {**config, "kind": "ppo"})
-    return out
 
 
 def palm_command() -> list[str]:

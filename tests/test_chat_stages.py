@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_project, run_stage_cli
-from test_chat import make_tokenizer, pydoc_corpus
+from helpers import chat_project, metrics, run_stage_cli, set_params
 
 from palm.core.tokenizer import sha256_file
 from palm.data.chat import load_prefs, load_sft
@@ -22,33 +21,14 @@ pytestmark = pytest.mark.timeout(900)
 ARGS = ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--no-mlflow"]
 
 
-def project(tmp: Path, **sections) -> Path:
-    root = make_project(tmp)
-    pydoc_corpus(root / "data" / "corpus")
-    make_tokenizer(root / "artifacts" / "tokenizer")
-    set_params(root, model={"seq_len": 128}, **sections)
-    return root
-
-
-def set_params(root: Path, **sections) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for name, values in sections.items():
-        params[name] = {**params[name], **values}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def stage(root: Path, name: str, **env) -> subprocess.CompletedProcess:
     out = "data/sft" if name == "sft_data" else "data/prefs"
     return run_stage_cli(name, ARGS + ["--out", out], cwd=root, env=env)
 
 
-def metrics(root: Path, name: str) -> dict:
-    return json.loads((root / "reports" / name / "metrics.json").read_text())
-
-
 @pytest.mark.e2e
 def test_dvc_repro_default_then_nothing_to_rerun(tmp_path):
-    root = project(tmp_path / "p")
+    root = chat_project(tmp_path / "p")
     env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     dvc = lambda *a: subprocess.run([str(root / ".venv" / "bin" / "dvc"), *a], cwd=root, env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=600)
@@ -70,7 +50,7 @@ def test_dvc_repro_default_then_nothing_to_rerun(tmp_path):
 
 def test_oasst_trees_through_the_params(tmp_path, shared_data):
     trees = str(shared_data / "oasst" / "en_100_tree.jsonl")
-    root = project(tmp_path / "p", sft_data={"path": trees}, prefs={"path": trees, "format": "oasst"})
+    root = chat_project(tmp_path / "p", sft_data={"path": trees}, prefs={"path": trees, "format": "oasst"})
     set_params(root, model={"seq_len": 4096})
     sha = sha256_file(root / "artifacts" / "tokenizer" / "tokenizer.json")
     for name, folder, kept in (("sft_data", "sft", 95), ("prefs", "prefs", 732)):
@@ -93,7 +73,7 @@ def one_line_error(res: subprocess.CompletedProcess, name: str) -> str:
 
 
 def test_unusable_input_is_one_line_and_exit_2(tmp_path):
-    root = project(tmp_path / "p", sft_data={"path": "junk.jsonl"}, prefs={"path": "hf:nobody/nothing"})
+    root = chat_project(tmp_path / "p", sft_data={"path": "junk.jsonl"}, prefs={"path": "hf:nobody/nothing"})
     (root / "junk.jsonl").write_text('{"broken\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
     line = one_line_error(stage(root, "sft_data"), "sft_data")
     assert ("junk.jsonl: no usable conversations (2 records read; dropped malformed_json: 1, "

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-from conftest import ROOT, run_stage_cli
+from helpers import ROOT, run_stage_cli
 
 from palm.core.config import check, from_dict, load_section, to_dict
 from palm.core.errors import ConfigError, UserError

@@ -688,7 +688,7 @@ def test_hostile_mix_finishes_keeps_every_good_page_in_bounded_memory(site):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     bomb = _gzip(bytes(100_000_000))
     good = [f"/good/{i}" for i in range(8)] + ["/good/gz", "/good/markup", "/good/text.txt"]

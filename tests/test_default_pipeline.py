@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_project
+from helpers import make_project
 
 from palm.train.metrics import X86_BF16, bf16_is_fast, cpu_flags
 

@@ -16,61 +16,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune_data import MODEL, chat_data, make_parent  # noqa: E402
-from test_chat import TEXT  # noqa: E402
+from helpers import (  # noqa: E402
+    EVAL_CFG,
+    EVALUATE_ARGS,
+    MODEL,
+    chat_data,
+    make_eval_reward,
+    make_parent,
+    make_tokenizer,
+    make_tokens,
+    with_kind,
+)
 
 from palm.core.config import to_dict  # noqa: E402
 from palm.core.errors import ConfigError, UserError  # noqa: E402
-from palm.core.tokenizer import load_tokenizer, sha256_file  # noqa: E402
+from palm.core.tokenizer import sha256_file  # noqa: E402
 from palm.eval.evaluate import EvaluateConfig, evaluate, held_out_prompts, response_logprobs, sample  # noqa: E402
 from palm.model.export import load_model, read_export  # noqa: E402
 from palm.model.parallel import process_groups  # noqa: E402
 
-CFG = EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3)
 KEYS = {"win_rate", "reward_sft", "reward_ppo", "kl", "reward_gain", "length_sft", "length_ppo", "ended_sft",
         "ended_ppo", "reward_accuracy", "reward_margin", "prompts", "pairs", "kl_limit", "kl_within_limit",
         "win_rate_se", "samples_per_prompt",
         *(f"{p}_{m}" for p in ("perplexity", "reply_perplexity") for m in ("pretrain", "sft", "ppo"))}
-
-
-def with_kind(folder: Path, kind: str, **extra) -> Path:
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "kind": kind, **extra}))
-    return folder
-
-
-def make_reward(out: Path, tokenizer: Path, seed: int = 5) -> Path:
-    from palm.model import parallel
-    from palm.model.weights import export_safetensors
-    from palm.model.reward import RewardModel
-
-    with process_groups():
-        net = RewardModel(MODEL, parallel.megatron_config(MODEL), seed=seed)
-        export_safetensors(net, out, {"model": to_dict(MODEL), "kind": "reward", "format": "palm-rlhf/1",
-                                      "tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"), "step": 0,
-                                      "reward": {"mean": 0.1, "std": 0.5}})
-    shutil.copy2(tokenizer / "tokenizer.json", out / "tokenizer.json")
-    return out
-
-
-def make_tokens(out: Path, tokenizer: Path) -> Path:
-    """Token shards as the tokenize stage writes them, of the test corpus' text."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    tok = load_tokenizer(tokenizer / "tokenizer.json")
-    eod = tok.token_to_id("<|endoftext|>")
-    out.mkdir(parents=True)
-    docs = [tok.encode(line).ids + [eod] for line in TEXT.splitlines() if line.strip()]
-    for split in ("train", "valid"):
-        builder = IndexedDatasetBuilder(str(out / f"{split}.bin"), dtype=np.uint16)
-        for ids in docs:
-            builder.add_document(torch.tensor(ids, dtype=torch.int64).to(torch.uint16), [len(ids)])
-        builder.finalize(str(out / f"{split}.idx"))
-    (out / "meta.json").write_text(json.dumps({"tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"),
-                                               "vocab_size": tok.get_vocab_size(), "eod_id": eod,
-                                               "dtype": "uint16"}))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +54,7 @@ def project(tmp_path_factory) -> Path:
     with_kind(make_parent(models / "sft", tok, seed=12), "sft")
     with_kind(make_parent(models / "ppo", tok, seed=13), "ppo")
     with_kind(shutil.copytree(models / "sft", models / "same"), "ppo")
-    make_reward(models / "reward", tok)
+    make_eval_reward(models / "reward", tok)
     return root
 
 
@@ -104,13 +72,13 @@ def valid_prompts(root: Path) -> list[dict]:
 
 
 def test_a_policy_against_itself_ties_everywhere(project):
-    ev = evaluate(CFG, **paths(project, ppo="same"))
+    ev = evaluate(EVAL_CFG, **paths(project, ppo="same"))
     m = ev.metrics
-    assert KEYS <= set(m) and m["prompts"] == len(valid_prompts(project)) and 0 < m["pairs"] <= CFG.pairs
+    assert KEYS <= set(m) and m["prompts"] == len(valid_prompts(project)) and 0 < m["pairs"] <= EVAL_CFG.pairs
     assert m["win_rate"] == 0.5 and m["kl"] == 0.0  # same seeds, same samples, same scores
-    assert m["kl_limit"] == CFG.kl_limit and m["kl_within_limit"] == 1
+    assert m["kl_limit"] == EVAL_CFG.kl_limit and m["kl_within_limit"] == 1
     assert ev.rewards["sft"] == ev.rewards["ppo"] and m["reward_sft"] == m["reward_ppo"]
-    assert m["length_sft"] == m["length_ppo"] <= CFG.max_new_tokens
+    assert m["length_sft"] == m["length_ppo"] <= EVAL_CFG.max_new_tokens
     assert m["perplexity_sft"] == m["perplexity_ppo"] and m["perplexity_sft"] != m["perplexity_pretrain"]
     for key in KEYS:
         assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
@@ -121,19 +89,19 @@ def test_a_policy_against_itself_ties_everywhere(project):
 
 
 def test_another_policy_and_the_reply_logprobs(project):
-    m = evaluate(CFG, **paths(project)).metrics
+    m = evaluate(EVAL_CFG, **paths(project)).metrics
     assert 0.0 <= m["win_rate"] <= 1.0 and m["kl"] > 0  # two random policies are far apart
     ex = read_export(project / "models" / "ppo")
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
     with process_groups():
         model = load_model(ex)
-        (gen,) = sample(model, prompts, CFG, stop_ids=(), pad_id=0)
+        (gen,) = sample(model, prompts, EVAL_CFG, stop_ids=(), pad_id=0)
         logp = response_logprobs(model, gen)  # one forward pass over the padded batch
     assert torch.allclose(logp, gen.raw_logprobs, atol=1e-5)  # what generation itself reported
 
 
 def test_several_replies_per_prompt(project):
-    cfg = EvaluateConfig(**{**to_dict(CFG), "samples_per_prompt": 3})
+    cfg = EvaluateConfig(**{**to_dict(EVAL_CFG), "samples_per_prompt": 3})
     same = evaluate(cfg, **paths(project, ppo="same"))
     assert same.metrics["win_rate"] == 0.5 and same.metrics["kl"] == 0.0 and same.metrics["samples_per_prompt"] == 3
     n = same.metrics["prompts"]
@@ -142,7 +110,7 @@ def test_several_replies_per_prompt(project):
     assert not torch.equal(r[:, 0], r[:, 1])  # three draws of each prompt, not one draw thrice
     other = evaluate(cfg, **paths(project)).metrics
     assert 0.0 <= other["win_rate"] <= 1.0 and other["win_rate_se"] >= 0
-    assert "win_rate_se" not in evaluate(EvaluateConfig(**{**to_dict(CFG), "prompts": 1}),
+    assert "win_rate_se" not in evaluate(EvaluateConfig(**{**to_dict(EVAL_CFG), "prompts": 1}),
                                          **paths(project, ppo="same")).metrics  # one prompt: no spread
 
 
@@ -176,18 +144,12 @@ def test_held_out_prompts_end_before_the_last_reply():
     assert len(held_out_prompts(rows + rows, 0)) == 2  # the same prompt once
 
 
-STAGE_ARGS = ["--pretrain", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--reward",
-              "models/reward", "--sft-data", "data/sft", "--prefs", "data/prefs", "--tokens", "data/tokens",
-              "--curves", "reports/pretrain/curve.csv", "reports/sft/curve.csv",
-              "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots"]
-
-
 def stage_project(project: Path, tmp_path: Path, monkeypatch, **params) -> Path:
     import yaml
 
     root = tmp_path / "p"
     shutil.copytree(project, root)
-    (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": {**to_dict(CFG), **params}}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": {**to_dict(EVAL_CFG), **params}}))
     monkeypatch.chdir(root)
     return root
 
@@ -203,7 +165,7 @@ def test_stage_writes_metrics_plots_and_report_and_logs_them(project, tmp_path, 
         "step,loss,val_loss,tokens_per_s\n2,5.1,,100\n4,4.0,4.5,110\n6,3.2,,\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert main(STAGE_ARGS) == 0
+    assert main(EVALUATE_ARGS) == 0
     out = root / "reports" / "evaluate"
     metrics = json.loads((out / "metrics.json").read_text())
     assert KEYS <= set(metrics) and metrics["prompts"] == len(valid_prompts(root))  # 0: every one
@@ -237,16 +199,14 @@ def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path):
     root = tmp_path / "p"
     shutil.copytree(project, root)
     with pytest.raises(UserError, match="models/nothing: no such model folder"):
-        evaluate(CFG, **paths(root, ppo="nothing"))
+        evaluate(EVAL_CFG, **paths(root, ppo="nothing"))
     other = tmp_path / "tok2"
-    from test_chat import make_tokenizer
-
     make_tokenizer(other, vocab=380)
     with_kind(make_parent(root / "models" / "other", other, seed=14), "ppo")
     with pytest.raises(UserError, match="trained with tokenizer sha256 .* must share one tokenizer"):
-        evaluate(CFG, **paths(root, ppo="other"))
+        evaluate(EVAL_CFG, **paths(root, ppo="other"))
     with pytest.raises(UserError, match="a sft model, expected ppo"):
-        evaluate(CFG, **paths(root, ppo="sft"))
+        evaluate(EVAL_CFG, **paths(root, ppo="sft"))
     with pytest.raises(UserError, match="evaluate.max_new_tokens: 128 leaves no room for a prompt"):
         evaluate(EvaluateConfig(max_new_tokens=MODEL.seq_len), **paths(root))
     with pytest.raises(UserError, match=r"evaluate\.windows: must be >= 1"):
@@ -258,7 +218,7 @@ def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path):
     valid = root / "data" / "sft" / "valid.parquet"
     pq.write_table(pq.read_table(valid).slice(0, 0), valid)
     with pytest.raises(UserError, match="data/sft: no held-out conversations"):
-        evaluate(CFG, **paths(root))
+        evaluate(EVAL_CFG, **paths(root))
     assert not (root / "reports").exists()
 
 
@@ -267,7 +227,7 @@ def test_stage_bad_input_is_one_line_exit_2_and_no_output(project, tmp_path, mon
 
     root = stage_project(project, tmp_path, monkeypatch)
     shutil.rmtree(root / "models" / "ppo")
-    assert main(STAGE_ARGS + ["--no-mlflow"]) == 2
+    assert main(EVALUATE_ARGS + ["--no-mlflow"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: evaluate: ") and "models/ppo: no such model folder" in err[0]
     assert not [p for p in (root / "reports").rglob("*") if p.is_file()]

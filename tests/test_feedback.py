@@ -22,8 +22,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_chat_cli import export  # noqa: E402,F401 - the tiny exported model (a module fixture)
-
 from palm.data.chat_readers import Turn, read_examples  # noqa: E402
 from palm.data.rankings import agreement, places  # noqa: E402
 
@@ -41,7 +39,7 @@ def palm(*args: str, cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def batch(export, tmp_path_factory) -> Path:  # noqa: F811
+def batch(export, tmp_path_factory) -> Path:
     """`palm feedback sample` of the tiny model: 5 prompts x 4 replies; item 4's first reply is
     then made hostile HTML (what a model could write)."""
     tmp = tmp_path_factory.mktemp("feedback")
@@ -56,7 +54,7 @@ def batch(export, tmp_path_factory) -> Path:  # noqa: F811
     return out
 
 
-def test_sample_records_replies_settings_and_the_model(batch, export):  # noqa: F811
+def test_sample_records_replies_settings_and_the_model(batch, export):
     from palm.apps.feedback.sample import SampleSettings, sample_replies
     from palm.core.tokenizer import sha256_file
     from palm.decode.generate import SamplingConfig
@@ -80,8 +78,8 @@ def test_sample_records_replies_settings_and_the_model(batch, export):  # noqa: 
     assert all(len(set(i["replies"])) == K and all(r.strip() for r in i["replies"]) for i in items)  # premise
 
 
-def test_sample_defaults_to_the_train_prompts_of_sft_data(export, tmp_path):  # noqa: F811
-    from finetune_data import chat_data
+def test_sample_defaults_to_the_train_prompts_of_sft_data(export, tmp_path):
+    from helpers import chat_data
 
     from palm.apps.cli import main
     from palm.apps.feedback.sample import turns_of_ids
@@ -101,7 +99,7 @@ def test_sample_defaults_to_the_train_prompts_of_sft_data(export, tmp_path):  # 
     assert all(len(i["replies"]) == 2 for i in items) and items[0]["batch"] == "batch-2"
 
 
-def test_sample_and_serve_refuse_bad_flags_in_one_line(export, tmp_path, capsys):  # noqa: F811
+def test_sample_and_serve_refuse_bad_flags_in_one_line(export, tmp_path, capsys):
     from palm.apps.cli import main
 
     def error(*args: str) -> str:
@@ -273,12 +271,12 @@ def test_rankings_flow_through_dvc_repro_prefs_and_a_new_one_reruns_it(session, 
     import mlflow
     import networkx as nx
     from dvc.repo import Repo
-    from test_chat_stages import metrics, project
+    from helpers import chat_project, metrics
 
     from palm.apps.feedback.store import RankingsFile
     from palm.data.chat import load_prefs
 
-    root = project(tmp_path / "p", prefs={"path": ["default", "data/feedback/rankings.jsonl"]})
+    root = chat_project(tmp_path / "p", prefs={"path": ["default", "data/feedback/rankings.jsonl"]})
     rankings = root / "data" / "feedback" / "rankings.jsonl"
     shutil.copy2(session["rankings"], rankings)
     dvc(root, "add", "data/feedback/rankings.jsonl")  # as the README says, once

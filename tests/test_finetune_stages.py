@@ -18,9 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import make_project  # noqa: E402
-from finetune_data import MODEL, make_parent  # noqa: E402
-from test_chat import make_tokenizer, pydoc_corpus  # noqa: E402
+from helpers import MODEL, make_parent, make_project, make_tokenizer, metrics, pydoc_corpus, set_params  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist, pytest.mark.timeout(1200)]
 
@@ -40,13 +38,6 @@ def project(tmp: Path, seq_len: int = 128, **sections) -> Path:
     return root
 
 
-def set_params(root: Path, **sections) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for name, values in sections.items():
-        params[name] = {**params[name], **values}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def repro(root: Path, env: dict) -> subprocess.CompletedProcess:
     """The chat stages only (-s): the tiny project has no scrape/tokenize/pretrain runs."""
     res = subprocess.run([str(root / ".venv" / "bin" / "dvc"), "repro", "-s", *CHAIN], cwd=root,
@@ -58,10 +49,6 @@ def repro(root: Path, env: dict) -> subprocess.CompletedProcess:
 
 def ran(res: subprocess.CompletedProcess) -> list[str]:
     return [s for s in CHAIN if f"Running stage '{s}'" in res.stdout]
-
-
-def metrics(root: Path, name: str) -> dict:
-    return json.loads((root / "reports" / name / "metrics.json").read_text())
 
 
 def test_dvc_repro_chain_then_nothing_then_a_reward_param_reruns_reward_only(tmp_path):

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 import yaml
-from conftest import ROOT, free_port
+from helpers import ROOT, free_port
 
 from palm.core.config import from_dict, load_section
 from palm.core.errors import ConfigError, UserError

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import redraw_weights
+from helpers import redraw_weights
 
 from palm.core.errors import ConfigError, UserError
 from palm.decode import layouts

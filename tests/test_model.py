@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from helpers import ROOT
 
 from palm.model import parallel
 from palm.model.network import ModelConfig, PaLM

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import redraw_weights
+from helpers import redraw_weights
 
 from palm.decode import layouts, native
 from palm.decode.cache import new_cache

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, redraw_weights
+from helpers import ROOT, redraw_weights
 
 from palm.model import parallel
 from palm.model.network import ModelConfig, PaLM

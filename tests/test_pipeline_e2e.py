@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import commit, make_project, prefect_server
+from helpers import commit, make_project, prefect_server
 
 pytestmark = pytest.mark.e2e
 STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "ppo", "evaluate"]

@@ -4,7 +4,6 @@ one line on stderr with exit code 2 (acceptance 6)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -14,40 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-
-from conftest import free_port, make_project  # noqa: E402
-from shards import make_shards  # noqa: E402
+from helpers import PRETRAIN_ARGS, free_port, make_shards, pretrain_project  # noqa: E402
 
 from palm.train.pretrain import KILL_ENV  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist, pytest.mark.timeout(600)]
-
-TINY = {
-    "model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16, "seq_len": 32},
-    "pretrain": {"train_steps": 12, "micro_batch_size": 4, "num_microbatches": 2, "dtype": "fp32",
-                 "log_interval": 4, "eval_interval": 4, "eval_batches": 2, "checkpoint_interval": 4,
-                 "optim": {"lr": 0.01, "min_lr": 0.001, "warmup_steps": 2}},
-}
-ARGS = ["--tokens", "data/tokens", "--tokenizer", "artifacts/tokenizer",
-        "--checkpoints", "checkpoints/pretrain", "--out", "models/pretrain"]
-
-
-def project(tmp: Path, **overrides) -> Path:
-    root = make_project(tmp)
-    tok = root / "artifacts" / "tokenizer"
-    tok.mkdir(parents=True)
-    (tok / "tokenizer.json").write_text('{"a tokenizer": "for tests"}')
-    sha = hashlib.sha256((tok / "tokenizer.json").read_bytes()).hexdigest()
-    (tok / "meta.json").write_text(json.dumps({"sha256": sha, "vocab_size": 64, "eod_id": 0}))
-    make_shards(root / "data" / "tokens", sha=sha)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section] = {**params[section], **values, **overrides.get(section, {})}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return root
-
 
 def repro(root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
@@ -63,9 +33,9 @@ def weights(root: Path):
 
 def test_killed_run_restarted_by_dvc_repro_ends_like_an_uninterrupted_one(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    straight = project(tmp_path / "a")
+    straight = pretrain_project(tmp_path / "a")
     assert repro(straight, env).returncode == 0
-    killed = project(tmp_path / "b")
+    killed = pretrain_project(tmp_path / "b")
     first = repro(killed, {**env, KILL_ENV: "8"})  # every rank SIGKILLs itself after checkpoint 8
     assert first.returncode != 0
     assert not (killed / "models" / "pretrain").exists()
@@ -87,16 +57,16 @@ def test_killed_run_restarted_by_dvc_repro_ends_like_an_uninterrupted_one(tmp_pa
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, stage_error):
-    root = project(tmp_path / "p", pretrain={"tensor_parallel": 3})
+    root = pretrain_project(tmp_path / "p", pretrain={"tensor_parallel": 3})
     assert "pretrain.tensor_parallel: model.n_heads=2 is not divisible by tensor_parallel=3" in \
-        stage_error("pretrain", ARGS, root)
+        stage_error("pretrain", PRETRAIN_ARGS, root)
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["pretrain"]["tensor_parallel"] = 1
     params["pretrain"]["pipeline_parallel"] = 4
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     assert "model.n_layers=2 is not divisible by pipeline_parallel=4" in \
-        stage_error("pretrain", ARGS, root)
+        stage_error("pretrain", PRETRAIN_ARGS, root)
 
     params["pretrain"]["pipeline_parallel"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -104,12 +74,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, stage_error):
     good = meta.read_text()
     meta.write_text(json.dumps({**json.loads(good), "sha256": "0" * 64}))
     assert "were made by tokenizer sha256" in \
-        stage_error("pretrain", ARGS, root)
+        stage_error("pretrain", PRETRAIN_ARGS, root)
     meta.write_text(good)
 
     (root / "data" / "tokens" / "train.bin").unlink()
     assert "train.bin: token shard missing or empty" in \
-        stage_error("pretrain", ARGS, root)
+        stage_error("pretrain", PRETRAIN_ARGS, root)
     make_shards(root / "data" / "tokens", sha=json.loads(good)["sha256"])
 
     ckpt = root / "checkpoints" / "pretrain"
@@ -117,7 +87,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, stage_error):
     (ckpt / "step_0000004" / "palm.json").write_text("{}")
     (ckpt / "latest").write_text("step_0000004\n")
     assert "corrupt checkpoint" in \
-        stage_error("pretrain", ARGS, root)
+        stage_error("pretrain", PRETRAIN_ARGS, root)
 
 
 def test_forced_rerun_of_a_finished_run_leaves_the_same_reports(tmp_path):
@@ -125,7 +95,7 @@ def test_forced_rerun_of_a_finished_run_leaves_the_same_reports(tmp_path):
     checkpoint and rebuilds both from it. Only what describes the execution itself may differ:
     stage_seconds (its wall time) and resumed_from_step (it did resume)."""
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    root = project(tmp_path / "a")
+    root = pretrain_project(tmp_path / "a")
     assert repro(root, env).returncode == 0
     reports = root / "reports" / "pretrain"
     curve, metrics = (reports / "curve.csv").read_text(), json.loads((reports / "metrics.json").read_text())
@@ -145,9 +115,9 @@ def test_sigkill_of_the_stage_process_leaves_no_training_process(tmp_path):
     from palm.train.launch import marked_pids
 
     # two DP workers: torchrun and its workers all go with the stage process
-    root = project(tmp_path / "p", pretrain={"train_steps": 100000, "checkpoint_interval": 1000, "data_parallel": 2})
+    root = pretrain_project(tmp_path / "p", pretrain={"train_steps": 100000, "checkpoint_interval": 1000, "data_parallel": 2})
     env = {**os.environ, "PYTHONPATH": str(root)}
-    stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *ARGS, "--no-mlflow"], cwd=root,
+    stage = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *PRETRAIN_ARGS, "--no-mlflow"], cwd=root,
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = str((root / "checkpoints" / "pretrain" / "run").resolve())
     curve = root / "reports" / "pretrain" / "curve.csv"
@@ -172,10 +142,10 @@ def test_two_nodes_rendezvousing_over_c10d_train_what_one_node_does(tmp_path):
     each) form one world through torchrun's c10d rendezvous and
     end exactly like the one-node DP=2 run; node 1 writes nothing and says so."""
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    one = project(tmp_path / "one", pretrain={"data_parallel": 2})
+    one = pretrain_project(tmp_path / "one", pretrain={"data_parallel": 2})
     assert repro(one, env).returncode == 0
-    two = project(tmp_path / "two", pretrain={"data_parallel": 2, "nodes": 2,
-                                              "rdzv_endpoint": f"127.0.0.1:{free_port()}"})
+    two = pretrain_project(tmp_path / "two", pretrain={"data_parallel": 2, "nodes": 2,
+                                                       "rdzv_endpoint": f"127.0.0.1:{free_port()}"})
     node1 = subprocess.Popen([sys.executable, "-m", "pipelines.node", "pretrain"], cwd=two,
                              env={**os.environ, "PYTHONPATH": str(two), "PALM_NODE_RANK": "1", **env},
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -198,14 +168,14 @@ def test_two_nodes_rendezvousing_over_c10d_train_what_one_node_does(tmp_path):
 
 
 def test_a_multi_node_layout_is_checked_before_anything_starts(tmp_path, monkeypatch, stage_error):
-    root = project(tmp_path / "p", pretrain={"data_parallel": 2, "nodes": 3})
+    root = pretrain_project(tmp_path / "p", pretrain={"data_parallel": 2, "nodes": 3})
     assert "pretrain.nodes: the 2 processes (tensor x pipeline x data parallel) cannot be split evenly " \
            "over 3 nodes" in \
-        stage_error("pretrain", ARGS, root)
+        stage_error("pretrain", PRETRAIN_ARGS, root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["pretrain"]["nodes"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     assert "rdzv_endpoint '': a multi-node launch needs HOST:PORT" in \
-        stage_error("pretrain", ARGS, root)
+        stage_error("pretrain", PRETRAIN_ARGS, root)
     monkeypatch.setenv("PALM_NODE_RANK", "2")
-    assert "PALM_NODE_RANK='2': must be a node rank 0..1" in stage_error("pretrain", ARGS, root)
+    assert "PALM_NODE_RANK='2': must be a node rank 0..1" in stage_error("pretrain", PRETRAIN_ARGS, root)

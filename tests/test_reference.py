@@ -23,7 +23,7 @@ import math
 
 import pytest
 import torch
-from conftest import redraw_weights
+from helpers import redraw_weights
 
 from palm.decode.generate import generate
 from palm.model import parallel

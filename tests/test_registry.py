@@ -28,9 +28,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import ROOT, free_port, make_project  # noqa: E402
-from finetune_data import chat_data, make_parent  # noqa: E402
-from test_evaluate import CFG, STAGE_ARGS, make_reward, make_tokens, with_kind  # noqa: E402
+from helpers import (  # noqa: E402
+    EVAL_CFG,
+    EVALUATE_ARGS,
+    ROOT,
+    chat_data,
+    free_port,
+    make_eval_reward,
+    make_parent,
+    make_project,
+    make_tokens,
+    with_kind,
+)
 
 from palm.core.config import to_dict  # noqa: E402
 from palm.model.parallel import process_groups  # noqa: E402
@@ -81,9 +90,9 @@ def project(tmp_path_factory, env):
     make_parent(tiny / "pretrain", data["tokenizer"], seed=11)
     with_kind(make_parent(tiny / "sft_model", data["tokenizer"], seed=12), "sft")
     with_kind(make_parent(tiny / "ppo_model", data["tokenizer"], seed=13), "ppo")
-    make_reward(tiny / "reward_model", data["tokenizer"])
+    make_eval_reward(tiny / "reward_model", data["tokenizer"])
     root = make_project(tmp_path_factory.mktemp("project"))
-    params = {stage: {} for stage in OUTPUTS} | {"evaluate": {**to_dict(CFG), "prompts": 4}}
+    params = {stage: {} for stage in OUTPUTS} | {"evaluate": {**to_dict(EVAL_CFG), "prompts": 4}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -92,7 +101,7 @@ def project(tmp_path_factory, env):
         from stages.evaluate import main
 
         t0 = time.perf_counter()
-        assert main(STAGE_ARGS) == 0
+        assert main(EVALUATE_ARGS) == 0
         print(f"evaluate with registration: {time.perf_counter() - t0:.1f} s")
     return root
 

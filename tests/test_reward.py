@@ -14,8 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import redraw_weights  # noqa: E402
-from finetune_data import MODEL, chat_data, make_parent  # noqa: E402
+from helpers import MODEL, chat_data, make_parent, redraw_weights  # noqa: E402
 
 from palm.core.config import ConfigError, to_dict  # noqa: E402
 from palm.model import parallel  # noqa: E402

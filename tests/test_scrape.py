@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, run_stage_cli
+from helpers import ROOT, run_stage_cli
 
 PROSE = ("Foxes are small omnivorous mammals with a flattened skull, upright triangular ears and a long "
          "bushy tail. They live on every continent except Antarctica and adapt well to cities. ")
@@ -183,7 +183,7 @@ document's ``fetched_at`` aside: the time it was read)."""
 
     import yaml
 
-    from conftest import make_project
+    from helpers import make_project
 
     src = tmp_path / "src"
     src.mkdir()

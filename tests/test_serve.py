@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import commit, free_port, make_project
+from helpers import command, commit, free_port, make_project
 
 pytestmark = pytest.mark.e2e
 DEPLOYMENT = "test-nightly"
@@ -172,15 +172,6 @@ def test_triggered_runs_complete_the_second_from_the_dvc_cache(served):
     assert {p: p.stat().st_mtime_ns for p in (root / "data" / "corpus").iterdir()} == stamp
     stages = [r.data.tags.get("palm.ops.stage") for r in mlflow_runs(root)]
     assert (stages.count("pipeline"), stages.count("scrape")) == (2, 1)  # the second run executed no stage
-
-
-def command(proc) -> str:
-    import psutil
-
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.Error:  # ended meanwhile
-        return ""
 
 
 def test_stop_ends_every_process_it_started_a_run_in_flight_included(served):

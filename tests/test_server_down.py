@@ -15,15 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-
-from conftest import free_port, kill_group, run_stage_cli, server  # noqa: E402
-from test_pretrain_stage import ARGS, project  # noqa: E402
-from test_serve import command  # noqa: E402
+from helpers import PRETRAIN_ARGS, command, free_port, kill_group, make_project, pretrain_project, run_stage_cli, server
 
 pytestmark = pytest.mark.e2e
 
@@ -48,8 +42,8 @@ def test_mlflow_server_killed_while_a_training_stage_runs(tmp_path):
     # enough tiny steps that training outlasts the first row's way to the server (Tracker.follow
     # polls every 2 s; 16 steps were over by then on a loaded CI machine)
     steps = 400
-    root = project(tmp_path / "p", pretrain={"train_steps": steps, "log_interval": 2, "eval_interval": 200,
-                                             "checkpoint_interval": 200})
+    root = pretrain_project(tmp_path / "p", pretrain={"train_steps": steps, "log_interval": 2, "eval_interval": 200,
+                                                      "checkpoint_interval": 200})
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
@@ -58,7 +52,7 @@ def test_mlflow_server_killed_while_a_training_stage_runs(tmp_path):
     done: list[subprocess.CompletedProcess] = []
     with server(argv, uri, tmp_path / "mlflow.log") as proc:
         stage = threading.Thread(target=lambda: done.append(
-            run_stage_cli("pretrain", ARGS, cwd=root, env={"MLFLOW_TRACKING_URI": uri}, timeout=400)))
+            run_stage_cli("pretrain", PRETRAIN_ARGS, cwd=root, env={"MLFLOW_TRACKING_URI": uri}, timeout=400)))
         stage.start()
         client = mlflow.MlflowClient(uri)
         deadline = time.monotonic() + 300
@@ -105,7 +99,6 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
     crawl on unrecorded, then retry the dead server for over a minute and end in a traceback."""
     import psutil
     import yaml
-    from conftest import make_project
 
     from pipelines.serve import ServeConfig, prefect_env, server_command
 

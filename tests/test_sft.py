@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune_data import MODEL, chat_data, make_parent  # noqa: E402
+from helpers import MODEL, chat_data, make_parent  # noqa: E402
 
 from palm.train.engine import Engine, OptimConfig  # noqa: E402
 from palm.train.finetune import EpochOrder, load_parent, pad, padded_length, valid_rows  # noqa: E402

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_stage_cli
+from helpers import ROOT, run_stage_cli
 
 from palm.core.errors import UserError
 from palm.core.tokenizer import (
@@ -23,7 +23,7 @@ from palm.data.tokenize import TokenizeConfig, choose_valid, read_meta, split_sc
 
 @pytest.fixture(scope="module")
 def shakespeare_corpus(tmp_path_factory, request):
-    from conftest import SHARED_DATA
+    from helpers import SHARED_DATA
 
     path = SHARED_DATA / "tinyshakespeare" / "input.txt"
     if not path.is_file():

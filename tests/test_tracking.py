@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import ROOT, free_port, run_stage_cli
+from helpers import ROOT, free_port, run_stage_cli
 
 
 def test_unreachable_mlflow_keeps_outputs(tmp_path, shared_data):

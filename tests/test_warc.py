@@ -12,7 +12,7 @@ from collections import Counter
 
 from warcio.warcwriter import WARCWriter
 
-from conftest import ROOT, run_stage_cli
+from helpers import ROOT, run_stage_cli
 from palm.data.warc import read_warc
 
 PROSE = " ".join(f"Sentence {i} tells how the heron number {i} fishes in pond {i % 7} at dawn." for i in range(30))

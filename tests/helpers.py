@@ -1,0 +1,427 @@
+"""Builders and constants the test modules share. No test module imports another
+(tests/test_layering.py): what several use lives here, their fixtures in conftest.py.
+
+Importing this module stays cheap, since conftest.py imports it in every run: the library is
+imported inside the builders, and ``MODEL`` and ``EVAL_CFG``, whose classes' modules load torch
+and megatron-core (seconds), are made on first use (the module's ``__getattr__``), once."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from palm.eval.evaluate import EvaluateConfig
+    from palm.model.network import ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@functools.cache
+def _tiny_model() -> ModelConfig:
+    from palm.model.network import ModelConfig
+
+    return ModelConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=2, head_dim=16, seq_len=128)
+
+
+@functools.cache
+def _eval_cfg() -> EvaluateConfig:
+    from palm.eval.evaluate import EvaluateConfig
+
+    return EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3)
+
+
+def __getattr__(name: str):
+    """``MODEL``: the tiny PaLM of the fine-tuning tests; ``EVAL_CFG``: the evaluate tests' config."""
+    made = {"MODEL": _tiny_model, "EVAL_CFG": _eval_cfg}.get(name)
+    if made is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return made()
+
+
+# ---- processes, servers, project copies --------------------------------------------------------
+
+def run_stage_cli(stage: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
+    """Run ``python -m stages.<stage>`` in ``cwd`` (a project copy) and return the result."""
+    full_env = {**os.environ, "PYTHONPATH": str(cwd), **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (free when this returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300):
+    """A server process (a session of its own, so that killing its group ends its workers too),
+    up once ``url``/health answers; SIGKILLed with its group at the end if still alive."""
+    from pipelines.servers import wait_healthy
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    try:
+        wait_healthy(url, proc, log, timeout_s)
+        yield proc
+    finally:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def command(proc) -> str:
+    """A psutil process's command line, or "" when it ended meanwhile."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return ""
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """A real ``prefect server start`` (its SQLite database under ``home``; no UI, which the
+    tests using it do not open) that this process's Prefect client talks to until the end.
+
+    Not Prefect's ``prefect_test_harness``: its start-up asks ``/health`` with a 5 s read timeout
+    and gives up at the first timeout, leaving the server process behind; on a loaded 2-core CI
+    machine the server's first answer can take longer. :func:`pipelines.serve.wait_healthy` asks
+    again until its deadline."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.serve import ServeConfig, api_url, prefect_env, server_command
+
+    cfg = ServeConfig(port=free_port())
+    env = {**os.environ, **prefect_env(home, cfg), "PREFECT_UI_ENABLED": "false"}
+    with server(server_command(cfg), api_url(cfg), home / "prefect-server.log", env=env), \
+            temporary_settings(updates={PREFECT_API_URL: api_url(cfg)}):
+        yield api_url(cfg)
+        _drain_prefect_workers()
+
+
+def _drain_prefect_workers() -> None:
+    """Send what Prefect's log and event workers still hold before their server goes away (they
+    would retry it at exit otherwise)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+
+
+def make_project(dst: Path, git: bool = True) -> Path:
+    """A copy of the project's tracked files (no data, no venv) in ``dst``, as a git + DVC repo,
+    with ``.venv`` linked so the DVC stage commands find the interpreter."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith(("tests/", "benchmarks/")):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / rel)
+    venv = Path(sys.prefix)
+    (dst / ".venv").symlink_to(venv)
+    if git:
+        commit(dst)
+    return dst
+
+
+def commit(root: Path) -> None:
+    """Make ``root`` a git repository (if it is not one) and commit everything in it."""
+    run = lambda *a: subprocess.run(a, cwd=root, check=True, capture_output=True)  # noqa: E731
+    if not (root / ".git").exists():
+        run("git", "init", "-q")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
+
+
+def set_params(root: Path, **sections) -> None:
+    """Merge ``sections`` into the sections of ``root/params.yaml``."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name] = {**params[name], **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def metrics(root: Path, name: str) -> dict:
+    """A stage's ``reports/<name>/metrics.json``."""
+    return json.loads((root / "reports" / name / "metrics.json").read_text())
+
+
+# ---- weights -----------------------------------------------------------------------------------
+
+def redraw_weights(model, seed: int = 1234) -> None:
+    """Overwrite a whole single-process PaLM's weights so that every part of it matters.
+
+    PaLM's own init (N(0,1) embedding, 0.02 projections, unit norm gains) makes the blocks a small
+    correction to the embedding: greedy decoding then just repeats the last token, and a norm gain
+    read wrongly (e.g. as gain - 1) is invisible. Here projections ``[out, in]`` are
+    N(0, 4/fan_in), so attention and MLP move the residual more than the embedding does (with
+    1/fan_in greedy decoding still repeated the last token), and norm gains vary around 1.
+    Used by the reference tests (test_reference.py, test_palm_rlhf_pytorch.py).
+    """
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                new = 1.0 + 0.3 * torch.randn(p.shape, generator=g)
+            elif name == "embedding.weight":
+                new = torch.randn(p.shape, generator=g)
+            else:
+                new = 2.0 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1])
+            p.copy_(new.to(p.dtype))
+
+
+# ---- a pydoc-like corpus and a tiny tokenizer --------------------------------------------------
+
+PAGES = {  # pydoc pages as the scrape stage extracts them: a "Functions" section, entries in one line
+    "json": "json (version 2.0.9) index Module Reference\nJSON is a lightweight data interchange format.\n"
+            "Functions\n"
+            "dump(obj, fp, *, indent=None) Serialize ``obj`` as a JSON formatted stream to ``fp``. "
+            "``default(obj)`` is a function that should return a serializable version of obj. "
+            "dumps(obj, *, indent=None) Serialize ``obj`` to a JSON formatted ``str``. See help(type(self)) for more. "
+            "load(fp, *, cls=None) Deserialize ``fp`` to a Python object. "
+            "loads(s, *, cls=None) Deserialize ``s`` (a ``str`` instance) to a Python object. "
+            "Also see dump(obj, fp) Which writes to a file.\n"
+            "Data\n__all__ = ['dump', 'dumps', 'load', 'loads']",
+    "textwrap": "textwrap index Module Reference\nText wrapping and filling.\n"
+                "Classes\nclass TextWrapper(builtins.object)\n"
+                "Functions\n"
+                "dedent(text) Remove any common leading whitespace from every line in `text`. "
+                "fill(text, width=70, **kwargs) Fill a single paragraph of text, returning a new string. "
+                "wrap(text, width=70, **kwargs) Wrap a single paragraph of text, returning a list of wrapped lines.",
+    "math": "math index Module Reference\nMathematical functions.\nFunctions\n"
+            "sqrt(x, /) Return the square root of x as a float value. floor(x, /) Return the floor of x.",
+}
+TEXT = "\n".join(PAGES.values()) + "\nHow are you? I am fine, thank you. What does it do? It works well.\n" * 3
+
+
+def pydoc_corpus(folder: Path) -> Path:
+    from palm.data.corpus import write_corpus
+
+    rows = [{"url": f"http://127.0.0.1:8000/{m}.html", "title": f"Pydoc: module {m}", "text": t,
+             "sha1": hashlib.sha1(t.encode()).hexdigest(), "fetched_at": "2026-01-01T00:00:00Z", "source": "pydoc"}
+            for m, t in PAGES.items()]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_corpus(rows, folder)
+    return folder
+
+
+def make_tokenizer(folder: Path, vocab: int = 400) -> Path:
+    from palm.core.tokenizer import TokenizerConfig, train_tokenizer
+
+    tok = train_tokenizer(iter([TEXT] * 4), TokenizerConfig(vocab_size=vocab, min_frequency=1), progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def chat_project(tmp: Path, **sections) -> Path:
+    """A project copy with the pydoc-like corpus and a tiny tokenizer, for the chat data stages."""
+    root = make_project(tmp)
+    pydoc_corpus(root / "data" / "corpus")
+    make_tokenizer(root / "artifacts" / "tokenizer")
+    set_params(root, model={"seq_len": 128}, **sections)
+    return root
+
+
+# ---- inputs of the fine-tuning tests (SFT, reward, PPO): chat data made by the real data stages'
+# library from the pydoc-like corpus and the tiny tokenizer, and a parent "export" of a tiny
+# randomly initialised PaLM in the exact format the pretrain stage writes -------------------------
+
+def chat_data(root: Path, *, seq_len: int = 128, path: str = "default", valid_fraction: float = 0.3) -> dict:
+    """``root/{corpus,tokenizer,sft,prefs}``; returns the paths and the tokenizer's sha256."""
+    from palm.core.tokenizer import sha256_file
+    from palm.data.chat import ChatDataConfig, build_chat_data
+
+    corpus = pydoc_corpus(root / "corpus")
+    tok = make_tokenizer(root / "tokenizer")
+    out = {"corpus": corpus, "tokenizer": tok, "sha": sha256_file(tok / "tokenizer.json")}
+    for kind in ("sft", "prefs"):
+        folder = out[kind] = root / kind
+        folder.mkdir(parents=True)
+        build_chat_data(kind, ChatDataConfig(path=path, valid_fraction=valid_fraction, seed=5), corpus=corpus,
+                        tokenizer=tok, seq_len=seq_len, out=folder)
+    return out
+
+
+def make_parent(out: Path, tokenizer: Path, model: ModelConfig | None = None, seed: int = 11) -> Path:
+    """A tiny PaLM export (model.safetensors, config.json, tokenizer.json) as pretrain writes it
+    (``model``: ``MODEL`` unless given)."""
+    from palm.core.config import to_dict
+    from palm.core.tokenizer import sha256_file
+    from palm.model import parallel
+    from palm.model.network import PaLM
+    from palm.model.weights import export_safetensors
+
+    model = _tiny_model() if model is None else model
+    parallel.init_distributed()
+    try:
+        net = PaLM(model, seed=seed)
+        export_safetensors(net, out, {"model": to_dict(model), "tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"),
+                                      "step": 0, "format": "palm-rlhf/1"})
+    finally:
+        parallel.teardown()
+    shutil.copy2(tokenizer / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+def make_reward(out: Path, tokenizer: Path, model: ModelConfig | None = None, seed: int = 13, mean: float = 0.0,
+                std: float = 1.0) -> Path:
+    """A tiny reward-model export (PaLM + scalar head, randomly initialised) as the reward stage
+    writes it, with its reward mean and std in config.json (``model``: ``MODEL`` unless given)."""
+    from palm.core.config import to_dict
+    from palm.core.tokenizer import sha256_file
+    from palm.model import parallel
+    from palm.model.reward import RewardModel
+    from palm.model.weights import export_safetensors
+
+    model = _tiny_model() if model is None else model
+    parallel.init_distributed()
+    try:
+        net = RewardModel(model, seed=seed)
+        export_safetensors(net, out, {"model": to_dict(model), "tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"),
+                                      "step": 0, "format": "palm-rlhf/1", "kind": "reward",
+                                      "reward": {"mean": mean, "std": std, "sequences": 0}})
+    finally:
+        parallel.teardown()
+    shutil.copy2(tokenizer / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+# ---- the evaluate stage's inputs (test_evaluate.py, test_registry.py) --------------------------
+
+EVALUATE_ARGS = ["--pretrain", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--reward",
+                 "models/reward", "--sft-data", "data/sft", "--prefs", "data/prefs", "--tokens", "data/tokens",
+                 "--curves", "reports/pretrain/curve.csv", "reports/sft/curve.csv",
+                 "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots"]
+
+
+def with_kind(folder: Path, kind: str, **extra) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "kind": kind, **extra}))
+    return folder
+
+
+def make_eval_reward(out: Path, tokenizer: Path, seed: int = 5) -> Path:
+    """The evaluate tests' reward-model export (``MODEL``; reward mean 0.1, std 0.5)."""
+    from palm.core.config import to_dict
+    from palm.core.tokenizer import sha256_file
+    from palm.model import parallel
+    from palm.model.parallel import process_groups
+    from palm.model.reward import RewardModel
+    from palm.model.weights import export_safetensors
+
+    model = _tiny_model()
+    with process_groups():
+        net = RewardModel(model, parallel.megatron_config(model), seed=seed)
+        export_safetensors(net, out, {"model": to_dict(model), "kind": "reward", "format": "palm-rlhf/1",
+                                      "tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"), "step": 0,
+                                      "reward": {"mean": 0.1, "std": 0.5}})
+    shutil.copy2(tokenizer / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+def make_tokens(out: Path, tokenizer: Path) -> Path:
+    """Token shards as the tokenize stage writes them, of the test corpus' text."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from palm.core.tokenizer import load_tokenizer, sha256_file
+
+    tok = load_tokenizer(tokenizer / "tokenizer.json")
+    eod = tok.token_to_id("<|endoftext|>")
+    out.mkdir(parents=True)
+    docs = [tok.encode(line).ids + [eod] for line in TEXT.splitlines() if line.strip()]
+    for split in ("train", "valid"):
+        builder = IndexedDatasetBuilder(str(out / f"{split}.bin"), dtype=np.uint16)
+        for ids in docs:
+            builder.add_document(torch.tensor(ids, dtype=torch.int64).to(torch.uint16), [len(ids)])
+        builder.finalize(str(out / f"{split}.idx"))
+    (out / "meta.json").write_text(json.dumps({"tokenizer_sha256": sha256_file(tokenizer / "tokenizer.json"),
+                                               "vocab_size": tok.get_vocab_size(), "eod_id": eod,
+                                               "dtype": "uint16"}))
+    return out
+
+
+# ---- tiny token shards for the pretrain tests: megatron ``IndexedDatasetBuilder`` + ``meta.json``.
+# The documents follow simple rules (counting runs in a small vocabulary), so a few training steps
+# already beat the unigram baseline. ---------------------------------------------------------------
+
+SHARDS_VOCAB, SHARDS_EOD = 64, 0
+SHARDS_SHA = "ab" * 32  # the tokenizer sha256 the shards claim
+
+
+def make_shards(out: Path, *, docs: int = 120, seed: int = 0, sha: str = SHARDS_SHA) -> Path:
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", docs), ("valid", max(4, docs // 10))):
+        builder = IndexedDatasetBuilder(str(out / f"{split}.bin"), dtype=np.uint16)
+        for _ in range(n):
+            start, step = int(rng.integers(1, SHARDS_VOCAB)), int(rng.integers(1, 4))
+            length = int(rng.integers(40, 120))
+            ids = [1 + (start + i * step) % (SHARDS_VOCAB - 1) for i in range(length)] + [SHARDS_EOD]
+            builder.add_document(torch.from_numpy(np.asarray(ids, dtype=np.uint16)), [len(ids)])
+        builder.finalize(str(out / f"{split}.idx"))
+    (out / "meta.json").write_text(json.dumps(
+        {"tokenizer_sha256": sha, "vocab_size": SHARDS_VOCAB, "eod_id": SHARDS_EOD, "dtype": "uint16"}))
+    return out
+
+
+TINY_PRETRAIN = {
+    "model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16, "seq_len": 32},
+    "pretrain": {"train_steps": 12, "micro_batch_size": 4, "num_microbatches": 2, "dtype": "fp32",
+                 "log_interval": 4, "eval_interval": 4, "eval_batches": 2, "checkpoint_interval": 4,
+                 "optim": {"lr": 0.01, "min_lr": 0.001, "warmup_steps": 2}},
+}
+PRETRAIN_ARGS = ["--tokens", "data/tokens", "--tokenizer", "artifacts/tokenizer",
+                 "--checkpoints", "checkpoints/pretrain", "--out", "models/pretrain"]
+
+
+def pretrain_project(tmp: Path, **overrides) -> Path:
+    """A project copy with a stand-in tokenizer, tiny shards and ``TINY_PRETRAIN`` (each section
+    updated by ``overrides``) in params.yaml, for the pretrain stage."""
+    root = make_project(tmp)
+    tok = root / "artifacts" / "tokenizer"
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text('{"a tokenizer": "for tests"}')
+    sha = hashlib.sha256((tok / "tokenizer.json").read_bytes()).hexdigest()
+    (tok / "meta.json").write_text(json.dumps({"sha256": sha, "vocab_size": 64, "eod_id": 0}))
+    make_shards(root / "data" / "tokens", sha=sha)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in TINY_PRETRAIN.items():
+        params[section] = {**params[section], **values, **overrides.get(section, {})}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
