@@ -30,13 +30,14 @@ TOP = ("palm", "stages", "pipelines", "tests")
 
 def modules() -> dict[str, Path]:
     """Every module of the repository's Python trees, by dotted name (tests by their file stem,
-    as pytest imports them: ``tests/`` is on ``sys.path``)."""
+    as they import each other: ``tests/`` and, in the torchrun workers, ``tests/dist/`` are on
+    ``sys.path``)."""
     found = {}
     for top in TOP:
         for path in (ROOT / top).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            if top == "tests":
-                parts = parts[1:] or parts
+            if top == "tests":  # tests/ and tests/dist/ are on sys.path: their modules go by stem
+                parts = parts[-1:]
             name = ".".join(parts).removesuffix(".__init__")
             found[name] = path
     return found
