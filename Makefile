@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup browser run test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock bench clean-venv
+.PHONY: setup browser run deps test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ browser:
 ## Run the whole pipeline on the embedded default data (DVC reruns only what changed).
 run: setup
 	$(VENV)/bin/dvc repro
+
+## Rewrite each stage's code deps in dvc.yaml to what its command imports (palm/ops/deps.py).
+deps: setup
+	$(PY) -m palm.ops.deps --write
 
 ## Run the test suite (what CI runs): every stage end to end, the training stages with few steps.
 ## Files run on parallel workers (one per core; a file's tests on one worker), the longest first.
