@@ -9,6 +9,8 @@ acceptance numbers) is checked by `tests/test_default_pipeline.py` (`make check-
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -76,6 +78,25 @@ def test_flow_runs_stages_then_reuses_cache(flow_runs):
     first, second = flow_runs
     assert first == {s: True for s in STAGES}
     assert second == {s: False for s in STAGES}  # the second flow run executes no stage
+
+
+def test_without_dvc_lock_every_stage_comes_from_the_run_cache(project, flow_runs, tmp_path):
+    """After the pipeline ran, `make run` (dvc repro) with dvc.lock deleted runs no stage: DVC's run
+    cache (.dvc/cache/runs) holds each one, keyed by its command, deps and params. In a copy, so
+    that a stage that does run leaves this module's project as it was. (A stage with an output
+    marked ``cache: false`` that is neither a metric nor a plot is never saved to the run cache.)"""
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True)
+    (copy / "dvc.lock").unlink()
+    env = {k: v for k, v in os.environ.items() if k != "PALM_MLFLOW_PARENT_RUN_ID"}  # a stage that runs
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{copy / 'mlflow.db'}"  # logs into the copy's store
+    out = subprocess.run([str(copy / ".venv" / "bin" / "dvc"), "repro"], cwd=copy, env=env, capture_output=True,
+                         text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ran = [s for s in STAGES if f"Running stage '{s}'" in out.stdout]
+    restored = [s for s in STAGES if f"Stage '{s}' is cached - skipping run" in out.stdout]
+    assert ran == [] and restored == STAGES, f"ran {ran}, restored {restored}\n{out.stdout[-3000:]}"
+    assert yaml.safe_load((copy / "dvc.lock").read_text()) == yaml.safe_load((project / "dvc.lock").read_text())
 
 
 def test_default_corpus_and_shards(project, flow_runs):
