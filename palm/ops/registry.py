@@ -231,29 +231,78 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "palm-rlhf" / "models")
 
 
+# what a version's name, number and folder md5 may be before they become a cache path: they come
+# from the tracking server, which need not be trusted to choose where this machine writes
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NUMBER = re.compile(r"^[0-9]{1,18}$")
+MD5 = re.compile(r"^[0-9a-f]{32}(\.dir)?$")  # DVC's md5 of a file, or of a folder (….dir)
+
+
+def _inside(path: Path, folder: Path, what: str) -> Path:
+    """``path`` resolved (symlinks followed), if it lies inside ``folder`` (resolved); else a UserError."""
+    real, top = Path(path).resolve(), Path(folder).resolve()
+    if real == top or not real.is_relative_to(top):
+        raise UserError(f"{what}: {str(path)!r} resolves to {real}, outside {top} (expected a path inside it)")
+    return real
+
+
+def cache_folder(name: Any, version: Any, md5: Any, cache: Path | None = None) -> Path:
+    """The cache folder of version ``version`` of the registered model ``name`` whose export has
+    the DVC md5 ``md5`` (None: untagged): ``CACHE/NAME/VERSION-MD5[:12]``. Each value is checked
+    first (a UserError naming it): a hostile tracking server could otherwise name a folder outside
+    the cache, which the download would replace."""
+    cache = Path(cache or cache_dir())
+    if not isinstance(name, str) or not NAME.match(name):
+        raise UserError(f"registered model name {name!r}: not a name this cache takes (expected letters, digits, "
+                        "'.', '_' or '-', starting with a letter or digit, at most 128)")
+    if not NUMBER.match(str(version)):
+        raise UserError(f"{name}: model version {version!r} is not a version number (expected digits)")
+    if md5 is not None and not (isinstance(md5, str) and MD5.match(md5)):
+        raise UserError(f"{name} version {version}: tag dvc.md5 {md5!r} is not a DVC md5 (expected 32 hex "
+                        "digits, optionally followed by .dir)")
+    local = cache / name / f"{version}-{md5[:12] if md5 else 'unknown'}"
+    _inside(local, cache, f"{name} version {version}: its cache folder")
+    return local
+
+
 def resolve(uri: str, root: Path | None = None) -> Path:
     """The export folder of the registered version ``uri``: downloaded once into
     ``$PALM_MODEL_CACHE`` (default ``~/.cache/palm-rlhf/models``) as ``NAME/VERSION-MD5``
-    (the start of the folder's DVC md5), atomically."""
+    (the start of the folder's DVC md5), atomically. The name, version, md5 and the export's
+    path in the downloaded MLmodel are checked to stay inside the cache (:func:`cache_folder`,
+    :func:`export_folder`)."""
     import mlflow.artifacts
 
     c = client(root, existing=True)
     version = get_version(c, uri)
     # the folder's md5 in the name: another registry's version of the same number is another folder
-    local = cache_dir() / version.name / f"{version.version}-{version.tags.get('dvc.md5', 'unknown')[:12]}"
+    local = cache_folder(version.name, version.version, version.tags.get("dvc.md5"))
     if not (local / "MLmodel").is_file():
         with atomic_dir(local) as tmp:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
                                                 dst_path=str(tmp), tracking_uri=c.tracking_uri)
+            # checked before it replaces anything: a bad MLmodel is not kept
+            export_folder(tmp, f"{uri} ({version.name} version {version.version}), its MLmodel")
     return export_folder(local)
 
 
-def export_folder(model_dir: Path) -> Path:
-    """Where a downloaded pyfunc model keeps its export (its artifact ``model``)."""
+def export_folder(model_dir: Path, label: str | None = None) -> Path:
+    """Where a downloaded pyfunc model keeps its export (its artifact ``model``): a path inside
+    ``model_dir`` (an absolute path or one that leaves it, via ``..`` or a symlink: a UserError,
+    which names ``label``, default the MLmodel file)."""
     import yaml
 
+    label = label or str(Path(model_dir) / "MLmodel")
     conf = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())
-    return Path(model_dir) / conf["flavors"]["python_function"]["artifacts"]["model"]["path"]
+    try:
+        path = conf["flavors"]["python_function"]["artifacts"]["model"]["path"]
+    except (KeyError, TypeError):
+        raise UserError(f"{label}: no artifact 'model' in its python_function flavor "
+                        "(not a model palm-rlhf registered)") from None
+    if not isinstance(path, str) or not path or Path(path).is_absolute():
+        raise UserError(f"{label}: artifact path {path!r} is not a relative path (expected one inside the model folder)")
+    _inside(Path(model_dir) / path, model_dir, f"{label}: artifact path {path!r}")
+    return Path(model_dir) / path
 
 
 # --- lineage --------------------------------------------------------------------------------------

@@ -9,9 +9,17 @@ function with them, only slower (``tests/test_native.py`` holds the two together
 
 Built once per source, compiler and CPU (``-march=native``: the key includes the CPU's flags, so
 a home folder shared between machines never hands one a kernel for another's instructions) into
-``$PALM_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/palm-rlhf/native``, else ``~/.cache/...``: about
-0.5 s, once. Written to a temporary name and renamed, so processes compiling at the same time
+``$PALM_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/palm-rlhf/native``, else ``~/.cache/...``, else
+(no home folder known) ``$TMPDIR/palm-rlhf-<uid>``: about 0.5 s, once. A new folder is made
+mode 0700. Written to a temporary name and renamed, so processes compiling at the same time
 (the ranks of a torchrun) never load a half-written library.
+
+Loading a library runs its code, so one is loaded only from a folder that belongs to this user
+and that nobody else can write to, and only if the file itself is a regular file (not a symlink)
+of this user that nobody else can write to (:func:`_unsafe`): a library another user planted
+where this one looks (the temporary folder is shared) is never opened. A cache folder that fails
+the check is not used: the kernel is built into a private temporary folder for this process
+instead; an unsafe file in a safe folder is rebuilt over. Either way with one RuntimeWarning.
 
 OpenMP: the library links ``libgomp.so.1``, the soname of the runtime torch's CPU build already
 has loaded, so the dynamic loader hands it torch's: its parallel loops run on torch's thread pool,
@@ -25,6 +33,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -52,8 +61,24 @@ def _cache_dir() -> Path:
     try:
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     except (RuntimeError, KeyError):  # no home folder known (HOME unset, no passwd entry)
-        base = Path(tempfile.gettempdir())
+        # the temporary folder is shared by every user: a folder of this user's own, made 0700
+        # (one that someone else made first fails _unsafe, and a private folder is used instead)
+        return Path(tempfile.gettempdir()) / f"palm-rlhf-{os.getuid()}"
     return Path(base) / "palm-rlhf" / "native"
+
+
+def _unsafe(st: os.stat_result, directory: bool) -> str | None:
+    """Why a library in this folder (``directory``), or this file, must not be loaded: it is not a
+    folder / a regular file (a symlink: ``st`` is from ``lstat``), it belongs to another user, or
+    a group or other users can write to it; ``None`` if it is safe."""
+    uid = os.getuid()
+    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+        return "not a folder" if directory else "not a regular file (a symlink?)"
+    if st.st_uid != uid:
+        return f"owned by uid {st.st_uid}, not by this user (uid {uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
 
 
 def _cpu() -> str:
@@ -74,7 +99,6 @@ def _compile(cc: str, out: Path, flag_sets: tuple[list[str], ...]) -> str | None
         return why
     for flags in flag_sets:
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         except OSError as e:
             return f"cannot write to {out.parent} ({e}; set PALM_NATIVE_CACHE to a writable folder)"
@@ -83,6 +107,9 @@ def _compile(cc: str, out: Path, flag_sets: tuple[list[str], ...]) -> str | None
             run = subprocess.run([cc, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"],
                                  capture_output=True, text=True, timeout=120)
             if run.returncode == 0:
+                # the linker gives the file the umask's mode (0775 under umask 002): this user's alone,
+                # so it passes _unsafe
+                os.chmod(tmp, 0o700)
                 os.replace(tmp, out)
                 return None
             why = f"{cc} {' '.join(flags)} failed: " + (run.stderr.strip().splitlines() or ["?"])[-1]
@@ -120,8 +147,37 @@ def _build_and_open(cc: str, flag_sets: tuple[list[str], ...]) -> ctypes.CDLL | 
         version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     tag = hashlib.sha256("\0".join([SOURCE.read_text(), repr(flag_sets), version, _cpu(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"decode-{tag}.so"
-    why = None if path.exists() else _compile(cc, path, flag_sets)
+    folder, private, note = _cache_dir(), None, ""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder = folder.resolve()  # from here on the real folder: a symlink swapped later is not followed
+        unsafe = _unsafe(os.lstat(folder), directory=True)
+    except OSError as e:
+        _fallback(f"cannot write to {folder} ({e}; set PALM_NATIVE_CACHE to a writable folder)")
+        return None
+    if unsafe:
+        note = (f"{folder} is {unsafe}, so a library there could be someone else's: not loaded from it, "
+                "the kernel is built for this process in a private folder instead (make the folder yours "
+                "and writable by you alone, or set PALM_NATIVE_CACHE); ")
+        private = folder = Path(tempfile.mkdtemp(prefix="palm-rlhf-native-"))  # 0700, this user's
+    try:
+        return _open(cc, folder / f"decode-{tag}.so", flag_sets, note)
+    finally:
+        if private is not None:  # the library stays mapped once loaded
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _open(cc: str, path: Path, flag_sets: tuple[list[str], ...], note: str) -> ctypes.CDLL | None:
+    """Load ``path`` (in a folder that passed :func:`_unsafe`), built first where it is absent or
+    is itself unsafe; ``None`` with one warning (``note`` first) where it cannot be had."""
+    try:
+        unsafe = _unsafe(os.lstat(path), directory=False)  # lstat: a symlink is not followed
+    except FileNotFoundError:
+        unsafe = "absent"
+    if unsafe and unsafe != "absent":
+        note += f"{path} is {unsafe}: not loaded, built again over it; "
+    # a rebuild replaces an unsafe file by a rename (the folder is this user's alone)
+    why = _compile(cc, path, flag_sets) if unsafe else None
     if why is None:
         try:
             lib = ctypes.CDLL(str(path))
@@ -134,13 +190,19 @@ def _build_and_open(cc: str, flag_sets: tuple[list[str], ...]) -> ctypes.CDLL | 
                                + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])
                 lib.palm_greedy.restype = None
                 lib.palm_greedy.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+                if note:
+                    warnings.warn(f"palm.decode.native: {note.removesuffix('; ')}", RuntimeWarning, stacklevel=4)
                 return lib
             why = f"{path} is another version of the kernel (delete it)"
         except (OSError, AttributeError) as e:
             why = f"could not load {path}: {e}"
-    warnings.warn(f"palm.decode.native: {why}; decoding runs on torch operations instead (the same "
-                  "numbers, slower)", RuntimeWarning, stacklevel=3)
+    _fallback(note + why, stacklevel=5)
     return None
+
+
+def _fallback(why: str, stacklevel: int = 4) -> None:
+    warnings.warn(f"palm.decode.native: {why}; decoding runs on torch operations instead (the same "
+                  "numbers, slower)", RuntimeWarning, stacklevel=stacklevel)
 
 
 def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
