@@ -9,7 +9,10 @@ from the left, as the chat data stages cut prompts. ``/reset`` forgets the conve
 ``/quit`` or end of input ends the session.
 
 Output: replies on stdout (one line each when piped); the banner and notes on stderr, so piping
-stdout gives the replies alone.
+stdout gives the replies alone. A byte-level tokenizer can make any character, so the reply is
+written with its control characters made visible (:func:`terminal_safe`): the model cannot set
+the clipboard (OSC 52), the window title or clear the screen of the terminal it is printed on.
+The conversation keeps the reply as the model made it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,19 @@ from palm.data.chat_readers import Turn
 
 COMMANDS = "/reset forgets the conversation, /quit (or end of input) ends it"
 CHAT_KINDS = ("pretrain", "sft", "ppo")  # language models (a reward model scores, it does not talk)
+
+# C0 controls but tab and newline, DEL and C1 controls -> a visible form: C0 and DEL as their
+# Unicode control pictures (ESC -> "␛", BEL -> "␇", CR -> "␍"), C1 as "\x9b" (they have none)
+_VISIBLE = {c: chr(0x2400 + c) for c in range(0x20) if chr(c) not in "\t\n"}
+_VISIBLE[0x7F] = "\u2421"
+_VISIBLE.update({c: f"\\x{c:02x}" for c in range(0x80, 0xA0)})
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control character a terminal would act on (escape sequences, bell,
+    carriage return, C1 codes such as CSI U+009B) replaced by a visible stand-in; newline and tab
+    are kept. The result holds none of them, so it is unchanged by a second pass."""
+    return text.translate(_VISIBLE)
 
 
 class StreamDecoder:
@@ -103,8 +119,9 @@ class ChatSession:
         return ids
 
     def reply(self, user: str, write: Callable[[str], None] = lambda s: None) -> str:
-        """Generate the reply to ``user``, handing ``write`` each piece of text as it is made;
-        the exchange joins the history once the reply is complete."""
+        """Generate the reply to ``user``, handing ``write`` each piece of text as it is made, its
+        control characters made visible (:func:`terminal_safe`: ``write`` prints to a terminal);
+        the exchange joins the history once the reply is complete, as the model made it."""
         from palm.decode.generate import generate
 
         prompt = self.prompt_ids(user)
@@ -116,7 +133,7 @@ class ChatSession:
             if bool(live[0]) and t not in stop:
                 piece = decoder.feed(t)
                 if piece:
-                    write(piece)
+                    write(terminal_safe(piece))
 
         s = self.sampling
         generate(self.model, [prompt], self.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -124,7 +141,7 @@ class ChatSession:
                  on_token=on_token)
         rest = decoder.finish()
         if rest:
-            write(rest)
+            write(terminal_safe(rest))
         text = decoder.text
         self.history += [Turn("user", user), Turn("assistant", text)]
         return text
