@@ -38,7 +38,7 @@ def command(uri: str, host: str, port: int, workers: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from palm.core.errors import UserError
-    from palm.ops.tracking import tracking_uri, ui_url
+    from palm.ops.tracking import redact, tracking_uri, ui_url
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port: expected 1..65535, got {args.port}")
@@ -46,7 +46,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers: expected >= 1, got {args.workers}")
     root = Path.cwd()
     uri = tracking_uri(root)
-    print(f"MLflow UI: {ui_url(root, f'http://{args.host}:{args.port}')}  (store {uri})", flush=True)
+    # the store's URI is printed without its user and password (palm.ops.tracking.redact), also
+    # where the store cannot be opened (MLflow's error names the URL it requested)
+    try:
+        link = ui_url(root, f"http://{args.host}:{args.port}")
+    except Exception as err:  # noqa: BLE001 - any failure to open the store: one line, no credentials
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(redact(f"cannot open the MLflow store {uri} ({type(err).__name__}: {msg})")) from None
+    print(f"MLflow UI: {link}  (store {redact(uri)})", flush=True)
     argv = command(uri, args.host, args.port, args.workers)
     # the server process itself: Ctrl-C and signals reach it as they would
     os.execve(argv[0], argv, {**SERVER_ENV, **os.environ})

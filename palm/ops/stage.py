@@ -22,7 +22,7 @@ from palm.core.config import load_section, to_dict
 from palm.core.errors import UserError
 from palm.core.io import write_json
 from palm.core.process import OtherNodeDone, is_other_node
-from palm.ops.tracking import Tracker, git_commit
+from palm.ops.tracking import Tracker, git_commit, redact
 
 C = TypeVar("C")
 
@@ -124,9 +124,11 @@ def run_stage(
     except OtherNodeDone as done:
         print(f"{stage}: {done}", file=sys.stderr)
         return 0
+    # what an error says is passed through redact: it may name the tracking URI, whose password
+    # must not reach a terminal or a log (an MLflow error names the URL it requested)
     except UserError as err:
         tracker.end("FAILED")
-        print(f"error: {stage}: {err}", file=sys.stderr)
+        print(redact(f"error: {stage}: {err}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         tracker.end("KILLED")
@@ -134,7 +136,7 @@ def run_stage(
         return 130
     except Exception as err:  # noqa: BLE001 - unexpected: full traceback, then one summary line
         tracker.end("FAILED")
-        traceback.print_exc()
-        print(f"error: {stage}: unexpected {type(err).__name__}: {err} (a bug: please report it with the traceback above)",
-              file=sys.stderr)
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        print(redact(f"error: {stage}: unexpected {type(err).__name__}: {err} (a bug: please report it with the "
+                     "traceback above)"), file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -51,6 +52,18 @@ for _key, _value in {
 
 def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+
+
+# ``scheme://user:password@`` of a URI (user info ends at the netloc's last "@", as urllib reads it)
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#'\"<>]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user and password of every URI in it replaced by ``***``:
+    ``postgresql://user:secret@db/mlflow`` → ``postgresql://***@db/mlflow``. Whatever prints or
+    logs a tracking URI, or a message that may hold one (MLflow's errors name the URL they
+    requested), passes it through this."""
+    return _USERINFO.sub(r"\1***@", str(text))
 
 
 def git_commit(root: Path) -> str:
@@ -116,7 +129,8 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - any MLflow failure must not stop the stage
             self.enabled = False
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"warning: MLflow {what} failed at {tracking_uri(self.root)} ({type(err).__name__}: {msg}); "
+            print(f"warning: MLflow {what} failed at {redact(tracking_uri(self.root))} ({type(err).__name__}: "
+                  f"{redact(msg)}); "
                   f"the stage goes on and keeps its outputs, but this run is not tracked", file=sys.stderr)
             return None
 
