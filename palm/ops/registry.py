@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from palm.core.errors import UserError
 from palm.core.io import atomic_dir
-from palm.ops.tracking import tracking_uri
+from palm.ops.tracking import redact, tracking_uri
 
 # the evaluate stage's model -> registered name
 NAMES = {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
@@ -223,8 +223,8 @@ def get_version(c: Any, uri: str):
         return c.get_model_version(m["name"], m["version"])
     except MlflowException as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{uri}: not in the registry at {c.tracking_uri} ({msg}); run the pipeline (dvc repro "
-                        "evaluate registers the models) or set MLFLOW_TRACKING_URI") from None
+        raise UserError(f"{uri}: not in the registry at {redact(c.tracking_uri)} ({redact(msg)}); run the pipeline "
+                        "(dvc repro evaluate registers the models) or set MLFLOW_TRACKING_URI") from None
 
 
 def cache_dir() -> Path:
