@@ -43,6 +43,7 @@ ROLE_ALIASES = {"system": "system", "user": "user", "prompter": "user", "human":
 # Why a record, message or example was not kept (each is a key of the stage's metrics).
 DROP_REASONS = (
     "malformed_json",     # a .jsonl line that is not JSON (or an unreadable file)
+    "too_deep",           # a .jsonl line (or .json file) nested deeper than the JSON parser can go
     "not_a_record",       # a JSON value that is not an object
     "not_a_list",         # a .json file whose top level is not a list (counted once per file)
     "unknown_format",     # a record of a file whose format could not be detected
@@ -136,9 +137,15 @@ def file_records(path: Path, counts: Counter) -> Iterator[Any]:
                     except ValueError:
                         counts["read"] += 1
                         counts["malformed_json"] += 1
+                    except RecursionError:  # e.g. 100,000 "[": the parser recurses once a level
+                        counts["read"] += 1
+                        counts["too_deep"] += 1
     except (OSError, ValueError, EOFError):  # an unreadable file: not JSON, bad gzip, bad Parquet
         counts["read"] += 1
         counts["malformed_json"] += 1
+    except RecursionError:  # a .json file (or Parquet row) nested too deep to parse
+        counts["read"] += 1
+        counts["too_deep"] += 1
 
 
 def hf_records(name: str, split: str) -> Iterator[Any]:
@@ -267,9 +274,8 @@ class _Node:
     children: list["_Node"]
 
 
-def _oasst_node(msg: Any, counts: Counter) -> _Node | None:
-    """The usable part of a message subtree; deleted, synthetic and failed-review messages go,
-    with their subtree, each counted once."""
+def _oasst_message(msg: Any, counts: Counter) -> _Node | None:
+    """One message as a node without children, or None (counted) if it goes with its subtree."""
     if not isinstance(msg, dict):
         counts["missing_field"] += 1
         return None
@@ -287,9 +293,26 @@ def _oasst_node(msg: Any, counts: Counter) -> _Node | None:
         return None
     rank = msg.get("rank")
     rank = rank if isinstance(rank, int) and not isinstance(rank, bool) else None
-    replies = msg.get("replies") or []
-    children = [c for c in (_oasst_node(r, counts) for r in (replies if isinstance(replies, list) else [])) if c]
-    return _Node(role, text, rank, children)
+    return _Node(role, text, rank, [])
+
+
+def _oasst_node(msg: Any, counts: Counter) -> _Node | None:
+    """The usable part of a message subtree; deleted, synthetic and failed-review messages go,
+    with their subtree, each counted once. Iterative (a stack, children in file order), so a
+    tree as deep as the JSON parser reads is walked whatever Python's recursion limit."""
+    root = _oasst_message(msg, counts)
+    stack = [(root, msg)] if root is not None else []
+    while stack:
+        node, raw = stack.pop()
+        replies = raw.get("replies") or []
+        todo = []
+        for r in replies if isinstance(replies, list) else []:
+            child = _oasst_message(r, counts)
+            if child is not None:
+                node.children.append(child)
+                todo.append((child, r))
+        stack.extend(reversed(todo))
+    return root
 
 
 def _oasst_root(record: dict, counts: Counter) -> _Node | None:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import reprlib
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
@@ -43,11 +45,32 @@ def is_ranking(record: Any) -> bool:
     return isinstance(record, dict) and isinstance(record.get("replies"), list) and "verdict" in record
 
 
+def loads(line: str) -> Any | None:
+    """One line of a rankings file as JSON, or None where it is not: a line a killed server left
+    half-written, or one nested deeper than the parser goes (100,000 ``[`` raise RecursionError,
+    not ValueError). What a reader of the file (``palm feedback serve``'s page) calls per line, so
+    that no line of the file can make it fail."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
+# a bounded repr for error messages: a value in a judgement may be nested as deep as the JSON
+# parser goes, and repr() of it recurses once a level
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 4, 32, 80, 80
+
+
+def _short(value: Any) -> str:
+    return _SHORT.repr(value)
+
+
 def places(verdict: Any, order: Any, k: int) -> list[int] | None:
     """The place (0 = best) of each of ``k`` replies under ``order``, or None for a verdict
     without one; ``ValueError`` naming what is wrong with an impossible judgement."""
     if verdict not in VERDICTS:
-        raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+        raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {_short(verdict)}")
     if verdict != "ranked":
         if order is not None:
             raise ValueError(f"a {verdict} judgement has no order")
@@ -59,10 +82,10 @@ def places(verdict: Any, order: Any, k: int) -> list[int] | None:
         group = entry if isinstance(entry, list) else [entry]
         for i in group:
             if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k) or place[i] >= 0:
-                raise ValueError(f"order must list every reply index 0..{k - 1} exactly once, got {order!r}")
+                raise ValueError(f"order must list every reply index 0..{k - 1} exactly once, got {_short(order)}")
             place[i] = p
     if min(place) < 0:
-        raise ValueError(f"order must list every reply index 0..{k - 1} exactly once, got {order!r}")
+        raise ValueError(f"order must list every reply index 0..{k - 1} exactly once, got {_short(order)}")
     return place
 
 
@@ -74,6 +97,12 @@ def ordered_pairs(place: list[int]) -> list[tuple[int, int]]:
 
 def judgement_key(record: dict) -> tuple:
     return (record.get("batch"), record.get("item"), record.get("labeler"))
+
+
+def _scalar_key(record: dict) -> bool:
+    """Whether the judgement's batch, item and labeler are plain values (a list there cannot key
+    a dict, and its str() or repr() may recurse as deep as it is nested)."""
+    return all(v is None or isinstance(v, (str, int, float)) for v in judgement_key(record))
 
 
 @dataclasses.dataclass
@@ -111,13 +140,18 @@ class RankingStats:
 
 def latest(records: Iterable[Any], counts: Counter, stats: RankingStats | None = None) -> Iterator[Any]:
     """The records of one rankings file with each labeler's latest judgement of an item only (in
-    the order the items were first judged); earlier ones count ``superseded``. Records that are
-    not objects pass through (the caller counts them)."""
+    the order the items were first judged); earlier ones count ``superseded``, and one whose
+    batch, item or labeler is not a plain value (a list, an object) counts ``missing_field``.
+    Records that are not objects pass through (the caller counts them)."""
     kept: dict[tuple, Any] = {}
     others = []
     for record in records:
         if not isinstance(record, dict):
             others.append(record)
+            continue
+        if not _scalar_key(record):
+            counts["read"] += 1
+            counts["missing_field"] += 1
             continue
         key = judgement_key(record)
         if key in kept:
