@@ -16,8 +16,15 @@ one-process world of :func:`palm.model.parallel.process_groups` (or in the calle
   reply's end of turn, normalised with the reward stage's mean and std (0: an average reply).
 
 Generation settings come as params (:data:`palm.ops.registry.PARAMS`, the signature's param schema):
-a batch of prompts is sampled together (:func:`palm.decode.generate.generate`), prompts cut from the left to leave
-``max_new_tokens`` of room.
+prompts are sampled together in chunks of :attr:`PalmModel.chunk_rows` rows
+(:func:`palm.decode.generate.generate`; one seeded generator runs through the chunks in order),
+prompts cut from the left to leave ``max_new_tokens`` of room.
+
+One request cannot take the served model's memory: it may hold at most :attr:`PalmModel.max_rows`
+rows and each text at most :attr:`PalmModel.max_chars` characters (more than the context of any
+model here; a longer prompt would only be cut); past a cap the request is refused in one line
+naming it, before anything is tokenized. Generation memory is that of one chunk, whatever the
+number of rows.
 """
 
 from __future__ import annotations
@@ -47,6 +54,24 @@ def _texts(model_input: Any, column: str | int = 0) -> list[str]:
 class PalmModel(mlflow.pyfunc.PythonModel):
     """A palm export as a pyfunc model (see the module docstring)."""
 
+    max_rows = 128  # rows (prompts, or prompt/response pairs) per request
+    max_chars = 32_768  # characters per prompt or response
+    chunk_rows = 16  # rows generated together (a reward model scores its own batches of 32)
+
+    def _check(self, *columns: list[str]) -> None:
+        """Refuse a request past the caps, in one line that names the cap."""
+        from palm.core.errors import UserError
+
+        rows = len(columns[0])
+        if rows > self.max_rows:
+            raise UserError(f"the request has {rows} rows; at most {self.max_rows} per request "
+                            "(PalmModel.max_rows): send them in several requests")
+        for column in columns:
+            for i, text in enumerate(column):
+                if len(text) > self.max_chars:
+                    raise UserError(f"row {i} has {len(text)} characters; at most {self.max_chars} per prompt "
+                                    "or response (PalmModel.max_chars)")
+
     def load_context(self, context: Any) -> None:
         from palm.model.export import load_model, load_tokenizer, read_export
         from palm.model.parallel import process_groups
@@ -61,8 +86,12 @@ class PalmModel(mlflow.pyfunc.PythonModel):
     # a DataFrame (what the signature makes of any input) is a type hint MLflow infers nothing from
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list:
         if self.export.is_reward:
-            return self._score(_texts(model_input, "prompt"), _texts(model_input, "response"))
-        return self._complete(_texts(model_input), {**PARAMS, **(params or {})})
+            prompts, responses = _texts(model_input, "prompt"), _texts(model_input, "response")
+            self._check(prompts, responses)
+            return self._score(prompts, responses)
+        prompts = _texts(model_input)
+        self._check(prompts)
+        return self._complete(prompts, {**PARAMS, **(params or {})})
 
     def _prompt_ids(self, text: str) -> list[int]:
         from palm.data.chat import ChatTemplate
@@ -93,14 +122,15 @@ class PalmModel(mlflow.pyfunc.PythonModel):
         s = SamplingConfig(float(p["temperature"]), int(p["top_k"]) or None, top_p if top_p < 1 else None)
         ids = self._ids
         stop = (ids["end_turn_id"], ids["eod_id"]) if self.export.kind != "pretrain" else (ids["eod_id"],)
-        rows = [self._prompt_ids(t)[-(seq_len - new):] for t in prompts]
-        if not rows:
-            return []
         generator = torch.Generator(self.model.embedding.weight.device).manual_seed(int(p["seed"]))
-        with torch.no_grad():
-            gen = generate(self.model, rows, new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                           stop_ids=stop, pad_id=ids["pad_id"], generator=generator)
-        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies([gen])]
+        out: list[str] = []
+        for start in range(0, len(prompts), self.chunk_rows):  # one chunk's memory at a time
+            rows = [self._prompt_ids(t)[-(seq_len - new):] for t in prompts[start:start + self.chunk_rows]]
+            with torch.no_grad():
+                gen = generate(self.model, rows, new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                               stop_ids=stop, pad_id=ids["pad_id"], generator=generator)
+            out += [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies([gen])]
+        return out
 
     def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
         from palm.data.chat import ChatTemplate
