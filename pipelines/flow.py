@@ -9,6 +9,9 @@ and the stage runs nest under it. ``until`` runs one stage and everything it dep
     python -m pipelines.flow                  # run once (uses PREFECT_API_URL when a server is up)
     python -m pipelines.flow --until reward   # reward and the stages upstream of it
 
+A deployment's run (``make serve``) runs only the pipeline of this project, whatever ``root`` its
+parameters name, and DVC runs isolated from the project folder's modules (:data:`DVC`).
+
 If the Prefect server goes away while the flow runs (crashed, killed, unreachable), the flow
 does not run on unrecorded: it checks the server's ``/health`` every :data:`SERVER_CHECK_S`
 seconds, and after :data:`SERVER_MISSES` failed checks in a row it stops the running stage as
@@ -53,6 +56,10 @@ RETRY_DELAY_S = 10
 STOP_GRACE_S = 30.0  # an interrupted stage's processes get this long to end before SIGKILL
 SERVER_CHECK_S = 3.0  # while the flow runs, its Prefect server's /health is asked this often
 SERVER_MISSES = 2  # this many failed checks in a row (each waits up to SERVER_CHECK_S): the server is gone
+# ``dvc`` as a stage's process runs it: isolated (-I), so that neither the project folder (its
+# working folder, which ``-m`` would put first on sys.path) nor PYTHONPATH can put a module of
+# its own in place of DVC's; the stages DVC starts still get the whole environment.
+DVC = [sys.executable, "-I", "-m", "dvc"]
 RESUME = ("resume with dvc repro (or trigger the deployment again once the server is back): the stages "
           "that finished are in the DVC cache and are not run again")
 
@@ -128,13 +135,19 @@ def stages_in_order(root: Path = ROOT) -> list[str]:
     return dag(root)[0]
 
 
-def plan(root: str, stages: list[str] | None = None, until: str | None = None) -> tuple[Path, list[str]]:
-    """The flow's parameters checked against the DAG: ``root`` must be a DVC project folder
-    whose pipeline DVC can read, ``stages`` (None or [] for all) names of its stages, ``until``
-    (None for all) one stage: it and every stage upstream of it run; not both. Returns the folder
-    and the stages to run, in DAG order. Raises UserError otherwise: they go to ``dvc repro`` as
-    its working folder and arguments, so nothing unchecked may reach it."""
+def plan(root: str, stages: list[str] | None = None, until: str | None = None,
+         project: Path | None = ROOT) -> tuple[Path, list[str]]:
+    """The flow's parameters checked against the DAG: ``root`` must be ``project`` (default: the
+    project this package belongs to; any other folder is refused, whatever it holds, since DVC
+    and git would run its code; None: any folder, for Python callers that chose it themselves),
+    a DVC project folder whose pipeline DVC can read, ``stages`` (None or [] for all) names of
+    its stages, ``until`` (None for all) one stage: it and every stage upstream of it run; not
+    both. Returns the folder and the stages to run, in DAG order. Raises UserError otherwise:
+    they go to ``dvc repro`` as its working folder and arguments, so nothing unchecked may reach it."""
     folder = Path(root).expanduser().resolve() if isinstance(root, str) and root.strip() else None
+    if project is not None and folder != Path(project).resolve():
+        raise UserError(f"pipeline root: {root!r} is not this project ({project}); the flow runs only the "
+                        f"pipeline of the project it belongs to")
     if folder is None or not (folder / "dvc.yaml").is_file():
         raise UserError(f"pipeline root: {root!r} is not a project folder (no dvc.yaml there)")
     try:
@@ -184,7 +197,7 @@ def reproduce(stage: str, root: str, watch: ServerWatch) -> bool:
         raise watch.error()
     # A process group of its own (DVC, the stage, its training workers): if this run is
     # interrupted (Ctrl-C, a cancel from the UI, make stop), the whole group ends with it.
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
+    proc = subprocess.Popen([*DVC, "repro", "--single-item", stage], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     with watch.lock:
         watch.stage, watch.proc = stage, proc
@@ -229,8 +242,14 @@ def stage_task(stage: str, watch: ServerWatch):
 @flow(name="palm-rlhf")
 def pipeline(root: str = str(ROOT), stages: list[str] | None = None, until: str | None = None) -> dict[str, bool]:
     """Run the pipeline's stages in DAG order: all, the ``stages`` given, or ``until`` one stage
-    (it and everything upstream of it)."""
-    folder, names = plan(root, stages, until)
+    (it and everything upstream of it). A run of a deployment (what the Prefect API can start,
+    with parameters of its own) runs only this project's pipeline: another ``root`` is refused
+    before anything runs. Called from Python, the flow runs the project ``root`` names."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    deployed = context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
+    folder, names = plan(root, stages, until, project=ROOT if deployed else None)
     root = str(folder)
     tracker = Tracker(folder, "pipeline")
     tracker.start({"stages": ",".join(names), "until": until or ""}, {"git_commit": git_commit(folder)})
@@ -238,8 +257,6 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None, until: str 
     if tracker.run_id:
         os.environ[PARENT_ENV] = tracker.run_id  # stage runs (DVC subprocesses) nest under this one
     ran: dict[str, bool] = {}
-    from prefect.context import FlowRunContext
-
     try:
         with watch_server(str(FlowRunContext.get().client.api_url)) as watch:
             for name in names:

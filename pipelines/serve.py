@@ -13,6 +13,15 @@ a process of its own. On Ctrl-C, SIGTERM or ``--stop`` the runner stops (the sch
 while nothing serves it) and every process this one started ends, the server's and the runs'
 included: this process is their subreaper, so even a run's orphaned grandchildren are found.
 ``.prefect/serve.json`` records the processes for ``--stop``.
+
+The server answers only whoever holds this serve's password: each ``make serve`` draws a new one
+(:func:`new_auth`), writes it to ``.prefect/api-auth`` (readable by the user only) and gives it to
+the runner and the runs it starts (``PREFECT_API_AUTH_STRING``); the UI asks for it once (paste the
+file's one line). Without it the API answers 401, ``/health`` excepted. Web pages of other
+origins get no CORS grant (only the server's own address is allowed) and every state-changing
+request needs a CSRF token (:func:`prefect_env`), so a page open in the user's browser can
+neither read the API nor act on it. The flow runs only this project's pipeline (its ``root``
+parameter is pinned, :func:`pipelines.flow.plan`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,6 +48,8 @@ from pipelines.servers import port_free, wait_healthy
 
 HOME = ".prefect"  # PREFECT_HOME under the project: the server's SQLite database, logs, the pid file
 PID_FILE = "serve.json"
+AUTH_FILE = "api-auth"  # under HOME: this serve's API password, "palm:<secret>" (mode 0600, removed at stop)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STOP_GRACE_S = 60.0  # how long an orderly shutdown may take before the rest is killed
 
 
@@ -84,12 +96,42 @@ def server_command(cfg: ServeConfig) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host, "--port", str(cfg.port)]
 
 
-def prefect_env(root: Path, cfg: ServeConfig) -> dict[str, str]:
+def origins(cfg: ServeConfig) -> list[str]:
+    """The server's own origins, the only ones granted CORS: its address, and on loopback the
+    other loopback names a browser may use for it (the UI at localhost calling 127.0.0.1's API)."""
+    hosts = [cfg.host, *([h for h in LOOPBACK if h != cfg.host] if cfg.host in LOOPBACK else [])]
+    return [f"http://{f'[{h}]' if ':' in h else h}:{cfg.port}" for h in hosts]
+
+
+def prefect_env(root: Path, cfg: ServeConfig, auth: str | None = None) -> dict[str, str]:
     """The settings of the server and of every Prefect client here: its home (and SQLite
-    database) under the project, its address, no analytics (Prefect's, nor DVC's in the runs)."""
-    return {"PREFECT_HOME": str(root / HOME), "PREFECT_API_URL": api_url(cfg),
-            "PREFECT_SERVER_API_HOST": cfg.host, "PREFECT_SERVER_API_PORT": str(cfg.port),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
+    database) under the project, its address, no analytics (Prefect's, nor DVC's in the runs);
+    CORS for the server's own origins only (Prefect's default: any), CSRF protection on (default
+    off; Prefect's clients fetch their token themselves). ``auth``: the API password (see
+    :func:`new_auth`), for the server (``PREFECT_SERVER_API_AUTH_STRING``: without it, 401) and
+    its clients (``PREFECT_API_AUTH_STRING``); None: a server open to any local process."""
+    env = {"PREFECT_HOME": str(root / HOME), "PREFECT_API_URL": api_url(cfg),
+           "PREFECT_SERVER_API_HOST": cfg.host, "PREFECT_SERVER_API_PORT": str(cfg.port),
+           "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(origins(cfg)),
+           "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true", "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
+    if auth is not None:
+        env.update(PREFECT_SERVER_API_AUTH_STRING=auth, PREFECT_API_AUTH_STRING=auth)
+    return env
+
+
+def new_auth(home: Path) -> str:
+    """A new API password for one serve, written to ``home``/:data:`AUTH_FILE` with mode 0600
+    (created so: never readable by others, not even for a moment) and returned."""
+    auth = f"palm:{secrets.token_urlsafe(32)}"
+    home.mkdir(parents=True, exist_ok=True)
+    path, tmp = home / AUTH_FILE, home / f".{AUTH_FILE}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(auth + "\n")
+    os.replace(tmp, path)
+    return auth
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -174,7 +216,8 @@ def serve(root: Path, cfg: ServeConfig) -> None:
     if cfg.until is not None and cfg.until not in (order := stages_in_order(root)):
         raise ConfigError("serve.until", f"unknown stage {cfg.until!r}; the DAG has {', '.join(order)}")
     folder, names = plan(str(root), until=cfg.until)
-    os.environ.update(prefect_env(root, cfg))
+    auth = new_auth(home)
+    os.environ.update(prefect_env(root, cfg, auth))  # the runner and the runs it starts inherit it
     import prefect.context
 
     prefect.context.refresh_global_settings_context()  # Prefect read its settings when imported
@@ -202,10 +245,13 @@ def serve(root: Path, cfg: ServeConfig) -> None:
         deployment = pipeline.to_deployment(name=cfg.deployment, schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
                                             parameters=parameters)
         deployment.apply()  # registered before it is announced (the runner applies it again, unchanged)
-        print(f"Prefect UI: http://{cfg.host}:{cfg.port} (server log {log})\n"
+        password = home / AUTH_FILE
+        print(f"Prefect UI: http://{cfg.host}:{cfg.port} (log in with the line in {password}, new for each serve; "
+              f"server log {log})\n"
               f"serving deployment 'palm-rlhf/{cfg.deployment}': cron '{cfg.cron}' ({cfg.timezone}), "
               f"stages {', '.join(names)}\n"
-              f"run it now: PREFECT_API_URL={api_url(cfg)} .venv/bin/prefect deployment run 'palm-rlhf/{cfg.deployment}'\n"
+              f"run it now: PREFECT_API_URL={api_url(cfg)} PREFECT_API_AUTH_STRING=\"$(cat {password})\" "
+              f".venv/bin/prefect deployment run 'palm-rlhf/{cfg.deployment}'\n"
               f"stop: Ctrl-C here, or make stop", flush=True)
         prefect_serve(deployment, print_starting_message=False)
     except KeyboardInterrupt:
@@ -214,6 +260,7 @@ def serve(root: Path, cfg: ServeConfig) -> None:
         signal.signal(signal.SIGTERM, previous_term)
         end_processes(me.children(recursive=True))
         pid_file.unlink(missing_ok=True)
+        (home / AUTH_FILE).unlink(missing_ok=True)
         print("stopped: the Prefect server and every run process", flush=True)
 
 

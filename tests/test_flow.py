@@ -30,12 +30,18 @@ def test_stages_are_checked_against_the_dag_and_run_in_its_order():
 
 
 def test_root_must_be_a_readable_dvc_project(tmp_path):
-    for root in (str(tmp_path), str(tmp_path / "missing"), "", "relative/nowhere"):
-        with pytest.raises(UserError, match=r"^pipeline root: .* is not a project folder \(no dvc.yaml there\)$"):
-            plan(root)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "dvc.yaml").write_text("stages: {}\n")
+    for root in (str(tmp_path), str(tmp_path / "missing"), "", "relative/nowhere", str(tmp_path / "other")):
+        with pytest.raises(UserError, match=r"^pipeline root: .* is not this project \(.*\); the flow runs only the "
+                                            r"pipeline of the project it belongs to$"):
+            plan(root)  # the project this package belongs to, no other folder
+        if root != str(tmp_path / "other"):  # a caller that chose the folder itself: it must hold a pipeline
+            with pytest.raises(UserError, match=r"^pipeline root: .* is not a project folder \(no dvc.yaml there\)$"):
+                plan(root, project=None)
     (tmp_path / "dvc.yaml").write_text("stages: [this is not a stage mapping\n")
     with pytest.raises(UserError, match=r"^pipeline root: DVC cannot read the pipeline in ") as err:
-        plan(str(tmp_path))
+        plan(str(tmp_path), project=tmp_path)
     assert "\n" not in str(err.value)
 
 

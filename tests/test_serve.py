@@ -1,7 +1,8 @@
 """`make serve` for real: ``python -m pipelines.serve`` in a project copy starts its own Prefect
 server (SQLite in the copy's .prefect/), registers the scheduled deployment and serves it; runs
 triggered through the API complete, the second from the DVC cache; the Prefect UI in headless
-Chromium lists the deployment and shows its schedule; ``--stop`` (make stop)
+Chromium (logged in with the serve's password) lists the deployment and shows its schedule;
+``--stop`` (make stop)
 leaves no process behind, those of a run in flight included.
 
 The deployment stops after ``scrape`` (serve.until) on a small folder of text files, so the
@@ -68,17 +69,22 @@ def served(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def client(url: str):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def password(root: Path) -> str:
+    """The password of the make serve running for ``root`` (its API answers 401 without it)."""
+    return (root / ".prefect" / "api-auth").read_text().strip()
 
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+
+def client(root: Path, url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: password(root)}):
         return get_client(sync_client=True)
 
 
-def run_deployment_and_wait(url: str, timeout_s: float = 420):
+def run_deployment_and_wait(root: Path, url: str, timeout_s: float = 420):
     """Trigger a run of the deployment through the API; its final flow run."""
-    with client(url) as c:
+    with client(root, url) as c:
         deployment = c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}")
         run = c.create_flow_run_from_deployment(deployment.id)
         deadline = time.monotonic() + timeout_s
@@ -88,10 +94,10 @@ def run_deployment_and_wait(url: str, timeout_s: float = 420):
         return run
 
 
-def flow_logs(url: str, run_id) -> list[str]:
+def flow_logs(root: Path, url: str, run_id) -> list[str]:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with client(url) as c:
+    with client(root, url) as c:
         return [log.message for log in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
 
 
@@ -104,7 +110,7 @@ def mlflow_runs(root: Path) -> list:
 
 def test_the_ui_shows_the_deployment_with_its_schedule(served):
     root, url, proc, out = served
-    with client(url) as c:
+    with client(root, url) as c:
         deployment = c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}")
     (schedule,) = deployment.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (CRON, TIMEZONE, True)
@@ -125,9 +131,11 @@ def test_the_prefect_ui_in_a_browser_lists_the_deployment_and_shows_its_schedule
 
     root, url, proc, out = served
     ui = url.removesuffix("/api")
-    with client(url) as c:
+    with client(root, url) as c:
         deployment = c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}")
     wait = WebDriverWait(browser, 120)  # a loaded 2-core machine
+    browser.get(ui)  # logged in as the UI's login page does it: the password, base64, in localStorage
+    browser.execute_script("localStorage.setItem('prefect-password', btoa(arguments[0]))", password(root))
     browser.get(f"{ui}/deployments")
     rows = lambda: browser.execute_script(  # noqa: E731 - [deployment link, its text, the row's flow name]
         "return [...document.querySelectorAll('a[href*=\"/deployments/deployment/\"]')].map(a => "
@@ -148,7 +156,7 @@ def test_the_prefect_ui_in_a_browser_lists_the_deployment_and_shows_its_schedule
 
 def test_triggered_runs_complete_the_second_from_the_dvc_cache(served):
     root, url, proc, out = served
-    first = run_deployment_and_wait(url)
+    first = run_deployment_and_wait(root, url)
     assert first.state.is_completed(), (first.state, out.read_text()[-3000:])
     assert list((root / "data" / "corpus").glob("part-*.parquet"))
     assert not (root / "artifacts" / "tokenizer").exists()  # until: scrape, nothing downstream
@@ -162,13 +170,13 @@ def test_triggered_runs_complete_the_second_from_the_dvc_cache(served):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["serve"]["timezone"] = "UTC"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    second = run_deployment_and_wait(url)
+    second = run_deployment_and_wait(root, url)
     assert second.state.is_completed(), second.state
     deadline = time.monotonic() + 30  # the run's logs reach the API in batches
-    while "stage scrape: up to date (DVC cache)" not in (logs := flow_logs(url, second.id)):
+    while "stage scrape: up to date (DVC cache)" not in (logs := flow_logs(root, url, second.id)):
         assert time.monotonic() < deadline, logs
         time.sleep(1)
-    assert "stage scrape: ran" in flow_logs(url, first.id)
+    assert "stage scrape: ran" in flow_logs(root, url, first.id)
     assert {p: p.stat().st_mtime_ns for p in (root / "data" / "corpus").iterdir()} == stamp
     stages = [r.data.tags.get("palm.ops.stage") for r in mlflow_runs(root)]
     assert (stages.count("pipeline"), stages.count("scrape")) == (2, 1)  # the second run executed no stage
@@ -181,7 +189,7 @@ def test_stop_ends_every_process_it_started_a_run_in_flight_included(served):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["scrape"]["filters"]["min_words"] = 40  # scrape is stale: the next run executes it
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with client(url) as c:
+    with client(root, url) as c:
         c.create_flow_run_from_deployment(c.read_deployment_by_name(f"palm-rlhf/{DEPLOYMENT}").id)
     serving = psutil.Process(proc.pid)
     deadline = time.monotonic() + 300
@@ -197,6 +205,7 @@ def test_stop_ends_every_process_it_started_a_run_in_flight_included(served):
     alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
     assert not (root / ".prefect" / "serve.json").exists()
+    assert not (root / ".prefect" / "api-auth").exists()  # the password ends with its serve
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/health", timeout=2)
     again = serve_cli(root, "--stop", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
