@@ -1,7 +1,7 @@
 """Human feedback (palm/apps/feedback/, palm/data/rankings.py): `palm feedback sample` from a tiny
 export, the ranking page driven in a real headless Chromium (rank three items, kill the server,
 restart it, resume at the fourth; HTML in model output shown as text; no judgement without the
-session token), and the rankings through `dvc repro prefs` into preference pairs."""
+session's key and the page's token), and the rankings through `dvc repro prefs` into preference pairs."""
 
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def test_sample_and_serve_refuse_bad_flags_in_one_line(export, tmp_path, capsys)
 # ----------------------------------------------------------------------------- the browser
 
 class Server:
-    """``palm feedback serve`` as a user starts it (any free port: the URL it prints)."""
+    """``palm feedback serve`` as a user starts it (any free port: the URL it prints, with the
+    session's key; ``base``: the address without it)."""
 
     def __init__(self, batch: Path, rankings: Path, labeler: str):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -132,6 +133,7 @@ class Server:
         line = self.proc.stdout.readline()
         assert line.startswith("open http://127.0.0.1:"), line + self.proc.stderr.read()[-2000:]
         self.url = line.split()[1]
+        self.base, self.key = self.url.split("?key=")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -206,7 +208,7 @@ def session(batch, browser, tmp_path_factory) -> dict:
             browser.save_screenshot(os.environ["PALM_FEEDBACK_SCREENSHOT"])
         token = browser.find_element(By.CSS_SELECTOR, 'meta[name="feedback-token"]').get_attribute("content")
         item = json.loads(batch.read_text().splitlines()[3])
-        judge = server.url + "api/judge"
+        judge = server.base + "api/judge?key=" + server.key
         good = json.dumps({"index": 3, "item": item["item"], "verdict": "ranked", "order": [0, 1, 2, 3]}).encode()
         js = {"Content-Type": "application/json"}
         refused = {
@@ -217,6 +219,7 @@ def session(batch, browser, tmp_path_factory) -> dict:
             "too_big": post(judge, b'{"x": "' + b"a" * 70_000 + b'"}', {**js, "X-Feedback-Token": token}),
             "bad_order": post(judge, good.replace(b"[0, 1, 2, 3]", b"[0, 1, 1, 3]"), {**js, "X-Feedback-Token": token}),
             "other_host": post(judge, good, {**js, "X-Feedback-Token": token, "Host": "attacker.example:80"}),
+            "no_key": post(server.base + "api/judge", good, {**js, "X-Feedback-Token": token}),
         }
         lines_after_refusals = rankings.read_text().splitlines()
     finally:
@@ -252,6 +255,7 @@ def test_html_in_replies_is_text_and_a_submission_without_the_token_is_refused(s
     assert refused["wrong_token"][0] == 403 and refused["form"][0] == 400 and refused["too_big"][0] == 413
     assert refused["bad_order"][0] == 400 and "exactly once" in refused["bad_order"][1]["error"]
     assert refused["other_host"][0] == 403
+    assert refused["no_key"][0] == 403 and "key" in refused["no_key"][1]["error"]
     assert session["after_refusals"] == session["on_disk"]  # nothing was appended
 
 
@@ -362,8 +366,9 @@ def test_two_labelers_on_the_app_and_the_state_it_resumes_from(batch, tmp_path):
     items = [json.loads(line) for line in batch.read_text().splitlines()]
     rankings = tmp_path / "r.jsonl"
     for labeler, order in (("alice", [0, 1, 2, 3]), ("bob", [1, 0, 2, 3])):
-        app = create_app(batch, rankings, labeler, token="t0k")
+        app = create_app(batch, rankings, labeler, token="t0k", key="k3y")
         with app.test_client() as c:
+            assert c.get("/?key=k3y").status_code == 303  # the key becomes the session's cookie
             for i in (0, 2):
                 ok = c.post("/api/judge", json={"index": i, "item": items[i]["item"], "verdict": "ranked",
                                                 "order": order}, headers={"X-Feedback-Token": "t0k"})
@@ -377,7 +382,8 @@ def test_two_labelers_on_the_app_and_the_state_it_resumes_from(batch, tmp_path):
     assert len(lines) == 5 and lines[2] == '{"torn' and all(json.loads(x)["verdict"] for x in lines[:2] + lines[3:])
     agree = state["agreement"]
     assert agree == {"labelers": ["alice", "bob"], "shared_items": 2, "agreement": round(5 / 6, 4)}
-    with create_app(batch, rankings, "carol", token="t0k").test_client() as c:  # all bad, skip: no order
+    with create_app(batch, rankings, "carol", token="t0k", key="k3y").test_client() as c:  # all bad, skip: no order
+        c.get("/?key=k3y")
         send = lambda i, verdict, order=None: c.post("/api/judge", headers={"X-Feedback-Token": "t0k"}, json={  # noqa: E731
             "index": i, "item": items[i]["item"], "verdict": verdict, "order": order})
         assert send(0, "all_bad", [0, 1, 2, 3]).status_code == 400

@@ -110,7 +110,7 @@ def sample_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from palm.apps.feedback.app import create_app, serve
+    from palm.apps.feedback.app import create_app, is_loopback, serve
     from palm.apps.feedback.store import RankingsFile
 
     if not LABELER.fullmatch(args.labeler):
@@ -119,20 +119,21 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UserError(f"--port: must be between 0 and 65535, got {args.port}")
     app = create_app(args.batch, args.rankings, args.labeler)
     with app.test_client() as client:  # the state the page starts from
-        state = client.get("/api/state").get_json()
+        state = client.get("/api/state", query_string={"key": app.config["KEY"]}).get_json()
     agree = state["agreement"]
     if agree["shared_items"]:
         print(f"palm feedback: labelers {', '.join(agree['labelers'])} agree on {agree['agreement']:.0%} of the "
               f"reply pairs of the {agree['shared_items']} items they both ranked", file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"palm feedback: warning: serving on {args.host}: anyone who can reach it and load the page "
-              "can submit rankings", file=sys.stderr)
+    if not is_loopback(args.host):
+        print(f"palm feedback: warning: serving on {args.host}: anyone who can reach it and has the printed "
+              "address (with its key, sent unencrypted) can submit rankings", file=sys.stderr)
 
     def announce(url: str) -> None:
         where = (f"resuming at item {state['next'] + 1}" if state["next"] < state["total"] else "all judged")
         print(f"palm feedback: {state['batch']}: {state['judged']} of {state['total']} items judged by "
               f"{args.labeler} ({where}); judgements go to {RankingsFile(args.rankings).path}", file=sys.stderr)
-        print(f"open {url}  (Ctrl-C stops; every judgement the page confirmed is on disk)", flush=True)
+        print(f"open {url}  (the key in it is this session's: keep it to yourself; Ctrl-C stops; every "
+              f"judgement the page confirmed is on disk)", flush=True)
 
     try:
         serve(app, args.host, args.port, announce)

@@ -11,16 +11,24 @@ skips; it can go back to any item and judge it again. It talks to three JSON end
   answer says it is saved (the page moves on only then).
 
 Model output is data, never markup: the page puts every prompt and reply into the document with
-``textContent`` (and the Content-Security-Policy allows no inline script at all). Safety: the
-server binds 127.0.0.1 unless told otherwise and answers only requests addressed to it by that
-name (a DNS-rebinding page cannot read it); a judgement needs the per-session token that the page
-carries (a page of another site cannot read it, so no cross-site request can submit rankings), a
-JSON body, and at most :data:`MAX_BODY` bytes.
+``textContent`` (and the Content-Security-Policy allows no inline script at all).
+
+Safety. The server binds 127.0.0.1 unless told otherwise. It answers only those who hold the
+session's key: the address it prints carries it (``http://127.0.0.1:PORT/?key=…``); opening it
+sets an HttpOnly, SameSite=Strict cookie and drops the key from the address bar, and every
+request, the page and its static files included, needs that cookie (or the key) or gets 403, so
+another user of the machine, who can reach the port but not read the terminal, gets nothing. It
+answers only requests addressed to it by one of its own names (``Host``: 127.0.0.1, localhost or
+the ``--host`` given, with its port), so a DNS-rebinding page cannot read it. A judgement also
+needs the per-session token that the page carries (a page of another site cannot read it), a
+JSON body whose numbers are numbers (``true`` is no index), and at most :data:`MAX_BODY` bytes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,9 @@ from palm.data import rankings
 
 MAX_BODY = 64 * 1024  # bytes of a request body (a judgement is a few hundred)
 TOKEN_HEADER = "X-Feedback-Token"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+KEY_PARAM = "key"  # the query parameter of the printed address that carries the session's key
+COOKIE = "palm_feedback"  # the key's cookie; served, its name ends in the port (cookies ignore ports)
+LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")  # Host names always answered (with the port, once served)
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                 "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
@@ -41,17 +51,37 @@ SECURITY_HEADERS = {
 }
 
 
-def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str | None = None) -> Any:
-    """The Flask app for one labeler and one batch. ``app.config["ALLOWED_HOSTS"]``: the ``Host``
-    headers answered (None: any), set by :func:`serve` once the port is known."""
-    from flask import Flask, abort, jsonify, render_template, request
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _same(given: Any, secret: str) -> bool:
+    return isinstance(given, str) and secrets.compare_digest(given.encode(), secret.encode())
+
+
+def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str | None = None,
+               key: str | None = None) -> Any:
+    """The Flask app for one labeler and one batch. ``key``: the session's key (default: a new
+    random one), which every request must carry (cookie or ``?key=``); ``token``: the page's
+    token a judgement must carry (default: a new random one). ``app.config["ALLOWED_HOSTS"]``:
+    the ``Host`` headers answered (the local names; :func:`serve` adds the port and the
+    configured host once the port is known)."""
+    from flask import Flask, abort, jsonify, redirect, render_template, request
 
     items = read_batch(batch_path)
     batch = items[0]["batch"]
     store = RankingsFile(rankings_path)
     token = token or secrets.token_urlsafe(32)
+    key = key or secrets.token_urlsafe(32)
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, ALLOWED_HOSTS=None, TOKEN=token)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, ALLOWED_HOSTS=set(LOCAL_NAMES), TOKEN=token, KEY=key,
+                      COOKIE=COOKIE)
 
     def mine() -> dict[str, dict]:
         return {item: r for (item, who), r in store.latest(batch).items() if who == labeler}
@@ -60,10 +90,20 @@ def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str |
         return next((i for i, it in enumerate(items) if it["item"] not in judged), len(items))
 
     @app.before_request
-    def addressed_to_us():
+    def addressed_to_us_by_a_key_holder():
         allowed = app.config["ALLOWED_HOSTS"]
-        if allowed is not None and request.host not in allowed:
+        if request.host not in allowed:
             abort(403, f"this server answers requests to {', '.join(sorted(allowed))} only")
+        given = request.args.get(KEY_PARAM)
+        if not (_same(given, key) or _same(request.cookies.get(app.config["COOKIE"]), key)):
+            abort(403, "open the address palm feedback serve printed: it carries this session's key")
+        if given is not None and request.method == "GET" and request.endpoint == "page":
+            # the key becomes a cookie that scripts cannot read and other sites' requests do not
+            # carry, and leaves the address bar (and the browser's history)
+            resp = redirect("/", 303)
+            resp.set_cookie(app.config["COOKIE"], key, httponly=True, samesite="Strict", path="/")
+            return resp
+        return None
 
     @app.after_request
     def headers(resp):
@@ -106,7 +146,8 @@ def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str |
         if not isinstance(body, dict):
             abort(400, "expected a JSON object: index, item, verdict, order")
         index = body.get("index")
-        if not (isinstance(index, int) and 0 <= index < len(items)) or body.get("item") != items[index]["item"]:
+        if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(items)) \
+                or body.get("item") != items[index]["item"]:
             abort(400, "index and item do not name an item of this batch")
         it = items[index]
         try:
@@ -125,8 +166,24 @@ def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str |
     return app
 
 
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """The ``Host`` headers a server bound to ``host``:``port`` answers: the loopback names and
+    ``host``; bound to every interface (0.0.0.0, ::), also this machine's names and addresses."""
+    names = {*LOCAL_NAMES, f"[{host}]" if ":" in host else host}
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            hostname = socket.gethostname()
+            names |= {hostname, socket.getfqdn()}
+            names |= {f"[{a[4][0]}]" if a[0] == socket.AF_INET6 else a[4][0]
+                      for a in socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_TCP)}
+        except OSError:
+            pass
+    return {f"{name}:{port}" for name in names if name}
+
+
 def serve(app: Any, host: str, port: int, announce) -> None:
-    """Serve ``app`` (Werkzeug's threaded server) until interrupted; ``announce(url)`` once bound."""
+    """Serve ``app`` (Werkzeug's threaded server) until interrupted; ``announce(url)`` once bound,
+    with the address that carries the session's key."""
     import logging
 
     from werkzeug.serving import make_server
@@ -134,10 +191,10 @@ def serve(app: Any, host: str, port: int, announce) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = make_server(host, port, app, threaded=True)
     bound = server.server_port
-    if host in LOOPBACK:
-        app.config["ALLOWED_HOSTS"] = {f"{name}:{bound}" for name in ("127.0.0.1", "localhost", "[::1]")}
+    app.config["ALLOWED_HOSTS"] = allowed_hosts(host, bound)
+    app.config["COOKIE"] = f"{COOKIE}_{bound}"  # another session on another port keeps its own
     url_host = f"[{host}]" if ":" in host else host
-    announce(f"http://{url_host}:{bound}/")
+    announce(f"http://{url_host}:{bound}/?{KEY_PARAM}={app.config['KEY']}")
     try:
         server.serve_forever()
     finally:
