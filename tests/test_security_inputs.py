@@ -298,3 +298,25 @@ def test_more_rows_than_a_chunk_are_generated_chunk_by_chunk(served, monkeypatch
     out = served.predict(None, prompts, GREEDY)
     assert sizes == [2, 2, 1]
     assert out == alone and len({*out}) > 1  # premise: replies differ
+
+
+def test_the_feedback_page_answers_with_a_hostile_rankings_file(tmp_path):
+    """A rankings.jsonl line nested too deep, and judgements of the page's batch whose item or
+    labeler is a list: every request of ``palm feedback serve``'s page still answers (the old
+    store raised RecursionError, then TypeError, on every request)."""
+    from palm.apps.feedback.app import create_app
+    from palm.apps.feedback.sample import BATCH_FORMAT
+
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps({"format": BATCH_FORMAT, "batch": "b1", "item": f"i{i}", "index": i,
+                                         "prompt": [{"role": "user", "content": "Hi?"}],
+                                         "replies": ["Good.", "Bad."]}) + "\n" for i in range(2)))
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("\n".join(["[" * 100_000, json.dumps(judgement(labeler=["x"])),
+                               json.dumps({**judgement(), "item": ["i1"]}), json.dumps(judgement())]) + "\n")
+    with create_app(batch, path, "alice", token="t0k", key="k3y").test_client() as c:
+        assert c.get("/?key=k3y").status_code == 303
+        state = c.get("/api/state")
+        assert state.status_code == 200, state.get_data(as_text=True)[:300]
+        assert state.get_json()["judged"] == 1 and state.get_json()["agreement"]["labelers"] == ["alice"]
+        assert c.get("/api/item/1").status_code == 200

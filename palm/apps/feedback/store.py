@@ -31,10 +31,10 @@ def read_batch(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             item = json.loads(line)
-            ok = (item.get("format") == BATCH_FORMAT and isinstance(item.get("item"), str)
+            ok = isinstance(item, dict) and (item.get("format") == BATCH_FORMAT and isinstance(item.get("item"), str)
                   and isinstance(item.get("prompt"), list) and isinstance(item.get("replies"), list)
                   and len(item["replies"]) >= 2 and all(isinstance(r, str) for r in item["replies"]))
-        except (ValueError, AttributeError):
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             ok = False
         if not ok:
             raise UserError(f"{path}:{n}: not a batch item ({BATCH_FORMAT}: item, prompt, at least 2 replies)")
@@ -42,6 +42,9 @@ def read_batch(path: Path) -> list[dict[str, Any]]:
     if not items:
         raise UserError(f"{path}: the batch holds no items")
     return items
+
+
+KEYS = ("batch", "item", "labeler")  # what the page writes as text in every judgement
 
 
 class RankingsFile:
@@ -56,11 +59,11 @@ class RankingsFile:
             return []
         out = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line a killed server left half-written: never confirmed
-                continue
-            if rankings.is_ranking(record):
+            # None: a line a killed server left half-written (never confirmed), or one nested deeper
+            # than the parser goes; a record whose batch, item or labeler is not text is no judgement
+            # the page made (they key the latest judgements), so neither can fail a request
+            record = rankings.loads(line)
+            if rankings.is_ranking(record) and all(isinstance(record.get(k), str) for k in KEYS):
                 out.append(record)
         return out
 
