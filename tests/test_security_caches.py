@@ -348,3 +348,25 @@ def test_an_mlmodel_artifact_path_outside_the_model_folder_is_refused(store, tmp
     assert "\n" not in str(err.value)
     assert intact(outside)
     assert not (store.cache / f"palm-mlmodel-{n}" / "1-0123456789ab").exists()
+
+
+def test_a_failed_download_names_no_password(store):
+    """A version whose artifacts sit behind an HTTP store with a user and password in its URL, the
+    store unreachable: the one-line error says which download failed, without the password
+    (MLflow's own error names the URL it requested)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing answers there
+    c = store.client
+    exp = c.create_experiment("behind-a-password", artifact_location=f"http://user:s3cret@127.0.0.1:{port}/artifacts")
+    run = c.create_run(exp).info.run_id
+    c.create_registered_model("palm-hidden")
+    c.create_model_version("palm-hidden", f"runs:/{run}/registry/palm-hidden", run_id=run,
+                           tags={"dvc.md5": GOOD_MD5})
+    with pytest.raises(UserError) as err:
+        registry.resolve("models:/palm-hidden/1")
+    message = str(err.value)
+    assert "s3cret" not in message and "models:/palm-hidden/1" in message and "\n" not in message, message
+    assert not (store.cache / "palm-hidden").exists() or not any((store.cache / "palm-hidden").rglob("MLmodel"))

@@ -279,8 +279,13 @@ def resolve(uri: str, root: Path | None = None) -> Path:
     local = cache_folder(version.name, version.version, version.tags.get("dvc.md5"))
     if not (local / "MLmodel").is_file():
         with atomic_dir(local) as tmp:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
-                                                dst_path=str(tmp), tracking_uri=c.tracking_uri)
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
+                                                    dst_path=str(tmp), tracking_uri=c.tracking_uri)
+            except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP client's errors name the URL
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                raise UserError(f"{uri}: downloading {version.name} version {version.version} from the registry "
+                                f"failed: {redact(first)} (is the tracking server reachable?)") from None
             # checked before it replaces anything: a bad MLmodel is not kept
             export_folder(tmp, f"{uri} ({version.name} version {version.version}), its MLmodel")
     return export_folder(local)
