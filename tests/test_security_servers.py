@@ -181,7 +181,7 @@ def test_every_served_surface_binds_127_0_0_1_by_default(feedback):
     walk(cli.parser(), "palm")
     assert {"palm ui", "palm feedback serve"} <= set(hosts) and set(hosts.values()) == {"127.0.0.1"}, hosts
     args = cli.parser().parse_args(["ui"])
-    argv = ui.command("sqlite:///x.db", args.host, args.port, args.workers)
+    argv = ui.command(args.host, args.port, args.workers)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # what mlflow server is given
     # and the feedback page, started with its defaults, listens on 127.0.0.1 only
     deadline = time.monotonic() + 30
@@ -352,3 +352,13 @@ def test_dvc_runs_isolated_from_the_folder_it_runs_in(tmp_path):
                          check=False)
     assert not (evil / "PWNED").exists()
     assert res.returncode == 0 and res.stdout.strip()[:1].isdigit(), res.stdout + res.stderr  # DVC's version
+
+
+def test_the_mlflow_ui_gets_its_store_in_the_environment_not_on_the_command_line():
+    """``palm ui`` starts ``mlflow server``: a store URI with a password on its command line is in
+    every local user's ``ps``; in its environment only the user (and root) can read it."""
+    from palm.apps import ui
+
+    uri = "postgresql://user:s3cret@db.internal/mlflow"
+    argv, env = ui.command("127.0.0.1", 5000, 1), ui.server_env(uri)
+    assert not any("s3cret" in a for a in argv) and env["MLFLOW_BACKEND_STORE_URI"] == uri

@@ -30,10 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
 
 
-def command(uri: str, host: str, port: int, workers: int) -> list[str]:
-    """The ``mlflow server`` command line that serves the store ``uri``."""
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-            "--port", str(port), "--workers", str(workers)]
+def command(host: str, port: int, workers: int) -> list[str]:
+    """The ``mlflow server`` command line; the store comes in its environment (:func:`server_env`)."""
+    return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", str(workers)]
+
+
+def server_env(uri: str) -> dict[str, str]:
+    """The environment that has ``mlflow server`` serve the store ``uri``: in the environment, not
+    on the command line, where every local user's ``ps`` would show a password in it."""
+    return {**SERVER_ENV, **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(redact(f"cannot open the MLflow store {uri} ({type(err).__name__}: {msg})")) from None
     print(f"MLflow UI: {link}  (store {redact(uri)})", flush=True)
-    argv = command(uri, args.host, args.port, args.workers)
+    argv = command(args.host, args.port, args.workers)
     # the server process itself: Ctrl-C and signals reach it as they would
-    os.execve(argv[0], argv, {**SERVER_ENV, **os.environ})
+    os.execve(argv[0], argv, server_env(uri))
     return 0  # not reached
