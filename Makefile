@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup browser run deps test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock bench clean-venv
+.PHONY: setup browser run deps test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock bench fuzz clean-venv
 
 setup: $(VENV)/.installed
 
@@ -94,6 +94,14 @@ bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/ppo_throughput.py
+
+## Fuzz every reader and parser of outside input (chat/preference files, rankings, WARC, the scrape
+## files source, params.yaml sections, the feedback page, registry answers) with Hypothesis:
+## FUZZ_EXAMPLES inputs per target (7 targets), failures shrunk and listed; the record goes to
+## benchmarks/records/fuzz-DATE.json. `make test` runs the same targets with 100 fixed inputs each.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	$(PY) -W ignore benchmarks/fuzz.py --examples $(FUZZ_EXAMPLES)
 
 clean-venv:
 	rm -rf $(VENV)

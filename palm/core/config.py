@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -70,16 +71,37 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            if -(2**63) <= value < 2**63:  # what a seed, a size or a count can be (torch's int64)
+                return value
+            raise ConfigError(key, f"expected an integer of 64 bits at most, got {_shown(value)}")
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            # finite only: YAML's .inf and .nan pass comparisons like `> 0` (inf) or make them
+            # all false, and then break arithmetic later (int(inf) in a derived size)
+            number = float(value) if isinstance(value, float) or abs(value) < 2**1023 else math.inf
+            if math.isfinite(number):
+                return number
+            raise ConfigError(key, f"expected a finite number, got {_shown(value)}")
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a config class declared a type this loader does not know
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``; for an int too long to print (Python refuses over 4300 digits), its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value).bit_length() > 14_000:
+        return f"an integer of {abs(value).bit_length()} bits"
+    return repr(value)
+
+
+def _key_name(key: Any) -> str:
+    """A params key as an error message shows it: as written, or quoted where it holds a line
+    break or another character that does not print (the message stays one line)."""
+    text = key if isinstance(key, str) else str(key)
+    return text if text.isprintable() else repr(text)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
@@ -93,7 +115,7 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{prefix}{key}", f"unknown key{hint}; allowed: {', '.join(fields)}")
+            raise ConfigError(f"{prefix}{_key_name(key)}", f"unknown key{hint}; allowed: {', '.join(fields)}")
     kwargs = {}
     for name, field in fields.items():
         if name in data:
@@ -104,6 +126,8 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as err:
         raise err.under(section) if section else err
+    except (OverflowError, ZeroDivisionError) as err:  # a class's checks doing arithmetic on extreme values
+        raise ConfigError(section, f"values out of range ({err}): {_shown(data)}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -126,8 +150,12 @@ def read_params(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: params file not found; run from the project root or pass --params")
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}".replace("\n", " "))
+    except (OSError, UnicodeDecodeError) as err:  # a folder, unreadable, not UTF-8 text
+        raise UserError(" ".join(f"{path}: cannot read the params file ({type(err).__name__}: {err})".split()))
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a scalar YAML cannot build (2001-13-45)
+        raise UserError(" ".join(f"{path}: not valid YAML: {err}".split()))
+    except RecursionError:  # YAML's composer recurses once per level of nesting
+        raise UserError(f"{path}: not valid YAML: nested deeper than the parser goes") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of stage sections at the top level")
     return data

@@ -97,7 +97,7 @@ def quality_reason(text: str, cfg: FilterConfig) -> str | None:
     """The name of the first filter ``text`` fails, or None when it passes them all."""
     words = text.split()
     n = len(words)
-    if n < cfg.min_words:
+    if n < cfg.min_words or n == 0:  # no words is too short also with min_words 0
         return "too_short"
     if n > cfg.max_words:
         return "too_long"

@@ -188,28 +188,50 @@ def _collect_files(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> d
             for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # not JSON, a 5000-digit number, nested past the parser
                     stats["bad_json_line"] += 1
                     continue
                 if isinstance(row, dict) and isinstance(row.get("text"), str):
-                    out.write(RawRecord(row.get("url") or f"{url}#L{i + 1}", "text/plain",
-                                        row["text"].encode("utf-8"), fetched, str(row.get("title") or "")))
+                    out.write(RawRecord(_row_url(row, f"{url}#L{i + 1}"), "text/plain",
+                                        _utf8(row["text"]), fetched, _row_title(row)))
                 else:
                     stats["no_text_field"] += 1
         elif path.suffix.lower() == ".parquet":
-            table = pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except (pa.ArrowException, OSError, ValueError) as err:  # not Parquet, truncated, corrupt
+                print(f"warning: scrape: skipped unreadable Parquet {path}: {' '.join(str(err).split())}",
+                      file=sys.stderr)
+                stats["unreadable_file"] += 1
+                continue
             if "text" not in table.column_names:
                 stats["no_text_field"] += 1
                 continue
             for i, row in enumerate(table.to_pylist()):
-                out.write(RawRecord(row.get("url") or f"{url}#row{i}", "text/plain",
-                                    str(row["text"]).encode("utf-8"), fetched, str(row.get("title") or "")))
+                out.write(RawRecord(_row_url(row, f"{url}#row{i}"), "text/plain",
+                                    _utf8(str(row["text"])), fetched, _row_title(row)))
         else:
             stats["unsupported_file"] += 1
             continue
         stats["files_read"] += 1
     stats["fetched"] = out.count
     return dict(stats)
+
+
+def _row_url(row: dict, default: str) -> str:
+    """A row's ``url`` where it is text, else ``default`` (the file and line or row)."""
+    value = row.get("url")
+    return value if isinstance(value, str) and value else default
+
+
+def _row_title(row: dict) -> str:
+    value = row.get("title")
+    return value if isinstance(value, str) else str(value or "")
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of text that may hold lone surrogates (JSON's ``"\\ud800"``): those become ``?``."""
+    return text.encode("utf-8", "replace")
 
 
 def _collect_hf(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> dict[str, int]:

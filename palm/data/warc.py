@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -52,18 +53,19 @@ class WarcShardWriter:
         self.count = 0
 
     def write(self, rec: RawRecord) -> None:
-        i = int(hashlib.sha1(rec.url.encode()).hexdigest(), 16) % len(self.writers)
+        url, ctype, title = _header_text(rec.url), _header_text(rec.content_type), _header_text(rec.title)
+        i = int(hashlib.sha1(url.encode()).hexdigest(), 16) % len(self.writers)
         writer = self.writers[i]
-        warc_headers = {"WARC-Date": rec.fetched_at, SEQ_HEADER: str(self.count)}
-        if rec.title:
-            warc_headers["WARC-Title"] = rec.title  # local sources carry a title of their own
-        if rec.url.startswith(("http://", "https://")):  # a fetched page: an HTTP response record
-            http_headers = StatusAndHeaders("200 OK", [("Content-Type", rec.content_type)], protocol="HTTP/1.1")
-            record = writer.create_warc_record(rec.url, "response", payload=io.BytesIO(rec.body),
+        warc_headers = {"WARC-Date": _header_text(rec.fetched_at), SEQ_HEADER: str(self.count)}
+        if title:
+            warc_headers["WARC-Title"] = title  # local sources carry a title of their own
+        if url.startswith(("http://", "https://")):  # a fetched page: an HTTP response record
+            http_headers = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+            record = writer.create_warc_record(url, "response", payload=io.BytesIO(rec.body),
                                                http_headers=http_headers, warc_headers_dict=warc_headers)
         else:  # a local file, a dataset row: a resource record carrying its own content type
-            record = writer.create_warc_record(rec.url, "resource", payload=io.BytesIO(rec.body),
-                                               warc_content_type=rec.content_type, warc_headers_dict=warc_headers)
+            record = writer.create_warc_record(url, "resource", payload=io.BytesIO(rec.body),
+                                               warc_content_type=ctype, warc_headers_dict=warc_headers)
         writer.write_record(record)
         self.count += 1
 
@@ -76,6 +78,16 @@ class WarcShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_HEADER_BREAKS = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _header_text(value: str) -> str:
+    """``value`` fit for one WARC/HTTP header line: control characters (a CR or LF would end the
+    header, or start a forged one) become spaces, lone surrogates (not UTF-8) U+FFFD."""
+    return _SURROGATES.sub("\ufffd", _HEADER_BREAKS.sub(" ", value))
 
 
 # Why read_warc skipped a record (counted in its ``skipped`` Counter, zeros included).
