@@ -17,8 +17,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -425,3 +426,56 @@ def pretrain_project(tmp: Path, **overrides) -> Path:
         params[section] = {**params[section], **values, **overrides.get(section, {})}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
+
+
+# --- make serve on a project copy (tests/test_serve.py, tests/test_security_servers.py) ---------------
+
+SERVE_WORDS = "river stone cloud lantern garden copper violin meadow harbor pepper signal orbit velvet candle".split()
+
+
+def serve_cli(root: Path, *args: str, **kwargs) -> subprocess.Popen:
+    """``python -m pipelines.serve ARGS`` (what ``make serve`` / ``make stop`` run) in ``root``: the
+    runner looks for runs every 2 s instead of 10; the project's own MLflow store and Prefect
+    server, whatever an earlier test in this process pointed the environment at."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING_URI"))}
+    env.update(PYTHONPATH=str(root), PREFECT_RUNNER_POLL_FREQUENCY="2")
+    return subprocess.Popen([sys.executable, "-m", "pipelines.serve", *args], cwd=root, env=env, text=True, **kwargs)
+
+
+def start_serve(base: Path, docs: int, **serve: Any) -> tuple[Path, str, subprocess.Popen, Path]:
+    """``make serve`` of a project copy under ``base`` whose scrape reads ``docs`` small text files
+    and whose ``serve`` section gets ``serve`` (a free port, until scrape by default); returns
+    (root, API url, the serve process, its output file) once it serves the deployment."""
+    import random
+
+    import pytest
+
+    root = make_project(base / "project", git=False)
+    folder = base / "docs"
+    folder.mkdir()
+    rng = random.Random(0)
+    for i in range(docs):
+        (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(SERVE_WORDS) for _ in range(400)) + "\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["scrape"].update(source="files", files_path=str(folder), shards=1, workers=1)
+    params["serve"].update({"until": "scrape", "port": free_port(), "startup_timeout_s": 300.0, **serve})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit(root)
+    url = f"http://127.0.0.1:{params['serve']['port']}/api"
+    out = base / "serve.out"
+    with out.open("w") as f:
+        proc = serve_cli(root, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 360  # a loaded CI machine
+    while "serving deployment" not in out.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"make serve did not come up (exit {proc.poll()}):\n{out.read_text()}")
+        time.sleep(0.5)
+    return root, url, proc, out
+
+
+def stop_serve(root: Path, proc: subprocess.Popen) -> None:
+    """``make stop`` for a serve a test left running."""
+    if proc.poll() is None:
+        serve_cli(root, "--stop").wait(timeout=120)
+        proc.wait(timeout=30)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -26,12 +25,10 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import ROOT, commit, free_port, make_project
+from helpers import ROOT, start_serve, stop_serve
 
 EVIL = "http://evil.example"
 DEPLOYMENT = "guarded"
-WORDS = "river stone cloud lantern garden copper violin meadow harbor pepper signal orbit velvet candle".split()
 
 
 def request(method: str, url: str, headers: dict | None = None, body: bytes | None = None):
@@ -193,12 +190,6 @@ def test_every_served_surface_binds_127_0_0_1_by_default(feedback):
 
 # ----------------------------------------------------------------------------- make serve's Prefect server
 
-def serve_cli(root: Path, *args: str, **kwargs) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING_URI"))}
-    env.update(PYTHONPATH=str(root), PREFECT_RUNNER_POLL_FREQUENCY="2")
-    return subprocess.Popen([sys.executable, "-m", "pipelines.serve", *args], cwd=root, env=env, text=True, **kwargs)
-
-
 def foreign_project(folder: Path) -> Path:
     """A DVC project elsewhere with a stage named like the served one and a ``dvc/`` package of
     its own: run there as ``python -m dvc``, the package would run, not DVC."""
@@ -215,31 +206,9 @@ def foreign_project(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``make serve`` of a project copy: (root, API url, the serve process, its output file)."""
-    base = tmp_path_factory.mktemp("guarded")
-    root = make_project(base / "project", git=False)
-    docs = base / "docs"
-    docs.mkdir()
-    rng = random.Random(0)
-    (docs / "doc0.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(400)) + "\n")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["scrape"].update(source="files", files_path=str(docs), shards=1, workers=1)
-    params["serve"].update(deployment=DEPLOYMENT, until="scrape", port=free_port(), startup_timeout_s=300.0)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit(root)
-    url = f"http://127.0.0.1:{params['serve']['port']}/api"
-    out = base / "serve.out"
-    with out.open("w") as f:
-        proc = serve_cli(root, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 360
-    while "serving deployment" not in out.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"make serve did not come up (exit {proc.poll()}):\n{out.read_text()}")
-        time.sleep(0.5)
+    root, url, proc, out = start_serve(tmp_path_factory.mktemp("guarded"), 1, deployment=DEPLOYMENT)
     yield root, url, proc, out
-    if proc.poll() is None:
-        serve_cli(root, "--stop").wait(timeout=120)
-        proc.wait(timeout=30)
+    stop_serve(root, proc)
 
 
 def password(root: Path) -> str | None:

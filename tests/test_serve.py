@@ -11,62 +11,27 @@ runs cost little more than Prefect's and DVC's start-up. The server starts once 
 from __future__ import annotations
 
 import json
-import os
-import random
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import command, commit, free_port, make_project
+from helpers import command, serve_cli, start_serve, stop_serve
 
 pytestmark = pytest.mark.e2e
 DEPLOYMENT = "test-nightly"
 CRON, TIMEZONE = "30 2 * * 1", "Europe/Paris"
-WORDS = "river stone cloud lantern garden copper violin meadow harbor pepper signal orbit velvet candle".split()
-
-
-def serve_cli(root: Path, *args: str, **kwargs) -> subprocess.Popen:
-    # the runner looks for runs to start every 2 s instead of 10
-    # the project's own mlflow.db, whatever an earlier test in this process pointed MLflow at
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(PYTHONPATH=str(root), PREFECT_RUNNER_POLL_FREQUENCY="2")
-    return subprocess.Popen([sys.executable, "-m", "pipelines.serve", *args], cwd=root, env=env, text=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The project copy being served: (root, API url, the serve process, its output file)."""
-    base = tmp_path_factory.mktemp("serve")
-    root = make_project(base / "project", git=False)
-    docs = base / "docs"
-    docs.mkdir()
-    rng = random.Random(0)
-    for i in range(3):
-        (docs / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(400)) + "\n")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["scrape"].update(source="files", files_path=str(docs), shards=1, workers=1)
-    params["serve"].update(deployment=DEPLOYMENT, cron=CRON, timezone=TIMEZONE, until="scrape", port=free_port(),
-                           startup_timeout_s=300.0)  # a loaded CI machine
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit(root)
-    url = f"http://127.0.0.1:{params['serve']['port']}/api"
-    out = base / "serve.out"
-    with out.open("w") as f:
-        proc = serve_cli(root, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 360
-    while "serving deployment" not in out.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"make serve did not come up (exit {proc.poll()}):\n{out.read_text()}")
-        time.sleep(0.5)
+    root, url, proc, out = start_serve(tmp_path_factory.mktemp("serve"), 3, deployment=DEPLOYMENT, cron=CRON,
+                                       timezone=TIMEZONE)
     yield root, url, proc, out
-    if proc.poll() is None:  # a test failed before the stop test: stop it all anyway
-        serve_cli(root, "--stop").wait(timeout=120)
-        proc.wait(timeout=30)
+    stop_serve(root, proc)  # a test failed before the stop test: stop it all anyway
 
 
 def password(root: Path) -> str:
