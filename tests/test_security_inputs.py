@@ -147,12 +147,14 @@ def test_palm_ui_prints_no_password_of_the_store(tmp_path, monkeypatch, capsys):
     execs = []
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(palm.ops.tracking, "ui_url", lambda root, base: f"{base}/#/experiments/1/runs")
-    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append(argv))
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append((argv, env)))
     assert main(["ui", "--port", "5123"]) == 0
     out = capsys.readouterr()
     shown = uri.replace("user:secret", "***")
     assert out.out == f"MLflow UI: http://127.0.0.1:5123/#/experiments/1/runs  (store {shown})\n"
-    assert "secret" not in out.err and uri in execs[0]  # the server itself gets the real URI
+    (argv, env), = execs
+    # the server itself gets the real URI, in its environment: not on its command line (ps)
+    assert "secret" not in out.err and env["MLFLOW_BACKEND_STORE_URI"] == uri and not any("secret" in a for a in argv)
 
 
 # ---- 7. deep nesting in the readers ----------------------------------------------------------
