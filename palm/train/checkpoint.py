@@ -18,7 +18,7 @@ import queue
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from palm.core.config import check, from_dict, to_dict
 from palm.model import parallel
-from palm.model.network import ModelConfig, PaLM
+from palm.model.network import ModelConfig
 from palm.model.reward import HEAD, RewardModel, read_rewards
 from palm.train import finetune
 from palm.train.engine import Batch, OptimConfig, metric

@@ -153,8 +153,9 @@ def run_decode(out: Path, tp: int) -> None:
     """KV-cached decoding (the model's own path and the fused :class:`Decoder`) against full
     recomputation, generation of a left-padded batch (greedy cached and uncached, and sampled
     with its log-probs against one full forward pass per row), and hidden states, at TP=``tp``."""
+    from palm.decode.decoder import Decoder
     from palm.decode.generate import generate
-    from palm.model.network import Decoder, PaLM
+    from palm.model.network import PaLM
     from palm.model.parallel import gather_vocab
 
     parallel.init_distributed(tp, 1, torch.distributed.get_world_size() // tp)
@@ -171,13 +172,13 @@ def run_decode(out: Path, tp: int) -> None:
         decoder = Decoder(model, new_cache(model, 2))  # the same, through the fused decoding pass
         fused = [decoder(seq[:, :12])] + [decoder(seq[:, i:i + 1]) for i in range(12, 20)]
         fused_logits = gather_vocab(torch.stack(fused, dim=1))  # [b, 9, V]: positions 11..19
-        layouts = {}  # every way the decoder may hold its weights (the plan's choice differs per CPU)
+        by_layout = {}  # every way the decoder may hold its weights (the plan's choice differs per CPU)
         for layout in layouts.LAYOUTS[1:]:
             plan = layouts.DecodePlan(torch.float32, layout)
             decoder = Decoder(model, new_cache(model, 2), plan)
             with layouts.decode_threads(plan):
                 steps = [decoder(seq[:, :12])] + [decoder(seq[:, i:i + 1]) for i in range(12, 20)]
-            layouts[layout] = gather_vocab(torch.stack(steps, dim=1))
+            by_layout[layout] = gather_vocab(torch.stack(steps, dim=1))
         hidden = model.hidden_states(seq)
     prompts = [seq[0, :6], seq[1, :3]]  # different lengths: row 1 is left-padded by 3
     cached = generate(model, prompts, 10)
@@ -195,7 +196,7 @@ def run_decode(out: Path, tp: int) -> None:
     torch.save({"cached": cached.tokens, "sampled": sampled.tokens}, out / f"decode.tp{tp}.tokens.rank{rank}.pt")
     if rank == 0:
         torch.save({"full": full_logits, "incremental": inc_logits, "fused": fused_logits, "hidden": hidden,
-                    "layouts": layouts,
+                    "layouts": by_layout,
                     "cached": cached.tokens, "uncached": uncached.tokens, "sampled": sampled.tokens,
                     "sampled_raw": sampled.raw_logprobs, "sampled_logp": sampled.logprobs,
                     "full_raw": torch.stack(full_raw)},
