@@ -52,6 +52,21 @@ OPEN_FINDINGS: dict[str, list[str]] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def subnormal_floats():
+    """Hypothesis draws subnormal floats and refuses to run where the CPU flushes them to zero; a
+    test run before this one in the same worker process may have turned flushing on
+    (``palm.core.process.flush_denormals``, as every training process does): off while fuzzing."""
+    flushing = sys.float_info.min / 2 == 0.0  # with FTZ the smallest normal halved is 0
+    if flushing:
+        import torch
+
+        torch.set_flush_denormal(False)
+    yield
+    if flushing:
+        torch.set_flush_denormal(True)
+
+
 def _open(target: str, signature: str) -> bool:
     return any(re.search(p, signature) for p in OPEN_FINDINGS.get(target, []))
 
