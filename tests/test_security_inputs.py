@@ -322,3 +322,70 @@ def test_the_feedback_page_answers_with_a_hostile_rankings_file(tmp_path):
         assert state.status_code == 200, state.get_data(as_text=True)[:300]
         assert state.get_json()["judged"] == 1 and state.get_json()["agreement"]["labelers"] == ["alice"]
         assert c.get("/api/item/1").status_code == 200
+
+
+# ---- fuzzing findings: corrupt gzip, empty tie groups, deep values --------------------------------
+
+def test_a_corrupt_jsonl_gz_is_a_counted_skip(tmp_path):
+    """A .jsonl.gz whose deflate stream is corrupt raised zlib.error (neither OSError nor
+    ValueError); one cut short, not gzip at all, or not UTF-8 inside: each one counted skip."""
+    import gzip
+
+    good = gzip.compress((json.dumps(CHAT) + "\n").encode() * 50, mtime=0)
+    files = {"flipped.jsonl.gz": good[:20] + bytes(b ^ 0x55 for b in good[20:40]) + good[40:],
+             "cut.jsonl.gz": good[:-10], "junk.jsonl.gz": b"\x1f\x8bjunk",
+             "latin1.jsonl.gz": gzip.compress(b"\xff\xfe{}\n", mtime=0)}
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for kind in ("sft", "prefs"):
+            got, counts = read(path, kind, "chat")
+            assert counts["malformed_json"] == 1, (name, counts)
+            assert all(reason == "read" or reason in {"malformed_json", "no_pairs_format"} for reason in counts), counts
+
+
+def test_a_ranking_with_an_empty_tie_group_is_a_counted_bad_order(tmp_path):
+    """``order: [[], 0, 1]`` puts no reply at place 0: the best-reply (sft) reader raised
+    ValueError from ``place.index(0)``, and places() gave places with a gap ([1, 2])."""
+    from palm.data import rankings
+
+    for order in ([[], 0, 1], [0, [], 1], [0, 1, []], [[]]):
+        with pytest.raises(ValueError, match="empty group") as info:
+            rankings.places("ranked", order, 2)
+        assert "\n" not in str(info.value)
+    path = tmp_path / "rankings.jsonl"
+    path.write_text(json.dumps(judgement(order=[[], 0, 1])) + "\n" + json.dumps(judgement(labeler="bob")) + "\n")
+    for kind in ("sft", "prefs"):
+        got, counts = read(path, kind, "rankings")
+        assert len(got) == 1 and counts == {"read": 2, "bad_order": 1}, (kind, got, counts)
+    stats = rankings.RankingStats()
+    list(rankings.latest([judgement(order=[[], 0, 1])], Counter(), stats))
+    assert stats.judgements == 0 and stats.orders == []  # not a judgement with gaps in its places
+
+
+def test_values_nested_as_deep_as_the_parser_goes_in_any_field_are_counted_skips(tmp_path):
+    """Every field of a record of each format holding a value nested just under the JSON parser's
+    limit (so it parses, then is walked by the reader), in .jsonl and .json files: a counted
+    skip, never RecursionError."""
+    from palm.data.chat_readers import DROP_REASONS
+
+    depth = next(d for d in range(1000, 0, -10) if _parses("[" * d + "]" * d))
+    deep = "[" * depth + "]" * depth
+    record = {**judgement(), **CHAT, "chosen": "a", "rejected": "b", "instruction": "i", "response": "r"}
+    for field in [*record, "text", "role", "context"]:
+        line = json.dumps({k: v for k, v in record.items() if k != field})[:-1] + f', "{field}": {deep}}}'
+        for suffix, text in ((".jsonl", line + "\n"), (".json", f"[{line}]")):
+            path = tmp_path / f"r{suffix}"
+            path.write_text(text)
+            for fmt in ("auto", "rankings", "chat", "hh", "pairs", "instruction", "oasst"):
+                for kind in ("sft", "prefs"):
+                    _, counts = read(path, kind, fmt)
+                    assert set(counts) <= {"read", *DROP_REASONS}, (field, fmt, kind, counts)
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except RecursionError:
+        return False
+    return True

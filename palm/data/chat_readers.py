@@ -27,6 +27,7 @@ import gzip
 import itertools
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +116,15 @@ def file_records(path: Path, counts: Counter) -> Iterator[Any]:
     name = path.name
     try:
         if name.endswith(".parquet"):
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
+            try:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                    yield from batch.to_pylist()
+            except pa.ArrowException:  # a corrupt file: not all of Arrow's errors are OSError/ValueError
+                counts["read"] += 1
+                counts["malformed_json"] += 1
         elif name.endswith(".json"):
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, list):
@@ -140,7 +146,9 @@ def file_records(path: Path, counts: Counter) -> Iterator[Any]:
                     except RecursionError:  # e.g. 100,000 "[": the parser recurses once a level
                         counts["read"] += 1
                         counts["too_deep"] += 1
-    except (OSError, ValueError, EOFError):  # an unreadable file: not JSON, bad gzip, bad Parquet
+    # an unreadable file: not JSON, not UTF-8 (UnicodeDecodeError), bad gzip (BadGzipFile is an
+    # OSError; a corrupt deflate stream raises zlib.error, a cut one EOFError), bad Parquet
+    except (OSError, ValueError, EOFError, zlib.error):
         counts["read"] += 1
         counts["malformed_json"] += 1
     except RecursionError:  # a .json file (or Parquet row) nested too deep to parse
@@ -424,6 +432,8 @@ def ranking_pairs(record: dict, counts: Counter) -> Iterator[Pair]:
 
 def _ranking_best(record: dict) -> Conversation:
     prompt, replies, place = _rankings_places(record)
+    if 0 not in place:  # no reply at the first place (places() rejects such an order; kept as a guard)
+        raise Skip("bad_order")
     return conversation((*prompt, Turn("assistant", _text(replies[place.index(0)]))))
 
 

@@ -80,6 +80,8 @@ def places(verdict: Any, order: Any, k: int) -> list[int] | None:
     place = [-1] * k
     for p, entry in enumerate(order):
         group = entry if isinstance(entry, list) else [entry]
+        if not group:  # an empty tie group: a place no reply holds, a gap in 0..m (and no best reply)
+            raise ValueError(f"order must not hold an empty group of tied replies, got {_short(order)}")
         for i in group:
             if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k) or place[i] >= 0:
                 raise ValueError(f"order must list every reply index 0..{k - 1} exactly once, got {_short(order)}")
