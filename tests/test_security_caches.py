@@ -370,3 +370,82 @@ def test_a_failed_download_names_no_password(store):
     message = str(err.value)
     assert "s3cret" not in message and "models:/palm-hidden/1" in message and "\n" not in message, message
     assert not (store.cache / "palm-hidden").exists() or not any((store.cache / "palm-hidden").rglob("MLmodel"))
+
+
+# --- fuzzing findings: what a tracking server answers, what a user types ------------------------------
+
+def test_a_champion_metric_tag_that_is_not_a_number_counts_as_missing(store):
+    """Fuzzing found a ValueError from ``float`` on the champion's tag: registration goes on, the
+    new version becomes champion, and a warning line says why."""
+    c = store.client
+    store.register(registry.CHAT, {"dvc.md5": GOOD_MD5, "palm.metric.win_rate": "high"})
+    c.set_registered_model_alias(registry.CHAT, "champion", "1")
+    said = []
+    assert registry.champion_alias(c, 2, 0.5, "win_rate", "max", said.append) == "champion"
+    assert len(said) == 1 and "palm.metric.win_rate 'high', not a number" in said[0] and "\n" not in said[0]
+    c.set_model_version_tag(registry.CHAT, "1", "palm.metric.win_rate", "0.75")  # a number again: compared
+    assert registry.champion_alias(c, 2, 0.5, "win_rate", "max", said.append) == "candidate"
+    assert registry.champion_alias(c, 1, 0.5, "win_rate", "max", said.append) == "champion"  # it is the champion
+
+
+def test_a_champion_version_that_is_not_a_number_is_not_this_version():
+    from mlflow.exceptions import MlflowException  # noqa: F401 - champion_alias imports it too
+
+    champ = SimpleNamespace(version="abc", tags={"palm.metric.kl": "0.5"})
+    c = SimpleNamespace(get_model_version_by_alias=lambda name, alias: champ)
+    assert registry.champion_alias(c, 1, 0.25, "kl", "min", print) == "champion"
+    assert registry.champion_alias(c, 1, 0.75, "kl", "min", print) == "candidate"
+
+
+def test_lineage_shows_a_run_the_tags_name_that_is_gone_as_missing(store):
+    """Fuzzing found an MlflowException from ``get_run`` for a run a tag names that the server
+    does not hold (deleted): the run is shown as missing, the rest of the chain still."""
+    c = store.client
+    uri = store.register("palm-lineage-gone", {"dvc.md5": GOOD_MD5})
+    run = c.get_model_version("palm-lineage-gone", "1").run_id
+    c.set_tag(run, "palm.ops.stage", "ppo")
+    c.set_tag(run, "dvc.dep.models/sft.md5", GOOD_MD5)
+    c.set_tag(run, "palm.input.models/sft.run_id", "0" * 32)  # no such run
+    info = registry.lineage(uri)
+    assert info["order"] == [run, "0" * 32] and info["runs"]["0" * 32]["status"] == "MISSING"
+    lines = list(registry.format_lineage(info))
+    assert any(line.strip().startswith(f"run {'0' * 32} [missing: not in the tracking server") for line in lines), lines
+    assert all("\n" not in line for line in lines)
+    assert '"MISSING"' in registry.lineage_json(info)
+
+
+def test_lineage_of_a_version_that_is_not_a_number_is_a_one_line_error(store, monkeypatch):
+    """Fuzzing found a ValueError from ``int`` on the version the server answered."""
+    store.register("palm-lineage-odd", {"dvc.md5": GOOD_MD5})
+    monkeypatch.setattr(registry, "get_version",
+                        lambda c, u: SimpleNamespace(name="palm-lineage-odd", version="1.5", run_id=None, tags={}))
+    with pytest.raises(UserError, match=r"answered version '1\.5' of palm-lineage-odd, not a version number") as err:
+        registry.lineage("models:/palm-lineage-odd/1")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"flavors: [unclosed\n", "not YAML"),
+    (b"flavors: \xff\xfe\n", "not UTF-8 text"),
+    (b"[" * 5000 + b"]" * 5000, "nested too deep"),
+    (None, "unreadable"),
+])
+def test_an_mlmodel_file_that_cannot_be_read_is_a_one_line_error_naming_it(tmp_path, content, expected):
+    """Fuzzing found yaml errors, UnicodeDecodeError and RecursionError from reading an MLmodel."""
+    if content is not None:
+        (tmp_path / "MLmodel").write_bytes(content)
+    with pytest.raises(UserError) as err:
+        registry.export_folder(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'MLmodel'}: not a readable MLmodel file (") and expected in message
+    assert "\n" not in message and "\r" not in message, message
+
+
+@pytest.mark.parametrize("uri", ["models:/palm-chat@champion\n", "models:/palm\nchat@champion", "mod\rels:/x",
+                                 "models:/nothing-here\n/1"])
+def test_a_uri_with_a_line_break_gives_a_one_line_error(store, uri):
+    """Fuzzing found UserErrors of two lines: the URI the user gave, with its ``\\n``, in them."""
+    with pytest.raises(UserError) as err:
+        registry.get_version(store.client, uri)
+    assert "\n" not in str(err.value) and "\r" not in str(err.value)
+    assert repr(uri)[1:-1] in str(err.value)

@@ -331,3 +331,35 @@ def test_the_mlflow_ui_gets_its_store_in_the_environment_not_on_the_command_line
     uri = "postgresql://user:s3cret@db.internal/mlflow"
     argv, env = ui.command("127.0.0.1", 5000, 1), ui.server_env(uri)
     assert not any("s3cret" in a for a in argv) and env["MLFLOW_BACKEND_STORE_URI"] == uri
+
+
+# ----------------------------------------------------------------------------- fuzzing findings (feedback)
+
+def test_a_judgement_nested_deeper_than_the_json_parser_goes_is_a_400(tmp_path):
+    """Fuzzing found a RecursionError from Flask's ``get_json`` (silent only for ValueError)."""
+    from palm.apps.feedback.app import TOKEN_HEADER, create_app
+
+    write_batch(tmp_path / "batch-1.jsonl")
+    app = create_app(tmp_path / "batch-1.jsonl", tmp_path / "rankings.jsonl", "ann", token="t0k", key="k3y")
+    with app.test_client() as c:
+        resp = c.post("/api/judge?key=k3y", data="[" * 30_000 + "]" * 30_000,
+                      headers={TOKEN_HEADER: "t0k"}, content_type="application/json")
+    assert resp.status_code == 400 and "expected a JSON object" in resp.get_json()["error"]
+    assert not (tmp_path / "rankings.jsonl").exists()
+
+
+@pytest.mark.parametrize("batch", [None, 3, ["b"]])
+def test_a_batch_item_without_a_batch_name_is_a_one_line_error(tmp_path, batch):
+    """Fuzzing found a KeyError in ``create_app`` for an item without ``"batch"``."""
+    from palm.apps.feedback.app import create_app
+    from palm.core.errors import UserError
+
+    items = write_batch(tmp_path / "batch-1.jsonl")
+    if batch is None:
+        del items[1]["batch"]
+    else:
+        items[1]["batch"] = batch
+    (tmp_path / "batch-1.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    with pytest.raises(UserError) as err:
+        create_app(tmp_path / "batch-1.jsonl", tmp_path / "rankings.jsonl", "ann")
+    assert str(err.value).startswith(f"{tmp_path / 'batch-1.jsonl'}:2: not a batch item") and "\n" not in str(err.value)

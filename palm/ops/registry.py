@@ -53,6 +53,13 @@ PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "s
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+|latest))$")
 
 
+def _line(value: Any) -> str:
+    """``value`` as text fit for a one-line message: line breaks and other control characters
+    (a URI or name given by the user, or a server's answer, may hold them) escaped."""
+    text = str(value)
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def is_uri(ref: Any) -> bool:
     return isinstance(ref, str) and ref.startswith("models:/")
 
@@ -64,7 +71,7 @@ def client(root: Path | None = None, *, existing: bool = False):
 
     uri = tracking_uri(Path(root) if root else Path.cwd())
     if existing and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow registry at {uri}: run from the project root after the pipeline has run "
+        raise UserError(f"no MLflow registry at {_line(uri)}: run from the project root after the pipeline has run "
                         "(dvc repro registers the models), or set MLFLOW_TRACKING_URI")
     return mlflow.MlflowClient(uri)
 
@@ -169,7 +176,7 @@ def register(models: dict[str, Path], md5s: dict[str, str], sources: dict[str, s
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             c.set_model_version_tag(CHAT, str(chat["version"]), f"palm.metric.{k}", repr(float(v)))
-    alias = champion_alias(c, chat["version"], float(metrics[metric]), metric, direction)
+    alias = champion_alias(c, chat["version"], float(metrics[metric]), metric, direction, log)
     c.set_registered_model_alias(CHAT, alias, str(chat["version"]))
     chat["aliases"].append(alias)
     if alias == "champion":
@@ -182,21 +189,33 @@ def register(models: dict[str, Path], md5s: dict[str, str], sources: dict[str, s
     return out
 
 
-def champion_alias(c: Any, version: int, value: float, metric: str, direction: str) -> str:
+def champion_alias(c: Any, version: int, value: float, metric: str, direction: str, log: Any = None) -> str:
     """``champion`` if ``palm-chat`` has none, if ``version`` is it, or if ``value`` beats the
-    champion's tagged value of ``metric`` strictly in ``direction``; else ``candidate``."""
+    champion's tagged value of ``metric`` strictly in ``direction``; else ``candidate``. A
+    champion's metric tag that is not a number counts as missing (a warning line through ``log``,
+    default stderr): the registry's answer never stops the registration."""
     from mlflow.exceptions import MlflowException
 
+    log = log or (lambda s: print(s, file=sys.stderr))
     try:
         champ = c.get_model_version_by_alias(CHAT, "champion")
     except MlflowException:
         return "champion"
-    if int(champ.version) == version:
+    try:
+        same = int(champ.version) == version
+    except (TypeError, ValueError):  # a version that is not a number is not this one
+        same = False
+    if same:
         return "champion"
-    theirs = champ.tags.get(f"palm.metric.{metric}")
+    theirs = (getattr(champ, "tags", None) or {}).get(f"palm.metric.{metric}")
     if theirs is None:
         return "champion"  # the champion was never measured on this metric
-    theirs = float(theirs)
+    try:
+        theirs = float(theirs)
+    except (TypeError, ValueError):
+        log(f"warning: evaluate: the champion ({CHAT} version {_line(champ.version)}) has tag palm.metric.{metric} "
+            f"{_line(repr(theirs))[:100]}, not a number: treated as missing, so version {version} becomes champion")
+        return "champion"
     return "champion" if (value > theirs if direction == "max" else value < theirs) else "candidate"
 
 
@@ -207,9 +226,9 @@ def get_version(c: Any, uri: str):
     ``models:/NAME/latest``, the newest) names."""
     from mlflow.exceptions import MlflowException
 
-    m = URI.match(uri)
+    m = URI.fullmatch(uri) if isinstance(uri, str) else None
     if not m:
-        raise UserError(f"{uri}: not a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION, "
+        raise UserError(f"{_line(uri)}: not a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION, "
                         f"e.g. models:/{CHAT}@champion)")
     try:
         if m["alias"]:
@@ -223,7 +242,7 @@ def get_version(c: Any, uri: str):
         return c.get_model_version(m["name"], m["version"])
     except MlflowException as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{uri}: not in the registry at {redact(c.tracking_uri)} ({redact(msg)}); run the pipeline "
+        raise UserError(f"{_line(uri)}: not in the registry at {_line(redact(c.tracking_uri))} ({_line(redact(msg))}); run the pipeline "
                         "(dvc repro evaluate registers the models) or set MLFLOW_TRACKING_URI") from None
 
 
@@ -242,7 +261,8 @@ def _inside(path: Path, folder: Path, what: str) -> Path:
     """``path`` resolved (symlinks followed), if it lies inside ``folder`` (resolved); else a UserError."""
     real, top = Path(path).resolve(), Path(folder).resolve()
     if real == top or not real.is_relative_to(top):
-        raise UserError(f"{what}: {str(path)!r} resolves to {real}, outside {top} (expected a path inside it)")
+        raise UserError(f"{_line(what)}: {str(path)!r} resolves to {_line(real)}, outside {_line(top)} "
+                        "(expected a path inside it)")
     return real
 
 
@@ -252,12 +272,12 @@ def cache_folder(name: Any, version: Any, md5: Any, cache: Path | None = None) -
     first (a UserError naming it): a hostile tracking server could otherwise name a folder outside
     the cache, which the download would replace."""
     cache = Path(cache or cache_dir())
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UserError(f"registered model name {name!r}: not a name this cache takes (expected letters, digits, "
                         "'.', '_' or '-', starting with a letter or digit, at most 128)")
-    if not NUMBER.match(str(version)):
+    if not NUMBER.fullmatch(str(version)):
         raise UserError(f"{name}: model version {version!r} is not a version number (expected digits)")
-    if md5 is not None and not (isinstance(md5, str) and MD5.match(md5)):
+    if md5 is not None and not (isinstance(md5, str) and MD5.fullmatch(md5)):
         raise UserError(f"{name} version {version}: tag dvc.md5 {md5!r} is not a DVC md5 (expected 32 hex "
                         "digits, optionally followed by .dir)")
     local = cache / name / f"{version}-{md5[:12] if md5 else 'unknown'}"
@@ -284,8 +304,8 @@ def resolve(uri: str, root: Path | None = None) -> Path:
                                                     dst_path=str(tmp), tracking_uri=c.tracking_uri)
             except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP client's errors name the URL
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-                raise UserError(f"{uri}: downloading {version.name} version {version.version} from the registry "
-                                f"failed: {redact(first)} (is the tracking server reachable?)") from None
+                raise UserError(f"{_line(uri)}: downloading {version.name} version {version.version} from the "
+                                f"registry failed: {_line(redact(first))} (is the tracking server reachable?)") from None
             # checked before it replaces anything: a bad MLmodel is not kept
             export_folder(tmp, f"{uri} ({version.name} version {version.version}), its MLmodel")
     return export_folder(local)
@@ -297,8 +317,16 @@ def export_folder(model_dir: Path, label: str | None = None) -> Path:
     which names ``label``, default the MLmodel file)."""
     import yaml
 
-    label = label or str(Path(model_dir) / "MLmodel")
-    conf = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())
+    label = _line(label or str(Path(model_dir) / "MLmodel"))
+    try:
+        conf = yaml.safe_load((Path(model_dir) / "MLmodel").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+        # not there, not UTF-8, not YAML, or nested deeper than the parser goes
+        why = {UnicodeDecodeError: "not UTF-8 text", RecursionError: "nested too deep to read"}.get(type(err))
+        if why is None:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            why = f"{'not YAML' if isinstance(err, yaml.YAMLError) else 'unreadable'}: {_line(first)}"
+        raise UserError(f"{label}: not a readable MLmodel file ({why})") from None
     try:
         path = conf["flavors"]["python_function"]["artifacts"]["model"]["path"]
     except (KeyError, TypeError):
@@ -320,8 +348,13 @@ def lineage(uri: str, root: Path | None = None) -> dict[str, Any]:
     run produced that input), ``outputs`` ``{path: md5}``, ``registered`` the versions whose source
     is the run. ``order``: the run ids, the source run first, each before its inputs' runs (depth
     first, each once). ``corpus``: the scrape run's ``data/corpus`` md5 and run id."""
+    from mlflow.exceptions import MlflowException
+
     c = client(root, existing=True)
     version = get_version(c, uri)
+    if not NUMBER.fullmatch(str(version.version)):
+        raise UserError(f"{_line(uri)}: the registry answered version {_line(repr(version.version))[:100]} of "
+                        f"{_line(version.name)}, not a version number (expected digits)")
     model = {"uri": uri, "name": version.name, "version": int(version.version), "run_id": version.run_id,
              "aliases": list(getattr(version, "aliases", []) or []), "dvc_md5": version.tags.get("dvc.md5")}
     runs: dict[str, dict[str, Any]] = {}
@@ -330,11 +363,21 @@ def lineage(uri: str, root: Path | None = None) -> dict[str, Any]:
     def visit(run_id: str) -> None:
         if run_id in runs:
             return
-        run = c.get_run(run_id)
+        try:
+            run = c.get_run(run_id)
+        except MlflowException as err:  # deleted, or never in this tracking server: shown as missing
+            msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            runs[run_id] = {"stage": None, "status": "MISSING", "start_time": None, "git_commit": None,
+                            "inputs": [], "registered": [], "outputs": {}, "missing": _line(redact(msg))}
+            order.append(run_id)
+            return
         tags = run.data.tags
         inputs = [{"path": p, "md5": tags[k], "run_id": tags.get(f"palm.input.{p}.run_id")}
                   for k in sorted(tags) if (p := _between(k, "dvc.dep.", ".md5"))]
-        registered = [f"{v.name}/{v.version}" for v in c.search_model_versions(f"run_id = '{run_id}'")]
+        try:
+            registered = [f"{v.name}/{v.version}" for v in c.search_model_versions(f"run_id = '{run_id}'")]
+        except MlflowException:  # a run id the search cannot take (a quote in it): none found
+            registered = []
         runs[run_id] = {"stage": tags.get("palm.ops.stage"), "status": run.info.status,
                         "start_time": run.info.start_time, "git_commit": tags.get("git_commit"),
                         "inputs": inputs, "registered": sorted(registered),
@@ -372,9 +415,12 @@ def format_lineage(info: dict[str, Any]) -> Iterable[str]:
         pad = "  " * depth
         reg = f"; registered {', '.join(r['registered'])}" if r["registered"] else ""
         if run_id in shown:
-            yield f"{pad}{r['stage']} run {run_id} (above)"
+            yield f"{pad}{r['stage']} run {_line(run_id)} (above)"
             return
         shown.add(run_id)
+        if r.get("missing") is not None:
+            yield f"{pad}run {_line(run_id)} [missing: not in the tracking server ({r['missing']})]"
+            return
         yield f"{pad}{r['stage']} run {run_id} [{r['status']}, git {str(r['git_commit'])[:12]}]{reg}"
         for i in r["inputs"]:
             yield f"{pad}  <- {i['path']} md5 {i['md5']}" + ("" if i["run_id"] else " (no tracked run made it)")

@@ -142,7 +142,10 @@ def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str |
         sent = request.headers.get(TOKEN_HEADER, "")
         if not secrets.compare_digest(sent.encode(), token.encode()):
             abort(403, f"missing or wrong {TOKEN_HEADER}: judgements come from the page this server served")
-        body = request.get_json(silent=True) if request.is_json else None
+        try:
+            body = request.get_json(silent=True) if request.is_json else None
+        except RecursionError:  # nested deeper than the JSON parser goes
+            body = None
         if not isinstance(body, dict):
             abort(400, "expected a JSON object: index, item, verdict, order")
         index = body.get("index")

@@ -31,13 +31,14 @@ def read_batch(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             item = json.loads(line)
-            ok = isinstance(item, dict) and (item.get("format") == BATCH_FORMAT and isinstance(item.get("item"), str)
+            ok = isinstance(item, dict) and (item.get("format") == BATCH_FORMAT and isinstance(item.get("batch"), str)
+                  and isinstance(item.get("item"), str)
                   and isinstance(item.get("prompt"), list) and isinstance(item.get("replies"), list)
                   and len(item["replies"]) >= 2 and all(isinstance(r, str) for r in item["replies"]))
         except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             ok = False
         if not ok:
-            raise UserError(f"{path}:{n}: not a batch item ({BATCH_FORMAT}: item, prompt, at least 2 replies)")
+            raise UserError(f"{path}:{n}: not a batch item ({BATCH_FORMAT}: batch, item, prompt, at least 2 replies)")
         items.append(item)
     if not items:
         raise UserError(f"{path}: the batch holds no items")
