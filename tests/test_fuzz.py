@@ -4,20 +4,17 @@ long runs found, kept as regression tests of the fixes.
 
 The property (see the harness): a reader or parser of outside input lets nothing escape but a
 one-line ``UserError``/``ConfigError``, counts bad data as skipped, and writes nothing outside its
-output folder. Findings in modules other engineers own are listed in :data:`OPEN_FINDINGS`: while
-they occur, the target's test is an expected failure naming them; any other failure fails it.
+output folder. Any input that breaks it fails the target's test.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT
 
 _spec = importlib.util.spec_from_file_location("fuzz_harness", ROOT / "benchmarks" / "fuzz.py")
@@ -26,31 +23,6 @@ sys.modules[_spec.name] = fuzz  # dataclasses look their module up by name
 _spec.loader.exec_module(fuzz)
 
 EXAMPLES = 100  # per target, derandomized: the same inputs on every run
-
-# Findings of `make fuzz` in modules owned elsewhere (reported to their owners, not fixed here):
-# target -> patterns of failure signatures (exception type, file, function; line numbers move).
-OPEN_FINDINGS: dict[str, list[str]] = {
-    "chat_readers": [
-        r"zlib\.error at palm/data/chat_readers\.py:\d+ in file_records",  # a corrupt .jsonl.gz
-        r"ValueError at palm/data/chat_readers\.py:\d+ in _ranking_best",  # order [[], 0, 1]: no reply at place 0
-        r"RecursionError at palm/data/chat_readers\.py",
-    ],
-    "rankings": [r"places: places not 0\.\.m without gaps"],  # an empty group in an order
-    "feedback": [
-        r"RecursionError at palm/apps/feedback/",  # a judgement body or batch line nested past the JSON parser
-        r"KeyError at palm/apps/feedback/app\.py:\d+ in create_app",  # a batch item without "batch"
-    ],
-    "registry": [
-        r"ValueError at palm/ops/registry\.py:\d+ in champion_alias",  # a champion version/metric tag not a number
-        r"MlflowException at palm/ops/registry\.py:\d+ in visit",  # lineage: a run the tags name is gone
-        r"ValueError at palm/ops/registry\.py:\d+ in lineage",  # a version number that is not a number
-        r"RecursionError at palm/ops/registry\.py:\d+ in export_folder",
-        r"yaml\.\w+\.\w+Error at palm/ops/registry\.py:\d+ in export_folder",  # an MLmodel file that is not YAML
-        r"UnicodeDecodeError at palm/ops/registry\.py:\d+ in export_folder",
-        r"UserError message not one line \(palm\.core\.errors\.UserError at palm/ops/registry\.py",  # URI with \n
-    ],
-}
-
 
 @pytest.fixture(autouse=True)
 def subnormal_floats():
@@ -67,19 +39,13 @@ def subnormal_floats():
         torch.set_flush_denormal(True)
 
 
-def _open(target: str, signature: str) -> bool:
-    return any(re.search(p, signature) for p in OPEN_FINDINGS.get(target, []))
-
-
 @pytest.mark.parametrize("target", list(fuzz.TARGETS))
 def test_target_holds_its_property(target):
     result = fuzz.run_target(target, EXAMPLES, derandomize=True, time_limit=None, shrink=False)
     assert not result.stopped, result.stopped
     assert result.inputs >= EXAMPLES
-    new = [f for f in result.failures if not _open(target, f.signature)]
-    assert not new, "\n".join(f"{f.signature}: {f.detail}\n  input: {f.minimal[:800]}" for f in new)
-    if result.failures:
-        pytest.xfail("open findings (owned elsewhere): " + "; ".join(f.signature for f in result.failures))
+    assert not result.failures, "\n".join(f"{f.signature}: {f.detail}\n  input: {f.minimal[:800]}"
+                                           for f in result.failures)
 
 
 def test_the_harness_sees_a_failure(monkeypatch):
