@@ -182,3 +182,20 @@ def test_warc_writer_keeps_header_values_on_their_line(tmp_path):
     # (warcio reads the spaces of a URI as %20)
     assert recs[0].url == "file:///x%20%20WARC-Type:%20warcinfo" and recs[0].title == "t    \ufffd"
     assert recs[0].content_type == "text/plain"
+
+
+def _registry(version: dict, path: object = "model", uri: str = "models:/palm-chat@champion") -> dict:
+    return {"uri": uri, "mlmodel": {"flavors": {"python_function": {
+                "artifacts": {"model": {"path": path} if path != "model" else "model"}}}},
+            "server": {"error": None, "version": {"name": "palm-chat", "version": "1", "run_id": "r1", "tags": {},
+                                                  "aliases": [], **version},
+                       "runs": {}, "champion": None, "search": []},
+            "champion_args": (0, 0.0, "reward_mean", "max")}
+
+
+@pytest.mark.parametrize("value", [
+    _registry({}, path="\x00"),  # a NUL byte in the artifact path: Path.resolve's ValueError
+    _registry({"aliases": 1}, uri="models:/palm-chat@current"),  # aliases not a list: lineage's list() TypeError
+], ids=["nul-artifact-path", "int-aliases"])
+def test_registry_regressions(value):
+    _passes("registry", value)

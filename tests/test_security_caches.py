@@ -449,3 +449,13 @@ def test_a_uri_with_a_line_break_gives_a_one_line_error(store, uri):
         registry.get_version(store.client, uri)
     assert "\n" not in str(err.value) and "\r" not in str(err.value)
     assert repr(uri)[1:-1] in str(err.value)
+
+
+def test_an_mlmodel_artifact_path_with_a_nul_byte_is_a_one_line_error(tmp_path):
+    """Found by ``make fuzz``: a NUL byte in the MLmodel's artifact path made ``Path.resolve``
+    raise ValueError out of :func:`registry.export_folder`."""
+    (tmp_path / "MLmodel").write_text(yaml.safe_dump(
+        {"flavors": {"python_function": {"artifacts": {"model": {"path": "\x00"}}}}}))
+    with pytest.raises(UserError, match="not a usable path") as err:
+        registry.export_folder(tmp_path)
+    assert "\n" not in str(err.value)

@@ -257,9 +257,17 @@ NUMBER = re.compile(r"^[0-9]{1,18}$")
 MD5 = re.compile(r"^[0-9a-f]{32}(\.dir)?$")  # DVC's md5 of a file, or of a folder (….dir)
 
 
+def _names(value: Any) -> list[str]:
+    """A server's list of names (aliases), as text; anything else in it is left out."""
+    return [str(v) for v in value if isinstance(v, (str, int))] if isinstance(value, (list, tuple)) else []
+
+
 def _inside(path: Path, folder: Path, what: str) -> Path:
     """``path`` resolved (symlinks followed), if it lies inside ``folder`` (resolved); else a UserError."""
-    real, top = Path(path).resolve(), Path(folder).resolve()
+    try:
+        real, top = Path(path).resolve(), Path(folder).resolve()
+    except (ValueError, OSError) as err:  # a NUL byte in a server-given path, a symlink loop
+        raise UserError(f"{_line(what)}: {str(path)!r} is not a usable path ({_line(err)})") from None
     if real == top or not real.is_relative_to(top):
         raise UserError(f"{_line(what)}: {str(path)!r} resolves to {_line(real)}, outside {_line(top)} "
                         "(expected a path inside it)")
@@ -356,7 +364,7 @@ def lineage(uri: str, root: Path | None = None) -> dict[str, Any]:
         raise UserError(f"{_line(uri)}: the registry answered version {_line(repr(version.version))[:100]} of "
                         f"{_line(version.name)}, not a version number (expected digits)")
     model = {"uri": uri, "name": version.name, "version": int(version.version), "run_id": version.run_id,
-             "aliases": list(getattr(version, "aliases", []) or []), "dvc_md5": version.tags.get("dvc.md5")}
+             "aliases": _names(getattr(version, "aliases", None)), "dvc_md5": version.tags.get("dvc.md5")}
     runs: dict[str, dict[str, Any]] = {}
     order: list[str] = []
 
