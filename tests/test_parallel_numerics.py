@@ -36,10 +36,11 @@ def launch(out: Path, nproc: int, *layouts: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parity")
-    launch(out, 1, "1,1,1,1", "1,1,1,1,mask", "naive", "decode,1", "fwd,1,1", "reward,1,1")
+    launch(out, 1, "1,1,1,1", "1,1,1,1,mask", "1,1,1,1,muon", "naive", "decode,1", "fwd,1,1", "reward,1,1")
     launch(out, 2, "2,1,1,1", "1,2,1,1", "1,2,1,2", "1,1,2,1", "decode,2",
-           "2,1,1,1,mask", "1,2,1,1,mask", "1,1,2,1,mask", "fwd,2,1", "fwd,1,2", "reward,2,1", "reward,1,2")
-    launch(out, 4, "2,2,1,1")
+           "2,1,1,1,mask", "1,2,1,1,mask", "1,1,2,1,mask", "fwd,2,1", "fwd,1,2", "reward,2,1", "reward,1,2",
+           "2,1,1,1,muon", "1,2,1,1,muon", "1,1,2,1,muon")
+    launch(out, 4, "2,2,1,1", "2,2,1,1,muon")
     return out
 
 
@@ -101,6 +102,21 @@ def test_tp2_pp2_equals_single_process(runs):
 
 def test_dp2_equals_one_process_with_twice_the_microbatches(runs):
     compare(runs, "1,1,2,1", loss_tol=1e-5, grad_tol=1e-5, weight_tol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["2,1,1,1", "1,2,1,1", "1,1,2,1", "2,2,1,1"])
+def test_muon_trains_every_layout_like_one_process(runs, layout):
+    """The muon recipe (wsd schedule): a TP shard's update is orthogonalised whole (gathered), so
+    every layout takes one process's steps; orthogonalising each shard alone would not."""
+    compare(runs, f"{layout},muon", loss_tol=1e-5, grad_tol=1e-5, weight_tol=1e-4, ref_layout="1,1,1,1,muon")
+
+
+def test_muon_is_not_adamw(runs):
+    """The comparison above is of Muon's steps: its weights after 3 steps are far from AdamW's."""
+    muon, adamw = load(runs, "1,1,1,1,muon"), load(runs, "1,1,1,1")
+    diff = max((muon["weights"][k] - adamw["weights"][k]).abs().max().item()
+               for k in muon["weights"] if k.startswith("layers.") and muon["weights"][k].ndim == 2)
+    assert diff > 1e-3, diff
 
 
 @pytest.mark.parametrize("layout", ["1,1,1,1,mask", "2,1,1,1,mask", "1,2,1,1,mask", "1,1,2,1,mask"])

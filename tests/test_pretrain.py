@@ -1,5 +1,6 @@
 """Acceptance 2 and 6 at the library level: exact resume after SIGKILL, TP=2 -> TP=1 checkpoint
-loading, and one-line errors for bad input. Token shards are tiny ones made here with megatron's
+loading, and one-line errors for bad input, under the default recipe's optimizer (Muon + AdamW,
+warmup-stable-decay; the fine-tuning stages' tests resume AdamW). Token shards are tiny ones made here with megatron's
 IndexedDatasetBuilder (make_shards in tests/helpers.py)."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from palm.train.pretrain import KILL_ENV, PretrainConfig, evaluate_checkpoint, e
 MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16, seq_len=32)
 CFG = PretrainConfig(train_steps=12, micro_batch_size=4, num_microbatches=2, dtype="fp32",
                      log_interval=4, eval_interval=4, eval_batches=2, checkpoint_interval=4,
-                     optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2))
+                     optim=OptimConfig(name="muon", schedule="wsd", lr=1e-2, min_lr=1e-3, warmup_steps=2))
 
 
 @pytest.fixture(scope="module")

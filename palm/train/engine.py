@@ -57,18 +57,29 @@ class ChunkFactory(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay (the optimizer part of a training section)."""
+    """The optimizer part of a training section: AdamW, or Muon for the hidden matrices
+    (:mod:`palm.train.optim`); linear warmup, then cosine decay or warmup-stable-decay."""
 
-    lr: float = 3e-3  # peak learning rate, reached after warmup_steps
-    min_lr: float = 3e-4  # the cosine decays to this at the last step
+    name: str = "adamw"  # adamw | muon (Muon for the blocks' 2-D matrices, AdamW for the rest)
+    schedule: str = "cosine"  # cosine (decay over every step after warmup) | wsd (hold lr, then decay)
+    decay_fraction: float = 0.2  # wsd: the last fraction of train_steps decays linearly to min_lr
+    lr: float = 3e-3  # peak learning rate, reached after warmup_steps (muon: its RMS-matched step too)
+    min_lr: float = 3e-4  # the schedule decays to this at the last step
     warmup_steps: int = 20  # linear warmup from 0
     weight_decay: float = 0.1  # decoupled (AdamW); not applied to norms
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0  # global gradient-norm clip (0 disables it)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the matrices' updates
+    muon_lr_mult: float = 1.0  # muon: the matrices' step is this times the RMS-matched lr
 
     def __post_init__(self) -> None:
+        check(self.name in ("adamw", "muon"), "name", f"must be adamw or muon, got {self.name!r}")
+        check(self.schedule in ("cosine", "wsd"), "schedule", f"must be cosine or wsd, got {self.schedule!r}")
+        check(0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        check(0 <= self.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        check(self.muon_lr_mult > 0, "muon_lr_mult", f"must be positive, got {self.muon_lr_mult}")
         check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -149,11 +160,18 @@ class Engine:
         # training step unchanged within noise (benchmarks/train_throughput.py measures it).
         for group in self.optimizer.param_groups:
             group.update(fused=True, foreach=False)
+        if optim.name == "muon":
+            _use_muon(self.optimizer, self.chunks, optim, dtype)
+        decay_steps = max(train_steps, optim.warmup_steps + 1)
+        wsd = {"lr_decay_style": "WSD", "lr_wsd_decay_style": "linear",
+               "wsd_decay_steps": max(1, min(round(optim.decay_fraction * train_steps),
+                                             decay_steps - optim.warmup_steps))}
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
-            lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(train_steps, optim.warmup_steps + 1),
-            lr_decay_style="cosine", start_wd=optim.weight_decay, end_wd=optim.weight_decay,
-            wd_incr_steps=max(train_steps, 1), wd_incr_style="constant")
+            lr_warmup_steps=optim.warmup_steps, lr_decay_steps=decay_steps,
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+            wd_incr_steps=max(train_steps, 1), wd_incr_style="constant",
+            **(wsd if optim.schedule == "wsd" else {"lr_decay_style": "cosine"}))
 
     # -- the schedule -----------------------------------------------------------------------------
 
@@ -250,6 +268,32 @@ class Engine:
                 if name not in seen:
                     seen.add(name)
                     yield name, p
+
+
+def _use_muon(optimizer: Any, chunks: list[torch.nn.Module], optim: OptimConfig, dtype: torch.dtype) -> None:
+    """Swap the AdamW inside megatron's optimizer(s) for :class:`palm.train.optim.MuonAdamW` over
+    the same groups: megatron keeps the fp32 main weights, clipping and checkpoint layout.
+
+    Muon takes the transformer blocks' 2-D weights; embeddings, norms and any head keep AdamW.
+    Newton-Schulz runs in the parameters' dtype: bf16 only where training already is (hardware
+    with native bf16), fp32 elsewhere."""
+    from palm.train.optim import MuonAdamW
+
+    hidden = {id(p) for c in chunks for name, p in c.named_parameters()
+              if name.startswith("layers.") and p.ndim == 2}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        # the optimizer's own (fp32 main) copy of each model parameter, where it keeps one
+        mains = {id(m): p for group_m, group_p in zip(getattr(opt, "fp32_from_float16_groups", []),
+                                                      getattr(opt, "float16_groups", []))
+                 for m, p in zip(group_m, group_p)}
+        matrices = {id(m) for group in opt.optimizer.param_groups for m in group["params"]
+                    if id(mains.get(id(m), m)) in hidden}
+        opt.optimizer = MuonAdamW(
+            opt.optimizer.param_groups, is_matrix=lambda p, ids=matrices: id(p) in ids,
+            betas=(optim.beta1, optim.beta2), eps=optim.eps, momentum=optim.muon_momentum,
+            lr_mult=optim.muon_lr_mult, ns_dtype=dtype,
+            tp_group=parallel_state.get_tensor_model_parallel_group())
+        opt.init_state_fn = lambda inner, config=None: inner.init_state()
 
 
 def _reduce(store: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -32,6 +32,7 @@ from palm.train.pretrain import lm_forward_step  # noqa: E402
 
 CFG = ModelConfig(vocab_size=250, d_model=64, n_layers=4, n_heads=4, head_dim=16, seq_len=32)
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, clip_grad=1.0)
+MUON = OptimConfig(name="muon", schedule="wsd", lr=3e-3, min_lr=3e-4, warmup_steps=1, clip_grad=1.0)
 STEPS, MICRO, MBS = 3, 4, 2  # optimizer steps, micro-batches per step (all DP ranks), batch size
 Z_LOSS = 1e-4
 MASK_KEEP = 0.5  # masked layouts: micro-batch j keeps about 0.25 .. 0.75 of its tokens
@@ -52,10 +53,10 @@ def batches_for(masked: bool, steps: int = STEPS):
                           mask_keep=MASK_KEEP if masked else None)
 
 
-def run_layout(out: Path, tp: int, pp: int, dp: int, vpp: int, masked: bool = False) -> None:
+def run_layout(out: Path, tp: int, pp: int, dp: int, vpp: int, masked: bool = False, muon: bool = False) -> None:
     parallel.init_distributed(tp, pp, dp, vpp)
     micro = MICRO // dp
-    eng = Engine(CFG, OPTIM, forward_step=lm_forward_step(Z_LOSS), train_steps=STEPS,
+    eng = Engine(CFG, MUON if muon else OPTIM, forward_step=lm_forward_step(Z_LOSS), train_steps=STEPS,
                  micro_batch_size=MBS, num_microbatches=micro, seed=7)
     r = ps.get_data_parallel_rank()
     losses, grads = [], {}
@@ -64,7 +65,8 @@ def run_layout(out: Path, tp: int, pp: int, dp: int, vpp: int, masked: bool = Fa
         if i == 0:
             grads = {n: full(p.main_grad, p) for n, p in eng.named_parameters()}
     weights = {n: full(p, p) for n, p in eng.named_parameters()}
-    save_layout(out, f"{tp},{pp},{dp},{vpp}" + (",mask" if masked else ""), losses, grads, weights)
+    save_layout(out, f"{tp},{pp},{dp},{vpp}" + (",mask" if masked else "") + (",muon" if muon else ""),
+                losses, grads, weights)
     ps.destroy_model_parallel()
 
 
@@ -246,8 +248,8 @@ def main(argv: list[str]) -> None:
         if layout == "naive":
             run_naive(out)
             continue
-        tp, pp, dp, vpp, *mask = layout.split(",")
-        run_layout(out, int(tp), int(pp), int(dp), int(vpp), masked=bool(mask))
+        tp, pp, dp, vpp, *flags = layout.split(",")
+        run_layout(out, int(tp), int(pp), int(dp), int(vpp), masked="mask" in flags, muon="muon" in flags)
         torch.distributed.barrier()
     from palm.model.megatron_compat import CALL_SITES
 
