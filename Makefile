@@ -86,7 +86,9 @@ lock:
 	/tmp/palm-lock-venv/bin/pip install -q -r requirements.in
 	/tmp/palm-lock-venv/bin/pip freeze | sed 's/^torch==.*/torch==2.13.0/' > requirements.lock
 
-## Benchmarks (need `make run` outputs for the tokenize one): each prints `ratio <x>` last.
+## Benchmarks (need `make run` outputs for the tokenize and time-to-loss ones): each prints
+## `ratio <x>` last; time_to_loss prints `time_ratio <x>` (params.yaml's pretrain recipe against
+## the old AdamW one, to the old one's final held-out loss) and writes a dated record.
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt -c requirements.lock 2>&1 \
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -94,6 +96,7 @@ bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/ppo_throughput.py
+	$(PY) -W ignore benchmarks/time_to_loss.py
 
 ## Fuzz every reader and parser of outside input (chat/preference files, rankings, WARC, the scrape
 ## files source, params.yaml sections, the feedback page, registry answers) with Hypothesis:

@@ -26,3 +26,46 @@ def test_matmul_flops_from_profiler_shapes():
     counted = {e.key: matmul_flops(e.key, e.input_shapes) for e in prof.key_averages(group_by_input_shape=True)
                if e.key in ("aten::mm", "aten::bmm", "aten::baddbmm")}
     assert counted == {"aten::mm": 2 * 6 * 5 * 7, "aten::bmm": 2 * 3 * 4 * 5 * 2, "aten::baddbmm": 2 * 3 * 4 * 5 * 2}
+
+
+def test_time_to_loss_interpolates_the_crossing_and_equal_time():
+    from time_to_loss import Run
+
+    run = Run.__new__(Run)
+    run.curve = [{"step": 0, "seconds": 0.0, "tokens": 0, "val_loss": 9.0},
+                 {"step": 10, "seconds": 10.0, "tokens": 100, "val_loss": 6.0},
+                 {"step": 20, "seconds": 20.0, "tokens": 200, "val_loss": 4.0}]
+    assert run.to_target(5.0) == (15.0, 150.0)  # halfway between the 6.0 and 4.0 validations
+    assert run.to_target(6.0) == (10.0, 100.0)
+    assert all(v != v for v in run.to_target(3.9))  # never reached: nan
+    assert run.loss_at(5.0) == 7.5 and run.loss_at(20.0) == 4.0
+    assert run.loss_at(25.0) != run.loss_at(25.0)  # past the end: nan
+
+
+def test_time_to_loss_runs_both_recipes_and_reports_the_ratio(tmp_path):
+    """The benchmark end to end on tiny shards: today's recipe and params.yaml's, one record."""
+    import json
+    import subprocess
+
+    import yaml
+
+    from helpers import TINY_PRETRAIN, make_shards
+
+    tokens = make_shards(tmp_path / "tokens")
+    pretrain = {**TINY_PRETRAIN["pretrain"], "train_steps": 8,
+                "optim": {**TINY_PRETRAIN["pretrain"]["optim"], "name": "muon", "schedule": "wsd"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": TINY_PRETRAIN["model"], "pretrain": pretrain}))
+    record = tmp_path / "record.json"
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "time_to_loss.py"), "--tokens", str(tokens),
+         "--params", str(tmp_path / "params.yaml"), "--eval-every", "4", "--eval-seqs", "8",
+         "--record", str(record), "--recipe", "short=new:train_steps=4"],
+        capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("time_ratio ")
+    body = json.loads(record.read_text())
+    assert [r["recipe"] for r in body["recipes"]] == ["today", "new", "short"]
+    today, new, short = body["recipes"]
+    assert today["steps"] == 400 and new["steps"] == 8 and short["steps"] == 4
+    assert today["pretrain"]["optim"]["name"] == "adamw" and new["pretrain"]["optim"]["name"] == "muon"
+    assert record.with_suffix(".png").stat().st_size > 0
