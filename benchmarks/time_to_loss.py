@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -47,6 +48,8 @@ from palm.train import data  # noqa: E402
 from palm.train.engine import Engine  # noqa: E402
 from palm.train.metrics import cpu_flags, dtype_name, resolve_dtype  # noqa: E402
 from palm.train.pretrain import PretrainConfig, lm_forward_step, shards_sha256  # noqa: E402
+
+ISA_ENV = ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 # The recipe params.yaml's pretrain section had until the muon recipe became the default
 # (AdamW, cosine decay, 400 steps of 6 x 256 tokens): selectable by setting these fields back.
@@ -142,7 +145,9 @@ def machine() -> dict[str, Any]:
     flags = cpu_flags() or set()
     return {"cpu": model, "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
             "amx_bf16": "amx_bf16" in flags, "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            # kernels held to an instruction set (e.g. AVX2 on a newer CPU) say so here
+            "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
 
 
 def plot(runs: list[Run], target: float, path: Path) -> None:
