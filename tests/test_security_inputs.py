@@ -266,7 +266,7 @@ def served(export):
     model = PalmModel()
     model.load_context(SimpleNamespace(artifacts={"model": str(export)}))
     yield model
-    model._groups.close()
+    model._groups.release()  # the groups its load started end here, not when it is collected
 
 
 GREEDY = {"max_new_tokens": 4, "temperature": 0.0}

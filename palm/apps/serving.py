@@ -5,7 +5,9 @@ and ``mlflow models serve`` run.
 runs the file to get the model, nothing is unpickled), the export folder as the artifact
 ``model`` and this package beside it (``code_paths``), so a registered version loads wherever
 its pip requirements are installed. The model is loaded whole into the process, in a
-one-process world of :func:`palm.model.parallel.process_groups` (or in the caller's, if it has one).
+one-process world shared with the other models loaded in it and kept up while any of them lives
+(:class:`palm.model.parallel.GroupHold`; or in the caller's world, if it has one): models loaded,
+swapped and dropped in any order leave the others working.
 
 ``predict`` by kind of export:
 
@@ -29,7 +31,6 @@ number of rows.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import mlflow
@@ -74,14 +75,18 @@ class PalmModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from palm.model.export import load_model, load_tokenizer, read_export
-        from palm.model.parallel import process_groups
+        from palm.model.parallel import GroupHold
 
-        # kept up for the life of the model (a caller's own groups are used and left to it)
-        self._groups = contextlib.ExitStack()
-        self._groups.enter_context(process_groups())
         self.export = read_export(context.artifacts["model"])
         self.tokenizer = load_tokenizer(self.export)
-        self.model = load_model(self.export)
+        # the one-process groups, shared with the other models loaded in this process and up
+        # while any of them lives (a caller's own groups are used and left to it)
+        self._groups = GroupHold()
+        try:
+            self.model = load_model(self.export)
+        except BaseException:
+            self._groups.release()
+            raise
 
     # a DataFrame (what the signature makes of any input) is a type hint MLflow infers nothing from
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list:

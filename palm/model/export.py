@@ -11,7 +11,8 @@ An export is a folder of three files, written by every training stage the same w
 :func:`read_export` checks a folder (present, complete, readable, its tokenizer the one the
 weights were trained with) and refuses anything else with one :class:`~palm.core.errors.UserError`
 line; :func:`load_model` builds the model (``PaLM``, or ``RewardModel`` for a reward export) in
-the process groups of :func:`palm.model.parallel.process_groups`. :func:`resolve` turns a model reference into a
+the process groups of :func:`palm.model.parallel.process_groups` (or of a
+:class:`palm.model.parallel.GroupHold`). :func:`resolve` turns a model reference into a
 folder: a path, or a registry URI (``models:/palm-chat@champion``) downloaded to a cache.
 """
 
@@ -127,8 +128,8 @@ def load_tokenizer(export: Export):
 
 def load_model(export: Export, dtype: "torch.dtype | None" = None) -> "PaLM":
     """The whole model of ``export`` in eval mode on this process's device (inside
-    :func:`palm.model.parallel.process_groups`): a ``PaLM``, or a ``RewardModel`` (scalar per position) for a reward
-    export."""
+    :func:`palm.model.parallel.process_groups`, or while a :class:`palm.model.parallel.GroupHold` is
+    held): a ``PaLM``, or a ``RewardModel`` (scalar per position) for a reward export."""
     import torch
     from safetensors import SafetensorError
 

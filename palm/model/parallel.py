@@ -32,12 +32,15 @@ Building this rank's chunks from the plan (:func:`chunk_layers`) and wrapping th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
 import math
 import os
 import socket
+import threading
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -92,10 +95,81 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, data_
 
 
 def teardown() -> None:
-    """Destroy megatron's groups and the default process group (safe to call twice)."""
-    parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Destroy megatron's groups and the default process group (safe to call twice), whoever holds
+    them: the holds (:class:`GroupHold`) taken before it count no more."""
+    global _holds, _epoch
+    with _lock:
+        _holds, _epoch = 0, _epoch + 1
+        parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# the groups that GroupHold started: how many holds are on them (0: none started by it, or a
+# caller's own groups), and how many teardowns there have been (a hold taken before the last one
+# counts no more)
+_lock = threading.RLock()  # re-entrant: the collector may drop a hold inside a locked body
+_holds = 0
+_epoch = 0
+
+
+def _take(tensor_parallel: int, pipeline_parallel: int, data_parallel: int, virtual_stages: int) -> int | None:
+    """One more hold on the groups, started if none are up; the epoch it counts in, or None for a
+    caller's own groups (used as they are, not ours to end)."""
+    global _holds
+    with _lock:
+        if _holds == 0 and parallel_state.model_parallel_is_initialized():
+            return None
+        _holds += 1  # first: a hold the collector drops meanwhile cannot take the count to 0
+        if _holds == 1:
+            try:
+                init_distributed(tensor_parallel, pipeline_parallel, data_parallel, virtual_stages)
+            except BaseException:
+                _holds = 0
+                raise
+        return _epoch
+
+
+def _let_go(epoch: int | None) -> None:
+    """One hold less (a caller's groups or a hold from before a teardown: nothing); the last one
+    tears the groups down."""
+    global _holds
+    with _lock:
+        if epoch is None or epoch != _epoch or _holds == 0:
+            return
+        _holds -= 1
+        if _holds == 0:
+            teardown()
+
+
+@atexit.register
+def _at_exit() -> None:
+    """Groups still held at exit are torn down here, while every module is whole (the holds'
+    finalizers do nothing at exit: during interpreter shutdown ``teardown`` may already be gone).
+    The process is ending: a failure here is not worth a traceback."""
+    if _holds:
+        with contextlib.suppress(Exception):
+            teardown()
+
+
+class GroupHold:
+    """A share of this process's groups, for as long as its owner lives: a model loaded for
+    inference keeps one (the served model, :mod:`palm.apps.serving`).
+
+    The first hold starts the groups (:func:`init_distributed`: a one-process world, TP = PP = DP
+    = 1 unless told otherwise), later ones share them, and they are torn down when the last hold
+    is released: by :meth:`release` (once; a second call does nothing) or by the hold being
+    dropped with its owner. So models loaded, swapped and dropped in any order leave the others
+    working. Groups up before the first hold (a caller's own: a torchrun worker's, a
+    :func:`process_groups` block's, a test's) are used as they are and left to their maker, as
+    :func:`process_groups` leaves them. Nothing is released one by one at interpreter exit:
+    :func:`_at_exit` tears down once."""
+
+    def __init__(self, tensor_parallel: int = 1, pipeline_parallel: int = 1, data_parallel: int = 1,
+                 virtual_stages: int = 1):
+        epoch = _take(tensor_parallel, pipeline_parallel, data_parallel, virtual_stages)
+        self.release = weakref.finalize(self, _let_go, epoch)
+        self.release.atexit = False
 
 
 @contextlib.contextmanager
@@ -103,8 +177,10 @@ def process_groups(tensor_parallel: int = 1, pipeline_parallel: int = 1, data_pa
                    virtual_stages: int = 1, *, seed: int | None = None) -> Iterator[None]:
     """The body runs with the process groups of :func:`init_distributed` up; they are torn down
     after it, also when it raises. Groups that already exist (a caller made them: a torchrun
-    worker, a test) are used as they are and left up. ``seed``: Python's, NumPy's and torch's
-    global generators are seeded first (what every training worker starts with)."""
+    worker, a test, the holds of loaded models: :class:`GroupHold`) are used as they are and left up;
+    a hold taken inside the block uses the block's groups, which end with it. ``seed``: Python's,
+    NumPy's and torch's global generators are seeded first (what every training worker starts
+    with)."""
     if seed is not None:
         import random
 

@@ -125,21 +125,27 @@ def _versions(c: Any, name: str) -> list:
     return c.search_model_versions(f"name = '{name}'")
 
 
-def _log(c: Any, run_id: str, name: str, folder: Path, kind: str) -> str:
-    """Save ``folder`` as a pyfunc model and log it into run ``run_id``; its artifact URI."""
+def save_pyfunc(out: Path, folder: Path, kind: str) -> Path:
+    """Save the export ``folder`` (of ``kind``) as a pyfunc model in the new folder ``out``: what a
+    registered version holds (``mlflow.pyfunc.load_model(out)`` loads it); returns ``out``."""
     import warnings
 
     import mlflow.pyfunc
 
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         # no input example on purpose: MLflow would run the model on it (seconds per model)
         warnings.filterwarnings("ignore", message=".*input example was not provided")
-        out = Path(tmp) / name
         mlflow.pyfunc.save_model(str(out), python_model=str(PALM / "apps" / "serving.py"),
                                  artifacts={"model": str(folder)}, code_paths=[str(PALM)],
                                  pip_requirements=pip_requirements(), signature=signature(kind),
                                  metadata={"palm.kind": kind})
-        c.log_artifacts(run_id, str(out), f"{ARTIFACT}/{name}")
+    return out
+
+
+def _log(c: Any, run_id: str, name: str, folder: Path, kind: str) -> str:
+    """Save ``folder`` as a pyfunc model and log it into run ``run_id``; its artifact URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        c.log_artifacts(run_id, str(save_pyfunc(Path(tmp) / name, folder, kind)), f"{ARTIFACT}/{name}")
     return f"runs:/{run_id}/{ARTIFACT}/{name}"
 
 
