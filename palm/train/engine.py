@@ -5,7 +5,8 @@ One :class:`Engine` per process. It builds this rank's model chunks from a chunk
 default; a reward or value model is another factory) with the layer split of the parallel plan
 (:func:`palm.model.parallel.chunk_layers`), wraps them in megatron ``DistributedDataParallel``, makes an
 AdamW ``get_megatron_optimizer`` (fp32 main weights when the params are bf16) with gradient
-clipping, an ``OptimizerParamScheduler`` (linear warmup, cosine decay), and runs one optimizer step
+clipping, whose AdamW the ``muon`` recipe swaps for :class:`palm.train.optim.MuonAdamW`, an
+``OptimizerParamScheduler`` (linear warmup, then cosine or warmup-stable-decay), and runs one optimizer step
 over ``num_microbatches`` micro-batches with ``get_forward_backward_func()`` — no pipelining,
 1F1B, or interleaved 1F1B when there are virtual stages — and ``finalize_model_grads`` (DP
 all-reduce, tied-embedding all-reduce between the first and last stage). Every megatron call runs
