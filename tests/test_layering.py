@@ -3,7 +3,7 @@
 The library's packages are layers; a module imports only its own package and the layers below
 (lazy, function-level imports included):
 
-    palm.apps     the palm command, chat, the feedback page, the UI link, the served model
+    palm.apps     the palm command, chat, the feedback page, the UI link, the served model, the OpenAI-compatible server
     palm.eval     held-out evaluation and its report
     palm.train    the loop, the engine, the launcher, the objectives
     palm.decode   KV cache, fused decoder and its plan, weight layouts, native kernels, sampling

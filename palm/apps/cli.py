@@ -5,6 +5,7 @@
     palm feedback sample|serve …    # sample replies, rank them in a local page (palm/apps/feedback/)
     palm chat models:/palm-chat@champion              # ... or a registered one
     palm lineage models:/palm-chat@champion [--json]  # its runs back to the scrape (palm/ops/lineage.py)
+    palm serve models/ppo [--port 8000]  # OpenAI-compatible API (palm/apps/openai_server.py)
     palm ui [--port 5000]           # the MLflow UI over the project's runs (palm/apps/ui.py; make ui)
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> exit code``. Errors
@@ -28,6 +29,7 @@ COMMANDS = {
     "chat": ("palm.apps.chat", "chat with an exported model (streamed replies, history, /reset, /quit)"),
     "feedback": ("palm.apps.feedback", "human feedback: sample replies (sample), rank them in a local web page (serve)"),
     "lineage": ("palm.ops.lineage", "the runs and data a registered model came from, back to the scrape run"),
+    "serve": ("palm.apps.openai_server", "an OpenAI-compatible HTTP server over an exported model (127.0.0.1)"),
     "ui": ("palm.apps.ui", "the MLflow UI on 127.0.0.1 over the project's runs and registered models (make ui)"),
 }
 

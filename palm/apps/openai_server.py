@@ -1,0 +1,439 @@
+"""``palm serve MODEL``: an OpenAI-compatible HTTP server over an exported model (FastAPI + uvicorn,
+127.0.0.1 by default). Any OpenAI client talks to it (docs/openai-server.md):
+
+* ``GET /v1/models``: the one model served, by the name ``--name`` (default: ``MODEL`` as given);
+* ``POST /v1/chat/completions``: ``messages`` (roles system, user, assistant) rendered with the
+  chat template of ``palm chat`` (:class:`palm.data.chat.ChatTemplate`), the reply generated after
+  ``<|assistant|>``; ``max_tokens``, ``temperature`` (0: greedy), ``top_p``, ``stream`` (server-sent
+  events in OpenAI's chunk format, ending with ``data: [DONE]``);
+* ``POST /v1/completions``: a plain continuation of ``prompt`` (its tokens, no template);
+* ``GET /v1/palm/stats``: the sizes of the batches decoded so far; ``GET /health``.
+
+Batching: one worker thread owns the model; HTTP handlers queue their requests to it. The worker
+takes every request waiting when it is free (up to ``--max-batch``; when idle, it first
+waits ``--batch-window-ms`` after a request for others to join it), grouped by sampling settings
+(one :func:`palm.decode.generate.generate` call draws all its rows alike), and decodes them as one
+left-padded KV-cached batch; requests arriving meanwhile wait for the next batch. Each row's text is
+handed out as it is made (:class:`palm.apps.chat.StreamDecoder`: whole characters only) and a row
+ends at its stop token or its own ``max_tokens``; the batch runs until every row has ended.
+
+Limits, refused with OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``:
+the request body (``--max-body-bytes``, 413), ``max_tokens`` (``--max-tokens-cap``, 400), the
+number of messages (``--max-messages``, 400), the prompt (at most ``seq_len - max_tokens`` tokens,
+400), an unknown model name (404), a malformed request (400; wrong JSON types 422).
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations (``Request``,
+# imported inside make_app) as objects, which string annotations would hide from it
+import argparse
+import dataclasses
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from palm.apps.chat import CHAT_KINDS, StreamDecoder
+from palm.core.errors import UserError
+
+# torch, the model and FastAPI are imported where they are used (palm's other commands import
+# this module to list its flags)
+
+ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    """A refused request: its HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclasses.dataclass
+class Job:
+    """One request queued to the decoding worker; ``emit`` is called (from the worker thread) with
+    ``("text", piece)``, then ``("end", finish_reason, completion_tokens)`` or ``("error", message)``."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    stop_ids: tuple[int, ...]
+    emit: Callable[[tuple], None]
+
+
+class Engine:
+    """The model, its tokenizer and the decoding worker thread (see the module docstring)."""
+
+    def __init__(self, model: Any, tokenizer: Any, kind: str, *, max_batch: int = 16, seed: int = 0,
+                 window_s: float = 0.0):
+        import torch
+
+        from palm.core.tokenizer import special_ids
+        from palm.data.chat import ChatTemplate
+
+        self.model, self.tokenizer, self.kind, self.max_batch = model, tokenizer, kind, max_batch
+        self.window_s = window_s  # an idle worker waits this long after a request for others to join it
+        self.seq_len = model.cfg.seq_len
+        self.ids = special_ids(tokenizer)
+        self.template = ChatTemplate(tokenizer)
+        self.generator = torch.Generator(model.embedding.weight.device).manual_seed(seed)
+        self.jobs: queue.Queue[Job] = queue.Queue()  # from the HTTP handlers
+        self.waiting: list[Job] = []  # taken from the queue, not yet decoded (the worker's own)
+        self.batches: list[int] = []  # the size of every batch decoded, in order
+        self.worker = threading.Thread(target=self._work, name="palm-decoder", daemon=True)
+        self.worker.start()
+
+    # --- prompts ---------------------------------------------------------------------------
+    def chat_ids(self, messages: list[tuple[str, str]]) -> list[int]:
+        from palm.data.chat_readers import Turn
+
+        return self.template.render_prompt(tuple(Turn(role, text) for role, text in messages))
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids or [self.ids["eod_id"]]
+
+    def stop_ids(self, chat: bool) -> tuple[int, ...]:
+        """A chat reply ends at the end of its turn; a continuation (and a pretrain model) at end of document."""
+        return (self.ids["end_turn_id"], self.ids["eod_id"]) if chat and self.kind != "pretrain" else (self.ids["eod_id"],)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    # --- the worker ------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def _take(self) -> list[Job]:
+        """The next batch: the oldest waiting job and every other waiting one drawn alike that
+        fits the context with it (up to ``max_batch``); the rest wait, in order of arrival."""
+        if not self.waiting:
+            self.waiting.append(self.jobs.get())
+            deadline = time.monotonic() + self.window_s  # let a burst of requests gather
+            while (left := deadline - time.monotonic()) > 0 and len(self.waiting) < self.max_batch:
+                try:
+                    self.waiting.append(self.jobs.get(timeout=left))
+                except queue.Empty:
+                    break
+        while True:
+            try:
+                self.waiting.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        first, batch, rest = self.waiting[0], [self.waiting[0]], []
+        for job in self.waiting[1:]:
+            width = max(len(j.prompt) for j in [*batch, job])
+            new = max(j.max_tokens for j in [*batch, job])
+            if (len(batch) < self.max_batch and (job.temperature, job.top_p) == (first.temperature, first.top_p)
+                    and width + new <= self.seq_len):
+                batch.append(job)
+            else:
+                rest.append(job)
+        self.waiting = rest
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            self.batches.append(len(batch))
+            try:
+                self._decode(batch)
+            except Exception as err:  # noqa: BLE001 - every waiting request hears of it, the worker lives on
+                for job in batch:
+                    job.emit(("error", f"{type(err).__name__}: {err}"))
+
+    def _decode(self, batch: list[Job]) -> None:
+        from palm.decode.generate import generate
+
+        decoders = [StreamDecoder(self.tokenizer) for _ in batch]
+        made = [0] * len(batch)
+        ended: list[str | None] = [None] * len(batch)
+
+        def on_token(tokens: Any, live: Any) -> None:
+            for r, job in enumerate(batch):
+                if ended[r] is not None or not bool(live[r]):
+                    continue
+                t = int(tokens[r])
+                if t in job.stop_ids:
+                    ended[r] = "stop"
+                    self._finish(job, decoders[r], "stop", made[r])
+                    continue
+                made[r] += 1
+                piece = decoders[r].feed(t)
+                if piece:
+                    job.emit(("text", piece))
+                if made[r] >= job.max_tokens:
+                    ended[r] = "length"
+                    self._finish(job, decoders[r], "length", made[r])
+
+        first = batch[0]
+        generate(self.model, [j.prompt for j in batch], max(j.max_tokens for j in batch),
+                 temperature=first.temperature, top_p=first.top_p, stop_ids=first.stop_ids,
+                 pad_id=self.ids["pad_id"], generator=self.generator, on_token=on_token)
+        for r, job in enumerate(batch):  # rows that ran out of steps before their own cap (none: the batch runs to the longest)
+            if ended[r] is None:
+                self._finish(job, decoders[r], "length", made[r])
+
+    @staticmethod
+    def _finish(job: Job, decoder: StreamDecoder, reason: str, made: int) -> None:
+        rest = decoder.finish()
+        if rest:
+            job.emit(("text", rest))
+        job.emit(("end", reason, made))
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_tokens: int  # the largest max_tokens a request may ask for (also its default)
+    max_messages: int
+    max_body_bytes: int
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(422, f"{key} must be a number, got {type(value).__name__}", key, "invalid_type")
+    if not low <= value <= high:
+        raise ApiError(400, f"{key} must be between {low:g} and {high:g}, got {value}", key, "invalid_value")
+    return float(value)
+
+
+def parse(body: dict, engine: Engine, limits: Limits, name: str, chat: bool) -> tuple[Job | None, dict]:
+    """Check a request body against the limits; the job to queue (its ``emit`` still to set) and
+    the request's options (``stream``, ``n_prompt``)."""
+    model = body.get("model")
+    if model != name:
+        raise ApiError(404, f"The model `{model}` does not exist: this server serves `{name}`", "model",
+                       "model_not_found")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "n must be 1", "n", "invalid_value")
+    raw = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = limits.max_tokens if raw is None else raw
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise ApiError(422, f"max_tokens must be an integer, got {type(max_tokens).__name__}", "max_tokens",
+                       "invalid_type")
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens} (this server's cap), "
+                            f"got {max_tokens}", "max_tokens", "invalid_value")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p <= 0:
+        raise ApiError(400, "top_p must be > 0", "top_p", "invalid_value")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list", "messages", "invalid_value")
+        if len(messages) > limits.max_messages:
+            raise ApiError(400, f"the request has {len(messages)} messages; at most {limits.max_messages} "
+                                "(--max-messages)", "messages", "too_many_messages")
+        turns = []
+        for i, m in enumerate(messages):
+            role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+            if role == "developer":
+                role = "system"
+            if role not in ROLES:
+                raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                               f"messages[{i}].role", "invalid_value")
+            if isinstance(content, list):  # content parts: their text
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            if not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content",
+                               "invalid_value")
+            turns.append((role, content))
+        prompt = engine.chat_ids(turns)
+    else:
+        text = body.get("prompt")
+        if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
+            text = text[0]
+        if not isinstance(text, str):
+            raise ApiError(400, "prompt must be a string (one prompt per request)", "prompt", "invalid_value")
+        prompt = engine.text_ids(text)
+    room = engine.seq_len - max_tokens
+    if len(prompt) > room:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens; with max_tokens {max_tokens} at most {room} fit "
+                            f"the model's {engine.seq_len}-token context", "messages" if chat else "prompt",
+                       "context_length_exceeded")
+    job = Job(prompt, max_tokens, temperature, top_p if top_p < 1 else None, engine.stop_ids(chat), emit=lambda e: None)
+    return job, {"stream": bool(body.get("stream", False)), "n_prompt": len(prompt),
+                 "usage": bool((body.get("stream_options") or {}).get("include_usage"))}
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+def make_app(engine: Engine, name: str, limits: Limits):
+    import asyncio
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="palm serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def refused(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(ApiError(404, f"no such path: {request.url.path}", code="not_found").body(), 404)
+
+    async def read(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise ApiError(413, f"the request body is {declared} bytes; at most {limits.max_body_bytes} "
+                                "(--max-body-bytes)", code="request_too_large")
+        data = b""
+        async for chunk in request.stream():  # a body without (or lying about) its length is counted as read
+            data += chunk
+            if len(data) > limits.max_body_bytes:
+                raise ApiError(413, f"the request body is over {limits.max_body_bytes} bytes (--max-body-bytes)",
+                               code="request_too_large")
+        try:
+            body = json.loads(data)
+        except ValueError as err:
+            raise ApiError(400, f"the body is not JSON: {err}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "palm"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != name:
+            raise ApiError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
+        return {"id": name, "object": "model", "created": created, "owned_by": "palm"}
+
+    @app.get("/v1/palm/stats")
+    async def stats() -> dict:
+        return {"batches": list(engine.batches), "queued": engine.jobs.qsize() + len(engine.waiting)}
+
+    async def complete(request: Request, chat: bool):
+        body = await read(request)
+        job, opts = parse(body, engine, limits, name, chat)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+        engine.submit(job)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        base = {"id": rid, "created": int(time.time()), "model": name}
+
+        def usage(made: int) -> dict:
+            return {"prompt_tokens": opts["n_prompt"], "completion_tokens": made,
+                    "total_tokens": opts["n_prompt"] + made}
+
+        if not opts["stream"]:
+            parts = []
+            while True:
+                event = await events.get()
+                if event[0] == "text":
+                    parts.append(event[1])
+                elif event[0] == "error":
+                    raise ApiError(500, event[1], type_="server_error", code="generation_failed")
+                else:
+                    break
+            text, reason, made = "".join(parts), event[1], event[2]
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                       "logprobs": None} if chat else
+                      {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+            return {**base, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                    "usage": usage(made)}
+
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, reason: str | None = None, role: bool = False) -> str:
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
+                choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            return f"data: {json.dumps({**base, 'object': kind, 'choices': [choice]})}\n\n"
+
+        async def stream():
+            if chat:
+                yield chunk(None, role=True)
+            while True:
+                event = await events.get()
+                if event[0] == "text":
+                    yield chunk(event[1])
+                elif event[0] == "error":
+                    err = ApiError(500, event[1], type_="server_error", code="generation_failed")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    break
+                else:
+                    yield chunk(None, event[1])
+                    if opts["usage"]:
+                        yield f"data: {json.dumps({**base, 'object': kind, 'choices': [], 'usage': usage(event[2])})}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    return app
+
+
+# --- the command line (palm/apps/cli.py registers it) -------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="an exported model folder (e.g. models/ppo) or a registry URI "
+                                                 "(e.g. models:/palm-chat@champion)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--name", default=None, help="the model's name in the API (default: MODEL as given)")
+    p.add_argument("--max-tokens-cap", type=int, default=256,
+                   help="largest max_tokens a request may ask (default %(default)s, at most the context - 1)")
+    p.add_argument("--max-messages", type=int, default=64, help="most messages per chat request (default %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default %(default)s)")
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="an idle worker waits this long after a request for others to batch with it "
+                        "(default %(default)s: requests that arrive while a batch decodes join the next one)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from palm.model.export import load_model, load_tokenizer, read_export
+    from palm.model.parallel import process_groups
+
+    for flag in ("max_tokens_cap", "max_messages", "max_body_bytes", "max_batch"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    export = read_export(args.model, kinds=CHAT_KINDS)
+    tokenizer = load_tokenizer(export)
+    seq_len = export.model.seq_len
+    limits = Limits(min(args.max_tokens_cap, seq_len - 1), args.max_messages, args.max_body_bytes)
+    name = args.name or args.model
+    import uvicorn
+
+    with process_groups():
+        engine = Engine(load_model(export), tokenizer, export.kind, max_batch=args.max_batch, seed=args.seed,
+                        window_s=max(args.batch_window_ms, 0.0) / 1000)
+        print(f"palm serve: {export.path} ({export.kind}, {seq_len}-token context) as model {name!r} on "
+              f"http://{args.host}:{args.port}/v1", flush=True)
+        uvicorn.run(make_app(engine, name, limits), host=args.host, port=args.port, log_level="warning")
+    return 0
