@@ -43,7 +43,7 @@ os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from palm.core.errors import UserError  # noqa: E402
+from palm.core.errors import UserError, first_line  # noqa: E402
 from palm.ops.tracking import PARENT_ENV, Tracker, git_commit  # noqa: E402
 from pipelines import ROOT  # noqa: E402
 from pipelines.servers import healthy  # noqa: E402
@@ -153,8 +153,7 @@ def plan(root: str, stages: list[str] | None = None, until: str | None = None,
     try:
         order, upstream = dag(folder)
     except Exception as err:  # noqa: BLE001 - any DVC failure: one line naming the parameter
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"pipeline root: DVC cannot read the pipeline in {folder} ({first})") from None
+        raise UserError(f"pipeline root: DVC cannot read the pipeline in {folder} ({first_line(err)})") from None
     if until is not None:
         if stages:
             raise UserError(f"pipeline until: give either stages or until, not both (stages {stages!r}, until {until!r})")
@@ -313,9 +312,8 @@ def user_error(err: BaseException) -> UserError | None:
     if isinstance(err, httpx.TransportError):
         from prefect.settings import PREFECT_API_URL
 
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return ServerGone(f"the Prefect server at {PREFECT_API_URL.value()} went away ({type(err).__name__}: "
-                          f"{first}); {RESUME}")
+                          f"{first_line(err)}); {RESUME}")
     return None
 
 

@@ -16,3 +16,9 @@ class ConfigError(UserError):
     def under(self, prefix: str) -> "ConfigError":
         """The same error with ``prefix.`` in front of its key (used when nesting sections)."""
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.message)
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of ``err``'s message (its type's name when it has none), cut to ``limit``
+    characters: what a one-line error quotes of a library's multi-line one."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

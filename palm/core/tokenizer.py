@@ -17,7 +17,7 @@ from typing import Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from palm.core.config import check
-from palm.core.errors import UserError
+from palm.core.errors import UserError, first_line
 
 EOD = "<|endoftext|>"  # end of document (appended to every document in the token shards)
 PAD = "<|pad|>"  # padding for batches of unequal length
@@ -85,6 +85,5 @@ def load_tokenizer(path: Path, expected_sha256: str | None = None) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{path}: not a readable tokenizer ({first}); rerun the tokenizer stage "
+        raise UserError(f"{path}: not a readable tokenizer ({first_line(err)}); rerun the tokenizer stage "
                         f"(dvc repro -f tokenizer)") from None

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from palm.core.config import check
-from palm.core.errors import UserError
+from palm.core.errors import UserError, first_line
 from palm.data.clean import FilterConfig, decode, extract_html, normalize, quality_reason
 from palm.data.corpus import CORPUS_SCHEMA
 from palm.data.crawl import CrawlConfig, Page, crawl
@@ -240,8 +240,7 @@ def _collect_hf(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> dict
 
         ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config or None, split=cfg.hf_split, streaming=True)
     except Exception as err:  # noqa: BLE001 - offline, unknown name, bad config: one clear line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"scrape.hf_dataset: could not load {cfg.hf_dataset!r} ({type(err).__name__}: {first}); "
+        raise UserError(f"scrape.hf_dataset: could not load {cfg.hf_dataset!r} ({type(err).__name__}: {first_line(err)}); "
                         f"the Hugging Face hub needs network access: when offline use source 'files' "
                         f"with a local folder") from None
     n = 0

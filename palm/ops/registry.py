@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from palm.core.errors import UserError
+from palm.core.errors import UserError, first_line
 from palm.core.io import atomic_dir
 from palm.ops.tracking import redact, tracking_uri
 
@@ -247,8 +247,7 @@ def get_version(c: Any, uri: str):
             return newest[0]
         return c.get_model_version(m["name"], m["version"])
     except MlflowException as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{_line(uri)}: not in the registry at {_line(redact(c.tracking_uri))} ({_line(redact(msg))}); run the pipeline "
+        raise UserError(f"{_line(uri)}: not in the registry at {_line(redact(c.tracking_uri))} ({_line(redact(first_line(err)))}); run the pipeline "
                         "(dvc repro evaluate registers the models) or set MLFLOW_TRACKING_URI") from None
 
 
@@ -317,9 +316,8 @@ def resolve(uri: str, root: Path | None = None) -> Path:
                 mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
                                                     dst_path=str(tmp), tracking_uri=c.tracking_uri)
             except Exception as err:  # noqa: BLE001 - MLflow's and the HTTP client's errors name the URL
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
                 raise UserError(f"{_line(uri)}: downloading {version.name} version {version.version} from the "
-                                f"registry failed: {_line(redact(first))} (is the tracking server reachable?)") from None
+                                f"registry failed: {_line(redact(first_line(err, 300)))} (is the tracking server reachable?)") from None
             # checked before it replaces anything: a bad MLmodel is not kept
             export_folder(tmp, f"{uri} ({version.name} version {version.version}), its MLmodel")
     return export_folder(local)
@@ -338,8 +336,7 @@ def export_folder(model_dir: Path, label: str | None = None) -> Path:
         # not there, not UTF-8, not YAML, or nested deeper than the parser goes
         why = {UnicodeDecodeError: "not UTF-8 text", RecursionError: "nested too deep to read"}.get(type(err))
         if why is None:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            why = f"{'not YAML' if isinstance(err, yaml.YAMLError) else 'unreadable'}: {_line(first)}"
+            why = f"{'not YAML' if isinstance(err, yaml.YAMLError) else 'unreadable'}: {_line(first_line(err, 200))}"
         raise UserError(f"{label}: not a readable MLmodel file ({why})") from None
     try:
         path = conf["flavors"]["python_function"]["artifacts"]["model"]["path"]
@@ -380,9 +377,8 @@ def lineage(uri: str, root: Path | None = None) -> dict[str, Any]:
         try:
             run = c.get_run(run_id)
         except MlflowException as err:  # deleted, or never in this tracking server: shown as missing
-            msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             runs[run_id] = {"stage": None, "status": "MISSING", "start_time": None, "git_commit": None,
-                            "inputs": [], "registered": [], "outputs": {}, "missing": _line(redact(msg))}
+                            "inputs": [], "registered": [], "outputs": {}, "missing": _line(redact(first_line(err, 200)))}
             order.append(run_id)
             return
         tags = run.data.tags

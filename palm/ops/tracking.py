@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from palm.core.errors import first_line
+
 EXPERIMENT = "palm-rlhf"
 PARENT_ENV = "PALM_MLFLOW_PARENT_RUN_ID"
 # MLflow 3's UI opens an experiment on its GenAI traces overview (empty for this project) unless
@@ -128,9 +130,8 @@ class Tracker:
             return fn()
         except Exception as err:  # noqa: BLE001 - any MLflow failure must not stop the stage
             self.enabled = False
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"warning: MLflow {what} failed at {redact(tracking_uri(self.root))} ({type(err).__name__}: "
-                  f"{redact(msg)}); "
+                  f"{redact(first_line(err))}); "
                   f"the stage goes on and keeps its outputs, but this run is not tracked", file=sys.stderr)
             return None
 
