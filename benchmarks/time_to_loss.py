@@ -28,7 +28,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from compare_runs import cpu  # noqa: E402
 
 from palm.core.config import from_dict, read_params  # noqa: E402
 from palm.core.process import default_threads, flush_denormals  # noqa: E402
@@ -46,8 +48,8 @@ from palm.model import parallel  # noqa: E402
 from palm.model.network import ModelConfig  # noqa: E402
 from palm.train import data  # noqa: E402
 from palm.train.engine import Engine  # noqa: E402
-from palm.train.metrics import cpu_flags, dtype_name, resolve_dtype  # noqa: E402
-from palm.train.pretrain import PretrainConfig, lm_forward_step, shards_sha256  # noqa: E402
+from palm.train.metrics import dtype_name, resolve_dtype  # noqa: E402
+from palm.train.pretrain import PretrainConfig, lm_forward_step, load_batches, shards_sha256  # noqa: E402
 
 ISA_ENV = ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
@@ -82,11 +84,9 @@ class Run:
                  data_sha: str, cache: Path, dtype: torch.dtype):
         self.name, self.section = name, section
         self.cfg = from_dict(PretrainConfig, section, "pretrain")
-        train_ds, _ = data.build_datasets(
-            tokens, meta, seq_len=model.seq_len, train_samples=self.cfg.train_steps * self.cfg.global_batch,
-            valid_samples=1, seed=self.cfg.seed, cache_dir=cache / data_sha[:16])
-        self.batches = data.Batches(train_ds, micro_batch_size=self.cfg.micro_batch_size,
-                                    num_microbatches=self.cfg.num_microbatches, dp_rank=0, dp_size=1)
+        # the pretrain stage's own batches of this recipe (its validation ones go unused here)
+        self.batches, _ = load_batches(tokens, model, self.cfg, meta["tokenizer_sha256"], data_sha, cache,
+                                       dp_rank=0, dp_size=1)
         self.engine = Engine(model, self.cfg.optim, forward_step=lm_forward_step(self.cfg.z_loss_weight),
                              train_steps=self.cfg.train_steps, micro_batch_size=self.cfg.micro_batch_size,
                              num_microbatches=self.cfg.num_microbatches, dtype=dtype, seed=self.cfg.seed)
@@ -140,11 +140,7 @@ class Run:
 
 
 def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    flags = cpu_flags() or set()
-    return {"cpu": model, "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "torch": torch.__version__,
+    return {"cpu": cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             # kernels held to an instruction set (e.g. AVX2 on a newer CPU) say so here
             "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}

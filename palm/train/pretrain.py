@@ -103,7 +103,7 @@ def evaluate_checkpoint(checkpoint: Path, tokens: Path, cfg: PretrainConfig, *, 
     meta = ckpt.check_checkpoint(checkpoint)["run"]
     model = from_dict(ModelConfig, meta["model"], "model")
     with parallel.process_groups():
-        _, valid = _data(tokens, model, cfg, meta["tokenizer_sha256"], meta["data_sha256"], run_dir,
+        _, valid = load_batches(tokens, model, cfg, meta["tokenizer_sha256"], meta["data_sha256"], run_dir,
                          dp_rank=0, dp_size=1)
         engine = Engine(model, None, forward_step=lm_forward_step(meta["z_loss_weight"]),
                         micro_batch_size=cfg.micro_batch_size, dtype=torch.float32)
@@ -113,8 +113,10 @@ def evaluate_checkpoint(checkpoint: Path, tokens: Path, cfg: PretrainConfig, *, 
 
 # --- the worker side: one training process -------------------------------------------------------
 
-def _data(tokens: Path, model: ModelConfig, cfg: PretrainConfig, tokenizer_sha256: str, data_sha256: str,
-          run_dir: Path, *, dp_rank: int, dp_size: int):
+def load_batches(tokens: Path, model: ModelConfig, cfg: PretrainConfig, tokenizer_sha256: str, data_sha256: str,
+                 run_dir: Path, *, dp_rank: int, dp_size: int):
+    """This DP rank's training batches (``.step(i)``) and validation micro-batches of ``cfg`` on the
+    token shards, after checking them against the tokenizer and the model's vocabulary."""
     from palm.train import data
 
     meta = data.check_shards(tokens, tokenizer_sha256)
@@ -144,7 +146,7 @@ def worker(spec: dict[str, Any]) -> None:
     validate(model, cfg)
     with loop.worker_groups(cfg):
         tokens, run_dir = Path(spec["tokens"]), Path(spec["run_dir"])
-        batches, valid = _data(tokens, model, cfg, spec["tokenizer_sha256"], spec["data_sha256"], run_dir,
+        batches, valid = load_batches(tokens, model, cfg, spec["tokenizer_sha256"], spec["data_sha256"], run_dir,
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
         job = loop.Job(
             stage="pretrain", model=model, cfg=cfg, dtype=DTYPES[spec["dtype"]],
