@@ -124,3 +124,27 @@ def test_concurrent_requests_are_decoded_in_batches(client, url):
     assert sum(batches) == len(prompts) and max(batches) > 1, batches  # requests shared a batch
     # a row decodes as its prompt alone would (greedy, left padding never attended)
     assert [replies[0], replies[1]] == alone
+
+
+def test_a_batch_holds_only_requests_drawn_and_stopped_alike():
+    """One generate() call samples every row alike and stops rows at one set of tokens: a plain
+    completion (ends at end of document) must not share a batch with chat replies (end of turn),
+    which would cut it at a turn's end; nor requests with other sampling settings."""
+    import queue
+
+    from palm.apps.openai_server import Engine, Job
+
+    engine = Engine.__new__(Engine)  # the batching rule alone: no model, no worker thread
+    engine.max_batch, engine.seq_len, engine.window_s = 16, 64, 0.0
+    engine.jobs, engine.waiting = queue.Queue(), []
+
+    def job(stop_ids: tuple, temperature: float = 0.0) -> Job:
+        return Job([1, 2, 3], 4, temperature, None, stop_ids, emit=lambda e: None)
+
+    chat, text, chat2, hot = job((5, 0)), job((0,)), job((5, 0)), job((5, 0), 1.0)
+    for j in (chat, text, chat2, hot):
+        engine.jobs.put(j)
+    taken = []
+    while not engine.jobs.empty() or engine.waiting:  # (_take waits for a request when none is left)
+        taken.append(engine._take())
+    assert [[id(j) for j in batch] for batch in taken] == [[id(chat), id(chat2)], [id(text)], [id(hot)]]

@@ -69,6 +69,11 @@ class Job:
     emit: Callable[[tuple], None]
 
 
+def _drawn_alike(job: Job) -> tuple:
+    """What the rows of one batch must share: the sampling settings and the stop tokens."""
+    return job.temperature, job.top_p, job.stop_ids
+
+
 class Engine:
     """The model, its tokenizer and the decoding worker thread (see the module docstring)."""
 
@@ -131,7 +136,9 @@ class Engine:
         for job in self.waiting[1:]:
             width = max(len(j.prompt) for j in [*batch, job])
             new = max(j.max_tokens for j in [*batch, job])
-            if (len(batch) < self.max_batch and (job.temperature, job.top_p) == (first.temperature, first.top_p)
+            # one generate() call draws every row alike and ends rows at one set of stop tokens: a
+            # continuation must not be cut at a chat turn's end (nor a chat reply run past it)
+            if (len(batch) < self.max_batch and _drawn_alike(job) == _drawn_alike(first)
                     and width + new <= self.seq_len):
                 batch.append(job)
             else:
@@ -278,7 +285,6 @@ def make_app(engine: Engine, name: str, limits: Limits):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="palm serve", docs_url=None, redoc_url=None, openapi_url=None)
-    created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def refused(request: Request, err: ApiError) -> JSONResponse:
@@ -311,15 +317,17 @@ def make_app(engine: Engine, name: str, limits: Limits):
     async def health() -> dict:
         return {"status": "ok"}
 
+    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "palm"}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "palm"}]}
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         if model_id != name:
             raise ApiError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
-        return {"id": name, "object": "model", "created": created, "owned_by": "palm"}
+        return card
 
     @app.get("/v1/palm/stats")
     async def stats() -> dict:
