@@ -12,6 +12,7 @@ fails, the stage warns and keeps its outputs."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -49,11 +50,25 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
         curves[stage] = pngs[f"curve_{stage}"] = png
     if missing:
         print(f"evaluate: no training curve for {', '.join(missing)}; the report goes without", file=sys.stderr)
+    ppo_curve = next((ctx.root / c for c in ctx.args.curves if Path(c).parent.name == "ppo"), None)
+    if ppo_curve is not None and ppo_curve.is_file():
+        start = ppo_curve.parent / "metrics.json"
+        png = report.overoptimisation_plot(ppo_curve, json.loads(start.read_text()) if start.is_file() else None)
+        if png is not None:
+            pngs["overoptimisation"] = png
+    if cfg.human_judgments:
+        from palm.eval.human import human_verdict
+
+        result.metrics.update(human_verdict(ctx.root / cfg.human_judgments))
+    if not result.metrics["verdict"]:
+        print(f"warning: evaluate: only {result.metrics['prompts']} held-out prompts (< evaluate.min_prompts "
+              f"{cfg.min_prompts}): no verdict, and the policy cannot become champion (more held-out data: "
+              "sft_data.valid_fraction)", file=sys.stderr)
     if not result.metrics["kl_within_limit"]:
         print(f"warning: evaluate: the PPO policy's KL to SFT is {result.metrics['kl']:.2f} nats per reply, beyond "
               f"evaluate.kl_limit={cfg.kl_limit}: its reward gains may be reward hacking (raise ppo.kl.coef or "
               "set ppo.kl.target)", file=sys.stderr)
-    page = report.html(result.metrics, result.samples, pngs["rewards"], curves, missing)
+    page = report.html(result.metrics, result.samples, pngs["rewards"], curves, missing, pngs.get("overoptimisation"))
     with atomic_dir(ctx.path("plots")) as out:
         for name, png in pngs.items():
             (out / f"{name}.png").write_bytes(png)
@@ -84,7 +99,7 @@ def register(cfg: EvaluateConfig, ctx: StageContext, metrics: dict) -> None:
         registered = registry.register({name: ctx.path(name) for name in MODELS}, md5s,
                                        {name: parents.get(rel[name]) for name in MODELS}, evaluate_run=tracker.run_id,
                                        metrics=metrics, metric=cfg.champion_metric, direction=cfg.champion_direction,
-                                       root=ctx.root)
+                                       eval_set=metrics.get("eval_set", ""), root=ctx.root)
         tracker.set_tags({f"palm.registered.{r['name']}": str(r["version"]) for r in registered.values()})
 
     tracker.guard("model registration", go)

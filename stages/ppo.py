@@ -60,12 +60,19 @@ def body(cfg: PPOConfig, ctx: StageContext) -> dict:
         result = launch(model, cfg, data=ctx.path("data"), policy=policy, reward=reward,
                         tokenizer_sha256=config["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
                         run_dir=checkpoints / "run", dtype=dtype)
-    with exported(ctx, result, policy / "tokenizer.json", {
+    chosen = result
+    if cfg.select == "best_gold" and result.get("best_checkpoint"):  # the probe's best policy, not the last
+        chosen = {**result, "checkpoint": result["best_checkpoint"]}
+        print(f"ppo: exporting the policy of iteration {result['gold_best_iteration']} (best probe gold score "
+              f"{result['gold_best']:.3f}; ppo.select: best_gold)", file=sys.stderr)
+    with exported(ctx, chosen, policy / "tokenizer.json", {
             "kind": "ppo", "parent": str(ctx.args.policy), "reward_model": str(ctx.args.reward),
-            "advantage": cfg.advantage,
+            "advantage": cfg.advantage, "select": cfg.select,
+            "iteration": result.get("gold_best_iteration", result["iterations"]) if chosen is not result
+            else result["iterations"],
             "metrics": {k: result[k] for k in ("reward", "initial_reward", "kl", "response_length")}}):
         pass
-    return {k: v for k, v in result.items() if k != "checkpoint"}
+    return {k: v for k, v in result.items() if k not in ("checkpoint", "best_checkpoint")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,6 +294,23 @@ def make_parent(out: Path, tokenizer: Path, model: ModelConfig | None = None, se
     return out
 
 
+def chat_export(out: Path, tokenizer: Path, *, kind: str = "ppo", seed: int = 3, redraw: int = 5) -> Path:
+    """A tiny chat export (``MODEL``, kind ``kind``) whose weights are redrawn (:func:`redraw_weights`
+    with seed ``redraw``) so that its replies are varied text, unlike PaLM's own init; another
+    ``redraw`` seed makes another model with the same tokenizer."""
+    make_parent(out, tokenizer, seed=seed)
+    from palm.model.network import PaLM
+    from palm.model.parallel import process_groups
+    from palm.model.weights import export_safetensors
+
+    config = json.loads((out / "config.json").read_text())
+    with process_groups():
+        net = PaLM(_tiny_model(), seed=seed)
+        redraw_weights(net, seed=redraw)
+        export_safetensors(net, out, {**config, "kind": kind})
+    return out
+
+
 def make_reward(out: Path, tokenizer: Path, model: ModelConfig | None = None, seed: int = 13, mean: float = 0.0,
                 std: float = 1.0) -> Path:
     """A tiny reward-model export (PaLM + scalar head, randomly initialised) as the reward stage

@@ -175,7 +175,8 @@ def test_stage_writes_metrics_plots_and_report_and_logs_them(project, tmp_path, 
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "No curve for: pretrain" in page
     assert "<|assistant|>" not in page and "&lt;|assistant|&gt;" in page  # prompts shown escaped
-    assert f"{100 * metrics['win_rate']:.1f}%" in page
+    assert f"Proxy (the reward model PPO was trained to maximise" in page and f"{100 * metrics['win_rate']:.1f}" in page
+    assert page.index("Gold judge") < page.index("Proxy (")  # the gold verdict leads
 
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("palm-rlhf").experiment_id])
@@ -192,7 +193,7 @@ def test_report_escapes_what_models_and_data_say():
     metrics = {"win_rate": 0.75, "reward_sft": 0.1, "reward_ppo": 0.2, "kl": 1.5, "prompts": 1}
     page = html(metrics, [sample], reward_plot({"sft": [0.1], "ppo": [0.2]}), {}, ["ppo"])
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<img src=x" not in page and "a &amp; b" in page and "75.0%" in page
+    assert "<img src=x" not in page and "a &amp; b" in page and "75.0 %" in page
 
 
 def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path):
@@ -231,3 +232,78 @@ def test_stage_bad_input_is_one_line_exit_2_and_no_output(project, tmp_path, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: evaluate: ") and "models/ppo: no such model folder" in err[0]
     assert not [p for p in (root / "reports").rglob("*") if p.is_file()]
+
+
+# ---- the gold judge, the verdict, the evaluation set --------------------------------------------
+
+def test_gold_keys_a_policy_against_itself_and_the_evaluation_set(project):
+    same = evaluate(EVAL_CFG, **paths(project, ppo="same")).metrics
+    for m in ("score", "f1", "rouge_l", "repetition"):
+        assert {f"gold_{m}_sft", f"gold_{m}_ppo", f"gold_{m}_gain", f"gold_{m}_gain_se"} <= set(same), m
+        assert same[f"gold_{m}_gain"] == 0.0 and same[f"gold_{m}_sft"] == same[f"gold_{m}_ppo"]
+    assert same["gold_win_rate"] == 0.5 and same["verdict"] == 1 and same["min_prompts"] == EVAL_CFG.min_prompts
+    other = evaluate(EVAL_CFG, **paths(project)).metrics
+    assert other["eval_set"] == same["eval_set"]  # same prompts, judge and sampling: comparable
+    assert 0 <= other["gold_score_ppo"] <= 1 and 0 <= other["gold_win_rate"] <= 1
+    more = evaluate(EvaluateConfig(**{**to_dict(EVAL_CFG), "samples_per_prompt": 2}), **paths(project)).metrics
+    assert more["eval_set"] != other["eval_set"]
+    none = evaluate(EvaluateConfig(**{**to_dict(EVAL_CFG), "gold": "none"}), **paths(project)).metrics
+    assert not any(k.startswith("gold_") for k in none) and none["eval_set"] != other["eval_set"]
+
+
+def test_gold_rule_equals_a_loop_over_prompts():
+    from palm.data import rules
+    from palm.eval.evaluate import gold_rule
+
+    prompts = ["<|user|>What is `a.f` for?<|assistant|>", "<|user|>Say hi<|assistant|>", "<|user|>Explain `b.g`."]
+    answers = ["`a.f(x)`: Adds one to x.", "Hello there friend.", "`b.g()`: Returns nothing at all."]
+    got = {"sft": ["`a.f(x)`: Adds one", "no", "Hello there", "Hello", "`b.g()`", "nothing at all"],
+           "ppo": ["a.f adds", "`a.f(x)`: Adds one to x.", "Hello there friend.", "x", "b.g b.g b.g b.g b.g", "no"]}
+    out, scores = gold_rule(prompts, answers, got, 2)
+    for m in ("score", "names", "f1"):
+        per = {}
+        for name in got:
+            vals = [[rules.judge(prompts[i], answers[i], got[name][2 * i + j])[m] for j in range(2)] for i in range(3)]
+            per[name] = [sum(v) / 2 for v in vals if v[0] is not None]
+        gains = [p - s for p, s in zip(per["ppo"], per["sft"])]
+        mean = sum(gains) / len(gains)
+        se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+        assert out[f"gold_{m}_gain"] == pytest.approx(mean) and out[f"gold_{m}_gain_se"] == pytest.approx(se), m
+    assert len(per["ppo"]) == 3 and out["gold_names_sft"] == pytest.approx(0.5)  # names: 2 prompts apply
+    wins = [sum((p > s) + 0.5 * (p == s) for p, s in zip(scores["ppo"][2 * i:2 * i + 2], scores["sft"][2 * i:2 * i + 2])) / 2
+            for i in range(3)]
+    assert out["gold_win_rate"] == pytest.approx(sum(wins) / 3)
+
+
+def test_too_few_held_out_prompts_give_no_verdict(project, tmp_path, monkeypatch):
+    """The real-data case: one held-out prompt "won" 100 %; below min_prompts there is no verdict."""
+    from stages.evaluate import main
+
+    root = stage_project(project, tmp_path, monkeypatch, prompts=1, min_prompts=30)
+    assert main(EVALUATE_ARGS + ["--no-mlflow"]) == 0
+    metrics = json.loads((root / "reports" / "evaluate" / "metrics.json").read_text())
+    assert metrics["verdict"] == 0 and metrics["prompts"] == 1
+    page = (root / "reports" / "evaluate" / "report.html").read_text()
+    assert "No verdict: only 1 held-out prompts" in page and "Gold judge (" not in page and "Proxy (" not in page
+
+
+def test_headline_and_the_overoptimisation_plot(tmp_path):
+    from palm.eval.report import headline, overoptimisation_plot
+
+    m = {"prompts": 87, "verdict": 1, "min_prompts": 30, "gold_score_gain": -0.013, "gold_score_gain_se": 0.0015,
+         "gold_score_ppo": 0.026, "gold_score_sft": 0.039, "gold_win_rate": 0.33, "gold_win_rate_se": 0.02,
+         "gold_names_ppo": 0.0, "gold_names_sft": 0.0, "win_rate": 0.63, "win_rate_se": 0.02, "reward_ppo": 0.64,
+         "reward_sft": 0.07, "kl": 1.1, "kl_limit": 2.0, "kl_within_limit": 1}
+    lines = headline(m)
+    assert lines[0].startswith("Gold judge") and "worse (more than 2 standard errors)" in lines[0]
+    assert lines[-1].startswith("Proxy (") and "63.0 ± 2.0 %" in lines[-1]
+    assert "better (more than 2" in headline({**m, "gold_score_gain": 0.01})[0]
+    assert "not distinguishable" in headline({**m, "gold_score_gain": 0.002})[0]
+    people = headline({**m, "human_win_rate": 0.6, "human_win_rate_se": 0.05, "human_judgments": 40, "human_labelers": 2})
+    assert people[1].startswith("People (blind A/B, 40 judgements by 2 labelers)")
+    curve = tmp_path / "curve.csv"
+    curve.write_text("step,reward,gold_score,proxy_reward,probe_kl\n1,0.1,,,\n2,0.2,0.05,0.3,0.5\n4,0.4,0.03,0.6,1.2\n")
+    png = overoptimisation_plot(curve, {"gold_initial": 0.04, "proxy_initial": 0.0, "probe_kl_initial": 0.0})
+    assert png.startswith(b"\x89PNG")
+    curve.write_text("step,reward\n1,0.1\n")
+    assert overoptimisation_plot(curve) is None

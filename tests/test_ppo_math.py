@@ -122,3 +122,27 @@ def test_whiten_explained_variance_and_adaptive_kl():
     ctl = ppo.AdaptiveKL(coef=0.1, target=6.0, horizon=100)
     assert ctl.update(12.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +20 %
     assert ppo.AdaptiveKL(coef=0.1).update(100.0, 10) == 0.1  # no target: fixed
+
+
+def test_the_probe_is_set_apart_seeded_and_small():
+    from palm.train.rlhf.probe import split_probe
+
+    examples = [([i], [i + 100]) for i in range(40)]
+    train, probe = split_probe(examples, 8, seed=3)
+    assert len(probe) == 8 and len(train) == 32 and not {tuple(p) for p, _ in probe} & {tuple(p) for p, _ in train}
+    assert [e for e in examples if e not in probe] == train  # the rest keep their order
+    assert split_probe(examples, 8, seed=3) == (train, probe) and split_probe(examples, 8, seed=4)[1] != probe
+    assert len(split_probe(examples, 100, seed=3)[1]) == 10  # at most a quarter
+    assert split_probe(examples[:3], 8, seed=3) == (examples[:3], [])
+
+
+def test_the_overoptimisation_warning():
+    from palm.train.rlhf.probe import falling
+
+    peak = {"iteration": 5.0, "gold_score": 0.30, "proxy_reward": 0.2, "gold_score_se": 0.01}
+    history = [{"iteration": 0.0, "gold_score": 0.25, "proxy_reward": 0.0, "gold_score_se": 0.01}, peak]
+    assert falling([], peak) is None
+    line = falling(history, {"gold_score": 0.20, "proxy_reward": 0.5, "gold_score_se": 0.01})
+    assert "fell below its peak 0.300 (iteration 5)" in line and "0.200 -> 0.500" in line and "\n" not in line
+    assert falling(history, {"gold_score": 0.29, "proxy_reward": 0.5, "gold_score_se": 0.01}) is None  # within 2 SE
+    assert falling(history, {"gold_score": 0.20, "proxy_reward": 0.1, "gold_score_se": 0.01}) is None  # proxy fell too

@@ -14,6 +14,7 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,3 +146,36 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     finally:
         sys.path.remove(str(root))
     assert not (root / "models" / "ppo").exists() and not (root / "checkpoints" / "ppo").exists()
+
+
+def test_the_probe_curve_and_select_best_gold_export_the_best_policy(tmp_path):
+    """gold_* columns in the curve at every gold_interval, the start in the metrics, and with
+    select: best_gold the export is the probe's best iteration (here iteration 0 if gold never rose)."""
+    from safetensors.torch import load_file
+
+    root = project(tmp_path / "p")
+    set_params(root, ppo={**PPO, "train_steps": 3, "gold_interval": 1, "gold_probe": 4, "select": "best_gold",
+                          "optim": {"lr": 0.01, "min_lr": 0.01, "warmup_steps": 0, "weight_decay": 0.0}})
+    res = run_stage_cli("ppo", ARGS + ["--no-mlflow"], cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r for r in csv_rows(root / "reports" / "ppo" / "curve.csv")]
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and all(r["gold_score"] != "" for r in rows)
+    assert all(r["probe_kl"] != "" and r["proxy_reward"] != "" for r in rows)
+    metrics = json.loads((root / "reports" / "ppo" / "metrics.json").read_text())
+    assert {"gold_initial", "proxy_initial", "probe_kl_initial", "gold_best", "gold_best_iteration"} <= set(metrics)
+    golds = [metrics["gold_initial"]] + [float(r["gold_score"]) for r in rows]
+    best = max(range(4), key=lambda i: golds[i])
+    assert metrics["gold_best_iteration"] == best and metrics["gold_best"] == pytest.approx(golds[best], abs=1e-5)
+    config = json.loads((root / "models" / "ppo" / "config.json").read_text())
+    assert config["select"] == "best_gold" and config["iteration"] == best
+    exported = load_file(root / "models" / "ppo" / "model.safetensors")
+    start = load_file(root / "models" / "sft" / "model.safetensors")
+    same = all(torch.equal(exported[k].float(), start[k].float()) for k in start)
+    assert same == (best == 0)  # iteration 0 is the SFT policy itself; any later one has moved
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -26,7 +26,20 @@ last token, normalised with the mean and std the reward stage saved. Reported:
   evenly spaced windows of ``seq_len + 1`` tokens of the ``tokenize`` stage's valid shard;
   ``reply_perplexity_<m>``: on the held-out SFT conversations' assistant replies (the SFT loss mask);
 * ``reward_accuracy``: share of held-out preference pairs the reward model ranks right (chosen
-  strictly above rejected), and ``reward_margin``, the mean normalised gap.
+  strictly above rejected), and ``reward_margin``, the mean normalised gap;
+* the gold judge (``gold: rule``, :mod:`palm.data.rules`: checks from the source documentation that
+  the reward model never learned): ``gold_<measure>_sft`` and ``_ppo`` for every measure (names the
+  asked function, documented signature, word F1, ROUGE-L, repetition, the combined score), their
+  difference ``gold_<measure>_gain`` (PPO - SFT) with ``gold_<measure>_gain_se`` from the per-prompt
+  differences (prompts are the independent units), and ``gold_win_rate`` (± ``gold_win_rate_se``)
+  by the combined score, ties half;
+* ``verdict``: 1 when there are at least ``min_prompts`` held-out prompts, else 0 (the report then
+  gives no headline number); ``eval_set``: an id of the prompts, the judge and the sampling, so
+  that only evaluations of the same set are compared (the registry's champion rule).
+
+The reward model's numbers are the *proxy*: PPO was trained to raise them, so they measure
+optimisation, not quality (Gao et al. 2022). The gold judge and people (``human_judgments``, a
+``palm feedback compare`` file) are the evidence.
 
 Everything runs in this process (one-process torch.distributed, whole models), in bounded time:
 each count above is a field of :class:`EvaluateConfig`.
@@ -49,10 +62,13 @@ from palm.decode.generate import Generation, SamplingConfig, generate
 from palm.model.export import Export, load_model, load_tokenizer, read_export, same_tokenizer
 from palm.model.parallel import process_groups
 
+GOLD = ("rule", "none")  # the gold judges evaluate knows
+
 LM_MODELS = ("pretrain", "sft", "ppo")
 # metrics of the PPO policy the champion rule may compare (palm.ops.registry)
 POLICY_METRICS = ("win_rate", "reward_ppo", "reward_gain", "kl", "length_ppo", "ended_ppo", "perplexity_ppo",
-                  "reply_perplexity_ppo")
+                  "reply_perplexity_ppo", "gold_score_ppo", "gold_score_gain", "gold_win_rate", "gold_names_ppo",
+                  "gold_f1_ppo", "gold_rouge_l_ppo", "human_win_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +97,15 @@ class EvaluateConfig:
     # "max", lower for "min"); otherwise it is @candidate. The first version is champion.
     champion_metric: str = "win_rate"
     champion_direction: Literal["max", "min"] = "max"
+    # the judge independent of the reward model PPO trained against: rule (palm/data/rules.py, the
+    # default data's checks from the documentation) or none
+    gold: str = "rule"
+    # below this many held-out prompts the report gives no verdict (verdict 0) and the registry
+    # does not make the policy champion: one prompt's "100 %" is not evidence
+    min_prompts: int = 30
+    # a judgments file of `palm feedback compare SFT PPO` (people's blind A/B): human_win_rate in
+    # the metrics and the report's headline; null: none
+    human_judgments: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "windows", "samples_per_prompt"):
@@ -88,6 +113,8 @@ class EvaluateConfig:
         for name in ("prompts", "pairs", "replies", "samples", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.kl_limit > 0, "kl_limit", f"must be > 0 (nats per reply), got {self.kl_limit}")
+        check(self.gold in GOLD, "gold", f"must be one of {', '.join(GOLD)}, got {self.gold!r}")
+        check(self.min_prompts >= 1, "min_prompts", f"must be >= 1, got {self.min_prompts}")
         check(self.champion_metric in POLICY_METRICS, "champion_metric",
               f"must be one of {', '.join(POLICY_METRICS)}, got {self.champion_metric!r}")
         self.sampling  # temperature, top_k and top_p checked by SamplingConfig
@@ -103,7 +130,8 @@ class Evaluation:
 
     metrics: dict[str, float | int]
     rewards: dict[str, list[float]]  # normalised reward of every reply (draw j of prompt i at i * samples_per_prompt + j), per policy
-    samples: list[dict[str, Any]]  # prompt, reference, sft and ppo replies and rewards (text)
+    samples: list[dict[str, Any]]  # prompt, reference, sft and ppo replies, rewards and gold scores (text)
+    gold: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # the gold score of every reply, per policy
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -200,6 +228,48 @@ def win_rate(ours: torch.Tensor, theirs: torch.Tensor, per_prompt: int = 1) -> t
     wins = ((ours > theirs).double() + 0.5 * (ours == theirs).double()).view(-1, per_prompt).mean(1)
     se = float(wins.std() / math.sqrt(len(wins))) if len(wins) > 1 else math.nan
     return float(wins.mean()), se
+
+
+def gold_rule(prompts: Sequence[str], answers: Sequence[str], got: dict[str, list[str]],
+              per_prompt: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The rule judge on both policies' replies (``got["sft"]``, ``got["ppo"]``: reply ``i *
+    per_prompt + j`` is draw ``j`` of prompt ``i``): the metrics of the module docstring, and every
+    reply's combined score per policy. A prompt's draws are averaged first; a check that does not
+    apply to a prompt (its question names no function) leaves that prompt out of that measure."""
+    from palm.data import rules
+
+    judged = {name: [rules.judge(prompts[i // per_prompt], answers[i // per_prompt], r) for i, r in enumerate(rs)]
+              for name, rs in got.items()}
+    out: dict[str, float] = {}
+    for m in rules.MEASURES:
+        per = {name: torch.tensor([math.nan if j[m] is None else j[m] for j in js], dtype=torch.float64)
+               .view(-1, per_prompt).mean(1) for name, js in judged.items()}
+        applies = ~per["sft"].isnan()
+        if not applies.any():
+            continue
+        for name in ("sft", "ppo"):
+            out[f"gold_{m}_{name}"] = float(per[name][applies].mean())
+        gain = (per["ppo"] - per["sft"])[applies]
+        out[f"gold_{m}_gain"] = float(gain.mean())
+        if len(gain) > 1:
+            out[f"gold_{m}_gain_se"] = float(gain.std() / math.sqrt(len(gain)))
+    score = {name: [j["score"] for j in js] for name, js in judged.items()}
+    out["gold_win_rate"], se = win_rate(torch.tensor(score["ppo"]), torch.tensor(score["sft"]), per_prompt)
+    if math.isfinite(se):
+        out["gold_win_rate_se"] = se
+    return out, score
+
+
+def eval_set_id(prompts: list[dict], cfg: EvaluateConfig) -> str:
+    """An id of what the numbers were measured on: the prompts and references, the judge and the
+    sampling. Two evaluations compare only when their ids are equal."""
+    import hashlib
+    import json
+
+    what = {"prompts": [[p["prompt_ids"], p["reply_ids"]] for p in prompts], "gold": cfg.gold,
+            **{k: getattr(cfg, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature", "top_k", "top_p",
+                                            "seed")}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sample(model: Any, prompts: list[list[int]], cfg: EvaluateConfig, *, stop_ids: Sequence[int],
@@ -320,9 +390,19 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
             del model
 
     decode = lambda t, special=False: tokenizer.decode(t, skip_special_tokens=not special)  # noqa: E731
-    got = {name: replies(gens[name]) for name in gens}
-    samples = [{"prompt": decode(p["prompt_ids"], special=True), "reference": decode(p["reply_ids"]),
-                "sft": decode(got["sft"][i * k]), "ppo": decode(got["ppo"][i * k]),
-                "reward_sft": float(rewards["sft"][i * k]), "reward_ppo": float(rewards["ppo"][i * k])}
-               for i, p in enumerate(prompts[:cfg.samples])]
-    return Evaluation(metrics=metrics, rewards={k: v.tolist() for k, v in rewards.items()}, samples=samples)
+    got = {name: [decode(r) for r in replies(gens[name])] for name in gens}
+    prompt_text = [decode(p["prompt_ids"], special=True) for p in prompts]
+    answers = [decode(p["reply_ids"]) for p in prompts]
+    gold: dict[str, list[float]] = {}
+    if cfg.gold == "rule":
+        found, gold = gold_rule(prompt_text, answers, got, k)
+        metrics.update(found)
+    metrics["min_prompts"] = cfg.min_prompts
+    metrics["verdict"] = int(len(prompts) >= cfg.min_prompts)
+    metrics["eval_set"] = eval_set_id(prompts, cfg)
+    samples = [{"prompt": prompt_text[i], "reference": answers[i], "sft": got["sft"][i * k], "ppo": got["ppo"][i * k],
+                "reward_sft": float(rewards["sft"][i * k]), "reward_ppo": float(rewards["ppo"][i * k]),
+                **({"gold_sft": gold["sft"][i * k], "gold_ppo": gold["ppo"][i * k]} if gold else {})}
+               for i in range(min(cfg.samples, len(prompts)))]
+    return Evaluation(metrics=metrics, rewards={k: v.tolist() for k, v in rewards.items()}, samples=samples,
+                      gold=gold)

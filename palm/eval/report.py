@@ -4,6 +4,9 @@
   metric was not measured, e.g. validation between evaluations), one panel per metric with its
   ``val_`` twin on the same axes;
 * :func:`reward_plot`: the distributions of the normalised rewards of the SFT and PPO replies;
+* :func:`overoptimisation_plot`: PPO's probe, proxy reward and gold score against √KL (Gao et
+  al. 2022), the gold peak marked;
+* :func:`headline`: the verdict sentences, the gold judge and people first, the proxy labelled;
 * :func:`html`: the page, plots inline as base64 PNG, the metrics, and a table of sample prompts
   with both policies' replies. Every text from data or a model is HTML-escaped (jinja2
   autoescape), so a reply holding ``<script>`` shows as text.
@@ -100,6 +103,84 @@ def reward_plot(rewards: dict[str, list[float]]) -> bytes:
     return _png(plt, fig)
 
 
+def overoptimisation_plot(curve: Path, start: dict[str, Any] | None = None) -> bytes | None:
+    """A PNG of the proxy reward and the gold score of PPO's probe against √KL (two y axes), from
+    ``curve.csv``'s probe columns and the starting point ``start`` (``gold_initial``,
+    ``proxy_initial``, ``probe_kl_initial`` of the ppo metrics); None without probe columns."""
+    series = read_curve(curve)
+    if "gold_score" not in series or "probe_kl" not in series or "proxy_reward" not in series:
+        return None
+    points = [(0, max(float(start["probe_kl_initial"]), 0.0), float(start["proxy_initial"]), float(start["gold_initial"]))
+              ] if start and all(k in start for k in ("probe_kl_initial", "proxy_initial", "gold_initial")) else []
+    kl, proxy, gold = (dict(series[k]) for k in ("probe_kl", "proxy_reward", "gold_score"))
+    points += [(int(step), max(kl[step], 0.0), proxy[step], gold[step]) for step in sorted(gold) if step in kl and step in proxy]
+    plt, fig, (ax,) = _figure(1)
+    x = [math.sqrt(p[1]) for p in points]
+    ax.plot(x, [p[3] for p in points], "o-", color="tab:green", label="gold (rule judge)")
+    peak = max(range(len(points)), key=lambda i: points[i][3])
+    ax.plot([x[peak]], [points[peak][3]], "*", color="tab:green", markersize=14,
+            label=f"gold peak (iteration {points[peak][0]})")
+    ax.set_xlabel("√KL(policy ‖ SFT), nats^½ per reply", fontsize=8)
+    ax.set_ylabel("gold score", fontsize=8, color="tab:green")
+    twin = ax.twinx()
+    twin.plot(x, [p[2] for p in points], "s--", color="tab:blue", label="proxy (reward model)")
+    twin.set_ylabel("proxy reward (normalised)", fontsize=8, color="tab:blue")
+    for i, p in enumerate(points):
+        ax.annotate(str(p[0]), (x[i], p[3]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="best")
+    ax.set_title("over-optimisation: PPO's probe, proxy vs gold (iterations labelled)", fontsize=9)
+    return _png(plt, fig)
+
+
+def _pm(metrics: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> str:
+    se = metrics.get(f"{key}_se")
+    value = f"{scale * metrics[key]:.{digits}f}"
+    return value + (f" ± {scale * se:.{digits}f}" if isinstance(se, (int, float)) else "")
+
+
+def _verdict(gain: float, se: float | None) -> str:
+    if se is None or not math.isfinite(se) or se == 0:
+        return "better" if gain > 0 else "worse" if gain < 0 else "no different"
+    if gain > 2 * se:
+        return "better (more than 2 standard errors)"
+    if gain < -2 * se:
+        return "worse (more than 2 standard errors)"
+    return "not distinguishable from SFT (within 2 standard errors)"
+
+
+def headline(metrics: dict[str, Any]) -> list[str]:
+    """The report's verdict, one sentence each: no verdict below ``min_prompts``; the gold judge's
+    and the people's first; the reward model's labelled as the proxy PPO was trained on."""
+    n = metrics["prompts"]
+    if not metrics.get("verdict", 1):
+        return [f"No verdict: only {n} held-out prompts, fewer than evaluate.min_prompts = {metrics.get('min_prompts')}. "
+                "Every number below is too noisy to compare policies; give the data stages more held-out data "
+                "(sft_data.valid_fraction, sft_data.min_valid) or more data."]
+    out = []
+    if "gold_score_gain" in metrics:
+        out.append(f"Gold judge (checks from the documentation, which PPO never saw): PPO is "
+                   f"{_verdict(metrics['gold_score_gain'], metrics.get('gold_score_gain_se'))} on {n} held-out prompts: "
+                   f"gold score {metrics['gold_score_ppo']:.3f} vs SFT's {metrics['gold_score_sft']:.3f} (difference "
+                   f"{_pm(metrics, 'gold_score_gain')}); PPO's reply wins on gold {_pm(metrics, 'gold_win_rate', 100, 1)} % "
+                   f"of the time; it names the asked function in {100 * metrics.get('gold_names_ppo', 0):.1f} % of "
+                   f"replies (SFT {100 * metrics.get('gold_names_sft', 0):.1f} %).")
+    else:
+        out.append("No gold judge (evaluate.gold: none): nothing here is independent of the reward model PPO "
+                   "trained against.")
+    if "human_win_rate" in metrics:
+        out.append(f"People (blind A/B, {metrics.get('human_judgments')} judgements by {metrics.get('human_labelers')} "
+                   f"labelers): PPO's reply preferred {_pm(metrics, 'human_win_rate', 100, 1)} % of the time.")
+    kl = (f" at a KL of {metrics['kl']:.3f} nats per reply"
+          + (f" ({'within' if metrics['kl_within_limit'] else 'BEYOND'} the limit {metrics['kl_limit']})"
+             if "kl_limit" in metrics else ""))
+    out.append(f"Proxy (the reward model PPO was trained to maximise, so not evidence of quality): PPO beats SFT on "
+               f"{_pm(metrics, 'win_rate', 100, 1)} % of (prompt, draw) pairs, mean normalised reward "
+               f"{metrics['reward_ppo']:.3f} vs {metrics['reward_sft']:.3f}{kl}.")
+    return out
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>palm-rlhf evaluation</title>
 <style>
@@ -113,13 +194,10 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .headline { font-size: 1.2em; }
 </style></head><body>
 <h1>palm-rlhf: evaluation</h1>
-<p class="headline">PPO beats SFT on <b>{{ "%.1f"|format(100 * metrics.win_rate) }}%</b>{% if metrics.win_rate_se is defined %}
-(± {{ "%.1f"|format(100 * metrics.win_rate_se) }}){% endif %} of {{ metrics.prompts }} held-out prompts{% if metrics.samples_per_prompt is defined and metrics.samples_per_prompt > 1 %}
-({{ metrics.samples_per_prompt }} replies each){% endif %} by the reward model (mean normalised reward {{ "%.3f"|format(metrics.reward_ppo) }} vs
-{{ "%.3f"|format(metrics.reward_sft) }}), at a KL of {{ "%.3f"|format(metrics.kl) }} nats per reply from the SFT
-policy{% if metrics.kl_limit is defined %} ({% if metrics.kl_within_limit %}within{% else %}<b>beyond</b>{% endif %}
-the bound of {{ metrics.kl_limit }}{% if not metrics.kl_within_limit %}: the gains may be reward hacking{% endif %}){% endif %}.</p>
-<h2>Metrics</h2>
+{% for line in headline %}<p class="headline">{{ line }}</p>
+{% endfor %}{% if plots.overopt %}<h2>Over-optimisation</h2>
+<img alt="proxy and gold against the square root of KL" src="data:image/png;base64,{{ plots.overopt }}">
+{% endif %}<h2>Metrics</h2>
 <table><tr><th>metric</th><th>value</th></tr>
 {% for key, value in metrics|dictsort %}<tr><td>{{ key }}</td><td class="num">{{ fmt(value) }}</td></tr>
 {% endfor %}</table>
@@ -133,15 +211,15 @@ the bound of {{ metrics.kl_limit }}{% if not metrics.kl_within_limit %}: the gai
 <h2>Sample replies ({{ samples|length }} of {{ metrics.prompts }} prompts)</h2>
 <table><tr><th>prompt</th><th>reference (data)</th><th>SFT</th><th>PPO</th></tr>
 {% for s in samples %}<tr><td class="text">{{ s.prompt }}</td><td class="text">{{ s.reference }}</td>
-<td class="text">{{ s.sft }}<br><i>reward {{ "%.3f"|format(s.reward_sft) }}</i></td>
-<td class="text">{{ s.ppo }}<br><i>reward {{ "%.3f"|format(s.reward_ppo) }}</i></td></tr>
+<td class="text">{{ s.sft }}<br><i>proxy reward {{ "%.3f"|format(s.reward_sft) }}{% if s.gold_sft is defined %}, gold {{ "%.3f"|format(s.gold_sft) }}{% endif %}</i></td>
+<td class="text">{{ s.ppo }}<br><i>proxy reward {{ "%.3f"|format(s.reward_ppo) }}{% if s.gold_ppo is defined %}, gold {{ "%.3f"|format(s.gold_ppo) }}{% endif %}</i></td></tr>
 {% endfor %}</table>
 </body></html>
 """
 
 
 def html(metrics: dict[str, Any], samples: list[dict[str, Any]], rewards_png: bytes,
-         curves: dict[str, bytes], missing: list[str]) -> str:
+         curves: dict[str, bytes], missing: list[str], overopt_png: bytes | None = None) -> str:
     """The self-contained page (see the module docstring)."""
     import jinja2
 
@@ -151,5 +229,6 @@ def html(metrics: dict[str, Any], samples: list[dict[str, Any]], rewards_png: by
     b64 = lambda data: base64.b64encode(data).decode("ascii")  # noqa: E731
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(PAGE).render(
-        metrics=metrics, samples=samples, missing=missing, fmt=fmt,
-        plots={"rewards": b64(rewards_png), "curves": [(n, b64(p)) for n, p in curves.items()]})
+        metrics=metrics, samples=samples, missing=missing, fmt=fmt, headline=headline(metrics),
+        plots={"rewards": b64(rewards_png), "curves": [(n, b64(p)) for n, p in curves.items()],
+               "overopt": b64(overopt_png) if overopt_png else None})

@@ -240,7 +240,9 @@ def run(obj: Objective, paths: RunPaths) -> dict[str, Any]:
         if evaluated:
             state["val"] = obj.validate()
         if step % cfg.log_interval == 0 or step == cfg.train_steps:
-            row = {"step": step, **{m: sum(w[m] for w in window) / len(window) for m in obj.columns},
+            # a column some steps do not measure (PPO's probe) averages the steps that did; none: empty
+            row = {"step": step, **{m: sum(w[m] for w in window if m in w) / sum(m in w for w in window)
+                                    for m in obj.columns if any(m in w for w in window)},
                    **{m: window[-1][m] for m in LAST}}
             if obj.tokens_per_step:
                 tps = len(window) * obj.tokens_per_step / max(t_window, 1e-9)

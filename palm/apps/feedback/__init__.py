@@ -7,6 +7,13 @@
 the model's identity; ``serve`` (``palm/apps/feedback/app.py``) opens a local page where a person ranks
 them, appending each judgement to ``data/feedback/rankings.jsonl`` (``palm/apps/feedback/store.py``), the
 file the ``prefs`` stage reads with ``format: rankings`` (``palm/data/rankings.py``).
+
+    palm feedback compare models/sft models/ppo --prompts 32 --labeler alice
+
+``compare`` (``palm/apps/feedback/compare.py``) samples one reply of A (the baseline) and one of B
+(the candidate) to held-out prompts with the same seed, and opens a blind page where a person says
+which is better (sides shuffled, models hidden), appending each judgement to
+``data/feedback/judgments.jsonl``; :func:`palm.eval.human.human_verdict` turns them into B's win rate.
 """
 
 from __future__ import annotations
@@ -54,9 +61,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--rankings", type=Path, default=RANKINGS, help="appended to (default %(default)s)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     v.add_argument("--port", type=int, default=8765, help="0: any free port (default %(default)s)")
+    from palm.apps.feedback import compare
+
+    compare.add_arguments(sub.add_parser("compare", help="blind A/B judgements of two models' replies in a local web page",
+                                         description="blind A/B judgements of two models' replies in a local web page"))
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "compare":
+        from palm.apps.feedback.compare import compare_command
+
+        return compare_command(args, LABELER, SAMPLE_KINDS)
     return sample_command(args) if args.action == "sample" else serve_command(args)
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -63,8 +64,10 @@ from palm.train.engine import Engine
 from palm.train.launch import launch as _launch
 from palm.train.loop import Objective, Progress, RunPaths, run, worker_groups
 from palm.train.rlhf.config import KLConfig, PPOConfig  # noqa: F401 (the section's types)
+from palm.train.rlhf.probe import COLUMNS as PROBE_COLUMNS
+from palm.train.rlhf.probe import Probe, falling, split_probe
 from palm.train.rlhf.roles import Roles, build_roles
-from palm.train.rlhf.rollout import Rollouts, dp_sum, load_prompts, rollout
+from palm.train.rlhf.rollout import Rollouts, dp_sum, load_prompt_answers, load_prompts, rollout  # noqa: F401
 from palm.train.rlhf.steps import reward_model_scorer
 from palm.train.rlhf.update import update
 
@@ -105,14 +108,19 @@ class PPO(Objective):
 
     columns = ("reward", "score", "kl", "kl_coef", "response_length", "ended", "entropy", "clip_fraction",
                "approx_kl", "policy_loss", "value_loss", "explained_variance", "updates", "stopped_early",
-               "grad_norm", "lr", "generate_tokens_per_s", "rollout_s", "update_s")
+               "grad_norm", "lr", "generate_tokens_per_s", "rollout_s", "update_s", *PROBE_COLUMNS)
     finite = ()
     shown = ("reward", "kl", "response_length")
 
     def __init__(self, cfg: PPOConfig, roles: Roles, prompts: list[list[int]], *, end_id: int, reports: Path,
                  identity: dict[str, Any] | None = None, decode: Callable[[list[int]], str] | None = None,
-                 stage: str = "ppo"):
+                 stage: str = "ppo", probe: Probe | None = None, text: Callable[..., str] | None = None,
+                 best_root: Path | None = None):
         self.stage, self.cfg, self.identity = stage, cfg, identity or {}
+        # the over-optimisation probe: its measurements so far ("iteration" 0 is the start) and
+        # where the policy with the best gold score is kept (select: best_gold)
+        self.probe, self.text, self.best_root = probe, text, best_root
+        self.gold: list[dict[str, float]] = []
         self.roles, self.prompts, self.end_id, self.decode = roles, prompts, end_id, decode
         self.engine = roles.actor
         self.others = {"critic": roles.critic} if roles.critic is not None else {}
@@ -127,6 +135,8 @@ class PPO(Objective):
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
+        if self.probe is not None and not self.gold:  # the starting policy: the curve's KL = 0 point
+            self._measure(0)
         stats, samples = iteration(
             self.roles, cfg, self.source.prompts_at(step), kl_coef=self.kl_ctl.coef, end_id=self.end_id,
             generator=self.source.generator(step),
@@ -135,6 +145,8 @@ class PPO(Objective):
         self.kl_ctl.update(stats["kl"], cfg.prompts_per_rollout * cfg.samples_per_prompt)
         self.first = stats["reward"] if self.first is None else self.first
         done = step + 1
+        if self.probe is not None and (done % cfg.gold_interval == 0 or done == cfg.train_steps):
+            stats.update(self._measure(done))
         if self.rank0 and cfg.samples_logged and (done % cfg.sample_interval == 0 or done == cfg.train_steps):
             with self.samples.open("a") as f:  # the stage process logs it to MLflow (Tracker.follow)
                 for i in range(min(cfg.samples_logged, len(samples["responses"]))):
@@ -144,15 +156,34 @@ class PPO(Objective):
                                         "ended": samples["ended"][i]}) + "\n")
         return stats
 
+    def _measure(self, done: int) -> dict[str, float]:
+        """Probe the policy after ``done`` iterations; warn when gold falls while the proxy rises;
+        keep the policy when its gold score is the best so far (``select: best_gold``)."""
+        now = {"iteration": float(done), **self.probe.measure(self.roles, self.cfg, end_id=self.end_id,
+                                                              decode=self.text)}
+        warning = falling(self.gold, now)
+        now["gold_warning"] = float(warning is not None)
+        if warning and self.rank0:
+            print(f"warning: {self.stage}: iteration {done}: {warning}", file=sys.stderr, flush=True)
+        best = max(self.gold, key=lambda h: h["gold_score"]) if self.gold else None
+        self.gold.append(now)
+        if self.cfg.select == "best_gold" and self.best_root is not None and (
+                best is None or now["gold_score"] > best["gold_score"]):
+            from palm.train import checkpoint as ckpt
+
+            ckpt.save(self.engine, self.best_root, step=done, meta={"run": self.identity, "loop": {"gold": now}})
+        return {k: v for k, v in now.items() if k in PROBE_COLUMNS}
+
     def _text(self, ids: list[int]) -> str | list[int]:
         return self.decode(ids) if self.decode is not None else ids
 
     def state(self) -> dict[str, Any]:
-        return {"kl_coef": self.kl_ctl.coef, "initial_reward": self.first}
+        return {"kl_coef": self.kl_ctl.coef, "initial_reward": self.first, "gold": self.gold}
 
     def restore(self, state: dict[str, Any], checkpoint: Path) -> None:
         self.kl_ctl = ppo.AdaptiveKL(state["kl_coef"], self.cfg.kl.target, self.cfg.kl.horizon)
         self.first = state["initial_reward"]
+        self.gold = state.get("gold", [])
         kept = checkpoint / "samples.jsonl"
         if self.rank0:
             self.samples.write_text(kept.read_text() if kept.is_file() else "")
@@ -166,6 +197,14 @@ class PPO(Objective):
                   "actor_steps": self.roles.actor.step, "kl_coef_final": self.kl_ctl.coef,
                   "train_prompts": len(self.prompts)}
         result = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
+        if self.gold:
+            best = max(self.gold, key=lambda h: h["gold_score"])
+            result.update({"gold_initial": self.gold[0]["gold_score"], "gold_final": self.gold[-1]["gold_score"],
+                           "proxy_initial": self.gold[0]["proxy_reward"], "probe_kl_initial": self.gold[0]["probe_kl"],
+                           "gold_best": best["gold_score"], "gold_best_iteration": int(best["iteration"]),
+                           "gold_warnings": int(sum(h["gold_warning"] for h in self.gold))})
+            if self.cfg.select == "best_gold" and self.best_root is not None:
+                result["best_checkpoint"] = str(self.best_root / f"step_{int(best['iteration']):07d}")
         if progress.checkpoint is not None:
             result["checkpoint"] = str(progress.checkpoint)
         return result
@@ -173,12 +212,14 @@ class PPO(Objective):
 
 def train(cfg: PPOConfig, roles: Roles, prompts: list[list[int]], paths: RunPaths, *, end_id: int,
           identity: dict[str, Any] | None = None, decode: Callable[[list[int]], str] | None = None,
-          stage: str = "ppo") -> dict[str, Any]:
+          stage: str = "ppo", probe: Probe | None = None, text: Callable[..., str] | None = None) -> dict[str, Any]:
     """Run ``cfg.train_steps`` PPO iterations in this process's groups (resuming from
     ``paths.checkpoints`` when it holds this run's checkpoint); returns the result (the last
-    iteration's metrics, the first's reward)."""
+    iteration's metrics, the first's reward). ``probe`` and ``text`` (ids -> text, ``special=``
+    keeps special tokens): the over-optimisation probe."""
+    best = paths.checkpoints / "best" if paths.checkpoints is not None else None
     return run(PPO(cfg, roles, prompts, end_id=end_id, reports=paths.reports, identity=identity, decode=decode,
-                   stage=stage), paths)
+                   stage=stage, probe=probe, text=text, best_root=best), paths)
 
 
 # --- the stage side ------------------------------------------------------------------------------
@@ -212,8 +253,14 @@ def worker(spec: dict[str, Any]) -> None:
     critic_model = from_dict(ModelConfig, reward_config["model"], "model")
     with worker_groups(cfg):
         sha = spec["tokenizer_sha256"]
-        prompts = load_prompts(Path(spec["data"]), sha, cfg, model)
+        examples = load_prompt_answers(Path(spec["data"]), sha, cfg, model)
         tok = load_tokenizer(policy / "tokenizer.json", sha)
+        text = lambda ids, special=False: tok.decode(ids, skip_special_tokens=not special)  # noqa: E731
+        probe = None
+        if cfg.gold_interval:  # set apart before training: PPO never samples the probe's prompts
+            examples, held = split_probe(examples, cfg.gold_probe, cfg.seed)
+            probe = Probe.of(held, text, cfg.seed) if held else None
+        prompts = [p for p, _ in examples]
         dtype = DTYPES[spec["dtype"]]
 
         reward = Engine(critic_model, None, chunk=RewardModel, micro_batch_size=cfg.micro_batch_size, dtype=dtype)
@@ -225,4 +272,4 @@ def worker(spec: dict[str, Any]) -> None:
         identity = cfg.run_identity(model, critic_model, spec["dtype"], sha, spec["data_sha256"],
                                     spec["policy_sha256"], spec["reward_sha256"])
         train(cfg, roles, prompts, RunPaths.of(spec), end_id=special_ids(tok)["end_turn_id"], identity=identity,
-              decode=lambda ids: tok.decode(ids, skip_special_tokens=False))
+              decode=lambda ids: tok.decode(ids, skip_special_tokens=False), probe=probe, text=text)

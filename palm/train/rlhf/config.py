@@ -15,7 +15,7 @@ from palm.train.loop import TrainConfig, code_version
 # the sources of the computation: with model, parallel and engine, a change restarts training
 CODE = ("decode/generate.py", "decode/decoder.py", "decode/layouts.py", "decode/cache.py", "decode/native/decode.c",
         "model/reward.py", "train/finetune.py", "train/reward.py", "train/ppo.py", "train/rlhf/config.py",
-        "train/rlhf/rollout.py", "train/rlhf/update.py", "train/rlhf/roles.py", "train/rlhf/__init__.py")
+        "train/rlhf/rollout.py", "train/rlhf/probe.py", "data/rules.py", "train/rlhf/update.py", "train/rlhf/roles.py", "train/rlhf/__init__.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,13 @@ class PPOConfig(TrainConfig):
     whiten: bool = True  # whiten the advantages over the rollout (all DP ranks)
     optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0)
     critic_optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0)
+    # the over-optimisation probe (palm/train/rlhf/probe.py): every gold_interval iterations (and
+    # before the first, and after the last) the policy answers gold_probe prompts set apart from
+    # the train split, scored by the gold rule judge, the proxy reward and the KL; 0: no probe
+    gold_interval: int = 5
+    gold_probe: int = 32
+    # the exported policy: the last iteration's, or the one with the best probe gold score
+    select: Literal["last", "best_gold"] = "last"
     sample_interval: int = 5  # iterations between logged sample responses (samples.jsonl, MLflow)
     samples_logged: int = 4  # responses logged each time (rank 0's first rows)
 
@@ -78,6 +85,10 @@ class PPOConfig(TrainConfig):
         for name in ("prompts_per_rollout", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
                      "sample_interval"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.gold_interval >= 0, "gold_interval", f"must be >= 0 (0: no probe), got {self.gold_interval}")
+        check(self.gold_probe >= 1, "gold_probe", f"must be >= 1, got {self.gold_probe}")
+        check(self.select == "last" or self.gold_interval > 0, "select",
+              "best_gold needs the probe: set ppo.gold_interval > 0")
         check(self.samples_logged >= 0, "samples_logged", f"must be >= 0, got {self.samples_logged}")
         check(self.kl_bound > 0, "kl_bound", f"must be > 0 (the approx KL at which an update stops), got {self.kl_bound}")
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")

@@ -24,36 +24,47 @@ from palm.train.rlhf.steps import reference_step, value_step
 
 
 def prompts_of(rows: list[dict]) -> list[list[int]]:
-    """Distinct generation prompts, in order: a preference row's ``prompt_ids``, or a conversation
-    up to (and with) the ``<|assistant|>`` of its last reply (where its last run of loss-mask 1s
-    starts)."""
+    """Distinct generation prompts, in order (:func:`prompt_answers` without the answers)."""
+    return [p for p, _ in prompt_answers(rows)]
+
+
+def prompt_answers(rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Distinct generation prompts, in order, each with the data's answer to it: a preference
+    row's ``prompt_ids`` and ``chosen_ids``, or a conversation up to (and with) the
+    ``<|assistant|>`` of its last reply (where its last run of loss-mask 1s starts) and that reply."""
     seen, out = set(), []
     for r in rows:
         if "prompt_ids" in r:
-            p = list(r["prompt_ids"])
+            p, a = list(r["prompt_ids"]), list(r.get("chosen_ids") or [])
         else:
             mask = r["loss_mask"]
             starts = [k for k in range(1, len(mask)) if mask[k] and not mask[k - 1]]
             if not starts:
                 continue
-            p = list(r["input_ids"][:starts[-1]])
+            p, a = list(r["input_ids"][:starts[-1]]), list(r["input_ids"][starts[-1]:])
         if p and tuple(p) not in seen:
             seen.add(tuple(p))
-            out.append(p)
+            out.append((p, a))
     return out
 
 
 def load_prompts(data: Path, tokenizer_sha256: str, cfg: PPOConfig, model: ModelConfig) -> list[list[int]]:
     """The train split's prompts that fit the context with ``max_new_tokens`` (one-line errors)."""
+    return [p for p, _ in load_prompt_answers(data, tokenizer_sha256, cfg, model)]
+
+
+def load_prompt_answers(data: Path, tokenizer_sha256: str, cfg: PPOConfig,
+                        model: ModelConfig) -> list[tuple[list[int], list[int]]]:
+    """:func:`load_prompts` with each prompt's answer in the data (:func:`prompt_answers`)."""
     from palm.data.chat import load_prefs, load_sft, read_chat_meta
 
     check_context(cfg, model)
     kind = read_chat_meta(data, "sft_data").get("kind")
-    table = (load_prefs(data, "train", tokenizer_sha256).select(["prompt_ids"]) if kind == "prefs"
+    table = (load_prefs(data, "train", tokenizer_sha256).select(["prompt_ids", "chosen_ids"]) if kind == "prefs"
              else load_sft(data, "train", tokenizer_sha256).select(["input_ids", "loss_mask"]))
-    prompts = prompts_of(table.to_pylist())
+    prompts = prompt_answers(table.to_pylist())
     room = model.seq_len - cfg.max_new_tokens
-    fit = [p for p in prompts if len(p) <= room]
+    fit = [(p, a) for p, a in prompts if len(p) <= room]
     if not fit:
         raise UserError(f"{data}: no training prompt to start rollouts from ({len(prompts)} prompts in the train "
                         f"split, none of at most {room} tokens = model.seq_len {model.seq_len} - ppo.max_new_tokens "
@@ -151,11 +162,25 @@ class Rollout:
     t_score: float  # seconds scoring (reference, reward model, critic, advantages)
 
 
-def rollout(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef: float, end_id: int,
-            generator: torch.Generator) -> Rollout:
-    """Sample one response per row of ``prompts`` with the actor and score it: the reference's
-    log-probs and KL, the reward, the critic's values and the advantages (GAE, or GRPO's
-    group-relative scores), whitened over all DP ranks."""
+@dataclasses.dataclass
+class Sampled:
+    """Responses sampled by the actor, with what the reference and the reward say about them."""
+
+    responses: list[list[int]]  # each row's tokens, up to and with its <|end|>
+    mask: torch.Tensor  # [b, n] 1 on response tokens (a prefix of each row)
+    old_logp: torch.Tensor  # [b, n] the behaviour policy's log-probs
+    ref_logp: torch.Tensor  # [b, n] the reference's
+    raw: torch.Tensor  # [b] the scorer's normalised scores
+    stopped: torch.Tensor  # [b] whether each response ended with <|end|>
+    batch: Batch  # label-space inputs of prompt + response
+    micros: list[Batch]  # the batch in micro-batches
+    t_generate: float
+
+
+def sample_and_score(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, end_id: int,
+                     generator: torch.Generator) -> Sampled:
+    """One response per row of ``prompts`` from the actor, the reference's log-probs of it and
+    the reward."""
     t0 = time.perf_counter()
     actor = roles.actor.chunks[0]
     gen = generate(actor, prompts, cfg.max_new_tokens, temperature=cfg.sampling.temperature,
@@ -165,18 +190,28 @@ def rollout(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef: 
     lengths = mask.sum(1).long()
     responses = [gen.response[i, :lengths[i]].tolist() for i in range(len(prompts))]
     old_logp = gen.raw_logprobs.float().cpu() * mask
-    stopped = gen.stopped.cpu()
     t_gen = time.perf_counter() - t0
-    n = mask.shape[1]
-    batch = sequences_batch(prompts, responses, n, actor.cfg.seq_len)
+    batch = sequences_batch(prompts, responses, mask.shape[1], actor.cfg.seq_len)
     micros = micro_batches(batch, range(len(prompts)), cfg.micro_batch_size)
     ref_logp = torch.cat([d["logp"] for d in roles.reference.forward(micros, reference_step)]).cpu() * mask
     raw = roles.scorer(prompts, responses).float().cpu()
+    return Sampled(responses=responses, mask=mask, old_logp=old_logp, ref_logp=ref_logp, raw=raw,
+                   stopped=gen.stopped.cpu(), batch=batch, micros=micros, t_generate=t_gen)
+
+
+def rollout(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef: float, end_id: int,
+            generator: torch.Generator) -> Rollout:
+    """Sample one response per row of ``prompts`` with the actor and score it: the reference's
+    log-probs and KL, the reward, the critic's values and the advantages (GAE, or GRPO's
+    group-relative scores), whitened over all DP ranks."""
+    t0 = time.perf_counter()
+    s = sample_and_score(roles, cfg, prompts, end_id=end_id, generator=generator)
+    mask, stopped, batch, raw = s.mask, s.stopped, s.batch, s.raw
     score = raw.clamp(-cfg.reward_clip, cfg.reward_clip) + cfg.no_end_penalty * (~stopped).float()
-    kl = ppo.kl_estimate(old_logp, ref_logp, cfg.kl.estimator) * mask
+    kl = ppo.kl_estimate(s.old_logp, s.ref_logp, cfg.kl.estimator) * mask
     values = torch.zeros_like(mask)
     if cfg.advantage == "gae":
-        values = torch.cat([d["value"] for d in roles.critic.forward(micros, value_step(*roles.value_norm))])
+        values = torch.cat([d["value"] for d in roles.critic.forward(s.micros, value_step(*roles.value_norm))])
         values = values.float().cpu() * mask
         rewards = ppo.token_rewards(score, kl, kl_coef, mask)
         advantages, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -186,8 +221,8 @@ def rollout(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef: 
         returns, ev = values, float("nan")
     if cfg.whiten:
         advantages = dp_whiten(advantages, mask)
-    batch.update(mask=mask, old_logp=old_logp, advantages=advantages, old_values=values, returns=returns,
-                 ref_logp=ref_logp, kl_coef=torch.full((1,), float(kl_coef)))
-    return Rollout(prompts=prompts, responses=responses, batch=batch, raw=raw, score=score, kl=kl, lengths=lengths,
-                   stopped=stopped, explained_variance=ev, t_generate=t_gen,
-                   t_score=time.perf_counter() - t0 - t_gen)
+    batch.update(mask=mask, old_logp=s.old_logp, advantages=advantages, old_values=values, returns=returns,
+                 ref_logp=s.ref_logp, kl_coef=torch.full((1,), float(kl_coef)))
+    return Rollout(prompts=prompts, responses=s.responses, batch=batch, raw=raw, score=score, kl=kl,
+                   lengths=mask.sum(1).long(), stopped=stopped, explained_variance=ev, t_generate=s.t_generate,
+                   t_score=time.perf_counter() - t0 - s.t_generate)
