@@ -107,6 +107,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return head + body
 
 
+def write(record: Path, date: str, rows: list[dict[str, Any]]) -> str:
+    """The JSON record and its Markdown table, each written whole (temp file, then rename)."""
+    md = table(rows)
+    for path, text in ((record, json.dumps({"date": date, "cpu": cpu(), "levers": rows}, indent=2) + "\n"),
+                       (record.with_suffix(".md"),
+                        f"# Gold levers, {date}\n\n{cpu()}; `python benchmarks/gold_levers.py`.\n\n{md}")):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lever", action="append", default=[], help="NAME=section.key=value,... (repeatable)")
@@ -124,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         levers = {k: v for k, v in levers.items() if k in args.only}
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     rows = []
+    date = datetime.date.today().isoformat()
+    record = args.record or ROOT / "benchmarks" / "records" / f"gold-levers-{date}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gold-levers-") as scratch:
         for name, spec in levers.items():
             print(f"gold_levers: {name} ({spec or 'params.yaml as is'})", file=sys.stderr, flush=True)
@@ -131,12 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"gold_levers: {name}: gold gain {r['gold_score_gain']:+.4f} ± {r.get('gold_score_gain_se', 0):.4f}, "
                   f"proxy win rate {r['win_rate']:.3f}, KL {r['kl']:.2f}", file=sys.stderr, flush=True)
-    date = datetime.date.today().isoformat()
-    record = args.record or ROOT / "benchmarks" / "records" / f"gold-levers-{date}.json"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"date": date, "cpu": cpu(), "levers": rows}, indent=2) + "\n")
-    md = table(rows)
-    record.with_suffix(".md").write_text(f"# Gold levers, {date}\n\n{cpu()}; `python benchmarks/gold_levers.py`.\n\n{md}")
+            write(record, date, rows)  # after every lever: a long run that stops keeps what it measured
+    md = write(record, date, rows)
     print(md)
     best = max((r["gold_gain_over_se"] for r in rows if r["gold_gain_over_se"] is not None), default=float("nan"))
     print(f"best_gold_gain_over_se {best:.2f}")

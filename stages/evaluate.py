@@ -59,7 +59,9 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     if cfg.human_judgments:
         from palm.eval.human import human_verdict
 
-        result.metrics.update(human_verdict(ctx.root / cfg.human_judgments))
+        found = human_verdict(ctx.root / cfg.human_judgments, model_a=ctx.path("sft"), model_b=ctx.path("ppo"))
+        found.pop("human_comparisons", None)  # ids, not a measure
+        result.metrics.update(found)  # judgements of this SFT (A) against this PPO policy (B) only
     if not result.metrics["verdict"]:
         print(f"warning: evaluate: only {result.metrics['prompts']} held-out prompts (< evaluate.min_prompts "
               f"{cfg.min_prompts}): no verdict, and the policy cannot become champion (more held-out data: "

@@ -42,7 +42,8 @@ def _tiny_model() -> ModelConfig:
 def _eval_cfg() -> EvaluateConfig:
     from palm.eval.evaluate import EvaluateConfig
 
-    return EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3)
+    return EvaluateConfig(prompts=6, max_new_tokens=10, batch_size=4, pairs=8, windows=3, replies=4, samples=3,
+                          min_prompts=3)
 
 
 def __getattr__(name: str):

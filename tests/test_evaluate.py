@@ -307,3 +307,32 @@ def test_headline_and_the_overoptimisation_plot(tmp_path):
     assert png.startswith(b"\x89PNG")
     curve.write_text("step,reward\n1,0.1\n")
     assert overoptimisation_plot(curve) is None
+
+
+def test_the_stage_reads_peoples_judgments_of_this_pair(project, tmp_path, monkeypatch):
+    """evaluate.human_judgments: only judgements of this SFT (A) against this PPO (B) count, in
+    either stored order; the headline gives the people's verdict after the gold judge's."""
+    import hashlib
+
+    from stages.evaluate import main
+
+    root = stage_project(project, tmp_path, monkeypatch, human_judgments="data/judgments/judgments.jsonl")
+
+    def ident(name):
+        sha = hashlib.sha256((root / "models" / name / "model.safetensors").read_bytes()).hexdigest()
+        return {"ref": f"models/{name}", "path": str(root / "models" / name), "kind": name, "weights_sha256": sha,
+                "tokenizer_sha256": "0" * 64}
+
+    sft, ppo, other = ident("sft"), ident("ppo"), ident("pretrain")
+    rows = [(sft, ppo, 0, "b"), (sft, ppo, 1, "tie"), (ppo, sft, 2, "b"),  # stored B=sft: PPO lost item 2
+            (sft, other, 3, "b")]  # another pair: left out
+    lines = [json.dumps({"format": "palm-ab-judgment/1", "comparison": "c1", "index": i, "prompt": "p",
+                         "model_a": a, "model_b": b, "replies": {"a": "x", "b": "y"}, "choice": c, "a_side": "left",
+                         "labeler": "alice", "time": 0.0, "sampling": {}}) for a, b, i, c in rows]
+    (root / "data" / "judgments").mkdir(parents=True)
+    (root / "data" / "judgments" / "judgments.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(EVALUATE_ARGS + ["--no-mlflow"]) == 0
+    m = json.loads((root / "reports" / "evaluate" / "metrics.json").read_text())
+    assert m["human_judgments"] == 3 and m["human_win_rate"] == pytest.approx((1 + 0.5 + 0) / 3)
+    page = (root / "reports" / "evaluate" / "report.html").read_text()
+    assert page.index("Gold judge") < page.index("People (blind A/B, 3 judgements by 1 labelers)") < page.index("Proxy (")

@@ -5,7 +5,7 @@ or ``models:/palm-chat@champion``), model **B** the candidate (the policy under 
 ``models/ppo``). :func:`human_verdict` reports how often people preferred B, in the same sense as
 the evaluate stage's ``win_rate`` (the PPO policy over the SFT one): 1 means B always won.
 
-The judgments file (``data/feedback/judgments.jsonl``) is one JSON object a line, appended and
+The judgments file (``data/judgments/judgments.jsonl``) is one JSON object a line, appended and
 synced to disk one judgement at a time (:data:`FORMAT`): ``comparison`` (the id of the sampled
 items), ``index`` (the item), ``prompt``, ``model_a`` and ``model_b`` (each ``ref``, ``path``,
 ``kind``, ``tokenizer_sha256``, ``weights_sha256``), ``replies`` (``a``, ``b``), ``choice``

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from palm.core.errors import ConfigError, UserError
 
-JUDGMENTS = Path("data/feedback/judgments.jsonl")
+JUDGMENTS = Path("data/judgments/judgments.jsonl")
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:

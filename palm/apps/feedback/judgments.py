@@ -19,7 +19,7 @@ from palm.eval.human import latest, read_judgments
 
 
 class JudgmentsFile:
-    """``data/feedback/judgments.jsonl``."""
+    """``data/judgments/judgments.jsonl``."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
