@@ -14,6 +14,7 @@ the date and the CPU as a JSON record.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import hashlib
 import json
@@ -21,6 +22,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 STAGES = ("scrape", "tokenizer", "tokenize", "sft_data", "prefs", "pretrain", "sft", "reward", "ppo", "evaluate")
 MODELS = ("pretrain", "sft", "reward", "ppo")
@@ -41,6 +43,22 @@ def cpu() -> str:
 def commit(root: Path) -> str | None:
     out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
     return out.stdout.strip() or None
+
+
+def override(section: dict[str, Any], assignments: str) -> dict[str, Any]:
+    """A deep copy of ``section`` with dotted ``key=value,...`` assignments (JSON values, else strings)."""
+    out = copy.deepcopy(section)
+    for item in filter(None, assignments.split(",")):
+        key, _, value = item.partition("=")
+        *path, leaf = key.strip().split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        try:
+            node[leaf] = json.loads(value)
+        except json.JSONDecodeError:  # a bare word: muon, wsd, fp32
+            node[leaf] = value.strip()
+    return out
 
 
 def compare(before: Path, after: Path) -> dict:

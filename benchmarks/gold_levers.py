@@ -20,7 +20,6 @@ line is ``best_gold_gain_over_se G``: the largest gold difference over its stand
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -37,28 +36,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compare_runs import cpu  # noqa: E402
+from compare_runs import cpu, override  # noqa: E402
 
 LEVERS = {  # the default table
     "as-is": "",
+    "no-end-penalty-0": "ppo.no_end_penalty=0.0",
     "kl-0.3": "ppo.kl.coef=0.3,ppo.kl.target=0.3",
     "10-iterations": "ppo.train_steps=10",
+    "no-end-0-kl-0.3": "ppo.no_end_penalty=0.0,ppo.kl.coef=0.3,ppo.kl.target=0.3",
+    "grpo-4": "ppo.advantage=grpo,ppo.samples_per_prompt=4,ppo.prompts_per_rollout=4",
     "best-gold": "ppo.select=best_gold",
-    "grpo-4": "ppo.advantage=grpo,ppo.samples_per_prompt=4,ppo.prompts_per_rollout=4,ppo.micro_batch_size=8",
 }
 INPUTS = ("data", "models")
-
-
-def override(params: dict[str, Any], spec: str) -> dict[str, Any]:
-    out = copy.deepcopy(params)
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        *path, last = key.split(".")
-        node = out
-        for p in path:
-            node = node[p]
-        node[last] = yaml.safe_load(value)
-    return out
 
 
 def run_lever(name: str, spec: str, scratch: Path, params: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compare_runs import cpu  # noqa: E402
+from compare_runs import cpu, override  # noqa: E402
 
 from palm.core.config import from_dict, read_params  # noqa: E402
 from palm.core.process import default_threads, flush_denormals  # noqa: E402
@@ -60,21 +60,6 @@ TODAY: dict[str, Any] = {
     "optim": {"name": "adamw", "schedule": "cosine", "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20,
               "weight_decay": 0.1, "clip_grad": 1.0},
 }
-
-
-def override(section: dict[str, Any], assignments: str) -> dict[str, Any]:
-    out = copy.deepcopy(section)
-    for item in filter(None, assignments.split(",")):
-        key, _, value = item.partition("=")
-        *path, leaf = key.strip().split(".")
-        node = out
-        for p in path:
-            node = node.setdefault(p, {})
-        try:
-            node[leaf] = json.loads(value)
-        except json.JSONDecodeError:  # a bare word: muon, wsd, fp32
-            node[leaf] = value.strip()
-    return out
 
 
 class Run:

@@ -175,7 +175,7 @@ def test_stage_writes_metrics_plots_and_report_and_logs_them(project, tmp_path, 
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "No curve for: pretrain" in page
     assert "<|assistant|>" not in page and "&lt;|assistant|&gt;" in page  # prompts shown escaped
-    assert f"Proxy (the reward model PPO was trained to maximise" in page and f"{100 * metrics['win_rate']:.1f}" in page
+    assert "Proxy (the reward model PPO was trained to maximise" in page and f"{100 * metrics['win_rate']:.1f}" in page
     assert page.index("Gold judge") < page.index("Proxy (")  # the gold verdict leads
 
     client = mlflow.MlflowClient(uri)
