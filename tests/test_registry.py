@@ -92,7 +92,12 @@ def project(tmp_path_factory, env):
     with_kind(make_parent(tiny / "ppo_model", data["tokenizer"], seed=13), "ppo")
     make_eval_reward(tiny / "reward_model", data["tokenizer"])
     root = make_project(tmp_path_factory.mktemp("project"))
-    params = {stage: {} for stage in OUTPUTS} | {"evaluate": {**to_dict(EVAL_CFG), "prompts": 4}}
+    # version 1 must pass the champion rule: the tiny random policies are far apart (a KL bound they
+    # meet; the KL gate has its own test), 4 prompts give a verdict, and win_rate is the metric
+    evaluate = {**to_dict(EVAL_CFG), "prompts": 4, "kl_limit": 1e6, "champion_metric": "win_rate"}
+    if "min_prompts" in evaluate:
+        evaluate["min_prompts"] = 1
+    params = {stage: {} for stage in OUTPUTS} | {"evaluate": evaluate}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -168,40 +173,109 @@ def test_pip_requirements_are_the_lock_pins():
         assert r == lock[r.split("==")[0]] or r.lower() == lock[r.split("==")[0]].lower(), r
 
 
-def test_the_champion_rule_and_the_chain_aliases(project, env, tmp_path):
-    """A new palm-chat version that does not beat the champion's metric is the candidate; one
-    that beats it is champion, and the other models it came with become champion too."""
+# a new palm-chat version's metrics that pass the champion rule's gates (within the KL limit, a verdict)
+FIT = {"kl": 0.5, "kl_limit": 2.0, "kl_within_limit": 1, "verdict": 1}
+SET = "set-a"  # the evaluation set these tests register on
+
+
+@pytest.fixture(scope="module")
+def new_folders(project, tmp_path_factory):
+    """Two more PPO exports, ``worse`` and ``better`` (palm-chat versions 2 and 3 once registered)."""
+    tmp = tmp_path_factory.mktemp("new")
+    return {name: with_kind(make_parent(tmp / name, project / "artifacts" / "tokenizer", seed=seed), "ppo")
+            for name, seed in (("worse", 21), ("better", 22))}
+
+
+def register_ppo(project, env, folder: Path, metrics: dict, metric: str = "win_rate", direction: str = "max",
+                 eval_set: str = SET, log=None) -> dict:
+    """registry.register the four models with ``folder`` as the PPO export (no stage run made it)."""
     from palm.ops.registry import register
 
     c = client(env)
     models = {k: project / "models" / k for k in ("pretrain", "sft", "reward", "ppo")}
-    md5s = {k: dvc_md5(p) for k, p in models.items()}
-    sources = {k: stage_run(c, k).info.run_id for k in models}
+    md5s = {k: dvc_md5(p) for k, p in models.items()} | {"ppo": dvc_md5(folder)}
+    sources = {k: stage_run(c, k).info.run_id for k in models} | {"ppo": None}
+    return register({**models, "ppo": folder}, md5s, sources, evaluate_run=stage_run(c, "evaluate").info.run_id,
+                    metrics=metrics, metric=metric, direction=direction, eval_set=eval_set, log=log)
+
+
+def test_the_champion_rule_and_the_chain_aliases(project, env, new_folders):
+    """A new palm-chat version that does not beat the champion's metric (on the same evaluation
+    set) is the candidate; one that beats it is champion, and the other models it came with
+    become champion too."""
+    c = client(env)
+    c.set_model_version_tag("palm-chat", "1", "palm.eval_set", SET)  # as if version 1 was evaluated on SET
     champion = float(c.get_model_version("palm-chat", "1").tags["palm.metric.win_rate"])
-    worse, better = tmp_path / "worse", tmp_path / "better"
-    for folder, seed in ((worse, 21), (better, 22)):
-        with_kind(make_parent(folder, project / "artifacts" / "tokenizer", seed=seed), "ppo")
-    run = stage_run(c, "evaluate").info.run_id
-    sources["ppo"] = None  # no stage run made the new folders
-    lose = register({**models, "ppo": worse}, {**md5s, "ppo": dvc_md5(worse)}, sources, evaluate_run=run,
-                    metrics={"win_rate": champion}, metric="win_rate", direction="max")  # a tie does not beat it
+    worse, better = new_folders["worse"], new_folders["better"]
+    said: list[str] = []
+    lose = register_ppo(project, env, worse, {**FIT, "win_rate": champion}, log=said.append)  # a tie does not beat it
     assert lose["ppo"]["version"] == 2 and lose["ppo"]["aliases"] == ["current", "candidate"]
     assert lose["sft"] == {"name": "palm-sft", "version": 1, "new": False, "aliases": ["current"]}  # same folder
     assert int(c.get_model_version_by_alias("palm-chat", "champion").version) == 1
     v2 = c.get_model_version("palm-chat", "2")
-    assert v2.run_id == run  # logged from the evaluate run
-    win = register({**models, "ppo": better}, {**md5s, "ppo": dvc_md5(better)}, sources, evaluate_run=run,
-                   metrics={"kl": 0.5}, metric="kl", direction="min")  # the champion has no... kl tag: it wins
+    assert v2.run_id == stage_run(c, "evaluate").info.run_id  # logged from the evaluate run
+    reason = f"win_rate {champion:.4g} <= champion's {champion:.4g}"
+    assert v2.tags["palm.candidate_reason"] == reason and v2.tags["palm.eval_set"] == SET
+    assert f"evaluate: palm-chat version 2 is the candidate, not champion: {reason}" in said
+    win = register_ppo(project, env, better, {**FIT, "kl": 0.25, "win_rate": champion + 0.1, "eval_set": SET})
     assert win["ppo"]["aliases"] == ["current", "champion"]
     assert int(c.get_model_version_by_alias("palm-chat", "champion").version) == 3
     assert int(c.get_model_version_by_alias("palm-chat", "candidate").version) == 2
     assert int(c.get_model_version_by_alias("palm-reward", "champion").version) == 1
-    lose = register({**models, "ppo": worse}, {**md5s, "ppo": dvc_md5(worse)}, sources, evaluate_run=run,
-                    metrics={"kl": 0.7}, metric="kl", direction="min")  # v2 again: higher kl than v3's
+    v3 = c.get_model_version("palm-chat", "3").tags
+    assert "palm.candidate_reason" not in v3 and "palm.metric.eval_set" not in v3  # a text value: no metric tag
+    assert (v3["palm.eval_set"], float(v3["palm.metric.kl"])) == (SET, 0.25)
+    lose = register_ppo(project, env, worse, {**FIT, "kl": 0.7}, metric="kl", direction="min")  # v2: more kl than v3
     assert lose["ppo"] == {"name": "palm-chat", "version": 2, "new": False, "aliases": ["current", "candidate"]}
+    assert c.get_model_version("palm-chat", "2").tags["palm.candidate_reason"] == "kl 0.7 >= champion's 0.25"
     # back to version 1 for the tests that follow
     c.set_registered_model_alias("palm-chat", "champion", "1")
     c.set_registered_model_alias("palm-chat", "current", "1")
+
+
+def test_the_champion_rule_compares_like_with_like(project, env, new_folders):
+    """A better metric is not enough: over the KL limit, without a verdict, on another evaluation
+    set, or against a champion whose set is not recorded, the new version is the candidate and
+    says why (tag palm.candidate_reason, one log line); within the limit, with a verdict, on the
+    champion's set and better, it is champion."""
+    c = client(env)
+    worse, better = new_folders["worse"], new_folders["better"]
+    champion = float(c.get_model_version("palm-chat", "1").tags["palm.metric.win_rate"])
+    best = {**FIT, "win_rate": champion + 0.1}
+
+    def candidate(folder: Path, metrics: dict, reason: str, **kw) -> None:
+        said: list[str] = []
+        r = register_ppo(project, env, folder, metrics, log=said.append, **kw)
+        assert r["ppo"]["aliases"] == ["current", "candidate"], said
+        assert int(c.get_model_version_by_alias("palm-chat", "champion").version) == 1
+        tags = c.get_model_version("palm-chat", str(r["ppo"]["version"])).tags
+        assert tags["palm.candidate_reason"] == reason
+        assert said.count(f"evaluate: palm-chat version {r['ppo']['version']} is the candidate, not champion: "
+                          f"{reason}") == 1 and all("\n" not in line for line in said)
+
+    candidate(worse, {**best, "kl": 8.13, "kl_within_limit": 0}, "kl 8.13 > kl_limit 2.0")
+    no_kl = {k: v for k, v in best.items() if k != "kl_within_limit"}
+    candidate(worse, no_kl, "no kl_within_limit in its metrics: its KL to the SFT policy is unchecked")
+    candidate(worse, {**best, "verdict": 0}, "too few held-out prompts for a verdict (evaluate.min_prompts)")
+    candidate(worse, {**FIT}, "no number for win_rate in its metrics: nothing to compare")
+    candidate(better, {**best, "eval_set": "b" * 40}, f"evaluated on a different set (eval_set {'b' * 12}… vs "
+              f"champion's {SET}): not comparable", eval_set="b" * 40)
+    candidate(better, best, f"no eval_set for this evaluation (the champion (version 1): {SET}): not comparable",
+              eval_set="")
+    c.delete_model_version_tag("palm-chat", "1", "palm.eval_set")  # a champion registered before eval sets
+    candidate(better, best, "the champion (version 1) has no eval_set (evaluated before eval sets were "
+              "recorded): not comparable")
+    c.set_model_version_tag("palm-chat", "1", "palm.eval_set", SET)
+    win = register_ppo(project, env, better, best)  # the same set and better: champion
+    assert win["ppo"]["aliases"] == ["current", "champion"] and win["reward"]["aliases"] == ["current", "champion"]
+    assert "palm.candidate_reason" not in c.get_model_version("palm-chat", "3").tags  # the earlier reason is gone
+    again = register_ppo(project, env, better, {**best, "verdict": 0})  # the champion itself: stays champion
+    assert again["ppo"]["aliases"] == ["current", "champion"]
+    # back to version 1 as champion and current, version 2 as candidate, for the tests that follow
+    for alias, version in (("champion", "1"), ("current", "1"), ("candidate", "2")):
+        c.set_registered_model_alias("palm-chat", alias, version)
+    for name in ("palm-pretrain", "palm-sft", "palm-reward"):
+        c.set_registered_model_alias(name, "champion", "1")
 
 
 def test_pyfunc_load_and_predict_and_resolve(project, env):

@@ -16,13 +16,20 @@ the model: ``len(input_ids) <= seq_len`` and ``len(prompt_ids) + len(reply_ids) 
 Too long: the prompt is cut from the left and the reply kept; dropped only when the reply (with
 its ``<|assistant|>`` header) alone does not fit. The train/valid split is by the first user turn
 (a prompt is never in both) with the seeded hash of ``palm/data/tokenize.py``; the same seed puts
-a question in the same split in both stages.
+a question in the same split in both stages. A small input holds out more than ``valid_fraction``
+(:func:`split_groups`, ``min_valid``): the next prompts in the hash's order, which may then differ
+between the two stages.
+
+What a stage leaves out is counted per reason in its metrics; a reason that takes more than
+:data:`DROP_WARN_SHARE` of the input is also one warning line on stderr naming the setting to turn
+(:func:`drop_warnings`), as is a valid split smaller than ``min_valid``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +45,7 @@ from palm.data.chat_readers import DROP_REASONS, Conversation, Pair, Skip, Turn,
 from palm.data.rankings import RankingStats
 
 META = "meta.json"
+DROP_WARN_SHARE = 0.10  # a drop reason above this share of the input gets a warning line
 SPLITS = ("train", "valid")
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 SFT_SCHEMA = pa.schema([
@@ -139,6 +147,10 @@ class ChatDataConfig:
     format: Literal["auto", "oasst", "hh", "pairs", "chat", "instruction", "rankings"] = "auto"
     hf_split: str = "train"  # with hf:<name>: the split to read
     valid_fraction: float = 0.05  # share of prompts held out
+    # the valid split holds at least min(min_valid, a quarter of the examples), more prompts than
+    # valid_fraction when needed (evaluate draws its held-out prompts from sft_data's valid split);
+    # fewer than min_valid is a warning line
+    min_valid: int = 32
     seed: int = 1234  # seeds the split (and the default data's choices)
     max_examples: int = 0  # keep at most this many examples (0 = all)
 
@@ -150,10 +162,85 @@ class ChatDataConfig:
         check(len(set(self.sources)) == len(self.sources), "path", f"names a source twice: {list(self.sources)}")
         check(0.0 < self.valid_fraction < 1.0, "valid_fraction", "must be between 0 and 1 (exclusive)")
         check(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
+        check(self.min_valid >= 0, "min_valid", f"must be >= 0, got {self.min_valid}")
 
     @property
     def sources(self) -> tuple[str, ...]:
         return (self.path,) if isinstance(self.path, str) else tuple(self.path)
+
+
+# why each reason drops an example, and what to turn about it ({section}: sft_data or prefs)
+_CHECK = "check {section}.format and the files of {section}.path"
+_ON_PURPOSE = "left out on purpose; other data: {section}.path"
+DROP_TEXT = {
+    "malformed_json": ("lines that are not JSON", _CHECK),
+    "too_deep": ("JSON nested deeper than the parser goes", _CHECK),
+    "not_a_record": ("JSON values that are not objects", _CHECK),
+    "not_a_list": (".json files whose top level is not a list", _CHECK),
+    "unknown_format": ("records of a file whose format was not detected", "set {section}.format"),
+    "missing_field": ("a required field absent or not text", _CHECK),
+    "unknown_role": ("a role that is not system, user or assistant", _CHECK),
+    "empty_turn": ("an empty turn, prompt or reply", _CHECK),
+    "no_assistant_turn": ("no assistant reply", _CHECK),
+    "prompt_mismatch": ("chosen and rejected with different prompts", _CHECK),
+    "same_reply": ("chosen == rejected", _CHECK),
+    "empty_tree": ("OpenAssistant trees without a usable (ranked) reply", _CHECK),
+    "deleted": ("OpenAssistant messages marked deleted, with their subtrees", _ON_PURPOSE),
+    "synthetic": ("OpenAssistant messages a model wrote, with their subtrees", _ON_PURPOSE),
+    "failed_review": ("OpenAssistant messages that failed review, with their subtrees", _ON_PURPOSE),
+    "duplicate": ("exact duplicates of examples already kept", "check {section}.path for sources that overlap"),
+    "too_long": ("{reply} longer than model.seq_len {seq_len} tokens", "raise model.seq_len"),
+    "no_pairs_format": ("records of a format without preferences",
+                        "point prefs.path at hh, pairs, oasst or rankings data"),
+    "superseded": ("judgements replaced by the same labeler's later one", "as intended"),
+    "unranked": ("judgements with no preference (all bad or skipped)", "as intended"),
+    "bad_order": ("rankings whose order does not list every reply once", _CHECK),
+}
+
+
+def drop_warnings(kind: Literal["sft", "prefs"], counts: dict, kept: int, seq_len: int) -> list[str]:
+    """One warning line per drop reason that took more than :data:`DROP_WARN_SHARE` of the input
+    (the examples kept plus everything dropped: records, messages or examples, as counted)."""
+    section = "sft_data" if kind == "sft" else "prefs"
+    unit = "conversations" if kind == "sft" else "preference pairs"
+    reply = "the final reply alone" if kind == "sft" else "a reply alone"
+    total = kept + sum(counts.get(r, 0) for r in DROP_REASONS)
+    lines = []
+    for reason in DROP_REASONS:
+        n = counts.get(reason, 0)
+        if n and n > DROP_WARN_SHARE * total:
+            what, knob = (t.format(section=section, seq_len=seq_len, reply=reply) for t in DROP_TEXT[reason])
+            lines.append(f"warning: {section}: dropped {n} of {total} {unit} ({100 * n / total:.0f} %) as "
+                         f"{reason}: {what} ({knob})")
+    return lines
+
+
+def few_valid(kind: Literal["sft", "prefs"], valid: int, kept: int, min_valid: int) -> str:
+    """What a valid split smaller than ``min_valid`` means downstream, in one line."""
+    section = "sft_data" if kind == "sft" else "prefs"
+    what = "conversations" if kind == "sft" else "preference pairs"
+    then = ("evaluate gives no verdict on fewer held-out prompts than evaluate.min_prompts" if kind == "sft"
+            else "the reward model's held-out accuracy rests on them")
+    return (f"only {valid} of the {kept} {what} held out, fewer than {section}.min_valid {min_valid}: {then}; "
+            f"add data to {section}.path")
+
+
+def split_groups(sizes: dict[str, int], valid_fraction: float, seed: int, min_valid: int) -> set[str]:
+    """The groups (``sizes``: group id -> examples) held out: those ``choose_valid`` picks with
+    ``valid_fraction``, then, while they hold fewer than min(``min_valid``, a quarter of the
+    examples), the next groups in the same hash order (lowest score first), never every group."""
+    from palm.data.tokenize import TokenizeConfig, choose_valid, split_score
+
+    valid = choose_valid(sorted(sizes), TokenizeConfig(valid_fraction=valid_fraction, seed=seed))
+    want = min(min_valid, sum(sizes.values()) // 4)
+    held = sum(sizes[g] for g in valid)
+    for group in sorted(sizes, key=lambda g: (split_score(g, seed), g)):
+        if held >= want or len(valid) + 1 >= len(sizes):
+            break
+        if group not in valid:
+            valid.add(group)
+            held += sizes[group]
+    return valid
 
 
 def _sha1(text: str) -> str:
@@ -216,7 +303,6 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
     one count per drop reason, the split sizes and tokens."""
     from palm.core.io import write_json
     from palm.core.tokenizer import load_tokenizer, sha256_file
-    from palm.data.tokenize import TokenizeConfig, choose_valid
 
     section = "sft_data" if kind == "sft" else "prefs"
     tok_path = Path(tokenizer) / "tokenizer.json"
@@ -246,8 +332,9 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
         raise UserError(f"{where}: no usable {what} ({counts['read']} records read; dropped {reasons}); "
                         f"check {section}.path and {section}.format")
 
-    valid = choose_valid(sorted({r["group_id"] for r in rows}),
-                         TokenizeConfig(valid_fraction=cfg.valid_fraction, seed=cfg.seed))
+    for line in drop_warnings(kind, counts, len(rows), seq_len):
+        print(line, file=sys.stderr)
+    valid = split_groups(Counter(r["group_id"] for r in rows), cfg.valid_fraction, cfg.seed, cfg.min_valid)
     schema = SFT_SCHEMA if kind == "sft" else PREFS_SCHEMA
     id_cols = ("input_ids",) if kind == "sft" else ("prompt_ids", "chosen_ids", "rejected_ids")
     sizes, tokens = {}, {}
@@ -256,9 +343,11 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
         pq.write_table(pa.Table.from_pylist(part, schema=schema), Path(out) / f"{split}.parquet")
         sizes[split] = len(part)
         tokens[split] = sum(len(r[c]) for r in part for c in id_cols)
+    if sizes["valid"] < cfg.min_valid:
+        print(f"warning: {section}: {few_valid(kind, sizes['valid'], len(rows), cfg.min_valid)}", file=sys.stderr)
     meta = {"kind": kind, "tokenizer_sha256": sha256_file(tok_path), "seq_len": seq_len, "counts": sizes,
             "tokens": tokens, "source": cfg.path, "format": cfg.format, "seed": cfg.seed,
-            "valid_fraction": cfg.valid_fraction, "template": render_text(
+            "valid_fraction": cfg.valid_fraction, "min_valid": cfg.min_valid, "template": render_text(
                 (Turn("system", "{system}"), Turn("user", "{user}"), Turn("assistant", "{assistant}")))}
     feedback = stats.metrics() if stats.judgements else {}
     if feedback:  # who judged what: the stage tags its MLflow run with these

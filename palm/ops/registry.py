@@ -10,12 +10,17 @@ is logged as an artifact of that run (``registry/<name>``); a folder registered 
 md5) is the same version again, not a new one. Aliases:
 
 * ``current`` on each model: the version the latest ``evaluate`` saw;
-* ``champion`` on ``palm-chat``: the first version, then a new one only when it beats the
-  champion's value of the metric ``evaluate.champion_metric`` in the direction
-  ``evaluate.champion_direction`` (the values are version tags ``palm.metric.<key>``); else the
-  new version is the ``candidate``. When a version becomes champion, the pretrain, SFT and reward
-  versions it came with get ``champion`` too, so ``models:/palm-reward@champion`` is the reward
-  model the champion was trained against.
+* ``champion`` on ``palm-chat`` (:func:`candidate_reason`): a version becomes champion only when
+  its KL to SFT is within ``evaluate.kl_limit`` (metric ``kl_within_limit``), its evaluation gave
+  a verdict (``verdict``, 0 on too few held-out prompts) and it has a number for
+  ``evaluate.champion_metric``; then, if there is a champion, only when that champion was
+  evaluated on the same set (version tag ``palm.eval_set``: an id of the prompts, the judge and
+  the sampling; a champion without one counts as another set) and the new value beats the
+  champion's strictly in the direction ``evaluate.champion_direction`` (the values are version
+  tags ``palm.metric.<key>``, any numeric metric). Otherwise the version is the ``candidate``
+  and tag ``palm.candidate_reason`` says why in one line. When a version becomes champion, the
+  pretrain, SFT and reward versions it came with get ``champion`` too, so
+  ``models:/palm-reward@champion`` is the reward model the champion was trained against.
 
 Lineage: every stage run carries the DVC md5 of its data and model dependencies
 (``dvc.dep.<path>.md5``) and the run that produced each (``palm.input.<path>.run_id``,
@@ -26,6 +31,7 @@ source run to the runs with no tracked inputs (``scrape``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -150,16 +156,19 @@ def _log(c: Any, run_id: str, name: str, folder: Path, kind: str) -> str:
 
 
 def register(models: dict[str, Path], md5s: dict[str, str], sources: dict[str, str | None], *,
-             evaluate_run: str | None, metrics: dict[str, Any], metric: str, direction: str,
+             evaluate_run: str | None, metrics: dict[str, Any], metric: str, direction: str, eval_set: str,
              root: Path | None = None, log: Any = None) -> dict[str, dict[str, Any]]:
     """Register the exports ``models`` (keys of :data:`NAMES`) with the DVC md5 of each folder
     and the run that produced it (``sources``; None: none is tracked, the model is logged into
-    ``evaluate_run``). ``metrics``: the evaluation's, tagged on the ``palm-chat`` version and
-    compared by the champion rule (``metric``, ``direction``: ``max`` or ``min``). Returns, per
-    model key, ``{"name", "version", "aliases", "new"}``."""
+    ``evaluate_run``). ``metrics``: the evaluation's, their numbers tagged on the ``palm-chat``
+    version, judged by the champion rule (:func:`candidate_reason`; ``metric``, ``direction``:
+    ``max`` or ``min``); ``eval_set``: the id of the set they were measured on (tag
+    ``palm.eval_set``; "": unknown, comparable with no champion). Returns, per model key,
+    ``{"name", "version", "aliases", "new"}``."""
     log = log or (lambda s: print(s, file=sys.stderr))
     c = client(root)
     out: dict[str, dict[str, Any]] = {}
+    versions: dict[str, Any] = {}
     for key, folder in models.items():
         name, md5, source = NAMES[key], md5s[key], sources.get(key)
         existing = [v for v in _versions(c, name) if v.tags.get("dvc.md5") == md5]
@@ -176,14 +185,25 @@ def register(models: dict[str, Path], md5s: dict[str, str], sources: dict[str, s
                     "palm.source_run_id": source or ""}
             version, new = c.create_model_version(name, _log(c, run, name, folder, key), run_id=run, tags=tags), True
         c.set_registered_model_alias(name, "current", version.version)
+        versions[key] = version
         out[key] = {"name": name, "version": int(version.version), "new": new, "aliases": ["current"]}
 
-    chat = out["ppo"]
+    chat, number = out["ppo"], str(out["ppo"]["version"])
+    before = getattr(versions["ppo"], "tags", None) or {}  # an earlier registration's, when not new
+    reason = candidate_reason(c, chat["version"], metrics, metric, direction, eval_set, log)
     for k, v in metrics.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            c.set_model_version_tag(CHAT, str(chat["version"]), f"palm.metric.{k}", repr(float(v)))
-    alias = champion_alias(c, chat["version"], float(metrics[metric]), metric, direction, log)
-    c.set_registered_model_alias(CHAT, alias, str(chat["version"]))
+        if isinstance(v, (int, float)) and not isinstance(v, bool):  # text (the eval_set id…) is no metric tag
+            c.set_model_version_tag(CHAT, number, f"palm.metric.{k}", repr(float(v)))
+    stale = [k for k, keep in (("palm.eval_set", eval_set), ("palm.candidate_reason", reason)) if not keep]
+    for key in (k for k in stale if k in before):
+        c.delete_model_version_tag(CHAT, number, key)
+    if eval_set:
+        c.set_model_version_tag(CHAT, number, "palm.eval_set", eval_set)
+    alias = "candidate" if reason else "champion"
+    if reason:
+        c.set_model_version_tag(CHAT, number, "palm.candidate_reason", reason)
+        log(f"evaluate: {CHAT} version {number} is the candidate, not champion: {reason}")
+    c.set_registered_model_alias(CHAT, alias, number)
     chat["aliases"].append(alias)
     if alias == "champion":
         for key in ("pretrain", "sft", "reward"):
@@ -195,34 +215,111 @@ def register(models: dict[str, Path], md5s: dict[str, str], sources: dict[str, s
     return out
 
 
-def champion_alias(c: Any, version: int, value: float, metric: str, direction: str, log: Any = None) -> str:
-    """``champion`` if ``palm-chat`` has none, if ``version`` is it, or if ``value`` beats the
-    champion's tagged value of ``metric`` strictly in ``direction``; else ``candidate``. A
-    champion's metric tag that is not a number counts as missing (a warning line through ``log``,
-    default stderr): the registry's answer never stops the registration."""
+def candidate_reason(c: Any, version: int, metrics: dict[str, Any], metric: str, direction: str, eval_set: str,
+                     log: Any = None) -> str:
+    """Why ``palm-chat`` version ``version``, evaluated to ``metrics`` on the set ``eval_set``,
+    is not to be champion, in one line; "" when it is (a version that is champion stays so).
+    In order: ``kl_within_limit`` true (missing: not within); ``verdict`` truthy (missing: 1); a
+    number for ``metric``; then, if there is a champion: its tag ``palm.eval_set`` equal to the
+    non-empty ``eval_set`` (a champion without one was evaluated on another set), and ``value``
+    beating its ``palm.metric.<metric>`` strictly in ``direction`` (missing there: it does)."""
     from mlflow.exceptions import MlflowException
 
-    log = log or (lambda s: print(s, file=sys.stderr))
+    try:
+        champ = c.get_model_version_by_alias(CHAT, "champion")
+    except MlflowException:
+        champ = None
+    if champ is not None and _is_version(champ, version):
+        return ""
+    if "kl_within_limit" not in metrics:
+        return "no kl_within_limit in its metrics: its KL to the SFT policy is unchecked"
+    within = metrics["kl_within_limit"]
+    if not (isinstance(within, (bool, int, float)) and within):
+        kl, limit = _number(metrics.get("kl")), _number(metrics.get("kl_limit"))
+        if kl is not None and limit is not None and kl > limit:
+            return f"kl {kl:.3g} > kl_limit {limit}"
+        return f"kl_within_limit {_short(within, 20)}: not within the KL limit"
+    if not metrics.get("verdict", 1):
+        return "too few held-out prompts for a verdict (evaluate.min_prompts)"
+    value = _number(metrics.get(metric))
+    if value is None:
+        return f"no number for {metric} in its metrics: nothing to compare"
+    if champ is None:
+        return ""
+    theirs = (getattr(champ, "tags", None) or {}).get("palm.eval_set")
+    who = f"the champion (version {_line(champ.version)})"
+    if not theirs:
+        return f"{who} has no eval_set (evaluated before eval sets were recorded): not comparable"
+    if not eval_set:
+        return f"no eval_set for this evaluation ({who}: {_short(theirs)}): not comparable"
+    if theirs != eval_set:
+        return (f"evaluated on a different set (eval_set {_short(eval_set)} vs champion's {_short(theirs)}): "
+                "not comparable")
+    best = _champion_value(champ, metric, version, log)
+    if best is None or _beats(value, best, direction):
+        return ""
+    return f"{metric} {value:.4g} {'<=' if direction == 'max' else '>='} champion's {best:.4g}"
+
+
+def champion_alias(c: Any, version: int, value: float, metric: str, direction: str, log: Any = None) -> str:
+    """The metric comparison of the champion rule alone (:func:`candidate_reason` checks the KL,
+    the verdict and the eval set first): ``champion`` if ``palm-chat`` has none, if ``version``
+    is it, or if ``value`` beats the champion's tagged value of ``metric`` strictly in
+    ``direction``; else ``candidate``. A champion's metric tag that is not a number counts as
+    missing (a warning line through ``log``, default stderr): the registry's answer never stops
+    the registration."""
+    from mlflow.exceptions import MlflowException
+
     try:
         champ = c.get_model_version_by_alias(CHAT, "champion")
     except MlflowException:
         return "champion"
-    try:
-        same = int(champ.version) == version
-    except (TypeError, ValueError):  # a version that is not a number is not this one
-        same = False
-    if same:
+    if _is_version(champ, version):
         return "champion"
+    best = _champion_value(champ, metric, version, log)
+    return "champion" if best is None or _beats(value, best, direction) else "candidate"
+
+
+def _is_version(champ: Any, version: int) -> bool:
+    try:
+        return int(champ.version) == version
+    except (TypeError, ValueError):  # a version that is not a number is not this one
+        return False
+
+
+def _beats(value: float, theirs: float, direction: str) -> bool:
+    return value > theirs if direction == "max" else value < theirs
+
+
+def _champion_value(champ: Any, metric: str, version: int, log: Any = None) -> float | None:
+    """The champion's tag ``palm.metric.<metric>`` as a number; None when missing (never
+    measured on it) or not a number (also a warning line through ``log``, default stderr)."""
     theirs = (getattr(champ, "tags", None) or {}).get(f"palm.metric.{metric}")
     if theirs is None:
-        return "champion"  # the champion was never measured on this metric
+        return None
     try:
-        theirs = float(theirs)
+        number = float(theirs)
     except (TypeError, ValueError):
-        log(f"warning: evaluate: the champion ({CHAT} version {_line(champ.version)}) has tag palm.metric.{metric} "
+        number = math.nan
+    if math.isnan(number):
+        (log or (lambda s: print(s, file=sys.stderr)))(
+            f"warning: evaluate: the champion ({CHAT} version {_line(champ.version)}) has tag palm.metric.{metric} "
             f"{_line(repr(theirs))[:100]}, not a number: treated as missing, so version {version} becomes champion")
-        return "champion"
-    return "champion" if (value > theirs if direction == "max" else value < theirs) else "candidate"
+        return None
+    return number
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a number (not a bool, not NaN); else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _short(value: Any, n: int = 12) -> str:
+    """``value`` for a one-line message, cut to its first ``n`` characters (an id's start)."""
+    text = _line(value)
+    return text if len(text) <= n else text[:n] + "…"
 
 
 # --- resolving ------------------------------------------------------------------------------------
