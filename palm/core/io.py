@@ -91,3 +91,47 @@ def clean_stale_temps(parent: str | Path, name: str) -> None:
             _remove(p)
         for p in parent.glob(f".{name}.old-*"):
             _remove(p)
+
+
+def append_line(path: Path, record: Any, *, cut_partial: bool = False) -> None:
+    """Append ``record`` as one JSON line and fsync it (and, for a new file, its folder), holding
+    an exclusive lock on the file (several processes may share it). A partial last line a killed
+    writer left is cut off (``cut_partial``: it was never confirmed) or closed with a newline."""
+    import fcntl
+
+    path = Path(path)
+    line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a partial line from a killed run
+            if cut_partial:
+                os.ftruncate(fd, _last_line_start(fd, size))
+            else:
+                line = b"\n" + line
+        while line:
+            line = line[os.write(fd, line):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # (releases the lock)
+    if new:  # the file's name is on disk too
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _last_line_start(fd: int, size: int, block: int = 1 << 16) -> int:
+    """The offset just after the file's last newline (0 when it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        at = os.pread(fd, end - start, start).rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0

@@ -65,29 +65,17 @@ def _same(given: Any, secret: str) -> bool:
     return isinstance(given, str) and secrets.compare_digest(given.encode(), secret.encode())
 
 
-def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str | None = None,
-               key: str | None = None) -> Any:
-    """The Flask app for one labeler and one batch. ``key``: the session's key (default: a new
-    random one), which every request must carry (cookie or ``?key=``); ``token``: the page's
-    token a judgement must carry (default: a new random one). ``app.config["ALLOWED_HOSTS"]``:
-    the ``Host`` headers answered (the local names; :func:`serve` adds the port and the
-    configured host once the port is known)."""
-    from flask import Flask, abort, jsonify, redirect, render_template, request
+def guarded_app(command: str, key: str | None = None, **config: Any) -> Any:
+    """A Flask app (this package's templates and static files) that applies the rules of the
+    module docstring to every request: the session's ``key`` (default: a new random one) by
+    cookie or ``?key=`` (``command`` names what printed the address), a ``Host`` among
+    ``app.config["ALLOWED_HOSTS"]``, the security headers, JSON errors. ``config`` joins
+    ``app.config``."""
+    from flask import Flask, abort, jsonify, redirect, request
 
-    items = read_batch(batch_path)
-    batch = items[0]["batch"]
-    store = RankingsFile(rankings_path)
-    token = token or secrets.token_urlsafe(32)
     key = key or secrets.token_urlsafe(32)
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, ALLOWED_HOSTS=set(LOCAL_NAMES), TOKEN=token, KEY=key,
-                      COOKIE=COOKIE)
-
-    def mine() -> dict[str, dict]:
-        return {item: r for (item, who), r in store.latest(batch).items() if who == labeler}
-
-    def first_open(judged: dict[str, dict]) -> int:
-        return next((i for i, it in enumerate(items) if it["item"] not in judged), len(items))
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, ALLOWED_HOSTS=set(LOCAL_NAMES), KEY=key, COOKIE=COOKIE, **config)
 
     @app.before_request
     def addressed_to_us_by_a_key_holder():
@@ -96,7 +84,7 @@ def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str |
             abort(403, f"this server answers requests to {', '.join(sorted(allowed))} only")
         given = request.args.get(KEY_PARAM)
         if not (_same(given, key) or _same(request.cookies.get(app.config["COOKIE"]), key)):
-            abort(403, "open the address palm feedback serve printed: it carries this session's key")
+            abort(403, f"open the address {command} printed: it carries this session's key")
         if given is not None and request.method == "GET" and request.endpoint == "page":
             # the key becomes a cookie that scripts cannot read and other sites' requests do not
             # carry, and leaves the address bar (and the browser's history)
@@ -117,6 +105,46 @@ def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str |
     @app.errorhandler(413)
     def error(err):
         return jsonify(error=getattr(err, "description", str(err))), err.code
+
+    return app
+
+
+def judgement_body(token: str, fields: str) -> dict:
+    """A judgement's JSON object, after checking the page's token (403) and that it is an object
+    (400, naming ``fields``)."""
+    from flask import abort, request
+
+    if not _same(request.headers.get(TOKEN_HEADER), token):
+        abort(403, f"missing or wrong {TOKEN_HEADER}: judgements come from the page this server served")
+    try:
+        body = request.get_json(silent=True) if request.is_json else None
+    except RecursionError:  # nested deeper than the JSON parser goes
+        body = None
+    if not isinstance(body, dict):
+        abort(400, f"expected a JSON object: {fields}")
+    return body
+
+
+def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str | None = None,
+               key: str | None = None) -> Any:
+    """The Flask app for one labeler and one batch. ``key``: the session's key (default: a new
+    random one), which every request must carry (cookie or ``?key=``); ``token``: the page's
+    token a judgement must carry (default: a new random one). ``app.config["ALLOWED_HOSTS"]``:
+    the ``Host`` headers answered (the local names; :func:`serve` adds the port and the
+    configured host once the port is known)."""
+    from flask import abort, jsonify, render_template
+
+    items = read_batch(batch_path)
+    batch = items[0]["batch"]
+    store = RankingsFile(rankings_path)
+    token = token or secrets.token_urlsafe(32)
+    app = guarded_app("palm feedback serve", key, TOKEN=token)
+
+    def mine() -> dict[str, dict]:
+        return {item: r for (item, who), r in store.latest(batch).items() if who == labeler}
+
+    def first_open(judged: dict[str, dict]) -> int:
+        return next((i for i, it in enumerate(items) if it["item"] not in judged), len(items))
 
     @app.get("/")
     def page():
@@ -139,15 +167,7 @@ def create_app(batch_path: Path, rankings_path: Path, labeler: str, token: str |
 
     @app.post("/api/judge")
     def judge():
-        sent = request.headers.get(TOKEN_HEADER, "")
-        if not secrets.compare_digest(sent.encode(), token.encode()):
-            abort(403, f"missing or wrong {TOKEN_HEADER}: judgements come from the page this server served")
-        try:
-            body = request.get_json(silent=True) if request.is_json else None
-        except RecursionError:  # nested deeper than the JSON parser goes
-            body = None
-        if not isinstance(body, dict):
-            abort(400, "expected a JSON object: index, item, verdict, order")
+        body = judgement_body(token, "index, item, verdict, order")
         index = body.get("index")
         if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(items)) \
                 or body.get("item") != items[index]["item"]:

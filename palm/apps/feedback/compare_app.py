@@ -24,7 +24,7 @@ import secrets
 import time
 from typing import Any
 
-from palm.apps.feedback.app import COOKIE, KEY_PARAM, LOCAL_NAMES, MAX_BODY, SECURITY_HEADERS, TOKEN_HEADER, _same
+from palm.apps.feedback.app import guarded_app, judgement_body
 from palm.apps.feedback.judgments import JudgmentsFile
 from palm.eval.human import FORMAT
 
@@ -52,47 +52,17 @@ def create_compare_app(items: list[dict[str, Any]], judgments: JudgmentsFile, la
     ``models``: the identities ``{"a", "b"}`` recorded with each judgement (default: the items');
     ``token``, ``key`` and ``app.config["ALLOWED_HOSTS"]`` as in :func:`palm.apps.feedback.app.create_app`
     (:func:`palm.apps.feedback.app.serve` serves it)."""
-    from flask import Flask, abort, jsonify, redirect, render_template, request
+    from flask import abort, jsonify, render_template
 
     comparison = items[0]["comparison"]
     models = models or {"a": items[0]["model_a"], "b": items[0]["model_b"]}
     token = token or secrets.token_urlsafe(32)
-    key = key or secrets.token_urlsafe(32)
-    app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, ALLOWED_HOSTS=set(LOCAL_NAMES), TOKEN=token, KEY=key,
-                      COOKIE=COOKIE, COMPARISON=comparison)
+    app = guarded_app("palm feedback compare", key, TOKEN=token, COMPARISON=comparison)
 
     def progress() -> dict[str, int]:
         judged = judgments.mine(comparison, labeler)
         first = next((i for i in range(len(items)) if i not in judged), len(items))
         return {"total": len(items), "judged": len(judged), "next": first}
-
-    @app.before_request
-    def addressed_to_us_by_a_key_holder():
-        allowed = app.config["ALLOWED_HOSTS"]
-        if request.host not in allowed:
-            abort(403, f"this server answers requests to {', '.join(sorted(allowed))} only")
-        given = request.args.get(KEY_PARAM)
-        if not (_same(given, key) or _same(request.cookies.get(app.config["COOKIE"]), key)):
-            abort(403, "open the address palm feedback compare printed: it carries this session's key")
-        if given is not None and request.method == "GET" and request.endpoint == "page":
-            resp = redirect("/", 303)  # the key leaves the address bar for a cookie scripts cannot read
-            resp.set_cookie(app.config["COOKIE"], key, httponly=True, samesite="Strict", path="/")
-            return resp
-        return None
-
-    @app.after_request
-    def headers(resp):
-        resp.headers.update(SECURITY_HEADERS)
-        return resp
-
-    @app.errorhandler(400)
-    @app.errorhandler(403)
-    @app.errorhandler(404)
-    @app.errorhandler(405)
-    @app.errorhandler(413)
-    def error(err):
-        return jsonify(error=getattr(err, "description", str(err))), err.code
 
     @app.get("/")
     def page():
@@ -114,14 +84,7 @@ def create_compare_app(items: list[dict[str, Any]], judgments: JudgmentsFile, la
 
     @app.post("/api/judge")
     def judge():
-        if not _same(request.headers.get(TOKEN_HEADER), token):
-            abort(403, f"missing or wrong {TOKEN_HEADER}: judgements come from the page this server served")
-        try:
-            body = request.get_json(silent=True) if request.is_json else None
-        except RecursionError:  # nested deeper than the JSON parser goes
-            body = None
-        if not isinstance(body, dict):
-            abort(400, "expected a JSON object: index, choice")
+        body = judgement_body(token, "index, choice")
         index, shown = body.get("index"), body.get("choice")
         if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(items)):
             abort(400, f"index: not an item of this comparison (0 to {len(items) - 1})")

@@ -10,13 +10,13 @@ on a fresh line.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from palm.apps.feedback.sample import BATCH_FORMAT
 from palm.core.errors import UserError
+from palm.core.io import append_line
 from palm.data import rankings
 
 
@@ -69,31 +69,10 @@ class RankingsFile:
         return out
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one line and fsync it (and, for a new file, its folder). Servers of
-        several labelers may share the file: each append holds an exclusive lock on it."""
-        import fcntl
-
-        line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+        """Append ``record`` as one synced line (:func:`palm.core.io.append_line`); servers of
+        several labelers may share the file."""
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            new = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":  # a partial line from a killed run
-                    line = b"\n" + line
-                while line:
-                    line = line[os.write(fd, line):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)  # (releases the lock)
-            if new:
-                fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            append_line(self.path, record)
 
     def latest(self, batch: str) -> dict[tuple[str, str], dict[str, Any]]:
         """``(item, labeler) -> latest judgement`` of the items of ``batch``."""
