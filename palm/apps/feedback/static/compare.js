@@ -1,35 +1,10 @@
 // The blind A/B page of `palm feedback compare` (palm/apps/feedback/compare_app.py). It knows replies
 // only as "left" and "right"; every prompt and reply is put into the page with textContent.
 "use strict";
+// (TOKEN, $, api, el and status: common.js, loaded first)
 
-const TOKEN = document.querySelector('meta[name="feedback-token"]').content;
-const $ = (id) => document.getElementById(id);
 const SAID = { left: "left better", right: "right better", tie: "tie", both_bad: "both bad" };
 const state = { index: 0, total: 0, item: null, busy: false };
-
-async function api(path, body) {
-  const opts = body === undefined ? {} : {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "X-Feedback-Token": TOKEN },
-    body: JSON.stringify(body),
-  };
-  const resp = await fetch(path, opts);
-  const data = await resp.json().catch(() => ({}));
-  if (!resp.ok) throw new Error(data.error || `${resp.status} ${resp.statusText}`);
-  return data;
-}
-
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-
-function status(text, error = false) {
-  $("status").textContent = text;
-  $("status").className = error ? "error" : "";
-}
 
 async function refreshState() {
   const s = await api("/api/state");

@@ -1,34 +1,9 @@
 // The ranking page of `palm feedback serve` (palm/feedback/app.py). Every prompt and reply is
 // put into the page with textContent: model output is shown as text, never parsed as HTML.
 "use strict";
+// (TOKEN, $, api, el and status: common.js, loaded first)
 
-const TOKEN = document.querySelector('meta[name="feedback-token"]').content;
-const $ = (id) => document.getElementById(id);
 const state = { index: 0, total: 0, item: null, picked: [], shown: false, busy: false };
-
-async function api(path, body) {
-  const opts = body === undefined ? {} : {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "X-Feedback-Token": TOKEN },
-    body: JSON.stringify(body),
-  };
-  const resp = await fetch(path, opts);
-  const data = await resp.json().catch(() => ({}));
-  if (!resp.ok) throw new Error(data.error || `${resp.status} ${resp.statusText}`);
-  return data;
-}
-
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-
-function status(text, error = false) {
-  $("status").textContent = text;
-  $("status").className = error ? "error" : "";
-}
 
 function describe(j) {
   if (j.verdict !== "ranked") return j.verdict.replace("_", " ");
