@@ -3,8 +3,9 @@ an evaluation, on the models and data `make run` left (``models/sft``, ``models/
 ``data/sft``, ``data/prefs``, ``data/tokens``).
 
 A lever is ``NAME=section.key=value,...``: dotted overrides of params.yaml's ``ppo`` (or
-``evaluate``) section. Each runs ``stages.ppo`` in a scratch project (the real data and models
-linked in read-only; its own params file, checkpoints and reports, no MLflow), then the
+``evaluate``) section. The inputs are copied once at the start (a `dvc repro` meanwhile cannot
+change them). Each lever runs ``stages.ppo`` in a scratch project (its own params file,
+checkpoints and reports, no MLflow), then the
 ``evaluate`` library on the same held-out prompts with params.yaml's evaluate settings. Reported
 per lever: the gold score of PPO and SFT and their difference with its standard error (prompts
 are the units), the gold win rate, F1, names, the proxy win rate and the KL; a lever "beats SFT"
@@ -47,17 +48,27 @@ LEVERS = {  # the default table
     "grpo-4": "ppo.advantage=grpo,ppo.samples_per_prompt=4,ppo.prompts_per_rollout=4",
     "best-gold": "ppo.select=best_gold",
 }
-INPUTS = ("data", "models")
+INPUTS = ("models/pretrain", "models/sft", "models/reward", "data/sft", "data/prefs", "data/tokens")
 
 
-def run_lever(name: str, spec: str, scratch: Path, params: dict[str, Any]) -> dict[str, Any]:
+def snapshot(scratch: Path) -> Path:
+    """A copy of the inputs, so that a `dvc repro` while the levers run cannot change them."""
+    import shutil
+
+    base = scratch / "inputs"
+    for d in INPUTS:
+        shutil.copytree(ROOT / d, base / d)
+    return base
+
+
+def run_lever(name: str, spec: str, scratch: Path, params: dict[str, Any], base: Path) -> dict[str, Any]:
     from palm.core.config import from_dict
     from palm.eval.evaluate import EvaluateConfig, evaluate
 
     work = scratch / name
     work.mkdir(parents=True)
-    for d in INPUTS:
-        (work / d).symlink_to(ROOT / d)
+    for d in ("data", "models"):
+        (work / d).symlink_to(base / d)
     mine = override(params, spec)
     (work / "params.yaml").write_text(yaml.safe_dump(mine))
     t0 = time.time()
@@ -69,9 +80,9 @@ def run_lever(name: str, spec: str, scratch: Path, params: dict[str, Any]) -> di
     ppo_seconds = time.time() - t0
     ppo_metrics = json.loads((work / "reports" / "ppo" / "metrics.json").read_text())
     cfg = from_dict(EvaluateConfig, mine["evaluate"], "evaluate")
-    ev = evaluate(cfg, models={"pretrain": ROOT / "models/pretrain", "sft": ROOT / "models/sft",
-                               "ppo": work / "out/ppo", "reward": ROOT / "models/reward"},
-                  sft_data=ROOT / "data/sft", prefs=ROOT / "data/prefs", tokens=ROOT / "data/tokens")
+    ev = evaluate(cfg, models={"pretrain": base / "models/pretrain", "sft": base / "models/sft",
+                               "ppo": work / "out/ppo", "reward": base / "models/reward"},
+                  sft_data=base / "data/sft", prefs=base / "data/prefs", tokens=base / "data/tokens")
     m = ev.metrics
     keys = [k for k in m if k.startswith("gold_")] + ["win_rate", "win_rate_se", "kl", "length_ppo", "length_sft",
                                                        "reward_ppo", "reward_sft", "prompts", "eval_set"]
@@ -114,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="run only these levers (names)")
     ap.add_argument("--record", type=Path, default=None, help="JSON record (default benchmarks/records/gold-levers-DATE.json)")
     args = ap.parse_args(argv)
-    for d in ("models/sft", "models/reward", "models/pretrain", "data/sft", "data/prefs", "data/tokens"):
+    for d in INPUTS:
         if not (ROOT / d).exists():
             raise SystemExit(f"gold_levers: {ROOT / d} not found; run `make run` first")
     levers = dict(LEVERS)
@@ -129,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     record = args.record or ROOT / "benchmarks" / "records" / f"gold-levers-{date}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gold-levers-") as scratch:
+        base = snapshot(Path(scratch))
         for name, spec in levers.items():
             print(f"gold_levers: {name} ({spec or 'params.yaml as is'})", file=sys.stderr, flush=True)
-            rows.append(run_lever(name, spec, Path(scratch), params))
+            rows.append(run_lever(name, spec, Path(scratch), params, base))
             r = rows[-1]
             print(f"gold_levers: {name}: gold gain {r['gold_score_gain']:+.4f} ± {r.get('gold_score_gain_se', 0):.4f}, "
                   f"proxy win rate {r['win_rate']:.3f}, KL {r['kl']:.2f}", file=sys.stderr, flush=True)

@@ -142,8 +142,6 @@ class Rollouts:
         return torch.Generator(device=device()).manual_seed(seed)
 
 
-
-
 @dataclasses.dataclass
 class Rollout:
     """One iteration's sampled responses and everything the update trains on."""
