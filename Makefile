@@ -97,6 +97,7 @@ bench: setup
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/ppo_throughput.py
 	$(PY) -W ignore benchmarks/time_to_loss.py
+	$(PY) -W ignore benchmarks/ranking_value.py
 	$(PY) -W ignore benchmarks/gold_levers.py
 
 ## Fuzz every reader and parser of outside input (chat/preference files, rankings, WARC, the scrape

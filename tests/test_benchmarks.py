@@ -69,3 +69,47 @@ def test_time_to_loss_runs_both_recipes_and_reports_the_ratio(tmp_path):
     assert today["steps"] == 400 and new["steps"] == 8 and short["steps"] == 4
     assert today["pretrain"]["optim"]["name"] == "adamw" and new["pretrain"]["optim"]["name"] == "muon"
     assert record.with_suffix(".png").stat().st_size > 0
+
+
+def test_ranking_value_runs_both_arms_on_tiny_inputs(tmp_path):
+    """benchmarks/ranking_value.py end to end on the pydoc-like chat data and tiny exports: every
+    (seed, count, arm) run trains a reward model from the gold labeler's rankings; one record."""
+    import json
+    import subprocess
+
+    import yaml
+
+    from helpers import MODEL, chat_data, make_parent, make_reward, redraw_weights
+
+    from palm.model.network import PaLM
+    from palm.model.parallel import process_groups
+    from palm.model.weights import export_safetensors
+
+    data = chat_data(tmp_path / "d", valid_fraction=0.5)  # 8 conversations: 4 to rank, 4 held out
+    sft = make_parent(tmp_path / "sft", data["tokenizer"])
+    config = json.loads((sft / "config.json").read_text())
+    with process_groups():  # varied replies (PaLM's own init repeats the prompt's last token)
+        net = PaLM(MODEL, seed=3)
+        redraw_weights(net, seed=5)
+        export_safetensors(net, sft, {**config, "kind": "sft"})
+    reward = make_reward(tmp_path / "reward", data["tokenizer"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"reward": {
+        "micro_batch_size": 4, "dtype": "fp32", "optim": {"lr": 0.003, "min_lr": 0.0003, "warmup_steps": 1}}}))
+    record = tmp_path / "record.json"
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "ranking_value.py"), "--sft-data", str(data["sft"]),
+         "--sft", str(sft), "--reward", str(reward), "--params", str(tmp_path / "params.yaml"), "--counts", "1,2",
+         "--k", "4", "--pool-factor", "2", "--candidates", "4", "--seeds", "2", "--steps", "2",
+         "--max-new-tokens", "16", "--record", str(record)],
+        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("uncertain_minus_random ")
+    body = json.loads(record.read_text())
+    assert [r["rankings"] for r in body["summary"]] == [1, 2] and body["held_out_pairs"] > 0
+    assert sorted((r["seed"], r["rankings"], r["arm"]) for r in body["runs"]) == sorted(
+        (s, n, a) for s in (0, 1) for n in (1, 2) for a in ("random", "uncertain"))
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in body["runs"])
+    for row in body["summary"]:  # the uncertain arm's prompts are the ones the reward model separates least
+        runs = {(r["seed"], r["arm"]): r for r in body["runs"] if r["rankings"] == row["rankings"]}
+        assert all(runs[(s, "uncertain")]["mean_spread"] <= runs[(s, "random")]["mean_spread"] + 1e-9 for s in (0, 1))
+    assert record.with_suffix(".png").stat().st_size > 0

@@ -2,6 +2,7 @@
 
     palm feedback sample --model models/sft --k 4 --out data/feedback/batch-1.jsonl
     palm feedback serve data/feedback/batch-1.jsonl --labeler alice
+    palm feedback simulate data/feedback/batch-1.jsonl --noise 0.1   # a simulated labeler (simulate.py)
 
 ``sample`` (``palm/apps/feedback/sample.py``) writes K replies per prompt with the sampling settings and
 the model's identity; ``serve`` (``palm/apps/feedback/app.py``) opens a local page where a person ranks
@@ -54,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--max-new-tokens", type=int, default=128, help="longest reply (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    s.add_argument("--select", choices=("random", "uncertain"), default="random",
+                   help="random: the first --limit prompts; uncertain: of --pool candidates, the --limit whose "
+                        "replies --reward separates least (default %(default)s)")
+    s.add_argument("--reward", default=None, help="with --select uncertain: the reward model, e.g. models/reward")
+    s.add_argument("--pool", type=int, default=None,
+                   help="with --select uncertain: candidate prompts (default 4 x --limit)")
     v = sub.add_parser("serve", help="rank a batch's replies in a local web page",
                        description="rank a batch's replies in a local web page")
     v.add_argument("batch", type=Path, metavar="BATCH", help="a batch file of palm feedback sample")
@@ -61,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--rankings", type=Path, default=RANKINGS, help="appended to (default %(default)s)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     v.add_argument("--port", type=int, default=8765, help="0: any free port (default %(default)s)")
+    from palm.apps.feedback import simulate
+
+    simulate.add_parser(sub, RANKINGS)
     from palm.apps.feedback import compare
 
     compare.add_arguments(sub.add_parser("compare", help="blind A/B judgements of two models' replies in a local web page",
@@ -68,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "simulate":
+        from palm.apps.feedback.simulate import run as simulate_command
+
+        return simulate_command(args, LABELER)
     if args.action == "compare":
         from palm.apps.feedback.compare import compare_command
 
@@ -84,17 +98,20 @@ def sample_command(args: argparse.Namespace) -> int:
         SampleSettings,
         batch_items,
         model_identity,
-        read_prompts,
+        read_prompt_file,
         sample_replies,
-        sft_prompts,
+        select_uncertain,
+        split_prompts,
         write_batch,
     )
     from palm.decode.generate import SamplingConfig
-    from palm.model.export import load_model, load_tokenizer, read_export
+    from palm.model.export import load_model, load_tokenizer, read_export, same_tokenizer
     from palm.model.parallel import process_groups
 
     if args.k < 2:
         raise UserError(f"--k: must be >= 2 (a ranking compares replies), got {args.k}")
+    if args.limit < 1:
+        raise UserError(f"--limit: must be >= 1, got {args.limit}")
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     except ConfigError as err:
@@ -106,19 +123,39 @@ def sample_command(args: argparse.Namespace) -> int:
     if not 1 <= args.max_new_tokens < export.model.seq_len:
         raise UserError(f"--max-new-tokens: must be between 1 and {export.model.seq_len - 1} (the model's "
                         f"context is {export.model.seq_len} tokens), got {args.max_new_tokens}")
+    uncertain, reward = args.select == "uncertain", None
+    pool = 4 * args.limit if args.pool is None else args.pool
+    if uncertain:
+        if args.reward is None:
+            raise UserError("--select uncertain: needs --reward, the reward model that scores the replies "
+                            "(e.g. models/reward)")
+        if pool < args.limit:
+            raise UserError(f"--pool: the candidates the --limit {args.limit} are kept from: must be >= "
+                            f"{args.limit}, got {pool}")
+        reward = read_export(args.reward, kinds=("reward",))
+        same_tokenizer([export, reward])
+    elif args.reward is not None or args.pool is not None:
+        raise UserError("--reward and --pool: only with --select uncertain")
     tokenizer = load_tokenizer(export)
     if args.prompts is not None:
-        prompts = read_prompts(args.prompts)
+        prompts, references = read_prompt_file(args.prompts)
+        prompts, references = (prompts[:pool], references[:pool]) if uncertain else (prompts, references)
     else:
-        prompts = sft_prompts(args.sft_data, tokenizer, export.tokenizer_sha256, args.limit)
+        prompts, references = map(list, zip(*split_prompts(args.sft_data, tokenizer, export.tokenizer_sha256,
+                                                           pool if uncertain else args.limit)))
     settings = SampleSettings(k=args.k, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    selections = None
     with process_groups():
         model = load_model(export)
-        replies = sample_replies(model, tokenizer, prompts, sampling, settings)
+        replies = sample_replies(model, tokenizer, prompts, sampling, settings, progress=None)
+        if uncertain:
+            del model
+            prompts, references, replies, selections = select_uncertain(reward, args.reward, tokenizer, prompts,
+                                                                        references, replies, args.limit)
     record = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
               "max_new_tokens": settings.max_new_tokens, "seed": settings.seed, "k": settings.k}
     write_batch(out, batch_items(out.name.removesuffix(".jsonl"), prompts, replies,
-                                 model_identity(args.model, export), record))
+                                 model_identity(args.model, export), record, references, selections))
     print(f"palm feedback: {len(prompts)} prompts x {args.k} replies from {export.path} ({export.kind}) -> {out}; "
           f"rank them with: palm feedback serve {out} --labeler NAME", file=sys.stderr)
     return 0
