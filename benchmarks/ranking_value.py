@@ -17,7 +17,7 @@ On the default data (``data/sft``, ``models/sft``, ``models/reward`` from `make 
    ``--select uncertain`` keeps of its ``--pool``). The gold labeler ranks them
    (:func:`palm.apps.feedback.simulate.judgement`, ``--noise``, seed ``s``) into a rankings file,
    which the prefs stage's reader turns into pairs (:func:`palm.data.chat.build_chat_data`,
-   ``format: rankings``; both of its splits train here: the held-out pairs are other prompts').
+   ``format: rankings``; every split of it trains here: the held-out pairs are other prompts').
    A reward model starts from ``models/sft`` and trains ``--steps`` steps on them with the reward
    stage's objective and batches (:mod:`palm.train.reward`; params.yaml's ``reward`` section,
    seed ``s``). Its held-out accuracy: the share of held-out pairs it orders as the gold rule does.
@@ -135,7 +135,7 @@ def rank_into_pairs(items: list[dict], noise: float, seed: int, tokenizer_dir: P
                                 corpus=tmp, tokenizer=tokenizer_dir, seq_len=seq_len, out=out)
     except UserError:  # every ranking all ties: no pair
         return [], {"pairs": 0, "rankings_with_ties": tied}
-    rows = read_rows(out, "train", sha, COLUMNS) + read_rows(out, "valid", sha, COLUMNS)
+    rows = [r for f in sorted(out.glob("*.parquet")) for r in read_rows(out, f.stem, sha, COLUMNS)]  # every split
     return rows, {"pairs": m["kept"], "rankings_with_ties": tied}
 
 

@@ -273,7 +273,8 @@ def test_sample_simulate_prefs_reward_ppo_unattended(loop):
         for better, worse in ordered_pairs(places("ranked", j["order"], K)):
             if j["replies"][better] != j["replies"][worse]:
                 expected.add((j["prompt"][-1]["content"], j["replies"][better], j["replies"][worse]))
-    rows = [r for s in ("train", "valid") for r in load_prefs(root / "data" / "prefs", s, sha).to_pylist()]
+    splits = sorted(f.stem for f in (root / "data" / "prefs").glob("*.parquet"))  # train, valid (and any other)
+    rows = [r for s in splits for r in load_prefs(root / "data" / "prefs", s, sha).to_pylist()]
     got = {(r["prompt"].split("<|user|>")[-1].split("<|end|>")[0], r["chosen"], r["rejected"]) for r in rows}
     assert prefs["kept"] == len(rows) == len(expected) > prompts and got == expected
 
