@@ -2,7 +2,7 @@
 ``make setup``): one subcommand per user-facing tool.
 
     palm chat models/ppo            # talk to an exported model (palm/apps/chat.py)
-    palm feedback sample|serve …    # sample replies, rank them in a local page (palm/apps/feedback/)
+    palm feedback sample|serve|compare|simulate …  # rank replies, blind A/B (palm/apps/feedback/)
     palm chat models:/palm-chat@champion              # ... or a registered one
     palm lineage models:/palm-chat@champion [--json]  # its runs back to the scrape (palm/ops/lineage.py)
     palm serve models/ppo [--port 8000]  # OpenAI-compatible API (palm/apps/openai_server.py)
@@ -27,7 +27,8 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "chat": ("palm.apps.chat", "chat with an exported model (streamed replies, history, /reset, /quit)"),
-    "feedback": ("palm.apps.feedback", "human feedback: sample replies (sample), rank them in a local web page (serve)"),
+    "feedback": ("palm.apps.feedback", "human feedback: sample replies (sample), rank them in a local page (serve), "
+                 "blind A/B of two models (compare), a simulated labeler (simulate)"),
     "lineage": ("palm.ops.lineage", "the runs and data a registered model came from, back to the scrape run"),
     "serve": ("palm.apps.openai_server", "an OpenAI-compatible HTTP server over an exported model (127.0.0.1)"),
     "ui": ("palm.apps.ui", "the MLflow UI on 127.0.0.1 over the project's runs and registered models (make ui)"),

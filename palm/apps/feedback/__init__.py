@@ -14,7 +14,7 @@ file the ``prefs`` stage reads with ``format: rankings`` (``palm/data/rankings.p
 ``compare`` (``palm/apps/feedback/compare.py``) samples one reply of A (the baseline) and one of B
 (the candidate) to held-out prompts with the same seed, and opens a blind page where a person says
 which is better (sides shuffled, models hidden), appending each judgement to
-``data/feedback/judgments.jsonl``; :func:`palm.eval.human.human_verdict` turns them into B's win rate.
+``data/judgments/judgments.jsonl``; :func:`palm.eval.human.human_verdict` turns them into B's win rate.
 """
 
 from __future__ import annotations
