@@ -48,7 +48,7 @@ LEVERS = {  # the default table
     "grpo-4": "ppo.advantage=grpo,ppo.samples_per_prompt=4,ppo.prompts_per_rollout=4",
     "best-gold": "ppo.select=best_gold",
 }
-INPUTS = ("models/pretrain", "models/sft", "models/reward", "data/sft", "data/prefs", "data/tokens")
+INPUTS = ("models/pretrain", "models/sft", "models/reward", "models/gold_reward", "data/sft", "data/prefs", "data/tokens")
 
 
 def snapshot(scratch: Path) -> Path:
@@ -81,7 +81,8 @@ def run_lever(name: str, spec: str, scratch: Path, params: dict[str, Any], base:
     ppo_metrics = json.loads((work / "reports" / "ppo" / "metrics.json").read_text())
     cfg = from_dict(EvaluateConfig, mine["evaluate"], "evaluate")
     ev = evaluate(cfg, models={"pretrain": base / "models/pretrain", "sft": base / "models/sft",
-                               "ppo": work / "out/ppo", "reward": base / "models/reward"},
+                               "ppo": work / "out/ppo", "reward": base / "models/reward",
+                               "gold_reward": base / "models/gold_reward"},
                   sft_data=base / "data/sft", prefs=base / "data/prefs", tokens=base / "data/tokens")
     m = ev.metrics
     keys = [k for k in m if k.startswith("gold_")] + ["win_rate", "win_rate_se", "kl", "length_ppo", "length_sft",

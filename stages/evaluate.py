@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: the SFT and PPO policies on held-out prompts, scored by the reward
+"""DVC stage `evaluate`: the SFT and PPO policies on held-out prompts, scored by the gold judges
+(evaluate.gold: the rule checks, the gold reward model of --gold-reward) and by the proxy reward
 model; perplexities of every language model; the reward model's held-out accuracy
 (palm/eval/evaluate.py). Writes the metrics (reports/evaluate/metrics.json, by run_stage), PNG plots of
 every stage's training curve and of the reward distributions, and one self-contained HTML report;
@@ -26,6 +27,7 @@ MODELS = ("pretrain", "sft", "ppo", "reward")
 def add_args(p):
     for name in MODELS:
         p.add_argument(f"--{name}", required=True, help=f"the {name} stage's export")
+    p.add_argument("--gold-reward", help="the gold_reward stage's export (needed when evaluate.gold names reward_model)")
     p.add_argument("--sft-data", required=True, help="the sft_data stage's folder (held-out prompts and replies)")
     p.add_argument("--prefs", required=True, help="the prefs stage's folder (held-out pairs)")
     p.add_argument("--tokens", required=True, help="the tokenize stage's shards (held-out text)")
@@ -37,8 +39,11 @@ def add_args(p):
 def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     from palm.eval import report
 
-    result = evaluate(cfg, models={name: ctx.path(name) for name in MODELS}, sft_data=ctx.path("sft_data"),
-                      prefs=ctx.path("prefs"), tokens=ctx.path("tokens"))
+    models = {name: ctx.path(name) for name in MODELS}
+    if ctx.args.gold_reward:
+        models["gold_reward"] = ctx.path("gold_reward")
+    result = evaluate(cfg, models=models, sft_data=ctx.path("sft_data"), prefs=ctx.path("prefs"),
+                      tokens=ctx.path("tokens"))
     pngs = {"rewards": report.reward_plot(result.rewards)}
     curves, missing = {}, []
     for curve in map(Path, ctx.args.curves):
@@ -70,7 +75,8 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
         print(f"warning: evaluate: the PPO policy's KL to SFT is {result.metrics['kl']:.2f} nats per reply, beyond "
               f"evaluate.kl_limit={cfg.kl_limit}: its reward gains may be reward hacking (raise ppo.kl.coef or "
               "set ppo.kl.target)", file=sys.stderr)
-    page = report.html(result.metrics, result.samples, pngs["rewards"], curves, missing, pngs.get("overoptimisation"))
+    page = report.html(result.metrics, result.samples, pngs["rewards"], curves, missing, pngs.get("overoptimisation"),
+                       judges=result.judges)
     with atomic_dir(ctx.path("plots")) as out:
         for name, png in pngs.items():
             (out / f"{name}.png").write_bytes(png)

@@ -43,8 +43,9 @@ KEYS = {"win_rate", "reward_sft", "reward_ppo", "kl", "reward_gain", "length_sft
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """data/{sft,prefs,tokens}, models/{pretrain,sft,ppo,reward} (ppo: another random policy) and
-    models/same (a copy of sft as PPO: the stand-in a policy against itself)."""
+    """data/{sft,prefs,tokens}, models/{pretrain,sft,ppo,reward,gold_reward} (ppo: another random
+    policy; gold_reward: another random reward model) and models/same (a copy of sft as PPO: the
+    stand-in a policy against itself)."""
     root = tmp_path_factory.mktemp("eval")
     data = chat_data(root / "data", valid_fraction=0.5)
     tok = data["tokenizer"]
@@ -55,11 +56,13 @@ def project(tmp_path_factory) -> Path:
     with_kind(make_parent(models / "ppo", tok, seed=13), "ppo")
     with_kind(shutil.copytree(models / "sft", models / "same"), "ppo")
     make_eval_reward(models / "reward", tok)
+    with_kind(make_eval_reward(models / "gold_reward", tok, seed=9), "reward", split="gold")
     return root
 
 
-def paths(root: Path, ppo: str = "ppo") -> dict:
-    models = {n: root / "models" / n for n in ("pretrain", "sft", "reward")} | {"ppo": root / "models" / ppo}
+def paths(root: Path, ppo: str = "ppo", gold: str = "gold_reward") -> dict:
+    models = {n: root / "models" / n for n in ("pretrain", "sft", "reward")} | {"ppo": root / "models" / ppo,
+                                                                                "gold_reward": root / "models" / gold}
     return {"models": models, "sft_data": root / "data" / "sft", "prefs": root / "data" / "prefs",
             "tokens": root / "data" / "tokens"}
 
@@ -336,3 +339,89 @@ def test_the_stage_reads_peoples_judgments_of_this_pair(project, tmp_path, monke
     assert m["human_judgments"] == 3 and m["human_win_rate"] == pytest.approx((1 + 0.5 + 0) / 3)
     page = (root / "reports" / "evaluate" / "report.html").read_text()
     assert page.index("Gold judge") < page.index("People (blind A/B, 3 judgements by 1 labelers)") < page.index("Proxy (")
+
+
+# ---- the gold reward model (the gold_reward stage's export) as a second gold judge ---------------
+
+GOLD_RM = ("gold_rm_sft", "gold_rm_ppo", "gold_rm_gain", "gold_rm_gain_se", "gold_rm_win_rate", "gold_rm_win_rate_se",
+           "gold_rm_accuracy")
+BOTH = EvaluateConfig(**{**to_dict(EVAL_CFG), "gold": ["rule", "reward_model"]})
+
+
+def test_the_gold_reward_model_judge_a_policy_against_itself_and_the_evaluation_set(project):
+    same = evaluate(BOTH, **paths(project, ppo="same"))
+    m = same.metrics
+    assert set(GOLD_RM) <= set(m) and same.judges == ("rule", "reward_model")
+    assert m["gold_rm_gain"] == 0.0 and m["gold_rm_win_rate"] == 0.5 and m["gold_rm_sft"] == m["gold_rm_ppo"]
+    assert "gold_score_gain" in m and 0.0 <= m["gold_rm_accuracy"] <= 1.0
+    other = evaluate(BOTH, **paths(project)).metrics
+    assert other["gold_rm_sft"] == m["gold_rm_sft"] and 0.0 <= other["gold_rm_win_rate"] <= 1.0  # SFT: same draws
+    assert other["gold_rm_gain"] != 0.0 and other["gold_rm_accuracy"] == m["gold_rm_accuracy"]
+    rule = evaluate(EVAL_CFG, **paths(project)).metrics  # evaluate.gold: rule (a single name, as old params have it)
+    assert not any(k.startswith("gold_rm") for k in rule) and rule["eval_set"] != other["eval_set"]
+    assert rule["gold_score_gain"] == other["gold_score_gain"]
+
+
+def test_gold_rm_equals_a_loop_over_prompts():
+    from palm.eval.evaluate import gold_rm
+
+    g = torch.Generator().manual_seed(1)
+    r = {"sft": torch.randn(12, generator=g).double(), "ppo": torch.randn(12, generator=g).double()}
+    r["ppo"][3] = r["sft"][3]  # a tie
+    out = gold_rm(r, 3)
+    per = {n: [sum(v[3 * i:3 * i + 3].tolist()) / 3 for i in range(4)] for n, v in r.items()}
+    gains = [p - q for p, q in zip(per["ppo"], per["sft"])]
+    mean = sum(gains) / 4
+    assert out["gold_rm_gain"] == pytest.approx(mean) and out["gold_rm_sft"] == pytest.approx(sum(per["sft"]) / 4)
+    assert out["gold_rm_gain_se"] == pytest.approx((sum((x - mean) ** 2 for x in gains) / 3 / 4) ** 0.5)
+    wins = [sum(1.0 if p > q else 0.5 if p == q else 0.0
+                for p, q in zip(r["ppo"][3 * i:3 * i + 3].tolist(), r["sft"][3 * i:3 * i + 3].tolist())) / 3
+            for i in range(4)]
+    assert out["gold_rm_win_rate"] == pytest.approx(sum(wins) / 4)
+
+
+def test_the_gold_reward_model_must_be_given_be_apart_from_the_proxy_and_share_the_tokenizer(project, tmp_path):
+    with pytest.raises(ConfigError, match="evaluate.gold: names reward_model but no gold reward model was given"):
+        evaluate(BOTH, **{**paths(project), "models": {**paths(project)["models"], "gold_reward": None}})
+    with pytest.raises(UserError, match="the gold reward model is the proxy itself"):
+        evaluate(BOTH, **paths(project, gold="reward"))
+    with pytest.raises(UserError, match="a sft model, expected reward"):
+        evaluate(BOTH, **paths(project, gold="sft"))
+
+
+def test_stage_reports_the_gold_reward_model_and_refuses_another_tokenizer(project, tmp_path, monkeypatch, capsys):
+    from stages.evaluate import main
+
+    root = stage_project(project, tmp_path, monkeypatch, gold=["rule", "reward_model"])
+    args = EVALUATE_ARGS + ["--gold-reward", "models/gold_reward", "--no-mlflow"]
+    assert main(args) == 0
+    metrics = json.loads((root / "reports" / "evaluate" / "metrics.json").read_text())
+    assert set(GOLD_RM) <= set(metrics)
+    page = (root / "reports" / "evaluate" / "report.html").read_text()
+    assert page.index("Gold judge (") < page.index("Gold reward model (trained on preference pairs") < page.index("Proxy (")
+    capsys.readouterr()
+    other = tmp_path / "tok2"
+    make_tokenizer(other, vocab=380)
+    make_eval_reward(root / "models" / "gold_other", other)
+    assert main(args[:-2] + ["models/gold_other", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: evaluate: ") and "gold_other was trained with tokenizer sha256" in err[0]
+
+
+def test_headline_gives_each_gold_judge_in_order():
+    from palm.eval.report import headline
+
+    m = {"prompts": 87, "verdict": 1, "gold_score_gain": -0.013, "gold_score_gain_se": 0.0015, "gold_score_ppo": 0.026,
+         "gold_score_sft": 0.039, "gold_win_rate": 0.33, "gold_win_rate_se": 0.02, "gold_rm_gain": 0.4,
+         "gold_rm_gain_se": 0.05, "gold_rm_sft": -0.1, "gold_rm_ppo": 0.3, "gold_rm_win_rate": 0.6,
+         "gold_rm_win_rate_se": 0.02, "gold_rm_accuracy": 0.75, "win_rate": 0.63, "reward_ppo": 0.64, "reward_sft": 0.07,
+         "kl": 1.1}
+    lines = headline(m, ("rule", "reward_model"))
+    assert lines[0].startswith("Gold judge (checks from the documentation") and lines[2].startswith("Proxy (")
+    assert lines[1] == ("Gold reward model (trained on preference pairs that neither the proxy nor PPO saw): PPO is "
+                        "better (more than 2 standard errors) on 87 held-out prompts: mean normalised gold reward 0.300 "
+                        "vs SFT's -0.100 (difference 0.400 ± 0.050); PPO's reply wins on it 60.0 ± 2.0 % of the time; "
+                        "it ranks 75.0 % of the held-out pairs right.")
+    assert headline(m, ("reward_model", "rule"))[0].startswith("Gold reward model")
+    assert headline({k: v for k, v in m.items() if not k.startswith("gold_score")}, ("rule", "reward_model"))[0] \
+        .startswith("Gold reward model")

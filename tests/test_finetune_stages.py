@@ -1,7 +1,8 @@
-"""The `sft` and `reward` DVC stages on a tiny project (the pydoc-like test corpus, a tiny
+"""The `sft`, `reward` and `gold_reward` DVC stages on a tiny project (the pydoc-like test corpus, a tiny
 tokenizer, a tiny randomly initialised parent in models/pretrain): `dvc repro` of the chat stages
 then nothing to rerun, a `reward` param reruns `reward` only, MLflow runs carry the md5 of their
-data and parent; the OASST trees through the params; bad input is one line with exit code 2."""
+data and parent; the gold reward model trains on prefs' gold split alone; the OASST trees through
+the params; bad input is one line with exit code 2."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import MODEL, make_parent, make_project, make_tokenizer, metrics, pydoc_corpus, set_params  # noqa: E402
+from helpers import (  # noqa: E402
+    MODEL,
+    make_parent,
+    make_project,
+    make_tokenizer,
+    metrics,
+    pydoc_corpus,
+    set_params,
+    with_kind,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist, pytest.mark.timeout(1200)]
 
@@ -34,7 +44,7 @@ def project(tmp: Path, seq_len: int = 128, **sections) -> Path:
     parent = MODEL if seq_len == MODEL.seq_len else type(MODEL)(**{**MODEL.__dict__, "seq_len": seq_len})
     make_parent(root / "models" / "pretrain", root / "artifacts" / "tokenizer", parent)
     set_params(root, model={"seq_len": seq_len}, sft={**TRAIN, "micro_batch_size": 2},
-               reward={**TRAIN, "micro_batch_size": 4}, **sections)
+               reward={**TRAIN, "micro_batch_size": 4}, gold_reward={**TRAIN, "micro_batch_size": 4}, **sections)
     return root
 
 
@@ -101,6 +111,36 @@ def test_dvc_repro_chain_then_nothing_then_a_reward_param_reruns_reward_only(tmp
     set_params(root, reward={"margin": 0.1})
     assert ran(repro(root, env)) == ["reward"]
     assert json.loads((root / "models" / "reward" / "config.json").read_text())["margin"] == 0.1
+
+
+def test_gold_reward_trains_on_the_gold_split_alone(tmp_path, monkeypatch, stage_error):
+    """The gold judge's stage: the prefs' gold pairs (never the proxy's train split), validated on
+    the same held-out pairs, exported with "split": "gold"; an empty gold split is one line."""
+    from stages.gold_reward import main
+    from stages.prefs import main as prefs
+
+    root = project(tmp_path / "p", prefs={"gold_fraction": 0.5})
+    with_kind(make_parent(root / "models" / "sft", root / "artifacts" / "tokenizer", seed=12), "sft")
+    monkeypatch.chdir(root)
+    data = ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--out", "data/prefs", "--no-mlflow"]
+    assert prefs(data) == 0
+    pr = metrics(root, "prefs")
+    args = ["--data", "data/prefs", "--parent", "models/sft", "--checkpoints", "checkpoints/gold_reward",
+            "--out", "models/gold_reward"]
+    assert main(args + ["--no-mlflow"]) == 0
+    gm = metrics(root, "gold_reward")
+    assert gm["train_pairs"] == pr["gold"] > 0 and pr["train"] > 0
+    assert sum(v for k, v in gm.items() if k.startswith("valid_pairs_")) == pr["valid"]  # the proxy's held-out pairs
+    assert gm["steps"] == TRAIN["train_steps"] and gm["reward_std"] > 0 and 0.0 <= gm["val_accuracy"] <= 1.0
+    config = json.loads((root / "models" / "gold_reward" / "config.json").read_text())
+    assert config["kind"] == "reward" and config["split"] == "gold" and config["reward"]["std"] == gm["reward_std"]
+    assert (root / "reports" / "gold_reward" / "curve.csv").is_file()
+    assert list((root / "checkpoints" / "gold_reward").glob("*")) and not (root / "checkpoints" / "reward").exists()
+
+    set_params(root, prefs={"gold_fraction": 0.0})
+    assert prefs(data) == 0 and metrics(root, "prefs")["gold"] == 0
+    line = stage_error("gold_reward", args)
+    assert "data/prefs: no gold pairs for the gold reward model; set prefs.gold_fraction above 0" in line
 
 
 def test_oasst_trees_through_the_params(tmp_path, shared_data):

@@ -21,12 +21,14 @@ import yaml
 from helpers import commit, make_project, prefect_server
 
 pytestmark = pytest.mark.e2e
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "ppo", "evaluate"]
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "gold_reward", "ppo",
+          "evaluate"]
 # The training stages' overrides for this short run: fewer steps, one evaluation and checkpoint.
 SHORT = {
     "pretrain": {"train_steps": 80, "eval_interval": 80, "checkpoint_interval": 40},
     "sft": {"train_steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
     "reward": {"train_steps": 60, "eval_interval": 60, "checkpoint_interval": 60, "stats_pairs": 256},
+    "gold_reward": {"train_steps": 20, "eval_interval": 20, "checkpoint_interval": 20, "stats_pairs": 256},
     "ppo": {"train_steps": 3, "checkpoint_interval": 3, "prompts_per_rollout": 8, "max_new_tokens": 32,
             "sample_interval": 3},
     "evaluate": {"prompts": 16, "max_new_tokens": 32, "pairs": 64, "windows": 4, "replies": 16, "samples": 4},
@@ -271,7 +273,9 @@ def test_evaluate_reports_ppo_against_sft(project, flow_runs):
           f"{metrics['reward_ppo']:.3f}, kl {metrics['kl']:.3f} ({metrics['stage_seconds']:.0f} s)")
     assert {"win_rate", "reward_sft", "reward_ppo", "kl"} <= set(metrics)
     page = (project / "reports" / "evaluate" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5  # rewards + pretrain, sft, reward, ppo curves
+    # rewards + pretrain, sft, reward, gold_reward, ppo curves + the over-optimisation plot
+    assert page.count("data:image/png;base64,") == 7
+    assert {"gold_rm_gain", "gold_rm_win_rate", "gold_rm_accuracy"} <= set(metrics)
 
 
 def test_evaluate_registers_the_models_and_lineage_reaches_the_scrape_run(project, flow_runs):

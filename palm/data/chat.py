@@ -11,8 +11,11 @@ every assistant turn's text and its ``<|end|>`` (so the model learns to stop), 0
 else, role tokens included. A generation prompt is the conversation followed by ``<|assistant|>``.
 
 Stage outputs (``data/sft/``, ``data/prefs/``): ``{train,valid}.parquet`` and ``meta.json`` with
-the tokenizer's sha256; the loaders refuse data made with another tokenizer. Every sequence fits
-the model: ``len(input_ids) <= seq_len`` and ``len(prompt_ids) + len(reply_ids) <= seq_len``.
+the tokenizer's sha256; the loaders refuse data made with another tokenizer. ``data/prefs/`` also
+holds ``gold.parquet``: the pairs of ``gold_fraction`` of the prompts that are not held out, for
+the gold reward model alone (:func:`gold_groups`; the proxy reward model trains on ``train``).
+Every sequence fits the model: ``len(input_ids) <= seq_len`` and ``len(prompt_ids) +
+len(reply_ids) <= seq_len``.
 Too long: the prompt is cut from the left and the reply kept; dropped only when the reply (with
 its ``<|assistant|>`` header) alone does not fit. The train/valid split is by the first user turn
 (a prompt is never in both) with the seeded hash of ``palm/data/tokenize.py``; the same seed puts
@@ -33,13 +36,13 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from palm.core.config import check
-from palm.core.errors import UserError
+from palm.core.errors import ConfigError, UserError
 from palm.core.tokenizer import ASSISTANT, END_TURN, SYSTEM, USER, special_ids
 from palm.data.chat_readers import DROP_REASONS, Conversation, Pair, Skip, Turn, read_examples
 from palm.data.rankings import RankingStats
@@ -47,6 +50,8 @@ from palm.data.rankings import RankingStats
 META = "meta.json"
 DROP_WARN_SHARE = 0.10  # a drop reason above this share of the input gets a warning line
 SPLITS = ("train", "valid")
+PREFS_SPLITS = (*SPLITS, "gold")  # gold: the gold reward model's pairs, never the proxy's or PPO's
+GOLD_SALT = "gold"  # the gold split's hash differs from the valid split's (same seed, another salt)
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 SFT_SCHEMA = pa.schema([
     ("conversation_id", pa.string()),  # sha1 of the rendered conversation text
@@ -153,6 +158,10 @@ class ChatDataConfig:
     min_valid: int = 32
     seed: int = 1234  # seeds the split (and the default data's choices)
     max_examples: int = 0  # keep at most this many examples (0 = all)
+    # prefs only (sft_data: 0): share of the prompts not held out whose pairs go to gold.parquet,
+    # for the gold reward model (gold_reward stage) that neither the proxy reward model nor PPO
+    # sees; chosen by the prompt's hash with another salt than the valid split's, which stays as it is
+    gold_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check(len(self.sources) > 0, "path", "must name at least one source")
@@ -163,6 +172,7 @@ class ChatDataConfig:
         check(0.0 < self.valid_fraction < 1.0, "valid_fraction", "must be between 0 and 1 (exclusive)")
         check(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
         check(self.min_valid >= 0, "min_valid", f"must be >= 0, got {self.min_valid}")
+        check(0.0 <= self.gold_fraction < 1.0, "gold_fraction", f"must be in [0, 1), got {self.gold_fraction}")
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -243,6 +253,23 @@ def split_groups(sizes: dict[str, int], valid_fraction: float, seed: int, min_va
     return valid
 
 
+def gold_groups(groups: Iterable[str], gold_fraction: float, seed: int) -> set[str]:
+    """The groups (not held out) set apart for the gold reward model: those whose salted hash
+    score is below ``gold_fraction``; with ``gold_fraction > 0`` and two groups or more, at least
+    one and never all (the proxy needs training pairs too)."""
+    if gold_fraction <= 0:
+        return set()
+    # uniform in [0, 1) like palm.data.tokenize.split_score, salted: independent of the valid split
+    scores = {g: int(hashlib.sha256(f"{GOLD_SALT}:{seed}:{g}".encode()).hexdigest()[:16], 16) / 2**64 for g in groups}
+    gold = {g for g, v in scores.items() if v < gold_fraction}
+    if len(scores) >= 2:
+        if not gold:
+            gold = {min(scores, key=lambda g: (scores[g], g))}
+        if len(gold) == len(scores):
+            gold.discard(max(scores, key=lambda g: (scores[g], g)))
+    return gold
+
+
 def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
@@ -299,12 +326,15 @@ def write_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
 def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpus: Path, tokenizer: Path,
                     seq_len: int, out: Path, root: Path = Path("."), progress: bool = False) -> dict:
     """Read, clean, dedup, tokenize, fit and split the examples of ``cfg`` into ``out`` (a fresh
-    folder): ``{train,valid}.parquet`` + ``meta.json``. Returns the metrics: ``read``, ``kept``,
-    one count per drop reason, the split sizes and tokens."""
+    folder): ``{train,valid}.parquet`` (prefs: and ``gold.parquet``) + ``meta.json``. Returns the
+    metrics: ``read``, ``kept``, one count per drop reason, the split sizes and tokens."""
     from palm.core.io import write_json
     from palm.core.tokenizer import load_tokenizer, sha256_file
 
     section = "sft_data" if kind == "sft" else "prefs"
+    if kind == "sft" and cfg.gold_fraction:
+        raise ConfigError("sft_data.gold_fraction", f"only prefs sets a gold split apart: must be 0, got "
+                                                    f"{cfg.gold_fraction}")
     tok_path = Path(tokenizer) / "tokenizer.json"
     template = ChatTemplate(load_tokenizer(tok_path))
     counts: Counter = Counter()
@@ -334,12 +364,15 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
 
     for line in drop_warnings(kind, counts, len(rows), seq_len):
         print(line, file=sys.stderr)
-    valid = split_groups(Counter(r["group_id"] for r in rows), cfg.valid_fraction, cfg.seed, cfg.min_valid)
+    groups = Counter(r["group_id"] for r in rows)
+    valid = split_groups(groups, cfg.valid_fraction, cfg.seed, cfg.min_valid)
+    gold = gold_groups(sorted(set(groups) - valid), cfg.gold_fraction, cfg.seed)
+    split_of = lambda g: "valid" if g in valid else "gold" if g in gold else "train"  # noqa: E731
     schema = SFT_SCHEMA if kind == "sft" else PREFS_SCHEMA
     id_cols = ("input_ids",) if kind == "sft" else ("prompt_ids", "chosen_ids", "rejected_ids")
     sizes, tokens = {}, {}
-    for split in SPLITS:
-        part = [r for r in rows if (r["group_id"] in valid) == (split == "valid")]
+    for split in SPLITS if kind == "sft" else PREFS_SPLITS:
+        part = [r for r in rows if split_of(r["group_id"]) == split]
         pq.write_table(pa.Table.from_pylist(part, schema=schema), Path(out) / f"{split}.parquet")
         sizes[split] = len(part)
         tokens[split] = sum(len(r[c]) for r in part for c in id_cols)
@@ -349,12 +382,15 @@ def build_chat_data(kind: Literal["sft", "prefs"], cfg: ChatDataConfig, *, corpu
             "tokens": tokens, "source": cfg.path, "format": cfg.format, "seed": cfg.seed,
             "valid_fraction": cfg.valid_fraction, "min_valid": cfg.min_valid, "template": render_text(
                 (Turn("system", "{system}"), Turn("user", "{user}"), Turn("assistant", "{assistant}")))}
+    if kind == "prefs":
+        meta["gold_fraction"] = cfg.gold_fraction
     feedback = stats.metrics() if stats.judgements else {}
     if feedback:  # who judged what: the stage tags its MLflow run with these
         meta["rankings"] = {**feedback, "labelers": sorted(stats.labelers), "batches": sorted(stats.batches)}
     write_json(Path(out) / META, meta)
     return {"read": counts["read"], "kept": len(rows), **dropped, "train": sizes["train"], "valid": sizes["valid"],
             "train_tokens": tokens["train"], "valid_tokens": tokens["valid"],
+            **({"gold": sizes["gold"], "gold_tokens": tokens["gold"]} if kind == "prefs" else {}),
             "truncated": sum(r["truncated"] for r in rows), **feedback}
 
 
@@ -373,8 +409,9 @@ def read_chat_meta(folder: Path, stage: str) -> dict:
 
 def _load(folder: Path, split: str, tokenizer_sha256: str, stage: str, kind: str, schema: pa.Schema) -> pa.Table:
     folder = Path(folder)
-    if split not in SPLITS:
-        raise UserError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    splits = PREFS_SPLITS if kind == "prefs" else SPLITS
+    if split not in splits:
+        raise UserError(f"split must be one of {', '.join(splits)}, not {split!r}")
     meta = read_chat_meta(folder, stage)
     if meta.get("kind") != kind:
         raise UserError(f"{folder}: holds {meta.get('kind')!r} data, not {kind!r}; run the {stage} stage")
@@ -382,6 +419,9 @@ def _load(folder: Path, split: str, tokenizer_sha256: str, stage: str, kind: str
         raise UserError(f"{folder}: made with tokenizer sha256 {meta['tokenizer_sha256'][:12]}… but the tokenizer "
                         f"given has {tokenizer_sha256[:12]}…; rerun the {stage} stage (dvc repro {stage})")
     path = folder / f"{split}.parquet"
+    if split == "gold" and not path.is_file():
+        raise UserError(f"{folder}: no gold split (made before prefs.gold_fraction existed); rerun the {stage} "
+                        f"stage (dvc repro {stage})")
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
@@ -398,5 +438,6 @@ def load_sft(folder: Path, split: str, tokenizer_sha256: str) -> pa.Table:
 
 
 def load_prefs(folder: Path, split: str, tokenizer_sha256: str) -> pa.Table:
-    """The ``prefs`` stage's ``split`` (columns of :data:`PREFS_SCHEMA`), refusing another tokenizer."""
+    """The ``prefs`` stage's ``split`` (``train``, ``valid`` or ``gold``; columns of
+    :data:`PREFS_SCHEMA`), refusing another tokenizer."""
     return _load(folder, split, tokenizer_sha256, "prefs", "prefs", PREFS_SCHEMA)

@@ -33,12 +33,19 @@ last token, normalised with the mean and std the reward stage saved. Reported:
   difference ``gold_<measure>_gain`` (PPO - SFT) with ``gold_<measure>_gain_se`` from the per-prompt
   differences (prompts are the independent units), and ``gold_win_rate`` (± ``gold_win_rate_se``)
   by the combined score, ties half;
+* the gold reward model (``gold: [..., reward_model]``: the ``gold_reward`` stage's export, trained
+  on preference pairs that neither the proxy nor PPO saw; Gao et al. 2022's gold model): every SFT
+  and PPO reply scored like the proxy scores them, normalised with the gold model's own mean and
+  std: ``gold_rm_sft``, ``gold_rm_ppo``, ``gold_rm_gain`` (± ``gold_rm_gain_se``, per-prompt
+  differences, a prompt's draws averaged first), ``gold_rm_win_rate`` (± ``_se``, ties half), and
+  ``gold_rm_accuracy`` on the held-out pairs (as ``reward_accuracy``);
 * ``verdict``: 1 when there are at least ``min_prompts`` held-out prompts, else 0 (the report then
-  gives no headline number); ``eval_set``: an id of the prompts, the judge and the sampling, so
-  that only evaluations of the same set are compared (the registry's champion rule).
+  gives no headline number); ``eval_set``: an id of the prompts, the judges (and the gold reward
+  model's weights) and the sampling, so that only evaluations of the same set are compared (the
+  registry's champion rule).
 
 The reward model's numbers are the *proxy*: PPO was trained to raise them, so they measure
-optimisation, not quality (Gao et al. 2022). The gold judge and people (``human_judgments``, a
+optimisation, not quality (Gao et al. 2022). The gold judges and people (``human_judgments``, a
 ``palm feedback compare`` file) are the evidence.
 
 Everything runs in this process (one-process torch.distributed, whole models), in bounded time:
@@ -62,13 +69,14 @@ from palm.decode.generate import Generation, SamplingConfig, generate
 from palm.model.export import Export, load_model, load_tokenizer, read_export, same_tokenizer
 from palm.model.parallel import process_groups
 
-GOLD = ("rule", "none")  # the gold judges evaluate knows
+GOLD = ("rule", "reward_model")  # the gold judges evaluate knows ("none": no gold judge)
 
 LM_MODELS = ("pretrain", "sft", "ppo")
 # metrics of the PPO policy the champion rule may compare (palm.ops.registry)
 POLICY_METRICS = ("win_rate", "reward_ppo", "reward_gain", "kl", "length_ppo", "ended_ppo", "perplexity_ppo",
                   "reply_perplexity_ppo", "gold_score_ppo", "gold_score_gain", "gold_win_rate", "gold_names_ppo",
-                  "gold_f1_ppo", "gold_rouge_l_ppo", "human_win_rate")
+                  "gold_f1_ppo", "gold_rouge_l_ppo", "gold_rm_gain", "gold_rm_win_rate", "gold_rm_ppo",
+                  "human_win_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +105,10 @@ class EvaluateConfig:
     # "max", lower for "min"); otherwise it is @candidate. The first version is champion.
     champion_metric: str = "win_rate"
     champion_direction: Literal["max", "min"] = "max"
-    # the judge independent of the reward model PPO trained against: rule (palm/data/rules.py, the
-    # default data's checks from the documentation) or none
-    gold: str = "rule"
+    # the judges independent of the reward model PPO trained against, the first the headline's:
+    # rule (palm/data/rules.py, the default data's checks from the documentation), reward_model (the
+    # gold_reward stage's export, --gold-reward); a list, or one name; none (or []): no gold judge
+    gold: str | tuple[str, ...] = "rule"
     # below this many held-out prompts the report gives no verdict (verdict 0) and the registry
     # does not make the policy champion: one prompt's "100 %" is not evidence
     min_prompts: int = 30
@@ -113,11 +122,20 @@ class EvaluateConfig:
         for name in ("prompts", "pairs", "replies", "samples", "threads"):
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         check(self.kl_limit > 0, "kl_limit", f"must be > 0 (nats per reply), got {self.kl_limit}")
-        check(self.gold in GOLD, "gold", f"must be one of {', '.join(GOLD)}, got {self.gold!r}")
+        judges = (self.gold,) if isinstance(self.gold, str) else tuple(self.gold)
+        check(all(j in GOLD for j in judges) or judges == ("none",), "gold",
+              f"must be a list of {', '.join(GOLD)} (or none), got {list(judges)}")
+        check(len(set(judges)) == len(judges), "gold", f"names a judge twice: {list(judges)}")
         check(self.min_prompts >= 1, "min_prompts", f"must be >= 1, got {self.min_prompts}")
         check(self.champion_metric in POLICY_METRICS, "champion_metric",
               f"must be one of {', '.join(POLICY_METRICS)}, got {self.champion_metric!r}")
         self.sampling  # temperature, top_k and top_p checked by SamplingConfig
+
+    @property
+    def judges(self) -> tuple[str, ...]:
+        """The gold judges in order (the first the headline's); () for none."""
+        judges = (self.gold,) if isinstance(self.gold, str) else tuple(self.gold)
+        return () if judges == ("none",) else judges
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -132,6 +150,7 @@ class Evaluation:
     rewards: dict[str, list[float]]  # normalised reward of every reply (draw j of prompt i at i * samples_per_prompt + j), per policy
     samples: list[dict[str, Any]]  # prompt, reference, sft and ppo replies, rewards and gold scores (text)
     gold: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # the gold score of every reply, per policy
+    judges: tuple[str, ...] = ()  # the gold judges in the order of evaluate.gold
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -260,13 +279,35 @@ def gold_rule(prompts: Sequence[str], answers: Sequence[str], got: dict[str, lis
     return out, score
 
 
-def eval_set_id(prompts: list[dict], cfg: EvaluateConfig) -> str:
-    """An id of what the numbers were measured on: the prompts and references, the judge and the
-    sampling. Two evaluations compare only when their ids are equal."""
+def gold_rm(rewards: dict[str, torch.Tensor], per_prompt: int) -> dict[str, float]:
+    """The gold reward model's measures of both policies from the normalised score of every reply
+    (``rewards["sft"]``, ``["ppo"]``: reply ``i * per_prompt + j`` is draw ``j`` of prompt ``i``):
+    the means, the gain with its standard error over the prompts (a prompt's draws averaged
+    first), and the win rate, ties half."""
+    per = {name: r.double().view(-1, per_prompt).mean(1) for name, r in rewards.items()}
+    gain = per["ppo"] - per["sft"]
+    out = {"gold_rm_sft": float(per["sft"].mean()), "gold_rm_ppo": float(per["ppo"].mean()),
+           "gold_rm_gain": float(gain.mean())}
+    if len(gain) > 1:
+        out["gold_rm_gain_se"] = float(gain.std() / math.sqrt(len(gain)))
+    out["gold_rm_win_rate"], se = win_rate(rewards["ppo"], rewards["sft"], per_prompt)
+    if math.isfinite(se):
+        out["gold_rm_win_rate_se"] = se
+    return out
+
+
+def eval_set_id(prompts: list[dict], cfg: EvaluateConfig, gold_reward: str | None = None) -> str:
+    """An id of what the numbers were measured on: the prompts and references, the judges (and
+    ``gold_reward``, the gold reward model's weights sha256) and the sampling. Two evaluations
+    compare only when their ids are equal."""
     import hashlib
     import json
 
-    what = {"prompts": [[p["prompt_ids"], p["reply_ids"]] for p in prompts], "gold": cfg.gold,
+    judges = cfg.judges
+    what = {"prompts": [[p["prompt_ids"], p["reply_ids"]] for p in prompts],
+            # one judge: the id evaluations of the single-judge days had
+            "gold": judges[0] if len(judges) == 1 else list(judges) if judges else "none",
+            **({"gold_reward": gold_reward} if gold_reward else {}),
             **{k: getattr(cfg, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature", "top_k", "top_p",
                                             "seed")}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -294,28 +335,46 @@ def replies(gens: list[Generation]) -> list[list[int]]:
 # --- the stage's computation ---------------------------------------------------------------------
 
 def read_models(paths: dict[str, Path]) -> dict[str, Export]:
-    """The four exports, checked: kinds, one tokenizer, a reward model whose context holds the
-    policies' sequences."""
-    kinds = {"pretrain": ("pretrain",), "sft": ("sft",), "ppo": ("ppo",), "reward": ("reward",)}
-    exports = {name: read_export(paths[name], kinds[name]) for name in ("sft", "ppo", "reward", "pretrain")}
+    """The four exports (and ``gold_reward`` where ``paths`` names it), checked: kinds, one
+    tokenizer, reward models whose context holds the policies' sequences, a gold reward model
+    that is not the proxy."""
+    kinds = {"pretrain": ("pretrain",), "sft": ("sft",), "ppo": ("ppo",), "reward": ("reward",),
+             "gold_reward": ("reward",)}
+    names = [n for n in ("sft", "ppo", "reward", "gold_reward", "pretrain") if n in paths]
+    exports = {name: read_export(paths[name], kinds[name]) for name in names}
     same_tokenizer(exports.values())
-    rm, sft = exports["reward"].model, exports["sft"].model
-    if rm.seq_len < max(exports["sft"].model.seq_len, exports["ppo"].model.seq_len):
-        raise UserError(f"{exports['reward'].path}: the reward model's context ({rm.seq_len} tokens) is shorter "
-                        f"than the policies' ({sft.seq_len}); train them from one parent")
+    sft = exports["sft"].model
+    for name in ("reward", "gold_reward"):
+        if name in exports and exports[name].model.seq_len < max(sft.seq_len, exports["ppo"].model.seq_len):
+            raise UserError(f"{exports[name].path}: the reward model's context ({exports[name].model.seq_len} tokens) "
+                            f"is shorter than the policies' ({sft.seq_len}); train them from one parent")
+    if "gold_reward" in exports and _weights(exports["gold_reward"]) == _weights(exports["reward"]):
+        raise UserError(f"{exports['gold_reward'].path}: the gold reward model is the proxy itself "
+                        f"({exports['reward'].path}); give the gold_reward stage's export")
     return exports
+
+
+def _weights(export: Export) -> str:
+    from palm.core.io import files_sha256
+
+    return files_sha256(export.path, ["model.safetensors"])
 
 
 def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, prefs: Path,
              tokens: Path) -> Evaluation:
     """Measure everything in the module docstring. ``models``: export folders by name
-    (``pretrain``, ``sft``, ``ppo``, ``reward``)."""
+    (``pretrain``, ``sft``, ``ppo``, ``reward``; ``gold_reward`` when ``cfg.gold`` names
+    ``reward_model``)."""
     from palm.core.process import default_threads
     from palm.core.tokenizer import special_ids
     from palm.data.chat import load_prefs, load_sft
     from palm.train.data import check_shards
 
-    exports = read_models(models)
+    use_gold_rm = "reward_model" in cfg.judges
+    if use_gold_rm and models.get("gold_reward") is None:
+        raise ConfigError("evaluate.gold", "names reward_model but no gold reward model was given (--gold-reward "
+                                           "models/gold_reward, the gold_reward stage's export)")
+    exports = read_models({k: v for k, v in models.items() if k != "gold_reward" or use_gold_rm})
     sha = exports["sft"].tokenizer_sha256
     seq_len = min(exports["sft"].model.seq_len, exports["ppo"].model.seq_len)
     if cfg.max_new_tokens >= seq_len:
@@ -348,14 +407,14 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
                                        "truncated_prompts": sum(len(p["prompt_ids"]) > room for p in prompts)}
     with process_groups():
         reward_model = load_model(exports["reward"])
-        gens, logp_ppo, rewards = {}, None, {}
+        gens, logp_ppo, rewards, seqs = {}, None, {}, {}
         for name in ("sft", "ppo"):
             policy = load_model(exports[name])
             gens[name] = sample(policy, prompt_ids, cfg, stop_ids=stop_ids, pad_id=pad_id)
             if name == "ppo":
                 logp_ppo = [response_logprobs(policy, g) for g in gens[name]]
-            rewards[name] = (scores(reward_model, [p + r for p, r in zip(prompt_ids, replies(gens[name]))],
-                                    cfg.batch_size) - mean) / std
+            seqs[name] = [p + r for p, r in zip(prompt_ids, replies(gens[name]))]
+            rewards[name] = (scores(reward_model, seqs[name], cfg.batch_size) - mean) / std
             lengths = torch.cat([g.response_mask.sum(1) for g in gens[name]]).double()
             metrics[f"reward_{name}"] = float(rewards[name].mean())
             metrics[f"length_{name}"] = float(lengths.mean())
@@ -378,6 +437,16 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
         metrics["reward_margin"] = float(((chosen - rejected) / std).mean())
         del reward_model
 
+        if use_gold_rm:  # the gold reward model: the same replies and pairs, its own scale
+            gold_model, gold_stats = load_model(exports["gold_reward"]), exports["gold_reward"].config["reward"]
+            g_mean, g_std = float(gold_stats["mean"]), float(gold_stats["std"])
+            metrics.update(gold_rm({name: (scores(gold_model, seqs[name], cfg.batch_size) - g_mean) / g_std
+                                    for name in seqs}, k))
+            chosen = scores(gold_model, [p["prompt_ids"] + p["chosen_ids"] for p in pairs], cfg.batch_size)
+            rejected = scores(gold_model, [p["prompt_ids"] + p["rejected_ids"] for p in pairs], cfg.batch_size)
+            metrics["gold_rm_accuracy"] = float((chosen > rejected).double().mean())
+            del gold_model
+
         for name in LM_MODELS:
             model = load_model(exports[name])
             windows = text_windows(tokens, shard_meta, model.cfg.seq_len, cfg.windows)
@@ -394,15 +463,15 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
     prompt_text = [decode(p["prompt_ids"], special=True) for p in prompts]
     answers = [decode(p["reply_ids"]) for p in prompts]
     gold: dict[str, list[float]] = {}
-    if cfg.gold == "rule":
+    if "rule" in cfg.judges:
         found, gold = gold_rule(prompt_text, answers, got, k)
         metrics.update(found)
     metrics["min_prompts"] = cfg.min_prompts
     metrics["verdict"] = int(len(prompts) >= cfg.min_prompts)
-    metrics["eval_set"] = eval_set_id(prompts, cfg)
+    metrics["eval_set"] = eval_set_id(prompts, cfg, _weights(exports["gold_reward"]) if use_gold_rm else None)
     samples = [{"prompt": prompt_text[i], "reference": answers[i], "sft": got["sft"][i * k], "ppo": got["ppo"][i * k],
                 "reward_sft": float(rewards["sft"][i * k]), "reward_ppo": float(rewards["ppo"][i * k]),
                 **({"gold_sft": gold["sft"][i * k], "gold_ppo": gold["ppo"][i * k]} if gold else {})}
                for i in range(min(cfg.samples, len(prompts)))]
     return Evaluation(metrics=metrics, rewards={k: v.tolist() for k, v in rewards.items()}, samples=samples,
-                      gold=gold)
+                      gold=gold, judges=cfg.judges)

@@ -6,7 +6,8 @@
 * :func:`reward_plot`: the distributions of the normalised rewards of the SFT and PPO replies;
 * :func:`overoptimisation_plot`: PPO's probe, proxy reward and gold score against √KL (Gao et
   al. 2022), the gold peak marked;
-* :func:`headline`: the verdict sentences, the gold judge and people first, the proxy labelled;
+* :func:`headline`: the verdict sentences, the gold judges (in ``evaluate.gold``'s order) and
+  people first, the proxy labelled;
 * :func:`html`: the page, plots inline as base64 PNG, the metrics, and a table of sample prompts
   with both policies' replies. Every text from data or a model is HTML-escaped (jinja2
   autoescape), so a reply holding ``<script>`` shows as text.
@@ -19,7 +20,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 MAX_PANELS = 12  # per curve plot
 
@@ -150,23 +151,38 @@ def _verdict(gain: float, se: float | None) -> str:
     return "not distinguishable from SFT (within 2 standard errors)"
 
 
-def headline(metrics: dict[str, Any]) -> list[str]:
-    """The report's verdict, one sentence each: no verdict below ``min_prompts``; the gold judge's
-    and the people's first; the reward model's labelled as the proxy PPO was trained on."""
+def _gold_sentence(judge: str, metrics: dict[str, Any]) -> str | None:
+    """The verdict of one gold judge (``rule``, ``reward_model``), None without its metrics."""
+    n = metrics["prompts"]
+    if judge == "rule" and "gold_score_gain" in metrics:
+        return (f"Gold judge (checks from the documentation, which PPO never saw): PPO is "
+                f"{_verdict(metrics['gold_score_gain'], metrics.get('gold_score_gain_se'))} on {n} held-out prompts: "
+                f"gold score {metrics['gold_score_ppo']:.3f} vs SFT's {metrics['gold_score_sft']:.3f} (difference "
+                f"{_pm(metrics, 'gold_score_gain')}); PPO's reply wins on gold {_pm(metrics, 'gold_win_rate', 100, 1)} % "
+                f"of the time; it names the asked function in {100 * metrics.get('gold_names_ppo', 0):.1f} % of "
+                f"replies (SFT {100 * metrics.get('gold_names_sft', 0):.1f} %).")
+    if judge == "reward_model" and "gold_rm_gain" in metrics:
+        accuracy = (f"; it ranks {100 * metrics['gold_rm_accuracy']:.1f} % of the held-out pairs right"
+                    if "gold_rm_accuracy" in metrics else "")
+        return (f"Gold reward model (trained on preference pairs that neither the proxy nor PPO saw): PPO is "
+                f"{_verdict(metrics['gold_rm_gain'], metrics.get('gold_rm_gain_se'))} on {n} held-out prompts: "
+                f"mean normalised gold reward {metrics['gold_rm_ppo']:.3f} vs SFT's {metrics['gold_rm_sft']:.3f} "
+                f"(difference {_pm(metrics, 'gold_rm_gain')}); PPO's reply wins on it "
+                f"{_pm(metrics, 'gold_rm_win_rate', 100, 1)} % of the time{accuracy}.")
+    return None
+
+
+def headline(metrics: dict[str, Any], judges: Sequence[str] = ("rule", "reward_model")) -> list[str]:
+    """The report's verdict, one sentence each: no verdict below ``min_prompts``; the gold judges'
+    (in the order of ``judges``, ``evaluate.gold``) and the people's first; the reward model's
+    labelled as the proxy PPO was trained on."""
     n = metrics["prompts"]
     if not metrics.get("verdict", 1):
         return [f"No verdict: only {n} held-out prompts, fewer than evaluate.min_prompts = {metrics.get('min_prompts')}. "
                 "Every number below is too noisy to compare policies; give the data stages more held-out data "
                 "(sft_data.valid_fraction, sft_data.min_valid) or more data."]
-    out = []
-    if "gold_score_gain" in metrics:
-        out.append(f"Gold judge (checks from the documentation, which PPO never saw): PPO is "
-                   f"{_verdict(metrics['gold_score_gain'], metrics.get('gold_score_gain_se'))} on {n} held-out prompts: "
-                   f"gold score {metrics['gold_score_ppo']:.3f} vs SFT's {metrics['gold_score_sft']:.3f} (difference "
-                   f"{_pm(metrics, 'gold_score_gain')}); PPO's reply wins on gold {_pm(metrics, 'gold_win_rate', 100, 1)} % "
-                   f"of the time; it names the asked function in {100 * metrics.get('gold_names_ppo', 0):.1f} % of "
-                   f"replies (SFT {100 * metrics.get('gold_names_sft', 0):.1f} %).")
-    else:
+    out = [line for line in (_gold_sentence(j, metrics) for j in judges) if line]
+    if not out:
         out.append("No gold judge (evaluate.gold: none): nothing here is independent of the reward model PPO "
                    "trained against.")
     if "human_win_rate" in metrics:
@@ -219,8 +235,9 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 
 
 def html(metrics: dict[str, Any], samples: list[dict[str, Any]], rewards_png: bytes,
-         curves: dict[str, bytes], missing: list[str], overopt_png: bytes | None = None) -> str:
-    """The self-contained page (see the module docstring)."""
+         curves: dict[str, bytes], missing: list[str], overopt_png: bytes | None = None,
+         judges: Sequence[str] = ("rule", "reward_model")) -> str:
+    """The self-contained page (see the module docstring); ``judges``: the gold judges' order."""
     import jinja2
 
     def fmt(v: Any) -> str:
@@ -229,6 +246,6 @@ def html(metrics: dict[str, Any], samples: list[dict[str, Any]], rewards_png: by
     b64 = lambda data: base64.b64encode(data).decode("ascii")  # noqa: E731
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(PAGE).render(
-        metrics=metrics, samples=samples, missing=missing, fmt=fmt, headline=headline(metrics),
+        metrics=metrics, samples=samples, missing=missing, fmt=fmt, headline=headline(metrics, judges),
         plots={"rewards": b64(rewards_png), "curves": [(n, b64(p)) for n, p in curves.items()],
                "overopt": b64(overopt_png) if overopt_png else None})

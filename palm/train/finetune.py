@@ -94,18 +94,20 @@ def load_parent(engine: Any, model_dir: Path, new: Iterable[str] = ()) -> None:
 
 def launch(entry: str, section: str, model: ModelConfig, cfg: Any, *, data: Path, parent: Path,
            tokenizer_sha256: str, checkpoints: Path, reports: Path, run_dir: Path, peak_flops: float,
-           dtype: str = "fp32", env: dict[str, str] | None = None) -> dict[str, Any]:
+           dtype: str = "fp32", env: dict[str, str] | None = None,
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``entry`` (a worker, e.g. ``palm.train.sft:worker``) from the export ``parent`` on
     ``data`` in ``cfg.world_size`` processes; ``cfg`` is the params section ``section``. The spec
     carries the sha256 of the data and of the parent's weights: they are part of the run's
-    identity, so a checkpoint of other data or another parent is never resumed."""
+    identity, so a checkpoint of other data or another parent is never resumed. ``extra``: more
+    keys for the worker's spec (e.g. which split the reward model trains on)."""
     from palm.core.io import files_sha256
     from palm.train.launch import launch as start
 
     spec = {"model": to_dict(model), section: to_dict(cfg), "dtype": dtype, "data": str(data),
             "parent": str(parent), "tokenizer_sha256": tokenizer_sha256, "data_sha256": files_sha256(data),
             "parent_sha256": files_sha256(parent, ["config.json", "model.safetensors"]),
-            "checkpoints": str(checkpoints), "reports": str(reports), "peak_flops": peak_flops}
+            "checkpoints": str(checkpoints), "reports": str(reports), "peak_flops": peak_flops, **(extra or {})}
     return start(entry, spec, cfg, run_dir=run_dir, env=env)
 
 

@@ -12,6 +12,11 @@ loss of a pair is complete in one forward. ``micro_batch_size`` counts sequences
 After training the stage scores every training sequence with the exported model
 (:func:`reward_stats`, ``Engine.forward``) and saves the mean and standard deviation in the
 export's ``config.json``, for PPO to normalise rewards with.
+
+Two stages train this objective (:func:`train_and_export`): ``reward``, the proxy PPO maximises,
+on the ``train`` split of ``prefs``; ``gold_reward``, the gold judge of ``evaluate`` (Gao et al.
+2022's proxy/gold set-up), on the ``gold`` split, which neither the proxy nor PPO ever sees. Both
+validate on ``valid``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from palm.core.config import check, from_dict, to_dict
+from palm.core.errors import UserError
 from palm.model import parallel
 from palm.model.network import ModelConfig
 from palm.model.reward import HEAD, RewardModel, read_rewards
@@ -67,16 +73,16 @@ class RewardConfig(TrainConfig):
         return self.micro_batch_size // 2
 
     def run_identity(self, model: ModelConfig, dtype: str, tokenizer_sha256: str, data_sha256: str,
-                     parent_sha256: str) -> dict[str, Any]:
+                     parent_sha256: str, split: str = "train") -> dict[str, Any]:
         """What must match for a checkpoint to be resumed: not the layout, not the intervals."""
         return {"model": to_dict(model), **self.identity(dtype), "eval_batches": self.eval_batches,
                 "margin": self.margin, "tokenizer_sha256": tokenizer_sha256, "data_sha256": data_sha256,
-                "parent_sha256": parent_sha256, "code": code_version(*CODE)}
+                "parent_sha256": parent_sha256, "split": split, "code": code_version(*CODE)}
 
 
-def validate(model: ModelConfig, cfg: RewardConfig) -> None:
+def validate(model: ModelConfig, cfg: RewardConfig, section: str = "reward") -> None:
     """Refuse layouts the model cannot be split into (errors name the fields)."""
-    model.check_parallel(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.virtual_stages, section="reward")
+    model.check_parallel(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.virtual_stages, section=section)
 
 
 # --- the objective -------------------------------------------------------------------------------
@@ -156,6 +162,21 @@ def read_rows(data: Path, split: str, tokenizer_sha256: str, columns: Sequence[s
     return load_prefs(data, split, tokenizer_sha256).select(list(columns)).to_pylist()
 
 
+def training_pairs(data: Path, split: str, tokenizer_sha256: str) -> tuple[list[dict], list[dict]]:
+    """The pairs of ``split`` (``train``: the proxy's, ``gold``: the gold reward model's) and of
+    ``valid``; one-line errors when either is empty."""
+    if split == "train":
+        return finetune.train_and_valid(read_rows, data, tokenizer_sha256, what="pairs", who="the reward model",
+                                        data_stage="prefs")
+    rows, valid = read_rows(data, split, tokenizer_sha256), read_rows(data, "valid", tokenizer_sha256)
+    if not rows:
+        raise UserError(f"{data}: no {split} pairs for the gold reward model; set prefs.gold_fraction above 0 "
+                        "(then dvc repro prefs)")
+    if not valid:
+        raise UserError(f"{data}: no validation pairs; more data, or another prefs.valid_fraction")
+    return rows, valid
+
+
 def pair_length(rows: list[dict], seq_len: int) -> int:
     return padded_length((len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows),
                          seq_len)
@@ -222,11 +243,52 @@ def _export_model(model_dir: Path) -> ModelConfig:
 
 # --- the stage side ------------------------------------------------------------------------------
 
-def launch(model: ModelConfig, cfg: RewardConfig, **run: Any) -> dict[str, Any]:
-    """Train a reward model from the export ``run["parent"]`` on the pairs in ``run["data"]``
-    (``run``: the keywords of :func:`palm.train.finetune.launch`); returns rank 0's result."""
-    validate(model, cfg)
-    return finetune.launch(ENTRY, "reward", model, cfg, **run)
+def launch(model: ModelConfig, cfg: RewardConfig, *, split: str = "train", stage: str = "reward",
+           **run: Any) -> dict[str, Any]:
+    """Train a reward model from the export ``run["parent"]`` on the ``split`` pairs in
+    ``run["data"]`` (``run``: the keywords of :func:`palm.train.finetune.launch`); ``stage``: the
+    params section and stage name errors and logs give. Returns rank 0's result."""
+    validate(model, cfg, stage)
+    return finetune.launch(ENTRY, "reward", model, cfg, extra={"split": split, "stage": stage}, **run)
+
+
+def train_and_export(cfg: RewardConfig, ctx: Any, *, split: str = "train",
+                     stage: str = "reward") -> dict[str, Any]:
+    """A reward stage's body (``ctx``: its :class:`~palm.ops.stage.StageContext`; args ``data``,
+    ``parent``, ``checkpoints``, ``out``): train on the ``split`` pairs from the SFT export, export
+    into ``--out`` with ``"kind": "reward"``, ``"split"`` and the reward mean and std over the
+    ``split`` sequences (what PPO and evaluate normalise with); returns the metrics."""
+    import json
+
+    from palm.data.chat import read_chat_meta
+    from palm.data.rankings import run_tags
+    from palm.train.stage import exported, training_start
+
+    data, parent_dir = ctx.path("data"), ctx.path("parent")
+    model, parent = finetune.check_parent(data, parent_dir, "prefs", "sft")
+    sha = parent["tokenizer_sha256"]
+    tags = run_tags(read_chat_meta(data, "prefs"))  # the human rankings behind the pairs
+    if tags:
+        ctx.tracker.set_tags(tags)
+    validate(model, cfg, stage)
+    training_pairs(data, split, sha)  # an empty split: one line now, not after the workers started
+    dtype, peak = training_start(stage, cfg, ctx)
+    checkpoints = ctx.path("checkpoints")
+    with ctx.tracker.follow(ctx.reports / "curve.csv"):
+        result = launch(model, cfg, split=split, stage=stage, data=data, parent=parent_dir, tokenizer_sha256=sha,
+                        checkpoints=checkpoints, reports=ctx.reports, run_dir=checkpoints / "run", peak_flops=peak,
+                        dtype=dtype)
+    with exported(ctx, result, parent_dir / "tokenizer.json", {
+            "kind": "reward", "split": split, "parent": str(ctx.args.parent), "head": HEAD, "margin": cfg.margin,
+            "metrics": {k: result[k] for k in ("val_loss", "val_accuracy", "val_margin")}},
+            chunk=RewardModel) as (out, config):
+        stats = reward_stats(out, read_rows(data, split, sha), batch_size=cfg.stats_batch_size,
+                             valid=read_rows(data, "valid", sha, [*COLUMNS, "kind"]), sample=cfg.stats_pairs,
+                             seed=cfg.seed)
+        config["reward"] = {"mean": stats["reward_mean"], "std": stats["reward_std"],
+                            "sequences": stats["reward_sequences"]}
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {**{k: v for k, v in result.items() if k != "checkpoint"}, **stats}
 
 
 # --- the worker side: one training process -------------------------------------------------------
@@ -237,14 +299,14 @@ def worker(spec: dict[str, Any]) -> None:
     from palm.train import loop
     from palm.train.metrics import DTYPES
 
+    split, stage = spec.get("split", "train"), spec.get("stage", "reward")
     model = from_dict(ModelConfig, spec["model"], "model")
-    cfg = from_dict(RewardConfig, spec["reward"], "reward")
-    validate(model, cfg)
+    cfg = from_dict(RewardConfig, spec["reward"], stage)
+    validate(model, cfg, stage)
     with loop.worker_groups(cfg):
         data, parent, sha = Path(spec["data"]), Path(spec["parent"]), spec["tokenizer_sha256"]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        train_rows, valid = finetune.train_and_valid(read_rows, data, sha, what="pairs", who="the reward model",
-                                                     data_stage="prefs")
+        train_rows, valid = training_pairs(data, split, sha)
         length = pair_length(train_rows + valid, model.seq_len)
         batches = Pairs(train_rows, cfg, length, dp_rank, dp_size)
         valid_batches = validation(valid, cfg, length, dp_rank, dp_size)
@@ -256,14 +318,14 @@ def worker(spec: dict[str, Any]) -> None:
 
         used = min(len(valid), cfg.eval_batches * cfg.pairs_per_micro_batch * dp_size)
         job = loop.Job(
-            stage="reward", model=model, cfg=cfg, dtype=DTYPES[spec["dtype"]], chunk=RewardModel,
+            stage=stage, model=model, cfg=cfg, dtype=DTYPES[spec["dtype"]], chunk=RewardModel,
             forward_step=reward_forward_step(cfg.margin), train_batches=batches.step, valid_batches=valid_batches,
             # tokens/s and MFU count the pairs' tokens, not the padding
             tokens_per_step=round(cfg.pairs_per_micro_batch * cfg.num_microbatches * cfg.data_parallel * sum(
                 2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in train_rows)
                 / len(train_rows)),
             seq_len=length,
-            identity=cfg.run_identity(model, spec["dtype"], sha, spec["data_sha256"], spec["parent_sha256"]),
+            identity=cfg.run_identity(model, spec["dtype"], sha, spec["data_sha256"], spec["parent_sha256"], split),
             init_weights=init_weights, curve_metrics=("loss", "accuracy"), perplexity=False,
             extra={"train_pairs": len(train_rows), "valid_pairs": used, "padded_length": length})
         loop.train(job, RunPaths.of(spec))
