@@ -61,6 +61,15 @@ def override(section: dict[str, Any], assignments: str) -> dict[str, Any]:
     return out
 
 
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure whole (a temp file, then rename)."""
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
 def compare(before: Path, after: Path) -> dict:
     stages = {}
     for stage in STAGES:

@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compare_runs import cpu  # noqa: E402
+from compare_runs import cpu, save_figure  # noqa: E402
 
 from palm.apps.feedback.sample import (  # noqa: E402
     SampleSettings,
@@ -206,10 +206,7 @@ def plot(rows: list[dict], baselines: dict[str, float], path: Path) -> None:
     ax.set_ylabel("held-out reward accuracy (gold order)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compare_runs import cpu, override  # noqa: E402
+from compare_runs import cpu, override, save_figure  # noqa: E402
 
 from palm.core.config import from_dict, read_params  # noqa: E402
 from palm.core.process import default_threads, flush_denormals  # noqa: E402
@@ -146,10 +146,7 @@ def plot(runs: list[Run], target: float, path: Path) -> None:
     ax.set_ylim(top=min(ax.get_ylim()[1], target + 2.5))
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

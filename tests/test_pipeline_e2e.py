@@ -31,7 +31,8 @@ SHORT = {
     "gold_reward": {"train_steps": 20, "eval_interval": 20, "checkpoint_interval": 20, "stats_pairs": 256},
     "ppo": {"train_steps": 3, "checkpoint_interval": 3, "prompts_per_rollout": 8, "max_new_tokens": 32,
             "sample_interval": 3},
-    "evaluate": {"prompts": 16, "max_new_tokens": 32, "pairs": 64, "windows": 4, "replies": 16, "samples": 4},
+    "evaluate": {"prompts": 16, "max_new_tokens": 32, "pairs": 64, "windows": 4, "replies": 16, "samples": 4,
+                 "min_prompts": 8, "kl_limit": 50.0},  # tiny models: a verdict from 16 prompts, any KL (the registry test)
 }
 # What these few steps reach, with a margin. Measured (fp32, 2 cores, two runs): pretrain 6.41 vs
 # unigram 6.68 and 6.12 vs 6.56 nats per token after 80 steps; sft 6.54 vs its parent's 7.40 and

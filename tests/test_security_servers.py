@@ -171,12 +171,13 @@ def test_every_served_surface_binds_127_0_0_1_by_default(feedback):
         for action in parser._actions:
             if "--host" in action.option_strings:
                 hosts[path] = action.default
-            for name, sub in (getattr(action, "choices", None) or {}).items():
+            choices = getattr(action, "choices", None)
+            for name, sub in (choices.items() if isinstance(choices, dict) else ()):  # subcommands
                 if hasattr(sub, "_actions"):
                     walk(sub, f"{path} {name}")
 
     walk(cli.parser(), "palm")
-    assert {"palm ui", "palm feedback serve"} <= set(hosts) and set(hosts.values()) == {"127.0.0.1"}, hosts
+    assert {"palm ui", "palm feedback serve", "palm feedback compare"} <= set(hosts) and set(hosts.values()) == {"127.0.0.1"}, hosts
     args = cli.parser().parse_args(["ui"])
     argv = ui.command(args.host, args.port, args.workers)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # what mlflow server is given

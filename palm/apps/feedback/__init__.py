@@ -162,7 +162,7 @@ def sample_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from palm.apps.feedback.app import create_app, is_loopback, serve
+    from palm.apps.feedback.app import create_app, run_page
     from palm.apps.feedback.store import RankingsFile
 
     if not LABELER.fullmatch(args.labeler):
@@ -176,9 +176,6 @@ def serve_command(args: argparse.Namespace) -> int:
     if agree["shared_items"]:
         print(f"palm feedback: labelers {', '.join(agree['labelers'])} agree on {agree['agreement']:.0%} of the "
               f"reply pairs of the {agree['shared_items']} items they both ranked", file=sys.stderr)
-    if not is_loopback(args.host):
-        print(f"palm feedback: warning: serving on {args.host}: anyone who can reach it and has the printed "
-              "address (with its key, sent unencrypted) can submit rankings", file=sys.stderr)
 
     def announce(url: str) -> None:
         where = (f"resuming at item {state['next'] + 1}" if state["next"] < state["total"] else "all judged")
@@ -187,11 +184,4 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"open {url}  (the key in it is this session's: keep it to yourself; Ctrl-C stops; every "
               f"judgement the page confirmed is on disk)", flush=True)
 
-    try:
-        serve(app, args.host, args.port, announce)
-    except OSError as err:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
-                        "pass another --port (0: any free one)") from None
-    except KeyboardInterrupt:
-        print("palm feedback: stopped", file=sys.stderr)
-    return 0
+    return run_page(app, args.host, args.port, announce, "rankings")

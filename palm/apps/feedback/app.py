@@ -204,6 +204,26 @@ def allowed_hosts(host: str, port: int) -> set[str]:
     return {f"{name}:{port}" for name in names if name}
 
 
+def run_page(app: Any, host: str, port: int, announce, what: str) -> int:
+    """:func:`serve` as a command does: a warning line off loopback (``what``: what strangers could
+    submit), a one-line error when the port is taken, a quiet stop on Ctrl-C; the exit code."""
+    import sys
+
+    from palm.core.errors import UserError
+
+    if not is_loopback(host):
+        print(f"palm feedback: warning: serving on {host}: anyone who can reach it and has the printed "
+              f"address (with its key, sent unencrypted) can submit {what}", file=sys.stderr)
+    try:
+        serve(app, host, port, announce)
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); "
+                        "pass another --port (0: any free one)") from None
+    except KeyboardInterrupt:
+        print("palm feedback: stopped", file=sys.stderr)
+    return 0
+
+
 def serve(app: Any, host: str, port: int, announce) -> None:
     """Serve ``app`` (Werkzeug's threaded server) until interrupted; ``announce(url)`` once bound,
     with the address that carries the session's key."""

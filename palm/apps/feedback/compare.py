@@ -93,7 +93,7 @@ def _prompts(args: argparse.Namespace, exports: tuple) -> list:
 
 def compare_command(args: argparse.Namespace, labeler_pattern: re.Pattern, kinds: tuple[str, ...]) -> int:
     """Run the command; ``labeler_pattern`` and ``kinds`` (of model): those of ``palm feedback``."""
-    from palm.apps.feedback.app import is_loopback, serve
+    from palm.apps.feedback.app import run_page
     from palm.apps.feedback.compare_app import create_compare_app
     from palm.apps.feedback.comparison import (comparison_id, comparison_path, make_items, read_items,
                                                sample_pair, write_items)
@@ -127,9 +127,6 @@ def compare_command(args: argparse.Namespace, labeler_pattern: re.Pattern, kinds
         write_items(path, items)
         how = "sampled to"
     app = create_compare_app(items, judgments, labeler, models)
-    if not is_loopback(args.host):
-        print(f"palm feedback: warning: serving on {args.host}: anyone who can reach it and has the printed "
-              "address (with its key, sent unencrypted) can submit judgements", file=sys.stderr)
 
     def announce(url: str) -> None:
         judged = judgments.mine(cid, labeler)
@@ -140,11 +137,4 @@ def compare_command(args: argparse.Namespace, labeler_pattern: re.Pattern, kinds
         print(f"open {url}  (the key in it is this session's: keep it to yourself; Ctrl-C stops; every "
               f"judgement the page confirmed is on disk)", flush=True)
 
-    try:
-        serve(app, args.host, args.port, announce)
-    except OSError as err:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
-                        "pass another --port (0: any free one)") from None
-    except KeyboardInterrupt:
-        print("palm feedback: stopped", file=sys.stderr)
-    return 0
+    return run_page(app, args.host, args.port, announce, "judgements")
