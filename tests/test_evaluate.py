@@ -417,7 +417,7 @@ def test_headline_gives_each_gold_judge_in_order():
          "gold_rm_win_rate_se": 0.02, "gold_rm_accuracy": 0.75, "win_rate": 0.63, "reward_ppo": 0.64, "reward_sft": 0.07,
          "kl": 1.1}
     lines = headline(m, ("rule", "reward_model"))
-    assert lines[0].startswith("Gold judge (checks from the documentation") and lines[2].startswith("Proxy (")
+    assert lines[0].startswith("Gold judge (checks from the documentation") and lines[2].startswith("The gold judges disagree.") and lines[3].startswith("Proxy (")
     assert lines[1] == ("Gold reward model (trained on preference pairs that neither the proxy nor PPO saw): PPO is "
                         "better (more than 2 standard errors) on 87 held-out prompts: mean normalised gold reward 0.300 "
                         "vs SFT's -0.100 (difference 0.400 ± 0.050); PPO's reply wins on it 60.0 ± 2.0 % of the time; "
@@ -425,3 +425,17 @@ def test_headline_gives_each_gold_judge_in_order():
     assert headline(m, ("reward_model", "rule"))[0].startswith("Gold reward model")
     assert headline({k: v for k, v in m.items() if not k.startswith("gold_score")}, ("rule", "reward_model"))[0] \
         .startswith("Gold reward model")
+
+
+def test_the_headline_says_when_the_gold_judges_disagree():
+    from palm.eval.report import headline
+
+    m = {"prompts": 87, "verdict": 1, "gold_score_gain": -0.008, "gold_score_gain_se": 0.0014, "gold_score_ppo": 0.031,
+         "gold_score_sft": 0.039, "gold_win_rate": 0.42, "gold_rm_gain": 0.5, "gold_rm_gain_se": 0.04, "gold_rm_ppo": 0.76,
+         "gold_rm_sft": 0.27, "gold_rm_win_rate": 0.63, "win_rate": 0.63, "reward_ppo": 0.62, "reward_sft": 0.14,
+         "kl": 0.83}
+    lines = headline(m)
+    assert lines[2].startswith("The gold judges disagree.") and lines[-1].startswith("Proxy (")
+    agree = headline({**m, "gold_rm_gain": -0.1})
+    assert not any(line.startswith("The gold judges disagree") for line in agree)
+    assert not any("disagree" in line for line in headline({**m, "gold_rm_gain": 0.01}))  # within 2 SE: no claim

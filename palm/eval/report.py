@@ -151,6 +151,13 @@ def _verdict(gain: float, se: float | None) -> str:
     return "not distinguishable from SFT (within 2 standard errors)"
 
 
+def _sign(gain: Any, se: Any) -> int | None:
+    """+1 or -1 when ``gain`` is more than two standard errors from 0, else 0; None without numbers."""
+    if not isinstance(gain, (int, float)) or not isinstance(se, (int, float)) or not math.isfinite(se):
+        return None
+    return 1 if gain > 2 * se else -1 if gain < -2 * se else 0
+
+
 def _gold_sentence(judge: str, metrics: dict[str, Any]) -> str | None:
     """The verdict of one gold judge (``rule``, ``reward_model``), None without its metrics."""
     n = metrics["prompts"]
@@ -182,6 +189,11 @@ def headline(metrics: dict[str, Any], judges: Sequence[str] = ("rule", "reward_m
                 "Every number below is too noisy to compare policies; give the data stages more held-out data "
                 "(sft_data.valid_fraction, sft_data.min_valid) or more data."]
     out = [line for line in (_gold_sentence(j, metrics) for j in judges) if line]
+    signs = {k: _sign(metrics.get(f"{k}_gain"), metrics.get(f"{k}_gain_se")) for k in ("gold_score", "gold_rm")}
+    if None not in signs.values() and signs["gold_score"] * signs["gold_rm"] < 0:
+        out.append("The gold judges disagree. The gold reward model learned from the same kind of labels as the "
+                   "proxy, so it shares the proxy's blind spots; the rule judge checks the replies against the "
+                   "documentation itself.")
     if not out:
         out.append("No gold judge (evaluate.gold: none): nothing here is independent of the reward model PPO "
                    "trained against.")
