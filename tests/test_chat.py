@@ -379,7 +379,8 @@ def test_default_stage_outputs_split_and_loaders(tmp_path, tok_dir, tok):
         assert m["kept"] == (8 if kind == "sft" else 24) and m["valid"] > 0 and m["train"] > 0
         meta = json.loads((out / "meta.json").read_text())
         assert meta["tokenizer_sha256"] == sha and meta["seq_len"] == 128
-        assert meta["counts"] == {"train": m["train"], "valid": m["valid"]}
+        assert meta["counts"] == {"train": m["train"], "valid": m["valid"],  # prefs also counts its gold split
+                                  **({"gold": m["gold"]} if kind == "prefs" else {})}
     sft = {s: load_sft(outs["sft"], s, sha) for s in ("train", "valid")}
     prefs = {s: load_prefs(outs["prefs"], s, sha) for s in ("train", "valid")}
     assert sft["train"].schema.field("input_ids").type == pa.list_(pa.int32())
