@@ -497,3 +497,26 @@ def stop_serve(root: Path, proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         serve_cli(root, "--stop").wait(timeout=120)
         proc.wait(timeout=30)
+
+
+class FeedbackPage:
+    """``palm feedback <args>`` (serve or compare) as a user starts it, on any free port: ``url``,
+    the address it prints with the session's key; ``base``, without it; ``key``."""
+
+    def __init__(self, *args: str):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "palm.apps.cli", "feedback", *args, "--port", "0"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        line = self.proc.stdout.readline()
+        assert line.startswith("open http://127.0.0.1:"), line + self.proc.stderr.read()[-2000:]
+        self.url = line.split()[1]
+        self.base, self.key = self.url.split("?key=")
+
+    def kill(self) -> str:
+        """SIGKILL, as a crash; returns what it said on stderr."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        log = self.proc.stderr.read()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return log

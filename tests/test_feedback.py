@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -21,6 +20,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import FeedbackPage  # noqa: E402
 
 from palm.data.chat_readers import Turn, read_examples  # noqa: E402
 from palm.data.rankings import agreement, places  # noqa: E402
@@ -121,25 +122,11 @@ def test_sample_and_serve_refuse_bad_flags_in_one_line(export, tmp_path, capsys)
 
 # ----------------------------------------------------------------------------- the browser
 
-class Server:
-    """``palm feedback serve`` as a user starts it (any free port: the URL it prints, with the
-    session's key; ``base``: the address without it)."""
+class Server(FeedbackPage):
+    """``palm feedback serve`` as a user starts it (:class:`helpers.FeedbackPage`)."""
 
     def __init__(self, batch: Path, rankings: Path, labeler: str):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "palm.apps.cli", "feedback", "serve", str(batch),
-                                      "--labeler", labeler, "--rankings", str(rankings), "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        line = self.proc.stdout.readline()
-        assert line.startswith("open http://127.0.0.1:"), line + self.proc.stderr.read()[-2000:]
-        self.url = line.split()[1]
-        self.base, self.key = self.url.split("?key=")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        super().__init__("serve", str(batch), "--labeler", labeler, "--rankings", str(rankings))
 
 
 def post(url: str, body: bytes, headers: dict) -> tuple[int, dict]:

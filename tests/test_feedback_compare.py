@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -19,6 +17,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import FeedbackPage  # noqa: E402
 
 from palm.core.errors import UserError  # noqa: E402
 from palm.eval.human import FORMAT, human_verdict  # noqa: E402
@@ -184,29 +184,13 @@ def test_bad_flags_are_one_line_errors(pair, tmp_path, capsys):
         read_items(tmp_path / f"compare-{cid}.jsonl", cid)
 
 
-class Server:
-    """``palm feedback compare`` as a user starts it, on any free port (``url``: the address it
-    prints, with the session's key; ``base``: without it; ``log``: what it said on stderr)."""
+class Server(FeedbackPage):
+    """``palm feedback compare`` as a user starts it (:class:`helpers.FeedbackPage`)."""
 
     def __init__(self, pair: dict, judgments: Path, labeler: str = "alice"):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "palm.apps.cli", "feedback", "compare", str(pair["a"]), str(pair["b"]),
-             "--sft-data", str(pair["sft"]), "--prompts", str(N), "--max-new-tokens", "8", "--seed", "3",
-             "--labeler", labeler, "--judgments", str(judgments), "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        line = self.proc.stdout.readline()
-        assert line.startswith("open http://127.0.0.1:"), line + self.proc.stderr.read()[-2000:]
-        self.url = line.split()[1]
-        self.base, self.key = self.url.split("?key=")
-
-    def kill(self) -> str:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        log = self.proc.stderr.read()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return log
+        super().__init__("compare", str(pair["a"]), str(pair["b"]), "--sft-data", str(pair["sft"]), "--prompts",
+                         str(N), "--max-new-tokens", "8", "--seed", "3", "--labeler", labeler, "--judgments",
+                         str(judgments))
 
     def get(self, path: str) -> str:
         with urllib.request.urlopen(f"{self.base}{path}?key={self.key}", timeout=30) as resp:
