@@ -28,7 +28,7 @@ from palm.data.chat_readers import Turn
 # refused at once
 
 COMMANDS = "/reset forgets the conversation, /quit (or end of input) ends it"
-CHAT_KINDS = ("pretrain", "sft", "ppo")  # language models (a reward model scores, it does not talk)
+CHAT_KINDS = ("pretrain", "sft", "ppo", "dpo")  # language models (a reward model scores, it does not talk)
 
 # C0 controls but tab and newline, DEL and C1 controls -> a visible form: C0 and DEL as their
 # Unicode control pictures (ESC -> "␛", BEL -> "␇", CR -> "␍"), C1 as "\x9b" (they have none)

@@ -4,7 +4,7 @@ An export is a folder of three files, written by every training stage the same w
 
 * ``model.safetensors``: the full (TP=1, PP=1) weights;
 * ``config.json``: the architecture (``model``), the sha256 of the tokenizer it was trained with
-  (``tokenizer_sha256``), and ``kind``: ``sft``, ``reward`` or ``ppo`` (the pretrain export has
+  (``tokenizer_sha256``), and ``kind``: ``sft``, ``reward``, ``ppo`` or ``dpo`` (the pretrain export has
   none); a reward export also holds ``reward: {mean, std}``, the scale of its scores;
 * ``tokenizer.json``: that tokenizer.
 
@@ -30,7 +30,7 @@ from palm.core.errors import UserError
 # (and refusing a bad one) answers at once, e.g. `palm chat wrong/path`
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
-KINDS = ("pretrain", "sft", "reward", "ppo")
+KINDS = ("pretrain", "sft", "reward", "ppo", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)

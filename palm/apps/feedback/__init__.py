@@ -28,7 +28,7 @@ from palm.core.errors import ConfigError, UserError
 
 RANKINGS = Path("data/feedback/rankings.jsonl")
 LABELER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-SAMPLE_KINDS = ("pretrain", "sft", "ppo")
+SAMPLE_KINDS = ("pretrain", "sft", "ppo", "dpo")
 
 
 def next_batch_path(folder: Path = Path("data/feedback")) -> Path:
