@@ -12,6 +12,16 @@ from the source documentation (:mod:`palm.data.chat_default`). A reply is checke
 * ``repetition``: the degenerate-repetition rate, the share of the reply's word 3-grams that
   repeat an earlier one (0 for a reply without a loop, near 1 for a loop).
 
+``graded`` is the checks of ``names`` and ``signature`` with partial credit, for a reward that a
+policy which never passes them yet can climb (RL on the binary checks has no signal where SFT
+passes them 0 % of the time): the reply's opening code span (its first backticked span) is read
+as ``name(parameters)``; the name's dotted parts are compared with the asked name's and the
+parameters (split at top-level commas) with the documented signature's, each as the longest
+common subsequence over the longer of the two lists (1 exactly when they are equal, in order).
+``graded`` is the mean of the two shares (the name's alone where the answer documents no
+signature), 0 without a code span, None where the question names no function. A reply whose
+span is the documented signature scores 1 and passes both binary checks.
+
 ``score`` combines them into one number in [0, 1] for pairwise wins: the mean of the quality
 checks that apply, times ``1 - repetition``. Where a question names no function (a user's own
 data), ``names`` and ``signature`` do not apply (None) and the score is F1 and ROUGE-L's.
@@ -43,6 +53,56 @@ def documented_signature(answer: str) -> str | None:
     """The answer's leading backticked span when it is a call signature (``mod.f(a, b=1)``)."""
     m = _SPAN.match(answer.strip())
     return " ".join(m.group(1).split()) if m and "(" in m.group(1) else None
+
+
+def split_call(span: str) -> tuple[list[str], list[str] | None]:
+    """``"mod.f(a, b=(1, 2))"`` -> ``(["mod", "f"], ["a", "b=(1, 2)"])``: the dotted name's parts and
+    the parameters split at top-level commas (spaces normalised); parameters None without a ``(``."""
+    span = " ".join(span.split())
+    head, paren, rest = span.partition("(")
+    parts = [p.strip() for p in head.strip().split(".")]
+    if not paren:
+        return parts, None
+    params, depth, current = [], 0, ""
+    for ch in rest:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:
+                break  # the call's closing parenthesis
+            depth -= 1
+        if ch == "," and depth == 0:
+            params.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if current.strip():
+        params.append(current.strip())
+    return parts, params
+
+
+def share(ours: Sequence[str], theirs: Sequence[str]) -> float:
+    """Longest common subsequence over the longer list: 1 exactly when equal, 0 when disjoint."""
+    longest = max(len(ours), len(theirs))
+    return 1.0 if longest == 0 else lcs_length(list(ours), list(theirs)) / longest
+
+
+def graded(prompt: str, answer: str, reply: str) -> float | None:
+    """The partial-credit ``names`` and ``signature`` check (module docstring), in [0, 1]; None where
+    the question names no function."""
+    name = asked_name(prompt)
+    if name is None:
+        return None
+    signature = documented_signature(answer)
+    m = _SPAN.search(reply)
+    if m is None:
+        return 0.0
+    parts, params = split_call(m.group(1))
+    name_share = share(parts, name.split("."))
+    if signature is None:
+        return name_share
+    _, documented = split_call(signature)
+    return (name_share + share(params or [], documented or [])) / 2
 
 
 def words(text: str) -> list[str]:

@@ -11,6 +11,28 @@ al. 2019, "Fine-Tuning Language Models from Human Preferences"; Stiennon et al. 
 KL estimators (Schulman 2020, "Approximating KL divergence"), and group-relative advantages
 without a critic (GRPO, Shao et al. 2024, "DeepSeekMath").
 
+The critic-free estimators (``ppo.advantage``), ``score [b]`` one number per sequence, rows in
+consecutive groups of ``k = samples_per_prompt`` (the samples of one prompt), and where the KL
+penalty goes in each:
+
+==========================  ====================================================  ==================
+estimator                   advantage of every token of sample ``i``              KL to the reference
+==========================  ====================================================  ==================
+``grpo`` (Shao 2024)        ``(s_i - mean_g s) / std_g s``                         ``+β·k3`` in the loss
+``dr_grpo`` (Liu 2025)      ``s_i - mean_g s``; the loss summed over tokens and    ``+β·k3`` in the loss
+                            divided by ``rows x max_new_tokens`` (a constant)
+``rloo`` (Ahmadian 2024)    ``r_i - mean_{j != i} r_j``, ``r = s - β·Σ_t KL_t``    in the score, per
+                                                                                   sequence (as TRL's)
+``reinforce++`` (Hu 2025)   ``Σ_{u >= t} (-β·KL_u + s·[u last])`` (γ = 1)          per token, in the
+                                                                                   reward
+``reinforce++_baseline``    the same with ``s_i - mean_g s`` for ``s``             per token, in the
+                                                                                   reward
+==========================  ====================================================  ==================
+
+Whitening over the whole rollout (``ppo.whiten``) is REINFORCE++'s batch normalisation (Hu 2025,
+OpenRLHF normalises ``reinforce`` and ``reinforce_baseline`` this way); ``dr_grpo`` refuses it,
+since dividing by a standard deviation is what it removes.
+
 Losses return ``(sum over valid tokens, number of valid tokens)`` so that they plug into the
 engine's per-token normalisation (``palm.train.engine``): every valid token of the global batch
 weighs the same, however response lengths differ between micro-batches and DP ranks.
@@ -92,6 +114,72 @@ def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -
     g = scores.view(-1, group_size)
     std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
     return ((g - g.mean(dim=1, keepdim=True)) / (std + eps)).reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, "Back to Basics", after Kool et al. 2019): each sample's score
+    minus the mean of the *other* ``group_size - 1`` samples of its prompt,
+    ``s_i - (sum_g s - s_i) / (k - 1)``. Its expectation is the true advantage (the baseline does
+    not depend on the sample). ``[b]`` -> ``[b]``."""
+    g = scores.view(-1, group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).reshape(-1)
+
+
+def rloo_scores(score: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
+    """RLOO's reward: the score less ``β`` times the sequence's summed KL (the KL as a sequence-level
+    penalty, as TRL's RLOOTrainer puts it by default), ``[b]``."""
+    return score - kl_coef * (kl * mask).sum(dim=1)
+
+
+def group_centered(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The score less its group's mean, *not* divided by the group's std: Dr. GRPO (Liu et al.
+    2025, "Understanding R1-Zero-Like Training": the std favours prompts whose samples agree, too
+    easy or too hard) and REINFORCE++-baseline (OpenRLHF's ``reinforce_baseline``). ``[b]`` ->
+    ``[b]``."""
+    g = scores.view(-1, group_size)
+    return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+def constant_count(rows: int, max_new_tokens: int) -> torch.Tensor:
+    """Dr. GRPO's loss normaliser: a constant ``rows x max_new_tokens`` in place of the number of
+    valid tokens, so that a long response's tokens weigh no less than a short one's (dividing by
+    each sequence's or each batch's length biases towards long wrong answers; Liu et al. 2025,
+    verl's ``seq-mean-token-sum-norm``). Returned as the ``num_tokens`` of a loss function, the
+    engine's sum over micro-batches and DP ranks stays one constant per mini-batch."""
+    return torch.tensor(rows * max_new_tokens)
+
+
+def reinforce_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs";
+    OpenRLHF's ``reinforce``): the return of each token, the sum of the per-token rewards from it to
+    the end of its row (γ = 1), no critic. With :func:`token_rewards` that is
+    ``-β·Σ_{u >= t} KL_u + s``. ``[b, t]`` -> ``[b, t]``, 0 on padding."""
+    r = rewards * mask
+    return r.flip(1).cumsum(1).flip(1) * mask
+
+
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
+KL_IN_LOSS = ("grpo", "dr_grpo")  # the others put -β·KL into the reward
+
+
+def critic_free_advantages(kind: str, score: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    """The per-token advantages ``[b, t]`` of a critic-free estimator (the table above) from the
+    sequences' scores ``[b]`` and the per-token KL ``[b, t]`` (used by those that put the KL into
+    the reward), before any whitening; 0 on padding."""
+    if kind == "grpo":
+        per_row = group_advantages(score, group_size)
+    elif kind == "dr_grpo":
+        per_row = group_centered(score, group_size)
+    elif kind == "rloo":
+        per_row = rloo_advantages(rloo_scores(score, kl, kl_coef, mask), group_size)
+    elif kind in ("reinforce++", "reinforce++_baseline"):
+        s = group_centered(score, group_size) if kind == "reinforce++_baseline" else score
+        return reinforce_returns(token_rewards(s, kl, kl_coef, mask), mask)
+    else:
+        raise ValueError(f"unknown critic-free advantage {kind!r} ({', '.join(CRITIC_FREE)})")
+    return per_row[:, None] * mask
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

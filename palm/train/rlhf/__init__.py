@@ -1,4 +1,5 @@
-"""RLHF with PPO (or GRPO) on the shared training engine: the library behind the ``ppo`` stage.
+"""RLHF with PPO (or a critic-free estimator) on the shared training engine: the library behind
+the ``ppo`` stage.
 
 Four roles, each an :class:`~palm.train.engine.Engine` at the run's TP x DP layout:
 
@@ -7,14 +8,19 @@ role        from                          how it is used
 ==========  ============================  =====================================================
 actor       ``models/sft`` (PaLM)         samples the rollouts (KV-cached :func:`generate`); an
                                           objective on the engine (clipped policy loss,
-                                          entropy bonus; GRPO: + the KL term)
+                                          entropy bonus; grpo, dr_grpo: + the KL term)
 critic      ``models/reward``             value head per position (:class:`RewardModel`); an
-            (RewardModel)                 objective on the engine (clipped value loss). None
-                                          with ``advantage: grpo``
+            (RewardModel)                 objective on the engine (clipped value loss). Only
+                                          with ``advantage: gae``; without a ``model`` reward
+                                          term it starts from the policy with a fresh head
 reference   ``models/sft`` (frozen)       per-token log-probs for the KL to the SFT policy
-reward      ``models/reward`` (frozen)    the score at each response's last token (its
-                                          ``<|end|>`` when it ended), normalised with the
-                                          reward stage's mean/std; any :data:`Scorer` fits
+reward      ``ppo.reward``'s terms        the weighted sum of the reward model's score at each
+                                          response's last token (its ``<|end|>`` when it ended),
+                                          normalised with the reward stage's mean/std, the rule
+                                          check and user functions
+                                          (:mod:`~palm.train.rlhf.rewards`); any :data:`Scorer`
+                                          fits; the reward model is loaded only for a ``model``
+                                          term
 ==========  ============================  =====================================================
 
 Frozen roles are ``Engine(optim=None)``: eval mode, no gradients, no optimizer state. Pipeline
@@ -28,8 +34,10 @@ log-probs come with the tokens. The reference, the critic and the reward model s
 sequences (prompt + response, right-padded, as in fine-tuning). The score is clipped to
 ``±reward_clip``; a response that never produced ``<|end|>`` gets ``no_end_penalty`` added.
 ``gae``: per-token reward ``-β·KL`` plus the score on the last token, GAE(γ, λ), advantages
-whitened over the whole rollout (all DP ranks). ``grpo``: the score relative to the other samples
-of its prompt (no critic), with the KL to the reference (k3) in the loss instead of the reward.
+whitened over the whole rollout (all DP ranks). ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce++``
+and ``reinforce++_baseline`` have no critic: the score relative to the other samples of its
+prompt, or the return of REINFORCE++, with the KL to the reference in the loss (grpo, dr_grpo) or
+in the reward (the others); the table in :mod:`palm.train.ppo` gives each formula.
 Then ``ppo_epochs`` passes over the rollout in shuffled mini-batches of ``micro_batch_size x
 num_microbatches`` sequences per DP rank, one optimizer step of each trained role per mini-batch,
 stopping the update as soon as a mini-batch's approximate KL(old || new) exceeds ``kl_bound``.
@@ -63,7 +71,8 @@ from palm.train import ppo
 from palm.train.engine import Engine
 from palm.train.launch import launch as _launch
 from palm.train.loop import Objective, Progress, RunPaths, run, worker_groups
-from palm.train.rlhf.config import KLConfig, PPOConfig  # noqa: F401 (the section's types)
+from palm.train.rlhf.config import KLConfig, PPOConfig, RewardTerm  # noqa: F401 (the section's types)
+from palm.train.rlhf import rewards
 from palm.train.rlhf.probe import COLUMNS as PROBE_COLUMNS
 from palm.train.rlhf.probe import Probe, falling, split_probe
 from palm.train.rlhf.roles import Roles, build_roles
@@ -85,7 +94,8 @@ def iteration(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef
 
     # the iteration's metrics, over all DP ranks
     seq = dp_sum(torch.stack([r.raw.sum(), r.score.sum(), r.kl.sum(), r.lengths.sum().double(),
-                              r.stopped.sum().double(), torch.tensor(float(len(prompts)))]))
+                              r.stopped.sum().double(), torch.tensor(float(len(prompts))),
+                              *(v.sum() for v in r.terms.values())]))
     b = seq[5]
     mean = lambda key: sum(w[key] for w in window) / len(window)  # noqa: E731
     out = {"reward": float(seq[0] / b), "score": float(seq[1] / b), "kl": float(seq[2] / b),
@@ -95,7 +105,8 @@ def iteration(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef
            "explained_variance": r.explained_variance, "updates": float(len(window)),
            "stopped_early": float(stopped_early), "grad_norm": mean("grad_norm"), "lr": window[-1]["lr"],
            "generate_tokens_per_s": float(dp_sum(r.lengths.sum().double()) / max(r.t_generate, 1e-9)),
-           "rollout_s": r.t_generate + r.t_score, "update_s": t_update}
+           "rollout_s": r.t_generate + r.t_score, "update_s": t_update,
+           **{k: float(total / b) for k, total in zip(r.terms, seq[6:])}}  # the reward's terms: reward_<term>
     samples = {"responses": r.responses, "prompts": prompts, "score": r.score.tolist(), "reward": r.raw.tolist(),
                "ended": r.stopped.tolist()}
     return out, samples
@@ -123,6 +134,8 @@ class PPO(Objective):
         self.gold: list[dict[str, float]] = []
         self.roles, self.prompts, self.end_id, self.decode = roles, prompts, end_id, decode
         self.engine = roles.actor
+        # the reward's per-term means (reward_model, reward_rule, ...), after the fixed columns
+        self.columns = (*PPO.columns, *getattr(roles.scorer, "columns", ()))
         self.others = {"critic": roles.critic} if roles.critic is not None else {}
         self.kl_ctl = ppo.AdaptiveKL(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
         self.source = Rollouts(prompts, cfg)
@@ -224,18 +237,20 @@ def train(cfg: PPOConfig, roles: Roles, prompts: list[list[int]], paths: RunPath
 
 # --- the stage side ------------------------------------------------------------------------------
 
-def launch(model: ModelConfig, cfg: PPOConfig, *, data: Path, policy: Path, reward: Path, tokenizer_sha256: str,
-           checkpoints: Path, reports: Path, run_dir: Path, dtype: str = "fp32",
+def launch(model: ModelConfig, cfg: PPOConfig, *, data: Path, policy: Path, reward: Path | None,
+           tokenizer_sha256: str, checkpoints: Path, reports: Path, run_dir: Path, dtype: str = "fp32",
            env: dict[str, str] | None = None) -> dict[str, Any]:
-    """PPO of the ``policy`` export against the ``reward`` export on the prompts of ``data``, in
-    ``cfg.world_size`` processes; returns rank 0's result."""
+    """PPO of the ``policy`` export against ``cfg.reward`` (the ``reward`` export for a ``model``
+    term; unused, and may be None, without one) on the prompts of ``data``, in ``cfg.world_size``
+    processes; returns rank 0's result."""
     from palm.core.io import files_sha256
 
     model.check_parallel(cfg.tensor_parallel, 1, section="ppo")
     spec = {"model": to_dict(model), "ppo": to_dict(cfg), "dtype": dtype, "data": str(data), "policy": str(policy),
-            "reward": str(reward), "tokenizer_sha256": tokenizer_sha256, "data_sha256": files_sha256(data),
+            "reward": str(reward) if reward is not None else None, "tokenizer_sha256": tokenizer_sha256, "data_sha256": files_sha256(data),
             "policy_sha256": files_sha256(policy, ["config.json", "model.safetensors"]),
-            "reward_sha256": files_sha256(reward, ["config.json", "model.safetensors"]),
+            "reward_sha256": files_sha256(reward, ["config.json", "model.safetensors"])
+            if cfg.uses_reward_model else None,
             "checkpoints": str(checkpoints), "reports": str(reports)}
     return _launch(ENTRY, spec, cfg, run_dir=run_dir, env=env)
 
@@ -248,14 +263,14 @@ def worker(spec: dict[str, Any]) -> None:
 
     model = from_dict(ModelConfig, spec["model"], "model")
     cfg = from_dict(PPOConfig, spec["ppo"], "ppo")
-    reward_dir, policy = Path(spec["reward"]), Path(spec["policy"])
-    reward_config = json.loads((reward_dir / "config.json").read_text())
-    critic_model = from_dict(ModelConfig, reward_config["model"], "model")
+    reward_dir, policy = Path(spec["reward"] or "."), Path(spec["policy"])
     with worker_groups(cfg):
         sha = spec["tokenizer_sha256"]
         examples = load_prompt_answers(Path(spec["data"]), sha, cfg, model)
         tok = load_tokenizer(policy / "tokenizer.json", sha)
         text = lambda ids, special=False: tok.decode(ids, skip_special_tokens=not special)  # noqa: E731
+        # the rule term's documented answers, of every prompt (the probe's too: it scores them)
+        answers = {tuple(p): text(a) for p, a in examples}
         probe = None
         if cfg.gold_interval:  # set apart before training: PPO never samples the probe's prompts
             examples, held = split_probe(examples, cfg.gold_probe, cfg.seed)
@@ -263,12 +278,20 @@ def worker(spec: dict[str, Any]) -> None:
         prompts = [p for p, _ in examples]
         dtype = DTYPES[spec["dtype"]]
 
-        reward = Engine(critic_model, None, chunk=RewardModel, micro_batch_size=cfg.micro_batch_size, dtype=dtype)
-        load_parent(reward, reward_dir)
-        stats = reward_config["reward"]
-        scorer = reward_model_scorer(reward, stats["mean"], stats["std"], cfg.micro_batch_size)
-        roles = build_roles(cfg, model, policy=policy, critic_from=reward_dir, critic_model=critic_model,
-                            scorer=scorer, value_norm=(stats["mean"], max(stats["std"], 1e-6)), dtype=dtype)
+        model_scorer, critic_model, critic_from, value_norm = None, None, None, (0.0, 1.0)
+        if cfg.uses_reward_model:  # the reward model, and the critic's start (its head reads its scale)
+            reward_config = json.loads((reward_dir / "config.json").read_text())
+            critic_model = from_dict(ModelConfig, reward_config["model"], "model")
+            reward = Engine(critic_model, None, chunk=RewardModel, micro_batch_size=cfg.micro_batch_size, dtype=dtype)
+            load_parent(reward, reward_dir)
+            stats = reward_config["reward"]
+            model_scorer = reward_model_scorer(reward, stats["mean"], stats["std"], cfg.micro_batch_size)
+            critic_from, value_norm = reward_dir, (stats["mean"], max(stats["std"], 1e-6))
+        # without a reward model, a gae critic starts from the policy with a fresh value head
+        scorer = rewards.build(cfg.reward, answers=answers, model=model_scorer,
+                               decode_prompt=lambda ids: text(ids, special=True), decode_reply=text)
+        roles = build_roles(cfg, model, policy=policy, critic_from=critic_from, critic_model=critic_model,
+                            scorer=scorer, value_norm=value_norm, dtype=dtype)
         identity = cfg.run_identity(model, critic_model, spec["dtype"], sha, spec["data_sha256"],
                                     spec["policy_sha256"], spec["reward_sha256"])
         train(cfg, roles, prompts, RunPaths.of(spec), end_id=special_ids(tok)["end_turn_id"], identity=identity,

@@ -1,4 +1,5 @@
-"""The ``ppo`` section of params.yaml: PPO (or GRPO) and its KL penalty."""
+"""The ``ppo`` section of params.yaml: PPO (or a critic-free estimator), its KL penalty and the
+reward's terms."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from palm.train.loop import TrainConfig, code_version
 # the sources of the computation: with model, parallel and engine, a change restarts training
 CODE = ("decode/generate.py", "decode/decoder.py", "decode/layouts.py", "decode/cache.py", "decode/native/decode.c",
         "model/reward.py", "train/finetune.py", "train/reward.py", "train/ppo.py", "train/rlhf/config.py",
-        "train/rlhf/rollout.py", "train/rlhf/probe.py", "data/rules.py", "train/rlhf/update.py", "train/rlhf/roles.py", "train/rlhf/__init__.py")
+        "train/rlhf/rollout.py", "train/rlhf/steps.py", "train/rlhf/rewards.py", "train/rlhf/probe.py", "data/rules.py", "train/rlhf/update.py", "train/rlhf/roles.py", "train/rlhf/__init__.py")
 
 
 @dataclasses.dataclass(frozen=True)
 class KLConfig:
     """The KL penalty to the reference (SFT) policy."""
 
-    coef: float = 0.2  # initial beta: reward -beta * KL per token (gae) or + beta * KL in the loss (grpo)
+    coef: float = 0.2  # initial beta: -beta * KL in the reward (gae, rloo, reinforce++*) or + beta * KL in the loss (grpo, dr_grpo)
     estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimator in the reward (Schulman 2020)
     target: float | None = None  # adaptive beta steering the per-sequence KL towards this; null: fixed
     horizon: int = 10000  # the adaptive controller's time scale, in sequences (Ziegler et al. 2019)
@@ -31,6 +32,36 @@ class KLConfig:
         check(self.coef >= 0, "coef", f"must be >= 0, got {self.coef}")
         check(self.target is None or self.target > 0, "target", f"must be > 0 or null, got {self.target}")
         check(self.horizon >= 1, "horizon", f"must be >= 1, got {self.horizon}")
+
+
+ADVANTAGES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline")
+GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce++_baseline")  # compare the samples of a prompt
+TERMS = ("model", "rule", "python:<module>:<function>")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardTerm:
+    """One term of the reward, a sequence's score being the weighted sum of its terms
+    (:mod:`palm.train.rlhf.rewards`): ``model`` (the reward model, normalised with the reward
+    stage's mean/std), ``rule`` (the default data's graded verifiable check,
+    :func:`palm.data.rules.graded`), or ``python:<module>:<function>`` (a function
+    ``(prompt: str, reply: str) -> float`` imported by name)."""
+
+    name: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        parts = self.name.split(":")
+        ok = self.name in ("model", "rule") or (
+            len(parts) == 3 and parts[0] == "python" and all(p.strip() == p and p for p in parts[1:]))
+        check(ok, "name", f"unknown reward term {self.name!r}; one of {', '.join(TERMS)}")
+        check(self.weight != 0, "weight", f"must not be 0 (drop the term instead), got {self.weight}")
+
+    @property
+    def column(self) -> str:
+        """The curve column of the term's mean: ``reward_model``, ``reward_rule``,
+        ``reward_<module>_<function>``."""
+        return "reward_" + "_".join(self.name.split(":")[1:] or [self.name]).replace(".", "_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +80,7 @@ class PPOConfig(TrainConfig):
     log_interval: int = 1
     checkpoint_interval: int = 10
     prompts_per_rollout: int = 16  # prompts per iteration, all DP ranks together
-    samples_per_prompt: int = 1  # responses per prompt (grpo: the group size, >= 2)
+    samples_per_prompt: int = 1  # responses per prompt (grpo, dr_grpo, rloo, reinforce++_baseline: the group, >= 2)
     max_new_tokens: int = 64  # response length cap; prompts + this must fit model.seq_len
     sampling: SamplingConfig = SamplingConfig(temperature=1.0)  # the behaviour policy (1.0: the model itself)
     ppo_epochs: int = 2  # passes over each rollout
@@ -63,8 +94,11 @@ class PPOConfig(TrainConfig):
     kl_bound: float = 0.05  # stop the update once a mini-batch's approx KL(old || new) exceeds this
     reward_clip: float = 5.0  # normalised scores are clipped to [-reward_clip, reward_clip]
     no_end_penalty: float = -1.0  # added to the score of a response that never produced <|end|>
-    advantage: Literal["gae", "grpo"] = "gae"  # gae: critic + GAE; grpo: group-relative scores, no critic
-    whiten: bool = True  # whiten the advantages over the rollout (all DP ranks)
+    # gae: critic + GAE; the others have no critic (palm/train/ppo.py's table): grpo, dr_grpo
+    # (no std, length-unbiased loss), rloo (leave-one-out), reinforce++ (+ _baseline: group mean)
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"] = "gae"
+    whiten: bool = True  # whiten the advantages over the rollout (all DP ranks); dr_grpo: must be false
+    reward: tuple[RewardTerm, ...] = (RewardTerm("model", 1.0),)  # the score: the weighted sum of these
     optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0)
     critic_optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0)
     # the over-optimisation probe (palm/train/rlhf/probe.py): every gold_interval iterations (and
@@ -96,14 +130,24 @@ class PPOConfig(TrainConfig):
         for name in ("clip", "value_clip", "vf_coef", "reward_clip"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
-        check(self.advantage == "gae" or self.samples_per_prompt >= 2, "samples_per_prompt",
-              f"advantage: grpo compares the samples of a prompt: needs >= 2, got {self.samples_per_prompt}")
+        check(self.advantage not in GROUPED or self.samples_per_prompt >= 2, "samples_per_prompt",
+              f"advantage: {self.advantage} compares the samples of a prompt: needs >= 2, got {self.samples_per_prompt}")
+        check(self.advantage != "dr_grpo" or not self.whiten, "whiten",
+              "advantage: dr_grpo removes the division by a standard deviation, which whitening puts back: "
+              "set ppo.whiten: false")
+        check(len(self.reward) >= 1, "reward", "needs at least one term, e.g. [{name: model, weight: 1.0}]")
+        names = [t.name for t in self.reward]
+        check(len(set(names)) == len(names), "reward", f"a term is listed twice: {names} (one entry per term)")
         check(self.prompts_per_rollout % self.data_parallel == 0, "prompts_per_rollout",
               f"must be divisible by data_parallel={self.data_parallel}, got {self.prompts_per_rollout}")
         check(self.rollout_per_rank % self.mini_batch == 0, "micro_batch_size",
               f"a rollout of {self.rollout_per_rank} sequences per DP rank (prompts_per_rollout / data_parallel "
               f"x samples_per_prompt) must split into mini-batches of micro_batch_size x num_microbatches = "
               f"{self.mini_batch}")
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return any(t.name == "model" for t in self.reward)
 
     @property
     def rollout_per_rank(self) -> int:

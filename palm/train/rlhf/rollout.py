@@ -151,6 +151,7 @@ class Rollout:
     batch: Batch  # label-space inputs plus, in response space [b, n]: mask, old_logp, advantages,
     #               old_values, returns, ref_logp; and kl_coef
     raw: torch.Tensor  # [b] the scorer's normalised scores
+    terms: dict[str, torch.Tensor]  # [b] each the values of a reward column (the scorer's ``last``; {} for a plain scorer)
     score: torch.Tensor  # [b] clipped, with the no-end penalty
     kl: torch.Tensor  # [b, n] the per-token KL estimate to the reference
     lengths: torch.Tensor  # [b] response lengths
@@ -169,6 +170,7 @@ class Sampled:
     old_logp: torch.Tensor  # [b, n] the behaviour policy's log-probs
     ref_logp: torch.Tensor  # [b, n] the reference's
     raw: torch.Tensor  # [b] the scorer's normalised scores
+    terms: dict[str, torch.Tensor]  # [b] each: the reward's columns (:class:`~palm.train.rlhf.rewards.Reward`)
     stopped: torch.Tensor  # [b] whether each response ended with <|end|>
     batch: Batch  # label-space inputs of prompt + response
     micros: list[Batch]  # the batch in micro-batches
@@ -193,15 +195,17 @@ def sample_and_score(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, 
     micros = micro_batches(batch, range(len(prompts)), cfg.micro_batch_size)
     ref_logp = torch.cat([d["logp"] for d in roles.reference.forward(micros, reference_step)]).cpu() * mask
     raw = roles.scorer(prompts, responses).float().cpu()
-    return Sampled(responses=responses, mask=mask, old_logp=old_logp, ref_logp=ref_logp, raw=raw,
+    terms = {k: v.float().cpu() for k, v in getattr(roles.scorer, "last", {}).items()}  # a plain scorer has none
+    return Sampled(responses=responses, mask=mask, old_logp=old_logp, ref_logp=ref_logp, raw=raw, terms=terms,
                    stopped=gen.stopped.cpu(), batch=batch, micros=micros, t_generate=t_gen)
 
 
 def rollout(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef: float, end_id: int,
             generator: torch.Generator) -> Rollout:
     """Sample one response per row of ``prompts`` with the actor and score it: the reference's
-    log-probs and KL, the reward, the critic's values and the advantages (GAE, or GRPO's
-    group-relative scores), whitened over all DP ranks."""
+    log-probs and KL, the reward, the critic's values and the advantages (GAE, or a critic-free
+    estimator of :func:`ppo.critic_free_advantages`), whitened over all DP ranks unless
+    ``whiten`` is off."""
     t0 = time.perf_counter()
     s = sample_and_score(roles, cfg, prompts, end_id=end_id, generator=generator)
     mask, stopped, batch, raw = s.mask, s.stopped, s.batch, s.raw
@@ -214,13 +218,13 @@ def rollout(roles: Roles, cfg: PPOConfig, prompts: list[list[int]], *, kl_coef: 
         rewards = ppo.token_rewards(score, kl, kl_coef, mask)
         advantages, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         ev = dp_explained_variance(values, returns, mask)
-    else:
-        advantages = ppo.group_advantages(score, cfg.samples_per_prompt)[:, None] * mask
+    else:  # groups of samples_per_prompt consecutive rows: Rollouts repeats each prompt in place
+        advantages = ppo.critic_free_advantages(cfg.advantage, score, kl, kl_coef, mask, cfg.samples_per_prompt)
         returns, ev = values, float("nan")
     if cfg.whiten:
         advantages = dp_whiten(advantages, mask)
     batch.update(mask=mask, old_logp=s.old_logp, advantages=advantages, old_values=values, returns=returns,
                  ref_logp=s.ref_logp, kl_coef=torch.full((1,), float(kl_coef)))
-    return Rollout(prompts=prompts, responses=s.responses, batch=batch, raw=raw, score=score, kl=kl,
+    return Rollout(prompts=prompts, responses=s.responses, batch=batch, raw=raw, terms=s.terms, score=score, kl=kl,
                    lengths=mask.sum(1).long(), stopped=stopped, explained_variance=ev, t_generate=s.t_generate,
                    t_score=time.perf_counter() - t0 - s.t_generate)

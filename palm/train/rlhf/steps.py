@@ -82,8 +82,13 @@ def reward_model_scorer(engine: Engine, mean: float, std: float, micro_batch_siz
 
 
 def actor_forward_step(cfg: PPOConfig):
-    """Clipped policy loss (+ entropy bonus; GRPO: + beta * k3 KL to the reference) over the
-    response tokens of a micro-batch; metrics: clip fraction, entropy, approx KL(old || new)."""
+    """Clipped policy loss (+ entropy bonus; grpo, dr_grpo: + beta * k3 KL to the reference, the
+    others have the KL in the reward) over the response tokens of a micro-batch; metrics: clip
+    fraction, entropy, approx KL(old || new), each per valid token.
+
+    The loss is returned as ``(sum, count)`` for the engine to divide summed over micro-batches
+    and DP ranks: ``count`` is the valid tokens, except for ``dr_grpo``, whose count is the constant
+    ``rows x max_new_tokens`` (:func:`ppo.constant_count`: Dr. GRPO's length-unbiased loss)."""
 
     def step(batch: Batch, model: torch.nn.Module):
         output = token_logp(_unwrap(model), batch["tokens"], batch["labels"], entropy=True, index=batch["index"],
@@ -97,8 +102,10 @@ def actor_forward_step(cfg: PPOConfig):
                        "entropy": metric((ent * mask).sum(), n),
                        "approx_kl": metric((ppo.kl_estimate(batch["old_logp"], logp, "k3") * mask).sum(), n)}
             total = loss - cfg.entropy_coef * (ent * mask).sum()
-            if cfg.advantage == "grpo":
+            if cfg.advantage in ppo.KL_IN_LOSS:
                 total = total + batch["kl_coef"][0] * (ppo.kl_estimate(logp, batch["ref_logp"], "k3") * mask).sum()
+            if cfg.advantage == "dr_grpo":
+                return total, ppo.constant_count(mask.shape[0], cfg.max_new_tokens), metrics
             return total, n, metrics
 
         return output, loss_func
