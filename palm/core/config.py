@@ -56,6 +56,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _convert(value, arg, key)
             except ConfigError:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise  # a mapping for an optional section (e.g. lora): its own error names the key
                 continue
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):

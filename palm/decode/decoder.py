@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from palm.decode import layouts, native
 from palm.decode.cache import KVCache, new_cache
-from palm.model import parallel
+from palm.model import lora, parallel
 from palm.model.network import PaLM, RotaryEmbedding, mqa_attention
 
 _PLANS: dict[tuple, layouts.DecodePlan] = {}  # Decoder.plan's measurements, per process
@@ -78,11 +78,13 @@ class Decoder:
         with torch.no_grad():
             for block in model.layers.values():
                 attn, mlp = block.attn, block.mlp
-                w_in = torch.cat([attn.q.weight, attn.kv.weight, mlp.gate.weight, mlp.up.weight]).float()
+                # each weight with its LoRA adapter folded in, if it has one (a policy in training)
+                w_in = torch.cat([lora.weight(attn.q), lora.weight(attn.kv), lora.weight(mlp.gate),
+                                  lora.weight(mlp.up)]).float()
                 w_in[:attn.q.weight.shape[0]] *= self.head_dim ** -0.5  # the scores' 1/sqrt(hd) on the
                 # query rows (RoPE is linear: it commutes)
                 w_in = (w_in * block.norm.weight.float()).to(self.dtype)  # one rounding in bf16
-                w_out = torch.cat([attn.out.weight, mlp.down.weight], dim=1).to(self.dtype)
+                w_out = torch.cat([lora.weight(attn.out), lora.weight(mlp.down)], dim=1).to(self.dtype)
                 heads = attn.q.weight.shape[0] // self.head_dim  # this rank's query heads
                 self.blocks.append((block.layer, heads, held(w_in), held(w_out)))
             self.final_norm = (model.final_norm.weight.float() * self.d ** -0.5).to(self.dtype)

@@ -27,8 +27,11 @@ def export_safetensors(model: torch.nn.Module, out_dir: Path, config: dict[str, 
 def load_safetensors(model: torch.nn.Module, path: Path, new: Iterable[str] = ()) -> None:
     """Load exported full weights into a model or one chunk of it at the current TP layout.
     ``new`` names parameters the export need not hold (e.g. a reward head on a language model's
-    export): absent, they keep their initial values; any other absent weight is an error."""
+    export): absent, they keep their initial values, as LoRA adapters do (an export has none); any
+    other absent weight is an error."""
     from safetensors.torch import load_file
+
+    from palm.model.lora import is_adapter
 
     full = load_file(str(path))
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -37,7 +40,7 @@ def load_safetensors(model: torch.nn.Module, path: Path, new: Iterable[str] = ()
     with torch.no_grad():
         for name, p in model.named_parameters():
             key = "embedding.weight" if name == "output_embedding.weight" else name
-            if key not in full and key in new:
+            if key not in full and (key in new or is_adapter(key)):
                 continue
             if key not in full:
                 raise UserError(f"{path}: weight {key!r} missing; not a palm export of this model")

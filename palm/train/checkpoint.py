@@ -29,6 +29,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException
 
+from palm.core.config import to_dict
 from palm.core.errors import UserError
 from palm.model.megatron_compat import cpu_compat
 
@@ -40,7 +41,8 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module], prefix: str = "") ->
     """Sharded state of this rank's chunks, keyed by global parameter name (after ``prefix``, which
     tells apart several models saved in one checkpoint, e.g. PPO's ``critic.``).
 
-    TP layers shard along their partition dim; everything else is replicated. The last stage's
+    TP layers shard along their partition dim; other parameters (LoRA's adapters) by their own TP
+    attributes (``tensor_model_parallel``, ``partition_dim``), else replicated. The last stage's
     copy of the tied embedding is stored under the embedding's key as a replica (never written,
     loaded from the embedding), as megatron's GPTModel does.
     """
@@ -51,12 +53,14 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module], prefix: str = "") ->
             if not any(True for _ in module.parameters(recurse=False)):
                 continue
             full = f"{prefix}{name}." if name else prefix
-            if isinstance(module, _TP_LAYERS):
-                out.update(module.sharded_state_dict(prefix=full, metadata=metadata))
+            if isinstance(module, _TP_LAYERS):  # its own tensors: a child (an adapter) is visited itself
+                out.update({k: v for k, v in module.sharded_state_dict(prefix=full, metadata=metadata).items()
+                            if "." not in k[len(full):]})
             else:
                 own = {k: v for k, v in module.state_dict(keep_vars=True).items() if "." not in k}
+                split = {k: v.partition_dim for k, v in own.items() if getattr(v, "tensor_model_parallel", False)}
                 out.update(make_sharded_tensors_for_checkpoint(
-                    own, full, {}, (), dp_cp_group=metadata["dp_cp_group"],
+                    own, full, split, (), dp_cp_group=metadata["dp_cp_group"],
                     tp_group=parallel_state.get_tensor_model_parallel_group()))
     if f"{prefix}output_embedding.weight" in out:
         out[f"{prefix}output_embedding.weight"] = make_tp_sharded_tensor_for_checkpoint(
@@ -87,7 +91,8 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
     """Write this step's checkpoint of ``engine`` (all ranks call it; rank 0 writes ``meta`` and
     ``files``, name -> text); returns its folder. Only the ``keep`` newest checkpoints are kept.
     ``others`` (name -> engine) go into the same checkpoint under ``name`` (their parameters keyed
-    ``<name>.…``), e.g. PPO's critic beside its actor; ``engine`` alone loads as usual (export)."""
+    ``<name>.…``), e.g. PPO's critic beside its actor; ``engine`` alone loads as usual (export).
+    An engine with LoRA adapters records their config in ``meta["lora"]`` (the export merges them)."""
     root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f".step_{step:07d}.tmp"
@@ -106,7 +111,8 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
     if rank0:
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        adapters = {"lora": to_dict(engine.lora)} if getattr(engine, "lora", None) is not None else {}
+        (tmp / META).write_text(json.dumps({**meta, **adapters, "step": step}, indent=2, sort_keys=True))
         _fsync_tree(tmp)  # complete on disk before it is named complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -39,6 +39,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from palm.core.config import check
+from palm.model import lora as lora_adapters
 from palm.model import parallel
 from palm.model.megatron_compat import cpu_compat, device
 from palm.model.network import ModelConfig, PaLM
@@ -124,17 +125,22 @@ class Engine:
     """Model chunks, optimizer and schedule of this rank; process groups must already exist.
 
     ``optim=None`` makes a frozen engine (no DDP, no optimizer): forward passes only, e.g. the
-    reference and reward models of PPO.
+    reference and reward models of PPO. ``lora``: adapters on the chunks (:mod:`palm.model.lora`)
+    before DDP and the optimizer, so only they, and the parameters ``lora_trainable`` names, get
+    gradients and optimizer state (where LoRA's memory saving comes from).
     """
 
     def __init__(self, cfg: ModelConfig, optim: OptimConfig | None, *, forward_step: ForwardStep | None = None,
                  chunk: ChunkFactory = PaLM, train_steps: int = 1, micro_batch_size: int,
                  num_microbatches: int = 1, seq_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, seed: int = 0):
-        self.cfg, self.optim, self.forward_step = cfg, optim, forward_step
+                 dtype: torch.dtype = torch.float32, seed: int = 0,
+                 lora: lora_adapters.LoRAConfig | None = None, lora_trainable: Sequence[str] = ()):
+        self.cfg, self.optim, self.forward_step, self.lora = cfg, optim, forward_step, lora
         self.micro_batch_size, self.num_microbatches = micro_batch_size, num_microbatches
         self.seq_len = seq_len or cfg.seq_len
         self.chunks = build_chunks(cfg, chunk, dtype=dtype, seed=seed)
+        if lora is not None:
+            lora_adapters.apply(self.chunks, lora, seed, trainable=lora_trainable)
         self.config = self.chunks[0].config
         self.step = 0  # optimizer steps taken
         if optim is None:
@@ -275,13 +281,14 @@ def _use_muon(optimizer: Any, chunks: list[torch.nn.Module], optim: OptimConfig,
     """Swap the AdamW inside megatron's optimizer(s) for :class:`palm.train.optim.MuonAdamW` over
     the same groups: megatron keeps the fp32 main weights, clipping and checkpoint layout.
 
-    Muon takes the transformer blocks' 2-D weights; embeddings, norms and any head keep AdamW.
+    Muon takes the transformer blocks' 2-D weights; embeddings, norms, any head and LoRA's adapters
+    (low-rank factors, not the hidden matrices Muon is made for) keep AdamW.
     Newton-Schulz runs in the parameters' dtype: bf16 only where training already is (hardware
     with native bf16), fp32 elsewhere."""
     from palm.train.optim import MuonAdamW
 
     hidden = {id(p) for c in chunks for name, p in c.named_parameters()
-              if name.startswith("layers.") and p.ndim == 2}
+              if name.startswith("layers.") and p.ndim == 2 and not lora_adapters.is_adapter(name)}
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         # the optimizer's own (fp32 main) copy of each model parameter, where it keeps one
         mains = {id(m): p for group_m, group_p in zip(getattr(opt, "fp32_from_float16_groups", []),

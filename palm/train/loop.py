@@ -37,6 +37,7 @@ import torch
 
 from palm.core.config import check, from_dict, to_dict
 from palm.core.errors import UserError
+from palm.model.lora import LoRAConfig
 from palm.model.network import ModelConfig, PaLM
 from palm.train.engine import Batch, ChunkFactory, Engine, ForwardStep, OptimConfig
 
@@ -68,6 +69,9 @@ class TrainConfig:
     nodes: int = 1
     rdzv_endpoint: str = ""  # nodes > 1: torchrun's c10d rendezvous HOST:PORT (PALM_RDZV_ENDPOINT overrides)
     optim: OptimConfig = OptimConfig()
+    # LoRA adapters (palm/model/lora.py: rank, alpha, dropout, targets): train them alone on the
+    # frozen parent; null: full fine-tuning. The export merges them (plain weights)
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages",
@@ -98,7 +102,7 @@ class TrainConfig:
         """The part of a run's identity this section decides: not the layout, not the intervals."""
         return {"optim": to_dict(self.optim), "seed": self.seed, "train_steps": self.train_steps,
                 "global_batch": self.global_batch, "micro_batch_size": self.micro_batch_size,
-                "dtype": dtype}
+                "dtype": dtype, **({"lora": to_dict(self.lora)} if self.lora is not None else {})}
 
 
 def worker_groups(cfg: TrainConfig) -> ContextManager[None]:
@@ -303,6 +307,7 @@ class Job:
     curve_metrics: tuple[str, ...] = ("loss",)  # train metrics in curve.csv (val_<m> beside them)
     perplexity: bool = True  # report val_perplexity = exp(val_loss) (language-model objectives)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # more result fields
+    lora_trainable: tuple[str, ...] = ()  # with cfg.lora: base parameters that train too (a reward head)
 
 
 class Supervised(Objective):
@@ -315,7 +320,7 @@ class Supervised(Objective):
         self.engine = Engine(job.model, cfg.optim, forward_step=job.forward_step, chunk=job.chunk,
                              train_steps=cfg.train_steps, micro_batch_size=cfg.micro_batch_size,
                              num_microbatches=cfg.num_microbatches, seq_len=job.seq_len, dtype=job.dtype,
-                             seed=cfg.seed)
+                             seed=cfg.seed, lora=cfg.lora, lora_trainable=job.lora_trainable)
         self.columns = self.validated = job.curve_metrics
         self.tokens_per_step = job.tokens_per_step
         self.flops_per_token = job.model.flops_per_token(job.seq_len)
@@ -398,8 +403,9 @@ def resume(engine: Engine, root: Path, identity: dict[str, Any], stage: str, ran
 
 
 def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any], chunk: ChunkFactory = PaLM) -> dict[str, Any]:
-    """Load ``checkpoint`` at TP=1, PP=1 in this process and write safetensors + config.json."""
-    from palm.model import parallel, weights
+    """Load ``checkpoint`` at TP=1, PP=1 in this process and write safetensors + config.json. A
+    LoRA run's adapters are merged into the weights: the export is a plain model."""
+    from palm.model import lora, parallel, weights
     from palm.train import checkpoint as ckpt
 
     meta = ckpt.check_checkpoint(checkpoint)
@@ -407,7 +413,10 @@ def export(checkpoint: Path, out_dir: Path, extra: dict[str, Any], chunk: ChunkF
     with parallel.process_groups():
         model = chunk(model_cfg, parallel.megatron_config(model_cfg), pre_process=True,
                       post_process=True, layers=list(range(model_cfg.n_layers)), seed=0)
+        if meta.get("lora") is not None:  # the checkpoint holds adapters: load them, then fold them in
+            lora.apply([model], from_dict(LoRAConfig, meta["lora"], "lora"), seed=0)
         ckpt.load_model([model], checkpoint)
+        lora.merge(model)
         config = {"model": to_dict(model_cfg), "tokenizer_sha256": meta["run"]["tokenizer_sha256"],
                   "step": meta["step"], "format": "palm-rlhf/1", **extra}
         weights.export_safetensors(model, out_dir, config)

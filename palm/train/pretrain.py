@@ -36,6 +36,8 @@ class PretrainConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.z_loss_weight >= 0, "z_loss_weight", f"must be >= 0, got {self.z_loss_weight}")
+        check(self.lora is None, "lora", "LoRA fine-tunes a parent model and pretraining has none: remove "
+              "pretrain.lora (set it in sft, reward, ppo or dpo)")
 
     def run_identity(self, model: ModelConfig, dtype: str, tokenizer_sha256: str,
                      data_sha256: str) -> dict[str, Any]:

@@ -327,5 +327,6 @@ def worker(spec: dict[str, Any]) -> None:
             seq_len=length,
             identity=cfg.run_identity(model, spec["dtype"], sha, spec["data_sha256"], spec["parent_sha256"], split),
             init_weights=init_weights, curve_metrics=("loss", "accuracy"), perplexity=False,
+            lora_trainable=(HEAD,),  # with lora: the new head trains whole beside the adapters
             extra={"train_pairs": len(train_rows), "valid_pairs": used, "padded_length": length})
         loop.train(job, RunPaths.of(spec))
