@@ -486,18 +486,19 @@ class PaLM(MegatronModule):
         return tuple(torch.cat(parts) for parts in zip(*outs))
 
     def forward(self, tokens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> Any:
+                cache: KVCache | None = None, vocab: int | None = None) -> Any:
         """First stage takes ``tokens [b, s]``; later stages read :meth:`set_input_tensor`.
 
-        Returns, on the last stage, ``(nll, logz)`` (each ``[b, s]`` fp32, see :meth:`token_nll`)
-        if ``labels`` are given, else the logits ``[b, s, vocab_local]`` (this rank's vocabulary
-        shard); on other stages the activations ``[s, b, d]`` for the next stage.
+        Returns, on the last stage, ``(nll, logz)`` (each ``[b, s]`` fp32, see :meth:`token_nll`;
+        ``vocab``: over the first ``vocab`` columns only) if ``labels`` are given, else the logits
+        ``[b, s, vocab_local]`` (this rank's vocabulary shard); on other stages the activations
+        ``[s, b, d]`` for the next stage.
         """
         x = self.trunk(tokens, cache)
         if not self.post_process:
             return x.transpose(0, 1).contiguous()  # [s, b, d] for megatron's p2p
         if labels is not None:
-            return self.token_nll(x, labels)
+            return self.token_nll(x, labels, vocab=vocab)
         return self.logits(x)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -144,12 +144,14 @@ def sequence_logp(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(nll.float() * mask).sum(dim=1)
 
 
-def dpo_forward_step(cfg: DPOConfig):
+def dpo_forward_step(cfg: DPOConfig, vocab: int):
     """The preference loss of a micro-batch ``{"tokens", "labels", "loss_mask" [2P, s],
-    "pair_mask" [P], "ref_logp" [2P]}`` (chosen rows first), summed over its real pairs."""
+    "pair_mask" [P], "ref_logp" [2P]}`` (chosen rows first), summed over its real pairs. Log-probs
+    are over the ``vocab`` real tokens (the embedding's padding rows excluded), the distribution
+    the policy samples from."""
 
     def step(batch: Batch, model: torch.nn.Module):
-        output = model(batch["tokens"], labels=batch["labels"])  # (nll, logz) on the last stage
+        output = model(batch["tokens"], labels=batch["labels"], vocab=vocab)  # (nll, logz) on the last stage
 
         def loss_func(out: tuple[torch.Tensor, torch.Tensor]):
             nll, _ = out
@@ -177,10 +179,14 @@ def dpo_forward_step(cfg: DPOConfig):
     return step
 
 
-def reference_step(batch: Batch, model: torch.nn.Module):
-    """The reference's summed log-prob of each row's reply ``[2P]``."""
-    output = model(batch["tokens"], labels=batch["labels"])
-    return output, lambda out: {"logp": sequence_logp(out[0], batch["loss_mask"])}
+def reference_step(vocab: int):
+    """The reference's summed log-prob of each row's reply ``[2P]`` (over the ``vocab`` real tokens)."""
+
+    def step(batch: Batch, model: torch.nn.Module):
+        output = model(batch["tokens"], labels=batch["labels"], vocab=vocab)
+        return output, lambda out: {"logp": sequence_logp(out[0], batch["loss_mask"])}
+
+    return step
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -239,12 +245,12 @@ class Reference:
     """The reference's log-probs of micro-batches, added to them as ``ref_logp``: a frozen copy of
     the parent, or (LoRA) the policy engine with its adapters off; nothing for SimPO."""
 
-    def __init__(self, forward: Callable[[list[Batch], Any], list[dict[str, torch.Tensor]]] | None):
-        self.forward = forward
+    def __init__(self, forward: Callable[[list[Batch], Any], list[dict[str, torch.Tensor]]] | None, vocab: int = 0):
+        self.forward, self.step = forward, reference_step(vocab)
 
     def attach(self, batches: list[Batch]) -> list[Batch]:
         if self.forward is not None:
-            for b, out in zip(batches, self.forward(batches, reference_step)):
+            for b, out in zip(batches, self.forward(batches, self.step)):
                 b["ref_logp"] = out["logp"].float().cpu()
         return batches
 
@@ -268,10 +274,10 @@ def reference_for(cfg: DPOConfig, model: ModelConfig, parent: Path, engine: Engi
     if getattr(cfg, "lora", None) is not None:
         from palm.model.lora import AdaptersOff
 
-        return Reference(AdaptersOff(engine).forward)
+        return Reference(AdaptersOff(engine).forward, model.vocab_size)
     frozen = Engine(model, None, micro_batch_size=cfg.micro_batch_size, dtype=dtype, seed=cfg.seed)
     finetune.load_parent(frozen, parent)
-    return Reference(frozen.forward)
+    return Reference(frozen.forward, model.vocab_size)
 
 
 def worker(spec: dict[str, Any]) -> None:
@@ -305,7 +311,7 @@ def worker(spec: dict[str, Any]) -> None:
 
         used = min(len(valid), cfg.eval_batches * cfg.pairs_per_micro_batch * dp_size)
         job = loop.Job(
-            stage="dpo", model=model, cfg=cfg, dtype=dtype, forward_step=dpo_forward_step(cfg),
+            stage="dpo", model=model, cfg=cfg, dtype=dtype, forward_step=dpo_forward_step(cfg, model.vocab_size),
             train_batches=lambda step: reference.attach(pairs.step(step)), valid_batches=valid_batches,
             # tokens/s and MFU count the pairs' tokens, not the padding
             tokens_per_step=round(cfg.pairs_per_micro_batch * cfg.num_microbatches * cfg.data_parallel * sum(
