@@ -99,6 +99,7 @@ bench: setup
 	$(PY) -W ignore benchmarks/time_to_loss.py
 	$(PY) -W ignore benchmarks/ranking_value.py
 	$(PY) -W ignore benchmarks/gold_levers.py
+	$(PY) -W ignore benchmarks/rule_reward.py
 
 ## Fuzz every reader and parser of outside input (chat/preference files, rankings, WARC, the scrape
 ## files source, params.yaml sections, the feedback page, registry answers) with Hypothesis:
