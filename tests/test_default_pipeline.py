@@ -24,7 +24,7 @@ from helpers import make_project
 from palm.train.metrics import X86_BF16, bf16_is_fast, cpu_flags
 
 pytestmark = [pytest.mark.default, pytest.mark.timeout(3600)]
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "gold_reward", "ppo",
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "gold_reward", "ppo", "dpo",
           "evaluate"]
 _FLAGS = cpu_flags() or set()
 # x86: from the instruction sets alone (independent of the stage's probe); elsewhere (ARM's bf16

@@ -21,7 +21,7 @@ import yaml
 from helpers import commit, make_project, prefect_server
 
 pytestmark = pytest.mark.e2e
-STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "gold_reward", "ppo",
+STAGES = ["scrape", "tokenizer", "tokenize", "pretrain", "sft_data", "prefs", "sft", "reward", "gold_reward", "ppo", "dpo",
           "evaluate"]
 # The training stages' overrides for this short run: fewer steps, one evaluation and checkpoint.
 SHORT = {
@@ -31,6 +31,7 @@ SHORT = {
     "gold_reward": {"train_steps": 20, "eval_interval": 20, "checkpoint_interval": 20, "stats_pairs": 256},
     "ppo": {"train_steps": 3, "checkpoint_interval": 3, "prompts_per_rollout": 8, "max_new_tokens": 32,
             "sample_interval": 3},
+    "dpo": {"train_steps": 20, "eval_interval": 20, "checkpoint_interval": 20},
     "evaluate": {"prompts": 16, "max_new_tokens": 32, "pairs": 64, "windows": 4, "replies": 16, "samples": 4,
                  "min_prompts": 8, "kl_limit": 50.0},  # tiny models: a verdict from 16 prompts, any KL (the registry test)
 }
