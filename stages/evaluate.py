@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: the SFT and PPO policies on held-out prompts, scored by the gold judges
+"""DVC stage `evaluate`: the SFT policy and every policy trained from it (PPO, and DPO with --dpo)
+on held-out prompts, in one table, scored by the gold judges
 (evaluate.gold: the rule checks, the gold reward model of --gold-reward) and by the proxy reward
 model; perplexities of every language model; the reward model's held-out accuracy
 (palm/eval/evaluate.py). Writes the metrics (reports/evaluate/metrics.json, by run_stage), PNG plots of
@@ -6,10 +7,10 @@ every stage's training curve and of the reward distributions, and one self-conta
 the report and plots are logged to the stage's MLflow run. Everything is computed before anything
 is written, so a failed run leaves no output behind.
 
-Then the four models are registered in the MLflow Model Registry (palm/ops/registry.py: palm-pretrain,
-palm-sft, palm-reward, palm-chat, each with the run that produced it; @champion by the rule
-evaluate.champion_metric / champion_direction, else @candidate). Registering is tracking: if MLflow
-fails, the stage warns and keeps its outputs."""
+Then the models are registered in the MLflow Model Registry (palm/ops/registry.py: palm-pretrain,
+palm-sft, palm-reward, palm-chat (PPO) and palm-dpo, each with the run that produced it; each
+policy @champion by the rule evaluate.champion_metric / champion_direction on its own metrics,
+else @candidate). Registering is tracking: if MLflow fails, the stage warns and keeps its outputs."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ import sys
 from pathlib import Path
 
 from palm.core.io import atomic_dir, atomic_file
-from palm.eval.evaluate import EvaluateConfig, evaluate
+from palm.eval.evaluate import POLICIES, EvaluateConfig, evaluate, versus
 from palm.ops.stage import StageContext, run_stage
 
-MODELS = ("pretrain", "sft", "ppo", "reward")
+MODELS = ("pretrain", "sft", "ppo", "reward")  # required
+OPTIONAL = tuple(p for p in POLICIES if p != "ppo")  # policies compared with SFT when given (--dpo)
 
 
 def add_args(p):
     for name in MODELS:
         p.add_argument(f"--{name}", required=True, help=f"the {name} stage's export")
+    for name in OPTIONAL:
+        p.add_argument(f"--{name}", help=f"the {name} stage's export, compared with SFT beside PPO")
     p.add_argument("--gold-reward", help="the gold_reward stage's export (needed when evaluate.gold names reward_model)")
     p.add_argument("--sft-data", required=True, help="the sft_data stage's folder (held-out prompts and replies)")
     p.add_argument("--prefs", required=True, help="the prefs stage's folder (held-out pairs)")
@@ -39,7 +43,7 @@ def add_args(p):
 def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     from palm.eval import report
 
-    models = {name: ctx.path(name) for name in MODELS}
+    models = {name: ctx.path(name) for name in (*MODELS, *given(ctx))}
     if ctx.args.gold_reward:
         models["gold_reward"] = ctx.path("gold_reward")
     result = evaluate(cfg, models=models, sft_data=ctx.path("sft_data"), prefs=ctx.path("prefs"),
@@ -71,12 +75,14 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
         print(f"warning: evaluate: only {result.metrics['prompts']} held-out prompts (< evaluate.min_prompts "
               f"{cfg.min_prompts}): no verdict, and the policy cannot become champion (more held-out data: "
               "sft_data.valid_fraction)", file=sys.stderr)
-    if not result.metrics["kl_within_limit"]:
-        print(f"warning: evaluate: the PPO policy's KL to SFT is {result.metrics['kl']:.2f} nats per reply, beyond "
-              f"evaluate.kl_limit={cfg.kl_limit}: its reward gains may be reward hacking (raise ppo.kl.coef or "
-              "set ppo.kl.target)", file=sys.stderr)
+    for name in result.policies:
+        if not result.metrics[versus("kl_within_limit", name)]:
+            print(f"warning: evaluate: the {name} policy's KL to SFT is {result.metrics[versus('kl', name)]:.2f} nats "
+                  f"per reply, beyond evaluate.kl_limit={cfg.kl_limit}: "
+                  + ("its reward gains may be reward hacking (raise ppo.kl.coef or set ppo.kl.target)" if name == "ppo"
+                     else f"it drifted far from its reference (raise {name}.beta)"), file=sys.stderr)
     page = report.html(result.metrics, result.samples, pngs["rewards"], curves, missing, pngs.get("overoptimisation"),
-                       judges=result.judges)
+                       judges=result.judges, policies=result.policies)
     with atomic_dir(ctx.path("plots")) as out:
         for name, png in pngs.items():
             (out / f"{name}.png").write_bytes(png)
@@ -89,25 +95,34 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     return result.metrics
 
 
+def given(ctx: StageContext) -> tuple[str, ...]:
+    """The optional policies given on the command line."""
+    return tuple(name for name in OPTIONAL if getattr(ctx.args, name))
+
+
 def register(cfg: EvaluateConfig, ctx: StageContext, metrics: dict) -> None:
-    """Register the four exports, each with the run that produced it (the DVC md5 of its folder:
-    from dvc.yaml's dependencies, or computed here when the stage runs outside DVC)."""
+    """Register the exports, each with the run that produced it (the DVC md5 of its folder: from
+    dvc.yaml's dependencies, or computed here when the stage runs outside DVC); each policy is
+    judged by the champion rule on its own metrics (policy_view: under PPO's names)."""
+    from palm.eval.evaluate import policy_view
     from palm.ops import registry
     from palm.ops.stage import dvc_md5
 
     tracker = ctx.tracker
     if not tracker.enabled or tracker.run_id is None:
         return
-    rel = {name: Path(getattr(ctx.args, name)).as_posix() for name in MODELS}
-    md5s = {name: ctx.inputs.get(rel[name]) or dvc_md5(ctx.path(name)) for name in MODELS}
-    missing = {rel[n]: md5s[n] for n in MODELS if rel[n] not in ctx.parents}
+    models = (*MODELS, *given(ctx))
+    rel = {name: Path(getattr(ctx.args, name)).as_posix() for name in models}
+    md5s = {name: ctx.inputs.get(rel[name]) or dvc_md5(ctx.path(name)) for name in models}
+    missing = {rel[n]: md5s[n] for n in models if rel[n] not in ctx.parents}
     parents = {**ctx.parents, **(tracker.link_inputs(missing) if missing else {})}
 
     def go() -> None:
-        registered = registry.register({name: ctx.path(name) for name in MODELS}, md5s,
-                                       {name: parents.get(rel[name]) for name in MODELS}, evaluate_run=tracker.run_id,
+        registered = registry.register({name: ctx.path(name) for name in models}, md5s,
+                                       {name: parents.get(rel[name]) for name in models}, evaluate_run=tracker.run_id,
                                        metrics=metrics, metric=cfg.champion_metric, direction=cfg.champion_direction,
-                                       eval_set=metrics.get("eval_set", ""), root=ctx.root)
+                                       eval_set=metrics.get("eval_set", ""), root=ctx.root,
+                                       policy_metrics={name: policy_view(metrics, name) for name in given(ctx)})
         tracker.set_tags({f"palm.registered.{r['name']}": str(r["version"]) for r in registered.values()})
 
     tracker.guard("model registration", go)

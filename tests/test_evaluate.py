@@ -1,6 +1,7 @@
 """The `evaluate` stage (palm/eval/evaluate.py, palm/eval/report.py, stages/evaluate.py) on tiny exports:
 a policy against itself ties everywhere (win rate 0.5, KL 0); the reply log-probs equal
-generation's own; the stage writes its metrics, plots and one self-contained, escaped HTML report
+generation's own; SFT, PPO and DPO compared in one run, PPO's numbers the same as without DPO, DPO's
+held-out preference accuracy against a slow loop; a judge a policy trained against is no gold for it; the stage writes its metrics, plots and one self-contained, escaped HTML report
 and logs them to MLflow; bad input is one line and leaves nothing behind."""
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from palm.eval.evaluate import EvaluateConfig, evaluate, held_out_prompts, respo
 from palm.model.export import load_model, read_export  # noqa: E402
 from palm.model.parallel import process_groups  # noqa: E402
 
+DPO = {"loss": "sigmoid", "beta": 0.5, "label_smoothing": 0.0, "simpo_gamma": 0.5}  # the dpo stage's config
 KEYS = {"win_rate", "reward_sft", "reward_ppo", "kl", "reward_gain", "length_sft", "length_ppo", "ended_sft",
         "ended_ppo", "reward_accuracy", "reward_margin", "prompts", "pairs", "kl_limit", "kl_within_limit",
         "win_rate_se", "samples_per_prompt",
@@ -43,9 +45,10 @@ KEYS = {"win_rate", "reward_sft", "reward_ppo", "kl", "reward_gain", "length_sft
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """data/{sft,prefs,tokens}, models/{pretrain,sft,ppo,reward,gold_reward} (ppo: another random
-    policy; gold_reward: another random reward model) and models/same (a copy of sft as PPO: the
-    stand-in a policy against itself)."""
+    """data/{sft,prefs,tokens}, models/{pretrain,sft,ppo,dpo,reward,gold_reward} (ppo, dpo: other
+    random policies; gold_reward: another random reward model), models/same and models/same_dpo
+    (copies of sft as PPO and as DPO: a policy against itself) and models/rule_ppo (ppo's weights,
+    trained, its config says, on the rule checks beside the reward model)."""
     root = tmp_path_factory.mktemp("eval")
     data = chat_data(root / "data", valid_fraction=0.5)
     tok = data["tokenizer"]
@@ -55,14 +58,20 @@ def project(tmp_path_factory) -> Path:
     with_kind(make_parent(models / "sft", tok, seed=12), "sft")
     with_kind(make_parent(models / "ppo", tok, seed=13), "ppo")
     with_kind(shutil.copytree(models / "sft", models / "same"), "ppo")
+    with_kind(make_parent(models / "dpo", tok, seed=14), "dpo", parent="models/sft", dpo=DPO)
+    with_kind(shutil.copytree(models / "sft", models / "same_dpo"), "dpo", parent="models/sft", dpo=DPO)
+    with_kind(shutil.copytree(models / "ppo", models / "rule_ppo"), "ppo",
+              reward=[{"name": "model", "weight": 1.0}, {"name": "rule", "weight": 0.5}])
     make_eval_reward(models / "reward", tok)
     with_kind(make_eval_reward(models / "gold_reward", tok, seed=9), "reward", split="gold")
     return root
 
 
-def paths(root: Path, ppo: str = "ppo", gold: str = "gold_reward") -> dict:
+def paths(root: Path, ppo: str = "ppo", gold: str = "gold_reward", dpo: str | None = None) -> dict:
     models = {n: root / "models" / n for n in ("pretrain", "sft", "reward")} | {"ppo": root / "models" / ppo,
                                                                                 "gold_reward": root / "models" / gold}
+    if dpo:
+        models["dpo"] = root / "models" / dpo
     return {"models": models, "sft_data": root / "data" / "sft", "prefs": root / "data" / "prefs",
             "tokens": root / "data" / "tokens"}
 
@@ -439,3 +448,148 @@ def test_the_headline_says_when_the_gold_judges_disagree():
     agree = headline({**m, "gold_rm_gain": -0.1})
     assert not any(line.startswith("The gold judges disagree") for line in agree)
     assert not any("disagree" in line for line in headline({**m, "gold_rm_gain": 0.01}))  # within 2 SE: no claim
+
+
+# ---- every policy in one table: SFT, PPO and DPO ------------------------------------------------
+
+# DPO's measures beside PPO's (names: palm/eval/evaluate.py's docstring), with both gold judges
+DPO_KEYS = {"reward_dpo", "length_dpo", "ended_dpo", "win_rate_dpo", "win_rate_dpo_se", "reward_gain_dpo",
+            "reward_gain_dpo_se", "kl_dpo", "kl_within_limit_dpo", "perplexity_dpo", "reply_perplexity_dpo",
+            "gold_score_dpo", "gold_score_gain_dpo", "gold_score_gain_dpo_se", "gold_f1_gain_dpo", "gold_win_rate_dpo",
+            "gold_win_rate_dpo_se", "gold_rm_dpo", "gold_rm_gain_dpo", "gold_rm_gain_dpo_se", "gold_rm_win_rate_dpo",
+            "gold_rm_win_rate_dpo_se", "trained_on_rule_dpo", "trained_on_reward_model_dpo"}
+PREFERENCE_KEYS = {"dpo_pref_accuracy", "dpo_pref_margin", "dpo_reward_chosen", "dpo_reward_rejected", "dpo_beta",
+                   "sft_pref_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def runs(project):
+    """The same evaluation (both gold judges) of SFT and PPO, and of SFT, PPO and DPO."""
+    return evaluate(BOTH, **paths(project)), evaluate(BOTH, **paths(project, dpo="dpo"))
+
+
+def test_every_policy_in_one_run_and_ppo_unchanged_by_dpo(runs):
+    from palm.eval.evaluate import policy_view
+
+    two, three = runs
+    m2, m3 = two.metrics, three.metrics
+    assert (two.policies, three.policies) == (("ppo",), ("ppo", "dpo"))
+    assert DPO_KEYS | PREFERENCE_KEYS <= set(m3) and not any("dpo" in k for k in m2)
+    assert {k: m3[k] for k in m2} == m2  # adding DPO changes none of SFT's or PPO's numbers, bit for bit
+    assert three.rewards["ppo"] == two.rewards["ppo"] and set(three.rewards) == {"sft", "ppo", "dpo"}
+    assert three.gold["ppo"] == two.gold["ppo"] and three.samples[0]["ppo"] == two.samples[0]["ppo"]
+    assert {"dpo", "reward_dpo", "gold_dpo"} <= set(three.samples[0])
+    assert m3["kl_dpo"] > 0 and m3["reward_dpo"] != m3["reward_ppo"]  # another random policy, measured on its own
+    for key in DPO_KEYS | PREFERENCE_KEYS:
+        assert isinstance(m3[key], (int, float)) and math.isfinite(m3[key]), key
+    # DPO's metrics under PPO's names are exactly the set PPO has: no measure of DPO left out
+    view = policy_view(m3, "dpo")
+    assert set(view) == set(m2) | PREFERENCE_KEYS
+    assert (view["win_rate"], view["reward_ppo"], view["gold_rm_win_rate_se"], view["kl_within_limit"]) == \
+        (m3["win_rate_dpo"], m3["reward_dpo"], m3["gold_rm_win_rate_dpo_se"], m3["kl_within_limit_dpo"])
+    assert view["prompts"] == m3["prompts"] and view["eval_set"] == m3["eval_set"] == m2["eval_set"]
+    assert policy_view(m3, "ppo") == m3 and policy_view({**m2, "human_win_rate": 0.7}, "dpo").get("human_win_rate") is None
+
+
+def test_dpo_preference_accuracy_equals_a_slow_loop(project, runs):
+    """The implicit reward beta * (log pi_dpo - log pi_sft) of each held-out reply, from one
+    unpadded forward per sequence and the full-vocabulary log-softmax, pair by pair."""
+    from palm.data.chat import load_prefs
+
+    m = runs[1].metrics
+    sha = sha256_file(project / "models" / "sft" / "tokenizer.json")
+    pairs = load_prefs(project / "data" / "prefs", "valid", sha).to_pylist()[:BOTH.pairs]
+
+    def reply_logp(name: str) -> list[list[float]]:
+        out = []
+        with process_groups(), torch.no_grad():
+            model = load_model(read_export(project / "models" / name))
+            for p in pairs:
+                row = []
+                for side in ("chosen_ids", "rejected_ids"):
+                    seq = list(p["prompt_ids"]) + list(p[side])
+                    logits = model(torch.tensor([seq[:-1]]))[0].float()[:, :model.cfg.vocab_size]
+                    lp = logits.log_softmax(-1)
+                    row.append(sum(float(lp[t - 1, seq[t]]) for t in range(len(p["prompt_ids"]), len(seq))))
+                out.append(row)
+        return out
+
+    dpo, sft = reply_logp("dpo"), reply_logp("sft")
+    rewards = [[DPO["beta"] * (d - s) for d, s in zip(dr, sr)] for dr, sr in zip(dpo, sft)]
+    assert m["pairs"] == len(pairs) and m["dpo_beta"] == DPO["beta"]
+    assert m["dpo_pref_accuracy"] == sum(c > r for c, r in rewards) / len(pairs)
+    assert m["dpo_pref_margin"] == pytest.approx(sum(c - r for c, r in rewards) / len(pairs), abs=1e-5)
+    assert m["dpo_reward_chosen"] == pytest.approx(sum(c for c, _ in rewards) / len(pairs), abs=1e-5)
+    assert m["sft_pref_accuracy"] == sum(c > r for c, r in sft) / len(pairs)
+    assert 0 < m["dpo_pref_accuracy"] < 1  # random models: the comparison above could tell a sign flip
+
+
+def test_implicit_rewards_per_loss_against_the_formulas():
+    from palm.eval.evaluate import dpo_preferences, implicit_rewards
+
+    g = torch.Generator().manual_seed(2)
+    logp, ref = -20 * torch.rand(6, generator=g).double(), -20 * torch.rand(6, generator=g).double()
+    n = torch.tensor([3, 4, 5, 1, 7, 2])
+    for loss in ("sigmoid", "cdpo"):
+        assert torch.allclose(implicit_rewards(logp, ref, n, loss, 0.3), 0.3 * (logp - ref))
+    assert torch.allclose(implicit_rewards(logp, ref, n, "ipo", 0.3), 0.3 * (logp - ref) / n)  # per token, as IPO's loss
+    assert torch.allclose(implicit_rewards(logp, None, n, "simpo", 0.3), 0.3 * logp / n)  # no reference
+    # simpo: the chosen replies are longer but likelier per token; summed they would lose
+    c, r = torch.tensor([-6.0, -8.0]).double(), torch.tensor([-4.0, -2.0]).double()
+    nc, nr = torch.tensor([6, 8]), torch.tensor([2, 1])
+    logps = {"dpo": {"chosen": (c, nc), "rejected": (r, nr)}, "sft": {"chosen": (c, nc), "rejected": (r, nr)}}
+    simpo = dpo_preferences(logps, "simpo", 2.0)
+    assert simpo["dpo_pref_accuracy"] == 1.0 and simpo["dpo_pref_margin"] == pytest.approx(2.0 * (-1 - -2))
+    assert simpo["sft_pref_accuracy"] == 0.0  # SFT by summed log-probs: both rejected replies likelier
+    same = dpo_preferences(logps, "sigmoid", 2.0)  # the policy is its reference: every implicit reward 0
+    assert same["dpo_pref_accuracy"] == 0.0 and same["dpo_pref_margin"] == 0.0
+
+
+def test_a_policy_against_itself_and_a_rule_trained_ppo(project):
+    """DPO = SFT's weights ties everywhere; a PPO whose reward included the rule checks is not
+    judged by them: the headline leads with the gold reward model for it and says why."""
+    from palm.eval.report import headline, policy_table
+
+    ev = evaluate(BOTH, **paths(project, ppo="rule_ppo", dpo="same_dpo"))
+    m = ev.metrics
+    assert (m["win_rate_dpo"], m["gold_win_rate_dpo"], m["gold_rm_win_rate_dpo"]) == (0.5, 0.5, 0.5)
+    assert (m["kl_dpo"], m["reward_gain_dpo"], m["gold_score_gain_dpo"], m["gold_rm_gain_dpo"]) == (0.0, 0.0, 0.0, 0.0)
+    assert m["dpo_pref_accuracy"] == 0.0 and m["dpo_pref_margin"] == 0.0  # every implicit reward 0: no pair right
+    assert (m["trained_on_rule_ppo"], m["trained_on_reward_model_ppo"], m["trained_on_rule_dpo"]) == (1, 0, 0)
+    lines = headline(m, BOTH.judges, ev.policies)
+    assert lines[0].startswith("Gold reward model (trained on preference pairs that neither the proxy nor PPO saw): PPO ")
+    assert not any(line.startswith("Gold judge (checks from the documentation, which PPO never saw)") for line in lines)
+    (note,) = [line for line in lines if line.startswith("Not gold for PPO")]
+    assert "the rule judge is not independent of PPO, whose reward included it" in note
+    assert lines.index(note) < next(i for i, line in enumerate(lines) if "DPO" in line)  # PPO's block, then DPO's
+    assert any(line.startswith("Gold judge (checks from the documentation, which DPO never saw): DPO is no different")
+               for line in lines)
+    assert [line.split(":")[0] for line in lines if line.startswith("Proxy (")] == [
+        "Proxy (the reward model PPO was trained to maximise, so not evidence of quality)",
+        "Proxy (the reward model PPO was trained to maximise; DPO learned from the same kind of preference pairs, so "
+        "not evidence of quality)"]
+    header, rows = policy_table(m, BOTH.judges, ev.policies)
+    assert header[3] == "gold score (rule)" and [r[0] for r in rows] == ["SFT", "PPO", "DPO"]
+    assert rows[1][3].endswith("(trained on it: not gold)") and not rows[2][3].endswith("not gold")
+    assert rows[2][2] == "50.0 ± 0.0" and rows[0][2] == "" and rows[2][-3] == "0.000"  # DPO = SFT: a tie, KL 0
+    only_rule = headline({**m, "trained_on_rule_dpo": 1}, ("rule",), ev.policies)
+    assert only_rule[0].startswith("No gold judge for PPO: it trained against every judge of evaluate.gold (rule)")
+
+
+def test_stage_compares_every_policy_in_one_table(project, tmp_path, monkeypatch, capsys):
+    from stages.evaluate import main
+
+    root = stage_project(project, tmp_path, monkeypatch)
+    assert main(EVALUATE_ARGS + ["--dpo", "models/dpo", "--no-mlflow"]) == 0
+    metrics = json.loads((root / "reports" / "evaluate" / "metrics.json").read_text())
+    assert {k for k in DPO_KEYS if "_rm" not in k and "reward_model" not in k} | PREFERENCE_KEYS <= set(metrics)
+    page = (root / "reports" / "evaluate" / "report.html").read_text()
+    table = page[page.index("<h2>Policies against SFT</h2>"):]
+    assert [table.index(f"<tr><td>{name}</td>") for name in ("SFT", "PPO", "DPO")] == sorted(
+        table.index(f"<tr><td>{name}</td>") for name in ("SFT", "PPO", "DPO"))
+    assert "<th>SFT</th><th>PPO</th><th>DPO</th>" in page  # the sample replies of every policy
+    assert page.index("which DPO never saw): DPO is") < page.index("Proxy (") and "DPO&#39;s implicit reward" in page
+    capsys.readouterr()
+    assert main(EVALUATE_ARGS + ["--dpo", "models/ppo", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("models/ppo: a ppo model, expected dpo")

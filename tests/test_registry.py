@@ -4,8 +4,8 @@ real registry (SQLite in a temporary folder) and tiny models.
 A copy of the project (its real dvc.yaml) gets tiny inputs; stand-ins of the upstream stages run
 through the real ``run_stage`` (so their runs carry what every stage's run carries: the DVC md5
 of each input and output, and the run that produced each input), each writing its real output
-path; then the real ``evaluate`` stage registers the four models. Checked: the versions, their
-source runs and aliases; the champion rule; ``mlflow.pyfunc.load_model(...).predict``;
+path; then the real ``evaluate`` stage registers the five models (PPO's and DPO's policies each
+judged by the champion rule on its own metrics). Checked: the versions, their source runs and aliases; the champion rule; ``mlflow.pyfunc.load_model(...).predict``;
 ``palm.model.export.resolve`` and ``palm chat`` on a registry URI; ``palm lineage`` back to the scrape
 run and the corpus md5; ``mlflow models serve`` answering a POST on 127.0.0.1; ``make ui``'s MLflow
 UI in headless Chromium (the stage runs, the registered models, palm-chat's aliases)."""
@@ -49,7 +49,8 @@ from palm.ops.stage import dvc_md5, run_stage  # noqa: E402
 OUTPUTS = {"scrape": {"data/corpus": "corpus", "data/raw": "corpus"}, "tokenizer": {"artifacts/tokenizer": "tokenizer"},
            "tokenize": {"data/tokens": "tokens"}, "sft_data": {"data/sft": "sft"}, "prefs": {"data/prefs": "prefs"},
            "pretrain": {"models/pretrain": "pretrain"}, "sft": {"models/sft": "sft_model"},
-           "reward": {"models/reward": "reward_model"}, "ppo": {"models/ppo": "ppo_model"}}
+           "reward": {"models/reward": "reward_model"}, "ppo": {"models/ppo": "ppo_model"},
+           "dpo": {"models/dpo": "dpo_model"}}
 CHAIN = ["ppo", "sft", "reward", "pretrain", "tokenize", "tokenizer", "scrape", "sft_data", "prefs"]
 PROMPT = "What does dumps do?"
 
@@ -90,6 +91,8 @@ def project(tmp_path_factory, env):
     make_parent(tiny / "pretrain", data["tokenizer"], seed=11)
     with_kind(make_parent(tiny / "sft_model", data["tokenizer"], seed=12), "sft")
     with_kind(make_parent(tiny / "ppo_model", data["tokenizer"], seed=13), "ppo")
+    with_kind(make_parent(tiny / "dpo_model", data["tokenizer"], seed=14), "dpo", parent="models/sft",
+              dpo={"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5})
     make_eval_reward(tiny / "reward_model", data["tokenizer"])
     root = make_project(tmp_path_factory.mktemp("project"))
     # version 1 must pass the champion rule: the tiny random policies are far apart (a KL bound they
@@ -101,12 +104,12 @@ def project(tmp_path_factory, env):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        for stage in ["scrape", "tokenizer", "tokenize", "sft_data", "prefs", "pretrain", "sft", "reward", "ppo"]:
+        for stage in ["scrape", "tokenizer", "tokenize", "sft_data", "prefs", "pretrain", "sft", "reward", "ppo", "dpo"]:
             stand_in(stage, tiny)
         from stages.evaluate import main
 
         t0 = time.perf_counter()
-        assert main(EVALUATE_ARGS) == 0
+        assert main(EVALUATE_ARGS + ["--dpo", "models/dpo"]) == 0
         print(f"evaluate with registration: {time.perf_counter() - t0:.1f} s")
     return root
 
@@ -124,10 +127,11 @@ def stage_run(c, stage: str):
     return run
 
 
-def test_evaluate_registers_four_models_with_their_source_runs_and_aliases(project, env):
+def test_evaluate_registers_every_model_with_their_source_runs_and_aliases(project, env):
     from palm.ops.registry import NAMES, pip_requirements
 
-    assert NAMES == {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
+    assert NAMES == {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat",
+                     "dpo": "palm-dpo"}
     c = client(env)
     assert c.get_experiment_by_name("palm-rlhf").tags["mlflow.experimentKind"] == "custom_model_development"
     for key, name in NAMES.items():
@@ -144,9 +148,16 @@ def test_evaluate_registers_four_models_with_their_source_runs_and_aliases(proje
     evaluate = stage_run(c, "evaluate")
     assert evaluate.data.tags["palm.registered.palm-chat"] == "1"
     assert evaluate.data.tags["palm.input.models/ppo.run_id"] == stage_run(c, "ppo").info.run_id
+    metrics = json.loads((project / "reports" / "evaluate" / "metrics.json").read_text())
     chat = c.get_model_version("palm-chat", "1")
-    assert float(chat.tags["palm.metric.win_rate"]) == json.loads(
-        (project / "reports" / "evaluate" / "metrics.json").read_text())["win_rate"]
+    assert float(chat.tags["palm.metric.win_rate"]) == metrics["win_rate"]
+    # palm-dpo: its own numbers under the names palm-chat's carry, judged by the same rule
+    assert evaluate.data.tags["palm.registered.palm-dpo"] == "1"
+    dpo = c.get_model_version("palm-dpo", "1").tags
+    assert float(dpo["palm.metric.win_rate"]) == metrics["win_rate_dpo"] != metrics["win_rate"]
+    assert float(dpo["palm.metric.kl"]) == metrics["kl_dpo"] and float(dpo["palm.metric.reward_ppo"]) == metrics["reward_dpo"]
+    assert float(dpo["palm.metric.dpo_pref_accuracy"]) == metrics["dpo_pref_accuracy"]
+    assert not [k for k in dpo if k.endswith("_dpo")] and dpo["palm.eval_set"] == chat.tags["palm.eval_set"]
 
 
 def test_the_champion_params_are_checked_and_the_ui_link_opens_the_runs(project, env):
@@ -258,6 +269,8 @@ def test_the_champion_rule_compares_like_with_like(project, env, new_folders):
     candidate(worse, no_kl, "no kl_within_limit in its metrics: its KL to the SFT policy is unchecked")
     candidate(worse, {**best, "verdict": 0}, "too few held-out prompts for a verdict (evaluate.min_prompts)")
     candidate(worse, {**FIT}, "no number for win_rate in its metrics: nothing to compare")
+    candidate(worse, {**best, "gold_win_rate": 0.9, "trained_on_rule_ppo": 1}, "gold_win_rate is the rule judge's, "
+              "which this policy trained against: not independent evidence", metric="gold_win_rate")
     candidate(better, {**best, "eval_set": "b" * 40}, f"evaluated on a different set (eval_set {'b' * 12}… vs "
               f"champion's {SET}): not comparable", eval_set="b" * 40)
     candidate(better, best, f"no eval_set for this evaluation (the champion (version 1): {SET}): not comparable",
@@ -401,8 +414,8 @@ def test_palm_ui_refuses_a_bad_port_or_worker_count_in_one_line(capsys):
 
 def test_make_ui_shows_the_stage_runs_and_the_models_with_their_aliases(project, env, browser, tmp_path):
     """``make ui`` (``palm ui``) in a real browser: the link it prints opens the experiment on the
-    stage runs (not MLflow 3's GenAI overview, empty here), "Model registry" lists the four
-    registered models and palm-chat's page shows each version's aliases. The server leaves no
+    stage runs (not MLflow 3's GenAI overview, empty here), "Model registry" lists every
+    registered model and palm-chat's page shows each version's aliases. The server leaves no
     process behind."""
     import psutil
     from selenium.webdriver.support.ui import WebDriverWait

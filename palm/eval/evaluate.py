@@ -1,44 +1,62 @@
-"""The ``evaluate`` stage's measurements: does the PPO policy beat the SFT policy it started from,
-at what cost, and how good are the models the pipeline made?
+"""The ``evaluate`` stage's measurements: does each policy the DAG trained (PPO, DPO, …) beat the
+SFT policy it started from, at what cost, and how good are the models the pipeline made?
 
 On held-out prompts (the valid split of the SFT conversations, each cut before its last reply:
-prompts PPO never trained on), the SFT and the PPO policies each sample ``samples_per_prompt``
-replies per prompt with the same sampling settings and the same seeds (batch ``j`` draws from a
-generator seeded ``seed + j`` for both), and the reward model scores every prompt + reply at its
-last token, normalised with the mean and std the reward stage saved. Reported:
+prompts no policy trained on), SFT and every policy each sample ``samples_per_prompt`` replies per
+prompt with the same sampling settings and the same seeds (batch ``j`` draws from a generator
+seeded ``seed + j`` for every policy, so adding a policy changes no other's numbers), and the
+reward model scores every prompt + reply at its last token, normalised with the mean and std the
+reward stage saved.
 
-* ``reward_sft``, ``reward_ppo``: mean normalised reward; ``win_rate``: share of (prompt, draw)
-  pairs where PPO's ``i``-th reply to a prompt scores higher than SFT's ``i``-th, ties counting half
-  (a model against itself: 0.5): an estimate of the probability that a PPO reply beats an SFT
-  reply to the same held-out prompt. One draw per prompt makes it a coin flip per prompt, whose
-  standard error at 64 prompts is about 0.06; several draws per prompt shrink it (each draw is
-  an independent sample, the prompts stay the same). ``win_rate_se``: its standard error, from
-  the spread of the per-prompt win shares (prompts are the independent units);
-* ``kl``: KL(PPO || SFT) estimated on PPO's samples, the mean over replies of
-  ``sum_t log p_ppo(y_t) - log p_sft(y_t)`` over the reply's tokens (its end-of-turn included),
-  both from full forward passes at temperature 1. Unbiased when the samples are drawn at
-  temperature 1 without truncation (the default); otherwise it is the same sum on the tempered
-  samples;
-* ``length_sft``, ``length_ppo``: mean reply length in tokens; ``ended_sft``, ``ended_ppo``: share
-  of replies that ended with ``<|end|>`` within ``max_new_tokens`` (reward hacking often shows as
-  replies that grow and stop ending);
-* ``perplexity_<m>`` for every language model (pretrain, sft, ppo): on held-out text, ``windows``
-  evenly spaced windows of ``seq_len + 1`` tokens of the ``tokenize`` stage's valid shard;
-  ``reply_perplexity_<m>``: on the held-out SFT conversations' assistant replies (the SFT loss mask);
+**Names.** SFT is the baseline every other policy is compared with; ``ppo`` is required, ``dpo``
+(and any later policy of :data:`POLICIES`) is compared when given. A policy's own value of a
+measure is ``<measure>_<policy>`` (``reward_sft``, ``reward_ppo``, ``reward_dpo``, ``gold_rm_dpo``).
+A comparison of a policy with SFT is ``<measure>`` for PPO (its names from when it was the only
+policy: dashboards and the registry's champion rule read them) and ``<measure>_<policy>`` for any
+other (``win_rate`` and ``win_rate_dpo``, ``kl`` and ``kl_dpo``, ``gold_score_gain`` and
+``gold_score_gain_dpo``); a standard error always ends the name (``win_rate_se``,
+``win_rate_dpo_se``). :func:`versus` makes those names, :func:`policy_view` reads one policy's
+metrics back under PPO's names. One helper, :func:`paired`, compares a policy with SFT for every
+judge (gain, win rate and their standard errors over the prompts). Reported:
+
+* ``reward_<p>``: mean normalised reward of each policy's replies; ``win_rate``: share of (prompt,
+  draw) pairs where the policy's ``i``-th reply to a prompt scores higher than SFT's ``i``-th, ties
+  counting half (a model against itself: 0.5): an estimate of the probability that its reply beats
+  an SFT reply to the same held-out prompt. ``win_rate_se``: its standard error, from the spread of
+  the per-prompt win shares (prompts are the independent units; several draws per prompt shrink
+  it); ``reward_gain`` (± ``_se``): the mean per-prompt difference;
+* ``kl``: KL(policy || SFT) estimated on the policy's samples, the mean over replies of
+  ``sum_t log p(y_t) - log p_sft(y_t)`` over the reply's tokens (its end-of-turn included), both
+  from full forward passes at temperature 1 (unbiased at temperature 1 without truncation, the
+  default); ``kl_within_limit``: whether it is within ``kl_limit``;
+* ``length_<p>``: mean reply length in tokens; ``ended_<p>``: share of replies that ended with
+  ``<|end|>`` within ``max_new_tokens`` (reward hacking often shows as replies that grow and stop ending);
+* ``perplexity_<m>`` for every language model (pretrain, sft and the policies): on held-out text,
+  ``windows`` evenly spaced windows of ``seq_len + 1`` tokens of the ``tokenize`` stage's valid
+  shard; ``reply_perplexity_<m>``: on the held-out SFT conversations' assistant replies;
 * ``reward_accuracy``: share of held-out preference pairs the reward model ranks right (chosen
   strictly above rejected), and ``reward_margin``, the mean normalised gap;
+* the DPO export's implicit reward on the same held-out pairs (TRL's rewards/accuracies):
+  ``r(y) = beta * (log pi_dpo(y|x) - log pi_sft(y|x))`` over the reply's tokens, summed (``sigmoid``,
+  ``cdpo``) or averaged per token (``ipo``, whose loss works on the per-token average, as TRL's);
+  SimPO has no reference, so its reward is ``beta`` times the mean log-prob per token of the policy
+  alone. ``beta`` and the loss come from the export's ``dpo`` config. ``dpo_pref_accuracy``: share of
+  pairs with ``r(chosen) > r(rejected)``; ``dpo_pref_margin``: the mean of ``r(chosen) - r(rejected)``;
+  ``dpo_reward_chosen``, ``dpo_reward_rejected``: the means. ``sft_pref_accuracy``: the baseline, the
+  share of pairs where SFT's own summed log-prob of the chosen reply is the higher;
 * the gold judge (``gold: rule``, :mod:`palm.data.rules`: checks from the source documentation that
-  the reward model never learned): ``gold_<measure>_sft`` and ``_ppo`` for every measure (names the
-  asked function, documented signature, word F1, ROUGE-L, repetition, the combined score), their
-  difference ``gold_<measure>_gain`` (PPO - SFT) with ``gold_<measure>_gain_se`` from the per-prompt
-  differences (prompts are the independent units), and ``gold_win_rate`` (± ``gold_win_rate_se``)
-  by the combined score, ties half;
+  the reward model never learned): ``gold_<measure>_<p>`` for every measure (names the asked
+  function, documented signature, word F1, ROUGE-L, repetition, the combined score) and policy,
+  the gain ``gold_<measure>_gain`` (policy - SFT; ± ``_se`` over the per-prompt differences), and
+  ``gold_win_rate`` (± ``_se``) by the combined score, ties half;
 * the gold reward model (``gold: [..., reward_model]``: the ``gold_reward`` stage's export, trained
-  on preference pairs that neither the proxy nor PPO saw; Gao et al. 2022's gold model): every SFT
-  and PPO reply scored like the proxy scores them, normalised with the gold model's own mean and
-  std: ``gold_rm_sft``, ``gold_rm_ppo``, ``gold_rm_gain`` (± ``gold_rm_gain_se``, per-prompt
-  differences, a prompt's draws averaged first), ``gold_rm_win_rate`` (± ``_se``, ties half), and
+  on preference pairs that neither the proxy nor any policy saw; Gao et al. 2022's gold model):
+  every reply scored like the proxy scores them, normalised with the gold model's own mean and std:
+  ``gold_rm_<p>``, ``gold_rm_gain`` (± ``_se``), ``gold_rm_win_rate`` (± ``_se``), and
   ``gold_rm_accuracy`` on the held-out pairs (as ``reward_accuracy``);
+* ``trained_on_<judge>_<p>``: 1 when the policy's training optimised that gold judge (a ``ppo``
+  export's config ``reward`` terms name ``rule``): that judge is then not gold for that policy,
+  and the report and the registry say so instead of using it;
 * ``verdict``: 1 when there are at least ``min_prompts`` held-out prompts, else 0 (the report then
   gives no headline number); ``eval_set``: an id of the prompts, the judges (and the gold reward
   model's weights) and the sampling, so that only evaluations of the same set are compared (the
@@ -46,7 +64,7 @@ last token, normalised with the mean and std the reward stage saved. Reported:
 
 The reward model's numbers are the *proxy*: PPO was trained to raise them, so they measure
 optimisation, not quality (Gao et al. 2022). The gold judges and people (``human_judgments``, a
-``palm feedback compare`` file) are the evidence.
+``palm feedback compare`` file of SFT against PPO) are the evidence.
 
 Everything runs in this process (one-process torch.distributed, whole models), in bounded time:
 each count above is a field of :class:`EvaluateConfig`.
@@ -64,6 +82,7 @@ import torch
 
 from palm.core.config import check
 from palm.core.errors import ConfigError, UserError
+from palm.data import rules
 from palm.decode.cache import new_cache
 from palm.decode.generate import Generation, SamplingConfig, generate
 from palm.model.export import Export, load_model, load_tokenizer, read_export, same_tokenizer
@@ -71,12 +90,52 @@ from palm.model.parallel import process_groups
 
 GOLD = ("rule", "reward_model")  # the gold judges evaluate knows ("none": no gold judge)
 
-LM_MODELS = ("pretrain", "sft", "ppo")
-# metrics of the PPO policy the champion rule may compare (palm.ops.registry)
+# the policies compared with SFT, in the report's order: ppo required, the others when given
+POLICIES = ("ppo", "dpo")
+LM_MODELS = ("pretrain", "sft")  # language models besides the policies, whose perplexity is measured
+# the measures comparing a policy with SFT (named by versus); every other per-policy measure ends in _<policy>
+COMPARISONS = ("win_rate", "reward_gain", "kl", "kl_within_limit", "gold_win_rate", "gold_rm_gain", "gold_rm_win_rate",
+               *(f"gold_{m}_gain" for m in rules.MEASURES))
+# metrics of a policy the champion rule may compare (palm.ops.registry), by PPO's names (policy_view)
 POLICY_METRICS = ("win_rate", "reward_ppo", "reward_gain", "kl", "length_ppo", "ended_ppo", "perplexity_ppo",
                   "reply_perplexity_ppo", "gold_score_ppo", "gold_score_gain", "gold_win_rate", "gold_names_ppo",
                   "gold_f1_ppo", "gold_rouge_l_ppo", "gold_rm_gain", "gold_rm_win_rate", "gold_rm_ppo",
                   "human_win_rate")
+
+
+def versus(measure: str, policy: str) -> str:
+    """The metric name of ``measure`` comparing ``policy`` with SFT: PPO's keeps the bare name."""
+    return measure if policy == "ppo" else f"{measure}_{policy}"
+
+
+def policy_view(metrics: dict[str, Any], policy: str) -> dict[str, Any]:
+    """``policy``'s metrics under PPO's names (``win_rate_dpo`` as ``win_rate``, ``reward_dpo`` as
+    ``reward_ppo``), with the measures every policy shares (``prompts``, ``verdict``, ``eval_set``,
+    ``kl_limit``…): what the registry's champion rule reads for that policy. Another policy's
+    measures and people's judgements (of SFT against PPO only) are left out."""
+    if policy == "ppo":
+        return dict(metrics)
+    out = {k: v for k, v in metrics.items()  # the shared ones: no policy's, no comparison's
+           if k.removesuffix("_se") not in COMPARISONS and not k.startswith("human_")
+           and not any(k.endswith(f"_{p}") or k.endswith(f"_{p}_se") for p in POLICIES)}
+    for k, v in metrics.items():
+        if k.endswith(f"_{policy}_se") and k.removesuffix(f"_{policy}_se") in COMPARISONS:
+            out[k.removesuffix(f"_{policy}_se") + "_se"] = v
+        elif k.endswith(f"_{policy}"):
+            base = k.removesuffix(f"_{policy}")
+            out[base if base in COMPARISONS else f"{base}_ppo"] = v
+    return out
+
+
+def trained_against(export: Export) -> tuple[str, ...]:
+    """The gold judges (of :data:`GOLD`) a policy's training optimised, so not gold for it: ``rule``
+    when its config's ``reward`` terms (``[{name, weight}]``, the ppo stage's) name ``rule`` or a
+    function of :mod:`palm.data.rules` with a weight other than 0. Without ``reward`` a ppo export
+    trained on the reward model alone, and a DPO export on preference pairs: no gold judge."""
+    terms = export.config.get("reward") if export.kind != "reward" else None
+    names = [str(t.get("name")) for t in terms if isinstance(t, dict) and t.get("weight", 1) != 0] \
+        if isinstance(terms, list) else []  # a term of weight 0 trained nothing
+    return ("rule",) if any(n == "rule" or n.startswith("python:palm.data.rules:") for n in names) else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +207,10 @@ class Evaluation:
 
     metrics: dict[str, float | int]
     rewards: dict[str, list[float]]  # normalised reward of every reply (draw j of prompt i at i * samples_per_prompt + j), per policy
-    samples: list[dict[str, Any]]  # prompt, reference, sft and ppo replies, rewards and gold scores (text)
+    samples: list[dict[str, Any]]  # prompt, reference, each policy's reply (by name), reward_<p> and gold_<p>
     gold: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # the gold score of every reply, per policy
     judges: tuple[str, ...] = ()  # the gold judges in the order of evaluate.gold
+    policies: tuple[str, ...] = ("ppo",)  # the policies compared with SFT, of POLICIES
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -249,51 +309,97 @@ def win_rate(ours: torch.Tensor, theirs: torch.Tensor, per_prompt: int = 1) -> t
     return float(wins.mean()), se
 
 
+def paired(ours: torch.Tensor, sft: torch.Tensor, per_prompt: int) -> dict[str, float]:
+    """One policy against SFT by one judge: ``ours``, ``sft`` ``[prompts * per_prompt]`` scores of
+    the replies (draw ``j`` of prompt ``i`` at ``i * per_prompt + j``; nan where the judge does not
+    apply to the prompt). Over the prompts where it applies: the means ``ours`` and ``sft`` (a
+    prompt's draws averaged first), ``gain`` (ours - SFT) and ``win_rate`` (ties half), each with
+    ``gain_se`` / ``win_rate_se`` from the per-prompt values (prompts are the independent units;
+    absent below two prompts); {} where it applies to none."""
+    a, b = ours.double().view(-1, per_prompt), sft.double().view(-1, per_prompt)
+    applies = ~(a.isnan().any(1) | b.isnan().any(1))
+    if not applies.any():
+        return {}
+    a, b = a[applies], b[applies]
+    gain = a.mean(1) - b.mean(1)
+    out = {"ours": float(a.mean(1).mean()), "sft": float(b.mean(1).mean()), "gain": float(gain.mean())}
+    if len(gain) > 1:
+        out["gain_se"] = float(gain.std() / math.sqrt(len(gain)))
+    out["win_rate"], se = win_rate(a.flatten(), b.flatten(), per_prompt)
+    if math.isfinite(se):
+        out["win_rate_se"] = se
+    return out
+
+
+def named(found: dict[str, float], policy: str, *, value: str | None, gain: str, win: str | None) -> dict[str, float]:
+    """A :func:`paired` result of ``policy`` as metrics (module docstring, "Names"): the means as
+    ``<value>_sft`` and ``<value>_<policy>``, the gain and win rate as :func:`versus` names them."""
+    out = {f"{value}_sft": found["sft"], f"{value}_{policy}": found["ours"]} if value and found else {}
+    for key, measure in (("gain", gain), ("win_rate", win)):
+        for se in ("", "_se"):
+            if measure and key + se in found:
+                out[versus(measure, policy) + se] = found[key + se]
+    return out
+
+
 def gold_rule(prompts: Sequence[str], answers: Sequence[str], got: dict[str, list[str]],
               per_prompt: int) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """The rule judge on both policies' replies (``got["sft"]``, ``got["ppo"]``: reply ``i *
+    """The rule judge on every policy's replies (``got["sft"]`` and each policy's: reply ``i *
     per_prompt + j`` is draw ``j`` of prompt ``i``): the metrics of the module docstring, and every
-    reply's combined score per policy. A prompt's draws are averaged first; a check that does not
-    apply to a prompt (its question names no function) leaves that prompt out of that measure."""
-    from palm.data import rules
-
+    reply's combined score per policy. A check that does not apply to a prompt (its question names
+    no function) leaves that prompt out of that measure."""
     judged = {name: [rules.judge(prompts[i // per_prompt], answers[i // per_prompt], r) for i, r in enumerate(rs)]
               for name, rs in got.items()}
+    values = {name: {m: torch.tensor([math.nan if j[m] is None else j[m] for j in js], dtype=torch.float64)
+                     for m in rules.MEASURES} for name, js in judged.items()}
     out: dict[str, float] = {}
-    for m in rules.MEASURES:
-        per = {name: torch.tensor([math.nan if j[m] is None else j[m] for j in js], dtype=torch.float64)
-               .view(-1, per_prompt).mean(1) for name, js in judged.items()}
-        applies = ~per["sft"].isnan()
-        if not applies.any():
-            continue
-        for name in ("sft", "ppo"):
-            out[f"gold_{m}_{name}"] = float(per[name][applies].mean())
-        gain = (per["ppo"] - per["sft"])[applies]
-        out[f"gold_{m}_gain"] = float(gain.mean())
-        if len(gain) > 1:
-            out[f"gold_{m}_gain_se"] = float(gain.std() / math.sqrt(len(gain)))
-    score = {name: [j["score"] for j in js] for name, js in judged.items()}
-    out["gold_win_rate"], se = win_rate(torch.tensor(score["ppo"]), torch.tensor(score["sft"]), per_prompt)
-    if math.isfinite(se):
-        out["gold_win_rate_se"] = se
-    return out, score
+    for policy in (p for p in got if p != "sft"):
+        for m in rules.MEASURES:
+            out.update(named(paired(values[policy][m], values["sft"][m], per_prompt), policy, value=f"gold_{m}",
+                             gain=f"gold_{m}_gain", win="gold_win_rate" if m == "score" else None))
+    return out, {name: [j["score"] for j in js] for name, js in judged.items()}
 
 
 def gold_rm(rewards: dict[str, torch.Tensor], per_prompt: int) -> dict[str, float]:
-    """The gold reward model's measures of both policies from the normalised score of every reply
-    (``rewards["sft"]``, ``["ppo"]``: reply ``i * per_prompt + j`` is draw ``j`` of prompt ``i``):
-    the means, the gain with its standard error over the prompts (a prompt's draws averaged
-    first), and the win rate, ties half."""
-    per = {name: r.double().view(-1, per_prompt).mean(1) for name, r in rewards.items()}
-    gain = per["ppo"] - per["sft"]
-    out = {"gold_rm_sft": float(per["sft"].mean()), "gold_rm_ppo": float(per["ppo"].mean()),
-           "gold_rm_gain": float(gain.mean())}
-    if len(gain) > 1:
-        out["gold_rm_gain_se"] = float(gain.std() / math.sqrt(len(gain)))
-    out["gold_rm_win_rate"], se = win_rate(rewards["ppo"], rewards["sft"], per_prompt)
-    if math.isfinite(se):
-        out["gold_rm_win_rate_se"] = se
+    """The gold reward model's measures of every policy from the normalised score of every reply
+    (``rewards["sft"]`` and each policy's: reply ``i * per_prompt + j`` is draw ``j`` of prompt
+    ``i``): the means, the gain and the win rate against SFT (:func:`paired`)."""
+    out: dict[str, float] = {}
+    for policy in (p for p in rewards if p != "sft"):
+        out.update(named(paired(rewards[policy], rewards["sft"], per_prompt), policy, value="gold_rm",
+                         gain="gold_rm_gain", win="gold_rm_win_rate"))
     return out
+
+
+@torch.no_grad()
+def reply_logprobs(model: Any, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]],
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability (temperature 1, the full vocabulary) of each reply given its prompt ``[n]`` fp64, and
+    its token count ``[n]``: teacher-forced, right padding (causal: padding changes no earlier token)."""
+    sums, counts = torch.empty(len(prompts), dtype=torch.float64), torch.empty(len(prompts), dtype=torch.long)
+    device = model.embedding.weight.device
+    for i in range(0, len(prompts), batch_size):
+        rows = [list(p) + list(r) for p, r in zip(prompts[i:i + batch_size], replies[i:i + batch_size])]
+        tokens, lengths = pad_right(rows)
+        starts = torch.tensor([len(p) for p in prompts[i:i + batch_size]])
+        t = torch.arange(1, tokens.shape[1])[None]  # the position of each predicted token
+        mask = (t >= starts[:, None]) & (t < lengths[:, None])  # [b, s-1] reply tokens
+        # over the real vocabulary (the padded columns are no tokens), as the dpo stage computes it
+        nll, _ = model(tokens[:, :-1].to(device), labels=tokens[:, 1:].to(device), vocab=model.cfg.vocab_size)
+        sums[i:i + len(rows)] = -(nll.cpu().double() * mask).sum(1)
+        counts[i:i + len(rows)] = mask.sum(1)
+    return sums, counts
+
+
+def implicit_rewards(logp: torch.Tensor, ref: torch.Tensor | None, tokens: torch.Tensor, loss: str,
+                     beta: float) -> torch.Tensor:
+    """DPO's implicit reward of each reply (module docstring): ``beta`` times the log-ratio to the
+    reference, summed over the reply (sigmoid, cdpo) or per token (ipo); simpo: ``beta`` times the
+    policy's own mean log-prob per token (reference-free)."""
+    if loss == "simpo":
+        return beta * logp / tokens.clamp(min=1)
+    ratio = logp - ref
+    return beta * (ratio / tokens.clamp(min=1) if loss == "ipo" else ratio)
 
 
 def eval_set_id(prompts: list[dict], cfg: EvaluateConfig, gold_reward: str | None = None) -> str:
@@ -335,23 +441,39 @@ def replies(gens: list[Generation]) -> list[list[int]]:
 # --- the stage's computation ---------------------------------------------------------------------
 
 def read_models(paths: dict[str, Path]) -> dict[str, Export]:
-    """The four exports (and ``gold_reward`` where ``paths`` names it), checked: kinds, one
-    tokenizer, reward models whose context holds the policies' sequences, a gold reward model
-    that is not the proxy."""
-    kinds = {"pretrain": ("pretrain",), "sft": ("sft",), "ppo": ("ppo",), "reward": ("reward",),
-             "gold_reward": ("reward",)}
-    names = [n for n in ("sft", "ppo", "reward", "gold_reward", "pretrain") if n in paths]
+    """The exports (pretrain, sft, reward, the policies, and ``gold_reward`` where ``paths`` names
+    it), checked: kinds, one tokenizer, reward models whose context holds the policies' sequences,
+    a gold reward model that is not the proxy, a DPO export that says its loss and beta."""
+    kinds = {"pretrain": ("pretrain",), "sft": ("sft",), "reward": ("reward",), "gold_reward": ("reward",),
+             **{p: (p,) for p in POLICIES}}
+    missing = [n for n in ("pretrain", "sft", "ppo", "reward") if paths.get(n) is None]
+    if missing:
+        raise UserError(f"no {', '.join(missing)} export given: evaluate compares every policy with SFT and needs "
+                        "the pretrain, sft, ppo and reward exports")
+    names = [n for n in ("sft", *POLICIES, "reward", "gold_reward", "pretrain") if paths.get(n) is not None]
     exports = {name: read_export(paths[name], kinds[name]) for name in names}
     same_tokenizer(exports.values())
-    sft = exports["sft"].model
+    longest = max(exports[n].model.seq_len for n in ("sft", *POLICIES) if n in exports)
     for name in ("reward", "gold_reward"):
-        if name in exports and exports[name].model.seq_len < max(sft.seq_len, exports["ppo"].model.seq_len):
+        if name in exports and exports[name].model.seq_len < longest:
             raise UserError(f"{exports[name].path}: the reward model's context ({exports[name].model.seq_len} tokens) "
-                            f"is shorter than the policies' ({sft.seq_len}); train them from one parent")
+                            f"is shorter than the policies' ({longest}); train them from one parent")
     if "gold_reward" in exports and _weights(exports["gold_reward"]) == _weights(exports["reward"]):
         raise UserError(f"{exports['gold_reward'].path}: the gold reward model is the proxy itself "
                         f"({exports['reward'].path}); give the gold_reward stage's export")
+    if "dpo" in exports:
+        dpo_objective(exports["dpo"])
     return exports
+
+
+def dpo_objective(export: Export) -> tuple[str, float]:
+    """The loss and beta of a DPO export (its config's ``dpo``), checked."""
+    found = export.config.get("dpo")
+    loss, beta = (found.get("loss"), found.get("beta")) if isinstance(found, dict) else (None, None)
+    if loss not in ("sigmoid", "cdpo", "ipo", "simpo") or isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise UserError(f"{export.path}/config.json: no dpo.loss (sigmoid, cdpo, ipo or simpo) and numeric dpo.beta, "
+                        f"got {found!r}; give the dpo stage's export")
+    return loss, float(beta)
 
 
 def _weights(export: Export) -> str:
@@ -363,8 +485,8 @@ def _weights(export: Export) -> str:
 def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, prefs: Path,
              tokens: Path) -> Evaluation:
     """Measure everything in the module docstring. ``models``: export folders by name
-    (``pretrain``, ``sft``, ``ppo``, ``reward``; ``gold_reward`` when ``cfg.gold`` names
-    ``reward_model``)."""
+    (``pretrain``, ``sft``, ``ppo``, ``reward``; ``dpo`` (or any of :data:`POLICIES`) to compare
+    it too; ``gold_reward`` when ``cfg.gold`` names ``reward_model``)."""
     from palm.core.process import default_threads
     from palm.core.tokenizer import special_ids
     from palm.data.chat import load_prefs, load_sft
@@ -375,8 +497,9 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
         raise ConfigError("evaluate.gold", "names reward_model but no gold reward model was given (--gold-reward "
                                            "models/gold_reward, the gold_reward stage's export)")
     exports = read_models({k: v for k, v in models.items() if k != "gold_reward" or use_gold_rm})
+    policies = tuple(p for p in POLICIES if p in exports)  # ppo: read_models refuses it missing
     sha = exports["sft"].tokenizer_sha256
-    seq_len = min(exports["sft"].model.seq_len, exports["ppo"].model.seq_len)
+    seq_len = min(exports[n].model.seq_len for n in ("sft", *policies))
     if cfg.max_new_tokens >= seq_len:
         raise ConfigError("evaluate.max_new_tokens", f"{cfg.max_new_tokens} leaves no room for a prompt in the "
                                                      f"policies' context of {seq_len} tokens (model.seq_len)")
@@ -401,18 +524,22 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
     conversations = valid[:cfg.replies] if cfg.replies else valid
     stats = exports["reward"].config["reward"]
     mean, std = float(stats["mean"]), float(stats["std"])
+    pair_prompts = [p["prompt_ids"] for p in pairs]
+    sides = {side: [p[f"{side}_ids"] for p in pairs] for side in ("chosen", "rejected")}
 
     torch.set_num_threads(cfg.threads or default_threads())
     metrics: dict[str, float | int] = {"prompts": len(prompts), "samples_per_prompt": k, "pairs": len(pairs),
                                        "truncated_prompts": sum(len(p["prompt_ids"]) > room for p in prompts)}
     with process_groups():
         reward_model = load_model(exports["reward"])
-        gens, logp_ppo, rewards, seqs = {}, None, {}, {}
-        for name in ("sft", "ppo"):
+        gens, logp, rewards, seqs, pair_logp = {}, {}, {}, {}, {}
+        for name in ("sft", *policies):
             policy = load_model(exports[name])
             gens[name] = sample(policy, prompt_ids, cfg, stop_ids=stop_ids, pad_id=pad_id)
-            if name == "ppo":
-                logp_ppo = [response_logprobs(policy, g) for g in gens[name]]
+            if name != "sft":
+                logp[name] = [response_logprobs(policy, g) for g in gens[name]]
+            if name == "dpo" or (name == "sft" and "dpo" in policies):  # the implicit reward's terms
+                pair_logp[name] = {s: reply_logprobs(policy, pair_prompts, r, cfg.batch_size) for s, r in sides.items()}
             seqs[name] = [p + r for p, r in zip(prompt_ids, replies(gens[name]))]
             rewards[name] = (scores(reward_model, seqs[name], cfg.batch_size) - mean) / std
             lengths = torch.cat([g.response_mask.sum(1) for g in gens[name]]).double()
@@ -421,15 +548,17 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
             metrics[f"ended_{name}"] = float(torch.cat([g.stopped for g in gens[name]]).double().mean())
             del policy
         sft = load_model(exports["sft"])
-        kl = torch.cat([(lp - response_logprobs(sft, g)).sum(1) for lp, g in zip(logp_ppo, gens["ppo"])])
-        metrics["kl"] = float(kl.double().mean())
         metrics["kl_limit"] = cfg.kl_limit
-        metrics["kl_within_limit"] = int(metrics["kl"] <= cfg.kl_limit)
-        metrics["win_rate"], se = win_rate(rewards["ppo"], rewards["sft"], k)
-        if math.isfinite(se):
-            metrics["win_rate_se"] = se
-        metrics["reward_gain"] = metrics["reward_ppo"] - metrics["reward_sft"]
+        for name in policies:
+            kl = float(torch.cat([(lp - response_logprobs(sft, g)).sum(1) for lp, g in zip(logp[name], gens[name])])
+                       .double().mean())
+            metrics[versus("kl", name)] = kl
+            metrics[versus("kl_within_limit", name)] = int(kl <= cfg.kl_limit)
+            metrics.update(named(paired(rewards[name], rewards["sft"], k), name, value=None, gain="reward_gain",
+                                 win="win_rate"))
         del sft
+        if "dpo" in policies:
+            metrics.update(dpo_preferences(pair_logp, *dpo_objective(exports["dpo"])))
 
         chosen = scores(reward_model, [p["prompt_ids"] + p["chosen_ids"] for p in pairs], cfg.batch_size)
         rejected = scores(reward_model, [p["prompt_ids"] + p["rejected_ids"] for p in pairs], cfg.batch_size)
@@ -447,7 +576,7 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
             metrics["gold_rm_accuracy"] = float((chosen > rejected).double().mean())
             del gold_model
 
-        for name in LM_MODELS:
+        for name in (*LM_MODELS, *policies):
             model = load_model(exports[name])
             windows = text_windows(tokens, shard_meta, model.cfg.seq_len, cfg.windows)
             total, count = masked_nll(model, windows.tolist(), None, cfg.batch_size)
@@ -466,12 +595,30 @@ def evaluate(cfg: EvaluateConfig, *, models: dict[str, Path], sft_data: Path, pr
     if "rule" in cfg.judges:
         found, gold = gold_rule(prompt_text, answers, got, k)
         metrics.update(found)
+    for name in policies:  # a judge the policy trained against is not gold for it: the report and registry read this
+        against = trained_against(exports[name])
+        metrics.update({f"trained_on_{judge}_{name}": int(judge in against) for judge in cfg.judges})
     metrics["min_prompts"] = cfg.min_prompts
     metrics["verdict"] = int(len(prompts) >= cfg.min_prompts)
     metrics["eval_set"] = eval_set_id(prompts, cfg, _weights(exports["gold_reward"]) if use_gold_rm else None)
-    samples = [{"prompt": prompt_text[i], "reference": answers[i], "sft": got["sft"][i * k], "ppo": got["ppo"][i * k],
-                "reward_sft": float(rewards["sft"][i * k]), "reward_ppo": float(rewards["ppo"][i * k]),
-                **({"gold_sft": gold["sft"][i * k], "gold_ppo": gold["ppo"][i * k]} if gold else {})}
+    samples = [{"prompt": prompt_text[i], "reference": answers[i],
+                **{name: got[name][i * k] for name in gens},
+                **{f"reward_{name}": float(rewards[name][i * k]) for name in gens},
+                **({f"gold_{name}": gold[name][i * k] for name in gens} if gold else {})}
                for i in range(min(cfg.samples, len(prompts)))]
     return Evaluation(metrics=metrics, rewards={k: v.tolist() for k, v in rewards.items()}, samples=samples,
-                      gold=gold, judges=cfg.judges)
+                      gold=gold, judges=cfg.judges, policies=policies)
+
+
+def dpo_preferences(logp: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], loss: str,
+                    beta: float) -> dict[str, float]:
+    """DPO's held-out preference measures (module docstring) from the summed log-probs and token
+    counts of each pair's chosen and rejected replies, ``logp[policy][side]`` (policy ``dpo``,
+    and ``sft``, its reference)."""
+    (dc, nc), (dr, nr) = logp["dpo"]["chosen"], logp["dpo"]["rejected"]
+    (sc, _), (sr, _) = logp["sft"]["chosen"], logp["sft"]["rejected"]
+    chosen, rejected = implicit_rewards(dc, sc, nc, loss, beta), implicit_rewards(dr, sr, nr, loss, beta)
+    return {"dpo_pref_accuracy": float((chosen > rejected).double().mean()),
+            "dpo_pref_margin": float((chosen - rejected).mean()), "dpo_reward_chosen": float(chosen.mean()),
+            "dpo_reward_rejected": float(rejected.mean()), "dpo_beta": beta,
+            "sft_pref_accuracy": float((sc > sr).double().mean())}

@@ -1,8 +1,9 @@
-"""The MLflow Model Registry: registering the pipeline's four models, resolving ``models:/`` URIs
+"""The MLflow Model Registry: registering the pipeline's models, resolving ``models:/`` URIs
 to export folders, and walking a version's lineage back to the scrape run.
 
-Registered models (:data:`NAMES`): ``palm-pretrain``, ``palm-sft``, ``palm-reward`` and
-``palm-chat`` (the PPO policy). The ``evaluate`` stage registers all four (:func:`register`) as
+Registered models (:data:`NAMES`): ``palm-pretrain``, ``palm-sft``, ``palm-reward``,
+``palm-chat`` (the PPO policy) and ``palm-dpo`` (the DPO policy, when the DAG trained one). The
+``evaluate`` stage registers them all (:func:`register`) as
 pyfunc models (:mod:`palm.apps.serving`) whose artifact is the export folder, with explicit pip
 requirements and a signature. Each version's source run is the stage run that produced the
 folder (found by the DVC md5 of the folder: that run's tag ``dvc.out.<path>.md5``), and the model
@@ -10,17 +11,23 @@ is logged as an artifact of that run (``registry/<name>``); a folder registered 
 md5) is the same version again, not a new one. Aliases:
 
 * ``current`` on each model: the version the latest ``evaluate`` saw;
-* ``champion`` on ``palm-chat`` (:func:`candidate_reason`): a version becomes champion only when
+* ``champion`` on each policy, ``palm-chat`` and ``palm-dpo``, each by its own metrics
+  (:func:`candidate_reason`): a version becomes champion only when
   its KL to SFT is within ``evaluate.kl_limit`` (metric ``kl_within_limit``), its evaluation gave
-  a verdict (``verdict``, 0 on too few held-out prompts) and it has a number for
-  ``evaluate.champion_metric``; then, if there is a champion, only when that champion was
+  a verdict (``verdict``, 0 on too few held-out prompts), ``evaluate.champion_metric`` is not a
+  judge's that the policy trained against (``trained_on_<judge>_ppo``: a PPO that optimised the
+  rule checks cannot win by them) and it has a number for it; then, if there is a champion, only
+  when that champion was
   evaluated on the same set (version tag ``palm.eval_set``: an id of the prompts, the judge and
   the sampling; a champion without one counts as another set) and the new value beats the
   champion's strictly in the direction ``evaluate.champion_direction`` (the values are version
   tags ``palm.metric.<key>``, any numeric metric). Otherwise the version is the ``candidate``
-  and tag ``palm.candidate_reason`` says why in one line. When a version becomes champion, the
-  pretrain, SFT and reward versions it came with get ``champion`` too, so
-  ``models:/palm-reward@champion`` is the reward model the champion was trained against.
+  and tag ``palm.candidate_reason`` says why in one line. When a ``palm-chat`` version becomes
+  champion, the pretrain, SFT and reward versions it came with get ``champion`` too, so
+  ``models:/palm-reward@champion`` is the reward model the champion was trained against (a
+  ``palm-dpo`` champion moves its own alias only). A policy other than PPO is judged on its
+  metrics under PPO's names (``palm.eval.evaluate.policy_view``: ``win_rate_dpo`` as
+  ``win_rate``), so one ``champion_metric`` serves every policy and its tags read alike.
 
 Lineage: every stage run carries the DVC md5 of its data and model dependencies
 (``dvc.dep.<path>.md5``) and the run that produced each (``palm.input.<path>.run_id``,
@@ -44,8 +51,11 @@ from palm.core.io import atomic_dir
 from palm.ops.tracking import redact, tracking_uri
 
 # the evaluate stage's model -> registered name
-NAMES = {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat"}
+NAMES = {"pretrain": "palm-pretrain", "sft": "palm-sft", "reward": "palm-reward", "ppo": "palm-chat",
+         "dpo": "palm-dpo"}
 CHAT = NAMES["ppo"]
+# the gold judge whose numbers a metric name carries (by palm/eval/evaluate.py's names)
+JUDGE_PREFIXES = (("gold_rm", "reward_model"), ("gold_", "rule"))
 ARTIFACT = "registry"  # artifact folder of a source run that holds its registered models
 PALM = Path(__file__).resolve().parents[1]  # the package, logged whole as each served model's code
 
@@ -157,14 +167,16 @@ def _log(c: Any, run_id: str, name: str, folder: Path, kind: str) -> str:
 
 def register(models: dict[str, Path], md5s: dict[str, str], sources: dict[str, str | None], *,
              evaluate_run: str | None, metrics: dict[str, Any], metric: str, direction: str, eval_set: str,
-             root: Path | None = None, log: Any = None) -> dict[str, dict[str, Any]]:
+             root: Path | None = None, log: Any = None,
+             policy_metrics: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Register the exports ``models`` (keys of :data:`NAMES`) with the DVC md5 of each folder
     and the run that produced it (``sources``; None: none is tracked, the model is logged into
     ``evaluate_run``). ``metrics``: the evaluation's, their numbers tagged on the ``palm-chat``
     version, judged by the champion rule (:func:`candidate_reason`; ``metric``, ``direction``:
-    ``max`` or ``min``); ``eval_set``: the id of the set they were measured on (tag
-    ``palm.eval_set``; "": unknown, comparable with no champion). Returns, per model key,
-    ``{"name", "version", "aliases", "new"}``."""
+    ``max`` or ``min``); ``policy_metrics``: another policy's (``dpo``) metrics under PPO's names,
+    judged and tagged the same way on its own model; ``eval_set``: the id of the set they were
+    measured on (tag ``palm.eval_set``; "": unknown, comparable with no champion). Returns, per
+    model key, ``{"name", "version", "aliases", "new"}``."""
     log = log or (lambda s: print(s, file=sys.stderr))
     c = client(root)
     out: dict[str, dict[str, Any]] = {}
@@ -188,45 +200,57 @@ def register(models: dict[str, Path], md5s: dict[str, str], sources: dict[str, s
         versions[key] = version
         out[key] = {"name": name, "version": int(version.version), "new": new, "aliases": ["current"]}
 
-    chat, number = out["ppo"], str(out["ppo"]["version"])
-    before = getattr(versions["ppo"], "tags", None) or {}  # an earlier registration's, when not new
-    reason = candidate_reason(c, chat["version"], metrics, metric, direction, eval_set, log)
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):  # text (the eval_set id…) is no metric tag
-            c.set_model_version_tag(CHAT, number, f"palm.metric.{k}", repr(float(v)))
-    stale = [k for k, keep in (("palm.eval_set", eval_set), ("palm.candidate_reason", reason)) if not keep]
-    for key in (k for k in stale if k in before):
-        c.delete_model_version_tag(CHAT, number, key)
-    if eval_set:
-        c.set_model_version_tag(CHAT, number, "palm.eval_set", eval_set)
-    alias = "candidate" if reason else "champion"
-    if reason:
-        c.set_model_version_tag(CHAT, number, "palm.candidate_reason", reason)
-        log(f"evaluate: {CHAT} version {number} is the candidate, not champion: {reason}")
-    c.set_registered_model_alias(CHAT, alias, number)
-    chat["aliases"].append(alias)
-    if alias == "champion":
-        for key in ("pretrain", "sft", "reward"):
-            c.set_registered_model_alias(out[key]["name"], "champion", str(out[key]["version"]))
-            out[key]["aliases"].append("champion")
+    judged = {"ppo": metrics, **{k: v for k, v in (policy_metrics or {}).items() if k in out}}
+    for policy, found in judged.items():
+        alias = _judge(c, out[policy], getattr(versions[policy], "tags", None) or {}, found, metric, direction,
+                       eval_set, log)
+        if alias == "champion" and policy == "ppo":  # the chain palm-chat's champion came with
+            for key in ("pretrain", "sft", "reward"):
+                c.set_registered_model_alias(out[key]["name"], "champion", str(out[key]["version"]))
+                out[key]["aliases"].append("champion")
     for key, r in out.items():
         log(f"evaluate: registered {r['name']} version {r['version']}{'' if r['new'] else ' (already registered)'}"
             f" as {', '.join('@' + a for a in r['aliases'])}")
     return out
 
 
+def _judge(c: Any, registered: dict[str, Any], before: dict[str, str], metrics: dict[str, Any], metric: str,
+           direction: str, eval_set: str, log: Any) -> str:
+    """Tag a policy's version with ``metrics`` and the set, and give it the alias the champion rule
+    decides (``before``: its tags from an earlier registration, when not new); returns the alias."""
+    name, number = registered["name"], str(registered["version"])
+    reason = candidate_reason(c, registered["version"], metrics, metric, direction, eval_set, log, name=name)
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):  # text (the eval_set id…) is no metric tag
+            c.set_model_version_tag(name, number, f"palm.metric.{k}", repr(float(v)))
+    stale = [k for k, keep in (("palm.eval_set", eval_set), ("palm.candidate_reason", reason)) if not keep]
+    for key in (k for k in stale if k in before):
+        c.delete_model_version_tag(name, number, key)
+    if eval_set:
+        c.set_model_version_tag(name, number, "palm.eval_set", eval_set)
+    alias = "candidate" if reason else "champion"
+    if reason:
+        c.set_model_version_tag(name, number, "palm.candidate_reason", reason)
+        log(f"evaluate: {name} version {number} is the candidate, not champion: {reason}")
+    c.set_registered_model_alias(name, alias, number)
+    registered["aliases"].append(alias)
+    return alias
+
+
 def candidate_reason(c: Any, version: int, metrics: dict[str, Any], metric: str, direction: str, eval_set: str,
-                     log: Any = None) -> str:
-    """Why ``palm-chat`` version ``version``, evaluated to ``metrics`` on the set ``eval_set``,
-    is not to be champion, in one line; "" when it is (a version that is champion stays so).
-    In order: ``kl_within_limit`` true (missing: not within); ``verdict`` truthy (missing: 1); a
-    number for ``metric``; then, if there is a champion: its tag ``palm.eval_set`` equal to the
-    non-empty ``eval_set`` (a champion without one was evaluated on another set), and ``value``
-    beating its ``palm.metric.<metric>`` strictly in ``direction`` (missing there: it does)."""
+                     log: Any = None, name: str = CHAT) -> str:
+    """Why version ``version`` of the policy ``name`` (default ``palm-chat``), evaluated to
+    ``metrics`` (by PPO's names) on the set ``eval_set``, is not to be champion, in one line; ""
+    when it is (a version that is champion stays so). In order: ``kl_within_limit`` true
+    (missing: not within); ``verdict`` truthy (missing: 1); ``metric`` not a gold judge's the
+    policy trained against (``trained_on_<judge>_ppo``); a number for ``metric``; then, if there
+    is a champion: its tag ``palm.eval_set`` equal to the non-empty ``eval_set`` (a champion
+    without one was evaluated on another set), and ``value`` beating its ``palm.metric.<metric>``
+    strictly in ``direction`` (missing there: it does)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        champ = c.get_model_version_by_alias(CHAT, "champion")
+        champ = c.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champ = None
     if champ is not None and _is_version(champ, version):
@@ -241,6 +265,9 @@ def candidate_reason(c: Any, version: int, metrics: dict[str, Any], metric: str,
         return f"kl_within_limit {_short(within, 20)}: not within the KL limit"
     if not metrics.get("verdict", 1):
         return "too few held-out prompts for a verdict (evaluate.min_prompts)"
+    judge = next((j for prefix, j in JUDGE_PREFIXES if metric.startswith(prefix)), None)
+    if judge and metrics.get(f"trained_on_{judge}_ppo"):
+        return f"{metric} is the {judge} judge's, which this policy trained against: not independent evidence"
     value = _number(metrics.get(metric))
     if value is None:
         return f"no number for {metric} in its metrics: nothing to compare"
@@ -261,9 +288,10 @@ def candidate_reason(c: Any, version: int, metrics: dict[str, Any], metric: str,
     return f"{metric} {value:.4g} {'<=' if direction == 'max' else '>='} champion's {best:.4g}"
 
 
-def champion_alias(c: Any, version: int, value: float, metric: str, direction: str, log: Any = None) -> str:
+def champion_alias(c: Any, version: int, value: float, metric: str, direction: str, log: Any = None,
+                   name: str = CHAT) -> str:
     """The metric comparison of the champion rule alone (:func:`candidate_reason` checks the KL,
-    the verdict and the eval set first): ``champion`` if ``palm-chat`` has none, if ``version``
+    the verdict and the eval set first): ``champion`` if ``name`` (``palm-chat``) has none, if ``version``
     is it, or if ``value`` beats the champion's tagged value of ``metric`` strictly in
     ``direction``; else ``candidate``. A champion's metric tag that is not a number counts as
     missing (a warning line through ``log``, default stderr): the registry's answer never stops
@@ -271,7 +299,7 @@ def champion_alias(c: Any, version: int, value: float, metric: str, direction: s
     from mlflow.exceptions import MlflowException
 
     try:
-        champ = c.get_model_version_by_alias(CHAT, "champion")
+        champ = c.get_model_version_by_alias(name, "champion")
     except MlflowException:
         return "champion"
     if _is_version(champ, version):
@@ -303,7 +331,7 @@ def _champion_value(champ: Any, metric: str, version: int, log: Any = None) -> f
         number = math.nan
     if math.isnan(number):
         (log or (lambda s: print(s, file=sys.stderr)))(
-            f"warning: evaluate: the champion ({CHAT} version {_line(champ.version)}) has tag palm.metric.{metric} "
+            f"warning: evaluate: the champion ({_line(getattr(champ, 'name', CHAT))} version {_line(champ.version)}) has tag palm.metric.{metric} "
             f"{_line(repr(theirs))[:100]}, not a number: treated as missing, so version {version} becomes champion")
         return None
     return number
