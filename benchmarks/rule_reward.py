@@ -1,0 +1,265 @@
+"""Does a ``rule`` term in ``ppo.reward`` raise the rule's own pass rate over SFT's on held-out
+prompts (issue 33, acceptance 3)? On the models and data `make run` left (``models/sft``,
+``models/reward``, ``data/sft``), copied once at the start (a `dvc repro` meanwhile cannot change
+them, and no DVC output is written), each arm runs ``stages.ppo`` in a scratch project (its own
+params file, checkpoints and reports, no MLflow) with params.yaml's ``ppo`` section and the arm's
+overrides; then SFT and every arm's policy answer the same held-out prompts (the valid split, as
+``evaluate`` takes them: :func:`palm.eval.evaluate.held_out_prompts`, cut from the left to leave
+``max_new_tokens``), ``--samples`` replies per prompt, batch ``j`` sampled with seed ``seed + j``
+for every policy. Each reply is judged by :mod:`palm.data.rules`: ``graded`` (the rule term's
+value), and the binary ``names`` and ``signature`` checks. Reported per policy: the mean over
+prompts with its standard error (prompts are the units), and for each arm the paired difference
+to SFT with its standard error.
+
+    python benchmarks/rule_reward.py                       # the default arms
+    python benchmarks/rule_reward.py --only model+rule --samples 4
+
+A dated JSON record and a Markdown table go to ``benchmarks/records/rule-reward-DATE.*``; the last
+line is ``rule_gain_over_se G``: the arm with the largest graded gain over its standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from compare_runs import cpu  # noqa: E402
+
+# each arm: overrides of params.yaml's ppo section for a ppo run, or "export": a policy the default
+# chain already trained, evaluated as it is. The probe is off in the runs (gold_interval: 0): it
+# does not change training but costs generation time.
+ARMS: dict[str, dict[str, Any]] = {
+    "model (models/ppo)": {"export": "models/ppo"},  # the default chain's PPO: the reward model alone
+    "rule (rloo)": {"reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo", "samples_per_prompt": 4,
+                    "prompts_per_rollout": 4, "gold_interval": 0},
+    "model+rule": {"reward": [{"name": "model", "weight": 1.0}, {"name": "rule", "weight": 10.0}], "gold_interval": 0},
+}
+INPUTS = ("models/sft", "models/reward", "data/sft", "models/ppo")
+MEASURES = ("graded", "names", "signature")
+
+
+def snapshot(scratch: Path) -> Path:
+    base = scratch / "inputs"
+    for d in INPUTS:
+        shutil.copytree(ROOT / d, base / d)
+    return base
+
+
+def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``stages.ppo`` with the arm's ppo overrides in a scratch project; its export and metrics."""
+    work = scratch / "".join(c if c.isalnum() else "_" for c in name)
+    work.mkdir(parents=True)
+    for d in ("data", "models"):
+        (work / d).symlink_to(base / d)
+    mine = copy.deepcopy(params)
+    mine["ppo"].update(copy.deepcopy(overrides))
+    (work / "params.yaml").write_text(yaml.safe_dump(mine))
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "stages.ppo", "--no-mlflow", "--data", "data/sft", "--policy", "models/sft",
+           "--reward", "models/reward", "--checkpoints", "ckpt", "--out", "out/ppo"]
+    res = subprocess.run(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"rule_reward: arm {name}: ppo failed:\n{res.stderr[-3000:]}")
+    metrics = json.loads((work / "reports" / "ppo" / "metrics.json").read_text())
+    return {"export": work / "out" / "ppo", "ppo_seconds": round(time.time() - t0, 1), "metrics": metrics}
+
+
+def held_out(base: Path, evaluate: dict[str, Any]) -> tuple[list[list[int]], list[str], list[str]]:
+    """The valid split's prompts (as ``evaluate`` takes them) as ids, their text with the chat
+    markers, and their documented answers."""
+    from palm.core.tokenizer import load_tokenizer
+    from palm.data.chat import load_sft
+    from palm.eval.evaluate import held_out_prompts
+
+    sha = json.loads((base / "models/sft/config.json").read_text())["tokenizer_sha256"]
+    tok = load_tokenizer(base / "models/sft/tokenizer.json", sha)
+    valid = load_sft(base / "data/sft", "valid", sha).select(["input_ids", "loss_mask"]).to_pylist()
+    prompts = held_out_prompts(valid, evaluate["prompts"])
+    seq_len = json.loads((base / "models/sft/config.json").read_text())["model"]["seq_len"]
+    room = seq_len - evaluate["max_new_tokens"]
+    ids = [p["prompt_ids"][-room:] for p in prompts]
+    return (ids, [tok.decode(p["prompt_ids"], skip_special_tokens=False) for p in prompts],
+            [tok.decode(p["reply_ids"], skip_special_tokens=True) for p in prompts])
+
+
+def judge_policy(export: Path, prompts: list[list[int]], texts: list[str], answers: list[str], *, samples: int,
+                 evaluate: dict[str, Any]) -> dict[str, list[float]]:
+    """Each prompt's mean of every measure over its ``samples`` replies (seeded as ``evaluate``)."""
+    import torch
+
+    from palm.core.tokenizer import load_tokenizer, special_ids
+    from palm.data import rules
+    from palm.decode.generate import generate
+    from palm.model import parallel
+    from palm.model.weights import load_exported
+
+    tok = load_tokenizer(export / "tokenizer.json")
+    ids = special_ids(tok)
+    rows = [p for p in prompts for _ in range(samples)]  # reply i * samples + j: draw j of prompt i
+    t0 = time.time()
+    parallel.init_distributed()
+    try:
+        model, _ = load_exported(export)
+        model.eval()
+        replies = []
+        batch = evaluate["batch_size"]
+        with torch.no_grad():
+            for j, i in enumerate(range(0, len(rows), batch)):
+                g = generate(model, rows[i:i + batch], evaluate["max_new_tokens"], temperature=evaluate["temperature"],
+                             top_k=evaluate["top_k"], top_p=evaluate["top_p"], stop_ids=(ids["end_turn_id"], ids["eod_id"]),
+                             pad_id=ids["pad_id"], generator=torch.Generator().manual_seed(evaluate["seed"] + j))
+                replies += [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(g.response, g.response_mask)]
+    finally:
+        parallel.teardown()
+    t1 = time.time()
+    out: dict[str, list[float]] = {m: [] for m in MEASURES}
+    for i, (text, answer) in enumerate(zip(texts, answers)):
+        mine = replies[i * samples:(i + 1) * samples]
+        judged = [rules.judge(text, answer, r) for r in mine]
+        out["graded"].append(sum(rules.graded(text, answer, r) or 0.0 for r in mine) / samples)
+        out["names"].append(sum(j["names"] or 0.0 for j in judged) / samples)
+        out["signature"].append(sum(j["signature"] or 0.0 for j in judged) / samples)
+    out["example"] = mine[:2]  # the last prompt's first replies, to show what the policy writes
+    print(f"rule_reward: {export}: {len(rows)} replies sampled in {t1 - t0:.0f} s, judged in {time.time() - t1:.0f} s",
+          file=sys.stderr, flush=True)
+    return out
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    var = sum((x - m) ** 2 for x in xs) / max(n - 1, 1)
+    return m, math.sqrt(var / n)
+
+
+def summary(per_prompt: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    rows = {}
+    sft = per_prompt["sft"]
+    for name, got in per_prompt.items():
+        row: dict[str, float] = {}
+        for m in MEASURES:
+            row[m], row[f"{m}_se"] = mean_se(got[m])
+            if name != "sft":
+                row[f"{m}_gain"], row[f"{m}_gain_se"] = mean_se([a - b for a, b in zip(got[m], sft[m])])
+        rows[name] = row
+    return rows
+
+
+def table(rows: dict[str, dict[str, float]], arms: dict[str, dict[str, Any]]) -> str:
+    head = ("| policy | ppo.reward | graded (rule term) | gain over SFT ± SE | names pass rate | signature pass rate | "
+            "PPO KL | reward_rule at the last iteration | PPO s |\n|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for name, r in rows.items():
+        arm = arms.get(name, {})
+        terms = ", ".join(f"{t['name']}×{t['weight']:g}" for t in arm.get("reward", [])) if name != "sft" else "—"
+        extra = {k: v for k, v in arm.get("overrides", {}).items() if k not in ("reward", "export", "gold_interval")}
+        terms += "".join(f", {k}: {v}" for k, v in extra.items())
+        gain = f"{r['graded_gain']:+.4f} ± {r['graded_gain_se']:.4f}" if name != "sft" else "—"
+        m = arm.get("metrics", {})
+        body += (f"| {name} | {terms} | {r['graded']:.4f} ± {r['graded_se']:.4f} | {gain} | "
+                 f"{r['names']:.3f} ± {r['names_se']:.3f} | {r['signature']:.3f} ± {r['signature_se']:.3f} | "
+                 f"{_num(m.get('kl')):.2f} | {_num(m.get('reward_rule')):.3f} | "
+                 f"{_num(arm.get('ppo_seconds')):.0f} |\n")
+    return head + body
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", default=None, help="run only these arms (names)")
+    ap.add_argument("--samples", type=int, default=None, help="replies per prompt (default evaluate.samples_per_prompt)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a record of this benchmark with the same prompts and samples: its per-prompt values of SFT "
+                         "and of the export arms are taken instead of sampling them again (the draws are seeded)")
+    ap.add_argument("--record", type=Path, default=None, help="JSON record (default benchmarks/records/rule-reward-DATE.json)")
+    args = ap.parse_args(argv)
+    for d in INPUTS:
+        if not (ROOT / d).exists():
+            raise SystemExit(f"rule_reward: {ROOT / d} not found; run `make run` first")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    evaluate = params["evaluate"]
+    samples = args.samples or evaluate["samples_per_prompt"]
+    arms = {k: v for k, v in ARMS.items() if args.only is None or k in args.only}
+    date = datetime.date.today().isoformat()
+    record = args.record or ROOT / "benchmarks" / "records" / f"rule-reward-{date}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    info: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="rule-reward-") as scratch:
+        base = snapshot(Path(scratch))
+        prompts, texts, answers = held_out(base, evaluate)
+        print(f"rule_reward: {len(prompts)} held-out prompts x {samples} replies", file=sys.stderr, flush=True)
+        reused: dict[str, Any] = {}
+        if args.reuse is not None:
+            old = json.loads(args.reuse.read_text())
+            if (old["prompts"], old["samples_per_prompt"]) != (len(prompts), samples):
+                raise SystemExit(f"rule_reward: {args.reuse} has {old['prompts']} prompts x {old['samples_per_prompt']} "
+                                 f"replies, this run {len(prompts)} x {samples}; drop --reuse")
+            reused = old["per_prompt"]
+        per_prompt = {"sft": reused.get("sft") or judge_policy(base / "models/sft", prompts, texts, answers,
+                                                                samples=samples, evaluate=evaluate)}
+        if args.reuse is not None:  # the reused record's other arms stay in the record, after SFT
+            kept = [k for k in old["arms"] if k not in arms and k in reused]
+            per_prompt.update({k: reused[k] for k in kept})
+            info.update({k: old["arms"][k] for k in kept})
+        for name, overrides in arms.items():
+            if "export" in overrides:  # trained by the default chain: evaluated as it is
+                config = json.loads((base / overrides["export"] / "config.json").read_text())
+                ran = {"export": base / overrides["export"], "ppo_seconds": None,
+                       "metrics": config.get("metrics", {})}
+                reward = config.get("reward", [{"name": "model", "weight": 1.0}])
+            else:
+                print(f"rule_reward: arm {name}: ppo with {overrides}", file=sys.stderr, flush=True)
+                ran = run_arm(name, overrides, Path(scratch), params, base)
+                reward = overrides.get("reward", params["ppo"]["reward"])
+            info[name] = {"overrides": overrides, "reward": reward, "ppo_seconds": ran["ppo_seconds"],
+                          "metrics": {k: ran["metrics"].get(k) for k in ("kl", "reward", "reward_rule", "reward_model",
+                                                                         "rule_names", "rule_signature", "initial_reward")}}
+            per_prompt[name] = (reused.get(name) if "export" in overrides else None) or judge_policy(
+                ran["export"], prompts, texts, answers, samples=samples, evaluate=evaluate)
+            rows = summary({k: v for k, v in per_prompt.items()})
+            r = rows[name]
+            print(f"rule_reward: {name}: graded {r['graded']:.4f} (SFT {rows['sft']['graded']:.4f}, gain "
+                  f"{r['graded_gain']:+.4f} ± {r['graded_gain_se']:.4f}), names {r['names']:.3f}, signature "
+                  f"{r['signature']:.3f}", file=sys.stderr, flush=True)
+            _write(record, date, samples, len(prompts), rows, info, per_prompt)
+    rows = summary(per_prompt)
+    print(_write(record, date, samples, len(prompts), rows, info, per_prompt))
+    best = max((r["graded_gain"] / r["graded_gain_se"] for n, r in rows.items() if n != "sft" and r["graded_gain_se"] > 0),
+               default=float("nan"))
+    print(f"rule_gain_over_se {best:.2f}")
+    return 0
+
+
+def _write(record: Path, date: str, samples: int, n: int, rows: dict, info: dict, per_prompt: dict) -> str:
+    """The JSON record (whole, temp file then rename), after every arm: a run that stops keeps what it measured."""
+    md = table(rows, info)
+    text = json.dumps({"date": date, "cpu": cpu(), "prompts": n, "samples_per_prompt": samples, "policies": rows,
+                       "arms": info, "per_prompt": per_prompt}, indent=2) + "\n"
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(record)
+    return md
+
+
+if __name__ == "__main__":
+    sys.exit(main())
