@@ -11,7 +11,8 @@
   reply with its chat markers (``<|user|>…<|end|><|assistant|>``), ``reply`` the response's text
   without them. An import error, an exception or a result that is not a finite number stops the
   run with one line naming the function (RL with verifiable rewards, as TRL's reward functions
-  and OpenRLHF's ``reward_func``).
+  and OpenRLHF's ``reward_func``). It must be deterministic: every tensor-parallel rank of a
+  replica scores the same rows and must get the same numbers.
 
 The rule and python terms see text: the token ids are decoded once per call. Each call keeps the
 per-row values of each term in :attr:`Reward.last`, for the curve's ``reward_<term>`` columns.
