@@ -142,26 +142,27 @@ def trained_against(export: Export) -> tuple[str, ...]:
 class EvaluateConfig:
     """The ``evaluate`` section of params.yaml."""
 
-    prompts: int = 64  # held-out prompts both policies answer (the first of the valid split; 0 = all)
+    prompts: int = 64  # held-out prompts every policy answers (the first of the valid split; 0 = all)
     samples_per_prompt: int = 1  # replies each policy samples per prompt (win rate over all the pairs)
     max_new_tokens: int = 64  # longest reply; longer prompts are cut from the left to leave it room
-    temperature: float = 1.0  # sampling of both policies (1, no top-k/top-p: the policies themselves)
+    temperature: float = 1.0  # sampling of every policy (1, no top-k/top-p: the policies themselves)
     top_k: int | None = None
     top_p: float | None = None
-    seed: int = 1234  # batch j of both policies samples from a generator seeded seed + j
+    seed: int = 1234  # batch j of every policy samples from a generator seeded seed + j
     batch_size: int = 32  # sequences per forward pass / generation batch
     pairs: int = 200  # held-out preference pairs for the reward accuracy (0 = all)
     windows: int = 8  # windows of held-out text per language model for its perplexity
     replies: int = 32  # held-out conversations for the reply perplexity (0 = all)
-    samples: int = 12  # prompts shown in the report with both policies' replies
-    # the bound on the PPO policy's KL to the SFT policy (nats per reply, the mean over the prompts):
+    samples: int = 12  # prompts shown in the report with every policy's replies
+    # the bound on each policy's KL to the SFT policy (nats per reply, the mean over the prompts):
     # a policy beyond it has drifted from the reference far enough that its reward wins may be
-    # reward hacking; the metrics say whether it holds (kl_within_limit)
+    # reward hacking; the metrics say whether it holds (kl_within_limit, kl_within_limit_dpo)
     kl_limit: float = 2.0
     threads: int = 0  # torch threads; 0 = OMP_NUM_THREADS if set, else all cores
-    # the champion rule of the model registry (palm/ops/registry.py): a new palm-chat version becomes
-    # @champion when its champion_metric beats the current champion's (strictly: higher for
-    # "max", lower for "min"); otherwise it is @candidate. The first version is champion.
+    # the champion rule of the model registry (palm/ops/registry.py): a new palm-chat (or palm-dpo)
+    # version becomes @champion when its champion_metric (by PPO's name; palm-dpo's own value, see
+    # policy_view) beats its current champion's (strictly: higher for "max", lower for "min");
+    # otherwise it is @candidate. The first version is champion.
     champion_metric: str = "win_rate"
     champion_direction: Literal["max", "min"] = "max"
     # the judges independent of the reward model PPO trained against, the first the headline's:
