@@ -275,11 +275,11 @@ def policy_table(metrics: dict[str, Any], judges: Sequence[str], policies: Seque
     def num(key: str, scale: float = 1.0, digits: int = 3) -> str:
         return _pm(metrics, key, scale, digits) if isinstance(metrics.get(key), (int, float)) else ""
 
-    columns = {"rule": ("gold score (rule)", "gold_score", "gold_win_rate"),
-               "reward_model": ("gold reward model", "gold_rm", "gold_rm_win_rate")}
+    columns = {"rule": ("gold score (rule)", "gold_score", "gold_win_rate", "rule"),
+               "reward_model": ("gold reward model", "gold_rm", "gold_rm_win_rate", "gold reward model")}
     header = ["policy", "proxy reward", "win rate vs SFT, % (proxy)"]
     for j in judges:
-        header += [columns[j][0], f"win rate vs SFT, % ({columns[j][0]})"]
+        header += [columns[j][0], f"gold win rate vs SFT, % ({columns[j][3]})"]
     header += ["KL to SFT (nats/reply)", "length (tokens)", "ended, %"]
     rows = []
     for policy in ("sft", *policies):
