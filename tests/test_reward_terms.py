@@ -76,6 +76,7 @@ def test_the_graded_rule_gives_partial_credit_and_full_credit_only_with_the_docu
     assert rules.judge(PROMPT, ANSWER, full)["names"] == rules.judge(PROMPT, ANSWER, full)["signature"] == 1.0
     # right name, one of three parameters: (1 + 1/3) / 2
     assert rules.graded(PROMPT, ANSWER, "`marshal.dumps(value)`: x") == pytest.approx((1 + 1 / 3) / 2)
+    assert rules.graded_parts(PROMPT, ANSWER, "`marshal.dumps(value)`: x") == (1.0, pytest.approx(1 / 3))
     # one of the two name parts, no parameters: (1/2 + 0) / 2; the binary checks give nothing
     assert rules.graded(PROMPT, ANSWER, "`marshal.loads`: x") == pytest.approx(0.25)
     assert rules.judge(PROMPT, ANSWER, "`marshal.loads`: x")["names"] == 0.0

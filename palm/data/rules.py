@@ -87,22 +87,31 @@ def share(ours: Sequence[str], theirs: Sequence[str]) -> float:
     return 1.0 if longest == 0 else lcs_length(list(ours), list(theirs)) / longest
 
 
-def graded(prompt: str, answer: str, reply: str) -> float | None:
-    """The partial-credit ``names`` and ``signature`` check (module docstring), in [0, 1]; None where
-    the question names no function."""
+def graded_parts(prompt: str, answer: str, reply: str) -> tuple[float, float | None] | None:
+    """The two shares of :func:`graded`: the name's, and the parameters' (None where the answer
+    documents no signature); None where the question names no function."""
     name = asked_name(prompt)
     if name is None:
         return None
     signature = documented_signature(answer)
     m = _SPAN.search(reply)
     if m is None:
-        return 0.0
+        return 0.0, None if signature is None else 0.0
     parts, params = split_call(m.group(1))
-    name_share = share(parts, name.split("."))
     if signature is None:
-        return name_share
+        return share(parts, name.split(".")), None
     _, documented = split_call(signature)
-    return (name_share + share(params or [], documented or [])) / 2
+    return share(parts, name.split(".")), share(params or [], documented or [])
+
+
+def graded(prompt: str, answer: str, reply: str) -> float | None:
+    """The partial-credit ``names`` and ``signature`` check (module docstring), in [0, 1]; None where
+    the question names no function."""
+    parts = graded_parts(prompt, answer, reply)
+    if parts is None:
+        return None
+    name_share, param_share = parts
+    return name_share if param_share is None else (name_share + param_share) / 2
 
 
 def words(text: str) -> list[str]:
