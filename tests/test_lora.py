@@ -228,8 +228,46 @@ def test_ppo_reference_is_the_actor_with_adapters_off(tmp_path):
         load_parent(frozen, policy)
         want = frozen.forward(micros, reference_step)[0]["logp"]
         actor = roles.actor.forward(micros, reference_step)[0]["logp"]
+        # the reward model shares the critic's frozen base (both from the reward export)
+        from palm.model.reward import RewardModel
+        from palm.train.rlhf.steps import value_step
+
+        scorer = Engine(MODEL, None, chunk=RewardModel, micro_batch_size=2)
+        load_parent(scorer, reward)
+        before = scorer.forward(micros, value_step())[0]["value"]
+        shared = lora.share_frozen(scorer.chunks, roles.critic.chunks)
+        assert shared == len(list(scorer.named_parameters())) - 1  # all but the head, which trains
+        critic_q = dict(roles.critic.named_parameters())["layers.0.attn.q.weight"]
+        assert dict(scorer.named_parameters())["layers.0.attn.q.weight"].data_ptr() == critic_q.data_ptr()
+        assert torch.equal(scorer.forward(micros, value_step())[0]["value"], before)
     assert torch.equal(ref, want)
     assert (actor - want).abs().max() > 1e-3
+
+
+@pytest.mark.dist
+def test_ppo_with_lora_trains_the_adapters_and_exports_plain_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from palm.train.loop import export
+    from palm.train.rlhf import launch
+    from palm.train.rlhf.config import PPOConfig
+
+    data = chat_data(tmp_path / "data")
+    policy = make_parent(tmp_path / "policy", data["tokenizer"])
+    reward = make_reward(tmp_path / "reward", data["tokenizer"])
+    cfg = PPOConfig(train_steps=2, micro_batch_size=4, prompts_per_rollout=4, max_new_tokens=8, ppo_epochs=1,
+                    gold_interval=0, dtype="fp32", checkpoint_interval=2, kl_bound=10.0,
+                    optim=OptimConfig(lr=3e-2, min_lr=3e-2, warmup_steps=0, weight_decay=0.0),
+                    lora=LoRAConfig(rank=4, alpha=32.0))
+    result = launch(MODEL, cfg, data=data["sft"], policy=policy, reward=reward, tokenizer_sha256=data["sha"],
+                    checkpoints=tmp_path / "ckpt", reports=tmp_path / "reports", run_dir=tmp_path / "run")
+    assert result["iterations"] == 2 and result["actor_steps"] == 2
+    assert result["kl"] > 0  # the second rollout's policy is not its reference (the base) any more
+    export(Path(result["checkpoint"]), tmp_path / "out", {})
+    got, parent = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "out", policy))
+    assert set(got) == set(parent)
+    assert (got["layers.1.mlp.down.weight"] - parent["layers.1.mlp.down.weight"]).abs().max() > 1e-6
+    assert torch.equal(got["embedding.weight"], parent["embedding.weight"])
 
 
 # --- TP=2 against TP=1 (tests/dist/lora_worker.py) ------------------------------------------------

@@ -147,8 +147,12 @@ class Decoder:
         rounds = min(rounds, model.cfg.seq_len // (steps + 1) - 1)  # the untimed round, then these
         size = (rounds + 1) * (steps + 1)  # positions the rounds fill
         start = max(0, min(length // 2, length - size))  # mid-way: attention over half the cache
-        # the decoders live through every round where their weight copies fit PLAN_KEEP_BYTES
-        keep = len(candidates) * 4 * sum(p.numel() for p in model.parameters()) <= PLAN_KEEP_BYTES
+        # the decoders live through every round where their weight copies fit PLAN_KEEP_BYTES: a
+        # stacked fp32 copy each, and a second (transpose, packing) for every layout but the
+        # model's own. Counted as one copy each, d_model 1024 kept 1.6 GiB alive and raised PPO's
+        # peak RSS by as much (benchmarks/lora_memory.py)
+        copies = sum(1 if c.layout == "weight" else 2 for c in candidates)
+        keep = copies * 4 * sum(p.numel() for p in model.parameters()) <= PLAN_KEEP_BYTES
         kept: dict[layouts.DecodePlan, Decoder] = {}
         best = {c: math.inf for c in candidates}
         # rounds of a few steps of each candidate in turn, a warm-up step first (its threads may

@@ -205,6 +205,22 @@ class AdaptersOff:
             return self.engine.evaluate(microbatches, step)
 
 
+def share_frozen(chunks: Iterable[torch.nn.Module], source: Iterable[torch.nn.Module]) -> int:
+    """Point every parameter of ``chunks`` at the storage of the same-named frozen parameter of
+    ``source`` when both hold the same values (e.g. PPO's reward model and its LoRA critic, both
+    loaded from the reward export: the critic's base never changes). Returns how many were shared."""
+    frozen = {n: p for c in source for n, p in c.named_parameters() if not p.requires_grad}
+    shared = 0
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                q = frozen.get(name)
+                if q is not None and q is not p and q.shape == p.shape and q.dtype == p.dtype and torch.equal(p, q):
+                    p.data = q.data
+                    shared += 1
+    return shared
+
+
 def weight(linear: torch.nn.Module) -> torch.Tensor:
     """A linear's weight with its enabled adapter folded in (this rank's shard), for code that reads
     weights rather than calling the layer (the decoder's fused matmuls)."""

@@ -28,23 +28,24 @@ def load_safetensors(model: torch.nn.Module, path: Path, new: Iterable[str] = ()
     """Load exported full weights into a model or one chunk of it at the current TP layout.
     ``new`` names parameters the export need not hold (e.g. a reward head on a language model's
     export): absent, they keep their initial values, as LoRA adapters do (an export has none); any
-    other absent weight is an error."""
-    from safetensors.torch import load_file
+    other absent weight is an error. Read one tensor at a time: the peak is the model and its
+    largest tensor, not the model twice (a PPO worker loads four models)."""
+    from safetensors import safe_open
 
     from palm.model.lora import is_adapter
 
-    full = load_file(str(path))
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     new = set(new)
-    with torch.no_grad():
+    with torch.no_grad(), safe_open(str(path), framework="pt") as full:
+        keys = set(full.keys())
         for name, p in model.named_parameters():
             key = "embedding.weight" if name == "output_embedding.weight" else name
-            if key not in full and (key in new or is_adapter(key)):
+            if key not in keys and (key in new or is_adapter(key)):
                 continue
-            if key not in full:
+            if key not in keys:
                 raise UserError(f"{path}: weight {key!r} missing; not a palm export of this model")
-            t = full[key]
+            t = full.get_tensor(key)
             if tp > 1 and getattr(p, "tensor_model_parallel", False):
                 t = t.chunk(tp, dim=p.partition_dim)[rank]
             if t.shape != p.shape:

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from palm.core.config import from_dict, to_dict
+from palm.model import lora
 from palm.model.network import ModelConfig
 from palm.model.reward import RewardModel
 from palm.train import ppo
@@ -292,6 +293,9 @@ def worker(spec: dict[str, Any]) -> None:
                                decode_prompt=lambda ids: text(ids, special=True), decode_reply=text)
         roles = build_roles(cfg, model, policy=policy, critic_from=critic_from, critic_model=critic_model,
                             scorer=scorer, value_norm=value_norm, dtype=dtype)
+        if cfg.lora is not None and model_scorer is not None and roles.critic is not None:
+            # the LoRA critic's frozen base and the reward model come from one export: one copy
+            lora.share_frozen(reward.chunks, roles.critic.chunks)
         identity = cfg.run_identity(model, critic_model, spec["dtype"], sha, spec["data_sha256"],
                                     spec["policy_sha256"], spec["reward_sha256"])
         train(cfg, roles, prompts, RunPaths.of(spec), end_id=special_ids(tok)["end_turn_id"], identity=identity,
