@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -186,3 +187,29 @@ def test_dpo_trains_on_human_preferences_in_public_formats(tmp_path, shared_data
     assert m["train_pairs"] == pr["train"] and m["valid_pairs"] > 0 and math.isfinite(m["val_loss"])
     assert abs(m["base_val_loss"] - math.log(2)) <= 1e-5
     assert json.loads((root / "models" / "dpo" / "config.json").read_text())["kind"] == "dpo"
+
+
+def test_dpo_with_lora_trains_the_adapters_alone_against_the_base(tmp_path, inputs):
+    """With ``lora`` the reference is the policy with its adapters off (the start's loss is log 2:
+    policy and reference agree), only the adapters train, and the export merges them: the merged
+    weights differ from the parent's in the adapted linears alone."""
+    from safetensors.torch import load_file
+
+    from palm.model.lora import LoRAConfig
+    from palm.train.dpo import DPOConfig, launch
+    from palm.train.engine import OptimConfig
+    from palm.train.loop import export
+
+    cfg = DPOConfig(train_steps=2, micro_batch_size=4, dtype="fp32", log_interval=1, eval_interval=2, eval_batches=2,
+                    checkpoint_interval=2, lora=LoRAConfig(rank=4, targets=("q", "down")),
+                    optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0))
+    result = launch(MODEL, cfg, data=inputs["prefs"], parent=inputs["parent"], tokenizer_sha256=inputs["sha"],
+                    checkpoints=tmp_path / "ckpt", reports=tmp_path / "reports", run_dir=tmp_path / "run",
+                    peak_flops=1e11)
+    assert abs(result["base_val_loss"] - math.log(2)) <= 1e-5 and math.isfinite(result["val_loss"])
+    export(Path(result["checkpoint"]), tmp_path / "model", {})
+    merged = load_file(str(tmp_path / "model" / "model.safetensors"))
+    parent = load_file(str(inputs["parent"] / "model.safetensors"))
+    assert set(merged) == set(parent)  # an ordinary export: no adapter tensors left
+    changed = {k for k in parent if not torch.equal(merged[k], parent[k])}
+    assert changed and all(k.endswith(("attn.q.weight", "mlp.down.weight")) for k in changed), changed
