@@ -50,9 +50,15 @@ ARMS: dict[str, dict[str, Any]] = {
     "rule (rloo)": {"reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo", "samples_per_prompt": 4,
                     "prompts_per_rollout": 4, "gold_interval": 0},
     "model+rule": {"reward": [{"name": "model", "weight": 1.0}, {"name": "rule", "weight": 10.0}], "gold_interval": 0},
+    "rule (rloo, 90 it.)": {"reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo", "samples_per_prompt": 4,
+                            "prompts_per_rollout": 4, "gold_interval": 0, "train_steps": 90},
+    "model+rule (rloo)": {"reward": [{"name": "model", "weight": 1.0}, {"name": "rule", "weight": 10.0}],
+                          "advantage": "rloo", "samples_per_prompt": 4, "prompts_per_rollout": 4, "gold_interval": 0},
+    "rule (dr_grpo)": {"reward": [{"name": "rule", "weight": 4.0}], "advantage": "dr_grpo", "whiten": False,
+                       "samples_per_prompt": 4, "prompts_per_rollout": 4, "gold_interval": 0},
 }
 INPUTS = ("models/sft", "models/reward", "data/sft", "models/ppo")
-MEASURES = ("graded", "names", "signature")
+MEASURES = ("graded", "name_share", "param_share", "names", "signature")
 
 
 def snapshot(scratch: Path) -> Path:
@@ -78,6 +84,10 @@ def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[st
     if res.returncode:
         raise SystemExit(f"rule_reward: arm {name}: ppo failed:\n{res.stderr[-3000:]}")
     metrics = json.loads((work / "reports" / "ppo" / "metrics.json").read_text())
+    curve = (work / "reports" / "ppo" / "curve.csv").read_text().splitlines()
+    head, first = curve[0].split(","), dict(zip(curve[0].split(","), curve[1].split(",")))
+    if "reward_rule" in head:  # where the term started: the first iteration's rollout (the SFT policy)
+        metrics["reward_rule_first"] = float(first["reward_rule"])
     return {"export": work / "out" / "ppo", "ppo_seconds": round(time.time() - t0, 1), "metrics": metrics}
 
 
@@ -134,9 +144,12 @@ def judge_policy(export: Path, prompts: list[list[int]], texts: list[str], answe
         mine = replies[i * samples:(i + 1) * samples]
         judged = [rules.judge(text, answer, r) for r in mine]
         out["graded"].append(sum(rules.graded(text, answer, r) or 0.0 for r in mine) / samples)
+        parts = [rules.graded_parts(text, answer, r) or (0.0, None) for r in mine]
+        out["name_share"].append(sum(n for n, _ in parts) / samples)
+        out["param_share"].append(sum(p or 0.0 for _, p in parts) / samples)
         out["names"].append(sum(j["names"] or 0.0 for j in judged) / samples)
         out["signature"].append(sum(j["signature"] or 0.0 for j in judged) / samples)
-    out["example"] = mine[:2]  # the last prompt's first replies, to show what the policy writes
+    out["example"] = replies[:2]  # the first prompt's first replies, to show what the policy writes
     print(f"rule_reward: {export}: {len(rows)} replies sampled in {t1 - t0:.0f} s, judged in {time.time() - t1:.0f} s",
           file=sys.stderr, flush=True)
     return out
@@ -163,8 +176,9 @@ def summary(per_prompt: dict[str, dict[str, list[float]]]) -> dict[str, dict[str
 
 
 def table(rows: dict[str, dict[str, float]], arms: dict[str, dict[str, Any]]) -> str:
-    head = ("| policy | ppo.reward | graded (rule term) | gain over SFT ± SE | names pass rate | signature pass rate | "
-            "PPO KL | reward_rule at the last iteration | PPO s |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| policy | ppo.reward | graded (rule term) | gain over SFT ± SE | name share | parameter share | "
+            "names pass rate | signature pass rate | PPO KL | reward_rule first → last iteration | PPO s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for name, r in rows.items():
         arm = arms.get(name, {})
@@ -174,8 +188,9 @@ def table(rows: dict[str, dict[str, float]], arms: dict[str, dict[str, Any]]) ->
         gain = f"{r['graded_gain']:+.4f} ± {r['graded_gain_se']:.4f}" if name != "sft" else "—"
         m = arm.get("metrics", {})
         body += (f"| {name} | {terms} | {r['graded']:.4f} ± {r['graded_se']:.4f} | {gain} | "
+                 f"{r['name_share']:.4f} ± {r['name_share_se']:.4f} | {r['param_share']:.4f} ± {r['param_share_se']:.4f} | "
                  f"{r['names']:.3f} ± {r['names_se']:.3f} | {r['signature']:.3f} ± {r['signature_se']:.3f} | "
-                 f"{_num(m.get('kl')):.2f} | {_num(m.get('reward_rule')):.3f} | "
+                 f"{_num(m.get('kl')):.2f} | {_num(m.get('reward_rule_first')):.3f} → {_num(m.get('reward_rule')):.3f} | "
                  f"{_num(arm.get('ppo_seconds')):.0f} |\n")
     return head + body
 
@@ -233,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 reward = overrides.get("reward", params["ppo"]["reward"])
             info[name] = {"overrides": overrides, "reward": reward, "ppo_seconds": ran["ppo_seconds"],
                           "metrics": {k: ran["metrics"].get(k) for k in ("kl", "reward", "reward_rule", "reward_model",
-                                                                         "rule_names", "rule_signature", "initial_reward")}}
+                                                                         "rule_names", "rule_signature", "initial_reward",
+                                                                         "reward_rule_first")}}
             per_prompt[name] = (reused.get(name) if "export" in overrides else None) or judge_policy(
                 ran["export"], prompts, texts, answers, samples=samples, evaluate=evaluate)
             rows = summary({k: v for k, v in per_prompt.items()})
