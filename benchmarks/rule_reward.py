@@ -56,6 +56,10 @@ ARMS: dict[str, dict[str, Any]] = {
                           "advantage": "rloo", "samples_per_prompt": 4, "prompts_per_rollout": 4, "gold_interval": 0},
     "rule (dr_grpo)": {"reward": [{"name": "rule", "weight": 4.0}], "advantage": "dr_grpo", "whiten": False,
                        "samples_per_prompt": 4, "prompts_per_rollout": 4, "gold_interval": 0},
+    "rule (rloo, 8 samples, lr 3e-4)": {
+        "reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo", "samples_per_prompt": 8, "prompts_per_rollout": 4,
+        "gold_interval": 0, "train_steps": 40,
+        "optim": {"lr": 3e-4, "min_lr": 3e-4, "warmup_steps": 0, "weight_decay": 0.0, "clip_grad": 1.0}},
 }
 INPUTS = ("models/sft", "models/reward", "data/sft", "models/ppo")
 MEASURES = ("graded", "name_share", "param_share", "names", "signature")
