@@ -11,8 +11,8 @@ value), and the binary ``names`` and ``signature`` checks. Reported per policy: 
 prompts with its standard error (prompts are the units), and for each arm the paired difference
 to SFT with its standard error.
 
-    python benchmarks/rule_reward.py                       # the default arms
-    python benchmarks/rule_reward.py --only model+rule --samples 4
+    python benchmarks/rule_reward.py                       # the DEFAULT arms
+    python benchmarks/rule_reward.py --only model+rule "rule (rloo, 90 it.)" --samples 4
 
 A dated JSON record and a Markdown table go to ``benchmarks/records/rule-reward-DATE.*``; the last
 line is ``rule_gain_over_se G``: the arm with the largest graded gain over its standard error.
@@ -61,6 +61,8 @@ ARMS: dict[str, dict[str, Any]] = {
         "gold_interval": 0, "train_steps": 40,
         "optim": {"lr": 3e-4, "min_lr": 3e-4, "warmup_steps": 0, "weight_decay": 0.0, "clip_grad": 1.0}},
 }
+# what `make bench` runs (about 10 minutes on 2 idle cores); the others by name with --only
+DEFAULT = ("model (models/ppo)", "model+rule", "rule (rloo)", "rule (dr_grpo)")
 INPUTS = ("models/sft", "models/reward", "data/sft", "models/ppo")
 MEASURES = ("graded", "name_share", "param_share", "names", "signature")
 
@@ -205,7 +207,7 @@ def _num(x: Any) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="*", default=None, help="run only these arms (names)")
+    ap.add_argument("--only", nargs="*", default=None, help="run these arms (names of ARMS; default: DEFAULT)")
     ap.add_argument("--samples", type=int, default=None, help="replies per prompt (default evaluate.samples_per_prompt)")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="a record of this benchmark with the same prompts and samples: its per-prompt values of SFT "
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     evaluate = params["evaluate"]
     samples = args.samples or evaluate["samples_per_prompt"]
-    arms = {k: v for k, v in ARMS.items() if args.only is None or k in args.only}
+    arms = {k: v for k, v in ARMS.items() if (k in DEFAULT if args.only is None else k in args.only)}
     date = datetime.date.today().isoformat()
     record = args.record or ROOT / "benchmarks" / "records" / f"rule-reward-{date}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
