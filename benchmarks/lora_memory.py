@@ -11,8 +11,8 @@ descendant: the worker). The inputs: randomly initialised policy and reward expo
 and the ``sft_data`` stage's prompts (``data/sft``: ``dvc repro sft_data`` makes them).
 
 Full fine-tuning keeps four copies of the weights plus the actor's and the critic's gradients and
-AdamW moments; LoRA keeps the actor (its base is the reference, adapters off), the critic and the
-reward model once each, and the adapters' small state. Run from the project root:
+AdamW moments; LoRA keeps two (the actor, whose base is the reference with adapters off, and the
+critic, whose frozen base the reward model shares) and the adapters' small state. Run from the project root:
 ``python benchmarks/lora_memory.py`` (``make bench`` runs it): prints each run's peak and writes the
 record ``benchmarks/records/lora-memory-DATE.md`` (or ``--record PATH``).
 """
@@ -195,11 +195,13 @@ def record(rows: list[dict[str, Any]], args: argparse.Namespace, default: Any) -
         f"`model` ({default.n_layers} layers, {default.n_heads} heads of {default.head_dim}, vocab "
         f"{default.vocab_size}, seq_len {default.seq_len}) at its d_model {default.d_model} and at 1024.", "",
         *table, "",
-        "With LoRA the reference is the actor with its adapters off (no second policy), and only the "
-        "adapters (and the critic's head) have gradients and AdamW moments; the frozen weights of actor, "
-        "critic and reward model are held once each. At the default size the process's fixed cost "
-        "(Python, torch, megatron-core, the decoder's buffers) dominates, so the ratio is closer to 1; "
-        "the acceptance bound (<= 0.6) is for d_model 1024.",
+        "With LoRA the reference is the actor with its adapters off (no second policy), the reward model "
+        "shares the critic's frozen base (both are the reward export), and only the adapters (and the "
+        "critic's head) have gradients and AdamW moments: two copies of the weights instead of four, "
+        "plus their optimizer state. Both columns include the same fixed cost: Python, torch and "
+        "megatron-core, the data, and decoding (the decode plan's measurement and each rollout's fused "
+        "weight copies, about one more copy of the blocks). At the default size that fixed cost "
+        "dominates, so the ratio is closer to 1; the acceptance bound (<= 0.6) is for d_model 1024.",
         "",
         "Raw numbers:", "", "```json", json.dumps(rows, indent=2), "```", ""])
 

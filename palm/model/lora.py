@@ -25,7 +25,8 @@ Split adapters carry megatron's TP attributes, so the gradient norm, checkpoint 
 :func:`palm.model.weights.load_safetensors` treat them as they treat the layers' weights.
 
 PPO's and DPO's reference is the base with the adapters off (:func:`adapters_off`,
-:class:`AdaptersOff`): one copy of the frozen weights instead of two. The export is plain weights
+:class:`AdaptersOff`): one copy of the frozen weights instead of two; PPO's reward model shares
+its LoRA critic's frozen base the same way (:func:`share_frozen`). The export is plain weights
 (:func:`merge` folds ``scale B A`` into ``W``). Decoding reads each linear's weight with the
 adapter folded in (:func:`weight`), so sampled rollouts come from the adapted policy.
 """

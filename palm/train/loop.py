@@ -121,7 +121,7 @@ def code_version(*files: str) -> str:
 
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for rel in ("model/network.py", "model/parallel.py", "train/engine.py", "train/optim.py", *files):
+    for rel in ("model/network.py", "model/parallel.py", "model/lora.py", "train/engine.py", "train/optim.py", *files):
         h.update((root / rel).read_bytes())
     return h.hexdigest()[:16]
 
