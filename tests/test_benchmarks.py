@@ -113,3 +113,33 @@ def test_ranking_value_runs_both_arms_on_tiny_inputs(tmp_path):
         runs = {(r["seed"], r["arm"]): r for r in body["runs"] if r["rankings"] == row["rankings"]}
         assert all(runs[(s, "uncertain")]["mean_spread"] <= runs[(s, "random")]["mean_spread"] + 1e-9 for s in (0, 1))
     assert record.with_suffix(".png").stat().st_size > 0
+
+
+def test_lora_memory_measures_both_runs_and_writes_the_record(tmp_path):
+    """benchmarks/lora_memory.py end to end on the pydoc-like chat data and a tiny model: PPO through
+    the stage's launcher with and without LoRA, each run's peak RSS and the ratio in the record."""
+    import json
+    import subprocess
+
+    import yaml
+
+    from helpers import MODEL, chat_data
+
+    from palm.core.config import to_dict
+
+    data = chat_data(tmp_path / "d")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": to_dict(MODEL)}))
+    record = tmp_path / "record.md"
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "lora_memory.py"), "--data", str(data["sft"]),
+         "--tokenizer", str(data["tokenizer"] / "tokenizer.json"), "--params", str(tmp_path / "params.yaml"),
+         "--sizes", "default", "--iterations", "1", "--prompts", "4", "--new-tokens", "8", "--record", str(record)],
+        capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("ratio ")
+    text = record.read_text()
+    (row,) = json.loads(text.split("```json\n")[1].split("\n```")[0])
+    assert row["d_model"] == MODEL.d_model and row["full"]["iterations"] == row["lora"]["iterations"] == 1
+    assert row["full"]["peak_rss_mib"] > 100 and row["lora"]["peak_rss_mib"] > 100  # a whole torch process
+    assert row["ratio"] == row["lora"]["peak_rss_mib"] / row["full"]["peak_rss_mib"]
+    assert f"| {MODEL.d_model} |" in text
