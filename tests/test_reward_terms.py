@@ -248,3 +248,23 @@ def test_the_ppo_stage_trains_rloo_on_a_rule_and_python_reward_without_a_reward_
     res = run_stage_cli("ppo", args, cwd=root)
     assert res.returncode == 2 and "ppo.reward: python:shortnes:score: cannot import 'shortnes'" in res.stderr
     assert math.isfinite(float(rows[-1]["kl"]))
+
+
+def test_the_benchmark_reports_means_and_paired_gains_with_standard_errors_over_prompts():
+    """benchmarks/rule_reward.py's arithmetic: prompts are the units; the gain is paired per prompt."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import rule_reward
+
+    sft = {"graded": [0.0, 0.1, 0.2, 0.1], "name_share": [0.0] * 4, "param_share": [0.0, 0.2, 0.4, 0.2],
+           "names": [0.0] * 4, "signature": [0.0] * 4}
+    ppo = {**sft, "graded": [0.1, 0.1, 0.4, 0.2]}
+    rows = rule_reward.summary({"sft": sft, "arm": ppo})
+    diffs = [0.1, 0.0, 0.2, 0.1]
+    mean = sum(diffs) / 4
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3 / 4)
+    assert rows["arm"]["graded_gain"] == pytest.approx(mean) and rows["arm"]["graded_gain_se"] == pytest.approx(se)
+    assert rows["sft"]["graded"] == pytest.approx(0.1) and "graded_gain" not in rows["sft"]
+    assert rows["arm"]["names_gain"] == 0.0 and rows["arm"]["names_gain_se"] == 0.0
+    table = rule_reward.table(rows, {"arm": {"reward": [{"name": "rule", "weight": 4.0}], "overrides": {"advantage": "rloo"},
+                                             "metrics": {"kl": 1.5, "reward_rule": 0.05}, "ppo_seconds": 10}})
+    assert "| arm | rule×4, advantage: rloo | 0.2000 ± 0.0707 | +0.1000 ± 0.0408 |" in table
