@@ -371,3 +371,33 @@ def test_sft_with_lora_resumes_exactly_and_exports_plain_weights(tmp_path, sft_i
     # a checkpoint of another LoRA setting is another run: not resumed
     other = run(tmp_path / "b", cfg=dataclasses.replace(cfg, lora=LoRAConfig(rank=2)))
     assert other["resumed_from_step"] == 0
+
+
+@pytest.mark.dist
+def test_reward_stage_with_lora_trains_adapters_and_the_head(tmp_path, sft_inputs):
+    """The reward stage's job keeps its new head trainable beside the adapters; the export is a
+    plain reward model whose head and adapted linears moved and whose embedding did not."""
+    from safetensors.torch import load_file
+
+    from palm.model.reward import HEAD, RewardModel
+    from palm.train.loop import export
+    from palm.train.reward import RewardConfig, launch
+
+    cfg = RewardConfig(train_steps=3, micro_batch_size=4, dtype="fp32", log_interval=3, eval_interval=3,
+                       eval_batches=2, checkpoint_interval=3, optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0),
+                       lora=LoRAConfig(rank=4))
+    result = launch(MODEL, cfg, data=sft_inputs["prefs"], parent=sft_inputs["parent"],
+                    tokenizer_sha256=sft_inputs["sha"], checkpoints=tmp_path / "ckpt", reports=tmp_path / "reports",
+                    run_dir=tmp_path / "run", peak_flops=1e11)
+    export(Path(result["checkpoint"]), tmp_path / "out", {}, chunk=RewardModel)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    parent = load_file(str(sft_inputs["parent"] / "model.safetensors"))
+    assert set(got) == set(parent) | {HEAD}
+    assert torch.equal(got["embedding.weight"], parent["embedding.weight"])
+    assert (got["layers.0.mlp.up.weight"] - parent["layers.0.mlp.up.weight"]).abs().max() > 1e-6
+    with torch.no_grad():  # the head moved from its seeded start (a fresh reward model's)
+        from palm.model.parallel import process_groups
+
+        with process_groups():
+            start = RewardModel(MODEL, seed=cfg.seed).head.weight
+        assert (got[HEAD] - start).abs().max() > 1e-6
