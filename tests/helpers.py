@@ -258,6 +258,19 @@ def chat_project(tmp: Path, **sections) -> Path:
 # library from the pydoc-like corpus and the tiny tokenizer, and a parent "export" of a tiny
 # randomly initialised PaLM in the exact format the pretrain stage writes -------------------------
 
+def finetune_project(tmp: Path, seq_len: int = 128, **sections) -> Path:
+    """A project copy with the pydoc-like corpus, a tiny tokenizer and a tiny randomly initialised
+    parent in models/pretrain (``MODEL`` at ``seq_len``), ``sections`` merged into its params."""
+    root = make_project(tmp)
+    pydoc_corpus(root / "data" / "corpus")
+    make_tokenizer(root / "artifacts" / "tokenizer")
+    model = _tiny_model()
+    make_parent(root / "models" / "pretrain", root / "artifacts" / "tokenizer",
+                model if seq_len == model.seq_len else type(model)(**{**model.__dict__, "seq_len": seq_len}))
+    set_params(root, model={"seq_len": seq_len}, **sections)
+    return root
+
+
 def chat_data(root: Path, *, seq_len: int = 128, path: str = "default", valid_fraction: float = 0.3) -> dict:
     """``root/{corpus,tokenizer,sft,prefs}``; returns the paths and the tokenizer's sha256."""
     from palm.core.tokenizer import sha256_file

@@ -19,16 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import (  # noqa: E402
-    MODEL,
-    make_parent,
-    make_project,
-    make_tokenizer,
-    metrics,
-    pydoc_corpus,
-    set_params,
-    with_kind,
-)
+from helpers import MODEL, finetune_project, make_parent, metrics, set_params, with_kind  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist, pytest.mark.timeout(1200)]
 
@@ -38,14 +29,8 @@ CHAIN = ["sft_data", "sft", "prefs", "reward"]
 
 
 def project(tmp: Path, seq_len: int = 128, **sections) -> Path:
-    root = make_project(tmp)
-    pydoc_corpus(root / "data" / "corpus")
-    make_tokenizer(root / "artifacts" / "tokenizer")
-    parent = MODEL if seq_len == MODEL.seq_len else type(MODEL)(**{**MODEL.__dict__, "seq_len": seq_len})
-    make_parent(root / "models" / "pretrain", root / "artifacts" / "tokenizer", parent)
-    set_params(root, model={"seq_len": seq_len}, sft={**TRAIN, "micro_batch_size": 2},
-               reward={**TRAIN, "micro_batch_size": 4}, gold_reward={**TRAIN, "micro_batch_size": 4}, **sections)
-    return root
+    return finetune_project(tmp, seq_len, sft={**TRAIN, "micro_batch_size": 2}, reward={**TRAIN, "micro_batch_size": 4},
+                            gold_reward={**TRAIN, "micro_batch_size": 4}, **sections)
 
 
 def repro(root: Path, env: dict) -> subprocess.CompletedProcess:

@@ -43,10 +43,11 @@ import torch.nn.functional as F
 
 from palm.core.config import check, from_dict, to_dict
 from palm.model.network import ModelConfig
-from palm.train import finetune
+from palm.train import finetune, reward
 from palm.train.engine import Batch, Engine, OptimConfig, metric
-from palm.train.finetune import EpochOrder, micro_length, pad, padded_length, valid_rows
-from palm.train.loop import RunPaths, TrainConfig, code_version
+from palm.train.finetune import micro_length, pad, padded_length
+from palm.train.loop import RunPaths, code_version
+from palm.train.reward import PairConfig
 
 ENTRY = "palm.train.dpo:worker"
 CODE = ("train/finetune.py", "train/reward.py", "train/dpo.py")  # with model, parallel and engine: the computation
@@ -54,15 +55,15 @@ LOSSES = ("sigmoid", "cdpo", "ipo", "simpo")
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig(TrainConfig):
-    """The ``dpo`` section of params.yaml (the training fields are :class:`TrainConfig`'s).
+class DPOConfig(PairConfig):
+    """The ``dpo`` section of params.yaml (the training fields are :class:`TrainConfig`'s; pairs as
+    the reward model takes them, :class:`~palm.train.reward.PairConfig`).
 
-    ``micro_batch_size`` counts sequences, two per pair (so it must be even). Validation uses the
-    held-out pairs in their stored order, at most ``eval_batches`` micro-batches per DP rank.
+    Validation uses the held-out pairs in their stored order, at most ``eval_batches`` micro-batches
+    per DP rank.
     """
 
     train_steps: int = 150
-    micro_batch_size: int = 16
     eval_interval: int = 50
     eval_batches: int = 34
     checkpoint_interval: int = 50
@@ -74,17 +75,11 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.micro_batch_size % 2 == 0, "micro_batch_size",
-              f"counts sequences, two per pair: must be even, got {self.micro_batch_size}")
         check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         check(self.loss == "cdpo" or self.label_smoothing == 0, "label_smoothing",
               f"applies to loss: cdpo only (loss is {self.loss}); set loss: cdpo or label_smoothing: 0")
         check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
-
-    @property
-    def pairs_per_micro_batch(self) -> int:
-        return self.micro_batch_size // 2
 
     @property
     def reference_free(self) -> bool:
@@ -219,26 +214,8 @@ def batch(rows: list[dict | None], run_length: int, cfg: DPOConfig) -> Batch:
                                          cfg.pipeline_parallel > 1))
 
 
-class Pairs:
-    """This DP rank's training micro-batches of each step, from the training pairs."""
-
-    def __init__(self, rows: list[dict], cfg: DPOConfig, seq_len: int, dp_rank: int, dp_size: int):
-        self.rows, self.cfg, self.seq_len = rows, cfg, seq_len
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.order = EpochOrder(len(rows), cfg.seed)
-
-    def step(self, step: int) -> list[Batch]:
-        picks = self.order.rows(step, micro_batch_size=self.cfg.pairs_per_micro_batch,
-                                num_microbatches=self.cfg.num_microbatches, dp_rank=self.dp_rank,
-                                dp_size=self.dp_size)
-        return [batch([self.rows[i] for i in micro], self.seq_len, self.cfg) for micro in picks]
-
-
 def validation(rows: list[dict], cfg: DPOConfig, seq_len: int, dp_rank: int, dp_size: int) -> list[Batch]:
-    picks = valid_rows(len(rows), micro_batch_size=cfg.pairs_per_micro_batch, max_microbatches=cfg.eval_batches,
-                       dp_rank=dp_rank, dp_size=dp_size,
-                       multiple=cfg.pipeline_parallel if cfg.virtual_stages > 1 else 1)
-    return [batch([rows[i] if i is not None else None for i in micro], seq_len, cfg) for micro in picks]
+    return reward.validation(rows, cfg, seq_len, dp_rank, dp_size, make=batch)
 
 
 class Reference:
@@ -285,7 +262,6 @@ def worker(spec: dict[str, Any]) -> None:
 
     from palm.train import loop
     from palm.train.metrics import DTYPES
-    from palm.train.reward import read_rows
 
     model = from_dict(ModelConfig, spec["model"], "model")
     cfg = from_dict(DPOConfig, spec["dpo"], "dpo")
@@ -294,10 +270,10 @@ def worker(spec: dict[str, Any]) -> None:
     with loop.worker_groups(cfg):
         data, parent, sha = Path(spec["data"]), Path(spec["parent"]), spec["tokenizer_sha256"]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        train_rows, valid = finetune.train_and_valid(read_rows, data, sha, what="pairs", who="DPO",
+        train_rows, valid = finetune.train_and_valid(reward.read_rows, data, sha, what="pairs", who="DPO",
                                                      data_stage="prefs")
         length = padded_length(_inputs(train_rows + valid), model.seq_len)
-        pairs = Pairs(train_rows, cfg, length, dp_rank, dp_size)
+        pairs = reward.Pairs(train_rows, cfg, length, dp_rank, dp_size, make=batch)
         valid_batches = validation(valid, cfg, length, dp_rank, dp_size)
         reference = Reference(None)
 

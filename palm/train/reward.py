@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +43,31 @@ CODE = ("model/reward.py", "train/finetune.py", "train/reward.py")  # with model
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardConfig(TrainConfig):
+class PairConfig(TrainConfig):
+    """A section that trains on preference pairs (``reward``, ``dpo``): ``micro_batch_size`` counts
+    sequences, two per pair (so it must be even), the chosen and the rejected side by side."""
+
+    micro_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.micro_batch_size % 2 == 0, "micro_batch_size",
+              f"counts sequences, two per pair: must be even, got {self.micro_batch_size}")
+
+    @property
+    def pairs_per_micro_batch(self) -> int:
+        return self.micro_batch_size // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig(PairConfig):
     """The ``reward`` section of params.yaml (the training fields are :class:`TrainConfig`'s).
 
-    ``micro_batch_size`` counts sequences, two per pair (so it must be even). Validation uses the
-    held-out pairs in their stored order, at most ``eval_batches`` micro-batches per DP rank.
+    Validation uses the held-out pairs in their stored order, at most ``eval_batches`` micro-batches
+    per DP rank.
     """
 
     train_steps: int = 250
-    micro_batch_size: int = 16
     eval_interval: int = 50
     eval_batches: int = 34
     checkpoint_interval: int = 50
@@ -62,15 +78,9 @@ class RewardConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.micro_batch_size % 2 == 0, "micro_batch_size",
-              f"counts sequences, two per pair: must be even, got {self.micro_batch_size}")
         check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
         check(self.stats_batch_size >= 1, "stats_batch_size", f"must be >= 1, got {self.stats_batch_size}")
         check(self.stats_pairs >= 0, "stats_pairs", f"must be >= 0 (0: all), got {self.stats_pairs}")
-
-    @property
-    def pairs_per_micro_batch(self) -> int:
-        return self.micro_batch_size // 2
 
     def run_identity(self, model: ModelConfig, dtype: str, tokenizer_sha256: str, data_sha256: str,
                      parent_sha256: str, split: str = "train") -> dict[str, Any]:
@@ -127,10 +137,12 @@ def pair_batch(rows: list[dict | None], seq_len: int, side: str = "right") -> Ba
 
 
 class Pairs:
-    """This DP rank's training micro-batches of each step, from the training pairs."""
+    """This DP rank's training micro-batches of each step, from the training pairs; ``make`` builds
+    a micro-batch of pairs (the reward model's :func:`batch`, or DPO's)."""
 
-    def __init__(self, rows: list[dict], cfg: RewardConfig, seq_len: int, dp_rank: int, dp_size: int):
-        self.rows, self.cfg, self.seq_len = rows, cfg, seq_len
+    def __init__(self, rows: list[dict], cfg: PairConfig, seq_len: int, dp_rank: int, dp_size: int,
+                 make: Callable[[list[dict | None], int, Any], Batch] | None = None):
+        self.rows, self.cfg, self.seq_len, self.make = rows, cfg, seq_len, make or batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.order = EpochOrder(len(rows), cfg.seed)
 
@@ -138,7 +150,7 @@ class Pairs:
         picks = self.order.rows(step, micro_batch_size=self.cfg.pairs_per_micro_batch,
                                 num_microbatches=self.cfg.num_microbatches, dp_rank=self.dp_rank,
                                 dp_size=self.dp_size)
-        return [batch([self.rows[i] for i in micro], self.seq_len, self.cfg) for micro in picks]
+        return [self.make([self.rows[i] for i in micro], self.seq_len, self.cfg) for micro in picks]
 
 
 def batch(rows: list[dict | None], run_length: int, cfg: RewardConfig) -> Batch:
@@ -146,11 +158,12 @@ def batch(rows: list[dict | None], run_length: int, cfg: RewardConfig) -> Batch:
     return pair_batch(rows, micro_length(lengths, run_length, cfg.pipeline_parallel > 1))
 
 
-def validation(rows: list[dict], cfg: RewardConfig, seq_len: int, dp_rank: int, dp_size: int) -> list[Batch]:
+def validation(rows: list[dict], cfg: PairConfig, seq_len: int, dp_rank: int, dp_size: int,
+               make: Callable[[list[dict | None], int, Any], Batch] | None = None) -> list[Batch]:
     picks = valid_rows(len(rows), micro_batch_size=cfg.pairs_per_micro_batch, max_microbatches=cfg.eval_batches,
                        dp_rank=dp_rank, dp_size=dp_size,
                        multiple=cfg.pipeline_parallel if cfg.virtual_stages > 1 else 1)
-    return [batch([rows[i] if i is not None else None for i in micro], seq_len, cfg) for micro in picks]
+    return [(make or batch)([rows[i] if i is not None else None for i in micro], seq_len, cfg) for micro in picks]
 
 
 COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
