@@ -63,7 +63,7 @@ def test_dvc_repro_trains_dpo_then_a_dpo_param_reruns_dpo_only(tmp_path):
         "step,loss,accuracy,margin,rewards_chosen,rewards_rejected,val_loss,val_accuracy,")
     config = json.loads((root / "models" / "dpo" / "config.json").read_text())
     assert config["kind"] == "dpo" and config["parent"] == "models/sft"
-    assert config["dpo"] == {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5}
+    assert config["dpo"] == {"loss": "sigmoid", "beta": 0.5, "label_smoothing": 0.0, "simpo_gamma": 0.5}
     assert config["model"] == json.loads((root / "models" / "sft" / "config.json").read_text())["model"]
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])

@@ -68,7 +68,7 @@ class DPOConfig(PairConfig):
     eval_batches: int = 34
     checkpoint_interval: int = 50
     loss: Literal["sigmoid", "cdpo", "ipo", "simpo"] = "sigmoid"
-    beta: float = 0.1  # the KL strength (DPO, cDPO, IPO) or SimPO's reward scale
+    beta: float = 0.5  # the KL strength (DPO, cDPO, IPO) or SimPO's reward scale
     label_smoothing: float = 0.0  # cdpo: the share of preference labels taken to be flipped, in [0, 0.5)
     simpo_gamma: float = 0.5  # simpo: the target reward margin gamma
     optim: OptimConfig = OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10)
