@@ -3,7 +3,8 @@ an evaluation, on the models and data `make run` left (``models/sft``, ``models/
 ``data/sft``, ``data/prefs``, ``data/tokens``).
 
 A lever is ``NAME=section.key=value,...``: dotted overrides of params.yaml's ``ppo`` (or
-``evaluate``) section. The inputs are copied once at the start (a `dvc repro` meanwhile cannot
+``evaluate``) section; a lever that overrides ``dpo.*`` trains the ``dpo`` stage instead and is
+judged the same way (its rows read "PPO" as "the lever's policy"). The inputs are copied once at the start (a `dvc repro` meanwhile cannot
 change them). Each lever runs ``stages.ppo`` in a scratch project (its own params file,
 checkpoints and reports, no MLflow), then the
 ``evaluate`` library on the same held-out prompts with params.yaml's evaluate settings. Reported
@@ -47,8 +48,11 @@ LEVERS = {  # the default table
     "no-end-0-kl-0.3": "ppo.no_end_penalty=0.0,ppo.kl.coef=0.3,ppo.kl.target=0.3",
     "grpo-4": "ppo.advantage=grpo,ppo.samples_per_prompt=4,ppo.prompts_per_rollout=4",
     "best-gold": "ppo.select=best_gold",
+    "dpo-beta-0.1": "dpo.beta=0.1",
+    "dpo-beta-0.5": "dpo.beta=0.5",
 }
-INPUTS = ("models/pretrain", "models/sft", "models/reward", "models/gold_reward", "data/sft", "data/prefs", "data/tokens")
+INPUTS = ("models/pretrain", "models/sft", "models/reward", "models/gold_reward", "models/ppo", "data/sft", "data/prefs",
+          "data/tokens")
 
 
 def snapshot(scratch: Path) -> Path:
@@ -63,7 +67,7 @@ def snapshot(scratch: Path) -> Path:
 
 def run_lever(name: str, spec: str, scratch: Path, params: dict[str, Any], base: Path) -> dict[str, Any]:
     from palm.core.config import from_dict
-    from palm.eval.evaluate import EvaluateConfig, evaluate
+    from palm.eval.evaluate import EvaluateConfig, evaluate, policy_view
 
     work = scratch / name
     work.mkdir(parents=True)
@@ -72,22 +76,27 @@ def run_lever(name: str, spec: str, scratch: Path, params: dict[str, Any], base:
     mine = override(params, spec)
     (work / "params.yaml").write_text(yaml.safe_dump(mine))
     t0 = time.time()
-    cmd = [sys.executable, "-m", "stages.ppo", "--no-mlflow", "--data", "data/sft", "--policy", "models/sft",
-           "--reward", "models/reward", "--checkpoints", "ckpt", "--out", "out/ppo"]
+    policy = "dpo" if any(a.split("=")[0].startswith("dpo.") for a in spec.split(",") if a) else "ppo"
+    cmd = ([sys.executable, "-m", "stages.ppo", "--no-mlflow", "--data", "data/sft", "--policy", "models/sft",
+            "--reward", "models/reward", "--checkpoints", "ckpt", "--out", "out/ppo"] if policy == "ppo" else
+           [sys.executable, "-m", "stages.dpo", "--no-mlflow", "--data", "data/prefs", "--parent", "models/sft",
+            "--checkpoints", "ckpt", "--out", "out/dpo"])
     res = subprocess.run(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     if res.returncode:
-        raise SystemExit(f"gold_levers: lever {name}: ppo failed:\n{res.stderr[-3000:]}")
+        raise SystemExit(f"gold_levers: lever {name}: {policy} failed:\n{res.stderr[-3000:]}")
     ppo_seconds = time.time() - t0
-    ppo_metrics = json.loads((work / "reports" / "ppo" / "metrics.json").read_text())
+    ppo_metrics = json.loads((work / "reports" / policy / "metrics.json").read_text())
     cfg = from_dict(EvaluateConfig, mine["evaluate"], "evaluate")
     ev = evaluate(cfg, models={"pretrain": base / "models/pretrain", "sft": base / "models/sft",
-                               "ppo": work / "out/ppo", "reward": base / "models/reward",
-                               "gold_reward": base / "models/gold_reward"},
+                               "ppo": work / "out/ppo" if policy == "ppo" else base / "models/ppo",
+                               **({"dpo": work / "out/dpo"} if policy == "dpo" else {}),
+                               "reward": base / "models/reward", "gold_reward": base / "models/gold_reward"},
                   sft_data=base / "data/sft", prefs=base / "data/prefs", tokens=base / "data/tokens")
-    m = ev.metrics
+    m = policy_view(ev.metrics, policy)  # the lever's policy under PPO's names
     keys = [k for k in m if k.startswith("gold_")] + ["win_rate", "win_rate_se", "kl", "length_ppo", "length_sft",
                                                        "reward_ppo", "reward_sft", "prompts", "eval_set"]
-    row = {"lever": name, "overrides": spec, "ppo_seconds": round(ppo_seconds, 1), **{k: m[k] for k in keys if k in m},
+    row = {"lever": name, "policy": policy, "overrides": spec, "ppo_seconds": round(ppo_seconds, 1),
+           **{k: m[k] for k in keys if k in m}, **{k: m[k] for k in ("dpo_pref_accuracy",) if k in m},
            "probe_gold_best_iteration": ppo_metrics.get("gold_best_iteration"),
            "probe_gold_warnings": ppo_metrics.get("gold_warnings")}
     se = row.get("gold_score_gain_se") or float("nan")
