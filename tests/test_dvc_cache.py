@@ -16,7 +16,7 @@ import pytest
 from helpers import make_project
 
 pytestmark = pytest.mark.e2e
-WATCHED = ("pretrain", "sft", "reward", "gold_reward", "ppo", "evaluate")
+WATCHED = ("pretrain", "sft", "reward", "gold_reward", "ppo", "dpo", "evaluate")
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -60,7 +60,7 @@ def locked(tmp_path_factory) -> Path:
     # a stage's own command: that stage only (reward and ppo once listed it as shared code)
     ("stages/sft.py", {"sft"}),
     # the launcher every training stage starts its workers with (evaluate starts none)
-    ("palm/train/launch.py", {"pretrain", "sft", "reward", "gold_reward", "ppo"}),
+    ("palm/train/launch.py", {"pretrain", "sft", "reward", "gold_reward", "ppo", "dpo"}),
 ])
 def test_a_code_file_changes_the_stages_that_run_it(locked, edited, changed):
     path = locked / edited

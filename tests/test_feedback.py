@@ -306,7 +306,7 @@ def test_rankings_flow_through_dvc_repro_prefs_and_a_new_one_reruns_it(session, 
         (prefs,) = [s for s in graph if getattr(s, "name", None) == "prefs"]
         below = {s.name for s in nx.ancestors(graph, prefs)}
         above = {Path(s.path).relative_to(root).as_posix() for s in nx.descendants(graph, prefs)}
-    assert below == {"reward", "gold_reward", "ppo", "evaluate"}
+    assert below == {"reward", "gold_reward", "ppo", "dpo", "evaluate"}
     assert "data/feedback/rankings.jsonl.dvc" in above  # the dvc-added file feeds prefs
 
 

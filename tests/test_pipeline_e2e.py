@@ -275,8 +275,9 @@ def test_evaluate_reports_ppo_against_sft(project, flow_runs):
           f"{metrics['reward_ppo']:.3f}, kl {metrics['kl']:.3f} ({metrics['stage_seconds']:.0f} s)")
     assert {"win_rate", "reward_sft", "reward_ppo", "kl"} <= set(metrics)
     page = (project / "reports" / "evaluate" / "report.html").read_text()
-    # rewards + pretrain, sft, reward, gold_reward, ppo curves + the over-optimisation plot
-    assert page.count("data:image/png;base64,") == 7
+    # rewards + pretrain, sft, reward, gold_reward, ppo, dpo curves + the over-optimisation plot
+    assert page.count("data:image/png;base64,") == 8
+    assert {"win_rate_dpo", "gold_win_rate_dpo", "dpo_pref_accuracy", "kl_dpo"} <= set(metrics)  # DPO beside PPO
     assert {"gold_rm_gain", "gold_rm_win_rate", "gold_rm_accuracy"} <= set(metrics)
 
 
