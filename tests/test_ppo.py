@@ -140,9 +140,16 @@ TIMING = ("generate_tokens_per_s", "rollout_s", "update_s")
 
 
 @pytest.mark.dist
-def test_ppo_resumes_exactly_after_sigkill_and_tp2_does_one_iteration_like_tp1(tmp_path, inputs):
+@pytest.mark.parametrize("lora", [None, "rank-4"])
+def test_ppo_resumes_exactly_after_sigkill_and_tp2_does_one_iteration_like_tp1(tmp_path, inputs, lora):
+    """Also with LoRA: the checkpoint holds the actor's and the critic's adapters and their optimizer
+    state (the frozen bases come from the exports again), and at TP=2 the split adapters sample and
+    update like TP=1."""
+    from palm.model.lora import LoRAConfig
+
     cfg = dataclasses.replace(TOY, train_steps=4, checkpoint_interval=2, kl=KLConfig(coef=0.05, target=0.5),
-                              no_end_penalty=-0.5, sample_interval=2, samples_logged=2)
+                              no_end_penalty=-0.5, sample_interval=2, samples_logged=2,
+                              lora=LoRAConfig(rank=4) if lora else None)
     straight = run(tmp_path / "a", inputs, cfg)
     export(Path(straight["checkpoint"]), tmp_path / "a" / "model", {})
 
@@ -159,6 +166,10 @@ def test_ppo_resumes_exactly_after_sigkill_and_tp2_does_one_iteration_like_tp1(t
     wa, wb = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
     assert set(wa) == set(wb) == set(weights(inputs["policy"]))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    if lora:  # only the adapted block linears moved: the embedding and the norms are the frozen parent's
+        start = weights(inputs["policy"])
+        moved = {k for k in start if not torch.equal(wa[k], start[k])}
+        assert moved and all(".attn." in k or ".mlp." in k for k in moved), moved
     ca, cb = curve(tmp_path / "a" / "reports" / "curve.csv"), curve(tmp_path / "b" / "reports" / "curve.csv")
     assert [r["step"] for r in cb] == ["1", "2", "3", "4"]
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in ca] == \
