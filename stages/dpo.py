@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 
 from palm.ops.stage import StageContext, run_stage
-from palm.train.dpo import DPOConfig, launch, validate
-from palm.train.finetune import check_parent
-from palm.train.stage import exported, training_start
+from palm.train.dpo import DPOConfig, launch
+from palm.train.finetune import train_from_parent
+from palm.train.stage import exported
 
 
 def add_args(p):
@@ -28,17 +28,10 @@ def body(cfg: DPOConfig, ctx: StageContext) -> dict:
     from palm.data.rankings import run_tags
     from palm.data.chat import read_chat_meta
 
-    model, parent = check_parent(ctx.path("data"), ctx.path("parent"), "prefs", "sft")
     tags = run_tags(read_chat_meta(ctx.path("data"), "prefs"))  # the human rankings behind the pairs
     if tags:
         ctx.tracker.set_tags(tags)
-    validate(model, cfg)
-    dtype, peak = training_start("dpo", cfg, ctx)
-    checkpoints = ctx.path("checkpoints")
-    with ctx.tracker.follow(ctx.reports / "curve.csv"):
-        result = launch(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
-                        tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
-                        run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype)
+    result = train_from_parent("dpo", cfg, ctx, launch, data_stage="prefs", parent_stage="sft")
     with exported(ctx, result, ctx.path("parent") / "tokenizer.json", {
             "kind": "dpo", "parent": str(ctx.args.parent), "dpo": cfg.objective(),
             "metrics": {k: result[k] for k in ("val_loss", "val_accuracy", "val_margin")}}):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 
 from palm.ops.stage import StageContext, run_stage
-from palm.train.finetune import check_parent
-from palm.train.sft import SFTConfig, launch, validate
-from palm.train.stage import exported, training_start
+from palm.train.finetune import train_from_parent
+from palm.train.sft import SFTConfig, launch
+from palm.train.stage import exported
 
 
 def add_args(p):
@@ -24,14 +24,7 @@ def add_args(p):
 
 
 def body(cfg: SFTConfig, ctx: StageContext) -> dict:
-    model, parent = check_parent(ctx.path("data"), ctx.path("parent"), "sft_data", "pretrain")
-    validate(model, cfg)
-    dtype, peak = training_start("sft", cfg, ctx)
-    checkpoints = ctx.path("checkpoints")
-    with ctx.tracker.follow(ctx.reports / "curve.csv"):
-        result = launch(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
-                        tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
-                        run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype)
+    result = train_from_parent("sft", cfg, ctx, launch, data_stage="sft_data", parent_stage="pretrain")
     with exported(ctx, result, ctx.path("parent") / "tokenizer.json", {
             "kind": "sft", "parent": str(ctx.args.parent),
             "metrics": {k: result[k] for k in ("val_loss", "base_val_loss")}}):

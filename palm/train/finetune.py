@@ -111,6 +111,25 @@ def launch(entry: str, section: str, model: ModelConfig, cfg: Any, *, data: Path
     return start(entry, spec, cfg, run_dir=run_dir, env=env)
 
 
+def train_from_parent(stage: str, cfg: Any, ctx: Any, start: Callable[..., dict[str, Any]], *, data_stage: str,
+                      parent_stage: str) -> dict[str, Any]:
+    """A fine-tuning stage's training (``ctx``: its :class:`~palm.ops.stage.StageContext`, with the
+    args ``data``, ``parent`` and ``checkpoints``): the data checked against the parent export and
+    the layout against the model (one-line errors, before anything starts), the dtype resolved,
+    then ``start(model, cfg, **run)`` (a stage's ``launch``) with its curve followed into MLflow;
+    returns rank 0's result."""
+    from palm.train.stage import training_start
+
+    model, parent = check_parent(ctx.path("data"), ctx.path("parent"), data_stage, parent_stage)
+    model.check_parallel(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.virtual_stages, section=stage)
+    dtype, peak = training_start(stage, cfg, ctx)
+    checkpoints = ctx.path("checkpoints")
+    with ctx.tracker.follow(ctx.reports / "curve.csv"):
+        return start(model, cfg, data=ctx.path("data"), parent=ctx.path("parent"),
+                     tokenizer_sha256=parent["tokenizer_sha256"], checkpoints=checkpoints, reports=ctx.reports,
+                     run_dir=checkpoints / "run", peak_flops=peak, dtype=dtype)
+
+
 def train_and_valid(read_rows: Callable[[Path, str, str], list[dict]], data: Path, tokenizer_sha256: str, *,
                     what: str, who: str, data_stage: str) -> tuple[list[dict], list[dict]]:
     """The ``train`` and ``valid`` rows of a chat data folder; refuses a split without rows."""
