@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    import torch
+
     from palm.eval.evaluate import EvaluateConfig
     from palm.model.network import ModelConfig
 
@@ -173,6 +175,20 @@ def metrics(root: Path, name: str) -> dict:
     return json.loads((root / "reports" / name / "metrics.json").read_text())
 
 
+def full(p: "torch.Tensor", like: "torch.nn.Parameter") -> "torch.Tensor":
+    """The whole tensor of a TP-sharded parameter (gathered along its partition dim), in a worker
+    process of the parallel tests (tests/dist/)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1 or not getattr(like, "tensor_model_parallel", False):
+        return p.detach().float().clone()
+    parts = [torch.empty_like(p) for _ in range(tp)]
+    torch.distributed.all_gather(parts, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=like.partition_dim).float()
+
+
 # ---- weights -----------------------------------------------------------------------------------
 
 def redraw_weights(model, seed: int = 1234) -> None:
@@ -268,6 +284,21 @@ def finetune_project(tmp: Path, seq_len: int = 128, **sections) -> Path:
     make_parent(root / "models" / "pretrain", root / "artifacts" / "tokenizer",
                 model if seq_len == model.seq_len else type(model)(**{**model.__dict__, "seq_len": seq_len}))
     set_params(root, model={"seq_len": seq_len}, **sections)
+    return root
+
+
+def policy_project(tmp: Path, git: bool = True) -> Path:
+    """A project copy with the pydoc-like corpus, a tiny tokenizer, ``data/sft`` built from them and a
+    tiny policy in ``models/sft``: what the ppo stage starts from (its reward model is the caller's)."""
+    from palm.data.chat import ChatDataConfig, build_chat_data
+
+    root = make_project(tmp, git=git)
+    corpus = pydoc_corpus(root / "data" / "corpus")
+    tok = make_tokenizer(root / "artifacts" / "tokenizer")
+    (root / "data" / "sft").mkdir(parents=True)
+    build_chat_data("sft", ChatDataConfig(valid_fraction=0.3, seed=5), corpus=corpus, tokenizer=tok,
+                    seq_len=_tiny_model().seq_len, out=root / "data" / "sft")
+    make_parent(root / "models" / "sft", tok)
     return root
 
 

@@ -19,16 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import (  # noqa: E402
-    MODEL,
-    make_parent,
-    make_project,
-    make_reward,
-    make_tokenizer,
-    pydoc_corpus,
-    run_stage_cli,
-    set_params,
-)
+from helpers import MODEL, make_reward, policy_project, run_stage_cli, set_params  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist, pytest.mark.timeout(900)]
 
@@ -39,16 +30,8 @@ ARGS = ["--data", "data/sft", "--policy", "models/sft", "--reward", "models/rewa
 
 
 def project(tmp: Path) -> Path:
-    from palm.data.chat import ChatDataConfig, build_chat_data
-
-    root = make_project(tmp)
-    corpus = pydoc_corpus(root / "data" / "corpus")
-    tok = make_tokenizer(root / "artifacts" / "tokenizer")
-    (root / "data" / "sft").mkdir(parents=True)
-    build_chat_data("sft", ChatDataConfig(valid_fraction=0.3, seed=5), corpus=corpus, tokenizer=tok,
-                    seq_len=MODEL.seq_len, out=root / "data" / "sft")
-    make_parent(root / "models" / "sft", tok)
-    make_reward(root / "models" / "reward", tok, mean=0.5, std=2.0)
+    root = policy_project(tmp)
+    make_reward(root / "models" / "reward", root / "artifacts" / "tokenizer", mean=0.5, std=2.0)
     set_params(root, model={"seq_len": MODEL.seq_len}, ppo=PPO)
     return root
 

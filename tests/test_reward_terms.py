@@ -199,17 +199,9 @@ def test_a_python_term_that_raises_or_returns_no_finite_number_is_one_line_namin
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_the_ppo_stage_trains_rloo_on_a_rule_and_python_reward_without_a_reward_model(tmp_path):
-    from helpers import MODEL, make_parent, make_project, make_tokenizer, pydoc_corpus, run_stage_cli, set_params
+    from helpers import MODEL, policy_project, run_stage_cli, set_params
 
-    from palm.data.chat import ChatDataConfig, build_chat_data
-
-    root = make_project(tmp_path / "p", git=False)
-    corpus = pydoc_corpus(root / "data" / "corpus")
-    tok = make_tokenizer(root / "artifacts" / "tokenizer")
-    (root / "data" / "sft").mkdir(parents=True)
-    build_chat_data("sft", ChatDataConfig(valid_fraction=0.3, seed=5), corpus=corpus, tokenizer=tok,
-                    seq_len=MODEL.seq_len, out=root / "data" / "sft")
-    make_parent(root / "models" / "sft", tok)
+    root = policy_project(tmp_path / "p", git=False)
     (root / "shortness.py").write_text("def score(prompt, reply):\n    return -len(reply) / 50\n")
     set_params(root, model={"seq_len": MODEL.seq_len}, ppo={
         "train_steps": 2, "micro_batch_size": 4, "prompts_per_rollout": 4, "samples_per_prompt": 2,

@@ -18,10 +18,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
 from palm.model import lora, parallel  # noqa: E402
+from helpers import full  # noqa: E402
 from palm.model.network import ModelConfig  # noqa: E402
 from palm.train.engine import Engine, OptimConfig, random_batches  # noqa: E402
 from palm.train.pretrain import lm_forward_step  # noqa: E402
@@ -30,16 +32,6 @@ CFG = ModelConfig(vocab_size=250, d_model=64, n_layers=2, n_heads=4, head_dim=16
 LORA = lora.LoRAConfig(rank=4, alpha=8.0)
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, clip_grad=1.0)
 STEPS, MICRO, MBS = 3, 2, 2
-
-
-def full(p: torch.Tensor, like: torch.nn.Parameter) -> torch.Tensor:
-    """The whole tensor of a TP-sharded parameter (gathered along its partition dim)."""
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1 or not getattr(like, "tensor_model_parallel", False):
-        return p.detach().float().clone()
-    parts = [torch.empty_like(p) for _ in range(tp)]
-    torch.distributed.all_gather(parts, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=like.partition_dim).float()
 
 
 def nonzero_b(chunks: list[torch.nn.Module]) -> None:

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 
 from megatron.core import parallel_state as ps  # noqa: E402
+from helpers import full  # noqa: E402
 
 from palm.decode import layouts
 from palm.decode.cache import new_cache
@@ -36,16 +38,6 @@ MUON = OptimConfig(name="muon", schedule="wsd", lr=3e-3, min_lr=3e-4, warmup_ste
 STEPS, MICRO, MBS = 3, 4, 2  # optimizer steps, micro-batches per step (all DP ranks), batch size
 Z_LOSS = 1e-4
 MASK_KEEP = 0.5  # masked layouts: micro-batch j keeps about 0.25 .. 0.75 of its tokens
-
-
-def full(p: torch.Tensor, like: torch.nn.Parameter) -> torch.Tensor:
-    """The whole tensor of a TP-sharded parameter (gathered along its partition dim)."""
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1 or not getattr(like, "tensor_model_parallel", False):
-        return p.detach().float().clone()
-    parts = [torch.empty_like(p) for _ in range(tp)]
-    torch.distributed.all_gather(parts, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=like.partition_dim).float()
 
 
 def batches_for(masked: bool, steps: int = STEPS):
