@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup browser run deps test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock bench fuzz clean-venv
+.PHONY: setup browser slurm run deps test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock bench fuzz clean-venv
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,17 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "note: the browser tests will skip: install chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"; fi
 
+## Slurm and MUNGE (Debian's slurm-wlm and munge), for the tests that start a single-node Slurm of
+## their own and submit real jobs to it (tests/test_slurm.py; they skip without them, or when not
+## root). Installed with apt-get when missing and when running as root; otherwise a one-line hint.
+slurm:
+	@if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
+	  && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing slurm-wlm and munge (apt-get) for the Slurm tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	else echo "note: the Slurm tests will skip: they start Slurm as root from Debian's slurm-wlm and munge (sudo apt-get install slurm-wlm munge)"; fi
+
 ## Run the whole pipeline on the embedded default data (DVC reruns only what changed).
 run: setup
 	$(VENV)/bin/dvc repro
@@ -45,7 +56,7 @@ deps: setup
 ## Run the test suite (what CI runs): every stage end to end, the training stages with few steps.
 ## Files run on parallel workers (one per core; a file's tests on one worker), the longest first.
 TEST_WORKERS ?= auto
-test: setup browser
+test: setup browser slurm
 	$(PY) -m pytest -q tests -m "not default" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## Unit tests only (no end-to-end pipeline runs).

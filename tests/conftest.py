@@ -142,3 +142,20 @@ def export(tmp_path_factory) -> Path:
         redraw_weights(net, seed=5)
         export_safetensors(net, out, {**config, "kind": "ppo"})
     return out
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm of this module's own (helpers.slurm_cluster): the environment
+    (``SLURM_CONF``) to run sbatch, squeue and scontrol with. Skips, with the reason, when Slurm
+    is not installed, not root, or its daemons do not start (make test installs it)."""
+    import contextlib
+
+    from helpers import SlurmUnavailable, slurm_cluster
+
+    with contextlib.ExitStack() as stack:
+        try:
+            env = stack.enter_context(slurm_cluster(tmp_path_factory.mktemp("slurm")))
+        except SlurmUnavailable as err:
+            pytest.skip(str(err))
+        yield env

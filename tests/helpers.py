@@ -564,3 +564,218 @@ class FeedbackPage:
         self.proc.stdout.close()
         self.proc.stderr.close()
         return log
+
+
+# ---- a real single-node Slurm (tests/test_slurm.py) ----
+# Debian's slurm-wlm and munge (`make slurm` installs them): munged, slurmctld and slurmd started
+# as root from a slurm.conf of their own in a temp folder (own ports, own munge key and socket), so
+# several clusters (one per pytest worker) and a system Slurm never meet. The clients (sbatch,
+# squeue, scontrol, srun in the jobs) find it through SLURM_CONF alone: the munge socket is in the
+# slurm.conf (AuthInfo / CredentialInfo socket=...).
+
+SLURM_BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel",
+                  "srun")
+SLURM_MARKER_ENV = "PALM_TEST_SLURM"  # carried by the daemons and every job: what the clean-up kills
+SLURM_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+              "BOOT_FAIL", "DEADLINE"}
+
+
+class SlurmUnavailable(RuntimeError):
+    """No Slurm here: the binaries are missing, not root, or a daemon did not come up (the
+    message is one line, with the tail of the daemon's log)."""
+
+
+def _slurm_conf(tmp: Path, ctld_port: int, slurmd_port: int, munge_socket: Path) -> str:
+    node = subprocess.run(["slurmd", "-C"], check=False, capture_output=True, text=True,
+                          timeout=60).stdout.splitlines()
+    fields = dict(f.split("=", 1) for f in (node[0].split() if node else []) if "=" in f)
+    name = fields.get("NodeName") or socket.gethostname().split(".")[0]
+    hardware = " ".join(f"{k}={fields[k]}" for k in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket",
+                                                     "ThreadsPerCore", "RealMemory") if k in fields)
+    if not hardware:
+        hardware = f"CPUs={os.cpu_count()}"
+    return "\n".join([
+        "ClusterName=palmtest",
+        f"SlurmctldHost={name}(127.0.0.1)",
+        f"SlurmctldPort={ctld_port}",
+        f"SlurmdPort={slurmd_port}",
+        "SlurmUser=root",
+        "SlurmdUser=root",
+        "AuthType=auth/munge",
+        f"AuthInfo=socket={munge_socket}",
+        "CredType=cred/munge",
+        "MpiDefault=none",
+        "ProctrackType=proctrack/linuxproc",
+        "TaskPlugin=task/none",
+        "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core",
+        "SwitchType=switch/none",
+        "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none",
+        "JobCompType=jobcomp/none",
+        "ReturnToService=2",
+        "MinJobAge=600",  # finished jobs stay in `scontrol show job` for 10 minutes
+        "InactiveLimit=0",
+        "KillWait=5",
+        "SchedulerType=sched/backfill",
+        "SchedulerParameters=sched_interval=2",
+        f"StateSaveLocation={tmp / 'state'}",
+        f"SlurmdSpoolDir={tmp / 'spool'}",
+        f"SlurmctldPidFile={tmp / 'run' / 'slurmctld.pid'}",
+        f"SlurmdPidFile={tmp / 'run' / 'slurmd.pid'}",
+        f"SlurmctldLogFile={tmp / 'log' / 'slurmctld.log'}",
+        f"SlurmdLogFile={tmp / 'log' / 'slurmd.log'}",
+        "SlurmctldDebug=info",
+        "SlurmdDebug=info",
+        f"NodeName={name} NodeAddr=127.0.0.1 {hardware} State=UNKNOWN",
+        f"PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP",
+        "",
+    ])
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return " | ".join(text[-lines:]) or f"(no {path.name})"
+
+
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment carries ``SLURM_MARKER_ENV=marker`` (the daemons,
+    slurmstepd and the jobs' processes), then wait until they are gone."""
+    import psutil
+
+    wanted = f"{SLURM_MARKER_ENV}={marker}".encode()
+    found = []
+    for pid in psutil.pids():
+        if pid == os.getpid():
+            continue
+        try:
+            if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(psutil.Process(pid))
+        except (OSError, psutil.Error):
+            continue
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(found, timeout=30)
+
+
+@contextlib.contextmanager
+def slurm_cluster(tmp: Path, timeout_s: float = 90):
+    """A one-node Slurm (partition ``debug``, the machine's CPUs and memory) of its own under
+    ``tmp``; yields the environment (``os.environ`` plus ``SLURM_CONF``) that its clients and jobs
+    run with. At the end every job is cancelled and every process it started (daemons, job steps)
+    killed and waited for. Raises :class:`SlurmUnavailable` when it cannot start."""
+    missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
+    if missing:
+        raise SlurmUnavailable(f"Slurm is not installed (missing {', '.join(missing)}; make test installs it: "
+                               f"apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("the Slurm daemons of the tests run as root (SlurmUser=root); not root here")
+    tmp = Path(tmp).resolve()
+    for sub in ("state", "spool", "run", "log", "munge"):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+    (tmp / "munge").chmod(0o755)  # munged refuses a key or socket folder others can write
+    key, sock = tmp / "munge" / "munge.key", tmp / "munge" / "munge.socket"
+    subprocess.run(["mungekey", "--create", "--force", "--keyfile", str(key)], check=True, capture_output=True)
+    key.chmod(0o600)
+    ctld_port, slurmd_port = free_port(), free_port()
+    while slurmd_port == ctld_port:
+        slurmd_port = free_port()
+    conf = tmp / "slurm.conf"
+    conf.write_text(_slurm_conf(tmp, ctld_port, slurmd_port, sock))
+    marker = str(tmp)
+    env = {**os.environ, "SLURM_CONF": str(conf), SLURM_MARKER_ENV: marker}
+    for var in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
+        env.pop(var)  # a surrounding job's settings would leak into every submission
+    log = tmp / "log"
+    daemons = {
+        # --force: munged wants every folder above its socket searchable by all users, and pytest's
+        # temp folders are not (0700); the clients all run as root
+        "munged": ["munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
+                   f"--log-file={log / 'munged.log'}", f"--pid-file={tmp / 'run' / 'munged.pid'}",
+                   f"--seed-file={tmp / 'munge' / 'munged.seed'}"],
+        "slurmctld": ["slurmctld", "-D", "-i", "-f", str(conf)],
+        "slurmd": ["slurmd", "-D", "-f", str(conf)],
+    }
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        try:
+            for name, argv in daemons.items():
+                with (log / f"{name}.out").open("wb") as out:
+                    procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                if name == "munged":
+                    _wait_for(lambda: sock.exists(), procs[name], timeout_s, name, log)
+            _wait_for(lambda: _node_idle(env), procs, timeout_s, "slurmd", log)
+        except SlurmUnavailable:
+            raise
+        except Exception as err:  # noqa: BLE001 - any start-up failure is "no Slurm here"
+            raise SlurmUnavailable(f"Slurm did not start ({err}): {_logs(log)}") from None
+        yield env
+    finally:
+        if "slurmctld" in procs and procs["slurmctld"].poll() is None:
+            subprocess.run(["scancel", "--full", "--partition=debug"], check=False, env=env, capture_output=True,
+                           timeout=30)
+        for proc in reversed(procs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(procs.values()):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                kill_group(proc)
+        _kill_marked(marker)  # slurmstepd and job processes left behind
+
+
+def _logs(log: Path) -> str:
+    return "; ".join(f"{p.name}: {_log_tail(p, 3)}" for p in sorted(log.glob("*")) if p.stat().st_size)
+
+
+def _node_idle(env: dict) -> bool:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], check=False, env=env, capture_output=True, text=True,
+                         timeout=30)
+    return out.returncode == 0 and out.stdout.split() == ["idle"]
+
+
+def _wait_for(ready, procs, timeout_s: float, name: str, log: Path) -> None:
+    procs = procs if isinstance(procs, dict) else {name: procs}
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        dead = [n for n, p in procs.items() if p.poll() is not None]
+        if dead:
+            raise SlurmUnavailable(f"{dead[0]} exited with {procs[dead[0]].returncode} at start: {_logs(log)}")
+        if time.monotonic() > deadline:
+            raise SlurmUnavailable(f"{name} not ready after {timeout_s:.0f} s: {_logs(log)}")
+        time.sleep(0.3)
+
+
+def job_states(job_id: str | int, env: dict) -> dict[str, str]:
+    """``{job id: JobState}`` of a job, or of every element of an array job (``123_0``, ...,
+    from ``scontrol show job``: pending elements still grouped, e.g. ``123_[2-3]``)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], check=False, env=env, capture_output=True,
+                         text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"scontrol show job {job_id}: {out.stderr.strip() or out.stdout.strip()}")
+    states = {}
+    for line in out.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "ArrayTaskId" in fields:
+            key = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
+        else:
+            key = fields.get("JobId", str(job_id))
+        states[key] = fields.get("JobState", "UNKNOWN")
+    return states
+
+
+def wait_job(job_id: str | int, env: dict, timeout: float = 120) -> dict[str, str]:
+    """Poll ``scontrol show job`` until the job (every element of an array job) has finished;
+    returns ``{job id: final JobState}`` (``COMPLETED``, ``FAILED``, ...). Raises ``TimeoutError``
+    with the states seen last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = job_states(job_id, env)
+        if states and all(s in SLURM_DONE for s in states.values()):
+            return states
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s: {states}")
+        time.sleep(0.5)
