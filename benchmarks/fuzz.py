@@ -818,18 +818,21 @@ def scrape_prepare(value: dict, work: Path) -> dict:
 
 def scrape_run(p: dict, work: Path) -> None:
     from palm.data.clean import FilterConfig
-    from palm.data.scrape import ScrapeConfig, _collect_files, process_shard
-    from palm.data.warc import WarcShardWriter, shard_name
+    from palm.data.executors import run_inline
+    from palm.data.scrape import ScrapeConfig, _collect_files, pipeline_steps
+    from palm.data.warc import WarcShardWriter
 
-    cfg = ScrapeConfig(source="files", files_path=str(p["folder"]), shards=2, workers=1,
+    cfg = ScrapeConfig(source="files", files_path=str(p["folder"]), tasks=2, workers=1,
                        max_bytes=p["max_bytes"],
                        filters=FilterConfig(min_words=p["min_words"], max_words=max(p["min_words"] + 1, 200_000)))
     out = work / "out"
     with contextlib.redirect_stderr(io.StringIO()):
-        with WarcShardWriter(out / "raw", cfg.shards) as writer:
+        with WarcShardWriter(out / "raw", cfg.tasks) as writer:
             stats = _collect_files(cfg, writer, False)
-        read = sum(process_shard(out / "raw" / shard_name(i), out / f"part-{i}.parquet", cfg)[0]
-                   for i in range(cfg.shards))
+        clean = pipeline_steps(cfg, out / "raw", out / "work")[0].pipeline[:4]  # read, extract, normalise, filter
+        read = sum(len(run_inline(clean[:1], i, cfg.tasks)) for i in range(cfg.tasks))
+        for i in range(cfg.tasks):
+            run_inline(clean, i, cfg.tasks)
     if not all(isinstance(v, int) for v in stats.values()):
         raise violation("collect stats not counts", repr(stats)[:200])
     if read != stats["fetched"]:  # a header value that broke its record (a newline in a title)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from palm.core.io import atomic_dir
-from palm.data.scrape import ScrapeConfig, scrape
+from pathlib import Path
+
+from palm.core.io import atomic_dir, remove_if_empty
+from palm.data.scrape import ScrapeConfig, scrape, work_key
 from palm.ops.stage import StageContext, run_stage
 
 
@@ -15,8 +17,13 @@ def add_args(p):
 
 
 def body(cfg: ScrapeConfig, ctx: StageContext) -> dict:
-    with atomic_dir(ctx.path("out")) as corpus, atomic_dir(ctx.path("raw")) as raw:
-        stats = scrape(cfg, raw, corpus, progress=sys.stderr.isatty())
+    # keyed by the params: a rerun after a crash resumes there, a changed param starts afresh
+    work = Path(".work") / f"scrape-{work_key(cfg)}"
+    try:
+        with atomic_dir(ctx.path("out")) as corpus, atomic_dir(ctx.path("raw")) as raw:
+            stats = scrape(cfg, raw, corpus, work=work, progress=sys.stderr.isatty())
+    finally:
+        remove_if_empty(work.parent)
     metrics = {k: stats[k] for k in ("fetched", "documents", "words", "dropped_total")}
     metrics.update({f"dropped_{k}": v for k, v in stats["dropped"].items()})
     metrics.update({f"crawl_{k}": v for k, v in stats["collect"].items() if isinstance(v, (int, float))})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from palm.core.io import atomic_dir
-from palm.data.tokenize import TokenizeConfig, read_meta, tokenize_corpus
+from pathlib import Path
+
+from palm.core.io import atomic_dir, remove_if_empty
+from palm.data.tokenize import TokenizeConfig, read_meta, tokenize_corpus, tokenize_work_key
 from palm.ops.stage import StageContext, run_stage
 
 
@@ -16,8 +18,14 @@ def add_args(p):
 
 
 def body(cfg: TokenizeConfig, ctx: StageContext) -> dict:
-    with atomic_dir(ctx.path("out")) as out:
-        metrics = tokenize_corpus(ctx.path("corpus"), ctx.path("tokenizer"), out, cfg, progress=sys.stderr.isatty())
+    # keyed by the params and inputs: a rerun after a crash resumes there, a change starts afresh
+    work = Path(".work") / f"tokenize-{tokenize_work_key(cfg, ctx.path('corpus'), ctx.path('tokenizer'))}"
+    try:
+        with atomic_dir(ctx.path("out")) as out:
+            metrics = tokenize_corpus(ctx.path("corpus"), ctx.path("tokenizer"), out, cfg, work=work,
+                                      progress=sys.stderr.isatty())
+    finally:
+        remove_if_empty(work.parent)
     ctx.tracker.set_tags({"tokenizer.sha256": read_meta(ctx.path("out"))["tokenizer_sha256"]})
     return metrics
 

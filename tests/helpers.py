@@ -519,7 +519,7 @@ def start_serve(base: Path, docs: int, **serve: Any) -> tuple[Path, str, subproc
     for i in range(docs):
         (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(SERVE_WORDS) for _ in range(400)) + "\n")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["scrape"].update(source="files", files_path=str(folder), shards=1, workers=1)
+    params["scrape"].update(source="files", files_path=str(folder), tasks=1, workers=1)
     params["serve"].update({"until": "scrape", "port": free_port(), "startup_timeout_s": 300.0, **serve})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commit(root)

@@ -16,7 +16,8 @@ from helpers import chat_project, make_tokenizer, metrics, run_stage_cli, set_pa
 
 from palm.data.chat import DROP_TEXT, ChatDataConfig, build_chat_data, split_groups
 from palm.data.chat_readers import DROP_REASONS
-from palm.data.tokenize import TokenizeConfig, choose_valid, split_score
+from palm.data.split import split_score
+from palm.data.tokenize import TokenizeConfig, choose_valid
 
 pytestmark = pytest.mark.timeout(900)
 ARGS = ["--corpus", "data/corpus", "--tokenizer", "artifacts/tokenizer", "--no-mlflow"]

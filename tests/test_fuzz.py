@@ -107,7 +107,7 @@ def test_scrape_files_counts_what_it_skips(tmp_path):
     src.mkdir()
     (src / "bad.parquet").write_bytes(b"PAR1 not really")
     (src / "rows.jsonl").write_text('{"text": "one", "url": 5, "title": "a\\r\\nb"}\n' + "[" * 3000 + "]" * 3000 + "\n")
-    cfg = ScrapeConfig(source="files", files_path=str(src), shards=1, workers=1)
+    cfg = ScrapeConfig(source="files", files_path=str(src), tasks=1, workers=1)
     with WarcShardWriter(tmp_path / "raw", 1) as out:
         stats = _collect_files(cfg, out, False)
     assert stats["unreadable_file"] == 1 and stats["bad_json_line"] == 1 and stats["fetched"] == 1

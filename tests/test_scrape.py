@@ -16,7 +16,7 @@ PROSE = ("Foxes are small omnivorous mammals with a flattened skull, upright tri
 
 
 def write_params(tmp, **scrape):
-    (tmp / "params.yaml").write_text(json.dumps({"scrape": {"shards": 2, "workers": 1, **scrape}}))
+    (tmp / "params.yaml").write_text(json.dumps({"scrape": {"tasks": 2, "workers": 1, **scrape}}))
 
 
 def scrape(tmp):
@@ -195,7 +195,7 @@ document's ``fetched_at`` aside: the time it was read)."""
     def project(name):
         root = make_project(tmp_path / name)
         params = yaml.safe_load((root / "params.yaml").read_text())
-        params["scrape"].update(source="files", files_path=str(src), shards=2, workers=1)
+        params["scrape"].update(source="files", files_path=str(src), tasks=2, workers=1)
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         return root
 
@@ -211,8 +211,8 @@ document's ``fetched_at`` aside: the time it was read)."""
     run = repro(killed)
     data = killed / "data"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(data.glob(".raw.tmp-*/*.warc.gz")):
-        time.sleep(0.02)  # until the stage is writing its WARC shards
+    while time.time() < deadline and not list(killed.glob(".work/scrape-*/raw/*.warc.gz")):
+        time.sleep(0.02)  # until the stage is writing its WARC shards (in its work folder)
     assert run.poll() is None, "the stage ended before it could be killed"
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
@@ -224,3 +224,4 @@ document's ``fetched_at`` aside: the time it was read)."""
 
     assert content(straight) == content(killed)
     assert not list(data.glob(".*.tmp-*")), "the killed run's temporary folders are cleaned up"
+    assert not (killed / ".work").exists(), "the work folder goes once the stage has finished"

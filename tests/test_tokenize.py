@@ -18,7 +18,8 @@ from palm.core.tokenizer import (
     train_tokenizer,
 )
 from palm.data.corpus import write_corpus
-from palm.data.tokenize import TokenizeConfig, choose_valid, read_meta, split_score, tokenize_corpus
+from palm.data.split import split_score
+from palm.data.tokenize import TokenizeConfig, choose_valid, read_meta, tokenize_corpus
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def test_scrape_reports_warc_skips_in_stats_and_metrics(tmp_path):
     src.mkdir()
     (src / "hostile.warc.gz").write_bytes(hostile_warc_gz())
     (tmp_path / "params.yaml").write_text(json.dumps({"scrape": {
-        "source": "files", "files_path": str(src), "shards": 1, "workers": 1, "max_bytes": 1_000_000,
+        "source": "files", "files_path": str(src), "tasks": 1, "workers": 1, "max_bytes": 1_000_000,
         "filters": {"min_words": 20}}}))
     proc = run_stage_cli("scrape", ["--raw", "raw", "--out", "corpus", "--no-mlflow"], cwd=tmp_path,
                          env={"PYTHONPATH": str(ROOT)})

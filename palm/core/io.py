@@ -34,6 +34,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def discard_tree(path: str | Path) -> None:
+    """Remove folder ``path`` so that a kill midway leaves either all of it or none under its name:
+    renamed first (``.<name>.old-<pid>``, which :func:`clean_stale_temps` removes), then deleted.
+    A half-deleted work folder must never pass for a resumable one."""
+    path = Path(path)
+    if not path.exists():
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    _remove(old)
+
+
+def remove_if_empty(folder: str | Path) -> None:
+    """Remove ``folder`` when it exists and is empty (a parent of per-run work folders)."""
+    with contextlib.suppress(OSError):
+        Path(folder).rmdir()
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

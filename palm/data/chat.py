@@ -239,7 +239,8 @@ def split_groups(sizes: dict[str, int], valid_fraction: float, seed: int, min_va
     """The groups (``sizes``: group id -> examples) held out: those ``choose_valid`` picks with
     ``valid_fraction``, then, while they hold fewer than min(``min_valid``, a quarter of the
     examples), the next groups in the same hash order (lowest score first), never every group."""
-    from palm.data.tokenize import TokenizeConfig, choose_valid, split_score
+    from palm.data.split import split_score
+    from palm.data.tokenize import TokenizeConfig, choose_valid
 
     valid = choose_valid(sorted(sizes), TokenizeConfig(valid_fraction=valid_fraction, seed=seed))
     want = min(min_valid, sum(sizes.values()) // 4)

@@ -1,14 +1,19 @@
 """The scrape stage: collect raw documents from a source, then clean, filter and deduplicate them
-into a Parquet corpus.
+into a Parquet corpus, as datatrove pipelines on the chosen executor (:mod:`palm.data.executors`).
 
-    source ──► raw WARC shards ──► per-shard workers ──► global dedup ──► corpus Parquet
-    (pydoc | crawl | files | hf)    (decode, extract,     (exact SHA-1,     (url, title, text,
-                                     normalise, filter,    MinHash LSH)      sha1, fetched_at,
-                                     sign)                                   source)
+    collect (this process)    clean (tasks ranks)           buckets      cluster     filter (tasks ranks)
+    pydoc | crawl | files  ─► read shard r, extract,      ─► pairs per ─► earliest ─► drop duplicates,
+    | hf  → raw WARC shards    normalise, filter, sign       band          copy kept    write part r
 
-Raw pages are kept as WARC (the format real crawls use) so that every later step reads one format
-and each shard can be processed on its own: here by a local process pool, at scale by any
-executor that maps a function over shard files.
+Raw pages are kept as WARC (the format real crawls use): N = ``tasks`` gzip shards, a record's shard
+chosen by a hash of its URL, each record numbered in collection order (dedup keeps the earliest
+copy). Rank r of every step handles shard r, so ``tasks`` fixes the output and ``workers`` and the
+executor only the speed.
+
+Memory per process, whatever the corpus size: collection streams every source (a record at a
+time; one text or HTML file, or one JSONL line, is bounded by ``max_bytes``); a clean or filter
+rank holds one document (and a Parquet row group being written); a bucket rank one signature per
+clean rank; the cluster step the duplicate pairs (:mod:`palm.data.dedup`).
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 from urllib.parse import urlsplit
@@ -33,23 +38,25 @@ from tqdm import tqdm
 
 from palm.core.config import check
 from palm.core.errors import UserError, first_line
-from palm.data.clean import FilterConfig, decode, extract_html, normalize, quality_reason
-from palm.data.corpus import CORPUS_SCHEMA
+from palm.core.io import clean_stale_temps, discard_tree, write_json
+from palm.data.clean import FilterConfig
 from palm.data.crawl import CrawlConfig, Page, crawl
-from palm.data.dedup import DedupConfig, duplicates, signature
+from palm.data.dedup import DedupConfig
+from palm.data.executors import ExecutorConfig, Step, run_steps, step_counts
 from palm.data.pydoc_server import allowed_module
-from palm.data.warc import WARC_SKIPS, RawRecord, WarcShardWriter, now_iso, read_warc, shard_name
+from palm.data.steps import DROP
+from palm.data.warc import WARC_SKIPS, RawRecord, WarcShardWriter, now_iso, read_warc
 
-_PART_SCHEMA = CORPUS_SCHEMA.append(pa.field("minhash", pa.list_(pa.uint64()))).append(pa.field("seq", pa.int64()))
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 _HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 _WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz")
 
 
 @dataclass(frozen=True)
-class ScrapeConfig(CrawlConfig):
+class ScrapeConfig(CrawlConfig, ExecutorConfig):
     """The ``scrape`` section: the crawl settings of :class:`CrawlConfig` (used by the ``crawl``
-    and ``pydoc`` sources) plus the source choice, sharding, filters and dedup."""
+    and ``pydoc`` sources), the executor settings of :class:`ExecutorConfig`, the source, the
+    filters and dedup."""
 
     source: Literal["pydoc", "crawl", "files", "hf"] = "pydoc"  # where documents come from
     files_path: str = ""  # `files`: a folder of .txt/.md/.html/.jsonl/.parquet/.warc(.gz)/.wet files
@@ -58,15 +65,12 @@ class ScrapeConfig(CrawlConfig):
     hf_split: str = "train"  # `hf`: split to stream
     hf_text_field: str = "text"  # `hf`: column holding the document text
     hf_max_docs: int = 100_000  # `hf`: stop after this many rows
-    shards: int = 8  # raw WARC shards (units of parallel work)
-    workers: int = 0  # worker processes for cleaning; 0 = all cores
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.shards >= 1, "shards", "must be >= 1")
-        check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+        ExecutorConfig.__post_init__(self)
         check(self.hf_max_docs >= 1, "hf_max_docs", "must be >= 1")
         check(self.source != "crawl" or len(self.seed_urls) > 0, "seed_urls",
               "at least one seed URL is required when source is 'crawl'")
@@ -169,13 +173,17 @@ def _collect_files(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> d
     stats: Counter[str] = Counter(dict.fromkeys(WARC_SKIPS, 0))  # reported even when none happened
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     for path in tqdm(files, desc="read files", unit="file", disable=not progress):
-        name = path.name.lower()
-        fetched = now_iso()
+        name, suffix = path.name.lower(), path.suffix.lower()
+        fetched = _mtime_iso(path)  # not the clock: the same files give the same corpus
         url = path.resolve().as_uri()
-        if path.suffix.lower() in _TEXT_SUFFIXES:
-            out.write(RawRecord(url, "text/plain", path.read_bytes(), fetched, path.stem))
-        elif path.suffix.lower() in _HTML_SUFFIXES:
-            out.write(RawRecord(url, "text/html", path.read_bytes(), fetched))
+        if suffix in _TEXT_SUFFIXES or suffix in _HTML_SUFFIXES:
+            if path.stat().st_size > cfg.max_bytes:  # one document: held whole, so bounded
+                stats["oversize_record"] += 1
+                continue
+            if suffix in _TEXT_SUFFIXES:
+                out.write(RawRecord(url, "text/plain", path.read_bytes(), fetched, path.stem))
+            else:
+                out.write(RawRecord(url, "text/html", path.read_bytes(), fetched))
         elif name.endswith(_WARC_SUFFIXES):
             try:
                 for rec in read_warc(path, cfg.max_bytes, stats):
@@ -184,38 +192,77 @@ def _collect_files(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> d
                 print(f"warning: scrape: skipped unreadable WARC {path}: {err}", file=sys.stderr)
                 stats["unreadable_file"] += 1
                 continue
-        elif path.suffix.lower() == ".jsonl":
-            for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
-                try:
-                    row = json.loads(line)
-                except (ValueError, RecursionError):  # not JSON, a 5000-digit number, nested past the parser
-                    stats["bad_json_line"] += 1
+        elif suffix == ".jsonl":
+            for i, row in enumerate(_jsonl_rows(path, cfg.max_bytes, stats)):
+                if row is None:
                     continue
                 if isinstance(row, dict) and isinstance(row.get("text"), str):
                     out.write(RawRecord(_row_url(row, f"{url}#L{i + 1}"), "text/plain",
                                         _utf8(row["text"]), fetched, _row_title(row)))
                 else:
                     stats["no_text_field"] += 1
-        elif path.suffix.lower() == ".parquet":
-            try:
-                table = pq.read_table(path)
-            except (pa.ArrowException, OSError, ValueError) as err:  # not Parquet, truncated, corrupt
-                print(f"warning: scrape: skipped unreadable Parquet {path}: {' '.join(str(err).split())}",
-                      file=sys.stderr)
-                stats["unreadable_file"] += 1
+        elif suffix == ".parquet":
+            if not _collect_parquet(path, url, fetched, out, stats):
                 continue
-            if "text" not in table.column_names:
-                stats["no_text_field"] += 1
-                continue
-            for i, row in enumerate(table.to_pylist()):
-                out.write(RawRecord(_row_url(row, f"{url}#row{i}"), "text/plain",
-                                    _utf8(str(row["text"])), fetched, _row_title(row)))
         else:
             stats["unsupported_file"] += 1
             continue
         stats["files_read"] += 1
     stats["fetched"] = out.count
     return dict(stats)
+
+
+def _mtime_iso(path: Path) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _jsonl_rows(path: Path, max_bytes: int, stats: Counter) -> Iterator[object]:
+    """Each line's JSON value, streamed (None for a line that is not JSON or is over
+    ``max_bytes``, counted in ``stats``): a line is read in bounded steps, never the whole file."""
+    with open(path, "rb") as f:
+        while line := f.readline(max_bytes + 1):
+            if len(line) > max_bytes and not line.endswith(b"\n"):
+                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
+                    pass  # the rest of an oversize line, skipped in bounded reads
+                stats["oversize_record"] += 1
+                yield None
+                continue
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            try:
+                yield json.loads(text)
+            except (ValueError, RecursionError):  # not JSON, a 5000-digit number, nested past the parser
+                stats["bad_json_line"] += 1
+                yield None
+
+
+def _collect_parquet(path: Path, url: str, fetched: str, out: WarcShardWriter, stats: Counter) -> bool:
+    """Stream a Parquet file's rows (record batches of its ``text``, ``url`` and ``title`` columns);
+    False when it could not be read at all."""
+    try:
+        reader = pq.ParquetFile(path)
+        names = reader.schema_arrow.names
+    except (pa.ArrowException, OSError, ValueError) as err:  # not Parquet, truncated, corrupt
+        print(f"warning: scrape: skipped unreadable Parquet {path}: {' '.join(str(err).split())}", file=sys.stderr)
+        stats["unreadable_file"] += 1
+        return False
+    if "text" not in names:
+        stats["no_text_field"] += 1
+        return False
+    i = 0
+    try:
+        for batch in reader.iter_batches(batch_size=1024, columns=[c for c in ("text", "url", "title") if c in names]):
+            for row in batch.to_pylist():
+                out.write(RawRecord(_row_url(row, f"{url}#row{i}"), "text/plain",
+                                    _utf8(str(row["text"])), fetched, _row_title(row)))
+                i += 1
+    except (pa.ArrowException, OSError, ValueError) as err:  # a corrupt row group: what came before stays
+        print(f"warning: scrape: stopped reading Parquet {path} at row {i}: {' '.join(str(err).split())}",
+              file=sys.stderr)
+        stats["unreadable_file"] += 1
+        return False
+    return True
 
 
 def _row_url(row: dict, default: str) -> str:
@@ -260,104 +307,97 @@ def _collect_hf(cfg: ScrapeConfig, out: WarcShardWriter, progress: bool) -> dict
 COLLECTORS = {"pydoc": _collect_pydoc, "crawl": _collect_crawl, "files": _collect_files, "hf": _collect_hf}
 
 
-# ----------------------------------------------------------------------------- WARC → clean docs
+# ----------------------------------------------------------------------------- WARC → corpus
 
 
-def _clean_record(rec: RawRecord, cfg: ScrapeConfig) -> tuple[dict | None, str | None]:
-    """A corpus row (with its MinHash) for one raw record, or the reason it was dropped."""
-    ctype = rec.content_type.lower()
-    if b"\x00" in rec.body[:65536]:
-        return None, "binary"
-    raw, fallback = decode(rec.body, rec.content_type)
-    if "html" in ctype or (not ctype and raw.lstrip()[:15].lower().startswith(("<!doctype", "<html"))):
-        text, title = extract_html(raw)
-    elif ctype.startswith("text/") or not ctype:
-        text, title = raw, rec.title
-    else:
-        return None, "content_type"
-    if fallback and raw.count("\ufffd") > 0.01 * max(1, len(raw)):
-        return None, "undecodable"
-    text = normalize(text)
-    reason = quality_reason(text, cfg.filters)
-    if reason:
-        return None, reason
-    title = normalize(rec.title or title or "") or (text.split("\n", 1)[0][:200])
-    row = {"url": rec.url, "title": title, "text": text, "sha1": hashlib.sha1(text.encode("utf-8")).hexdigest(),
-           "fetched_at": rec.fetched_at, "source": cfg.source,
-           "minhash": signature(text, cfg.dedup).tolist(), "seq": rec.seq}
-    return row, None
+def pipeline_steps(cfg: ScrapeConfig, raw_dir: Path, work: Path) -> list[Step]:
+    """The datatrove pipelines after collection, in order (see the module docstring)."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupFilter
+
+    from palm.data.dedup import DedupCluster, DedupSignature, minhash_config
+    from palm.data.steps import (CleanPartReader, Extract, Normalize, QualityFilter, Tally, WarcShardReader,
+                                 clean_writer, corpus_writer)
+
+    w = str(work)
+    mh = minhash_config(cfg.dedup)
+    return [
+        Step("clean", [WarcShardReader(str(raw_dir)), Extract(), Normalize(cfg.source), QualityFilter(cfg.filters),
+                       clean_writer(f"{w}/clean"), DedupSignature(f"{w}/dedup", cfg.dedup)], cfg.tasks),
+        Step("buckets", [MinhashDedupBuckets(f"{w}/dedup/sigs", f"{w}/dedup/buckets", config=mh)], mh.num_buckets,
+             light=True),
+        Step("cluster", [DedupCluster(f"{w}/dedup", cfg.dedup, cfg.tasks)], 1, light=True),
+        Step("filter", [CleanPartReader(f"{w}/clean"), MinhashDedupFilter(f"{w}/dedup/remove"),
+                        corpus_writer(f"{w}/corpus"), Tally()], cfg.tasks, light=True),
+    ]
 
 
-def process_shard(warc_path: Path, part_path: Path, cfg: ScrapeConfig) -> tuple[int, dict[str, int]]:
-    """Clean one raw shard into one Parquet part; returns ``(records read, drops by reason)``."""
-    rows, drops, n = [], Counter(), 0
-    for rec in read_warc(warc_path, skipped=drops):  # our own shards: records already bounded
-        n += 1
-        row, reason = _clean_record(rec, cfg)
-        if row is None:
-            drops[reason] += 1
-        else:
-            rows.append(row)
-    pq.write_table(pa.Table.from_pylist(rows, schema=_PART_SCHEMA), part_path)
-    return n, dict(drops)
+def work_key(cfg: ScrapeConfig) -> str:
+    """What the work folder is keyed by: every setting that changes the output (not the executor,
+    the workers or how Slurm is asked)."""
+    values = {k: v for k, v in asdict(cfg).items() if k not in _SPEED_ONLY}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- the stage
+_SPEED_ONLY = {"executor", "workers", "ray_address", "slurm", "concurrency"}
 
 
-def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, progress: bool = True) -> dict:
+def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, work: Path | None = None,
+           progress: bool = True) -> dict:
     """Run the whole stage into ``raw_dir`` (WARC shards) and ``corpus_dir`` (Parquet parts and
     ``stats.json``); both must be fresh, empty folders (the caller makes them atomic).
-    Returns the stats. Raises :class:`UserError` when no document survives."""
+
+    ``work`` holds what the steps write on the way (and datatrove's logs and completion markers):
+    a rerun with the same folder after a crash skips the collection and the ranks that finished.
+    The caller keys it by the params (:func:`work_key`); None = a temporary folder. It is removed
+    on success. Returns the stats. Raises :class:`UserError` when no document survives."""
     raw_dir, corpus_dir = Path(raw_dir), Path(corpus_dir)
-    with WarcShardWriter(raw_dir, cfg.shards) as writer:
-        collect_stats = COLLECTORS[cfg.source](cfg, writer, progress)
-        fetched = writer.count
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="palm-scrape-", ignore_cleanup_errors=True)))
+        work = Path(work)
+        clean_stale_temps(work.parent, work.name)
+        try:
+            stats = _scrape(cfg, raw_dir, corpus_dir, work, progress)
+        except UserError:  # bad settings or input: a rerun would not resume, it would fail again
+            discard_tree(work)
+            raise
+        discard_tree(work)
+    return stats
+
+
+def _scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, work: Path, progress: bool) -> dict:
+    raw = work / "raw"
+    done = work / "collected.json"
+    if done.is_file():  # a rerun after a crash: the pages are already here
+        collected = json.loads(done.read_text())
+    else:
+        shutil.rmtree(raw, ignore_errors=True)
+        with WarcShardWriter(raw, cfg.tasks) as writer:
+            collect_stats = COLLECTORS[cfg.source](cfg, writer, progress)
+        collected = {"fetched": writer.count, "collect": collect_stats}
+        write_json(done, collected)
+    fetched = collected["fetched"]
     if fetched == 0:
-        raise UserError(f"scrape ({cfg.source}) collected no documents ({_describe(collect_stats)}); "
+        raise UserError(f"scrape ({cfg.source}) collected no documents ({_describe(collected['collect'])}); "
                         f"check the scrape section of params.yaml")
 
-    parts_dir = corpus_dir / ".parts"
-    parts_dir.mkdir()
-    shard_paths = [raw_dir / shard_name(i) for i in range(cfg.shards)]
-    part_paths = [parts_dir / f"part-{i:05d}.parquet" for i in range(cfg.shards)]
-    drops: Counter[str] = Counter()
-    workers = min(cfg.workers or os.cpu_count() or 1, cfg.shards)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(process_shard, s, p, cfg) for s, p in zip(shard_paths, part_paths)]
-        for fut in tqdm(futures, desc="clean shards", unit="shard", disable=not progress):
-            _, d = fut.result()
-            drops.update(d)
+    steps = pipeline_steps(cfg, raw, work)
+    bar = tqdm(total=len(steps), desc="scrape steps", unit="step", disable=not progress)
+    run_steps(steps, cfg, work, progress=progress, on_step=lambda name: (bar.set_postfix_str(name), bar.update(0)))
+    bar.update(len(steps))
+    bar.close()
 
-    # Dedup in collection order (crawl order: shallower pages first), so the earliest copy stays.
-    keys, seqs = [], []
-    for p in part_paths:
-        t = pq.read_table(p, columns=["sha1", "minhash", "seq"])
-        keys.extend(zip(t.column("sha1").to_pylist(), t.column("minhash").to_numpy(zero_copy_only=False)))
-        seqs.extend(t.column("seq").to_pylist())
-    order = sorted(range(len(keys)), key=lambda i: (seqs[i], i))
-    sorted_reasons, _, _ = duplicates([keys[i] for i in order], cfg.dedup)
-    reasons: list[str | None] = [None] * len(keys)
-    for i, r in zip(order, sorted_reasons):
-        reasons[i] = r
-    drops.update(r for r in reasons if r)
-
-    kept = words = 0
-    offset = 0
-    for i, p in enumerate(part_paths):
-        table = pq.read_table(p)
-        mask = pa.array([reasons[offset + j] is None for j in range(table.num_rows)], type=pa.bool_())
-        offset += table.num_rows
-        table = table.filter(mask).drop_columns(["minhash", "seq"])
-        if table.num_rows:
-            pq.write_table(table, corpus_dir / f"part-{i:05d}.parquet")
-            kept += table.num_rows
-            words += sum(len(t.split()) for t in table.column("text").to_pylist())
-        p.unlink()
-    parts_dir.rmdir()
+    counts = step_counts(work / "logs")
+    drops = Counter({k[len(DROP):]: v for k, v in counts.items() if k.startswith(DROP) and v})
+    drops.update({k: v for k, v in json.loads((work / "dedup" / "dedup.json").read_text()).items() if v})
+    kept, words = int(counts.get("kept", 0)), int(counts.get("words", 0))
     if kept == 0:
         raise UserError(f"scrape ({cfg.source}): all {fetched} documents were dropped ({_describe(dict(drops))}); "
                         f"loosen scrape.filters or point the source at text documents")
+    for part in sorted((work / "corpus").glob("part-*.parquet")):
+        os.replace(part, corpus_dir / part.name)
+    for shard in sorted(raw.glob("shard-*.warc.gz")):
+        os.replace(shard, raw_dir / shard.name)
     stats = {
         "source": cfg.source,
         "fetched": fetched,
@@ -365,9 +405,9 @@ def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, progress: bool
         "words": words,
         "dropped": dict(sorted(drops.items())),
         "dropped_total": int(sum(drops.values())),
-        "collect": collect_stats,
+        "collect": collected["collect"],
     }
-    (corpus_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_json(corpus_dir / "stats.json", stats)
     return stats
 
 

@@ -1,21 +1,23 @@
 """The tokenize stage: encode the corpus into Megatron indexed datasets.
 
-Writes ``train.{bin,idx}`` and ``valid.{bin,idx}`` with megatron-core's ``IndexedDatasetBuilder``
-(one dataset document per corpus document, end-of-document token appended) and ``meta.json``
-naming the tokenizer's SHA-256, which the pretrain stage checks. The split is by document and
-seeded: a document goes to ``valid`` when a hash of ``(seed, sha1)`` falls below
-``valid_fraction``, so it does not depend on corpus order or on the number of workers.
+Writes ``train.{bin,idx}`` and ``valid.{bin,idx}`` (one dataset document per corpus document,
+end-of-document token appended) and ``meta.json`` naming the tokenizer's SHA-256, which the
+pretrain stage checks. The split is by document and seeded: a document goes to ``valid`` when a
+hash of ``(seed, sha1)`` falls below ``valid_fraction``, so it does not depend on corpus order,
+on ``tasks`` or on the executor.
 
-Memory stays bounded: the corpus is streamed in record batches, encoded batch by batch on all
-cores (the tokenizers library's Rust thread pool), and appended to the shards as it goes.
+The encoding is a datatrove pipeline (:class:`palm.data.steps.TokenizeRank`) of ``tasks`` ranks,
+each writing its slice of the corpus parts with datatrove's Megatron writer; megatron-core's
+``IndexedDatasetBuilder`` then appends the ranks' pairs in order. Memory stays bounded: the
+corpus is streamed in record batches; a rank holds one batch and its documents' lengths.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +25,16 @@ import numpy as np
 
 from palm.core.config import check
 from palm.core.errors import UserError
+from palm.data.executors import ExecutorConfig
+from palm.data.split import split_score
 
 META = "meta.json"
 
 
 @dataclass(frozen=True)
-class TokenizeConfig:
-    """The ``tokenize`` section."""
+class TokenizeConfig(ExecutorConfig):
+    """The ``tokenize`` section: the executor settings of :class:`ExecutorConfig` (``tasks`` ranks
+    each encode a slice of the corpus parts), the split and the encoding."""
 
     valid_fraction: float = 0.05  # share of documents held out for validation
     seed: int = 1234  # seeds the train/valid split
@@ -37,14 +42,10 @@ class TokenizeConfig:
     threads: int = 0  # encoding threads; 0 = all cores
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(0.0 < self.valid_fraction < 1.0, "valid_fraction", "must be between 0 and 1 (exclusive)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.threads >= 0, "threads", "must be >= 0 (0 = all cores)")
-
-
-def split_score(sha1: str, seed: int) -> float:
-    """A uniform number in [0, 1) fixed by the document's hash and the seed."""
-    return int(hashlib.sha256(f"{seed}:{sha1}".encode()).hexdigest()[:16], 16) / 2**64
 
 
 def choose_valid(sha1s: list[str], cfg: TokenizeConfig) -> set[str]:
@@ -59,64 +60,95 @@ def choose_valid(sha1s: list[str], cfg: TokenizeConfig) -> set[str]:
     return valid
 
 
+def split_plan(corpus_dir: Path, cfg: TokenizeConfig) -> tuple[int, str | None, str | None]:
+    """One streaming pass over the ``sha1`` column: ``(documents, forced_valid, forced_train)``,
+    the exceptions that make :func:`choose_valid`'s guarantees hold without holding every hash."""
+    from palm.data.corpus import read_corpus
+
+    n = n_valid = 0
+    lo: tuple[float, str | None] = (2.0, None)
+    hi: tuple[float, str | None] = (-1.0, None)
+    for batch in read_corpus(corpus_dir, ["sha1"], batch_size=8192):
+        for sha1 in batch.column("sha1").to_pylist():
+            score = split_score(sha1, cfg.seed)
+            n += 1
+            n_valid += score < cfg.valid_fraction
+            lo, hi = min(lo, (score, sha1)), max(hi, (score, sha1))
+    forced_valid = lo[1] if n >= 2 and n_valid == 0 else None
+    forced_train = hi[1] if n >= 2 and n_valid == n else None
+    return n, forced_valid, forced_train
+
+
+def token_dtype(vocab: int):
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return DType.optimal_dtype(vocab)
+
+
+def tokenize_work_key(cfg: TokenizeConfig, corpus_dir: Path, tokenizer_path: Path) -> str:
+    """The work folder's key: the output-changing settings, the tokenizer and the corpus parts."""
+    from dataclasses import asdict
+
+    from palm.core.tokenizer import sha256_file
+
+    values = {k: v for k, v in asdict(cfg).items() if k not in ("executor", "workers", "ray_address", "slurm", "threads")}
+    parts = [] if not Path(corpus_dir).is_dir() else [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(corpus_dir).glob("part-*.parquet"))]
+    tok = sha256_file(tokenizer_path) if Path(tokenizer_path).is_file() else ""  # missing: tokenize_corpus says so
+    blob = json.dumps([values, tok, parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: TokenizeConfig,
-                    *, progress: bool = True) -> dict:
-    """Encode ``corpus_dir`` with ``tokenizer_path`` into ``out_dir`` (a fresh folder)."""
+                    *, work: Path | None = None, progress: bool = True) -> dict:
+    """Encode ``corpus_dir`` with ``tokenizer_path`` into ``out_dir`` (a fresh folder), as a
+    datatrove pipeline of ``cfg.tasks`` ranks on ``cfg.executor``; ``work`` (None = a temporary
+    folder) keeps the ranks' files and completion markers for a rerun after a crash, and is
+    removed on success."""
+    import contextlib
+    import tempfile
+
     if cfg.threads:
         os.environ["RAYON_NUM_THREADS"] = str(cfg.threads)  # before the tokenizers thread pool starts
-    import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from palm.core.io import write_json
+    from palm.core.io import clean_stale_temps, discard_tree, write_json
     from palm.core.tokenizer import load_tokenizer, sha256_file, special_ids
-    from palm.data.corpus import read_corpus
+    from palm.data.executors import Step, run_steps, step_counts
+    from palm.data.steps import TokenizeRank
 
     tok = load_tokenizer(tokenizer_path)
     tok_sha = sha256_file(tokenizer_path)
     eod = special_ids(tok)["eod_id"]
     vocab = tok.get_vocab_size()
-    dtype = DType.optimal_dtype(vocab)
-
-    sha1s = [s for b in read_corpus(corpus_dir, ["sha1"]) for s in b.column("sha1").to_pylist()]
-    if not sha1s:
+    dtype = token_dtype(vocab)
+    n_docs, forced_valid, forced_train = split_plan(corpus_dir, cfg)
+    if not n_docs:
         raise UserError(f"{corpus_dir}: the corpus has no documents; rerun the scrape stage")
-    valid = choose_valid(sha1s, cfg)
 
-    out_dir = Path(out_dir)
-    builders = {name: IndexedDatasetBuilder(str(out_dir / f"{name}.bin"), dtype=dtype) for name in ("train", "valid")}
-    docs = {"train": 0, "valid": 0}
-    tokens = {"train": 0, "valid": 0}
     started = time.perf_counter()
-    bar = tqdm(total=len(sha1s), desc="tokenize", unit="doc", disable=not progress)
-
-    def append(batch_sha1s, encodings):
-        for sha1, enc in zip(batch_sha1s, encodings):
-            name = "valid" if sha1 in valid else "train"
-            ids = np.asarray(enc.ids + [eod], dtype=dtype)
-            builders[name].add_document(torch.from_numpy(ids), [len(ids)])
-            docs[name] += 1
-            tokens[name] += len(ids)
-        bar.update(len(batch_sha1s))
-
-    def encode(batch):  # runs on a helper thread: encode_batch releases the GIL
-        return batch.column("sha1").to_pylist(), tok.encode_batch(batch.column("text").to_pylist(),
-                                                                  add_special_tokens=False)
-
-    # Encode batch i+1 on all cores while the main thread appends batch i to the shards.
-    with ThreadPoolExecutor(1) as ahead:
-        pending = None
-        for batch in read_corpus(corpus_dir, ["text", "sha1"], batch_size=cfg.batch_size):
-            nxt = ahead.submit(encode, batch)
-            if pending is not None:
-                append(*pending.result())
-            pending = nxt
-        if pending is not None:
-            append(*pending.result())
-    bar.close()
-    for name, builder in builders.items():
-        builder.finalize(str(out_dir / f"{name}.idx"))
+    out_dir = Path(out_dir)
+    with contextlib.ExitStack() as stack:
+        work = Path(work) if work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="palm-tok-", ignore_cleanup_errors=True)))
+        ranks = work / "ranks"
+        step = TokenizeRank(str(Path(corpus_dir).resolve()), str(Path(tokenizer_path).resolve()), str(ranks),
+                            valid_fraction=cfg.valid_fraction, seed=cfg.seed, batch_size=cfg.batch_size,
+                            token_size=np.dtype(dtype).itemsize, forced_valid=forced_valid, forced_train=forced_train)
+        clean_stale_temps(work.parent, work.name)
+        try:
+            run_steps([Step("tokenize", [step], cfg.tasks)], cfg, work, progress=progress)
+        except UserError:
+            discard_tree(work)
+            raise
+        counts = step_counts(work / "logs")
+        for name in ("train", "valid"):  # the ranks' pairs appended in rank order (megatron-core's builder)
+            builder = IndexedDatasetBuilder(str(out_dir / f"{name}.bin"), dtype=dtype)
+            for r in range(cfg.tasks):
+                builder.add_index(str(ranks / f"{name}-{r:05d}"))
+            builder.finalize(str(out_dir / f"{name}.idx"))
+        discard_tree(work)
     seconds = time.perf_counter() - started
+    docs = {n: int(counts.get(f"{n}_documents", 0)) for n in ("train", "valid")}
+    tokens = {n: int(counts.get(f"{n}_tokens", 0)) for n in ("train", "valid")}
     meta = {
         "tokenizer_sha256": tok_sha,
         "vocab_size": vocab,
