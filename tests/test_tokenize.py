@@ -111,3 +111,73 @@ def test_tokenize_cli_missing_inputs(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: tokenize: ") and "tokenizer not found" in last, proc.stderr
     assert not (tmp_path / "tokens").exists() and not list(tmp_path.glob(".tokens.tmp-*"))
+
+
+def _shards(folder) -> dict[str, bytes]:
+    return {n: (folder / n).read_bytes() for n in ("train.bin", "train.idx", "valid.bin", "valid.idx", "meta.json")}
+
+
+def test_the_shards_do_not_depend_on_tasks_or_workers(shakespeare_corpus, tmp_path):
+    """One rank, or three ranks on two worker processes (each writing its slice with datatrove's
+    Megatron writer, appended in rank order): the same bytes."""
+    corpus, _ = shakespeare_corpus
+    tok = _train(corpus, tmp_path / "tok")
+    outs = []
+    for tasks, workers in ((1, 1), (3, 2)):
+        out = tmp_path / f"t{tasks}"
+        out.mkdir()
+        tokenize_corpus(corpus, tok, out, TokenizeConfig(tasks=tasks, workers=workers), progress=False)
+        outs.append(_shards(out))
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("n,fraction", [(1, 0.05), (2, 0.01), (3, 0.99), (40, 0.2), (40, 0.001)])
+def test_the_streaming_split_is_choose_valids(n, fraction):
+    """split_plan's one pass (no set of every hash held) decides like choose_valid on all of them."""
+    import tempfile
+    from pathlib import Path
+
+    from palm.data.tokenize import split_plan
+
+    cfg = TokenizeConfig(valid_fraction=fraction)
+    rows = [{"url": f"u{i}", "title": "", "text": "t", "sha1": hashlib.sha1(str(i).encode()).hexdigest(),
+             "fetched_at": "", "source": "files"} for i in range(n)]
+    with tempfile.TemporaryDirectory() as d:
+        write_corpus(rows, Path(d))
+        total, forced_valid, forced_train = split_plan(Path(d), cfg)
+    want = choose_valid([r["sha1"] for r in rows], cfg)
+    got = {r["sha1"] for r in rows if r["sha1"] != forced_train
+           and (r["sha1"] == forced_valid or split_score(r["sha1"], cfg.seed) < fraction)}
+    assert total == n and got == want
+
+
+def test_a_failed_rank_resumes_after_the_ranks_that_finished(shakespeare_corpus, tmp_path, monkeypatch):
+    """Rank 1 dies once: the work folder stays, and the rerun redoes rank 1 only, to the same shards
+    as a run that never failed."""
+    from palm.data.executors import StepFailed
+    from palm.data.steps import TokenizeRank
+
+    corpus, _ = shakespeare_corpus
+    tok = _train(corpus, tmp_path / "tok")
+    cfg = TokenizeConfig(tasks=2, workers=1)  # ranks in this process: the patch below reaches them
+    (tmp_path / "ref").mkdir()
+    tokenize_corpus(corpus, tok, tmp_path / "ref", cfg, progress=False)
+    calls, run = [], TokenizeRank.run
+
+    def flaky(self, data=None, rank=0, world_size=1):
+        calls.append(rank)
+        if rank == 1 and calls.count(1) == 1:
+            raise RuntimeError("worker lost")
+        return run(self, data, rank, world_size)
+
+    monkeypatch.setattr(TokenizeRank, "run", flaky)
+    work = tmp_path / "work"
+    (tmp_path / "a").mkdir()
+    with pytest.raises(StepFailed, match="tokenize"):
+        tokenize_corpus(corpus, tok, tmp_path / "a", cfg, work=work, progress=False)
+    assert (work / "logs" / "tokenize" / "completions" / "00000").is_file()
+    (tmp_path / "b").mkdir()
+    tokenize_corpus(corpus, tok, tmp_path / "b", cfg, work=work, progress=False)
+    assert calls == [0, 1, 1]
+    assert _shards(tmp_path / "b") == _shards(tmp_path / "ref")
+    assert not work.exists()

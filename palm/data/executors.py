@@ -38,7 +38,7 @@ class SlurmConfig:
     partition: str = ""  # required with executor slurm
     time: str = "04:00:00"  # per task
     cpus_per_task: int = 1
-    mem_per_cpu_gb: float = 2.0
+    mem_per_cpu_gb: int = 2  # whole GB: sbatch refuses "2.0G"
     qos: str = ""  # "" = the partition's default
     sbatch_args: tuple[str, ...] = ()  # more sbatch options, "key=value" (e.g. "account=lm")
     env_command: str = ""  # run before each task; "" = activate this interpreter's virtualenv
@@ -67,6 +67,11 @@ class ExecutorConfig:
         check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
         check(self.executor != "slurm" or bool(self.slurm.partition), "slurm.partition",
               "a partition is required with executor slurm (sinfo lists them)")
+
+
+class StepFailed(UserError):
+    """A rank of a step failed or did not finish: the work folder is kept, so that a rerun resumes
+    (a worker killed for memory, a node lost) after the ranks that finished."""
 
 
 @dataclass
@@ -98,7 +103,7 @@ def run_steps(steps: Sequence[Step], cfg: ExecutorConfig, work: Path, *, progres
             try:
                 executor.run()
             except Exception as err:  # noqa: BLE001 - a rank raised: datatrove re-raises it here
-                raise UserError(f"data step {step.name!r} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                raise StepFailed(f"data step {step.name!r} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                                 f"its logs: {work / 'logs' / step.name}") from None
             _check_complete(executor, step, work)
     finally:
@@ -187,7 +192,7 @@ def _check_complete(executor, step: Step, work: Path) -> None:
     missing = [r for r in range(step.tasks) if not executor.is_rank_completed(r)]
     if missing:
         shown = ", ".join(map(str, missing[:8])) + (" …" if len(missing) > 8 else "")
-        raise UserError(f"data step {step.name!r}: ranks {shown} did not finish; their logs: "
+        raise StepFailed(f"data step {step.name!r}: ranks {shown} did not finish; their logs: "
                         f"{work / 'logs' / step.name / 'logs'}")
 
 

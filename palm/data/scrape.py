@@ -42,7 +42,7 @@ from palm.core.io import clean_stale_temps, discard_tree, write_json
 from palm.data.clean import FilterConfig
 from palm.data.crawl import CrawlConfig, Page, crawl
 from palm.data.dedup import DedupConfig
-from palm.data.executors import ExecutorConfig, Step, run_steps, step_counts
+from palm.data.executors import ExecutorConfig, Step, StepFailed, run_steps, step_counts
 from palm.data.pydoc_server import allowed_module
 from palm.data.steps import DROP
 from palm.data.warc import WARC_SKIPS, RawRecord, WarcShardWriter, now_iso, read_warc
@@ -358,6 +358,8 @@ def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, work: Path | N
         clean_stale_temps(work.parent, work.name)
         try:
             stats = _scrape(cfg, raw_dir, corpus_dir, work, progress)
+        except StepFailed:  # a rank died: a rerun resumes after the ranks that finished
+            raise
         except UserError:  # bad settings or input: a rerun would not resume, it would fail again
             discard_tree(work)
             raise
@@ -365,17 +367,23 @@ def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, work: Path | N
     return stats
 
 
+def collect(cfg: ScrapeConfig, work: Path, progress: bool = False) -> dict:
+    """Collect the source into ``<work>/raw`` (``tasks`` WARC shards) and ``<work>/collected.json``
+    (the counts), once: a rerun with the same work folder finds them there."""
+    raw, done = work / "raw", work / "collected.json"
+    if done.is_file():  # a rerun after a crash: the pages are already here
+        return json.loads(done.read_text())
+    shutil.rmtree(raw, ignore_errors=True)
+    with WarcShardWriter(raw, cfg.tasks) as writer:
+        collect_stats = COLLECTORS[cfg.source](cfg, writer, progress)
+    collected = {"fetched": writer.count, "collect": collect_stats}
+    write_json(done, collected)
+    return collected
+
+
 def _scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, work: Path, progress: bool) -> dict:
     raw = work / "raw"
-    done = work / "collected.json"
-    if done.is_file():  # a rerun after a crash: the pages are already here
-        collected = json.loads(done.read_text())
-    else:
-        shutil.rmtree(raw, ignore_errors=True)
-        with WarcShardWriter(raw, cfg.tasks) as writer:
-            collect_stats = COLLECTORS[cfg.source](cfg, writer, progress)
-        collected = {"fetched": writer.count, "collect": collect_stats}
-        write_json(done, collected)
+    collected = collect(cfg, work, progress)
     fetched = collected["fetched"]
     if fetched == 0:
         raise UserError(f"scrape ({cfg.source}) collected no documents ({_describe(collected['collect'])}); "

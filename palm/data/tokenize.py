@@ -113,7 +113,7 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: 
 
     from palm.core.io import clean_stale_temps, discard_tree, write_json
     from palm.core.tokenizer import load_tokenizer, sha256_file, special_ids
-    from palm.data.executors import Step, run_steps, step_counts
+    from palm.data.executors import Step, StepFailed, run_steps, step_counts
     from palm.data.steps import TokenizeRank
 
     tok = load_tokenizer(tokenizer_path)
@@ -136,7 +136,9 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: 
         clean_stale_temps(work.parent, work.name)
         try:
             run_steps([Step("tokenize", [step], cfg.tasks)], cfg, work, progress=progress)
-        except UserError:
+        except StepFailed:  # a rank died: a rerun resumes after the ranks that finished
+            raise
+        except UserError:  # bad settings or input: a rerun would fail again
             discard_tree(work)
             raise
         counts = step_counts(work / "logs")
