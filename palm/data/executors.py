@@ -243,15 +243,20 @@ def _run_slurm(steps: Sequence[Step], cfg: ExecutorConfig, work: Path) -> None:
         raise UserError(f"executor slurm: sbatch failed ({(err.output or b'').decode(errors='replace').strip() or err}); "
                         f"check slurm.partition and slurm.sbatch_args") from None
     ids = [str(ex.job_id) for ex in executors if ex.job_id not in (None, -1)]
-    while ids and _queued(ids):
+    while ids and (queued := _queued(ids)):
+        if any("DependencyNeverSatisfied" in reason for reason in queued.values()):
+            # a step failed: the later arrays would wait for it forever
+            subprocess.run(["scancel", *ids], capture_output=True)
+            break
         time.sleep(s.poll_s)
     for ex, step in zip(executors, steps):
         _check_complete(ex, step, work)
 
 
-def _queued(ids: list[str]) -> bool:
-    out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True)
-    return bool(out.stdout.strip())
+def _queued(ids: list[str]) -> dict[str, str]:
+    """The jobs of ``ids`` still in the queue, with the reason they wait (``squeue``)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", ",".join(ids)], capture_output=True, text=True)
+    return dict((line.split(" ", 1) + [""])[:2] for line in out.stdout.splitlines() if line.strip())
 
 
 def step_counts(logs: Path) -> Counter:
