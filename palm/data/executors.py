@@ -14,6 +14,7 @@ markers alone do not know the params.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 from palm.core.config import check
 from palm.core.errors import UserError
@@ -84,27 +85,26 @@ class Step:
     light: bool = False  # I/O-bound and cheap per document: run in this process on the local executor
 
 
-def run_steps(steps: Sequence[Step], cfg: ExecutorConfig, work: Path, *, progress: bool = False,
-              on_step: Callable[[str], None] | None = None) -> None:
-    """Run ``steps`` in order on ``cfg.executor``; raise :class:`UserError` naming the step and
-    its logs when a rank failed."""
+def run_steps(steps: Sequence[Step], cfg: ExecutorConfig, work: Path, *, progress: bool = False) -> None:
+    """Run ``steps`` in order on ``cfg.executor``, with a progress bar of finished ranks per step
+    (``progress``); raise :class:`StepFailed` naming the step and its logs when a rank failed."""
     work = Path(work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    _quiet_logs(progress)
+    _quiet_logs()
     if cfg.executor == "slurm":
         _run_slurm(steps, cfg, work)
         return
     ray_started = cfg.executor == "ray" and _start_ray(cfg)
     try:
         for step in steps:
-            if on_step:
-                on_step(step.name)
             executor = _executor(step, cfg, work)
-            try:
-                executor.run()
-            except Exception as err:  # noqa: BLE001 - a rank raised: datatrove re-raises it here
-                raise StepFailed(f"data step {step.name!r} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                                f"its logs: {work / 'logs' / step.name}") from None
+            with _rank_bar(step, work, progress):
+                try:
+                    executor.run()
+                except Exception as err:  # noqa: BLE001 - a rank raised: datatrove re-raises it here
+                    first = str(err).splitlines()[0] if str(err) else ""
+                    raise StepFailed(f"data step {step.name!r} failed ({type(err).__name__}: {first}); "
+                                     f"its logs: {work / 'logs' / step.name}") from None
             _check_complete(executor, step, work)
     finally:
         if ray_started:
@@ -196,7 +196,37 @@ def _check_complete(executor, step: Step, work: Path) -> None:
                         f"{work / 'logs' / step.name / 'logs'}")
 
 
-def _quiet_logs(progress: bool) -> None:
+@contextlib.contextmanager
+def _rank_bar(step: Step, work: Path, progress: bool):
+    """A bar of the step's finished ranks, counted from datatrove's completion markers (every
+    executor writes them) by a thread while the step runs."""
+    if not progress:
+        yield
+        return
+    import threading
+
+    from tqdm import tqdm
+
+    done = work / "logs" / step.name / "completions"
+    stop = threading.Event()
+    with tqdm(total=step.tasks, desc=f"{step.name}", unit="rank") as bar:
+        def follow() -> None:
+            while not stop.wait(0.5):
+                bar.n = len(list(done.glob("*"))) if done.is_dir() else 0
+                bar.refresh()
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            bar.n = len(list(done.glob("*"))) if done.is_dir() else 0
+            bar.refresh()
+
+
+def _quiet_logs() -> None:
     """datatrove logs every task's start and stats at INFO through loguru: warnings only on
     the console, here and (``LOGURU_LEVEL``, read when loguru is imported) in the processes
     the executors start; the per-rank log files keep everything."""

@@ -389,11 +389,7 @@ def _scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, work: Path, prog
         raise UserError(f"scrape ({cfg.source}) collected no documents ({_describe(collected['collect'])}); "
                         f"check the scrape section of params.yaml")
 
-    steps = pipeline_steps(cfg, raw, work)
-    bar = tqdm(total=len(steps), desc="scrape steps", unit="step", disable=not progress)
-    run_steps(steps, cfg, work, progress=progress, on_step=lambda name: (bar.set_postfix_str(name), bar.update(0)))
-    bar.update(len(steps))
-    bar.close()
+    run_steps(pipeline_steps(cfg, raw, work), cfg, work, progress=progress)
 
     counts = step_counts(work / "logs")
     drops = Counter({k[len(DROP):]: v for k, v in counts.items() if k.startswith(DROP) and v})
