@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -218,15 +219,37 @@ class TokenizeRank(PipelineStep):
         mine = parts[rank * len(parts) // world_size:(rank + 1) * len(parts) // world_size]
         files = {name: MegatronTokenizedFile(self.out, f"{name}-{rank:05d}", token_size=self.token_size)
                  for name in ("train", "valid")}
-        for part in mine:
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=self.batch_size, columns=["text", "sha1"]):
-                with self.track_time():
-                    encodings = tok.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
-                    for sha1, enc in zip(batch.column("sha1").to_pylist(), encodings):
-                        name = "valid" if self.is_valid(sha1) else "train"
-                        files[name].write(enc.ids + [eod])
-                        self.stat_update(f"{name}_documents")
-                        self.stat_update(f"{name}_tokens", value=len(enc.ids) + 1)
+        counts: Counter[str] = Counter()
+
+        def batches():
+            for part in mine:
+                yield from pq.ParquetFile(part).iter_batches(batch_size=self.batch_size, columns=["text", "sha1"])
+
+        def encode(batch):  # on a helper thread: encode_batch releases the GIL
+            return batch.column("sha1").to_pylist(), tok.encode_batch(batch.column("text").to_pylist(),
+                                                                      add_special_tokens=False)
+
+        def write(sha1s, encodings):
+            for sha1, enc in zip(sha1s, encodings):
+                name = "valid" if self.is_valid(sha1) else "train"
+                ids = enc.ids
+                ids.append(eod)
+                files[name].write(ids)
+                counts[f"{name}_documents"] += 1
+                counts[f"{name}_tokens"] += len(ids)
+
+        # encode batch i+1 on all cores (the tokenizers' Rust threads) while this thread writes batch i
+        with self.track_time(), ThreadPoolExecutor(1) as ahead:
+            pending = None
+            for batch in batches():
+                nxt = ahead.submit(encode, batch)
+                if pending is not None:
+                    write(*pending.result())
+                pending = nxt
+            if pending is not None:
+                write(*pending.result())
+        for label, value in counts.items():
+            self.stat_update(label, value=value)
         for f in files.values():
             f.close()
         return iter(())
