@@ -38,7 +38,7 @@ Output: one table per side, new/baseline ratios at each size, a dated JSON recor
 (``benchmarks/records/data-scaling-DATE.json``, or ``--record``), and last these lines (new side):
 
     rss_ratio_16x_4x R          worst stage's largest per-process peak RSS, 16× over 4×
-    throughput_ratio_16x_4x R   scrape+tokenize documents/s per core, 16× over 4×
+    throughput_ratio_16x_4x R   scrape+tokenize documents per CPU-second (per core), 16× over 4×
     dedup_recall R              at 16×, planted exact and Jaccard >= 0.9 copies
     dedup_precision R
 
@@ -74,8 +74,8 @@ BASELINE_COMMIT = "8d8385f"
 CODE_PATHS = ("palm", "stages", "params.yaml", "pyproject.toml")
 MIB = 2**20
 # Runs a stage as its child and writes the largest reaped descendant's peak RSS (KiB) to argv[1].
-_WRAP = ("import resource,subprocess,sys;rc=subprocess.call(sys.argv[2:]);"
-         "open(sys.argv[1],'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss));sys.exit(rc)")
+_WRAP = ("import resource,subprocess,sys;rc=subprocess.call(sys.argv[2:]);r=resource.getrusage(resource.RUSAGE_CHILDREN);"
+         "open(sys.argv[1],'w').write(f'{r.ru_maxrss} {r.ru_utime + r.ru_stime}');sys.exit(rc)")
 
 
 def log(msg: str) -> None:
@@ -144,7 +144,7 @@ def summary_lines(new_runs: dict[int, dict], big: int = 16, small: int = 4) -> t
     b, s = ok.get(big), ok.get(small)
     rss = max((ratio(b["stages"][st]["peak_max_mib"], s["stages"][st]["peak_max_mib"])
                for st in ("scrape", "tokenize")), default=float("nan")) if b and s else float("nan")
-    thr = ratio(b["docs_per_s_per_core"], s["docs_per_s_per_core"]) if b and s else float("nan")
+    thr = ratio(b["docs_per_cpu_s"], s["docs_per_cpu_s"]) if b and s else float("nan")
     at = b if b else (ok[max(ok)] if ok else {})
     d = at.get("dedup", {})
     lines = [f"rss_ratio_16x_4x {rss:.4f}", f"throughput_ratio_16x_4x {thr:.4f}",
@@ -293,10 +293,11 @@ def run_monitored(cmd: list[str], cwd: Path, env: dict, log_path: Path, poll: fl
                     entry[0] = rss
             time.sleep(poll)
     wall = time.perf_counter() - t0
-    try:
-        rusage_mib = int(rusage_file.read_text()) / 1024
+    try:  # the stage's and every descendant's it waited for (its pool workers): max RSS, CPU seconds
+        maxrss, cpu = rusage_file.read_text().split()
+        rusage_mib, cpu_s = int(maxrss) / 1024, float(cpu)
     except (OSError, ValueError):
-        rusage_mib = float("nan")
+        rusage_mib = cpu_s = float("nan")
     ranked = sorted(peaks.values(), key=lambda e: -e[0])
     return {
         "rc": proc.returncode, "seconds": round(wall, 3),
@@ -306,6 +307,7 @@ def run_monitored(cmd: list[str], cwd: Path, env: dict, log_path: Path, poll: fl
         "top": [[label, round(rss / MIB, 1)] for rss, label in ranked[:4]],
         "every_process": [[label, round(rss / MIB, 1)] for rss, label in ranked],  # peak RSS, MiB
         "rusage_max_mib": round(rusage_mib, 1),
+        "cpu_seconds": round(cpu_s, 2),
         "log": str(log_path),
     }
 
@@ -358,6 +360,11 @@ def run_side(side: Side, mult: int, corpus: Path, info: dict, manifest: list[dic
         tokens_per_s=round(n_tokens / t_sec, 1),
         docs_per_s=round(docs_in / (s_sec + t_sec), 1),
         docs_per_s_per_core=round(per_core(docs_in, s_sec + t_sec, cores), 2),
+        # per core, by CPU time (user + sys of both stages' processes): what other load on the host
+        # does to the wall clock (it drifts 40 %, and other jobs run) does not enter it
+        cpu_seconds=round(result["stages"]["scrape"]["cpu_seconds"] + result["stages"]["tokenize"]["cpu_seconds"], 2),
+        docs_per_cpu_s=round(docs_in / max(1e-9, result["stages"]["scrape"]["cpu_seconds"]
+                                           + result["stages"]["tokenize"]["cpu_seconds"]), 2),
         mib_per_s=round(info["text_bytes"] / MIB / (s_sec + t_sec), 3),
     )
     quality = {k: v for k, v in drops.items() if "duplicate" not in k and v}

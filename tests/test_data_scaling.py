@@ -110,7 +110,7 @@ def test_dedup_metrics():
 
 
 def _run(mult, peak_scrape, peak_tok, per_core, recall=1.0, precision=1.0):
-    return {"mult": mult, "ok": True, "docs_per_s_per_core": per_core,
+    return {"mult": mult, "ok": True, "docs_per_cpu_s": per_core,
             "stages": {"scrape": {"peak_max_mib": peak_scrape}, "tokenize": {"peak_max_mib": peak_tok}},
             "dedup": {"recall": recall, "precision": precision}}
 
