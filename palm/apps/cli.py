@@ -7,6 +7,8 @@
     palm lineage models:/palm-chat@champion [--json]  # its runs back to the scrape (palm/ops/lineage.py)
     palm serve models/ppo [--port 8000]  # OpenAI-compatible API (palm/apps/openai_server.py)
     palm ui [--port 5000]           # the MLflow UI over the project's runs (palm/apps/ui.py; make ui)
+    palm export hf models/ppo out/  # a Hugging Face transformers folder (palm/apps/hf_export.py)
+    palm import hf out/ models/x    # ... and back (palm/apps/hf_import.py)
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> exit code``. Errors
 a user can fix print as one line ``error: <command>: …`` and exit with 2.
@@ -31,6 +33,9 @@ COMMANDS = {
                  "blind A/B of two models (compare), a simulated labeler (simulate)"),
     "lineage": ("palm.ops.lineage", "the runs and data a registered model came from, back to the scrape run"),
     "serve": ("palm.apps.openai_server", "an OpenAI-compatible HTTP server over an exported model (127.0.0.1)"),
+    "export": ("palm.apps.hf_export", "write an exported model in another format: hf (a Hugging Face transformers "
+               "folder, docs/hf-export.md)"),
+    "import": ("palm.apps.hf_import", "read a model folder written by palm export back into an export: hf"),
     "ui": ("palm.apps.ui", "the MLflow UI on 127.0.0.1 over the project's runs and registered models (make ui)"),
 }
 
