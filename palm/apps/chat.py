@@ -29,6 +29,7 @@ from palm.data.chat_readers import Turn
 
 COMMANDS = "/reset forgets the conversation, /quit (or end of input) ends it"
 CHAT_KINDS = ("pretrain", "sft", "ppo", "dpo")  # language models (a reward model scores, it does not talk)
+QUANTIZE = ("none", "int8")  # --quantize of chat and serve: the weights decoded from (palm.decode.quant)
 
 # C0 controls but tab and newline, DEL and C1 controls -> a visible form: C0 and DEL as their
 # Unicode control pictures (ESC -> "␛", BEL -> "␇", CR -> "␍"), C1 as "\x9b" (they have none)
@@ -74,8 +75,10 @@ class ChatSession:
     """A conversation with one model (whole, in this process): its history and sampling."""
 
     def __init__(self, model: Any, tokenizer: Any, *, sampling: Any = None, max_new_tokens: int = 128,
-                 system: str | None = None, seed: int = 0, note: Callable[[str], None] = lambda s: None):
-        """``sampling``: a :class:`palm.decode.generate.SamplingConfig` (default: greedy)."""
+                 system: str | None = None, seed: int = 0, note: Callable[[str], None] = lambda s: None,
+                 weights: Any = None):
+        """``sampling``: a :class:`palm.decode.generate.SamplingConfig` (default: greedy);
+        ``weights``: int8 weights of ``model`` to decode with (:func:`palm.decode.quant.quantize`)."""
         import torch
 
         from palm.core.tokenizer import special_ids
@@ -87,7 +90,7 @@ class ChatSession:
             raise ConfigError("max_new_tokens", f"must be between 1 and {seq_len - 1} (the model's context is "
                                                 f"{seq_len} tokens, the prompt needs some), got {max_new_tokens}")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling or SamplingConfig()
-        self.max_new_tokens, self.note = max_new_tokens, note
+        self.max_new_tokens, self.note, self.weights = max_new_tokens, note, weights
         self.template = ChatTemplate(tokenizer)
         ids = special_ids(tokenizer)
         self.stop_ids, self.pad_id = (ids["end_turn_id"], ids["eod_id"]), ids["pad_id"]
@@ -138,7 +141,7 @@ class ChatSession:
         s = self.sampling
         generate(self.model, [prompt], self.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                  top_p=s.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=self.generator,
-                 on_token=on_token)
+                 on_token=on_token, weights=self.weights)
         rest = decoder.finish()
         if rest:
             write(terminal_safe(rest))
@@ -197,6 +200,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--system", default=None, help="a system turn opening the conversation")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="int8: decode from int8 weights, faster on CPU, replies a little different (default %(default)s)")
 
 
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
@@ -216,10 +221,13 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sy
     if interactive:
         import readline  # noqa: F401 - line editing and history for input()
     with process_groups():
-        model = load_model(export)
+        from palm.decode.quant import quantize
+
+        model = load_model(export).requires_grad_(False)  # for decoding only
         try:
             session = ChatSession(model, tokenizer, sampling=sampling, max_new_tokens=args.max_new_tokens,
-                                  system=args.system, seed=args.seed, note=lambda s: print(s, file=stderr))
+                                  system=args.system, seed=args.seed, note=lambda s: print(s, file=stderr),
+                                  weights=quantize(model, args.quantize))
         except ConfigError as err:
             raise UserError(f"--{err.key.replace('_', '-')}: {err.message}") from None
         print(f"palm chat: {export.path} ({export.kind}, {export.model.num_params() / 1e6:.3g} M parameters, "

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from palm.apps.chat import CHAT_KINDS, StreamDecoder
+from palm.apps.chat import CHAT_KINDS, QUANTIZE, StreamDecoder
 from palm.core.errors import UserError
 
 # torch, the model and FastAPI are imported where they are used (palm's other commands import
@@ -78,13 +78,14 @@ class Engine:
     """The model, its tokenizer and the decoding worker thread (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, kind: str, *, max_batch: int = 16, seed: int = 0,
-                 window_s: float = 0.0):
+                 window_s: float = 0.0, weights: Any = None):
         import torch
 
         from palm.core.tokenizer import special_ids
         from palm.data.chat import ChatTemplate
 
         self.model, self.tokenizer, self.kind, self.max_batch = model, tokenizer, kind, max_batch
+        self.weights = weights  # int8 weights of the model to decode with (palm.decode.quant), or None
         self.window_s = window_s  # an idle worker waits this long after a request for others to join it
         self.seq_len = model.cfg.seq_len
         self.ids = special_ids(tokenizer)
@@ -183,7 +184,7 @@ class Engine:
         first = batch[0]
         generate(self.model, [j.prompt for j in batch], max(j.max_tokens for j in batch),
                  temperature=first.temperature, top_p=first.top_p, stop_ids=first.stop_ids,
-                 pad_id=self.ids["pad_id"], generator=self.generator, on_token=on_token)
+                 pad_id=self.ids["pad_id"], generator=self.generator, on_token=on_token, weights=self.weights)
         for r, job in enumerate(batch):  # rows that ran out of steps before their own cap (none: the batch runs to the longest)
             if ended[r] is None:
                 self._finish(job, decoders[r], "length", made[r])
@@ -422,6 +423,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an idle worker waits this long after a request for others to batch with it "
                         "(default %(default)s: requests that arrive while a batch decodes join the next one)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="int8: decode from int8 weights, faster on CPU, replies a little different (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -439,8 +442,11 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     with process_groups():
-        engine = Engine(load_model(export), tokenizer, export.kind, max_batch=args.max_batch, seed=args.seed,
-                        window_s=max(args.batch_window_ms, 0.0) / 1000)
+        from palm.decode.quant import quantize
+
+        model = load_model(export).requires_grad_(False)  # for decoding only
+        engine = Engine(model, tokenizer, export.kind, max_batch=args.max_batch, seed=args.seed,
+                        window_s=max(args.batch_window_ms, 0.0) / 1000, weights=quantize(model, args.quantize))
         print(f"palm serve: {export.path} ({export.kind}, {seq_len}-token context) as model {name!r} on "
               f"http://{args.host}:{args.port}/v1", flush=True)
         uvicorn.run(make_app(engine, name, limits), host=args.host, port=args.port, log_level="warning")

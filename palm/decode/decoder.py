@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,41 @@ from palm.model.network import PaLM, RotaryEmbedding, mqa_attention
 _PLANS: dict[tuple, layouts.DecodePlan] = {}  # Decoder.plan's measurements, per process
 PLAN_MARGIN = 0.1  # Decoder.plan: plans within this fraction of the fastest tie; the first of them wins
 PLAN_KEEP_BYTES = 1 << 30  # Decoder.plan: candidates' weight copies kept between rounds up to this
+
+
+def stack(model: "PaLM", dtype: torch.dtype, hold: Callable[[torch.Tensor], Any],
+          hold_output: Callable[[torch.Tensor], Any]) -> tuple[list[tuple], torch.Tensor, Any]:
+    """The fused weights of :class:`Decoder` (see there) in ``dtype``: ``[(layer, heads,
+    hold(w_in), hold(w_out))]`` per block, the final norm's weight (scaled), and
+    ``hold_output(output weight)``; ``hold`` makes the callable ``x -> x @ w.T`` a step uses."""
+    blocks = []
+    d = model.cfg.d_model
+    head_dim = model.cfg.head_dim
+    with torch.no_grad():
+        for block in model.layers.values():
+            attn, mlp = block.attn, block.mlp
+            # each weight with its LoRA adapter folded in, if it has one (a policy in training)
+            w_in = torch.cat([lora.weight(attn.q), lora.weight(attn.kv), lora.weight(mlp.gate),
+                              lora.weight(mlp.up)]).float()
+            w_in[:attn.q.weight.shape[0]] *= head_dim ** -0.5  # the scores' 1/sqrt(hd) on the
+            # query rows (RoPE is linear: it commutes)
+            w_in = (w_in * block.norm.weight.float()).to(dtype)  # one rounding in bf16
+            w_out = torch.cat([lora.weight(attn.out), lora.weight(mlp.down)], dim=1).to(dtype)
+            heads = attn.q.weight.shape[0] // head_dim  # this rank's query heads
+            blocks.append((block.layer, heads, hold(w_in), hold(w_out)))
+        final_norm = (model.final_norm.weight.float() * d ** -0.5).to(dtype)
+        output = hold_output(model.shared_embedding_or_output_weight().to(dtype))
+    return blocks, final_norm, output
+
+
+class FusedWeights(Protocol):
+    """Fused weights made once for many decoders (:class:`palm.decode.quant.Int8Weights`): what
+    :func:`stack` returns, and ``check(model)``, which raises unless they are ``model``'s own."""
+    blocks: list[tuple]
+    final_norm: torch.Tensor
+    output: Any
+
+    def check(self, model: "PaLM") -> None: ...
 
 
 class Decoder:
@@ -64,7 +100,11 @@ class Decoder:
     per call). Needs the whole model (no pipeline stages).
     """
 
-    def __init__(self, model: "PaLM", cache: KVCache, plan: layouts.DecodePlan | None = None):
+    def __init__(self, model: "PaLM", cache: KVCache, plan: layouts.DecodePlan | None = None,
+                 weights: FusedWeights | None = None):
+        """``weights``: the model's fused weights made once, e.g. in int8
+        (:func:`palm.decode.quant.quantize`; fp32 plan and cache); else the plan's copies of the
+        current weights (:func:`stack`)."""
         assert model.pre_process and model.post_process, "the decoder needs the whole model"
         self.model, self.cache = model, cache
         self.eps, self.d = model.cfg.norm_eps, model.cfg.d_model
@@ -73,22 +113,14 @@ class Decoder:
         self.dtype = plan.dtype  # the cache's too (made with new_cache(..., dtype=plan.dtype))
         k = next(iter(cache.k.values()))  # [b, max_len, hd]: the first layer's keys
         assert k.dtype == self.dtype, "the cache must be made in the plan's dtype"
-        held = lambda w: layouts.DecodeWeight(w, plan.layout, rows=k.shape[0])  # noqa: E731
-        self.blocks = []
         with torch.no_grad():
-            for block in model.layers.values():
-                attn, mlp = block.attn, block.mlp
-                # each weight with its LoRA adapter folded in, if it has one (a policy in training)
-                w_in = torch.cat([lora.weight(attn.q), lora.weight(attn.kv), lora.weight(mlp.gate),
-                                  lora.weight(mlp.up)]).float()
-                w_in[:attn.q.weight.shape[0]] *= self.head_dim ** -0.5  # the scores' 1/sqrt(hd) on the
-                # query rows (RoPE is linear: it commutes)
-                w_in = (w_in * block.norm.weight.float()).to(self.dtype)  # one rounding in bf16
-                w_out = torch.cat([lora.weight(attn.out), lora.weight(mlp.down)], dim=1).to(self.dtype)
-                heads = attn.q.weight.shape[0] // self.head_dim  # this rank's query heads
-                self.blocks.append((block.layer, heads, held(w_in), held(w_out)))
-            self.final_norm = (model.final_norm.weight.float() * self.d ** -0.5).to(self.dtype)
-            self.output = held(model.shared_embedding_or_output_weight().to(self.dtype))
+            if weights is not None:
+                assert self.dtype == torch.float32, "weights made once decode in fp32"
+                weights.check(model)
+                self.blocks, self.final_norm, self.output = weights.blocks, weights.final_norm, weights.output
+            else:
+                held = lambda w: layouts.DecodeWeight(w, plan.layout, rows=k.shape[0])  # noqa: E731
+                self.blocks, self.final_norm, self.output = stack(model, self.dtype, held, held)
             self.cos, self.sin = model.rope.rolled_tables(cache)  # [b or 1, max_len, 1, hd]
             # a one-token step's work between w_in and w_out in one native call (fp32 on CPU;
             # None elsewhere or without a C compiler: the torch ops below, the same function)

@@ -1,14 +1,17 @@
 """Native CPU kernels, compiled at first use with the machine's C compiler.
 
-Two kernels, in ``decode.c``, for fp32 on CPU: the part of a decoding step between a block's
+Three kernels, in ``decode.c``, for fp32 on CPU: the part of a decoding step between a block's
 two matmuls (RoPE, the KV-cache write, multi-query attention, SwiGLU's product), used by
-:class:`palm.decode.decoder.Decoder` through :class:`DecodeMix`; and the greedy pick with its log-prob
-(:func:`greedy`, used by :mod:`palm.decode.generate`). The torch operations they replace stay the
+:class:`palm.decode.decoder.Decoder` through :class:`DecodeMix`; the greedy pick with its log-prob
+(:func:`greedy`, used by :mod:`palm.decode.generate`); and the matmul of fp32 rows by int8
+weights (:class:`Int8Linear`, used by :mod:`palm.decode.quant`). The torch operations they replace stay the
 reference and the fallback: with no C compiler (or ``PALM_NATIVE=0``) decoding computes the same
 function with them, only slower (``tests/test_native.py`` holds the two together).
 
 Built once per source, compiler and CPU (``-march=native``: the key includes the CPU's flags, so
-a home folder shared between machines never hands one a kernel for another's instructions) into
+a home folder shared between machines never hands one a kernel for another's instructions;
+``PALM_NATIVE_ARCH=x86-64-v3`` builds for AVX2 without AVX-512 instead, as an AVX2-only CPU
+would: the benchmarks' emulation of one, beside torch's ``ATEN_CPU_CAPABILITY=avx2``) into
 ``$PALM_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/palm-rlhf/native``, else ``~/.cache/...``, else
 (no home folder known) ``$TMPDIR/palm-rlhf-<uid>``: about 0.5 s, once. A new folder is made
 mode 0700. Written to a temporary name and renamed, so processes compiling at the same time
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("decode.c")
-ABI = 3  # palm_decode_abi() of the signature the argtypes below describe (decode.c says the same)
+ABI = 4  # palm_decode_abi() of the signature the argtypes below describe (decode.c says the same)
 # with -march=native first; plain -O3 where the compiler does not know it. -fno-trapping-math
 # changes no result (IEEE arithmetic stays; only FP exceptions are assumed unobserved) and lets
 # GCC turn the comparisons in exp_f32 and the max into vector selects: without it the SwiGLU
@@ -132,12 +135,14 @@ def load(cc: str | None = None, portable: bool = False) -> ctypes.CDLL | None:
     cc = cc or env.get("CC") or "cc"
     # what the library's path depends on, from the environment alone: this runs at every
     # decoding step (the greedy pick), where building the path would cost more than the kernel
-    key = (cc, portable, env.get("PALM_NATIVE_CACHE"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    arch = env.get("PALM_NATIVE_ARCH", "native")
+    key = (cc, portable, arch, env.get("PALM_NATIVE_CACHE"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
     if key in _LOADED:
         return _LOADED[key]
     with _LOCK:
         if key not in _LOADED:
-            _LOADED[key] = _build_and_open(cc, FLAG_SETS[1:] if portable else FLAG_SETS)
+            flags = tuple([f"-march={arch}" if f == "-march=native" else f for f in fs] for fs in FLAG_SETS)
+            _LOADED[key] = _build_and_open(cc, flags[1:] if portable else flags)
         return _LOADED[key]
 
 
@@ -190,6 +195,9 @@ def _open(cc: str, path: Path, flag_sets: tuple[list[str], ...], note: str) -> c
                                + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])
                 lib.palm_greedy.restype = None
                 lib.palm_greedy.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+                lib.palm_int8_linear.restype = None
+                lib.palm_int8_linear.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+                                                 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64])
                 if note:
                     warnings.warn(f"palm.decode.native: {note.removesuffix('; ')}", RuntimeWarning, stacklevel=4)
                 return lib
@@ -219,6 +227,41 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     token, logp = torch.empty(b, dtype=torch.long), torch.empty(b)
     lib.palm_greedy(logits.data_ptr(), b, v, logits.stride(0), token.data_ptr(), logp.data_ptr())
     return token, logp
+
+
+class Int8Linear:
+    """``palm_int8_linear`` bound to one int8 weight ``q [n, k]`` (contiguous; ``k`` a multiple of
+    16, at most 16384) and its fp32 scales ``[n]``: called with fp32 rows ``x [..., k]`` it
+    returns ``x @ (q * scale[:, None]).T`` ``[..., n]``, reading each weight as one
+    byte; each row of ``x`` is rounded to 14 bits on the way (decode.c says why and how exactly).
+    Bound once, as a decoding step calls it twice per block: 11 us a call through a function that
+    looked the library up and checked the weight each time, about 5 here (2-core EPYC). Build it
+    with :meth:`make`."""
+
+    def __init__(self, lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor):
+        self.fn, self.q, self.scale = lib.palm_int8_linear, q, scale  # the tensors kept alive
+        self.n, self.k = q.shape
+        self.q_ptr, self.scale_ptr = q.data_ptr(), scale.data_ptr()
+
+    @staticmethod
+    def make(q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL | None = None) -> "Int8Linear | None":
+        """The kernel (``lib``, default :func:`load`'s) bound to ``q`` and ``scale``, or ``None``
+        where it does not apply (another dtype or device, a shape it does not take, no compiled
+        kernel): the caller then multiplies by the dequantized weight."""
+        if (q.dtype != torch.int8 or scale.dtype != torch.float32 or q.device.type != "cpu" or q.dim() != 2
+                or q.shape[1] % 16 or q.shape[1] > 16384 or not q.is_contiguous() or not scale.is_contiguous()):
+            return None
+        lib = lib or load()
+        return None if lib is None else Int8Linear(lib, q, scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., k]`` fp32, contiguous, on CPU (checked by the caller: this runs a few times per
+        block of every decoding step) -> ``[..., n]``."""
+        k = x.shape[-1]
+        assert k == self.k
+        out = torch.empty(x.shape[:-1] + (self.n,))
+        self.fn(x.data_ptr(), x.numel() // k, k, k, self.q_ptr, self.scale_ptr, self.n, out.data_ptr(), self.n)
+        return out
 
 
 class DecodeMix:
