@@ -5,7 +5,8 @@ commit (default 8d8385f, the last one before datatrove), interleaved in one run.
 Each side is a fresh clone of this repository at its commit, with this checkout's ``.venv``. Each
 round runs, on one side then the other (the order alternates between rounds, the host's speed
 drifts), ``dvc repro -f -s scrape`` and ``dvc repro -f -s tokenize`` (the tokenizer stage once, the
-first time, untimed), timing each command's wall clock. It reports the medians, the ratios
+first time, untimed), timing each command's wall clock and CPU seconds (DVC, the stage and the
+workers it waited for: robust to other jobs on the host). It reports the medians, the ratios
 new/baseline, the documents kept and whether both sides kept the same URLs, and writes the record
 ``benchmarks/records/data-default-DATE.json`` (or ``--record PATH``). Its last lines:
 ``scrape_ratio R``, ``tokenize_ratio R``, ``same_documents true|false``.
@@ -20,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,14 +39,19 @@ def clone(commit: str, dst: Path) -> Path:
     return dst
 
 
-def repro(root: Path, stage: str, force: bool = True) -> float:
+def repro(root: Path, stage: str, force: bool = True) -> tuple[float, float]:
+    """``dvc repro -s stage``: (wall seconds, CPU seconds of DVC, the stage and its workers). The
+    CPU time is what other jobs on the host leave untouched; the wall clock is what a user waits."""
     env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run([str(root / ".venv" / "bin" / "dvc"), "repro", *(["-f"] if force else []), "-s", stage],
                           cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"error: data_default: `dvc repro -s {stage}` failed in {root}:\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - started, cpu
 
 
 def urls(root: Path) -> list[str]:
@@ -62,21 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     times: dict[str, dict[str, list[float]]] = {s: {"scrape": [], "tokenize": []} for s in ("baseline", "new")}
+    cpu: dict[str, dict[str, list[float]]] = {s: {"scrape": [], "tokenize": []} for s in ("baseline", "new")}
     with tempfile.TemporaryDirectory(prefix="palm-data-default-") as tmp:
         sides = {"baseline": clone(args.baseline, Path(tmp) / "baseline"), "new": clone(head, Path(tmp) / "new")}
         for r in range(args.rounds):
             order = ("baseline", "new") if r % 2 == 0 else ("new", "baseline")
             for side in order:
                 root = sides[side]
-                times[side]["scrape"].append(repro(root, "scrape"))
-                if r == 0:
-                    repro(root, "tokenizer", force=False)
-                times[side]["tokenize"].append(repro(root, "tokenize"))
-                print(f"round {r + 1} {side}: scrape {times[side]['scrape'][-1]:.1f} s, "
-                      f"tokenize {times[side]['tokenize'][-1]:.1f} s", flush=True)
+                for stage in ("scrape", "tokenize"):
+                    if stage == "tokenize" and r == 0:
+                        repro(root, "tokenizer", force=False)
+                    wall, used = repro(root, stage)
+                    times[side][stage].append(wall)
+                    cpu[side][stage].append(used)
+                print(f"round {r + 1} {side}: scrape {times[side]['scrape'][-1]:.1f} s ({cpu[side]['scrape'][-1]:.1f} "
+                      f"CPU s), tokenize {times[side]['tokenize'][-1]:.1f} s ({cpu[side]['tokenize'][-1]:.1f} CPU s)",
+                      flush=True)
         kept = {s: urls(root) for s, root in sides.items()}
     med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
     ratios = {k: med["new"][k] / med["baseline"][k] for k in ("scrape", "tokenize")}
+    cpu_med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in cpu.items()}
+    cpu_ratios = {k: cpu_med["new"][k] / cpu_med["baseline"][k] for k in ("scrape", "tokenize")}
     same = kept["baseline"] == kept["new"]
     record = {
         "benchmark": "data_default",
@@ -84,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "baseline": args.baseline, "new": head, "rounds": args.rounds,
         "seconds": times, "median_seconds": med, "ratio_new_over_baseline": ratios,
+        "cpu_seconds": cpu, "median_cpu_seconds": cpu_med, "cpu_ratio_new_over_baseline": cpu_ratios,
+        "load_average_at_end": os.getloadavg(),
         "documents": {s: len(v) for s, v in kept.items()}, "same_documents": same,
     }
     path = args.record or ROOT / "benchmarks" / "records" / f"data-default-{record['date']}.json"
@@ -92,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{side}: scrape {med[side]['scrape']:.1f} s, tokenize {med[side]['tokenize']:.1f} s (median of "
               f"{args.rounds}), {len(kept[side])} documents")
     print(f"record: {path}")
+    print(f"cpu: scrape ratio {cpu_ratios['scrape']:.3f}, tokenize ratio {cpu_ratios['tokenize']:.3f}")
     print(f"scrape_ratio {ratios['scrape']:.3f}")
     print(f"tokenize_ratio {ratios['tokenize']:.3f}")
     print(f"same_documents {str(same).lower()}")
