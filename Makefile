@@ -115,6 +115,7 @@ bench: setup
 	$(PY) -W ignore benchmarks/rule_reward.py
 	$(PY) -W ignore benchmarks/data_scaling.py
 	$(PY) -W ignore benchmarks/data_default.py
+	$(PY) -W ignore benchmarks/int8_decode.py
 
 ## Fuzz every reader and parser of outside input (chat/preference files, rankings, WARC, the scrape
 ## files source, params.yaml sections, the feedback page, registry answers) with Hypothesis:
