@@ -190,7 +190,17 @@ class PalmModel(PalmPreTrainedModel):
                                        past_key_values=past_key_values if use_cache else None)
 
 
-class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
+class PalmHead(PalmPreTrainedModel):
+    """A head on ``self.model`` (a :class:`PalmModel`): its embedding is the model's."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+
+class PalmForCausalLM(PalmHead, GenerationMixin):
     """The language model: logits over the tokenizer's ``vocab_size`` tokens."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -200,12 +210,6 @@ class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
         self.model = PalmModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -231,7 +235,7 @@ class PalmForCausalLM(PalmPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
 
-class PalmForSequenceClassification(PalmPreTrainedModel):
+class PalmForSequenceClassification(PalmHead):
     """The reward model: ``score`` (``num_labels`` = 1, no bias) on the final-normed hidden state
     of each row's last real token: the last position ``attention_mask`` marks, or without a mask
     the last token that is not ``pad_token_id`` (as transformers' sequence classifiers do); so
@@ -243,12 +247,6 @@ class PalmForSequenceClassification(PalmPreTrainedModel):
         self.model = PalmModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
