@@ -104,7 +104,7 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
 
     root = make_project(tmp_path / "p")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["scrape"].update(max_pages=16, delay_s=1.0, concurrency=1, shards=1, workers=1)
+    params["scrape"].update(max_pages=16, delay_s=1.0, concurrency=1, tasks=1, workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cfg = ServeConfig(port=free_port())
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's mlflow.db
