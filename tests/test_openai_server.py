@@ -1,7 +1,8 @@
 """``palm serve`` (palm/apps/openai_server.py): the real server on a tiny exported chat model,
 driven by the official ``openai`` client: chat completions (plain and streamed, the streamed
 deltas equal to the plain greedy reply), completions, the model list, the limits as the client's
-exceptions, and concurrent requests decoded together in batches."""
+exceptions, and concurrent requests, drawn alike or not, sharing decoding steps (continuous
+batching: palm/decode/batcher.py, tested against generate() in tests/test_batcher.py)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,37 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def stats(url: str) -> list[int]:
+def rows_per_step(url: str) -> dict[int, int]:
+    """How many decoding steps advanced n requests, by n."""
     with urllib.request.urlopen(f"{url}/v1/palm/stats", timeout=10) as reply:
-        return json.loads(reply.read())["batches"]
+        return {int(n): c for n, c in json.loads(reply.read())["rows_per_step"].items()}
+
+
+def shared_steps(before: dict[int, int], after: dict[int, int]) -> int:
+    """The most requests one step advanced between two ``rows_per_step`` readings."""
+    return max(n for n, c in after.items() if c > before.get(n, 0))
+
+
+def concurrently(calls: list) -> list:
+    """Run the calls at once (one thread each, released together); their results in order."""
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(calls))
+
+    def one(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = calls[i]()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == len(calls), errors
+    return [results[i] for i in range(len(calls))]
 
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does dumps do?"}]
@@ -96,55 +125,35 @@ def test_limits_are_openai_errors(client):
         client.chat.completions.create(model=NAME, messages=[{"role": "tool", "content": "hi"}], max_tokens=4)
 
 
-def test_concurrent_requests_are_decoded_in_batches(client, url):
-    before = len(stats(url))
+def test_concurrent_requests_share_decoding_steps(client, url):
     prompts = [f"Question {i}: what does json.{w} do?" for i, w in enumerate(["dumps", "loads", "dump", "load"] * 2)]
-    alone = [client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}], max_tokens=16,
-                                            temperature=0).choices[0].message.content for p in prompts[:2]]
-    replies: dict[int, str] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(prompts))
 
-    def ask(i: int) -> None:
-        try:
-            start.wait()
-            r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompts[i]}],
-                                               max_tokens=16, temperature=0)
-            replies[i] = r.choices[0].message.content
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
+    def ask(p: str) -> str:
+        return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}], max_tokens=16,
+                                              temperature=0).choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(replies) == len(prompts)
-    batches = stats(url)[before + 2:]
-    assert sum(batches) == len(prompts) and max(batches) > 1, batches  # requests shared a batch
+    alone = [ask(p) for p in prompts[:2]]
+    before = rows_per_step(url)
+    replies = concurrently([lambda p=p: ask(p) for p in prompts])
+    assert shared_steps(before, rows_per_step(url)) > 1  # requests shared steps
     # a row decodes as its prompt alone would (greedy, left padding never attended)
-    assert [replies[0], replies[1]] == alone
+    assert replies[:2] == alone
 
 
-def test_a_batch_holds_only_requests_drawn_and_stopped_alike():
-    """One generate() call samples every row alike and stops rows at one set of tokens: a plain
-    completion (ends at end of document) must not share a batch with chat replies (end of turn),
-    which would cut it at a turn's end; nor requests with other sampling settings."""
-    import queue
+def test_requests_drawn_and_stopped_differently_share_steps(client, url):
+    """A plain completion (ends at end of document), a greedy chat reply (end of turn) and a
+    sampled one decode in the same steps, each row drawn and ended by its own settings: the greedy
+    ones equal their replies alone."""
+    def chat(temperature: float) -> str:
+        return client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12,
+                                              temperature=temperature).choices[0].message.content
 
-    from palm.apps.openai_server import Engine, Job
+    def text() -> str:
+        return client.completions.create(model=NAME, prompt="The json module", max_tokens=16,
+                                         temperature=0).choices[0].text
 
-    engine = Engine.__new__(Engine)  # the batching rule alone: no model, no worker thread
-    engine.max_batch, engine.seq_len, engine.window_s = 16, 64, 0.0
-    engine.jobs, engine.waiting = queue.Queue(), []
-
-    def job(stop_ids: tuple, temperature: float = 0.0) -> Job:
-        return Job([1, 2, 3], 4, temperature, None, stop_ids, emit=lambda e: None)
-
-    chat, text, chat2, hot = job((5, 0)), job((0,)), job((5, 0)), job((5, 0), 1.0)
-    for j in (chat, text, chat2, hot):
-        engine.jobs.put(j)
-    taken = []
-    while not engine.jobs.empty() or engine.waiting:  # (_take waits for a request when none is left)
-        taken.append(engine._take())
-    assert [[id(j) for j in batch] for batch in taken] == [[id(chat), id(chat2)], [id(text)], [id(hot)]]
+    alone = [chat(0.0), text()]
+    before = rows_per_step(url)
+    together = concurrently([lambda: chat(0.0), text, lambda: chat(1.0), lambda: chat(0.7)])
+    assert shared_steps(before, rows_per_step(url)) >= 3
+    assert together[:2] == alone and all(isinstance(t, str) for t in together[2:])

@@ -7,15 +7,17 @@
   ``<|assistant|>``; ``max_tokens``, ``temperature`` (0: greedy), ``top_p``, ``stream`` (server-sent
   events in OpenAI's chunk format, ending with ``data: [DONE]``);
 * ``POST /v1/completions``: a plain continuation of ``prompt`` (its tokens, no template);
-* ``GET /v1/palm/stats``: the sizes of the batches decoded so far; ``GET /health``.
+* ``GET /v1/palm/stats``: decoding steps so far, by how many requests each advanced; ``GET /health``.
 
-Batching: one worker thread owns the model; HTTP handlers queue their requests to it. The worker
-takes every request waiting when it is free (up to ``--max-batch``; when idle, it first
-waits ``--batch-window-ms`` after a request for others to join it), grouped by sampling settings
-(one :func:`palm.decode.generate.generate` call draws all its rows alike), and decodes them as one
-left-padded KV-cached batch; requests arriving meanwhile wait for the next batch. Each row's text is
-handed out as it is made (:class:`palm.apps.chat.StreamDecoder`: whole characters only) and a row
-ends at its stop token or its own ``max_tokens``; the batch runs until every row has ended.
+Batching (continuous): one worker thread owns the model and a :class:`palm.decode.batcher.Batcher`;
+HTTP handlers queue their requests to it. Between two decoding steps the worker hands every queued
+request to the batcher, which joins them to the running batch (up to ``--max-batch`` rows: their
+prompts in one pass, then one token per row per step) and drops each row as it ends (its stop
+token or its own ``max_tokens``), so no request waits for a longer one. Requests with other
+sampling settings or stop tokens share the steps. When idle, the worker first waits
+``--batch-window-ms`` after a request for others. ``--batching static`` admits requests only to
+an empty batch (the batch runs until its last row ends), for comparison. Each row's text is handed
+out as it is made (:class:`palm.apps.chat.StreamDecoder`: whole characters only).
 
 Limits, refused with OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``:
 the request body (``--max-body-bytes``, 413), ``max_tokens`` (``--max-tokens-cap``, 400), the
@@ -56,7 +58,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Job:
     """One request queued to the decoding worker; ``emit`` is called (from the worker thread) with
     ``("text", piece)``, then ``("end", finish_reason, completion_tokens)`` or ``("error", message)``."""
@@ -67,33 +69,32 @@ class Job:
     top_p: float | None
     stop_ids: tuple[int, ...]
     emit: Callable[[tuple], None]
-
-
-def _drawn_alike(job: Job) -> tuple:
-    """What the rows of one batch must share: the sampling settings and the stop tokens."""
-    return job.temperature, job.top_p, job.stop_ids
+    made: int = 0  # completion tokens so far (the worker's)
+    text: Any = None  # its StreamDecoder (the worker's)
 
 
 class Engine:
     """The model, its tokenizer and the decoding worker thread (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, kind: str, *, max_batch: int = 16, seed: int = 0,
-                 window_s: float = 0.0, weights: Any = None):
+                 window_s: float = 0.0, weights: Any = None, continuous: bool = True):
         import torch
 
         from palm.core.tokenizer import special_ids
         from palm.data.chat import ChatTemplate
+        from palm.decode.batcher import Batcher
 
         self.model, self.tokenizer, self.kind, self.max_batch = model, tokenizer, kind, max_batch
-        self.weights = weights  # int8 weights of the model to decode with (palm.decode.quant), or None
         self.window_s = window_s  # an idle worker waits this long after a request for others to join it
         self.seq_len = model.cfg.seq_len
         self.ids = special_ids(tokenizer)
         self.template = ChatTemplate(tokenizer)
-        self.generator = torch.Generator(model.embedding.weight.device).manual_seed(seed)
+        generator = torch.Generator(model.embedding.weight.device).manual_seed(seed)
+        # weights: int8 weights of the model to decode with (palm.decode.quant), or None
+        self.batcher = Batcher(model, max_batch, weights=weights, generator=generator, pad_id=self.ids["pad_id"],
+                               continuous=continuous)
         self.jobs: queue.Queue[Job] = queue.Queue()  # from the HTTP handlers
-        self.waiting: list[Job] = []  # taken from the queue, not yet decoded (the worker's own)
-        self.batches: list[int] = []  # the size of every batch decoded, in order
+        self.rows: dict[int, int] = {}  # live rows of a step -> how many steps decoded that many
         self.worker = threading.Thread(target=self._work, name="palm-decoder", daemon=True)
         self.worker.start()
 
@@ -113,88 +114,72 @@ class Engine:
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def stats(self) -> dict:
+        return {"steps": sum(self.rows.values()), "rows_per_step": {str(n): c for n, c in sorted(self.rows.items())},
+                "queued": self.jobs.qsize() + len(self.batcher.pending)}
+
     # --- the worker ------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
-    def _take(self) -> list[Job]:
-        """The next batch: the oldest waiting job and every other waiting one drawn alike that
-        fits the context with it (up to ``max_batch``); the rest wait, in order of arrival."""
-        if not self.waiting:
-            self.waiting.append(self.jobs.get())
+    def _take(self) -> None:
+        """Hand every queued job to the batcher; when it is idle, first wait for one (and then
+        ``window_s`` for others to join it)."""
+        if self.batcher.idle:
+            self._add(self.jobs.get())
             deadline = time.monotonic() + self.window_s  # let a burst of requests gather
-            while (left := deadline - time.monotonic()) > 0 and len(self.waiting) < self.max_batch:
+            while (left := deadline - time.monotonic()) > 0:
                 try:
-                    self.waiting.append(self.jobs.get(timeout=left))
+                    self._add(self.jobs.get(timeout=left))
                 except queue.Empty:
                     break
         while True:
             try:
-                self.waiting.append(self.jobs.get_nowait())
+                self._add(self.jobs.get_nowait())
             except queue.Empty:
                 break
-        first, batch, rest = self.waiting[0], [self.waiting[0]], []
-        for job in self.waiting[1:]:
-            width = max(len(j.prompt) for j in [*batch, job])
-            new = max(j.max_tokens for j in [*batch, job])
-            # one generate() call draws every row alike and ends rows at one set of stop tokens: a
-            # continuation must not be cut at a chat turn's end (nor a chat reply run past it)
-            if (len(batch) < self.max_batch and _drawn_alike(job) == _drawn_alike(first)
-                    and width + new <= self.seq_len):
-                batch.append(job)
-            else:
-                rest.append(job)
-        self.waiting = rest
-        return batch
+
+    def _add(self, job: Job) -> None:
+        from palm.decode.batcher import Request
+        from palm.decode.generate import SamplingConfig
+
+        job.text = StreamDecoder(self.tokenizer)
+        try:
+            self.batcher.add(Request(job.prompt, job.max_tokens, SamplingConfig(job.temperature, None, job.top_p),
+                                     frozenset(job.stop_ids), tag=job))
+        except UserError as err:
+            job.emit(("error", str(err)))
 
     def _work(self) -> None:
         while True:
-            batch = self._take()
-            self.batches.append(len(batch))
+            self._take()
             try:
-                self._decode(batch)
-            except Exception as err:  # noqa: BLE001 - every waiting request hears of it, the worker lives on
-                for job in batch:
-                    job.emit(("error", f"{type(err).__name__}: {err}"))
-
-    def _decode(self, batch: list[Job]) -> None:
-        from palm.decode.generate import generate
-
-        decoders = [StreamDecoder(self.tokenizer) for _ in batch]
-        made = [0] * len(batch)
-        ended: list[str | None] = [None] * len(batch)
-
-        def on_token(tokens: Any, live: Any) -> None:
-            for r, job in enumerate(batch):
-                if ended[r] is not None or not bool(live[r]):
+                events = self.batcher.step()
+            except Exception as err:  # noqa: BLE001 - every request in the batch hears of it, the worker lives on
+                for request in self.batcher.reset():
+                    request.tag.emit(("error", f"{type(err).__name__}: {err}"))
+                continue
+            n = len({id(e.request) for e in events})
+            if n:
+                self.rows[n] = self.rows.get(n, 0) + 1
+            for e in events:
+                job = e.request.tag
+                if e.end == "stop":  # the end of turn: no text, not counted
+                    self._finish(job, "stop")
                     continue
-                t = int(tokens[r])
-                if t in job.stop_ids:
-                    ended[r] = "stop"
-                    self._finish(job, decoders[r], "stop", made[r])
-                    continue
-                made[r] += 1
-                piece = decoders[r].feed(t)
+                job.made += 1
+                piece = job.text.feed(e.token)
                 if piece:
                     job.emit(("text", piece))
-                if made[r] >= job.max_tokens:
-                    ended[r] = "length"
-                    self._finish(job, decoders[r], "length", made[r])
-
-        first = batch[0]
-        generate(self.model, [j.prompt for j in batch], max(j.max_tokens for j in batch),
-                 temperature=first.temperature, top_p=first.top_p, stop_ids=first.stop_ids,
-                 pad_id=self.ids["pad_id"], generator=self.generator, on_token=on_token, weights=self.weights)
-        for r, job in enumerate(batch):  # rows that ran out of steps before their own cap (none: the batch runs to the longest)
-            if ended[r] is None:
-                self._finish(job, decoders[r], "length", made[r])
+                if e.end == "length":
+                    self._finish(job, "length")
 
     @staticmethod
-    def _finish(job: Job, decoder: StreamDecoder, reason: str, made: int) -> None:
-        rest = decoder.finish()
+    def _finish(job: Job, reason: str) -> None:
+        rest = job.text.finish()
         if rest:
             job.emit(("text", rest))
-        job.emit(("end", reason, made))
+        job.emit(("end", reason, job.made))
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -332,7 +317,7 @@ def make_app(engine: Engine, name: str, limits: Limits):
 
     @app.get("/v1/palm/stats")
     async def stats() -> dict:
-        return {"batches": list(engine.batches), "queued": engine.jobs.qsize() + len(engine.waiting)}
+        return engine.stats()
 
     async def complete(request: Request, chat: bool):
         body = await read(request)
@@ -420,8 +405,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default %(default)s)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
-                   help="an idle worker waits this long after a request for others to batch with it "
-                        "(default %(default)s: requests that arrive while a batch decodes join the next one)")
+                   help="an idle worker waits this long after a request for others to join it at once "
+                        "(default %(default)s)")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous: requests join the running batch at the next step (default); static: "
+                        "only an empty one, so a batch runs until its longest reply ends (for comparison)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="int8: decode from int8 weights, faster on CPU, replies a little different (default %(default)s)")
@@ -446,7 +434,8 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_model(export).requires_grad_(False)  # for decoding only
         engine = Engine(model, tokenizer, export.kind, max_batch=args.max_batch, seed=args.seed,
-                        window_s=max(args.batch_window_ms, 0.0) / 1000, weights=quantize(model, args.quantize))
+                        window_s=max(args.batch_window_ms, 0.0) / 1000, weights=quantize(model, args.quantize),
+                        continuous=args.batching == "continuous")
         print(f"palm serve: {export.path} ({export.kind}, {seq_len}-token context) as model {name!r} on "
               f"http://{args.host}:{args.port}/v1", flush=True)
         uvicorn.run(make_app(engine, name, limits), host=args.host, port=args.port, log_level="warning")

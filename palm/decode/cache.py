@@ -31,8 +31,8 @@ class KVCache:
         shape = (batch, max_len, head_dim)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
-        self.length = 0
-        self.cos = self.sin = self.key_bias = None
+        self.length, self.max_len, self.rope = 0, max_len, rope
+        self.cos = self.sin = self.key_bias = self.real = None
         self._bias: dict[tuple, torch.Tensor] = {}
         if pad is not None and bool((pad > 0).any()):
             pad = pad.to(device)
@@ -63,6 +63,29 @@ class KVCache:
             bias = torch.zeros(allowed.shape, dtype=self.key_bias.dtype, device=allowed.device)
             self._bias = {key: bias.masked_fill(~allowed, float("-inf")).repeat_interleave(heads, dim=1)}
         return self._bias[key]
+
+    def set_starts(self, rows: torch.Tensor, pad: torch.Tensor) -> None:
+        """Make each of ``rows [m]`` start (its RoPE position 0) at column ``pad [m]``, in place:
+        continuous batching (:mod:`palm.decode.batcher`) places a joining prompt and moves rows.
+        Needs the per-row tables (a cache made with some ``pad > 0``)."""
+        assert self.key_bias is not None, "a cache without per-row tables (made with pad=None)"
+        pos = torch.arange(self.max_len, device=self.real.device) - pad.to(self.real.device)[:, None]  # [m, max_len]
+        self.cos[rows], self.sin[rows] = self.rope.at(pos.clamp(min=0), self.cos.dtype)
+        self.real[rows] = pos >= 0
+        self.key_bias[rows] = torch.zeros_like(pos, dtype=self.key_bias.dtype).masked_fill(
+            pos < 0, float("-inf"))[:, None]
+        self._bias = {}
+
+    def head(self, n: int) -> KVCache:
+        """The first ``n`` rows as a cache of their own: views of this one's tensors (contiguous),
+        so what either writes the other sees; its ``length`` is its own."""
+        view = KVCache.__new__(KVCache)
+        view.k = {i: t[:n] for i, t in self.k.items()}
+        view.v = {i: t[:n] for i, t in self.v.items()}
+        view.length, view.max_len, view.rope, view._bias = self.length, self.max_len, self.rope, {}
+        view.cos, view.sin, view.key_bias, view.real = (None if t is None else t[:n] for t in
+                                                        (self.cos, self.sin, self.key_bias, self.real))
+        return view
 
 
 def new_cache(model: "PaLM", batch: int, max_len: int | None = None,

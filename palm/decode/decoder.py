@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Callable, Protocol
@@ -129,6 +130,26 @@ class Decoder:
                 ffn = next(iter(model.layers.values())).mlp.gate.weight.shape[0]  # this rank's SwiGLU width
                 self.mix = native.DecodeMix.make(cache.k, cache.v, self.cos, self.sin, cache.key_bias,
                                                  self.blocks[0][1], ffn)
+
+    def over(self, cache: KVCache, tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Decoder":
+        """This decoder's weights (shared, not copied) over another ``cache`` of its dtype: the
+        prompt pass of joining requests and the live rows of :class:`palm.decode.batcher.Batcher`.
+        ``tables``: rolled RoPE tables to use (views of this decoder's, which :meth:`set_starts`
+        rewrites in place); else made from ``cache``."""
+        other = copy.copy(self)
+        other.cache = cache
+        other.cos, other.sin = tables if tables is not None else self.model.rope.rolled_tables(cache)
+        if self.mix is not None:
+            other.mix = native.DecodeMix.make(cache.k, cache.v, other.cos, other.sin, cache.key_bias,
+                                              self.mix.h, self.mix.f)
+        return other
+
+    def set_starts(self, rows: torch.Tensor, pad: torch.Tensor) -> None:
+        """:meth:`KVCache.set_starts` on this decoder's cache and its rolled RoPE tables."""
+        cache = self.cache
+        cache.set_starts(rows, pad)
+        cos, sin = cache.cos[rows], cache.sin[rows]  # [m, max_len, 1, hd/2]
+        self.cos[rows], self.sin[rows] = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
     @staticmethod
     def plan(model: "PaLM", batch: int, length: int) -> layouts.DecodePlan:
