@@ -4,7 +4,10 @@ on held-out prompts, in one table, scored by the gold judges
 model; perplexities of every language model; the reward model's held-out accuracy
 (palm/eval/evaluate.py). Writes the metrics (reports/evaluate/metrics.json, by run_stage), PNG plots of
 every stage's training curve and of the reward distributions, and one self-contained HTML report;
-the report and plots are logged to the stage's MLflow run. Everything is computed before anything
+the report and plots are logged to the stage's MLflow run. The champion of the evaluation (the
+policy that beats SFT by the champion rule, else SFT: palm.eval.evaluate.champion_policy) is
+written as a Hugging Face transformers folder (--champion-hf) and logged to the run as
+``champion-hf``. Everything is computed before anything
 is written, so a failed run leaves no output behind.
 
 Then the models are registered in the MLflow Model Registry (palm/ops/registry.py: palm-pretrain,
@@ -19,7 +22,8 @@ import sys
 from pathlib import Path
 
 from palm.core.io import atomic_dir, atomic_file
-from palm.eval.evaluate import POLICIES, EvaluateConfig, evaluate, versus
+from palm.eval.evaluate import POLICIES, EvaluateConfig, champion_policy, evaluate, versus
+from palm.model.hf import export_hf
 from palm.ops.stage import StageContext, run_stage
 
 MODELS = ("pretrain", "sft", "ppo", "reward")  # required
@@ -38,6 +42,8 @@ def add_args(p):
     p.add_argument("--curves", nargs="*", default=[], help="training curves to plot: reports/<stage>/curve.csv")
     p.add_argument("--report", required=True, help="the HTML report to write")
     p.add_argument("--plots", required=True, help="the folder of PNG plots to write")
+    p.add_argument("--champion-hf", required=True,
+                   help="the folder to write the champion policy to, as a Hugging Face transformers model")
 
 
 def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
@@ -83,14 +89,23 @@ def body(cfg: EvaluateConfig, ctx: StageContext) -> dict:
                      else f"it drifted far from its reference (raise {name}.beta)"), file=sys.stderr)
     page = report.html(result.metrics, result.samples, pngs["rewards"], curves, missing, pngs.get("overoptimisation"),
                        judges=result.judges, policies=result.policies)
-    with atomic_dir(ctx.path("plots")) as out:
-        for name, png in pngs.items():
-            (out / f"{name}.png").write_bytes(png)
-    with atomic_file(ctx.path("report"), "w", encoding="utf-8") as f:
-        f.write(page)
+    champion, why = champion_policy(result.metrics, result.policies, cfg.champion_metric, cfg.champion_direction)
+    print(f"evaluate: the champion is {champion} ({why}); {ctx.args.champion_hf}: its Hugging Face export",
+          file=sys.stderr)
+    result.metrics["champion"] = champion
+    # the export first: a failure there leaves every output as it was
+    with atomic_dir(ctx.path("champion_hf")) as hf:
+        export_hf(models[champion], hf)
+        with atomic_dir(ctx.path("plots")) as out:
+            for name, png in pngs.items():
+                (out / f"{name}.png").write_bytes(png)
+        with atomic_file(ctx.path("report"), "w", encoding="utf-8") as f:
+            f.write(page)
     ctx.tracker.log_artifact(ctx.path("report"))
     for name in pngs:
         ctx.tracker.log_artifact(ctx.path("plots") / f"{name}.png")
+    ctx.tracker.set_tags({"palm.champion": champion, "palm.champion_reason": why})
+    ctx.tracker.log_artifacts(ctx.path("champion_hf"), "champion-hf")
     register(cfg, ctx, result.metrics)
     return result.metrics
 

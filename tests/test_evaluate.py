@@ -32,7 +32,8 @@ from helpers import (  # noqa: E402
 from palm.core.config import to_dict  # noqa: E402
 from palm.core.errors import ConfigError, UserError  # noqa: E402
 from palm.core.tokenizer import sha256_file  # noqa: E402
-from palm.eval.evaluate import EvaluateConfig, evaluate, held_out_prompts, response_logprobs, sample  # noqa: E402
+from palm.eval.evaluate import (  # noqa: E402
+    EvaluateConfig, champion_policy, evaluate, held_out_prompts, response_logprobs, sample)
 from palm.model.export import load_model, read_export  # noqa: E402
 from palm.model.parallel import process_groups  # noqa: E402
 
@@ -194,7 +195,44 @@ def test_stage_writes_metrics_plots_and_report_and_logs_them(project, tmp_path, 
     (run,) = client.search_runs([client.get_experiment_by_name("palm-rlhf").experiment_id])
     assert run.info.status == "FINISHED" and run.data.metrics["win_rate"] == metrics["win_rate"]
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"report.html", "rewards.png", "curve_sft.png"} <= logged
+    assert {"report.html", "rewards.png", "curve_sft.png", "champion-hf"} <= logged
+
+    # the champion's Hugging Face folder: this evaluation's pick, loadable by transformers, logged whole
+    champion = metrics["champion"]
+    assert champion in ("sft", "ppo") and run.data.tags["palm.champion"] == champion
+    assert champion == champion_policy(metrics, ("ppo",), EVAL_CFG.champion_metric, EVAL_CFG.champion_direction)[0]
+    hf = root / "models" / "champion-hf"
+    from palm.model.hf import read_hf
+
+    assert read_hf(hf)["kind"] == champion
+    files = {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "champion-hf")}
+    assert files == {f.name for f in hf.iterdir()} >= {"config.json", "model.safetensors", "modeling_palm.py"}
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
+    assert model.config.palm_export["kind"] == champion
+
+
+def test_the_champion_is_the_policy_that_beats_sft_by_the_rule_else_sft():
+    """champion_policy against the rule written out: a policy must pass its own checks (KL within
+    the limit, a verdict, a judge it did not train against) and beat SFT's neutral value (win
+    rate 0.5; gains 0) or SFT's own measure (``reward_sft``), and every other such policy."""
+    base = {"kl_within_limit": 1, "verdict": 1, "kl_within_limit_dpo": 1}
+    win = dict(base, gold_win_rate=0.55, gold_win_rate_dpo=0.6)
+    assert champion_policy(win, ("ppo", "dpo"), "gold_win_rate", "max")[0] == "dpo"
+    assert champion_policy(win, ("ppo",), "gold_win_rate", "max")[0] == "ppo"
+    lose = dict(base, gold_win_rate=0.42, gold_win_rate_dpo=0.5)  # a tie is no gain
+    name, why = champion_policy(lose, ("ppo", "dpo"), "gold_win_rate", "max")
+    assert name == "sft" and why == "gold_win_rate (max): sft 0.5, ppo 0.42; dpo 0.5"
+    far = dict(win, kl_within_limit_dpo=0, kl_dpo=9.0, kl_limit=2.0)
+    assert champion_policy(far, ("ppo", "dpo"), "gold_win_rate", "max")[0] == "ppo"
+    hacked = dict(win, trained_on_rule_ppo=1, trained_on_rule_dpo=1)  # a gold_ metric is the rule judge's
+    assert champion_policy(hacked, ("ppo", "dpo"), "gold_win_rate", "max")[0] == "sft"
+    assert champion_policy(dict(win, verdict=0), ("ppo", "dpo"), "gold_win_rate", "max")[0] == "sft"
+    own = dict(base, reward_sft=0.3, reward_ppo=0.2, reward_dpo=0.1)
+    assert champion_policy(own, ("ppo", "dpo"), "reward_ppo", "max")[0] == "sft"
+    assert champion_policy(own, ("ppo", "dpo"), "reward_ppo", "min")[0] == "dpo"
+    assert champion_policy(dict(base, kl=0.3, kl_dpo=0.1), ("ppo", "dpo"), "kl", "min")[0] == "sft"
 
 
 def test_report_escapes_what_models_and_data_say():

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -143,7 +144,9 @@ def test_evaluate_registers_every_model_with_their_source_runs_and_aliases(proje
         assert v.source.startswith(f"runs:/{source.info.run_id}/registry/")
         dl = Path(c.download_artifacts(source.info.run_id, f"registry/{name}", str(project / "dl" / name)))
         mlmodel = yaml.safe_load((dl / "MLmodel").read_text())
-        assert mlmodel["signature"]["inputs"] and not list(dl.rglob("*.pkl"))  # models from code: no pickle
+        # a policy's input is open (strings, or a chat request: predict checks it); the others' declared
+        assert bool(mlmodel["signature"]["inputs"]) == (key in ("pretrain", "reward"))
+        assert mlmodel["signature"]["params" if key != "reward" else "inputs"] and not list(dl.rglob("*.pkl"))
         assert (dl / "requirements.txt").read_text().split() == pip_requirements()
     evaluate = stage_run(c, "evaluate")
     assert evaluate.data.tags["palm.registered.palm-chat"] == "1"
@@ -388,19 +391,70 @@ def test_mlflow_models_serve_answers_a_post_on_loopback(project, env, tmp_path):
                                 env={**os.environ, **env, "PATH": f"{bin_}:{os.environ['PATH']}"},
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     body = {"inputs": [PROMPT], "params": {"max_new_tokens": 5, "temperature": 0.0}}
+    # MLflow's chat format: an OpenAI chat request, unwrapped, answered with a chat completion
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}],
+            "max_tokens": 5, "temperature": 0.0}
+
+    def post(data: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(f"{url}/invocations", data=json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
     try:
         wait_healthy(url, proc, log, timeout_s=180)
-        req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            served = json.loads(r.read())["predictions"]
+        status, served = post(body)
+        chat_status, completion = post(chat)
+        bad_status, bad = post({"messages": [{"role": "robot", "content": "hi"}]})
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     with process_groups():
-        local = mlflow.pyfunc.load_model("models:/palm-chat@champion").predict([PROMPT], params=body["params"])
-    assert served == list(local) and isinstance(served[0], str)
+        model = mlflow.pyfunc.load_model("models:/palm-chat@champion")
+        local = model.predict([PROMPT], params=body["params"])
+        local_chat = model.predict(dict(chat))
+    assert status == 200 and served["predictions"] == list(local) and isinstance(served["predictions"][0], str)
+    assert chat_status == 200 and completion["object"] == "chat.completion", completion
+    (choice,) = completion["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert choice["message"]["content"] == local_chat["choices"][0]["message"]["content"]
+    usage = completion["usage"]
+    assert 1 <= usage["completion_tokens"] <= 5 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert bad_status >= 400 and "messages[0].role must be one of system, user, assistant" in json.dumps(bad)
+
+
+def test_a_chat_request_uses_the_chat_template_and_its_settings_and_refuses_what_it_cannot_do(project, env):
+    """The pyfunc's chat request: the same reply as the plain string for a lone user turn (one
+    template), max_tokens and the other OpenAI fields honoured, bad requests refused in one line."""
+    import mlflow.pyfunc
+
+    from palm.core.errors import UserError
+
+    with process_groups():
+        model = mlflow.pyfunc.load_model("models:/palm-chat@champion")
+        (plain,) = model.predict([PROMPT], params={"max_new_tokens": 6, "temperature": 0.0})
+        chat = model.predict({"messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}],
+                              "max_tokens": 6, "temperature": 0.0})
+        short = model.predict({"messages": [{"role": "user", "content": PROMPT}], "max_completion_tokens": 1,
+                               "temperature": 0.0})
+        refused = {}
+        for name, request in {"field": {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}},
+                              "n": {"messages": [{"role": "user", "content": "hi"}], "n": 2},
+                              "empty": {"messages": []},
+                              "many": {"messages": [{"role": "user", "content": "hi"}] * 65}}.items():
+            with pytest.raises(UserError) as err:
+                model.predict(request)
+            refused[name] = str(err.value)
+    assert chat["choices"][0]["message"]["content"] == plain
+    assert short["usage"]["completion_tokens"] <= 1 and short["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "unsupported field(s) logit_bias" in refused["field"] and "n must be 1" in refused["n"]
+    assert "messages must be a non-empty list" in refused["empty"]
+    assert "at most 64 (PalmModel.max_messages)" in refused["many"]
+    assert all("\n" not in m for m in refused.values())
 
 
 def test_palm_ui_refuses_a_bad_port_or_worker_count_in_one_line(capsys):

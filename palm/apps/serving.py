@@ -12,8 +12,12 @@ swapped and dropped in any order leave the others working.
 ``predict`` by kind of export:
 
 * ``pretrain``: each input string is text to continue; returns the continuation;
-* ``sft``, ``ppo``: each input string is a user turn; returns the assistant's reply (the chat
-  template of ``palm chat``);
+* ``sft``, ``ppo``, ``dpo``: each input string is a user turn; returns the assistant's reply (the
+  chat template of ``palm chat``). Or one OpenAI chat request, MLflow's chat format (what
+  ``mlflow models serve`` hands on for a body ``{"messages": [...], "max_tokens": 16, ...}``):
+  the conversation's next reply as a chat completion (``choices[0].message``, ``finish_reason``,
+  ``usage``); ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``
+  and ``seed`` in the request take the place of the params of the same meaning;
 * ``reward``: each row's ``prompt`` (a user turn) and ``response`` (the reply) are scored at the
   reply's end of turn, normalised with the reward stage's mean and std (0: an average reply).
 
@@ -25,12 +29,15 @@ prompts cut from the left to leave ``max_new_tokens`` of room.
 One request cannot take the served model's memory: it may hold at most :attr:`PalmModel.max_rows`
 rows and each text at most :attr:`PalmModel.max_chars` characters (more than the context of any
 model here; a longer prompt would only be cut); past a cap the request is refused in one line
-naming it, before anything is tokenized. Generation memory is that of one chunk, whatever the
+naming it, before anything is tokenized; a chat request holds at most :attr:`PalmModel.max_messages`
+messages. Generation memory is that of one chunk, whatever the
 number of rows.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import mlflow
@@ -57,6 +64,7 @@ class PalmModel(mlflow.pyfunc.PythonModel):
 
     max_rows = 128  # rows (prompts, or prompt/response pairs) per request
     max_chars = 32_768  # characters per prompt or response
+    max_messages = 64  # messages per chat request
     chunk_rows = 16  # rows generated together (a reward model scores its own batches of 32)
 
     def _check(self, *columns: list[str]) -> None:
@@ -88,15 +96,55 @@ class PalmModel(mlflow.pyfunc.PythonModel):
             self._groups.release()
             raise
 
-    # a DataFrame (what the signature makes of any input) is a type hint MLflow infers nothing from
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list:
+    # a DataFrame is a type hint MLflow infers nothing from (the signature decides what comes in)
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         if self.export.is_reward:
             prompts, responses = _texts(model_input, "prompt"), _texts(model_input, "response")
             self._check(prompts, responses)
             return self._score(prompts, responses)
+        p = {**PARAMS, **(params or {})}
+        if isinstance(model_input, dict) and "messages" in model_input and self.export.kind != "pretrain":
+            return self._chat(model_input, p)
         prompts = _texts(model_input)
         self._check(prompts)
-        return self._complete(prompts, {**PARAMS, **(params or {})})
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r, _ in self._complete(
+            [self._prompt_ids(t) for t in prompts], p)]
+
+    # the fields of an OpenAI chat request besides messages, by the param each one sets
+    CHAT_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                   "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}
+
+    def _chat(self, request: dict, p: dict[str, Any]) -> dict:
+        """One OpenAI chat request (MLflow's chat format) answered with a chat completion."""
+        from palm.apps.messages import BadMessages, chat_turns
+        from palm.core.errors import UserError
+        from palm.data.chat import ChatTemplate
+        from palm.data.chat_readers import Turn
+
+        unknown = sorted(set(request) - {"messages", "n", "stream", "model", *self.CHAT_FIELDS})
+        if unknown:
+            raise UserError(f"chat request: unsupported field(s) {', '.join(map(str, unknown))}; this model takes "
+                            f"messages, {', '.join(self.CHAT_FIELDS)}, n (1) and stream (false)")
+        if request.get("n", 1) != 1 or request.get("stream", False):
+            raise UserError("chat request: n must be 1 and stream false (one reply per request, whole)")
+        try:
+            turns = chat_turns(request["messages"], self.max_messages, "PalmModel.max_messages")
+        except BadMessages as err:
+            raise UserError(f"chat request: {err}") from None
+        self._check([text for _, text in turns])
+        for field, param in self.CHAT_FIELDS.items():
+            if request.get(field) is not None:
+                p[param] = request[field]
+        prompt = ChatTemplate(self.tokenizer).render_prompt(tuple(Turn(r, t) for r, t in turns))
+        ((reply, stopped),) = self._complete([prompt], p)
+        made = len(reply) - stopped  # the end-of-turn token is no text
+        n_prompt = min(len(prompt), self.model.cfg.seq_len - int(p["max_new_tokens"]))
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": f"palm-{self.export.kind}",
+                "choices": [{"index": 0, "finish_reason": "stop" if stopped else "length",
+                             "message": {"role": "assistant",
+                                         "content": self.tokenizer.decode(reply, skip_special_tokens=True)}}],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": made, "total_tokens": n_prompt + made}}
 
     def _prompt_ids(self, text: str) -> list[int]:
         from palm.data.chat import ChatTemplate
@@ -112,7 +160,9 @@ class PalmModel(mlflow.pyfunc.PythonModel):
 
         return special_ids(self.tokenizer)
 
-    def _complete(self, prompts: list[str], p: dict[str, Any]) -> list[str]:
+    def _complete(self, prompts: list[list[int]], p: dict[str, Any]) -> list[tuple[list[int], bool]]:
+        """Each prompt's reply tokens (its stop token included) and whether it stopped (else it
+        ran out of ``max_new_tokens``)."""
         import torch
 
         from palm.core.errors import UserError
@@ -128,13 +178,13 @@ class PalmModel(mlflow.pyfunc.PythonModel):
         ids = self._ids
         stop = (ids["end_turn_id"], ids["eod_id"]) if self.export.kind != "pretrain" else (ids["eod_id"],)
         generator = torch.Generator(self.model.embedding.weight.device).manual_seed(int(p["seed"]))
-        out: list[str] = []
+        out: list[tuple[list[int], bool]] = []
         for start in range(0, len(prompts), self.chunk_rows):  # one chunk's memory at a time
-            rows = [self._prompt_ids(t)[-(seq_len - new):] for t in prompts[start:start + self.chunk_rows]]
+            rows = [ids_[-(seq_len - new):] for ids_ in prompts[start:start + self.chunk_rows]]
             with torch.no_grad():
                 gen = generate(self.model, rows, new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                stop_ids=stop, pad_id=ids["pad_id"], generator=generator)
-            out += [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies([gen])]
+            out += zip(replies([gen]), gen.stopped.tolist())
         return out
 
     def _score(self, prompts: list[str], responses: list[str]) -> list[float]:

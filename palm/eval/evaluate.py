@@ -214,6 +214,43 @@ class Evaluation:
     policies: tuple[str, ...] = ("ppo",)  # the policies compared with SFT, of POLICIES
 
 
+
+# --- the champion of this evaluation -------------------------------------------------------------
+
+def sft_value(metrics: dict[str, Any], metric: str) -> float | None:
+    """SFT's own value of a champion metric named by PPO's names: a comparison with SFT is at its
+    neutral point for SFT itself (win rates 0.5; gains and KL 0); a policy's own measure
+    (``reward_ppo``) is SFT's of the same name (``reward_sft``); None when SFT has none."""
+    if metric in COMPARISONS or metric == "human_win_rate":
+        return None if metric == "kl_within_limit" else 0.5 if metric.endswith("win_rate") else 0.0
+    value = metrics.get(metric.removesuffix("_ppo") + "_sft") if metric.endswith("_ppo") else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def champion_policy(metrics: dict[str, Any], policies: Sequence[str], metric: str, direction: str) -> tuple[str, str]:
+    """The policy this evaluation ships (its HF export is the stage's ``champion-hf``) and why, in
+    one line: a policy that passes the champion rule on its own numbers
+    (:func:`palm.ops.registry.own_reason`: KL within the limit, a verdict, a judge it did not
+    train against) and beats SFT strictly in ``direction`` (and every other such policy); else SFT.
+    Unlike the registry's @champion, which compares a policy with earlier versions, this one is
+    decided by this evaluation alone, so the stage's output is the same on every machine."""
+    from palm.ops.registry import own_reason
+
+    best, value = "sft", sft_value(metrics, metric)
+    lines = []
+    for name in policies:
+        view = policy_view(metrics, name)
+        reason = own_reason(view, metric)
+        if reason:
+            lines.append(f"{name}: {reason}")
+            continue
+        theirs = float(view[metric])
+        lines.append(f"{name} {theirs:.4g}")
+        if value is None or (theirs > value if direction == "max" else theirs < value):
+            best, value = name, theirs
+    sft = sft_value(metrics, metric)
+    return best, f"{metric} ({direction}): sft {'n/a' if sft is None else f'{sft:.4g}'}, {'; '.join(lines)}"
+
 # --- data ----------------------------------------------------------------------------------------
 
 def held_out_prompts(rows: list[dict], limit: int) -> list[dict]:

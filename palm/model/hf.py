@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 MODEL_TYPE = "palm_rlhf"
 CODE = Path(__file__).resolve().parent / "hf_modeling"
-CODE_FILES = ("configuration_palm.py", "modeling_palm.py")
+# copied into every export (named whole so that palm/ops/deps.py sees them as the evaluate stage's code)
+CODE_FILES = (CODE / "configuration_palm.py", CODE / "modeling_palm.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_palm.PalmConfig",
     "AutoModel": "modeling_palm.PalmModel",
@@ -208,8 +209,8 @@ def export_hf(ref: str | Path, out: str | Path) -> Path:
         for name, data in {"config.json": hf_config(export, ids), **tokenizer_files(export, ids)}.items():
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(export.tokenizer_path, tmp / "tokenizer.json")
-        for name in CODE_FILES:
-            shutil.copyfile(CODE / name, tmp / name)
+        for code in CODE_FILES:
+            shutil.copyfile(code, tmp / code.name)
     return out
 
 

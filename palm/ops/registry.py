@@ -114,8 +114,11 @@ def pip_requirements(lock: Path | None = None) -> list[str]:
 
 
 def signature(kind: str):
-    """Prompts in, completions out (a reward model: prompt and response in, scores out), with
-    the generation settings of :data:`PARAMS` as params."""
+    """A reward model: prompt and response in, scores out. A pretrain model: prompts in,
+    continuations out. A policy (sft, ppo, dpo) takes either prompts (strings in, replies out) or one
+    OpenAI chat request (``{"messages": [...], "max_tokens": ...}``: MLflow's chat format, answered
+    with a chat completion), so its input schema is left open and ``predict`` checks the input
+    itself; generation settings are the params of :data:`PARAMS`."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -123,8 +126,12 @@ def signature(kind: str):
         return ModelSignature(Schema([ColSpec(DataType.string, "prompt"), ColSpec(DataType.string, "response")]),
                               Schema([ColSpec(DataType.double)]))
     types = {int: DataType.long, float: DataType.double}
-    return ModelSignature(Schema([ColSpec(DataType.string)]), Schema([ColSpec(DataType.string)]),
-                          ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in PARAMS.items()]))
+    params = ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in PARAMS.items()])
+    if kind == "pretrain":
+        return ModelSignature(Schema([ColSpec(DataType.string)]), Schema([ColSpec(DataType.string)]), params)
+    # MLflow enforces a declared input schema before predict sees it: a string column drops a chat
+    # request's max_tokens, a chat schema refuses plain strings
+    return ModelSignature(None, None, params)
 
 
 # --- registering ----------------------------------------------------------------------------------
@@ -237,24 +244,11 @@ def _judge(c: Any, registered: dict[str, Any], before: dict[str, str], metrics: 
     return alias
 
 
-def candidate_reason(c: Any, version: int, metrics: dict[str, Any], metric: str, direction: str, eval_set: str,
-                     log: Any = None, name: str = CHAT) -> str:
-    """Why version ``version`` of the policy ``name`` (default ``palm-chat``), evaluated to
-    ``metrics`` (by PPO's names) on the set ``eval_set``, is not to be champion, in one line; ""
-    when it is (a version that is champion stays so). In order: ``kl_within_limit`` true
-    (missing: not within); ``verdict`` truthy (missing: 1); ``metric`` not a gold judge's the
-    policy trained against (``trained_on_<judge>_ppo``); a number for ``metric``; then, if there
-    is a champion: its tag ``palm.eval_set`` equal to the non-empty ``eval_set`` (a champion
-    without one was evaluated on another set), and ``value`` beating its ``palm.metric.<metric>``
-    strictly in ``direction`` (missing there: it does)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champ = c.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champ = None
-    if champ is not None and _is_version(champ, version):
-        return ""
+def own_reason(metrics: dict[str, Any], metric: str) -> str:
+    """Why a policy evaluated to ``metrics`` (by PPO's names) may not be champion on its own
+    numbers, in one line; "" when it may. In order: ``kl_within_limit`` true (missing: not
+    within); ``verdict`` truthy (missing: 1); ``metric`` not a gold judge's the policy trained
+    against (``trained_on_<judge>_ppo``); a number for ``metric``."""
     if "kl_within_limit" not in metrics:
         return "no kl_within_limit in its metrics: its KL to the SFT policy is unchecked"
     within = metrics["kl_within_limit"]
@@ -268,9 +262,31 @@ def candidate_reason(c: Any, version: int, metrics: dict[str, Any], metric: str,
     judge = next((j for prefix, j in JUDGE_PREFIXES if metric.startswith(prefix)), None)
     if judge and metrics.get(f"trained_on_{judge}_ppo"):
         return f"{metric} is the {judge} judge's, which this policy trained against: not independent evidence"
-    value = _number(metrics.get(metric))
-    if value is None:
+    if _number(metrics.get(metric)) is None:
         return f"no number for {metric} in its metrics: nothing to compare"
+    return ""
+
+
+def candidate_reason(c: Any, version: int, metrics: dict[str, Any], metric: str, direction: str, eval_set: str,
+                     log: Any = None, name: str = CHAT) -> str:
+    """Why version ``version`` of the policy ``name`` (default ``palm-chat``), evaluated to
+    ``metrics`` (by PPO's names) on the set ``eval_set``, is not to be champion, in one line; ""
+    when it is (a version that is champion stays so). In order: :func:`own_reason` on its own
+    numbers; then, if there is a champion: its tag ``palm.eval_set`` equal to the non-empty ``eval_set`` (a champion
+    without one was evaluated on another set), and ``value`` beating its ``palm.metric.<metric>``
+    strictly in ``direction`` (missing there: it does)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = c.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    if champ is not None and _is_version(champ, version):
+        return ""
+    reason = own_reason(metrics, metric)
+    if reason:
+        return reason
+    value = _number(metrics[metric])
     if champ is None:
         return ""
     theirs = (getattr(champ, "tags", None) or {}).get("palm.eval_set")

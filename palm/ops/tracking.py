@@ -196,6 +196,10 @@ class Tracker:
     def log_artifact(self, path: Path) -> None:
         self.guard("log_artifact", lambda: self._mlflow.log_artifact(str(path)))
 
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        """Log the files of ``folder`` under the run's ``artifact_path``."""
+        self.guard("log_artifacts", lambda: self._mlflow.log_artifacts(str(folder), artifact_path))
+
     def end(self, status: str = "FINISHED") -> None:
         if self._mlflow is not None and self.enabled:
             self.guard("end_run", lambda: self._mlflow.end_run(status=status))
