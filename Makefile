@@ -116,6 +116,7 @@ bench: setup
 	$(PY) -W ignore benchmarks/data_scaling.py
 	$(PY) -W ignore benchmarks/data_default.py
 	$(PY) -W ignore benchmarks/int8_decode.py
+	$(PY) -W ignore benchmarks/lm_eval_check.py
 
 ## Fuzz every reader and parser of outside input (chat/preference files, rankings, WARC, the scrape
 ## files source, params.yaml sections, the feedback page, registry answers) with Hypothesis:

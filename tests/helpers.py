@@ -384,8 +384,7 @@ def make_reward(out: Path, tokenizer: Path, model: ModelConfig | None = None, se
 EVALUATE_ARGS = ["--pretrain", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--reward",
                  "models/reward", "--sft-data", "data/sft", "--prefs", "data/prefs", "--tokens", "data/tokens",
                  "--curves", "reports/pretrain/curve.csv", "reports/sft/curve.csv",
-                 "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots",
-                 "--champion-hf", "models/champion-hf"]
+                 "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots"]
 
 
 def with_kind(folder: Path, kind: str, **extra) -> Path:
@@ -413,8 +412,9 @@ def make_eval_reward(out: Path, tokenizer: Path, seed: int = 5) -> Path:
     return out
 
 
-def make_tokens(out: Path, tokenizer: Path) -> Path:
-    """Token shards as the tokenize stage writes them, of the test corpus' text."""
+def make_tokens(out: Path, tokenizer: Path, texts: list[str] | None = None) -> Path:
+    """Token shards as the tokenize stage writes them, of ``texts`` (default: the test corpus' lines),
+    one document each, in both splits."""
     import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -424,7 +424,8 @@ def make_tokens(out: Path, tokenizer: Path) -> Path:
     tok = load_tokenizer(tokenizer / "tokenizer.json")
     eod = tok.token_to_id("<|endoftext|>")
     out.mkdir(parents=True)
-    docs = [tok.encode(line).ids + [eod] for line in TEXT.splitlines() if line.strip()]
+    texts = texts if texts is not None else [line for line in TEXT.splitlines() if line.strip()]
+    docs = [tok.encode(text).ids + [eod] for text in texts]
     for split in ("train", "valid"):
         builder = IndexedDatasetBuilder(str(out / f"{split}.bin"), dtype=np.uint16)
         for ids in docs:

@@ -9,6 +9,7 @@
     palm ui [--port 5000]           # the MLflow UI over the project's runs (palm/apps/ui.py; make ui)
     palm export hf models/ppo out/  # a Hugging Face transformers folder (palm/apps/hf_export.py)
     palm import hf out/ models/x    # ... and back (palm/apps/hf_import.py)
+    palm eval-task models/sft out/  # an lm-evaluation-harness task of the valid split (palm/eval/lm_eval_task.py)
 
 Each subcommand module provides ``add_arguments(parser)`` and ``run(args) -> exit code``. Errors
 a user can fix print as one line ``error: <command>: …`` and exit with 2.
@@ -36,6 +37,8 @@ COMMANDS = {
     "export": ("palm.apps.hf_export", "write an exported model in another format: hf (a Hugging Face transformers "
                "folder, docs/hf-export.md)"),
     "import": ("palm.apps.hf_import", "read a model folder written by palm export back into an export: hf"),
+    "eval-task": ("palm.eval.lm_eval_task", "write an lm-evaluation-harness task of held-out windows of the valid "
+                  "token shard, for lm_eval on a palm export hf folder (docs/hf-export.md)"),
     "ui": ("palm.apps.ui", "the MLflow UI on 127.0.0.1 over the project's runs and registered models (make ui)"),
 }
 
