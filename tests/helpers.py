@@ -384,7 +384,8 @@ def make_reward(out: Path, tokenizer: Path, model: ModelConfig | None = None, se
 EVALUATE_ARGS = ["--pretrain", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--reward",
                  "models/reward", "--sft-data", "data/sft", "--prefs", "data/prefs", "--tokens", "data/tokens",
                  "--curves", "reports/pretrain/curve.csv", "reports/sft/curve.csv",
-                 "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots"]
+                 "--report", "reports/evaluate/report.html", "--plots", "reports/evaluate/plots",
+                 "--champion-hf", "models/champion-hf"]
 
 
 def with_kind(folder: Path, kind: str, **extra) -> Path:
