@@ -97,26 +97,14 @@ lock:
 	/tmp/palm-lock-venv/bin/pip install -q -r requirements.in
 	/tmp/palm-lock-venv/bin/pip freeze | sed 's/^torch==.*/torch==2.13.0/' > requirements.lock
 
-## Benchmarks (need `make run` outputs for the tokenize, time-to-loss and LoRA-memory ones): each prints
-## `ratio <x>` last; time_to_loss prints `time_ratio <x>` (params.yaml's pretrain recipe against
-## the old AdamW one, to the old one's final held-out loss) and writes a dated record; lora_memory
-## (PPO's peak RSS with LoRA rank 8 / full fine-tuning, at d_model 1024) writes one too.
+## Benchmarks (benchmarks/bench.py; most need `make run` outputs): each benchmark against its baseline
+## in the same run, then benchmarks/results/<date>-<machine class>.json and .md (the machine class:
+## CPU model, cores, ISA, or the GPU) and the table of docs/reference/benchmarks.md.
+## `make bench ONLY="int8_decode serve_load"` runs some of them (`benchmarks/bench.py --list`).
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt -c requirements.lock 2>&1 \
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-	$(PY) benchmarks/tokenize_throughput.py
-	$(PY) benchmarks/train_throughput.py
-	$(PY) benchmarks/generate_throughput.py
-	$(PY) benchmarks/ppo_throughput.py
-	$(PY) -W ignore benchmarks/time_to_loss.py
-	$(PY) -W ignore benchmarks/ranking_value.py
-	$(PY) -W ignore benchmarks/gold_levers.py
-	$(PY) -W ignore benchmarks/lora_memory.py
-	$(PY) -W ignore benchmarks/rule_reward.py
-	$(PY) -W ignore benchmarks/data_scaling.py
-	$(PY) -W ignore benchmarks/data_default.py
-	$(PY) -W ignore benchmarks/int8_decode.py
-	$(PY) -W ignore benchmarks/lm_eval_check.py
+	$(PY) -W ignore benchmarks/bench.py $(if $(ONLY),--only $(ONLY))
 
 ## Fuzz every reader and parser of outside input (chat/preference files, rankings, WARC, the scrape
 ## files source, params.yaml sections, the feedback page, registry answers) with Hypothesis:
