@@ -11,7 +11,9 @@ import torch
 from helpers import redraw_weights
 
 from palm.core.errors import ConfigError
+from palm.decode import layouts
 from palm.decode.batcher import Batcher, Request
+from palm.decode.decoder import Decoder
 from palm.decode.generate import SamplingConfig, generate
 from palm.model import parallel
 from palm.model.network import ModelConfig, PaLM
@@ -131,6 +133,22 @@ def test_rows_drawn_differently_share_a_step(model):
     # the sampled row alone, with the generator state it drew from (greedy rows draw nothing)
     gen = generate(model, [sampled.prompt], 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
     assert out[id(sampled)] == gen.response[0].tolist()
+
+
+def test_a_lone_row_decodes_in_the_plan_for_one_row(model, monkeypatch):
+    """Where one row decodes fastest in another layout than a full batch, a lone row uses it
+    (its own copy of the weights, the same cache): the same tokens either way."""
+    monkeypatch.setattr(Decoder, "plan", staticmethod(
+        lambda m, rows, length: layouts.DecodePlan(torch.float32, "transposed" if rows == 1 else "weight")))
+    batcher = Batcher(model, 3)
+    assert batcher.single is not None and batcher._view(1)[1].layout == "transposed"
+    assert batcher._view(2)[1].layout == "weight"
+    reqs = [Request(prompt(n, 80 + i), new) for i, (n, new) in enumerate([(4, 10), (6, 3), (2, 9)])]
+    trace: list = []
+    out = run(batcher, {0: reqs[:1], 3: reqs[1:2], 8: reqs[2:]}, trace)
+    assert {n for n, _ in trace} >= {1, 2}  # alone, together, alone again
+    for r in reqs:
+        assert out[id(r)] == alone(model, r)
 
 
 def test_static_batching_joins_only_an_empty_batch(model):

@@ -73,7 +73,8 @@ class Batcher:
 
     ``slots``: most rows decoded together; ``max_len``: the cache's positions (default the
     model's ``seq_len``); ``weights``: int8 weights to decode with (:func:`palm.decode.quant.quantize`),
-    else the model's own in the plan :meth:`Decoder.plan` measures for ``slots`` rows;
+    else the model's own in the plan :meth:`Decoder.plan` measures for ``slots`` rows (and a
+    second copy in the plan for one row, where that differs);
     ``continuous=False``: static batching, for comparison: requests join only an empty batch, so
     a batch runs until its last row ends.
     """
@@ -93,7 +94,13 @@ class Batcher:
         cache = new_cache(model, slots, self.max_len, torch.ones(slots, dtype=torch.long), dtype=self.plan.dtype)
         self.decoder = Decoder(model, cache, self.plan, weights)
         self.cache = cache
-        self._views: dict[int, Decoder] = {}  # n -> the decoder over the first n slots
+        # one live row (a lone user) in the plan measured for one row, where that is another
+        # layout: a layout fast for many rows can be slow for one (oneDNN's packed weights)
+        self.single: tuple[Decoder, layouts.DecodePlan] | None = None
+        one = self.plan if weights is not None or slots == 1 else Decoder.plan(model, 1, self.max_len)
+        if one != self.plan and one.dtype == self.plan.dtype:
+            self.single = Decoder(model, cache, one), one
+        self._views: dict[int, tuple[Decoder, layouts.DecodePlan]] = {}  # n -> over the first n slots
         self.rows: list[_Row] = []  # live rows, in slot order
         self.last = torch.zeros(slots, 1, dtype=torch.long, device=self.device)  # each slot's last token
         self.length = 0  # L: columns every live row shares
@@ -126,12 +133,14 @@ class Batcher:
     def step(self) -> list[Event]:
         """Admit the waiting requests that fit (their first tokens), then one token for every
         live row. Returns the tokens made, in slot order."""
-        with torch.inference_mode(), layouts.decode_threads(self.plan):
-            events = self._admit()
+        with torch.inference_mode():
+            with layouts.decode_threads(self.plan):
+                events = self._admit()
             if self.rows:
-                view = self._view(len(self.rows))
+                view, plan = self._view(len(self.rows))
                 view.cache.length = self.length
-                logits = view(self.last[:len(self.rows)])  # [n, V_local]
+                with layouts.decode_threads(plan):
+                    logits = view(self.last[:len(self.rows)])  # [n, V_local]
                 self.length += 1
                 events += self._emit(logits, self.rows)
         return events
@@ -192,9 +201,11 @@ class Batcher:
             row.pad += shift
         self.decoder.set_starts(torch.arange(n), torch.tensor([row.pad for row in self.rows]))
 
-    def _view(self, n: int) -> Decoder:
+    def _view(self, n: int) -> tuple[Decoder, layouts.DecodePlan]:
         if n not in self._views:
-            self._views[n] = self.decoder.over(self.cache.head(n), (self.decoder.cos[:n], self.decoder.sin[:n]))
+            base, plan = self.single if n == 1 and self.single else (self.decoder, self.plan)
+            # the tables of self.decoder, which set_starts keeps
+            self._views[n] = base.over(self.cache.head(n), (self.decoder.cos[:n], self.decoder.sin[:n])), plan
         return self._views[n]
 
     # --- tokens -----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class KVCache:
         self.length, self.max_len, self.rope = 0, max_len, rope
         self.cos = self.sin = self.key_bias = self.real = None
         self._bias: dict[tuple, torch.Tensor] = {}
+        self._starts: tuple[torch.Tensor, ...] | None = None  # starts_table(), made on first use
         if pad is not None and bool((pad > 0).any()):
             pad = pad.to(device)
             pos = torch.arange(max_len, device=device) - pad[:, None]  # [b, max_len]
@@ -69,12 +70,22 @@ class KVCache:
         continuous batching (:mod:`palm.decode.batcher`) places a joining prompt and moves rows.
         Needs the per-row tables (a cache made with some ``pad > 0``)."""
         assert self.key_bias is not None, "a cache without per-row tables (made with pad=None)"
-        pos = torch.arange(self.max_len, device=self.real.device) - pad.to(self.real.device)[:, None]  # [m, max_len]
-        self.cos[rows], self.sin[rows] = self.rope.at(pos.clamp(min=0), self.cos.dtype)
-        self.real[rows] = pos >= 0
-        self.key_bias[rows] = torch.zeros_like(pos, dtype=self.key_bias.dtype).masked_fill(
-            pos < 0, float("-inf"))[:, None]
+        ext = self.starts_table()
+        for r, q in zip(rows.tolist(), pad.tolist()):  # a row's tables are a window of the table: copies
+            window = slice(self.max_len - q, 2 * self.max_len - q)
+            self.cos[r], self.sin[r], self.real[r], self.key_bias[r, 0] = (t[window] for t in ext)
         self._bias = {}
+
+    def starts_table(self) -> tuple[torch.Tensor, ...]:
+        """cos, sin ``[2 max_len, 1, hd/2]``, real and the key mask ``[2 max_len]`` of columns
+        ``-max_len .. max_len-1`` of a row starting at column 0, made once: a row starting at
+        ``pad`` is the window ``[max_len - pad, 2 max_len - pad)`` (:meth:`set_starts`)."""
+        if self._starts is None:
+            pos = torch.arange(-self.max_len, self.max_len, device=self.real.device)
+            cos, sin = self.rope.at(pos.clamp(min=0)[None], self.cos.dtype)
+            bias = torch.zeros(pos.shape, dtype=self.key_bias.dtype, device=pos.device).masked_fill(pos < 0, float("-inf"))
+            self._starts = (cos[0], sin[0], pos >= 0, bias)
+        return self._starts
 
     def head(self, n: int) -> KVCache:
         """The first ``n`` rows as a cache of their own: views of this one's tensors (contiguous),
@@ -82,7 +93,7 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.k = {i: t[:n] for i, t in self.k.items()}
         view.v = {i: t[:n] for i, t in self.v.items()}
-        view.length, view.max_len, view.rope, view._bias = self.length, self.max_len, self.rope, {}
+        view.length, view.max_len, view.rope, view._bias, view._starts = self.length, self.max_len, self.rope, {}, None
         view.cos, view.sin, view.key_bias, view.real = (None if t is None else t[:n] for t in
                                                         (self.cos, self.sin, self.key_bias, self.real))
         return view

@@ -110,6 +110,7 @@ class Decoder:
         self.model, self.cache = model, cache
         self.eps, self.d = model.cfg.norm_eps, model.cfg.d_model
         self.head_dim = model.cfg.head_dim
+        self._starts: tuple[torch.Tensor, torch.Tensor] | None = None  # set_starts' rolled table
         plan = plan or layouts.DecodePlan(model.final_norm.weight.dtype)
         self.dtype = plan.dtype  # the cache's too (made with new_cache(..., dtype=plan.dtype))
         k = next(iter(cache.k.values()))  # [b, max_len, hd]: the first layer's keys
@@ -148,8 +149,12 @@ class Decoder:
         """:meth:`KVCache.set_starts` on this decoder's cache and its rolled RoPE tables."""
         cache = self.cache
         cache.set_starts(rows, pad)
-        cos, sin = cache.cos[rows], cache.sin[rows]  # [m, max_len, 1, hd/2]
-        self.cos[rows], self.sin[rows] = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        if self._starts is None:  # the rolled form of the cache's table, made once
+            cos, sin = cache.starts_table()[:2]
+            self._starts = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        for r, q in zip(rows.tolist(), pad.tolist()):
+            window = slice(cache.max_len - q, 2 * cache.max_len - q)
+            self.cos[r], self.sin[r] = self._starts[0][window], self._starts[1][window]
 
     @staticmethod
     def plan(model: "PaLM", batch: int, length: int) -> layouts.DecodePlan:
