@@ -41,6 +41,10 @@ import yaml
 # process's environment): a server that went away costs each call 2 + 4 s of retries, not 62 s.
 os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
 
+from palm.core.quiet import quiet_known  # noqa: E402
+
+quiet_known()  # before Prefect and MLflow load: the known-benign third-party warnings stay out of the log
+
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from palm.core.errors import UserError, first_line  # noqa: E402

@@ -20,12 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import warnings
-
-# megatron-core's notes about optional CUDA libraries and its own deprecations are for its
-# developers, not for someone chatting with a model
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -54,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from palm.core.errors import UserError
+    from palm.core.quiet import quiet_known
 
+    quiet_known()  # before the subcommands import megatron: its notes on CUDA libraries are not the user's
     args = parser().parse_args(argv)
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args)

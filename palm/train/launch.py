@@ -47,11 +47,10 @@ from typing import Any
 
 from palm.core.errors import UserError
 from palm.core.process import NODE_RANK_ENV, OtherNodeDone, default_threads, flush_denormals
+from palm.core.quiet import quiet_known
 
 MARKER_ENV = "PALM_RUN_MARKER"
 RDZV_ENV = "PALM_RDZV_ENDPOINT"
-_QUIET = ",".join(f"ignore:{m}:UserWarning" for m in (
-    "Transformer Engine and Apex", "Apex is not installed", "full scope is deprecated"))
 
 
 def launch(entry: str, spec: dict[str, Any], cfg: Any, *, run_dir: Path,
@@ -79,7 +78,7 @@ def launch(entry: str, spec: dict[str, Any], cfg: Any, *, run_dir: Path,
         spec_path.write_text(spec_text)
     per_node = cfg.world_size // cfg.nodes
     threads = cfg.threads or default_threads(per_node)
-    full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": _QUIET, **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     worker = ["-m", "palm.train.launch", entry, str(spec_path)]
@@ -173,7 +172,7 @@ def _reap(marker: str, parent: int) -> None:
 
 def _worker(entry: str, spec_path: Path) -> int:
     """One torchrun process: call ``entry(spec)``; a UserError becomes ``run_dir/error.<rank>``."""
-    
+    quiet_known()  # before the entry module imports megatron (its import-time warnings)
     flush_denormals()  # first, so the OpenMP threads torch starts inherit it
     spec = json.loads(spec_path.read_text())
     module, _, function = entry.partition(":")
