@@ -12,10 +12,12 @@ server's ``usage``, over the side's wall time). The load side runs twice, on a s
 continuous batching (the default) and one with ``--batching static``, each with ``--max-batch``
 as many rows as clients: what continuous batching buys at the same load. Both servers run at
 once and the three sides take turns for ``--rounds`` rounds (a shared host's speed drifts);
-each side's tokens/s is its median round, its latencies those of every round.
+each side's tokens/s is its median round, its latencies those of every round; ratios are
+medians of the rounds' ratios.
 
 Writes ``benchmarks/records/serve-load-DATE.json`` (or ``--record``) with the load average (other
-work shares the cores). The last line: ``ratio R``, continuous load's tokens/s over the baseline's.
+work shares the cores). The last line: ``ratio R``, continuous load's tokens/s over the
+baseline's: the median over rounds of the two measured in the same round.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=8, help="per client")
     p.add_argument("--baseline", type=int, default=32, help="requests of the one-client baseline")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="rounds of every side, taking turns")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of every side, taking turns")
     p.add_argument("--no-static", action="store_true", help="skip the static-batching comparison")
     p.add_argument("--record", type=Path, help="default: benchmarks/records/serve-load-DATE.json")
     args = p.parse_args(argv)
@@ -223,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind, clients, requests in sides:
         record[name] = summary(rounds[name], kind)
         print(line(f"{name}, median of {args.rounds} rounds", record[name]), flush=True)
-    base = record["baseline"]["tokens_per_s"]
-    record["ratio"] = round(record["load_continuous"]["tokens_per_s"] / base, 2)
+    def paired(top: str, bottom: str) -> tuple[float, float]:
+        """The median over rounds of ``top``'s tokens/s over ``bottom``'s in the same round (the
+        host's drift cancels), and the ratio of the two sides' medians."""
+        each = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rounds[top], rounds[bottom]))
+        return round(each[len(each) // 2], 2), round(record[top]["tokens_per_s"] / record[bottom]["tokens_per_s"], 2)
+
+    record["ratio"], record["ratio_of_medians"] = paired("load_continuous", "baseline")
     if "load_static" in record:
-        record["ratio_static"] = round(record["load_static"]["tokens_per_s"] / base, 2)
-        record["continuous_over_static"] = round(record["load_continuous"]["tokens_per_s"]
-                                                 / record["load_static"]["tokens_per_s"], 2)
+        record["ratio_static"], record["ratio_static_of_medians"] = paired("load_static", "baseline")
+        record["continuous_over_static"], _ = paired("load_continuous", "load_static")
     record["all_succeeded"] = all(record[k]["all_succeeded"] for k in ("baseline", "load_continuous", "load_static")
                                   if k in record)
     record["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -69,6 +69,7 @@ class Job:
     top_p: float | None
     stop_ids: tuple[int, ...]
     emit: Callable[[tuple], None]
+    stream: bool = True  # text handed out as it is made; else all of it at the end
     made: int = 0  # completion tokens so far (the worker's)
     text: Any = None  # its StreamDecoder (the worker's)
 
@@ -168,9 +169,12 @@ class Engine:
                     self._finish(job, "stop")
                     continue
                 job.made += 1
-                piece = job.text.feed(e.token)
-                if piece:
-                    job.emit(("text", piece))
+                if job.stream:
+                    piece = job.text.feed(e.token)
+                    if piece:
+                        job.emit(("text", piece))
+                else:  # decoded once at the end: no text per token to make, nor to wake the handler for
+                    job.text.ids.append(e.token)
                 if e.end == "length":
                     self._finish(job, "length")
 
@@ -325,6 +329,7 @@ def make_app(engine: Engine, name: str, limits: Limits):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job.emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+        job.stream = opts["stream"]
         engine.submit(job)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         base = {"id": rid, "created": int(time.time()), "model": name}
