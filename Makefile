@@ -12,7 +12,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup browser slurm run deps test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock bench fuzz clean-venv
+.PHONY: setup browser slurm run deps test test-fast check-default flow serve stop ui mlflow-ui prefect-server lock docs docs-setup config-reference bench fuzz clean-venv
 
 setup: $(VENV)/.installed
 
@@ -56,7 +56,8 @@ deps: setup
 ## Run the test suite (what CI runs): every stage end to end, the training stages with few steps.
 ## Files run on parallel workers (one per core; a file's tests on one worker), the longest first.
 TEST_WORKERS ?= auto
-test: setup browser slurm
+test: setup browser slurm docs-setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q tests -m "not default" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## Unit tests only (no end-to-end pipeline runs).
@@ -90,6 +91,21 @@ stop:
 ## A bare Prefect server and UI on http://127.0.0.1:4200 (`make serve` starts its own).
 prefect-server: setup
 	$(VENV)/bin/prefect server start --host 127.0.0.1
+
+## The documentation site (mkdocs.yml, docs/) on http://127.0.0.1:8000, rebuilt as pages change;
+## `make test` builds it into site/ with `mkdocs build --strict`. Its tools: requirements-docs.txt.
+docs: docs-setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
+
+docs-setup: $(VENV)/.docs-installed
+
+$(VENV)/.docs-installed: requirements-docs.txt $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-docs.txt -c requirements.lock
+	@touch $@
+
+## Rewrite docs/reference/config.md from the config dataclasses (tests/test_config_reference.py checks it).
+config-reference: setup
+	$(PY) -W ignore docs/config_reference.py
 
 ## Re-resolve requirements.in into requirements.lock (exact pins).
 lock:

@@ -63,7 +63,7 @@ class ServeConfig:
     timezone: str = "UTC"  # IANA zone the cron is read in, e.g. Europe/Paris
     until: str | None = None  # scheduled runs stop after this stage (and run what it needs); null: every stage
     host: str = "127.0.0.1"  # the Prefect server and UI bind here (loopback unless told otherwise)
-    port: int = 4200
+    port: int = 4200  # the Prefect server's and UI's port
     startup_timeout_s: float = 120.0  # the server's API must answer within this
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ class SlurmConfig:
 
     partition: str = ""  # required with executor slurm
     time: str = "04:00:00"  # per task
-    cpus_per_task: int = 1
+    cpus_per_task: int = 1  # CPUs each task's job asks for (sbatch --cpus-per-task)
     mem_per_cpu_gb: int = 2  # whole GB: sbatch refuses "2.0G"
     qos: str = ""  # "" = the partition's default
     sbatch_args: tuple[str, ...] = ()  # more sbatch options, "key=value" (e.g. "account=lm")

@@ -146,8 +146,8 @@ class EvaluateConfig:
     samples_per_prompt: int = 1  # replies each policy samples per prompt (win rate over all the pairs)
     max_new_tokens: int = 64  # longest reply; longer prompts are cut from the left to leave it room
     temperature: float = 1.0  # sampling of every policy (1, no top-k/top-p: the policies themselves)
-    top_k: int | None = None
-    top_p: float | None = None
+    top_k: int | None = None  # sample from the k likeliest tokens only; null: all
+    top_p: float | None = None  # sample from the smallest set of tokens holding this probability; null: all
     seed: int = 1234  # batch j of every policy samples from a generator seeded seed + j
     batch_size: int = 32  # sequences per forward pass / generation batch
     pairs: int = 200  # held-out preference pairs for the reward accuracy (0 = all)
@@ -164,7 +164,7 @@ class EvaluateConfig:
     # policy_view) beats its current champion's (strictly: higher for "max", lower for "min");
     # otherwise it is @candidate. The first version is champion.
     champion_metric: str = "win_rate"
-    champion_direction: Literal["max", "min"] = "max"
+    champion_direction: Literal["max", "min"] = "max"  # max: higher champion_metric wins; min: lower
     # the judges independent of the reward model PPO trained against, the first the headline's:
     # rule (palm/data/rules.py, the default data's checks from the documentation), reward_model (the
     # gold_reward stage's export, --gold-reward); a list, or one name; none (or []): no gold judge

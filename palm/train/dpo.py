@@ -67,6 +67,7 @@ class DPOConfig(PairConfig):
     eval_interval: int = 50
     eval_batches: int = 34
     checkpoint_interval: int = 50
+    # sigmoid (DPO), cdpo (with label_smoothing), ipo, or simpo (reference-free, length-normalised)
     loss: Literal["sigmoid", "cdpo", "ipo", "simpo"] = "sigmoid"
     beta: float = 0.5  # the KL strength (DPO, cDPO, IPO) or SimPO's reward scale
     label_smoothing: float = 0.0  # cdpo: the share of preference labels taken to be flipped, in [0, 0.5)

@@ -69,9 +69,9 @@ class OptimConfig:
     min_lr: float = 3e-4  # the schedule decays to this at the last step
     warmup_steps: int = 20  # linear warmup from 0
     weight_decay: float = 0.1  # decoupled (AdamW); not applied to norms
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # Adam's first-moment decay (AdamW, and Muon's AdamW part)
+    beta2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # added to Adam's denominator
     clip_grad: float = 1.0  # global gradient-norm clip (0 disables it)
     muon_momentum: float = 0.95  # muon: Nesterov momentum of the matrices' updates
     muon_lr_mult: float = 1.0  # muon: the matrices' step is this times the RMS-matched lr

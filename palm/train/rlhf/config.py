@@ -47,8 +47,8 @@ class RewardTerm:
     :func:`palm.data.rules.graded`), or ``python:<module>:<function>`` (a function
     ``(prompt: str, reply: str) -> float`` imported by name)."""
 
-    name: str
-    weight: float = 1.0
+    name: str  # model | rule | python:<module>:<function>
+    weight: float = 1.0  # the term's factor in the sum (not 0)
 
     def __post_init__(self) -> None:
         parts = self.name.split(":")
@@ -105,7 +105,7 @@ class PPOConfig(TrainConfig):
     # before the first, and after the last) the policy answers gold_probe prompts set apart from
     # the train split, scored by the gold rule judge, the proxy reward and the KL; 0: no probe
     gold_interval: int = 5
-    gold_probe: int = 32
+    gold_probe: int = 32  # probe prompts, set apart from the train split (PPO never samples them)
     # the exported policy: the last iteration's, or the one with the best probe gold score
     select: Literal["last", "best_gold"] = "last"
     sample_interval: int = 5  # iterations between logged sample responses (samples.jsonl, MLflow)
