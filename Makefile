@@ -57,7 +57,7 @@ deps: setup
 ## Files run on parallel workers (one per core; a file's tests on one worker), the longest first.
 TEST_WORKERS ?= auto
 test: setup browser slurm docs-setup
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 	$(PY) -m pytest -q tests -m "not default" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## Unit tests only (no end-to-end pipeline runs).
@@ -93,7 +93,7 @@ prefect-server: setup
 	$(VENV)/bin/prefect server start --host 127.0.0.1
 
 ## The documentation site (mkdocs.yml, docs/) on http://127.0.0.1:8000, rebuilt as pages change;
-## `make test` builds it into site/ with `mkdocs build --strict`. Its tools: requirements-docs.txt.
+## `make test` builds it into site/ with `mkdocs build --strict` (not --quiet: it hides the warnings strict counts).
 docs: docs-setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
 
