@@ -7,7 +7,7 @@ traceback, and exit code 2 before anything is written:
 * every input missing (a fresh folder, nothing built yet);
 * every input corrupt (each input folder holds the files a stage reads, filled with junk).
 
-The README's "Troubleshooting" section lists these messages."""
+docs/troubleshooting.md lists these messages."""
 
 from __future__ import annotations
 

@@ -683,7 +683,7 @@ print(json.dumps({"urls": urls, "stats": stats.as_dict(), "seconds": time.monoto
 
 def test_hostile_mix_finishes_keeps_every_good_page_in_bounded_memory(site):
     """Good pages mixed with every hostile kind of issue 10. Measures (and prints) the crawl's
-    peak memory and time; asserts only that it finished and stayed under the README's bound."""
+    peak memory and time; asserts only that it finished and stayed under docs/scrape.md's bound."""
     import json
     import subprocess
     import sys
@@ -727,7 +727,7 @@ def test_hostile_mix_finishes_keeps_every_good_page_in_bounded_memory(site):
     skipped = {k: n for k, n in out["stats"]["skipped"].items() if n}
     assert skipped == {"oversize": 3, "encoding": 2, "deadline": 2, "parse_timeout": 1, "parse_error": 1,
                        "ssrf": 2, "port": 1}
-    # README bound: pages in flight (concurrency x hosts) x max_bytes, a few copies each, plus a
+    # docs/scrape.md's bound: pages in flight (concurrency x hosts) x max_bytes, a few copies each, plus a
     # fixed overhead; without bounded decoding a single bomb chunk inflated to ~64 MB.
     assert growth_mb < 3 * max_bytes * concurrency / 2**20 + 64
 

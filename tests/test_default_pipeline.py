@@ -5,8 +5,8 @@ Not part of `make test`: on 2 CPU cores it takes about a quarter of an hour, mos
 default pretrain. `make check-default` runs it (`pytest -m default`). `make test` covers the same
 stages end to end with fewer training steps (tests/test_pipeline_e2e.py).
 
-The time bounds are the ones the README states for a 2-core machine; they are only checked where
-the run is comparable (2 or more cores, the dtype that `auto` picks there).
+The time bounds are the project's for a 2-core machine (records: benchmarks/records/); they are
+only checked where the run is comparable (2 or more cores, the dtype that `auto` picks there).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_default_pretrain(project):
           f"{m['tokens_per_s']:.0f} tokens/s in {m['dtype']}, stage {m['stage_seconds']:.0f} s")
     assert m["val_loss"] < m["unigram_loss"] - 1.0  # clearly below: > 1 nat better per token
     assert m["dtype"] == ("bf16" if NATIVE_BF16 else "fp32"), m["dtype"]
-    if (os.cpu_count() or 1) >= 2:  # README: under 6 min on 2 cores in fp32 (AVX2-only), ~2 min in bf16
+    if (os.cpu_count() or 1) >= 2:  # under 6 min on 2 cores in fp32 (AVX2-only), ~2 min in bf16
         assert m["stage_seconds"] < (150 if NATIVE_BF16 else 360), m["stage_seconds"]
 
 

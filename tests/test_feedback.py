@@ -270,7 +270,7 @@ def test_rankings_flow_through_dvc_repro_prefs_and_a_new_one_reruns_it(session, 
     root = chat_project(tmp_path / "p", prefs={"path": ["default", "data/feedback/rankings.jsonl"]})
     rankings = root / "data" / "feedback" / "rankings.jsonl"
     shutil.copy2(session["rankings"], rankings)
-    dvc(root, "add", "data/feedback/rankings.jsonl")  # as the README says, once
+    dvc(root, "add", "data/feedback/rankings.jsonl")  # as docs/human-feedback.md says, once
     dvc(root, "repro", "-s", "data/feedback/rankings.jsonl.dvc", "prefs")
     m = metrics(root, "prefs")
     per_item = K * (K - 1) // 2

@@ -220,7 +220,7 @@ def test_short_sft_beats_its_parent_and_the_reward_model_ranks_held_out_pairs(pr
 
 
 def test_a_dvc_remote_carries_the_pipeline_to_another_clone(project, flow_runs, tmp_path):
-    """A local folder as the DVC remote (an S3 bucket works the same: README): push from this
+    """A local folder as the DVC remote (an S3 bucket works the same: docs/multi-node.md): push from this
     project, then a fresh git clone pulls and `dvc repro` has nothing to run."""
     remote = tmp_path / "dvc-remote"
     added = dvc(project, "remote", "add", "-d", "shared", str(remote))
