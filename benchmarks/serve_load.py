@@ -8,10 +8,11 @@
 every request a held-out prompt (the first turns of ``data/sft/valid.parquet``'s conversations,
 each client starting at another one), ``max_tokens`` ``--max-tokens``, greedy. Reported per side:
 whether every request succeeded, p50/p95 latency, and aggregate completion tokens/s (the
-server's ``usage``, over the side's wall time). The load side runs twice, on a server with
+server's ``usage``, over the side's wall time). The load side runs on a server with
 continuous batching (the default) and one with ``--batching static``, each with ``--max-batch``
-as many rows as clients: what continuous batching buys at the same load. Both servers run at
-once and the three sides take turns for ``--rounds`` rounds (a shared host's speed drifts);
+as many rows as clients: what continuous batching buys at the same load; and a third time with
+``--gather-steps 0`` (every request joins at the next step, one prompt pass each time). The
+servers run at once and the sides take turns for ``--rounds`` rounds (a shared host's speed drifts);
 each side's tokens/s is its median round, its latencies those of every round; ratios are
 medians of the rounds' ratios.
 
@@ -66,13 +67,13 @@ def free_port() -> int:
 class Server:
     """``palm serve`` as a user starts it, in a session of its own; killed with its group on exit."""
 
-    def __init__(self, model: Path, max_batch: int, batching: str, log: Path):
+    def __init__(self, model: Path, max_batch: int, flags: list[str], log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         palm = Path(sys.executable).with_name("palm")
         cmd = [str(palm)] if palm.exists() else [sys.executable, "-m", "palm.apps.cli"]
         self.argv = [*cmd, "serve", str(model), "--port", str(self.port), "--name", NAME,
-                     "--max-batch", str(max_batch), "--batching", batching]
+                     "--max-batch", str(max_batch), *flags]
         self.log = log
 
     def __enter__(self) -> "Server":
@@ -157,7 +158,8 @@ def steps_summary(before: dict, after: dict) -> dict:
     """Decoding steps between two /v1/palm/stats readings, and the requests a step advanced on average."""
     counts = {int(n): c - before["rows_per_step"].get(n, 0) for n, c in after["rows_per_step"].items()}
     steps = sum(counts.values())
-    return {"steps": steps, "mean_rows_per_step": round(sum(n * c for n, c in counts.items()) / max(steps, 1), 2),
+    return {"steps": steps, "prompt_passes": after["prompt_passes"] - before["prompt_passes"],
+            "mean_rows_per_step": round(sum(n * c for n, c in counts.items()) / max(steps, 1), 2),
             "max_rows_per_step": max((n for n, c in counts.items() if c), default=0)}
 
 
@@ -174,7 +176,7 @@ def summary(rounds: list[dict], batching: str) -> dict:
             "latency_p50_s": round(percentile(latencies, 50), 3), "latency_p95_s": round(percentile(latencies, 95), 3),
             "completion_tokens": median["completion_tokens"], "wall_s": median["wall_s"],
             "mean_completion_tokens": median["mean_completion_tokens"],
-            "mean_rows_per_step": median["mean_rows_per_step"]}
+            "mean_rows_per_step": median["mean_rows_per_step"], "prompt_passes": median["prompt_passes"]}
 
 
 def line(name: str, r: dict) -> str:
@@ -207,11 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                     "max_batch": args.clients, "rounds": args.rounds,
                     "load_average_at_start": [round(x, 2) for x in load_start]}
     logs = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    kinds = ["continuous"] + ([] if args.no_static else ["static"])
+    # the servers compared: palm serve's defaults, and the same without gathering joins, and static batching
+    kinds = {"continuous": [], "continuous_no_gather": ["--gather-steps", "0"], "static": ["--batching", "static"]}
+    if args.no_static:
+        kinds = {"continuous": []}
     sides = [("baseline", "continuous", 1, args.baseline)] + [(f"load_{k}", k, args.clients, args.requests) for k in kinds]
     rounds: dict[str, list[dict]] = {name: [] for name, *_ in sides}
+    record["servers"] = {k: ["palm", "serve", "MODEL", "--max-batch", str(args.clients), *f] for k, f in kinds.items()}
     with contextlib.ExitStack() as stack:
-        servers = {k: stack.enter_context(Server(args.model, args.clients, k, logs / f"{k}.log")) for k in kinds}
+        servers = {k: stack.enter_context(Server(args.model, args.clients, f, logs / f"{k}.log"))
+                   for k, f in kinds.items()}
         for server in servers.values():
             drive(server.url, prompts, 1, 2, args.max_tokens)  # warm-up: first calls, kernels built
         # the sides take turns, round after round: a shared host's speed drifts over a minute
@@ -235,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     if "load_static" in record:
         record["ratio_static"], record["ratio_static_of_medians"] = paired("load_static", "baseline")
         record["continuous_over_static"], _ = paired("load_continuous", "load_static")
-    record["all_succeeded"] = all(record[k]["all_succeeded"] for k in ("baseline", "load_continuous", "load_static")
-                                  if k in record)
+        record["ratio_no_gather"], _ = paired("load_continuous_no_gather", "baseline")
+        record["gather_over_no_gather"], _ = paired("load_continuous", "load_continuous_no_gather")
+    record["all_succeeded"] = all(record[name]["all_succeeded"] for name, *_ in sides)
     record["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     record["rounds_detail"] = rounds
     path = args.record or ROOT / "benchmarks" / "records" / f"serve-load-{record['date']}.json"
@@ -246,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if "continuous_over_static" in record:
         print(f"ratio_static {record['ratio_static']}")  # static batching's load over the same baseline
         print(f"continuous_over_static_ratio {record['continuous_over_static']}")
+        print(f"gather_over_no_gather_ratio {record['gather_over_no_gather']}")
     print(f"ratio {record['ratio']}")
     return 0
 

@@ -2,7 +2,8 @@
 tokens equal :func:`generate` on its prompt alone (greedy, fp32, exact), whichever step it joins
 at, whatever the other rows' prompt lengths, when rows leave early (stop token, own
 ``max_new_tokens``), when the batch runs past the cache's length (columns dropped) and when a
-longer prompt makes the live rows move right; int8 weights too; static batching for comparison."""
+longer prompt makes the live rows move right, when joins are gathered into one prompt pass;
+int8 weights too; static batching for comparison."""
 
 from __future__ import annotations
 
@@ -148,6 +149,20 @@ def test_a_lone_row_decodes_in_the_plan_for_one_row(model, monkeypatch):
     out = run(batcher, {0: reqs[:1], 3: reqs[1:2], 8: reqs[2:]}, trace)
     assert {n for n, _ in trace} >= {1, 2}  # alone, together, alone again
     for r in reqs:
+        assert out[id(r)] == alone(model, r)
+
+
+def test_requests_arriving_at_a_busy_batch_gather_for_one_prompt_pass(model, monkeypatch):
+    # (the model's own plan: no measuring one for 16 rows, slow on a busy host)
+    monkeypatch.setattr(Decoder, "plan", staticmethod(lambda m, rows, length: layouts.DecodePlan(torch.float32)))
+    batcher = Batcher(model, 16, gather_steps=2)  # a group: 16 / 8 = 2 waiting requests
+    first, a, b, c = [Request(prompt(3 + i, 90 + i), 12) for i in range(4)]
+    trace: list = []
+    out = run(batcher, {0: [first], 1: [a], 5: [b, c]}, trace)
+    # an empty batch takes a request at once; a lone one waits 2 steps for company, a pair joins at once
+    assert [n for n, _ in trace[:6]] == [1, 1, 1, 2, 2, 4]
+    assert batcher.prompt_passes == 3
+    for r in (first, a, b, c):
         assert out[id(r)] == alone(model, r)
 
 

@@ -7,13 +7,16 @@
   ``<|assistant|>``; ``max_tokens``, ``temperature`` (0: greedy), ``top_p``, ``stream`` (server-sent
   events in OpenAI's chunk format, ending with ``data: [DONE]``);
 * ``POST /v1/completions``: a plain continuation of ``prompt`` (its tokens, no template);
-* ``GET /v1/palm/stats``: decoding steps so far, by how many requests each advanced; ``GET /health``.
+* ``GET /v1/palm/stats``: decoding steps so far, by how many requests each advanced, and the
+  passes of joining prompts; ``GET /health``.
 
 Batching (continuous): one worker thread owns the model and a :class:`palm.decode.batcher.Batcher`;
 HTTP handlers queue their requests to it. Between two decoding steps the worker hands every queued
 request to the batcher, which joins them to the running batch (up to ``--max-batch`` rows: their
 prompts in one pass, then one token per row per step) and drops each row as it ends (its stop
-token or its own ``max_tokens``), so no request waits for a longer one. Requests with other
+token or its own ``max_tokens``), so no request waits for a longer one; a request arriving at a
+busy batch may wait up to ``--gather-steps`` steps for others to join with it in one prompt pass
+(a pass costs a few steps' worth of fixed costs). Requests with other
 sampling settings or stop tokens share the steps. When idle, the worker first waits
 ``--batch-window-ms`` after a request for others. ``--batching static`` admits requests only to
 an empty batch (the batch runs until its last row ends), for comparison. Each row's text is handed
@@ -78,7 +81,7 @@ class Engine:
     """The model, its tokenizer and the decoding worker thread (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, kind: str, *, max_batch: int = 16, seed: int = 0,
-                 window_s: float = 0.0, weights: Any = None, continuous: bool = True):
+                 window_s: float = 0.0, weights: Any = None, continuous: bool = True, gather_steps: int = 0):
         import torch
 
         from palm.core.tokenizer import special_ids
@@ -93,7 +96,7 @@ class Engine:
         generator = torch.Generator(model.embedding.weight.device).manual_seed(seed)
         # weights: int8 weights of the model to decode with (palm.decode.quant), or None
         self.batcher = Batcher(model, max_batch, weights=weights, generator=generator, pad_id=self.ids["pad_id"],
-                               continuous=continuous)
+                               continuous=continuous, gather_steps=gather_steps)
         self.jobs: queue.Queue[Job] = queue.Queue()  # from the HTTP handlers
         self.rows: dict[int, int] = {}  # live rows of a step -> how many steps decoded that many
         self.worker = threading.Thread(target=self._work, name="palm-decoder", daemon=True)
@@ -117,6 +120,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {"steps": sum(self.rows.values()), "rows_per_step": {str(n): c for n, c in sorted(self.rows.items())},
+                "prompt_passes": self.batcher.prompt_passes,
                 "queued": self.jobs.qsize() + len(self.batcher.pending)}
 
     # --- the worker ------------------------------------------------------------------------
@@ -415,6 +419,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous: requests join the running batch at the next step (default); static: "
                         "only an empty one, so a batch runs until its longest reply ends (for comparison)")
+    p.add_argument("--gather-steps", type=int, default=4,
+                   help="continuous: a request arriving at a busy batch may wait up to this many steps for "
+                        "others, to join with them in one prompt pass (default %(default)s; 0: never waits)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="int8: decode from int8 weights, faster on CPU, replies a little different (default %(default)s)")
@@ -440,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(export).requires_grad_(False)  # for decoding only
         engine = Engine(model, tokenizer, export.kind, max_batch=args.max_batch, seed=args.seed,
                         window_s=max(args.batch_window_ms, 0.0) / 1000, weights=quantize(model, args.quantize),
-                        continuous=args.batching == "continuous")
+                        continuous=args.batching == "continuous", gather_steps=max(args.gather_steps, 0))
         print(f"palm serve: {export.path} ({export.kind}, {seq_len}-token context) as model {name!r} on "
               f"http://{args.host}:{args.port}/v1", flush=True)
         uvicorn.run(make_app(engine, name, limits), host=args.host, port=args.port, log_level="warning")

@@ -76,16 +76,21 @@ class Batcher:
     else the model's own in the plan :meth:`Decoder.plan` measures for ``slots`` rows (and a
     second copy in the plan for one row, where that differs);
     ``continuous=False``: static batching, for comparison: requests join only an empty batch, so
-    a batch runs until its last row ends.
+    a batch runs until its last row ends. ``gather_steps``: while rows are live, waiting requests
+    may be held back up to this many steps until an eighth of the slots' worth (or every free
+    slot) is waiting: a prompt pass costs a few times a step's fixed costs (its many small
+    operations), so requests that trickle in join several to a pass.
     """
 
     def __init__(self, model: PaLM, slots: int, *, max_len: int | None = None,
                  weights: FusedWeights | None = None, generator: torch.Generator | None = None,
-                 pad_id: int = 0, continuous: bool = True):
+                 pad_id: int = 0, continuous: bool = True, gather_steps: int = 0):
         _check_whole_model(model)
         check(slots >= 1, "slots", f"must be >= 1, got {slots}")
         self.model, self.slots, self.generator, self.pad_id = model, slots, generator, pad_id
-        self.continuous = continuous
+        self.continuous, self.gather_steps = continuous, gather_steps
+        self.held = 0  # steps the waiting requests have been held back (gather_steps)
+        self.prompt_passes = 0  # passes of joining prompts so far
         self.max_len = max_len or model.cfg.seq_len
         self.vocab = model.cfg.vocab_size
         self.device = model.embedding.weight.device
@@ -163,6 +168,10 @@ class Batcher:
 
     def _admit(self) -> list[Event]:
         joining: list[Request] = []
+        if self.rows and self.pending and self.held < self.gather_steps:
+            if len(self.pending) < min(self.slots - len(self.rows), -(-self.slots // 8)):
+                self.held += 1  # more may come: one prompt pass for several
+                return []
         if self.continuous or not self.rows:
             while self.pending and len(self.rows) + len(joining) < self.slots:
                 if self._placement([*joining, self.pending[0]]) is None:
@@ -170,6 +179,8 @@ class Batcher:
                 joining.append(self.pending.popleft())
         if not joining:
             return []
+        self.held = 0
+        self.prompt_passes += 1
         new_len = self._placement(joining)
         self._move(new_len - self.length if self.rows else 0)
         self.length = new_len
