@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 # MLflow's job runner (a process and seven huey consumers) runs GenAI jobs such as trace scoring,
-# which this project has none of; on a 2-core machine the server took 34 s of CPU to answer with
-# it, 13 s without. Off unless the environment turns it on.
+# which this project has none of, and makes every answer of the server cost far more CPU
+# (numbers: benchmarks/records/code-notes-2026-12-06.md#ui-server-env).
+# Off unless the environment turns it on.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 

@@ -21,9 +21,9 @@ def is_other_node() -> bool:
 
 def default_threads(processes: int = 1) -> int:
     """Torch threads per process when a config says 0: ``OMP_NUM_THREADS`` where the environment
-    sets it (e.g. a test suite running several files at once on 2 cores: two OpenMP pools of
-    two threads each on 2 cores ran the e2e pretrain 2.5x slower than one process alone), else
-    the cores shared out between the ``processes``."""
+    sets it (e.g. a test suite running several files at once: two OpenMP pools spinning on the
+    same cores slow each other down), else the cores shared out between the ``processes``
+    (numbers: benchmarks/records/code-notes-2026-12-06.md#default-threads)."""
     try:
         forced = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
@@ -37,13 +37,11 @@ def flush_denormals() -> None:
 
     Why: after a few dozen steps of real training, gradients, Adam's second moments and the
     far tails of softmaxes hold subnormal values, and every x86 floating-point operation on one
-    takes a microcode path of ~100 cycles. Measured on the default pretrain (fp32, MKL, ATen and
-    oneDNN held to AVX2 kernels, 2 cores): from step 40 on the stage fell from 3,900 to 2,900
-    tokens/s and recovered only partly (3,006 and 3,345 tokens/s over the run, stage 211 and
-    190 s); flushed, it held 3,700-4,000 (3,841 over the run, stage 166 s). A benchmark loop on
-    random batches (``benchmarks/output_layer.py``) never makes such values, which is why the
-    stage's step had been slower than the benchmark's. The values lost are 38 orders of
-    magnitude below the weights. A no-op where the CPU has no such mode."""
+    takes a microcode path of ~100 cycles: without this the default pretrain slows down by about
+    a quarter from step 40 on, which a benchmark loop on random batches
+    (``benchmarks/output_layer.py``) never shows. The values lost are 38 orders of magnitude
+    below the weights. A no-op where the CPU has no such mode (numbers:
+    benchmarks/records/code-notes-2026-12-06.md#flush-denormals)."""
     torch.set_flush_denormal(True)
 
 
@@ -57,20 +55,13 @@ def keep_freed_memory() -> bool:
 
     Why: glibc serves a large block (from 128 KiB, or the size of the last such block freed)
     with a fresh ``mmap`` and unmaps it on free, so every out-of-place op on a big activation
-    page-faults in and zeroes its whole output, 4 KiB at a time. Measured on 2 cores: ``exp`` of
-    a ``[1024, 8192]`` fp32 tile 8.3-9.2 ms out of place against 0.7-0.8 ms in place, 1.5-2.6 ms
-    out of place with this (PPO's entropy, the log-softmax, the fp32 copy of bf16 logit tiles are
-    such ops). The default DAG from pretrain down (bf16, 2 cores with AMX, ``dvc repro -f``):
-    242 -> 218 s, every stage 7-13 % faster (pretrain 74 -> 66 s, ppo 43 -> 39 s), its metrics
-    identical. The allocators PyTorch's CPU tuning guide recommends (jemalloc, tcmalloc) keep
-    freed memory too. The cost: a process's resident memory stays near its peak until it exits
-    (GPU memory is not affected). Page faults per step in steady state (``ru_minflt``, 2 cores,
-    gloo's groups up): the default pretrain step 1-2,051 with this against 1-40,292 without, a
-    PPO iteration of ``benchmarks/ppo_throughput.py`` 4-5,636 against 15,333-28,360. Not
-    understood: in a process with a gloo group, a lone 64 MiB block freed and made again is
-    still placed afresh (the heap grows by it) 2 to 5 times in 8; never without the group,
-    always by default. Calling this again after the group is made stops it for a bare gloo
-    group, not after megatron's groups."""
+    page-faults in and zeroes its whole output, 4 KiB at a time (PPO's entropy, the log-softmax,
+    the fp32 copy of bf16 logit tiles are such ops); with this every stage of the default DAG
+    runs faster, its metrics identical. The allocators PyTorch's CPU tuning guide recommends
+    (jemalloc, tcmalloc) keep freed memory too. The cost: a process's resident memory stays near
+    its peak until it exits (GPU memory is not affected). Not understood: with a gloo group up, a
+    freed block is sometimes still placed afresh (numbers and that observation:
+    benchmarks/records/code-notes-2026-12-06.md#keep-freed-memory)."""
     import ctypes
     import platform
 
