@@ -75,14 +75,12 @@ class Decoder:
     Why: decoding one token per row is a chain of small operations whose per-call overhead
     costs more than their arithmetic on CPU. Per block this makes 2 matmuls out of 6, and RoPE
     three calls for the queries and the key together (:meth:`RotaryEmbedding.rolled`, its tables
-    made once per batch) instead of seven for each. Measured with
-    ``benchmarks/generate_throughput.py`` (2-core CPU with native bf16, 256 new tokens, the same
-    greedy tokens): against palm-rlhf-pytorch's ``generate``, 7.0x -> 9.1-9.9x at batch 1 and
-    38.9x -> 51.5-55.6x for 16 prompts, about 1.35x the tokens/s of the unfused path.
+    made once per batch) instead of seven for each (``benchmarks/generate_throughput.py`` measures
+    it; numbers: benchmarks/records/code-notes-2026-12-06.md#decoder).
 
     How the few rows of a step meet the weights, in which dtype and layout, is measured per CPU
     (:meth:`plan`): e.g. with AMX a bf16 model decodes one prompt faster from an fp32 copy of its
-    weights; on an AMD EPYC one prompt decodes fastest through numpy's BLAS (call the decoder
+    weights; on an AVX2-only AMD CPU one prompt decodes fastest through numpy's BLAS (call the decoder
     inside ``layouts.decode_threads(plan)``, as :func:`palm.decode.generate.generate` does: the same
     numbers outside, far slower). The returned logits are then fp32 computed from the
     model's bf16 weights (closer to the exact function than the bf16 pass, not bit-equal to it).
@@ -92,9 +90,8 @@ class Decoder:
     (:class:`palm.decode.native.DecodeMix`, compiled at first use) that reads each row's cached keys and
     values once for all its heads and allocates nothing; :meth:`_mix` is the same in torch ops,
     for the prompt pass, other dtypes and devices, and a machine without a C compiler
-    (``tests/test_native.py`` holds the two together). Measured in one process on a 2-core EPYC,
-    interleaved, 8 pairs of 256-token generations, the same tokens: 1.19x at 16 prompts (3,646
-    -> 4,330 tok/s) and 1.37x at one (541 -> 743).
+    (``tests/test_native.py`` holds the two together). The kernel decodes faster at one prompt and
+    at 16 (numbers: benchmarks/records/code-notes-2026-12-06.md#decoder).
 
     A snapshot: the stacked weights are copies (the blocks' weights once more in memory while it
     lives), so make a new one after the weights change (:func:`palm.decode.generate.generate` makes one
@@ -160,29 +157,25 @@ class Decoder:
     def plan(model: "PaLM", batch: int, length: int) -> layouts.DecodePlan:
         """The fastest way to decode ``batch`` rows up to ``length`` positions with ``model`` on
         this CPU, measured once per process, model shape and size class (rows and length rounded
-        up to a power of two; about 0.5-1.1 s at the default size on 2 cores): each candidate (the
+        up to a power of two; about a second at the default size): each candidate (the
         model's dtype or an fp32 copy of the weights, times each weight layout of
         :data:`layouts.LAYOUTS`: MKL from the weights or from their stored transposes, oneDNN
         from weights packed once, numpy's BLAS) decodes a dummy batch at half that length, the
         candidates taking turns in an untimed round, then five rounds of a warm-up and two timed
         steps (a shared host's speed drifts within a second: with one block of steps per
-        candidate, 6 measurements in two processes on an EPYC picked three different layouts
-        for one prompt); the first candidate whose best step time is within ``PLAN_MARGIN`` of
-        the fastest one's wins, the model's own plan (its dtype, weight-major) first. A layout
-        this CPU has no kernels for is skipped. On GPU: the model's dtype.
+        candidate, the noise picked the layout); the first candidate whose best step time is
+        within ``PLAN_MARGIN`` of the fastest one's wins, the model's own plan (its dtype,
+        weight-major) first. A layout this CPU has no kernels for is skipped. On GPU: the model's
+        dtype.
 
         Why measure: a decoding step reads every weight once for a few rows, so its speed is set
         by memory, by the kernels' fixed costs and by attention over the cache, all of which differ
-        between CPUs, BLAS libraries, dtypes and lengths. Measured at the default size (d=256, 4
-        layers, vocab 8192), generations of 256 tokens, the same greedy tokens from every plan:
-        an fp32 model, 16 prompts: the stored transpose 1.12-1.16x faster with AVX-512 kernels,
-        0.96x (slower) with MKL held to AVX2; a bf16 model on a CPU with AMX: one prompt 1.56x
-        faster from an fp32 copy (0.33 vs 0.51 s), 16 prompts x 64 tokens fastest in bf16; on a
-        2-core AMD EPYC (Zen 3, AVX2 only; interleaved, medians of 5; tok/s): one prompt 196
-        weight-major, 269 transposed, 252 packed, 320 numpy's BLAS (MKL's one-row GEMMs are slow
-        on AMD; OpenBLAS streams the weights at twice MKL's speed there); 16 prompts 1,498
-        weight-major, 1,267 transposed, 1,918 packed (a BLAS GEMM repacks its operands at every
-        call; oneDNN's weights are packed once per decoder), 1,802 numpy's BLAS."""
+        between CPUs, BLAS libraries, dtypes and lengths: e.g. the stored transpose wins with
+        AVX-512 kernels and loses with MKL held to AVX2; with AMX one prompt of a bf16 model is
+        fastest from an fp32 copy; on an AVX2-only AMD CPU one prompt is fastest through numpy's
+        BLAS (MKL's one-row GEMMs are slow on AMD) and 16 from oneDNN's packed weights (a BLAS
+        GEMM repacks its operands at every call; oneDNN's weights are packed once per decoder).
+        Numbers: benchmarks/records/code-notes-2026-12-06.md#decoder-plan."""
         dtype = model.final_norm.weight.dtype
         if model.final_norm.weight.is_cuda:
             return layouts.DecodePlan(dtype)
@@ -215,10 +208,9 @@ class Decoder:
         best = {c: math.inf for c in candidates}
         # rounds of a few steps of each candidate in turn, a warm-up step first (its threads may
         # have slept): a shared host's speed drifts within a second, so every candidate gets
-        # several chances at a quiet moment, and the best step of each is compared. Without the
-        # untimed first round numpy's BLAS lost one prompt to MKL in the first measurement of
-        # each of 2 processes on an EPYC (its pools' first calls); with it, it won all 8
-        # measurements in 4 processes
+        # several chances at a quiet moment, and the best step of each is compared. The untimed
+        # first round keeps the thread pools' first calls out of the timings, where they had made
+        # numpy's BLAS lose (numbers: benchmarks/records/code-notes-2026-12-06.md#decoder-fastest)
         for r in range(rounds + 1):  # round 0 untimed: first calls (thread pools, kernels' JIT)
             for c in list(best):
                 decoder = kept.get(c)
@@ -249,7 +241,8 @@ class Decoder:
         ``PLAN_MARGIN`` of the fastest: near-ties would let the timing noise of each run pick
         the plan, and the rounding with it (a run's numbers must repeat), between the model's
         own plan and another as between two others (oneDNN's packed weights and numpy's BLAS
-        decode 16 prompts within 6 % of each other on an EPYC)."""
+        decode 16 prompts nearly as fast on some CPUs; numbers:
+        benchmarks/records/code-notes-2026-12-06.md#decoder-settle)."""
         fastest = min(best.values())
         return next(c for c, t in best.items() if (1 - PLAN_MARGIN) * t <= fastest)
 
