@@ -104,7 +104,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
     Why not ``torch.multinomial``: it draws one exponential per vocabulary entry (``V`` random
     numbers per row, then an argmax); this draws one per row, a cumulative sum and a binary
-    search: 72 vs 2481 us a step at b=16, V=8192 on a 2-core CPU, 1/7 of a PPO rollout's time.
+    search: ``multinomial`` took a seventh of a PPO rollout's time, this a small part of that
+    (numbers: benchmarks/records/code-notes-2026-12-06.md#draw).
     An index of zero weight is never drawn (its running sum equals its predecessor's, so the
     search stops before it; ``u * sum`` is kept below the row's sum), so top-k/top-p hold
     exactly. The running sum is fp32, as is ``multinomial``'s arithmetic: the interval of each
@@ -124,8 +125,8 @@ def greedy_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     holding it, ``[b]`` each. Over several rows, in blocks of ``GREEDY_BLOCK``: the blocks'
     maxima first (``amax``, which the CPU vectorises), then the first block holding the row's
     maximum, then the first index in that block; the same answer, ties included. Why: ``max``
-    with indices scans element by element on CPU: 146-163 us for 16 x 8192 against 9 for
-    ``amax`` and 78-80 for the blocks (2-core EPYC); for one row ``max`` is faster (12 vs 29 us)."""
+    with indices scans element by element on CPU, the blocks take about half its time for 16
+    rows; for one row ``max`` is faster (numbers: benchmarks/records/code-notes-2026-12-06.md#greedy-max)."""
     b, v = x.shape
     if b == 1 or v % GREEDY_BLOCK or v < 4 * GREEDY_BLOCK:
         return x.max(dim=-1)
@@ -139,10 +140,10 @@ def _next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[b, V]`` fp32 logits -> (token, its sampling log-prob, its raw log-prob), each ``[b]``."""
     if cfg.temperature == 0:  # the most likely token and its log-prob together
-        picked = native.greedy(logits)  # native passes (fp32 on CPU): 0.21 -> 0.12 ms at 16 x 8192
+        picked = native.greedy(logits)  # native passes (fp32 on CPU), faster than the torch ops
         if picked is None:  # torch ops: argmax alone is no faster; softmax runs on every core
-            # where log_softmax keeps to one (78 vs 121 us at 16 x 8192 on 2 cores), and the log
-            # of the top probability (>= 1/V) loses nothing
+            # where log_softmax keeps to one, and the log of the top probability (>= 1/V) loses
+            # nothing (numbers: benchmarks/records/code-notes-2026-12-06.md#next-token)
             top, token = greedy_max(logits.softmax(dim=-1))
             picked = token, top.log()
         token, raw = picked
@@ -194,9 +195,10 @@ def generate(model: PaLM, prompts: Sequence[Sequence[int] | torch.Tensor], max_n
     chat and serving only, never PPO's rollouts) instead of the model's own.
 
     Runs in inference mode (no autograd bookkeeping at all, not even version counters: a decoding
-    step's hundred-odd small calls each cost less; 4.47 -> 4.00 ms a step at 16 rows at the
-    default size on a 2-core EPYC); the returned tensors are copies made outside it, so PPO's
-    update may use them under autograd (an inference tensor cannot be saved for backward).
+    step's hundred-odd small calls each cost less; numbers:
+    benchmarks/records/code-notes-2026-12-06.md#generate); the returned tensors are copies made
+    outside it, so PPO's update may use them under autograd (an inference tensor cannot be saved
+    for backward).
     """
     with torch.inference_mode():
         gen = _generate(model, prompts, max_new_tokens, SamplingConfig(temperature, top_k, top_p),

@@ -24,7 +24,7 @@ from palm.model import parallel
 #               uses for frozen linears); no packing of the weights at every call
 #   openblas    numpy's BLAS (OpenBLAS in numpy's wheels) from a stored transpose, torch's own
 #               ops on one thread meanwhile (decode_threads): two thread pools spinning on the
-#               same cores ruin both (23 tok/s instead of 325 measured at batch 1)
+#               same cores ruin both (numbers: benchmarks/records/code-notes-2026-12-06.md#layouts)
 LAYOUTS = ("weight", "transposed", "packed", "openblas")
 
 

@@ -50,8 +50,7 @@ ABI = 4  # palm_decode_abi() of the signature the argtypes below describe (decod
 # with -march=native first; plain -O3 where the compiler does not know it. -fno-trapping-math
 # changes no result (IEEE arithmetic stays; only FP exceptions are assumed unobserved) and lets
 # GCC turn the comparisons in exp_f32 and the max into vector selects: without it the SwiGLU
-# and softmax loops stayed scalar: 132 against 75 us a block at 16 rows (2-core EPYC, measured
-# before the attention's blocked loops, which took it to 58)
+# and softmax loops stayed scalar (numbers: benchmarks/records/code-notes-2026-12-06.md#native-flags)
 FLAG_SETS = (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
              ["-O3", "-fno-trapping-math", "-fopenmp"])
 _LOCK = threading.Lock()
@@ -234,9 +233,9 @@ class Int8Linear:
     16, at most 16384) and its fp32 scales ``[n]``: called with fp32 rows ``x [..., k]`` it
     returns ``x @ (q * scale[:, None]).T`` ``[..., n]``, reading each weight as one
     byte; each row of ``x`` is rounded to 14 bits on the way (decode.c says why and how exactly).
-    Bound once, as a decoding step calls it twice per block: 11 us a call through a function that
-    looked the library up and checked the weight each time, about 5 here (2-core EPYC). Build it
-    with :meth:`make`."""
+    Bound once, as a decoding step calls it twice per block: looking the library up and checking
+    the weight at each call doubled its cost (numbers:
+    benchmarks/records/code-notes-2026-12-06.md#int8-linear). Build it with :meth:`make`."""
 
     def __init__(self, lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor):
         self.fn, self.q, self.scale = lib.palm_int8_linear, q, scale  # the tensors kept alive
