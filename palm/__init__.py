@@ -3,15 +3,15 @@
 The library. Stages (``stages/``) are thin command lines over it; nothing here reads
 ``params.yaml`` or global state: configs and process groups are passed in.
 
-One thing happens on ``import palm``, before any megatron-core module can load: megatron-core
-0.16 makes its fusion decorator ``megatron.core.jit.jit_fuser`` ``torch.compile`` when its
-``jit`` module loads, and about thirty of its modules apply it at import time (bias-GeLU,
-bias-SwiGLU, rotary, MoE, cross-entropy helpers). None of those functions is on this project's
-code path, yet the decorations import TorchDynamo and cost seconds of every process that imports
-megatron — every stage process and every training worker (numbers:
+One thing happens on ``import palm``, before any megatron-core module can load: megatron-core 0.16
+makes its fusion decorator ``megatron.core.jit.jit_fuser`` ``torch.compile`` when its ``jit``
+module loads, and about thirty of its modules apply it at import time (bias-GeLU, bias-SwiGLU,
+rotary, MoE, cross-entropy helpers). None of those functions is on this project's code path, yet
+the decorations import TorchDynamo and cost seconds of every process that imports megatron — every
+stage process and every training worker (numbers:
 benchmarks/records/code-notes-2026-12-06.md#palm-init). :class:`_EagerMegatronFusions` calls
-megatron's own ``disable_jit_fuser()`` right after ``megatron.core.jit`` has loaded, so every
-later decoration is megatron's no-op decorator. It only wraps the loading of that one module (no torch
+megatron's own ``disable_jit_fuser()`` right after ``megatron.core.jit`` has loaded, so every later
+decoration is megatron's no-op decorator. It only wraps the loading of that one module (no torch
 import here; ``import palm`` stays instant).
 """
 

@@ -80,9 +80,9 @@ class Decoder:
 
     How the few rows of a step meet the weights, in which dtype and layout, is measured per CPU
     (:meth:`plan`): e.g. with AMX a bf16 model decodes one prompt faster from an fp32 copy of its
-    weights; on an AVX2-only AMD CPU one prompt decodes fastest through numpy's BLAS (call the decoder
-    inside ``layouts.decode_threads(plan)``, as :func:`palm.decode.generate.generate` does: the same
-    numbers outside, far slower). The returned logits are then fp32 computed from the
+    weights; on an AVX2-only AMD CPU one prompt decodes fastest through numpy's BLAS (call the
+    decoder inside ``layouts.decode_threads(plan)``, as :func:`palm.decode.generate.generate` does:
+    the same numbers outside, far slower). The returned logits are then fp32 computed from the
     model's bf16 weights (closer to the exact function than the bf16 pass, not bit-equal to it).
 
     For fp32 on CPU, a one-token step's work between a block's two matmuls (RoPE, the cache

@@ -126,7 +126,8 @@ def greedy_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     maxima first (``amax``, which the CPU vectorises), then the first block holding the row's
     maximum, then the first index in that block; the same answer, ties included. Why: ``max``
     with indices scans element by element on CPU, the blocks take about half its time for 16
-    rows; for one row ``max`` is faster (numbers: benchmarks/records/code-notes-2026-12-06.md#greedy-max)."""
+    rows; for one row ``max`` is faster (numbers:
+    benchmarks/records/code-notes-2026-12-06.md#greedy-max)."""
     b, v = x.shape
     if b == 1 or v % GREEDY_BLOCK or v < 4 * GREEDY_BLOCK:
         return x.max(dim=-1)

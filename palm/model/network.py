@@ -114,10 +114,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
 class Rotate(torch.autograd.Function):
     """RoPE as one function: four kernels forward and four backward (the gradient is the inverse
     rotation), into one output, where the textbook ``x * cos + cat(-x2, x1) * sin`` under
-    autograd makes a negated half, a concatenation and two full products each way. Measured
-    once (forward + backward alone at the default shapes, one thread, 2-core AVX2 CPU): 1.2x
-    faster on the 4 query heads, 1.4x on the key, equal to within 5e-7; the whole default
-    training step unchanged within noise."""
+    autograd makes a negated half, a concatenation and two full products each way: faster alone,
+    equal to within fp32 rounding; the whole training step unchanged (numbers:
+    benchmarks/records/code-notes-2026-12-06.md#rotate)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -212,8 +211,8 @@ def mqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
 
     On GPU: fused SDPA. On CPU the single K/V head lets every query row of every head share one
     GEMM, ``[b, s*h, hd] @ [b, hd, t]``, with the causal mask added in the same ``baddbmm`` and no
-    transposes (rows are already position-major). 3.5x faster than CPU SDPA in bf16 and 15 %
-    in fp32 (d=256, s=256, b=8, 2 cores).
+    transposes (rows are already position-major): faster than CPU SDPA, in bf16 by far (numbers:
+    benchmarks/records/code-notes-2026-12-06.md#mqa-attention).
     """
     b, s, h, hd = q.shape
     t = k.shape[1]
@@ -327,13 +326,12 @@ class TileNLL(torch.autograd.Function):
     backward scales them in place into the logits' gradient, ``p * (g_nll + g_logz)`` minus
     ``g_nll`` at each label, and does the two GEMMs. Autograd through logsumexp and gather would
     make five more passes over the ``[n, V]`` tile (exp again, the broadcast multiply, a zero
-    tile, the scatter and the sum of the two) and keep the logits instead. Measured by
-    ``benchmarks/output_layer.py``: the default fp32 training step 1.09x faster (0.69 vs 0.76 s,
-    2-core AVX2 CPU), the same loss bit for bit. With the entropy it keeps the log-probabilities
-    too, and the gradient gains ``-g_H * p * (log p + H)``. Measured in the iteration of
-    ``benchmarks/ppo_throughput.py`` (16 x 64 response tokens, 2-core AVX2 CPU, median of 3),
-    against autograd through the same formulas over every position: the actor's step 1.09 ->
-    0.74 s, with PPO's log-probs made at the response positions only.
+    tile, the scatter and the sum of the two) and keep the logits instead (the training step is
+    faster, the same loss bit for bit: ``benchmarks/output_layer.py``). With the entropy it keeps
+    the log-probabilities too, and the gradient gains ``-g_H * p * (log p + H)``; PPO's actor
+    step is faster than with autograd through the same formulas
+    (``benchmarks/ppo_throughput.py``). Numbers:
+    benchmarks/records/code-notes-2026-12-06.md#tile-nll.
     """
 
     @staticmethod
@@ -467,8 +465,8 @@ class PaLM(MegatronModule):
         costs what it does without the entropy).
 
         On CPU the logits are made and consumed ~512 tokens at a time: a ``[512, vocab]`` tile
-        stays in cache between the GEMM, the fp32 cast and the softmax (measured: the whole bf16
-        training step 10 % faster at vocab 8192; fp32 unchanged within noise).
+        stays in cache between the GEMM, the fp32 cast and the softmax (a faster bf16 training
+        step; numbers: benchmarks/records/code-notes-2026-12-06.md#token-nll).
         """
         per = x.shape[0] if x.is_cuda else max(1, LOSS_CHUNK_TOKENS // x.shape[1])
         weight = self.shared_embedding_or_output_weight()

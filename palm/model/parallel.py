@@ -243,10 +243,9 @@ FEW_ROWS = 64  # plain_linear: from 2 up to this many rows, the weight-major GEM
 def plain_linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight)`` without autograd: ``[..., in]``, ``[out, in]`` -> ``[..., out]``.
     On CPU with a few rows (decoding a batch: one token per sequence) it is computed as
-    ``(weight @ x^T)^T``: MKL streams the weights from memory faster that way round. Measured
-    on a 2-core AVX2 CPU, generating 256 tokens for 16 prompts at the benchmark's size
-    (interleaved A/B, 5 rounds): 1.1-1.2x the tokens/s of ``F.linear``, the same tokens; for one
-    row (one prompt) no faster (0.95x, within noise), so one row keeps ``F.linear``.
+    ``(weight @ x^T)^T``: MKL streams the weights from memory faster that way round; for one
+    row (one prompt) it is no faster, so one row keeps ``F.linear`` (numbers:
+    benchmarks/records/code-notes-2026-12-06.md#plain-linear).
     ``weight_t``: the weight's transpose ``[in, out]`` stored contiguous, for up to ``FEW_ROWS``
     rows, one included, the plain GEMM ``x @ weight_t`` instead (no transposed copy of the
     output; which is faster depends on the CPU's kernels: :meth:`palm.decode.decoder.Decoder.plan`)."""
@@ -268,7 +267,8 @@ def tp_size() -> int:
 class ColumnLinear(ColumnParallelLinear):
     """megatron's column-parallel linear (this rank's output columns, no gather). Without autograd
     (decoding) it is the plain matmul of this rank's shard: megatron's autograd wrapper costs
-    ~70 us a call on CPU, more than the matmul itself when decoding one token per row."""
+    more than the matmul itself when decoding one token per row on CPU (numbers:
+    benchmarks/records/code-notes-2026-12-06.md#column-linear)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
         if torch.is_grad_enabled() or args or kwargs:

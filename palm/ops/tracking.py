@@ -6,10 +6,10 @@ goes on and writes its outputs. The tracking URI comes from ``MLFLOW_TRACKING_UR
 ``sqlite:///mlflow.db`` at the project root). When a Prefect flow drives the pipeline it passes
 ``PALM_MLFLOW_PARENT_RUN_ID`` so stage runs nest under the pipeline run.
 
-Training workers never import MLflow (about 4 s of every launch on a 2-core CPU): while they
-run, :meth:`Tracker.follow` in the stage process logs each new row of their ``curve.csv`` at its
-step, and re-logs artifacts such as PPO's ``samples.jsonl`` when they change, so the MLflow UI
-follows a training run live.
+Training workers never import MLflow (seconds of every launch; numbers:
+benchmarks/records/code-notes-2026-12-06.md#tracking): while they run, :meth:`Tracker.follow` in
+the stage process logs each new row of their ``curve.csv`` at its step, and re-logs artifacts such
+as PPO's ``samples.jsonl`` when they change, so the MLflow UI follows a training run live.
 """
 
 from __future__ import annotations

@@ -130,13 +130,14 @@ def save(engine: Any, root: Path, *, step: int, meta: dict[str, Any],
 
 
 def _in_process_results_queue() -> None:
-    """megatron's torch_dist writer hands its write results back through a queue that it makes,
-    on first use, with a *spawned* ``multiprocessing.Manager``: a fresh Python process that imports
-    torch to unpickle the results (about 3 s of every training process's first save on a 2-core
-    CPU) and that outlives a SIGKILLed worker. That queue is for async saves, whose writes finish in
-    another process. Ours are synchronous (``dist_checkpointing.save``): the writer's forked write
-    processes report to it through their own queue, and this process puts the gathered results
-    into the results queue and reads them back itself, so a plain in-process queue does the same."""
+    """megatron's torch_dist writer hands its write results back through a queue that it makes, on
+    first use, with a *spawned* ``multiprocessing.Manager``: a fresh Python process that imports
+    torch to unpickle the results (seconds of every training process's first save; numbers:
+    benchmarks/records/code-notes-2026-12-06.md#results-queue) and that outlives a SIGKILLed
+    worker. That queue is for async saves, whose writes finish in another process. Ours are
+    synchronous (``dist_checkpointing.save``): the writer's forked write processes report to it
+    through their own queue, and this process puts the gathered results into the results queue and
+    reads them back itself, so a plain in-process queue does the same."""
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
 

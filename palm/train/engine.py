@@ -162,9 +162,9 @@ class Engine:
                 self.model)
         # Without apex/TE megatron hands the params to torch's AdamW with its default, the
         # per-tensor loop (about ten kernels a tensor); torch's fused AdamW does each tensor in
-        # one, CPU and CUDA alike, the same update to fp32 rounding. Measured once on a loaded
-        # 2-core CPU: the optimizer step alone 4.5x faster (217 -> 48 ms); the whole default
-        # training step unchanged within noise (benchmarks/train_throughput.py measures it).
+        # one, CPU and CUDA alike, the same update to fp32 rounding: a faster optimizer step
+        # (benchmarks/train_throughput.py measures the whole step; numbers:
+        # benchmarks/records/code-notes-2026-12-06.md#engine-fused-adamw).
         for group in self.optimizer.param_groups:
             group.update(fused=True, foreach=False)
         if optim.name == "muon":

@@ -8,9 +8,9 @@ bounded in time (about a second), whatever the machine.
 
 ``dtype: auto`` picks bf16 only where the hardware runs it natively: CUDA with bf16 support, or a
 CPU on which a short probe shows bf16 matmul at least as fast as fp32. CPUs without AVX512_BF16 /
-AMX (AVX2 only: e.g. AMD EPYC Zen 2/3, most hosted CI runners, many laptops) run torch's bf16
-matmul on a slow path, measured at about 60x slower than fp32 (1.3 vs 80 GFLOP/s per thread);
-there ``auto`` means fp32.
+AMX (AVX2 only: e.g. many AMD server CPUs, most hosted CI runners, many laptops) run torch's
+bf16 matmul on a slow path, dozens of times slower than fp32; there ``auto`` means fp32 (numbers:
+benchmarks/records/code-notes-2026-12-06.md#metrics).
 """
 
 from __future__ import annotations
@@ -94,13 +94,14 @@ X86_BF16 = {"avx512_bf16", "amx_bf16"}  # x86 instructions that run bf16 matmul 
 
 
 def bf16_is_fast(n: int = 256, repeats: int = 3) -> bool:
-    """Whether bf16 matmul is at least as fast as fp32 on this CPU. A bounded probe: on the slow
-    path a 256^3 bf16 matmul takes ~25 ms, so the whole probe stays around 0.1 s.
+    """Whether bf16 matmul is at least as fast as fp32 on this CPU. A bounded probe: a 256^3
+    matmul, so even on the slow path the whole probe stays around 0.1 s.
 
     It times one thread (the kernels' speed, not how a loaded machine schedules threads: with two
-    threads a descheduled one stalls the other, and at load 20 the fp32 best of three was once
-    slower than bf16's on an AVX2-only CPU), fp32 best of more repeats (each is ~0.5 ms), and
-    on x86 it only says yes where the CPU has a native bf16 instruction set (``X86_BF16``).
+    threads a descheduled one stalls the other, and under load fp32 once lost to bf16 on an
+    AVX2-only CPU), fp32 best of more repeats (each is short), and on x86 it only says yes where
+    the CPU has a native bf16 instruction set (``X86_BF16``). Numbers:
+    benchmarks/records/code-notes-2026-12-06.md#bf16-is-fast.
     """
     flags = cpu_flags()
     if flags is not None and "sse2" in flags and not flags & X86_BF16:

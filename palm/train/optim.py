@@ -7,12 +7,12 @@ and heads keep AdamW, as in nanochat and the modded-nanogpt speedruns.
 
 :class:`MuonAdamW` is one ``torch.optim.Optimizer`` over megatron's parameter groups, so megatron's
 mixed precision (fp32 main weights), gradient clipping, checkpointing and LR schedule drive it as
-they drive AdamW. Why not ``torch.optim.Muon`` itself: it always orthogonalises in bf16 (about 60x
-slower than fp32 on AVX2-only CPUs) and sees one shard of a tensor-parallel matrix. Here the update
-of a TP-sharded matrix is gathered over the TP group, orthogonalised whole and sliced back, so
-every layout takes the step one process takes (orthogonalising each shard alone would be a
-different, layout-dependent optimizer). With bf16 iterations it is step for step torch's Muon
-(tests/test_optim.py).
+they drive AdamW. Why not ``torch.optim.Muon`` itself: it always orthogonalises in bf16 (dozens of
+times slower than fp32 on AVX2-only CPUs: benchmarks/records/code-notes-2026-12-06.md#metrics) and
+sees one shard of a tensor-parallel matrix. Here the update of a TP-sharded matrix is gathered over
+the TP group, orthogonalised whole and sliced back, so every layout takes the step one process
+takes (orthogonalising each shard alone would be a different, layout-dependent optimizer). With
+bf16 iterations it is step for step torch's Muon (tests/test_optim.py).
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 full, dim = self._full(update, p)
                 by_shape.setdefault(tuple(full.shape), []).append((p, full, dim))
             # matrices of one shape are orthogonalised as one stack: a few batched matmuls run
-            # nearer the matmul peak than many small ones (about 12 % less time in bf16 here)
+            # nearer the matmul peak than many small ones (numbers:
+            # benchmarks/records/code-notes-2026-12-06.md#muon-stack)
             for shape, items in by_shape.items():
                 fulls = [full for _, full, _ in items]
                 orthos = (orthogonalize(torch.stack(fulls), self.ns_dtype).unbind(0) if len(fulls) > 1

@@ -50,7 +50,8 @@ ABI = 4  # palm_decode_abi() of the signature the argtypes below describe (decod
 # with -march=native first; plain -O3 where the compiler does not know it. -fno-trapping-math
 # changes no result (IEEE arithmetic stays; only FP exceptions are assumed unobserved) and lets
 # GCC turn the comparisons in exp_f32 and the max into vector selects: without it the SwiGLU
-# and softmax loops stayed scalar (numbers: benchmarks/records/code-notes-2026-12-06.md#native-flags)
+# and softmax loops stayed scalar (numbers:
+# benchmarks/records/code-notes-2026-12-06.md#native-flags)
 FLAG_SETS = (["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
              ["-O3", "-fno-trapping-math", "-fopenmp"])
 _LOCK = threading.Lock()
