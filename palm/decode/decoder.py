@@ -201,7 +201,7 @@ class Decoder:
         # the decoders live through every round where their weight copies fit PLAN_KEEP_BYTES: a
         # stacked fp32 copy each, and a second (transpose, packing) for every layout but the
         # model's own. Counted as one copy each, d_model 1024 kept 1.6 GiB alive and raised PPO's
-        # peak RSS by as much (benchmarks/lora_memory.py)
+        # peak RSS by as much (benchmarks/records/lora-memory-2026-12-06.md)
         copies = sum(1 if c.layout == "weight" else 2 for c in candidates)
         keep = copies * 4 * sum(p.numel() for p in model.parameters()) <= PLAN_KEEP_BYTES
         kept: dict[layouts.DecodePlan, Decoder] = {}
