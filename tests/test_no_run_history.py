@@ -11,6 +11,7 @@ history.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import re
 import tokenize
@@ -49,19 +50,42 @@ def texts(source: str) -> list[tuple[int, str]]:
     return found
 
 
-def history(source: str) -> list[tuple[int, str, str]]:
+@functools.cache
+def modules() -> dict[str, list[tuple[int, str]]]:
+    """:func:`texts` of every module of ``TREES``, by path relative to the root (read once)."""
+    return {str(path.relative_to(ROOT)): texts(path.read_text(encoding="utf-8"))
+            for tree in TREES for path in sorted((ROOT / tree).rglob("*.py"))}
+
+
+def history(source: str | list[tuple[int, str]]) -> list[tuple[int, str, str]]:
     """(line, what it looks like, the line) for each docstring or comment line of ``source``
-    that carries run history."""
-    return [(n, what, line.strip()) for n, line in texts(source)
+    (a module's text, or its :func:`texts`) that carries run history."""
+    lines = texts(source) if isinstance(source, str) else source
+    return [(n, what, line.strip()) for n, line in lines
             for what, pattern in PATTERNS.items() if pattern.search(line)]
 
 
 def test_no_docstring_or_comment_carries_run_history():
-    bad = [f"{path.relative_to(ROOT)}:{n}: {what}: {line}"
-           for tree in TREES for path in sorted((ROOT / tree).rglob("*.py"))
-           for n, what, line in history(path.read_text(encoding="utf-8"))]
+    bad = [f"{path}:{n}: {what}: {line}" for path, lines in modules().items()
+           for n, what, line in history(lines)]
     assert not bad, ("run history belongs in a dated record under benchmarks/records/, the "
                      "docstring says why and points there:\n" + "\n".join(bad))
+
+
+def test_pointers_to_records_resolve():
+    """A docstring's ``benchmarks/records/<file>.md#<section>`` names a record that exists and,
+    after ``#``, one of its ``## `` headings (GitHub's anchor of a lowercase, hyphenated one)."""
+    pointer = re.compile(r"benchmarks/records/([\w.-]+\.(?:md|json))(?:#([\w-]+))?")
+    bad = []
+    for path, lines in modules().items():
+        for n, line in lines:
+            for name, anchor in pointer.findall(line):
+                record = ROOT / "benchmarks" / "records" / name
+                headings = ({h[3:].strip() for h in record.read_text(encoding="utf-8").splitlines()
+                             if h.startswith("## ")} if record.is_file() else set())
+                if not record.is_file() or (anchor and anchor not in headings):
+                    bad.append(f"{path}:{n}: {name}#{anchor}")
+    assert not bad, "pointers to no record or no section of it:\n" + "\n".join(bad)
 
 
 def test_the_patterns_catch_history_and_pass_plain_documentation():
