@@ -782,3 +782,22 @@ def wait_job(job_id: str | int, env: dict, timeout: float = 120) -> dict[str, st
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s: {states}")
         time.sleep(0.5)
+
+
+# ---- a fresh clone (docs/tutorial.md's test) ----------------------------------------------------
+
+RUN_LEFTOVERS = ("dvc.lock", "reports/", "models/", "data/", "artifacts/")
+
+
+def clone_project(dst: Path) -> Path:
+    """:func:`make_project` as a fresh ``git clone`` has it: without what a run in the checkout left
+    behind unignored (an untracked ``dvc.lock``, metrics under ``reports/``). Other untracked files
+    (new modules not committed yet) stay, as in :func:`make_project`."""
+    make_project(dst, git=False)
+    untracked = subprocess.run(["git", "ls-files", "-o", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.split()
+    for rel in untracked:
+        if rel == RUN_LEFTOVERS[0] or rel.startswith(RUN_LEFTOVERS[1:]):
+            (dst / rel).unlink(missing_ok=True)
+    commit(dst)
+    return dst
