@@ -41,12 +41,12 @@ from collections.abc import Callable
 from typing import Any
 
 from palm.apps.chat import CHAT_KINDS, QUANTIZE, StreamDecoder
+from palm.apps.messages import BadMessages, chat_turns
 from palm.core.errors import UserError
 
 # torch, the model and FastAPI are imported where they are used (palm's other commands import
 # this module to list its flags)
 
-ROLES = ("system", "user", "assistant")
 
 
 class ApiError(Exception):
@@ -232,26 +232,10 @@ def parse(body: dict, engine: Engine, limits: Limits, name: str, chat: bool) -> 
     if top_p <= 0:
         raise ApiError(400, "top_p must be > 0", "top_p", "invalid_value")
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", "messages", "invalid_value")
-        if len(messages) > limits.max_messages:
-            raise ApiError(400, f"the request has {len(messages)} messages; at most {limits.max_messages} "
-                                "(--max-messages)", "messages", "too_many_messages")
-        turns = []
-        for i, m in enumerate(messages):
-            role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-            if role == "developer":
-                role = "system"
-            if role not in ROLES:
-                raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
-                               f"messages[{i}].role", "invalid_value")
-            if isinstance(content, list):  # content parts: their text
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            if not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content",
-                               "invalid_value")
-            turns.append((role, content))
+        try:
+            turns = chat_turns(body.get("messages"), limits.max_messages)
+        except BadMessages as err:
+            raise ApiError(400, str(err), err.param, err.code) from None
         prompt = engine.chat_ids(turns)
     else:
         text = body.get("prompt")
