@@ -25,9 +25,11 @@ import tokenize
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
+
+from palm.core.config import type_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "reference" / "config.md"
@@ -152,22 +154,6 @@ def _unwrap(tp: Any) -> tuple[type | None, str]:
         if dataclasses.is_dataclass(item):
             return item, "list"
     return None, ""
-
-
-def type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        item = typing.get_args(tp)[0]
-        return "list of mappings" if dataclasses.is_dataclass(item) else f"list of {type_name(item)}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return {int: "int", float: "float", str: "str", bool: "bool", Any: "any"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _value(value: Any) -> Any:

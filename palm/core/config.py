@@ -28,15 +28,15 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         item = typing.get_args(tp)[0]
-        return "a list of mappings" if dataclasses.is_dataclass(item) else f"a list of {_type_name(item)}"
+        return "a list of mappings" if dataclasses.is_dataclass(item) else f"a list of {type_name(item)}"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -90,7 +90,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     else:  # pragma: no cover - a config class declared a type this loader does not know
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {_shown(value)}")
+    raise ConfigError(key, f"expected {type_name(tp)}, got {_shown(value)}")
 
 
 def _shown(value: Any) -> str:
@@ -124,7 +124,7 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}", f"missing; expected {_type_name(hints[name])}")
+            raise ConfigError(f"{prefix}{name}", f"missing; expected {type_name(hints[name])}")
     try:
         return cls(**kwargs)
     except ConfigError as err:
