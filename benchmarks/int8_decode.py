@@ -13,7 +13,8 @@ AVX-512), as an AVX2-only CPU of the same cores would run. Each measures:
    (int8 activations too) and torch's ``_weight_int8pack_mm``.
 2. speed: ``generate`` (greedy, 16-token random prompts, no stop) with fp32 (the decoder's own
    measured plan, as chat and serve decode now), int8, and int8 with the output layer kept fp32,
-   interleaved over ``--reps`` rounds (``--reps-large`` at the larger size; the order rotating), at
+   interleaved over ``--reps`` rounds (``--reps-large`` at the larger size; the order rotating;
+   each run after :data:`PAUSE_S` idle), at
    1 and 16 prompts, for a random model of params.yaml's size and one of d_model 1024 x 8 layers
    (16 heads); tokens/s of the best round of each (a shared host stalls some rounds: see
    :func:`speed`), and their ratio; also kept: the medians, their ratio, every round.
@@ -117,6 +118,9 @@ def candidates(cfg) -> list[dict]:
 
 # --- 2. speed ----------------------------------------------------------------------------------
 
+PAUSE_S = 0.5  # idle time before each timed run (speed)
+
+
 def speed(model, batch: int, new: int, reps: int) -> dict:
     import torch
 
@@ -134,6 +138,9 @@ def speed(model, batch: int, new: int, reps: int) -> dict:
     names = list(variants)
     for r in range(reps):
         for v in names[r % len(names):] + names[:r % len(names)]:  # the order rotates
+            # each run starts with the thread pool at rest, as a user's request does: back to back,
+            # the run before it left the pool spinning, which halved a batch-1 int8 run's speed
+            time.sleep(PAUSE_S)
             t = time.perf_counter()
             gen = generate(model, prompts, new, weights=variants[v])
             tps[v].append(batch * new / (time.perf_counter() - t))
