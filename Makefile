@@ -100,7 +100,8 @@ docs: docs-setup
 docs-setup: $(VENV)/.docs-installed
 
 $(VENV)/.docs-installed: requirements-docs.txt $(VENV)/.installed
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-docs.txt -c requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-docs.txt -c requirements.lock 2>&1 \
+	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@touch $@
 
 ## Rewrite docs/reference/config.md from the config dataclasses (tests/test_config_reference.py checks it).
