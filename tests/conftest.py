@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, SHARED_DATA, make_parent, make_tokenizer, redraw_weights
+from helpers import ROOT, SHARED_DATA, chat_export, make_parent, make_tokenizer, redraw_weights
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -119,6 +119,18 @@ def browser():
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Path:
+    """A tokenizer trained on the test corpus, one per module that asks."""
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory, tok) -> Path:
+    """A tiny SFT export of ``tok`` with redrawn weights (varied greedy replies), one per module."""
+    return chat_export(tmp_path_factory.mktemp("chat") / "sft", tok, kind="sft")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import MODEL, chat_export, make_reward, make_tokenizer, redraw_weights, with_kind  # noqa: E402
+from helpers import MODEL, make_reward, redraw_weights, with_kind  # noqa: E402
 
 from palm.apps import cli  # noqa: E402
 from palm.model.export import load_model, load_tokenizer, read_export  # noqa: E402
@@ -54,16 +54,6 @@ def hf_cache(tmp_path_factory):
     yield
     for k, v in old.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def chat(tmp_path_factory, tok) -> Path:
-    return chat_export(tmp_path_factory.mktemp("chat") / "sft", tok, kind="sft")
 
 
 @pytest.fixture(scope="module")

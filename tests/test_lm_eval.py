@@ -22,23 +22,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import MODEL, TEXT, chat_export, make_tokenizer, make_tokens  # noqa: E402
+from helpers import MODEL, TEXT, make_tokenizer, make_tokens  # noqa: E402
 
 from palm.apps import cli  # noqa: E402
 
 TOL = 1e-4  # summed over 8 tokens in fp32
 CONTEXT, TARGET, CHOICES = 24, 8, 3
 NAME = "palm_tiny"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def chat(tmp_path_factory, tok) -> Path:
-    return chat_export(tmp_path_factory.mktemp("chat") / "sft", tok, kind="sft")
 
 
 @pytest.fixture(scope="module")
