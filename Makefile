@@ -16,10 +16,13 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(VENV)/.installed
 
+# pip's noise, filtered: the local index's missing folders, and trafilatura's request for lxml's
+# html_clean extra, which lxml 6 dropped (its package, lxml_html_clean, is pinned in the lock)
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 \
-	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	  | { grep -v -e "is ignored: it is neither a file nor a directory" \
+	      -e "lxml .* does not provide the extra 'html_clean'" || true; }
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	@touch $@
