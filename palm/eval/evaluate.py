@@ -214,7 +214,6 @@ class Evaluation:
     policies: tuple[str, ...] = ("ppo",)  # the policies compared with SFT, of POLICIES
 
 
-
 # --- the champion of this evaluation -------------------------------------------------------------
 
 def sft_value(metrics: dict[str, Any], metric: str) -> float | None:
@@ -234,9 +233,10 @@ def champion_policy(metrics: dict[str, Any], policies: Sequence[str], metric: st
     train against) and beats SFT strictly in ``direction`` (and every other such policy); else SFT.
     Unlike the registry's @champion, which compares a policy with earlier versions, this one is
     decided by this evaluation alone, so the stage's output is the same on every machine."""
-    from palm.ops.registry import own_reason
+    from palm.ops.registry import beats, own_reason
 
-    best, value = "sft", sft_value(metrics, metric)
+    sft = sft_value(metrics, metric)
+    best, value = "sft", sft
     lines = []
     for name in policies:
         view = policy_view(metrics, name)
@@ -246,10 +246,10 @@ def champion_policy(metrics: dict[str, Any], policies: Sequence[str], metric: st
             continue
         theirs = float(view[metric])
         lines.append(f"{name} {theirs:.4g}")
-        if value is None or (theirs > value if direction == "max" else theirs < value):
+        if value is None or beats(theirs, value, direction):
             best, value = name, theirs
-    sft = sft_value(metrics, metric)
     return best, f"{metric} ({direction}): sft {'n/a' if sft is None else f'{sft:.4g}'}, {'; '.join(lines)}"
+
 
 # --- data ----------------------------------------------------------------------------------------
 

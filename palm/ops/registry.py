@@ -299,7 +299,7 @@ def candidate_reason(c: Any, version: int, metrics: dict[str, Any], metric: str,
         return (f"evaluated on a different set (eval_set {_short(eval_set)} vs champion's {_short(theirs)}): "
                 "not comparable")
     best = _champion_value(champ, metric, version, log)
-    if best is None or _beats(value, best, direction):
+    if best is None or beats(value, best, direction):
         return ""
     return f"{metric} {value:.4g} {'<=' if direction == 'max' else '>='} champion's {best:.4g}"
 
@@ -321,7 +321,7 @@ def champion_alias(c: Any, version: int, value: float, metric: str, direction: s
     if _is_version(champ, version):
         return "champion"
     best = _champion_value(champ, metric, version, log)
-    return "champion" if best is None or _beats(value, best, direction) else "candidate"
+    return "champion" if best is None or beats(value, best, direction) else "candidate"
 
 
 def _is_version(champ: Any, version: int) -> bool:
@@ -331,7 +331,7 @@ def _is_version(champ: Any, version: int) -> bool:
         return False
 
 
-def _beats(value: float, theirs: float, direction: str) -> bool:
+def beats(value: float, theirs: float, direction: str) -> bool:
     return value > theirs if direction == "max" else value < theirs
 
 
