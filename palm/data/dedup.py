@@ -21,9 +21,8 @@ of duplicates, not of documents.
 
 from __future__ import annotations
 
-import json
 import struct
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from datasketch import MinHash
 
 from palm.core.config import check
+from palm.data.steps import DROP
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class DedupCluster(PipelineStep):
     (``exact_duplicate``) or whose estimated Jaccard similarity with an earlier kept one reaches
     the threshold (``near_duplicate``). Writes ``<folder>/remove/<rank:06d>.remove`` (sorted
     uint32 document indices, for datatrove's stage 4) for every one of ``tasks`` ranks, and
-    ``<folder>/dedup.json`` with the counts."""
+    a ``dropped_<reason>`` counter per drop."""
 
     type = "🫂 - DEDUP"
     name = "🎯 cluster, earliest copy kept"
@@ -199,19 +199,16 @@ class DedupCluster(PipelineStep):
                 clusters[find(node)].append(node)
             parent.clear()
             removed: dict[int, list[int]] = defaultdict(list)
-            counts: Counter[str] = Counter()
             with _Records(self.folder / "records", record_dtype(self.cfg)) as records:
                 b, r = bands(self.cfg.threshold, self.cfg.num_perm)
                 for nodes in clusters.values():
                     for node, reason in resolve([records.read(*n) for n in nodes], nodes, self.cfg.threshold, b, r):
                         removed[node[0]].append(node[1])
-                        counts[reason] += 1
-                        self.stat_update(reason)
+                        self.stat_update(DROP + reason)  # counted with the filters' drops (step_counts)
             out = self.folder / "remove"
             out.mkdir(parents=True, exist_ok=True)
             for r in range(self.tasks):  # every rank gets a file: stage 4 warns about a missing one
                 (out / f"{r:06d}.remove").write_bytes(np.asarray(sorted(removed.get(r, [])), dtype="<u4").tobytes())
-            (self.folder / "dedup.json").write_text(json.dumps(dict(counts), sort_keys=True))
         return iter(())
 
 

@@ -19,14 +19,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 from palm.core.config import check
 from palm.core.errors import UserError
+from palm.core.io import clean_stale_temps, discard_tree
 
 Executor = Literal["local", "ray", "slurm"]
 
@@ -70,6 +72,14 @@ class ExecutorConfig:
               "a partition is required with executor slurm (sinfo lists them)")
 
 
+def output_settings(cfg: ExecutorConfig, speed_only: Sequence[str] = ()) -> dict:
+    """``cfg``'s settings that change what a stage writes, as a dict (what its work folder is keyed
+    by): all but where and with how many workers it runs, and the stage's own ``speed_only``."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(cfg).items() if k not in ("executor", "workers", "ray_address", "slurm", *speed_only)}
+
+
 class StepFailed(UserError):
     """A rank of a step failed or did not finish: the work folder is kept, so that a rerun resumes
     (a worker killed for memory, a node lost) after the ranks that finished."""
@@ -83,6 +93,27 @@ class Step:
     pipeline: list
     tasks: int
     light: bool = False  # I/O-bound and cheap per document: run in this process on the local executor
+
+
+@contextlib.contextmanager
+def work_folder(work: Path | None, prefix: str) -> Iterator[Path]:
+    """The folder a run of steps writes on the way: ``work`` (the caller keys it by its params, so
+    a rerun finds it) or, when None, a temporary one. Removed on success and on a
+    :class:`UserError` (bad settings or input: a rerun would fail again); kept when a rank died
+    (:class:`StepFailed`) or the run was killed, so a rerun resumes after the ranks that finished."""
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)))
+        work = Path(work)
+        clean_stale_temps(work.parent, work.name)
+        try:
+            yield work
+        except StepFailed:
+            raise
+        except UserError:
+            discard_tree(work)
+            raise
+        discard_tree(work)
 
 
 def run_steps(steps: Sequence[Step], cfg: ExecutorConfig, work: Path, *, progress: bool = False) -> None:

@@ -25,9 +25,8 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 from urllib.parse import urlsplit
@@ -38,11 +37,11 @@ from tqdm import tqdm
 
 from palm.core.config import check
 from palm.core.errors import UserError, first_line
-from palm.core.io import clean_stale_temps, discard_tree, write_json
+from palm.core.io import write_json
 from palm.data.clean import FilterConfig
 from palm.data.crawl import CrawlConfig, Page, crawl
 from palm.data.dedup import DedupConfig
-from palm.data.executors import ExecutorConfig, Step, StepFailed, run_steps, step_counts
+from palm.data.executors import ExecutorConfig, Step, output_settings, run_steps, step_counts, work_folder
 from palm.data.pydoc_server import allowed_module
 from palm.data.steps import DROP
 from palm.data.warc import WARC_SKIPS, RawRecord, WarcShardWriter, now_iso, read_warc
@@ -334,11 +333,8 @@ def pipeline_steps(cfg: ScrapeConfig, raw_dir: Path, work: Path) -> list[Step]:
 def work_key(cfg: ScrapeConfig) -> str:
     """What the work folder is keyed by: every setting that changes the output (not the executor,
     the workers or how Slurm is asked)."""
-    values = {k: v for k, v in asdict(cfg).items() if k not in _SPEED_ONLY}
+    values = output_settings(cfg, ("concurrency",))
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-_SPEED_ONLY = {"executor", "workers", "ray_address", "slurm", "concurrency"}
 
 
 def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, work: Path | None = None,
@@ -350,20 +346,8 @@ def scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, *, work: Path | N
     a rerun with the same folder after a crash skips the collection and the ranks that finished.
     The caller keys it by the params (:func:`work_key`); None = a temporary folder. It is removed
     on success. Returns the stats. Raises :class:`UserError` when no document survives."""
-    raw_dir, corpus_dir = Path(raw_dir), Path(corpus_dir)
-    with contextlib.ExitStack() as stack:
-        if work is None:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="palm-scrape-", ignore_cleanup_errors=True)))
-        work = Path(work)
-        clean_stale_temps(work.parent, work.name)
-        try:
-            stats = _scrape(cfg, raw_dir, corpus_dir, work, progress)
-        except StepFailed:  # a rank died: a rerun resumes after the ranks that finished
-            raise
-        except UserError:  # bad settings or input: a rerun would not resume, it would fail again
-            discard_tree(work)
-            raise
-        discard_tree(work)
+    with work_folder(work, "palm-scrape-") as work:
+        stats = _scrape(cfg, Path(raw_dir), Path(corpus_dir), work, progress)
     return stats
 
 
@@ -393,7 +377,6 @@ def _scrape(cfg: ScrapeConfig, raw_dir: Path, corpus_dir: Path, work: Path, prog
 
     counts = step_counts(work / "logs")
     drops = Counter({k[len(DROP):]: v for k, v in counts.items() if k.startswith(DROP) and v})
-    drops.update({k: v for k, v in json.loads((work / "dedup" / "dedup.json").read_text()).items() if v})
     kept, words = int(counts.get("kept", 0)), int(counts.get("words", 0))
     if kept == 0:
         raise UserError(f"scrape ({cfg.source}): all {fetched} documents were dropped ({_describe(dict(drops))}); "

@@ -87,11 +87,10 @@ def token_dtype(vocab: int):
 
 def tokenize_work_key(cfg: TokenizeConfig, corpus_dir: Path, tokenizer_path: Path) -> str:
     """The work folder's key: the output-changing settings, the tokenizer and the corpus parts."""
-    from dataclasses import asdict
-
     from palm.core.tokenizer import sha256_file
+    from palm.data.executors import output_settings
 
-    values = {k: v for k, v in asdict(cfg).items() if k not in ("executor", "workers", "ray_address", "slurm", "threads")}
+    values = output_settings(cfg, ("threads",))
     parts = [] if not Path(corpus_dir).is_dir() else [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(corpus_dir).glob("part-*.parquet"))]
     tok = sha256_file(tokenizer_path) if Path(tokenizer_path).is_file() else ""  # missing: tokenize_corpus says so
     blob = json.dumps([values, tok, parts], sort_keys=True, default=str)
@@ -104,17 +103,15 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: 
     datatrove pipeline of ``cfg.tasks`` ranks on ``cfg.executor``; ``work`` (None = a temporary
     folder) keeps the ranks' files and completion markers for a rerun after a crash, and is
     removed on success."""
-    import contextlib
     import shutil
-    import tempfile
 
     if cfg.threads:
         os.environ["RAYON_NUM_THREADS"] = str(cfg.threads)  # before the tokenizers thread pool starts
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from palm.core.io import clean_stale_temps, discard_tree, write_json
+    from palm.core.io import write_json
     from palm.core.tokenizer import load_tokenizer, sha256_file, special_ids
-    from palm.data.executors import Step, StepFailed, run_steps, step_counts
+    from palm.data.executors import Step, run_steps, step_counts, work_folder
     from palm.data.steps import TokenizeRank
 
     tok = load_tokenizer(tokenizer_path)
@@ -128,20 +125,12 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: 
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    with contextlib.ExitStack() as stack:
-        work = Path(work) if work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="palm-tok-", ignore_cleanup_errors=True)))
+    with work_folder(work, "palm-tok-") as work:
         ranks = work / "ranks"
         step = TokenizeRank(str(Path(corpus_dir).resolve()), str(Path(tokenizer_path).resolve()), str(ranks),
                             valid_fraction=cfg.valid_fraction, seed=cfg.seed, batch_size=cfg.batch_size,
                             token_size=np.dtype(dtype).itemsize, forced_valid=forced_valid, forced_train=forced_train)
-        clean_stale_temps(work.parent, work.name)
-        try:
-            run_steps([Step("tokenize", [step], cfg.tasks)], cfg, work, progress=progress)
-        except StepFailed:  # a rank died: a rerun resumes after the ranks that finished
-            raise
-        except UserError:  # bad settings or input: a rerun would fail again
-            discard_tree(work)
-            raise
+        run_steps([Step("tokenize", [step], cfg.tasks)], cfg, work, progress=progress)
         counts = step_counts(work / "logs")
         for name in ("train", "valid"):  # the ranks' pairs appended in rank order (megatron-core's builder)
             if cfg.tasks == 1:  # one rank's pair is the result, byte for byte (tests: same as 3 ranks')
@@ -152,7 +141,6 @@ def tokenize_corpus(corpus_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: 
             for r in range(cfg.tasks):
                 builder.add_index(str(ranks / f"{name}-{r:05d}"))
             builder.finalize(str(out_dir / f"{name}.idx"))
-        discard_tree(work)
     seconds = time.perf_counter() - started
     docs = {n: int(counts.get(f"{n}_documents", 0)) for n in ("train", "valid")}
     tokens = {n: int(counts.get(f"{n}_tokens", 0)) for n in ("train", "valid")}
