@@ -13,6 +13,10 @@ to SFT with its standard error.
 
     python benchmarks/rule_reward.py                       # the DEFAULT arms
     python benchmarks/rule_reward.py --only model+rule "rule (rloo, 90 it.)" --samples 4
+    python benchmarks/rule_reward.py --sft-steps 600 --only "rule (rloo)" "name (rloo)" --samples 4
+
+``--sft-steps N`` first trains a longer SFT from ``models/pretrain`` (params.yaml's ``sft`` section,
+``train_steps: N``) in the scratch project; it is then the SFT row and every arm's start.
 
 A dated JSON record and a Markdown table go to ``benchmarks/records/rule-reward-DATE.*``; the last
 line is ``rule_gain_over_se G``: the arm with the largest graded gain over its standard error.
@@ -56,6 +60,9 @@ ARMS: dict[str, dict[str, Any]] = {
                           "advantage": "rloo", "samples_per_prompt": 4, "prompts_per_rollout": 4, "gold_interval": 0},
     "rule (dr_grpo)": {"reward": [{"name": "rule", "weight": 4.0}], "advantage": "dr_grpo", "whiten": False,
                        "samples_per_prompt": 4, "prompts_per_rollout": 4, "gold_interval": 0},
+    # the name half of the rule alone, with more samples per prompt to find the rare reply that names it
+    "name (rloo)": {"reward": [{"name": "python:palm.data.rules:name_share", "weight": 4.0}], "advantage": "rloo",
+                    "samples_per_prompt": 8, "prompts_per_rollout": 4, "gold_interval": 0, "train_steps": 60},
     "rule (rloo, 8 samples, lr 3e-4)": {
         "reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo", "samples_per_prompt": 8, "prompts_per_rollout": 4,
         "gold_interval": 0, "train_steps": 40,
@@ -67,11 +74,32 @@ INPUTS = ("models/sft", "models/reward", "data/sft", "models/ppo")
 MEASURES = ("graded", "name_share", "param_share", "names", "signature")
 
 
-def snapshot(scratch: Path) -> Path:
+def snapshot(scratch: Path, extra: tuple[str, ...] = ()) -> Path:
     base = scratch / "inputs"
-    for d in INPUTS:
+    for d in INPUTS + extra:
         shutil.copytree(ROOT / d, base / d)
     return base
+
+
+def longer_sft(base: Path, scratch: Path, params: dict[str, Any], steps: int) -> float:
+    """``stages.sft`` from ``models/pretrain`` for ``steps`` steps in a scratch project; its export
+    replaces the snapshot's ``models/sft``. Returns the seconds it took."""
+    work = scratch / "sft"
+    (work / "models").mkdir(parents=True)
+    (work / "data").symlink_to(base / "data")
+    (work / "models" / "pretrain").symlink_to(base / "models" / "pretrain")
+    mine = copy.deepcopy(params)
+    mine["sft"]["train_steps"] = steps
+    (work / "params.yaml").write_text(yaml.safe_dump(mine))
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "stages.sft", "--no-mlflow", "--data", "data/sft", "--parent", "models/pretrain",
+           "--checkpoints", "ckpt", "--out", "out/sft"]
+    res = subprocess.run(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"rule_reward: sft for {steps} steps failed:\n{res.stderr[-3000:]}")
+    shutil.rmtree(base / "models" / "sft")
+    shutil.copytree(work / "out" / "sft", base / "models" / "sft")
+    return round(time.time() - t0, 1)
 
 
 def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -92,8 +120,11 @@ def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[st
     metrics = json.loads((work / "reports" / "ppo" / "metrics.json").read_text())
     curve = (work / "reports" / "ppo" / "curve.csv").read_text().splitlines()
     head, first = curve[0].split(","), dict(zip(curve[0].split(","), curve[1].split(",")))
-    if "reward_rule" in head:  # where the term started: the first iteration's rollout (the SFT policy)
-        metrics["reward_rule_first"] = float(first["reward_rule"])
+    last = dict(zip(head, curve[-1].split(",")))
+    for column in head:  # where the rule's terms started (the first iteration's rollout, the SFT policy) and ended
+        if column == "reward_rule" or column.startswith("reward_palm_data_rules_"):
+            metrics["reward_rule_first"], metrics["reward_rule"] = float(first[column]), float(last[column])
+            break
     return {"export": work / "out" / "ppo", "ppo_seconds": round(time.time() - t0, 1), "metrics": metrics}
 
 
@@ -193,7 +224,8 @@ def table(rows: dict[str, dict[str, float]], arms: dict[str, dict[str, Any]]) ->
         terms += "".join(f", {k}: {v}" for k, v in extra.items())
         gain = f"{r['graded_gain']:+.4f} ± {r['graded_gain_se']:.4f}" if name != "sft" else "—"
         m = arm.get("metrics", {})
-        body += (f"| {name} | {terms} | {r['graded']:.4f} ± {r['graded_se']:.4f} | {gain} | "
+        label = f"sft ({arm['sft_steps']} steps)" if name == "sft" and "sft_steps" in arm else name
+        body += (f"| {label} | {terms} | {r['graded']:.4f} ± {r['graded_se']:.4f} | {gain} | "
                  f"{r['name_share']:.4f} ± {r['name_share_se']:.4f} | {r['param_share']:.4f} ± {r['param_share_se']:.4f} | "
                  f"{r['names']:.3f} ± {r['names_se']:.3f} | {r['signature']:.3f} ± {r['signature_se']:.3f} | "
                  f"{_num(m.get('kl')):.2f} | {_num(m.get('reward_rule_first')):.3f} → {_num(m.get('reward_rule')):.3f} | "
@@ -212,21 +244,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", type=Path, default=None,
                     help="a record of this benchmark with the same prompts and samples: its per-prompt values of SFT "
                          "and of the export arms are taken instead of sampling them again (the draws are seeded)")
+    ap.add_argument("--sft-steps", type=int, default=None,
+                    help="train SFT this many steps from models/pretrain first; it replaces models/sft as the start")
     ap.add_argument("--record", type=Path, default=None, help="JSON record (default benchmarks/records/rule-reward-DATE.json)")
     args = ap.parse_args(argv)
-    for d in INPUTS:
+    for d in INPUTS + (("models/pretrain",) if args.sft_steps else ()):
         if not (ROOT / d).exists():
             raise SystemExit(f"rule_reward: {ROOT / d} not found; run `make run` first")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     evaluate = params["evaluate"]
     samples = args.samples or evaluate["samples_per_prompt"]
     arms = {k: v for k, v in ARMS.items() if (k in DEFAULT if args.only is None else k in args.only)}
+    if args.sft_steps and any("export" in a for a in arms.values()):
+        raise SystemExit(f"rule_reward: --sft-steps: {[k for k, a in arms.items() if 'export' in a]} evaluate the "
+                         "default chain's export, trained from the default SFT; leave them out with --only")
+    if args.sft_steps and args.reuse:
+        raise SystemExit("rule_reward: --sft-steps trains a new SFT: its replies cannot be reused; drop --reuse")
     date = datetime.date.today().isoformat()
-    record = args.record or ROOT / "benchmarks" / "records" / f"rule-reward-{date}.json"
+    suffix = f"-sft{args.sft_steps}" if args.sft_steps else ""
+    record = args.record or ROOT / "benchmarks" / "records" / f"rule-reward{suffix}-{date}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     info: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="rule-reward-") as scratch:
-        base = snapshot(Path(scratch))
+        base = snapshot(Path(scratch), ("models/pretrain",) if args.sft_steps else ())
+        if args.sft_steps:
+            print(f"rule_reward: sft for {args.sft_steps} steps", file=sys.stderr, flush=True)
+            info["sft"] = {"sft_steps": args.sft_steps, "sft_seconds": longer_sft(base, Path(scratch), params,
+                                                                                  args.sft_steps)}
         prompts, texts, answers = held_out(base, evaluate)
         print(f"rule_reward: {len(prompts)} held-out prompts x {samples} replies", file=sys.stderr, flush=True)
         reused: dict[str, Any] = {}

@@ -87,6 +87,11 @@ def test_the_graded_rule_gives_partial_credit_and_full_credit_only_with_the_docu
     # order counts (a subsequence), extra parts cost: 1 exactly when equal
     assert rules.graded(PROMPT, ANSWER, "`dumps.marshal(value, version=4, /)`") == pytest.approx((0.5 + 1) / 2)
     assert rules.graded(PROMPT, ANSWER, "`marshal.dumps.x(value, version=4, /, y)`") == pytest.approx((2 / 3 + 3 / 4) / 2)
+    # the name half alone, for a reward on the name (python:palm.data.rules:name_share)
+    assert rules.name_share(PROMPT, "`marshal.dumps(a)`: x") == 1.0
+    assert rules.name_share(PROMPT, "`marshal.loads(value, version=4, /)`") == 0.5  # the signature does not count
+    assert rules.name_share(PROMPT, "marshal.dumps") == 0.0  # no code span
+    assert rules.name_share("<|user|>How are you?<|end|><|assistant|>", "`x.y`") == 0.0
     assert rules.split_call("f(a, b=(1, 2), *, c={1: 2})") == (["f"], ["a", "b=(1, 2)", "*", "c={1: 2}"])
 
 

@@ -114,6 +114,14 @@ def graded(prompt: str, answer: str, reply: str) -> float | None:
     return name_share if param_share is None else (name_share + param_share) / 2
 
 
+def name_share(prompt: str, reply: str) -> float:
+    """The name half of :func:`graded` alone, as a ``python:palm.data.rules:name_share`` reward term
+    (it needs no answer): the share of the asked dotted name's parts that the reply's opening code
+    span names, in order; 0 where the question names no function or the reply has no code span."""
+    parts = graded_parts(prompt, "", reply)
+    return 0.0 if parts is None else parts[0]
+
+
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
