@@ -17,6 +17,7 @@ to SFT with its standard error.
 
 ``--sft-steps N`` first trains a longer SFT from ``models/pretrain`` (params.yaml's ``sft`` section,
 ``train_steps: N``) in the scratch project; it is then the SFT row and every arm's start.
+``--pretrain-steps N`` pretrains anew first (from ``data/tokens``), and SFT starts from that.
 
 A dated JSON record and a Markdown table go to ``benchmarks/records/rule-reward-DATE.*``; the last
 line is ``rule_gain_over_se G``: the arm with the largest graded gain over its standard error.
@@ -81,25 +82,36 @@ def snapshot(scratch: Path, extra: tuple[str, ...] = ()) -> Path:
     return base
 
 
-def longer_sft(base: Path, scratch: Path, params: dict[str, Any], steps: int) -> float:
-    """``stages.sft`` from ``models/pretrain`` for ``steps`` steps in a scratch project; its export
-    replaces the snapshot's ``models/sft``. Returns the seconds it took."""
-    work = scratch / "sft"
+def retrain(base: Path, scratch: Path, params: dict[str, Any], pretrain_steps: int | None,
+            sft_steps: int | None) -> dict[str, float]:
+    """A new start in a scratch project: ``stages.pretrain`` for ``pretrain_steps`` (when given; else
+    the snapshot's ``models/pretrain``), then ``stages.sft`` from it (``sft_steps``, else the
+    section's own), params.yaml's sections otherwise. Its export replaces the snapshot's
+    ``models/sft``. Returns each stage's seconds."""
+    work = scratch / "start"
     (work / "models").mkdir(parents=True)
-    (work / "data").symlink_to(base / "data")
-    (work / "models" / "pretrain").symlink_to(base / "models" / "pretrain")
+    for d in ("data", "artifacts"):
+        (work / d).symlink_to(base / d)
     mine = copy.deepcopy(params)
-    mine["sft"]["train_steps"] = steps
+    for section, steps in (("pretrain", pretrain_steps), ("sft", sft_steps)):
+        if steps:
+            mine[section]["train_steps"] = steps
     (work / "params.yaml").write_text(yaml.safe_dump(mine))
-    t0 = time.time()
-    cmd = [sys.executable, "-m", "stages.sft", "--no-mlflow", "--data", "data/sft", "--parent", "models/pretrain",
-           "--checkpoints", "ckpt", "--out", "out/sft"]
-    res = subprocess.run(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"rule_reward: sft for {steps} steps failed:\n{res.stderr[-3000:]}")
+    seconds, parent = {}, "models/pretrain"
+    runs = [("pretrain", ["--tokens", "data/tokens", "--tokenizer", "artifacts/tokenizer"])] if pretrain_steps else []
+    if not pretrain_steps:
+        (work / "models" / "pretrain").symlink_to(base / "models" / "pretrain")
+    for stage, inputs in runs + [("sft", ["--data", "data/sft", "--parent", parent])]:
+        t0 = time.time()
+        cmd = [sys.executable, "-m", f"stages.{stage}", "--no-mlflow", *inputs, "--checkpoints", f"ckpt/{stage}",
+               "--out", f"models/{stage}"]
+        res = subprocess.run(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"rule_reward: {stage} for the new start failed:\n{res.stderr[-3000:]}")
+        seconds[f"{stage}_seconds"] = round(time.time() - t0, 1)
     shutil.rmtree(base / "models" / "sft")
-    shutil.copytree(work / "out" / "sft", base / "models" / "sft")
-    return round(time.time() - t0, 1)
+    shutil.copytree(work / "models" / "sft", base / "models" / "sft")
+    return seconds
 
 
 def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -224,7 +236,8 @@ def table(rows: dict[str, dict[str, float]], arms: dict[str, dict[str, Any]]) ->
         terms += "".join(f", {k}: {v}" for k, v in extra.items())
         gain = f"{r['graded_gain']:+.4f} ± {r['graded_gain_se']:.4f}" if name != "sft" else "—"
         m = arm.get("metrics", {})
-        label = f"sft ({arm['sft_steps']} steps)" if name == "sft" and "sft_steps" in arm else name
+        label = name if name != "sft" or "sft_steps" not in arm else "sft ({}{} steps)".format(
+            f"pretrain {arm['pretrain_steps']}, " if "pretrain_steps" in arm else "", arm["sft_steps"])
         body += (f"| {label} | {terms} | {r['graded']:.4f} ± {r['graded_se']:.4f} | {gain} | "
                  f"{r['name_share']:.4f} ± {r['name_share_se']:.4f} | {r['param_share']:.4f} ± {r['param_share_se']:.4f} | "
                  f"{r['names']:.3f} ± {r['names_se']:.3f} | {r['signature']:.3f} ± {r['signature_se']:.3f} | "
@@ -245,32 +258,38 @@ def main(argv: list[str] | None = None) -> int:
                     help="a record of this benchmark with the same prompts and samples: its per-prompt values of SFT "
                          "and of the export arms are taken instead of sampling them again (the draws are seeded)")
     ap.add_argument("--sft-steps", type=int, default=None,
-                    help="train SFT this many steps from models/pretrain first; it replaces models/sft as the start")
+                    help="train SFT this many steps first; it replaces models/sft as the start")
+    ap.add_argument("--pretrain-steps", type=int, default=None,
+                    help="pretrain this many steps first (from data/tokens), then SFT from it: the new start")
     ap.add_argument("--record", type=Path, default=None, help="JSON record (default benchmarks/records/rule-reward-DATE.json)")
     args = ap.parse_args(argv)
-    for d in INPUTS + (("models/pretrain",) if args.sft_steps else ()):
+    fresh = args.sft_steps or args.pretrain_steps  # a new start, trained here
+    extra = ("data/tokens", "artifacts/tokenizer") if args.pretrain_steps else ("models/pretrain",) if fresh else ()
+    for d in INPUTS + extra:
         if not (ROOT / d).exists():
             raise SystemExit(f"rule_reward: {ROOT / d} not found; run `make run` first")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     evaluate = params["evaluate"]
     samples = args.samples or evaluate["samples_per_prompt"]
     arms = {k: v for k, v in ARMS.items() if (k in DEFAULT if args.only is None else k in args.only)}
-    if args.sft_steps and any("export" in a for a in arms.values()):
-        raise SystemExit(f"rule_reward: --sft-steps: {[k for k, a in arms.items() if 'export' in a]} evaluate the "
+    if fresh and any("export" in a for a in arms.values()):
+        raise SystemExit(f"rule_reward: a new start: {[k for k, a in arms.items() if 'export' in a]} evaluate the "
                          "default chain's export, trained from the default SFT; leave them out with --only")
-    if args.sft_steps and args.reuse:
-        raise SystemExit("rule_reward: --sft-steps trains a new SFT: its replies cannot be reused; drop --reuse")
+    if fresh and args.reuse:
+        raise SystemExit("rule_reward: a new start trains a new SFT: its replies cannot be reused; drop --reuse")
     date = datetime.date.today().isoformat()
-    suffix = f"-sft{args.sft_steps}" if args.sft_steps else ""
+    suffix = (f"-pretrain{args.pretrain_steps}" if args.pretrain_steps else "") + (
+        f"-sft{args.sft_steps}" if args.sft_steps else "")
     record = args.record or ROOT / "benchmarks" / "records" / f"rule-reward{suffix}-{date}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     info: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="rule-reward-") as scratch:
-        base = snapshot(Path(scratch), ("models/pretrain",) if args.sft_steps else ())
-        if args.sft_steps:
-            print(f"rule_reward: sft for {args.sft_steps} steps", file=sys.stderr, flush=True)
-            info["sft"] = {"sft_steps": args.sft_steps, "sft_seconds": longer_sft(base, Path(scratch), params,
-                                                                                  args.sft_steps)}
+        base = snapshot(Path(scratch), extra)
+        if fresh:
+            steps = {k: v for k, v in (("pretrain_steps", args.pretrain_steps),
+                                       ("sft_steps", args.sft_steps or params["sft"]["train_steps"])) if v}
+            print(f"rule_reward: a new start, {steps}", file=sys.stderr, flush=True)
+            info["sft"] = {**steps, **retrain(base, Path(scratch), params, args.pretrain_steps, args.sft_steps)}
         prompts, texts, answers = held_out(base, evaluate)
         print(f"rule_reward: {len(prompts)} held-out prompts x {samples} replies", file=sys.stderr, flush=True)
         reused: dict[str, Any] = {}
