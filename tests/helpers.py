@@ -12,14 +12,17 @@ import functools
 import hashlib
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -65,24 +68,112 @@ def run_stage_cli(stage: str, args: list[str], cwd: Path, env: dict | None = Non
                           capture_output=True, text=True, timeout=timeout)
 
 
+# ---- ports ----
+# free_port() gives a port nothing uses *now*; the process it is for binds it seconds later, and
+# meanwhile something else can take it: another pytest-xdist worker's server, or any process's
+# outgoing connection, whose local port the kernel draws from its ephemeral range
+# (net.ipv4.ip_local_port_range, 32768-60999 by default), where bind(port 0) draws too. So the
+# ports come from below that range, at random from a block of each xdist worker's own; and what
+# starts a process on them goes through on_free_ports, which starts it again on fresh ports when
+# it failed because a port was taken (a program outside the tests may still hold one): its log
+# says so (PortTaken). A CI run once failed 4 tests of test_serve.py at setup on such a port.
+
+T = TypeVar("T")
+PORT_TAKEN = re.compile(r"already in use|EADDRINUSE|Errno 98|Connection in use", re.IGNORECASE)
+_ports = random.Random()  # its own generator: a test seeding `random` leaves the ports alone
+
+
+class PortTaken(RuntimeError):
+    """A process started on a port from :func:`free_port` failed because something took the port
+    meanwhile (its log says so); what it started is stopped. :func:`on_free_ports` retries."""
+
+
+def _port_block() -> range:
+    """This xdist worker's ports: below the kernel's ephemeral range, split between the workers
+    (empty when there is no room: then the kernel picks)."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = 20000, min(ephemeral, 32768)
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % workers
+    size = (high - low) // workers
+    return range(low + worker * size, low + (worker + 1) * size) if size >= 200 else range(0)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (free when this returns)."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing uses (free when this returns: nothing listens on it,
+    no connection holds it), from this worker's block of ports (see above). A process that is to
+    listen on it is started through :func:`on_free_ports`."""
+    block = _port_block()
+    for port in [_ports.choice(block) for _ in range(100)] if block else []:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def server(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300):
+def port_taken(*logs: Path | str) -> bool:
+    """Whether one of these logs (files, or texts) says a port was already in use."""
+    for log in logs:
+        if isinstance(log, Path):
+            log = log.read_text(errors="replace") if log.is_file() else ""
+        if PORT_TAKEN.search(log):
+            return True
+    return False
+
+
+def on_free_ports(start: Callable[..., T], count: int = 1, tries: int = 5) -> T:
+    """``start(*ports)`` with ``count`` distinct ports from :func:`free_port`, and what it returns;
+    while it raises :class:`PortTaken` (having stopped what it started), again with fresh ports,
+    up to ``tries`` times in all."""
+    for attempt in range(1, tries + 1):
+        ports: list[int] = []
+        while len(ports) < count:
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        try:
+            return start(*ports)
+        except PortTaken as err:
+            if attempt == tries:
+                raise
+            print(f"note: {str(err)[:400]}; again on other ports", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def launch(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300,
+           cwd: Path | None = None) -> subprocess.Popen:
     """A server process (a session of its own, so that killing its group ends its workers too),
-    up once ``url``/health answers; SIGKILLed with its group at the end if still alive."""
+    returned once ``url``/health answers. If it exits or its deadline passes first, its group is
+    SIGKILLed and the error raised: :class:`PortTaken` when its log says its port was taken."""
     from pipelines.servers import wait_healthy
 
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, cwd=cwd, start_new_session=True)
     try:
         wait_healthy(url, proc, log, timeout_s)
+    except BaseException as err:
+        kill_group(proc)
+        if isinstance(err, Exception) and port_taken(log):
+            raise PortTaken(f"{argv[:4]} could not bind its port: {err}") from err
+        raise
+    return proc
+
+
+@contextlib.contextmanager
+def server(argv: list[str], url: str, log: Path, env: dict | None = None, timeout_s: float = 300):
+    """:func:`launch` as a context: the server's group is SIGKILLed at the end if still alive.
+    On a port of :func:`free_port`, it is entered inside :func:`on_free_ports` (e.g.
+    :func:`prefect_server`)."""
+    proc = launch(argv, url, log, env, timeout_s)
+    try:
         yield proc
     finally:
         kill_group(proc)
@@ -117,11 +208,16 @@ def prefect_server(home: Path):
 
     from pipelines.serve import ServeConfig, api_url, prefect_env, server_command
 
-    cfg = ServeConfig(port=free_port())
-    env = {**os.environ, **prefect_env(home, cfg), "PREFECT_UI_ENABLED": "false"}
-    with server(server_command(cfg), api_url(cfg), home / "prefect-server.log", env=env), \
-            temporary_settings(updates={PREFECT_API_URL: api_url(cfg)}):
-        yield api_url(cfg)
+    with contextlib.ExitStack() as stack:
+        def start(port: int) -> str:
+            cfg = ServeConfig(port=port)
+            env = {**os.environ, **prefect_env(home, cfg), "PREFECT_UI_ENABLED": "false"}
+            stack.enter_context(server(server_command(cfg), api_url(cfg), home / "prefect-server.log", env=env))
+            return api_url(cfg)
+
+        url = on_free_ports(start)
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+        yield url
         _drain_prefect_workers()
 
 
@@ -510,33 +606,45 @@ def serve_cli(root: Path, *args: str, **kwargs) -> subprocess.Popen:
 def start_serve(base: Path, docs: int, **serve: Any) -> tuple[Path, str, subprocess.Popen, Path]:
     """``make serve`` of a project copy under ``base`` whose scrape reads ``docs`` small text files
     and whose ``serve`` section gets ``serve`` (a free port, until scrape by default); returns
-    (root, API url, the serve process, its output file) once it serves the deployment."""
+    (root, API url, the serve process, its output file) once it serves the deployment. Started
+    again, on a fresh copy and port, when its port was taken (:func:`on_free_ports`)."""
     import random
 
     import pytest
 
-    root = make_project(base / "project", git=False)
+    from pipelines.serve import HOME
+
     folder = base / "docs"
     folder.mkdir()
     rng = random.Random(0)
     for i in range(docs):
         (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(SERVE_WORDS) for _ in range(400)) + "\n")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["scrape"].update(source="files", files_path=str(folder), tasks=1, workers=1)
-    params["serve"].update({"until": "scrape", "port": free_port(), "startup_timeout_s": 300.0, **serve})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    commit(root)
-    url = f"http://127.0.0.1:{params['serve']['port']}/api"
     out = base / "serve.out"
-    with out.open("w") as f:
-        proc = serve_cli(root, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 360  # a loaded CI machine
-    while "serving deployment" not in out.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"make serve did not come up (exit {proc.poll()}):\n{out.read_text()}")
-        time.sleep(0.5)
-    return root, url, proc, out
+
+    def start(port: int) -> tuple[Path, str, subprocess.Popen, Path]:
+        root = base / "project"
+        if root.exists():  # an earlier try's, whose port was taken
+            shutil.rmtree(root)
+        root = make_project(root, git=False)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["scrape"].update(source="files", files_path=str(folder), tasks=1, workers=1)
+        params["serve"].update({"until": "scrape", "port": port, "startup_timeout_s": 300.0, **serve})
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        commit(root)
+        url = f"http://127.0.0.1:{params['serve']['port']}/api"
+        with out.open("w") as f:
+            proc = serve_cli(root, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 360  # a loaded CI machine
+        while "serving deployment" not in out.read_text():
+            if proc.poll() is not None and port_taken(out.read_text(), root / HOME / "server.log"):
+                raise PortTaken(f"make serve on port {port}: {out.read_text().strip()[-300:]}")
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"make serve did not come up (exit {proc.poll()}):\n{out.read_text()}")
+            time.sleep(0.5)
+        return root, url, proc, out
+
+    return on_free_ports(start)
 
 
 def stop_serve(root: Path, proc: subprocess.Popen) -> None:
@@ -667,7 +775,8 @@ def slurm_cluster(tmp: Path, timeout_s: float = 90):
     """A one-node Slurm (partition ``debug``, the machine's CPUs and memory) of its own under
     ``tmp``; yields the environment (``os.environ`` plus ``SLURM_CONF``) that its clients and jobs
     run with. At the end every job is cancelled and every process it started (daemons, job steps)
-    killed and waited for. Raises :class:`SlurmUnavailable` when it cannot start."""
+    killed and waited for. Raises :class:`SlurmUnavailable` when it cannot start; slurmctld and
+    slurmd start again on fresh ports when one was taken (:func:`on_free_ports`)."""
     missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
     if missing:
         raise SlurmUnavailable(f"Slurm is not installed (missing {', '.join(missing)}; make test installs it: "
@@ -681,35 +790,47 @@ def slurm_cluster(tmp: Path, timeout_s: float = 90):
     key, sock = tmp / "munge" / "munge.key", tmp / "munge" / "munge.socket"
     subprocess.run(["mungekey", "--create", "--force", "--keyfile", str(key)], check=True, capture_output=True)
     key.chmod(0o600)
-    ctld_port, slurmd_port = free_port(), free_port()
-    while slurmd_port == ctld_port:
-        slurmd_port = free_port()
     conf = tmp / "slurm.conf"
-    conf.write_text(_slurm_conf(tmp, ctld_port, slurmd_port, sock))
     marker = str(tmp)
     env = {**os.environ, "SLURM_CONF": str(conf), SLURM_MARKER_ENV: marker}
     for var in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         env.pop(var)  # a surrounding job's settings would leak into every submission
     log = tmp / "log"
-    daemons = {
-        # --force: munged wants every folder above its socket searchable by all users, and pytest's
-        # temp folders are not (0700); the clients all run as root
-        "munged": ["munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
-                   f"--log-file={log / 'munged.log'}", f"--pid-file={tmp / 'run' / 'munged.pid'}",
-                   f"--seed-file={tmp / 'munge' / 'munged.seed'}"],
-        "slurmctld": ["slurmctld", "-D", "-i", "-f", str(conf)],
-        "slurmd": ["slurmd", "-D", "-f", str(conf)],
-    }
+    # --force: munged wants every folder above its socket searchable by all users, and pytest's
+    # temp folders are not (0700); the clients all run as root
+    munged = ["munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
+              f"--log-file={log / 'munged.log'}", f"--pid-file={tmp / 'run' / 'munged.pid'}",
+              f"--seed-file={tmp / 'munge' / 'munged.seed'}"]
+    slurm = {"slurmctld": ["slurmctld", "-D", "-i", "-f", str(conf)], "slurmd": ["slurmd", "-D", "-f", str(conf)]}
     procs: dict[str, subprocess.Popen] = {}
+
+    def daemon(name: str, argv: list[str]) -> subprocess.Popen:
+        with (log / f"{name}.out").open("wb") as out:
+            procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           env=env, start_new_session=True)
+        return procs[name]
+
+    def start(ctld_port: int, slurmd_port: int) -> None:
+        """slurmctld and slurmd on these ports, up once the node is idle; stopped again when they
+        are not (PortTaken when a port was taken)."""
+        for name in slurm:  # an earlier try's logs
+            for old in (log / f"{name}.log", log / f"{name}.out"):
+                old.unlink(missing_ok=True)
+        conf.write_text(_slurm_conf(tmp, ctld_port, slurmd_port, sock))
+        try:
+            for name, argv in slurm.items():
+                daemon(name, argv)
+            _wait_for(lambda: _node_idle(env), procs, timeout_s, "slurmd", log)
+        except Exception as err:
+            _stop_daemons([procs.pop(name) for name in slurm if name in procs])
+            if port_taken(*(log / f"{name}.{ext}" for name in slurm for ext in ("log", "out"))):
+                raise PortTaken(f"Slurm on ports {ctld_port} and {slurmd_port}: {err}") from None
+            raise
+
     try:
         try:
-            for name, argv in daemons.items():
-                with (log / f"{name}.out").open("wb") as out:
-                    procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-                if name == "munged":
-                    _wait_for(lambda: sock.exists(), procs[name], timeout_s, name, log)
-            _wait_for(lambda: _node_idle(env), procs, timeout_s, "slurmd", log)
+            _wait_for(lambda: sock.exists(), daemon("munged", munged), timeout_s, "munged", log)
+            on_free_ports(start, count=2)
         except SlurmUnavailable:
             raise
         except Exception as err:  # noqa: BLE001 - any start-up failure is "no Slurm here"
@@ -719,15 +840,20 @@ def slurm_cluster(tmp: Path, timeout_s: float = 90):
         if "slurmctld" in procs and procs["slurmctld"].poll() is None:
             subprocess.run(["scancel", "--full", "--partition=debug"], check=False, env=env, capture_output=True,
                            timeout=30)
-        for proc in reversed(procs.values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs.values()):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                kill_group(proc)
+        _stop_daemons(list(procs.values()))
         _kill_marked(marker)  # slurmstepd and job processes left behind
+
+
+def _stop_daemons(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each daemon's group, last started first; SIGKILL to those not gone in 15 s."""
+    for proc in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
 
 
 def _logs(log: Path) -> str:

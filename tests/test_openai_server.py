@@ -6,6 +6,7 @@ batching: palm/decode/batcher.py, tested against generate() in tests/test_batche
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import free_port, server  # noqa: E402
+from helpers import on_free_ports, server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny-ppo"
@@ -26,14 +27,18 @@ NAME = "tiny-ppo"
 
 @pytest.fixture(scope="module")
 def url(export, tmp_path_factory):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    argv = [sys.executable, "-m", "palm.apps.cli", "serve", str(export), "--port", str(port), "--name", NAME,
-            "--max-tokens-cap", "16", "--max-messages", "4", "--max-body-bytes", "4096", "--batch-window-ms", "300"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with server(argv, base, log, env=env, timeout_s=120):
-        yield base
+
+    def start(port: int) -> str:
+        base = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "palm.apps.cli", "serve", str(export), "--port", str(port), "--name", NAME,
+                "--max-tokens-cap", "16", "--max-messages", "4", "--max-body-bytes", "4096", "--batch-window-ms", "300"]
+        stack.enter_context(server(argv, base, log, env=env, timeout_s=120))
+        return base
+
+    with contextlib.ExitStack() as stack:
+        yield on_free_ports(start)
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,12 @@ from helpers import (  # noqa: E402
     EVALUATE_ARGS,
     ROOT,
     chat_data,
-    free_port,
+    launch,
     make_eval_reward,
     make_parent,
     make_project,
     make_tokens,
+    on_free_ports,
     with_kind,
 )
 
@@ -379,17 +380,16 @@ def test_lineage_reaches_the_scrape_run_and_the_corpus_md5_from_every_model(proj
 def test_mlflow_models_serve_answers_a_post_on_loopback(project, env, tmp_path):
     import mlflow.pyfunc
 
-    from pipelines.servers import wait_healthy  # polls <url>/health (the scoring server answers it as /ping)
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     bin_ = Path(sys.executable).parent  # the server runs uvicorn from PATH: the venv's, as when it is activated
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(bin_ / "mlflow"), "models", "serve", "-m", "models:/palm-chat@champion",
-                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                env={**os.environ, **env, "PATH": f"{bin_}:{os.environ['PATH']}"},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(port: int) -> tuple[str, subprocess.Popen]:
+        url = f"http://127.0.0.1:{port}"  # up once <url>/health answers (the scoring server answers it as /ping)
+        argv = [str(bin_ / "mlflow"), "models", "serve", "-m", "models:/palm-chat@champion", "--env-manager", "local",
+                "-h", "127.0.0.1", "-p", str(port)]
+        path = f"{bin_}:{os.environ['PATH']}"
+        return url, launch(argv, url, tmp_path / "serve.log", env={**os.environ, **env, "PATH": path}, timeout_s=180)
+
+    url, proc = on_free_ports(start)
     body = {"inputs": [PROMPT], "params": {"max_new_tokens": 5, "temperature": 0.0}}
     # MLflow's chat format: an OpenAI chat request, unwrapped, answered with a chat completion
     chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}],
@@ -405,7 +405,6 @@ def test_mlflow_models_serve_answers_a_post_on_loopback(project, env, tmp_path):
             return err.code, json.loads(err.read())
 
     try:
-        wait_healthy(url, proc, log, timeout_s=180)
         status, served = post(body)
         chat_status, completion = post(chat)
         bad_status, bad = post({"messages": [{"role": "robot", "content": "hi"}]})
@@ -476,7 +475,6 @@ def test_make_ui_shows_the_stage_runs_and_the_models_with_their_aliases(project,
 
     from palm.ops.registry import NAMES
     from palm.ops.tracking import ui_url
-    from pipelines.servers import wait_healthy
 
     c = client(env)
     experiment = c.get_experiment_by_name("palm-rlhf").experiment_id
@@ -485,13 +483,14 @@ def test_make_ui_shows_the_stage_runs_and_the_models_with_their_aliases(project,
     for alias, version in c.get_registered_model("palm-chat").aliases.items():
         aliases.setdefault(str(version), set()).add(alias)
     assert aliases == {"1": {"champion", "current"}, "2": {"candidate"}}  # as the champion rule's test left them
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.log"
-    with log.open("w") as out:  # what `make ui MLFLOW_PORT=<port>` runs, in the project folder
-        proc = subprocess.Popen([sys.executable, "-m", "palm.apps.cli", "ui", "--port", str(port)], cwd=project,
-                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+
+    def start(port: int) -> tuple[str, subprocess.Popen]:
+        base = f"http://127.0.0.1:{port}"  # what `make ui MLFLOW_PORT=<port>` runs, in the project folder
+        return base, launch([sys.executable, "-m", "palm.apps.cli", "ui", "--port", str(port)], base, log,
+                            env={**os.environ, **env}, timeout_s=240, cwd=project)
+
+    base, proc = on_free_ports(start)
     wait = WebDriverWait(browser, 120)  # a loaded 2-core machine: the first page took 30 s at load 20
 
     def links(css: str) -> dict[str, str]:  # href -> text of the links; read in one go (the page re-renders)
@@ -509,7 +508,6 @@ def test_make_ui_shows_the_stage_runs_and_the_models_with_their_aliases(project,
 
     started: list = []
     try:
-        wait_healthy(base, proc, log, timeout_s=240)
         started = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         (line,) = [x for x in log.read_text().splitlines() if x.startswith("MLflow UI: ")]
         link = line.split()[2]

@@ -17,7 +17,8 @@ import threading
 import time
 
 import pytest
-from helpers import PRETRAIN_ARGS, command, free_port, kill_group, make_project, pretrain_project, run_stage_cli, server
+from helpers import (PRETRAIN_ARGS, command, kill_group, make_project, on_free_ports, pretrain_project, run_stage_cli,
+                     server)
 
 pytestmark = pytest.mark.e2e
 
@@ -44,13 +45,17 @@ def test_mlflow_server_killed_while_a_training_stage_runs(tmp_path):
     steps = 400
     root = pretrain_project(tmp_path / "p", pretrain={"train_steps": steps, "log_interval": 2, "eval_interval": 200,
                                                       "checkpoint_interval": 200})
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
-            "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1"]
+
+    def start(port: int) -> tuple[str, subprocess.Popen]:
+        uri = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                "--workers", "1"]
+        return uri, stack.enter_context(server(argv, uri, tmp_path / "mlflow.log"))
+
     done: list[subprocess.CompletedProcess] = []
-    with server(argv, uri, tmp_path / "mlflow.log") as proc:
+    with contextlib.ExitStack() as stack:
+        uri, proc = on_free_ports(start)
         stage = threading.Thread(target=lambda: done.append(
             run_stage_cli("pretrain", PRETRAIN_ARGS, cwd=root, env={"MLFLOW_TRACKING_URI": uri}, timeout=400)))
         stage.start()
@@ -106,12 +111,17 @@ def test_prefect_server_killed_while_a_stage_runs(tmp_path):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["scrape"].update(max_pages=16, delay_s=1.0, concurrency=1, tasks=1, workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cfg = ServeConfig(port=free_port())
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's mlflow.db
-    env.update(prefect_env(root, cfg), PYTHONPATH=str(root))
-    url = env["PREFECT_API_URL"]
+
+    def start(port: int) -> tuple[dict, subprocess.Popen]:
+        cfg = ServeConfig(port=port)
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's mlflow.db
+        env.update(prefect_env(root, cfg), PYTHONPATH=str(root))
+        return env, stack.enter_context(server(server_command(cfg), env["PREFECT_API_URL"], tmp_path / "prefect.log",
+                                               env=env))
+
     with contextlib.ExitStack() as stack:
-        proc = stack.enter_context(server(server_command(cfg), url, tmp_path / "prefect.log", env=env))
+        env, proc = on_free_ports(start)
+        url = env["PREFECT_API_URL"]
         flow = subprocess.Popen([sys.executable, "-m", "pipelines.flow", "--until", "scrape"], cwd=root, env=env,
                                 stdout=subprocess.PIPE, stderr=(tmp_path / "flow.err").open("w"), text=True)
         stack.callback(flow.kill)
