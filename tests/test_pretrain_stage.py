@@ -31,28 +31,41 @@ def weights(root: Path):
     return load_file(str(root / "models" / "pretrain" / "model.safetensors"))
 
 
-def test_killed_run_restarted_by_dvc_repro_ends_like_an_uninterrupted_one(tmp_path):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> dict:
+    """An uninterrupted run of the stage (TINY_PRETRAIN, `dvc repro`), made once for the tests that
+    compare with one or rerun one: its project, MLflow environment, and its reports, weights and
+    config as the run left them (a test that reruns it in place changes the files, not these)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    root = pretrain_project(tmp / "a")
+    assert repro(root, env).returncode == 0
+    reports = root / "reports" / "pretrain"
+    return {"root": root, "env": env, "curve": (reports / "curve.csv").read_text(),
+            "metrics": json.loads((reports / "metrics.json").read_text()), "weights": weights(root),
+            "config": json.loads((root / "models" / "pretrain" / "config.json").read_text())}
+
+
+def test_killed_run_restarted_by_dvc_repro_ends_like_an_uninterrupted_one(tmp_path, finished):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    straight = pretrain_project(tmp_path / "a")
-    assert repro(straight, env).returncode == 0
     killed = pretrain_project(tmp_path / "b")
     first = repro(killed, {**env, KILL_ENV: "8"})  # every rank SIGKILLs itself after checkpoint 8
     assert first.returncode != 0
     assert not (killed / "models" / "pretrain").exists()
     second = repro(killed, env)
     assert second.returncode == 0, second.stderr[-2000:]
-    a = json.loads((straight / "reports" / "pretrain" / "metrics.json").read_text())
+    a = finished["metrics"]
     b = json.loads((killed / "reports" / "pretrain" / "metrics.json").read_text())
     assert b["resumed_from_step"] == 8 and a["resumed_from_step"] == 0
     assert abs(a["final_train_loss"] - b["final_train_loss"]) <= 1e-6
     assert abs(a["val_loss"] - b["val_loss"]) <= 1e-6
-    wa, wb = weights(straight), weights(killed)
+    wa, wb = finished["weights"], weights(killed)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
     for key in ("val_loss", "unigram_loss", "tokens_per_s", "mfu"):
         assert isinstance(a[key], float)
-    curve = (straight / "reports" / "pretrain" / "curve.csv").read_text().splitlines()
+    curve = finished["curve"].splitlines()
     assert curve[0].startswith("step,loss,") and len(curve) == 4
-    config = json.loads((straight / "models" / "pretrain" / "config.json").read_text())
+    config = finished["config"]
     assert config["model"]["d_model"] == 32 and len(config["tokenizer_sha256"]) == 64
 
 
@@ -90,15 +103,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, stage_error):
         stage_error("pretrain", PRETRAIN_ARGS, root)
 
 
-def test_forced_rerun_of_a_finished_run_leaves_the_same_reports(tmp_path):
+def test_forced_rerun_of_a_finished_run_leaves_the_same_reports(finished):
     """DVC deletes curve.csv and metrics.json before `dvc repro -f`; the rerun resumes the finished
     checkpoint and rebuilds both from it. Only what describes the execution itself may differ:
     stage_seconds (its wall time) and resumed_from_step (it did resume)."""
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    root = pretrain_project(tmp_path / "a")
-    assert repro(root, env).returncode == 0
+    root, env = finished["root"], finished["env"]
     reports = root / "reports" / "pretrain"
-    curve, metrics = (reports / "curve.csv").read_text(), json.loads((reports / "metrics.json").read_text())
+    curve, metrics = finished["curve"], dict(finished["metrics"])
+    assert (reports / "curve.csv").read_text() == curve  # the finished run's, as it left them
+    assert json.loads((reports / "metrics.json").read_text()) == metrics
     forced = subprocess.run([str(root / ".venv" / "bin" / "dvc"), "repro", "-f", "-s", "pretrain"], cwd=root,
                             env={**os.environ, "PYTHONPATH": str(root), **env}, capture_output=True,
                             text=True, timeout=500)
