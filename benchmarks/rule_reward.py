@@ -82,6 +82,16 @@ def snapshot(scratch: Path, extra: tuple[str, ...] = ()) -> Path:
     return base
 
 
+def run_stage(work: Path, stage: str, args: list[str], what: str) -> float:
+    """``stages.<stage> --no-mlflow ARGS`` in the scratch project ``work``; the seconds it took."""
+    t0 = time.time()
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--no-mlflow", *args]
+    res = subprocess.run(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"rule_reward: {what}: {stage} failed:\n{res.stderr[-3000:]}")
+    return round(time.time() - t0, 1)
+
+
 def retrain(base: Path, scratch: Path, params: dict[str, Any], pretrain_steps: int | None,
             sft_steps: int | None) -> dict[str, float]:
     """A new start in a scratch project: ``stages.pretrain`` for ``pretrain_steps`` (when given; else
@@ -102,13 +112,8 @@ def retrain(base: Path, scratch: Path, params: dict[str, Any], pretrain_steps: i
     if not pretrain_steps:
         (work / "models" / "pretrain").symlink_to(base / "models" / "pretrain")
     for stage, inputs in runs + [("sft", ["--data", "data/sft", "--parent", parent])]:
-        t0 = time.time()
-        cmd = [sys.executable, "-m", f"stages.{stage}", "--no-mlflow", *inputs, "--checkpoints", f"ckpt/{stage}",
-               "--out", f"models/{stage}"]
-        res = subprocess.run(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(f"rule_reward: {stage} for the new start failed:\n{res.stderr[-3000:]}")
-        seconds[f"{stage}_seconds"] = round(time.time() - t0, 1)
+        seconds[f"{stage}_seconds"] = run_stage(work, stage, [*inputs, "--checkpoints", f"ckpt/{stage}",
+                                                              "--out", f"models/{stage}"], "the new start")
     shutil.rmtree(base / "models" / "sft")
     shutil.copytree(work / "models" / "sft", base / "models" / "sft")
     return seconds
@@ -123,12 +128,8 @@ def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[st
     mine = copy.deepcopy(params)
     mine["ppo"].update(copy.deepcopy(overrides))
     (work / "params.yaml").write_text(yaml.safe_dump(mine))
-    t0 = time.time()
-    cmd = [sys.executable, "-m", "stages.ppo", "--no-mlflow", "--data", "data/sft", "--policy", "models/sft",
-           "--reward", "models/reward", "--checkpoints", "ckpt", "--out", "out/ppo"]
-    res = subprocess.run(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"rule_reward: arm {name}: ppo failed:\n{res.stderr[-3000:]}")
+    ppo_seconds = run_stage(work, "ppo", ["--data", "data/sft", "--policy", "models/sft", "--reward", "models/reward",
+                                          "--checkpoints", "ckpt", "--out", "out/ppo"], f"arm {name}")
     metrics = json.loads((work / "reports" / "ppo" / "metrics.json").read_text())
     curve = (work / "reports" / "ppo" / "curve.csv").read_text().splitlines()
     head, first = curve[0].split(","), dict(zip(curve[0].split(","), curve[1].split(",")))
@@ -137,7 +138,7 @@ def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[st
         if column == "reward_rule" or column.startswith("reward_palm_data_rules_"):
             metrics["reward_rule_first"], metrics["reward_rule"] = float(first[column]), float(last[column])
             break
-    return {"export": work / "out" / "ppo", "ppo_seconds": round(time.time() - t0, 1), "metrics": metrics}
+    return {"export": work / "out" / "ppo", "ppo_seconds": ppo_seconds, "metrics": metrics}
 
 
 def held_out(base: Path, evaluate: dict[str, Any]) -> tuple[list[list[int]], list[str], list[str]]:
