@@ -64,6 +64,26 @@ ARMS: dict[str, dict[str, Any]] = {
     # the name half of the rule alone, with more samples per prompt to find the rare reply that names it
     "name (rloo)": {"reward": [{"name": "python:palm.data.rules:name_share", "weight": 4.0}], "advantage": "rloo",
                     "samples_per_prompt": 8, "prompts_per_rollout": 4, "gold_interval": 0, "train_steps": 60},
+    # wider and longer: 8 prompts x 8 samples for 120 iterations (7,680 replies, 16x the 30-iteration
+    # arms), for a start that writes the whole name now and then (--sft-steps 1500)
+    "rule (rloo, 8x8, 120 it.)": {"reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo",
+                                  "samples_per_prompt": 8, "prompts_per_rollout": 8, "gold_interval": 0,
+                                  "train_steps": 120},
+    "name (rloo, 8x8, 120 it.)": {"reward": [{"name": "python:palm.data.rules:name_share", "weight": 4.0}],
+                                  "advantage": "rloo", "samples_per_prompt": 8, "prompts_per_rollout": 8,
+                                  "gold_interval": 0, "train_steps": 120},
+    # the same, with a smaller step and no penalty for a reply cut at max_new_tokens: the name term
+    # fell on train prompts (0.26 -> 0.17) while the KL grew past 4 nats in the arm above
+    "name (rloo, 8x8, 120 it., lr 3e-5, no end penalty)": {
+        "reward": [{"name": "python:palm.data.rules:name_share", "weight": 4.0}], "advantage": "rloo",
+        "samples_per_prompt": 8, "prompts_per_rollout": 8, "gold_interval": 0, "train_steps": 120,
+        "no_end_penalty": 0.0, "optim": {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "weight_decay": 0.0,
+                                         "clip_grad": 1.0}},
+    "rule (rloo, 8x8, 120 it., lr 3e-5, no end penalty)": {
+        "reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo",
+        "samples_per_prompt": 8, "prompts_per_rollout": 8, "gold_interval": 0, "train_steps": 120,
+        "no_end_penalty": 0.0, "optim": {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "weight_decay": 0.0,
+                                         "clip_grad": 1.0}},
     "rule (rloo, 8 samples, lr 3e-4)": {
         "reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo", "samples_per_prompt": 8, "prompts_per_rollout": 4,
         "gold_interval": 0, "train_steps": 40,
@@ -138,6 +158,11 @@ def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[st
         if column == "reward_rule" or column.startswith("reward_palm_data_rules_"):
             metrics["reward_rule_first"], metrics["reward_rule"] = float(first[column]), float(last[column])
             break
+    # the run's course every 10 iterations: does the term rise on train prompts, and what moves with it
+    keep = [c for c in head if c in ("step", "kl", "kl_coef", "response_length", "ended", "entropy")
+            or c == "reward_rule" or c.startswith("reward_palm_data_rules_")]
+    rows = [dict(zip(head, line.split(","))) for line in curve[1:]]
+    metrics["course"] = [{c: float(r[c]) for c in keep} for r in rows[::10] + rows[-1:]]
     return {"export": work / "out" / "ppo", "ppo_seconds": ppo_seconds, "metrics": metrics}
 
 
@@ -319,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             info[name] = {"overrides": overrides, "reward": reward, "ppo_seconds": ran["ppo_seconds"],
                           "metrics": {k: ran["metrics"].get(k) for k in ("kl", "reward", "reward_rule", "reward_model",
                                                                          "rule_names", "rule_signature", "initial_reward",
-                                                                         "reward_rule_first")}}
+                                                                         "reward_rule_first", "course")}}
             per_prompt[name] = (reused.get(name) if "export" in overrides else None) or judge_policy(
                 ran["export"], prompts, texts, answers, samples=samples, evaluate=evaluate)
             rows = summary({k: v for k, v in per_prompt.items()})
