@@ -440,6 +440,10 @@ def test_a_chat_request_uses_the_chat_template_and_its_settings_and_refuses_what
                               "max_tokens": 6, "temperature": 0.0})
         short = model.predict({"messages": [{"role": "user", "content": PROMPT}], "max_completion_tokens": 1,
                                "temperature": 0.0})
+        # a conversation longer than the context: the usage counts the prompt tokens the model read
+        long = model.predict({"messages": [{"role": "user", "content": "word " * 2000}], "max_tokens": 4,
+                              "temperature": 0.0})
+        seq_len = model.unwrap_python_model().model.cfg.seq_len
         refused = {}
         for name, request in {"field": {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}},
                               "n": {"messages": [{"role": "user", "content": "hi"}], "n": 2},
@@ -450,6 +454,7 @@ def test_a_chat_request_uses_the_chat_template_and_its_settings_and_refuses_what
             refused[name] = str(err.value)
     assert chat["choices"][0]["message"]["content"] == plain
     assert short["usage"]["completion_tokens"] <= 1 and short["choices"][0]["finish_reason"] in ("stop", "length")
+    assert long["usage"]["prompt_tokens"] == seq_len - 4
     assert "unsupported field(s) logit_bias" in refused["field"] and "n must be 1" in refused["n"]
     assert "messages must be a non-empty list" in refused["empty"]
     assert "at most 64 (PalmModel.max_messages)" in refused["many"]

@@ -135,10 +135,10 @@ class PalmModel(mlflow.pyfunc.PythonModel):
         for field, param in self.CHAT_FIELDS.items():
             if request.get(field) is not None:
                 p[param] = request[field]
-        prompt = ChatTemplate(self.tokenizer).render_prompt(tuple(Turn(r, t) for r, t in turns))
+        prompt = self._fit(ChatTemplate(self.tokenizer).render_prompt(tuple(Turn(r, t) for r, t in turns)), p)
         ((reply, stopped),) = self._complete([prompt], p)
         made = len(reply) - stopped  # the end-of-turn token is no text
-        n_prompt = min(len(prompt), self.model.cfg.seq_len - int(p["max_new_tokens"]))
+        n_prompt = len(prompt)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": f"palm-{self.export.kind}",
                 "choices": [{"index": 0, "finish_reason": "stop" if stopped else "length",
@@ -160,6 +160,10 @@ class PalmModel(mlflow.pyfunc.PythonModel):
 
         return special_ids(self.tokenizer)
 
+    def _fit(self, prompt: list[int], p: dict[str, Any]) -> list[int]:
+        """The prompt's last tokens that leave room for ``max_new_tokens`` in the model's context."""
+        return prompt[-max(1, self.model.cfg.seq_len - int(p["max_new_tokens"])):]
+
     def _complete(self, prompts: list[list[int]], p: dict[str, Any]) -> list[tuple[list[int], bool]]:
         """Each prompt's reply tokens (its stop token included) and whether it stopped (else it
         ran out of ``max_new_tokens``)."""
@@ -180,7 +184,7 @@ class PalmModel(mlflow.pyfunc.PythonModel):
         generator = torch.Generator(self.model.embedding.weight.device).manual_seed(int(p["seed"]))
         out: list[tuple[list[int], bool]] = []
         for start in range(0, len(prompts), self.chunk_rows):  # one chunk's memory at a time
-            rows = [ids_[-(seq_len - new):] for ids_ in prompts[start:start + self.chunk_rows]]
+            rows = [self._fit(ids_, p) for ids_ in prompts[start:start + self.chunk_rows]]
             with torch.no_grad():
                 gen = generate(self.model, rows, new, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                stop_ids=stop, pad_id=ids["pad_id"], generator=generator)
