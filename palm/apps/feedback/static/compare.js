@@ -47,22 +47,7 @@ function done() {
 
 async function choose(choice) {
   if (!state.item || state.busy) return;
-  state.busy = true;
-  status("saving…");
-  try {
-    const r = await api("/api/judge", { index: state.index, choice });
-    status(`saved item ${state.index + 1} (${SAID[choice]})`);
-    await show(r.next);
-  } catch (err) {
-    status(`not saved: ${err.message}`, true);
-  } finally {
-    state.busy = false;
-  }
-}
-
-function go(delta) {
-  const to = state.index + delta;
-  if (to >= 0 && to < state.total) show(to).catch((e) => status(e.message, true));
+  await save({ index: state.index, choice }, SAID[choice]);
 }
 
 const KEYS = { 1: "left", 2: "right", t: "tie", b: "both_bad" };

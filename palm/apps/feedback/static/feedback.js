@@ -93,25 +93,8 @@ function pick(i) {
 async function submit(verdict) {
   if (!state.item || state.busy) return;
   if (verdict === "ranked" && state.picked.length !== state.item.replies.length) return;
-  state.busy = true;
-  status("saving…");
-  try {
-    const r = await api("/api/judge", {
-      index: state.index, item: state.item.item, verdict,
-      order: verdict === "ranked" ? state.picked : null,
-    });
-    status(`saved item ${state.index + 1} (${verdict.replace("_", " ")})`);
-    await show(r.next);
-  } catch (err) {
-    status(`not saved: ${err.message}`, true);
-  } finally {
-    state.busy = false;
-  }
-}
-
-function go(delta) {
-  const to = state.index + delta;
-  if (to >= 0 && to < state.total) show(to).catch((e) => status(e.message, true));
+  await save({ index: state.index, item: state.item.item, verdict, order: verdict === "ranked" ? state.picked : null },
+             verdict.replace("_", " "));
 }
 
 document.addEventListener("keydown", (ev) => {
