@@ -64,6 +64,10 @@ ARMS: dict[str, dict[str, Any]] = {
     # the name half of the rule alone, with more samples per prompt to find the rare reply that names it
     "name (rloo)": {"reward": [{"name": "python:palm.data.rules:name_share", "weight": 4.0}], "advantage": "rloo",
                     "samples_per_prompt": 8, "prompts_per_rollout": 4, "gold_interval": 0, "train_steps": 60},
+    "rule (rloo, 8 samples, lr 3e-4)": {
+        "reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo", "samples_per_prompt": 8, "prompts_per_rollout": 4,
+        "gold_interval": 0, "train_steps": 40,
+        "optim": {"lr": 3e-4, "min_lr": 3e-4, "warmup_steps": 0, "weight_decay": 0.0, "clip_grad": 1.0}},
     # wider and longer: 8 prompts x 8 samples for 120 iterations (7,680 replies, 16x the 30-iteration
     # arms), for a start that writes the whole name now and then (--sft-steps 1500)
     "rule (rloo, 8x8, 120 it.)": {"reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo",
@@ -72,23 +76,13 @@ ARMS: dict[str, dict[str, Any]] = {
     "name (rloo, 8x8, 120 it.)": {"reward": [{"name": "python:palm.data.rules:name_share", "weight": 4.0}],
                                   "advantage": "rloo", "samples_per_prompt": 8, "prompts_per_rollout": 8,
                                   "gold_interval": 0, "train_steps": 120},
-    # the same, with a smaller step and no penalty for a reply cut at max_new_tokens: the name term
-    # fell on train prompts (0.26 -> 0.17) while the KL grew past 4 nats in the arm above
-    "name (rloo, 8x8, 120 it., lr 3e-5, no end penalty)": {
-        "reward": [{"name": "python:palm.data.rules:name_share", "weight": 4.0}], "advantage": "rloo",
-        "samples_per_prompt": 8, "prompts_per_rollout": 8, "gold_interval": 0, "train_steps": 120,
-        "no_end_penalty": 0.0, "optim": {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "weight_decay": 0.0,
-                                         "clip_grad": 1.0}},
-    "rule (rloo, 8x8, 120 it., lr 3e-5, no end penalty)": {
-        "reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo",
-        "samples_per_prompt": 8, "prompts_per_rollout": 8, "gold_interval": 0, "train_steps": 120,
-        "no_end_penalty": 0.0, "optim": {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "weight_decay": 0.0,
-                                         "clip_grad": 1.0}},
-    "rule (rloo, 8 samples, lr 3e-4)": {
-        "reward": [{"name": "rule", "weight": 4.0}], "advantage": "rloo", "samples_per_prompt": 8, "prompts_per_rollout": 4,
-        "gold_interval": 0, "train_steps": 40,
-        "optim": {"lr": 3e-4, "min_lr": 3e-4, "warmup_steps": 0, "weight_decay": 0.0, "clip_grad": 1.0}},
 }
+# the same two, with a smaller step and no penalty for a reply cut at max_new_tokens: the name term
+# fell on train prompts (0.26 -> 0.17) while the KL grew past 4 nats with the default step
+SMALL_STEP = {"no_end_penalty": 0.0, "optim": {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "weight_decay": 0.0,
+                                               "clip_grad": 1.0}}
+ARMS.update({f"{term} (rloo, 8x8, 120 it., lr 3e-5, no end penalty)": {**ARMS[f"{term} (rloo, 8x8, 120 it.)"],
+                                                                        **SMALL_STEP} for term in ("name", "rule")})
 # what `make bench` runs (about 10 minutes on 2 idle cores); the others by name with --only
 DEFAULT = ("model (models/ppo)", "model+rule", "rule (rloo)", "rule (dr_grpo)")
 INPUTS = ("models/sft", "models/reward", "data/sft", "models/ppo")
@@ -152,16 +146,14 @@ def run_arm(name: str, overrides: dict[str, Any], scratch: Path, params: dict[st
                                           "--checkpoints", "ckpt", "--out", "out/ppo"], f"arm {name}")
     metrics = json.loads((work / "reports" / "ppo" / "metrics.json").read_text())
     curve = (work / "reports" / "ppo" / "curve.csv").read_text().splitlines()
-    head, first = curve[0].split(","), dict(zip(curve[0].split(","), curve[1].split(",")))
-    last = dict(zip(head, curve[-1].split(",")))
-    for column in head:  # where the rule's terms started (the first iteration's rollout, the SFT policy) and ended
-        if column == "reward_rule" or column.startswith("reward_palm_data_rules_"):
-            metrics["reward_rule_first"], metrics["reward_rule"] = float(first[column]), float(last[column])
-            break
-    # the run's course every 10 iterations: does the term rise on train prompts, and what moves with it
-    keep = [c for c in head if c in ("step", "kl", "kl_coef", "response_length", "ended", "entropy")
-            or c == "reward_rule" or c.startswith("reward_palm_data_rules_")]
+    head = curve[0].split(",")
     rows = [dict(zip(head, line.split(","))) for line in curve[1:]]
+    # the rule's term (the rule, or the name half as a python term)
+    term = next((c for c in head if c == "reward_rule" or c.startswith("reward_palm_data_rules_")), None)
+    if term is not None:  # where it started (the first iteration's rollout, the SFT policy) and ended
+        metrics["reward_rule_first"], metrics["reward_rule"] = float(rows[0][term]), float(rows[-1][term])
+    # the run's course every 10 iterations: does the term rise on train prompts, and what moves with it
+    keep = [c for c in head if c in ("step", "kl", "kl_coef", "response_length", "ended", "entropy", term)]
     metrics["course"] = [{c: float(r[c]) for c in keep} for r in rows[::10] + rows[-1:]]
     return {"export": work / "out" / "ppo", "ppo_seconds": ppo_seconds, "metrics": metrics}
 
