@@ -161,8 +161,9 @@ class PalmModel(mlflow.pyfunc.PythonModel):
         return special_ids(self.tokenizer)
 
     def _fit(self, prompt: list[int], p: dict[str, Any]) -> list[int]:
-        """The prompt's last tokens that leave room for ``max_new_tokens`` in the model's context."""
-        return prompt[-max(1, self.model.cfg.seq_len - int(p["max_new_tokens"])):]
+        """The prompt's last tokens that leave room for ``max_new_tokens`` in the model's context
+        (:meth:`_complete` refuses a ``max_new_tokens`` that leaves none)."""
+        return prompt[-(self.model.cfg.seq_len - int(p["max_new_tokens"])):]
 
     def _complete(self, prompts: list[list[int]], p: dict[str, Any]) -> list[tuple[list[int], bool]]:
         """Each prompt's reply tokens (its stop token included) and whether it stopped (else it
